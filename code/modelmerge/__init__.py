@@ -1,0 +1,1 @@
+"""Library behind the programs in code/: merging, statistics, training, data and prediction."""
