@@ -1,0 +1,139 @@
+"""JSON configs of the programs: one dataclass per program, checked key by key, logged and saved when resolved.
+
+A config file is one JSON object. Keys are the dataclass's fields: fields without a default are required,
+unknown keys are refused, every value is checked against the field's type (`int`, `float`, `str`, `bool`,
+`list[str]`, `dict`, `X | None`, `Literal[...]`). A dataclass may refine its values in `__post_init__`
+(raising `ConfigError`). `run_program` is the common `main` of the programs under `code/`.
+"""
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import types
+import typing
+
+logger = logging.getLogger(__name__)
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the key or path and the cause."""
+
+
+def read_json_object(path):
+    """The JSON object in the file `path`."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"config file {path} is not valid JSON: {error}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a JSON object, not {type(data).__name__}")
+    return data
+
+
+def from_dict(cls, data, where="config"):
+    """Build dataclass `cls` from the mapping `data`; `where` prefixes key names in error messages."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a JSON object, not {type(data).__name__}")
+    fields = {field.name: field for field in dataclasses.fields(cls) if field.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed keys: {', '.join(sorted(fields))}")
+    missing = [name for name, field in fields.items() if name not in data and _is_required(field)]
+    if missing:
+        raise ConfigError(f"{where}: missing required key(s) {', '.join(missing)}")
+    hints = typing.get_type_hints(cls)
+    values = {name: _check_type(value, hints[name], f"{where}.{name}") for name, value in data.items()}
+    return cls(**values)
+
+
+def load_config(cls, path):
+    """Read the JSON file `path` into dataclass `cls`, checking every key."""
+    return from_dict(cls, read_json_object(path), where=os.path.basename(path))
+
+
+def to_dict(config):
+    """The resolved config as a JSON-ready dict (nested dataclasses included)."""
+    return dataclasses.asdict(config)
+
+
+def log_config(config):
+    logger.info("resolved %s:\n%s", type(config).__name__, json.dumps(to_dict(config), indent=2))
+
+
+def default_num_threads():
+    """Torch threads for a job: its CPU allocation ($SLURM_CPUS_PER_TASK, $OMP_NUM_THREADS), else all cores."""
+    for name in ("SLURM_CPUS_PER_TASK", "OMP_NUM_THREADS"):
+        value = os.environ.get(name, "")
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return os.cpu_count() or 1
+
+
+def run_program(config_cls, run, description, argv=None):
+    """`main` of a program: `PROGRAM CONFIG.json` → load and check the config, log it, call `run(config)`.
+
+    Returns the exit status: 0 on success, 2 when the config (or the data or model it names) is unusable.
+    """
+    from modelmerge.data import DataError
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("config", help="JSON config file")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    try:
+        config = load_config(config_cls, args.config)
+        log_config(config)
+        run(config)
+    except (ConfigError, DataError) as error:
+        logger.error("%s: %s", args.config, error)
+        return 2
+    return 0
+
+
+def _is_required(field):
+    return field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
+
+
+def _check_type(value, expected, where):
+    """`value` if it has type `expected` (ints are accepted as floats), else ConfigError naming `where`."""
+    origin, args = typing.get_origin(expected), typing.get_args(expected)
+    if origin in (typing.Union, types.UnionType):
+        for option in args:
+            try:
+                return _check_type(value, option, where)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{where} must be {_describe(expected)}, got {value!r}")
+    if origin is typing.Literal:
+        if value not in args:
+            raise ConfigError(f"{where} must be one of {', '.join(map(repr, args))}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        return [_check_type(item, args[0], f"{where}[{i}]") for i, item in enumerate(value)] if args else value
+    if expected is type(None):
+        if value is not None:
+            raise ConfigError(f"{where} must be null, got {value!r}")
+        return value
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected is int and isinstance(value, bool):
+        raise ConfigError(f"{where} must be an integer, got {value!r}")
+    if not isinstance(value, origin or expected):
+        raise ConfigError(f"{where} must be {_describe(expected)}, got {value!r}")
+    return value
+
+
+def _describe(expected):
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false", dict: "an object",
+             type(None): "null"}
+    if typing.get_origin(expected) in (typing.Union, types.UnionType):
+        return " or ".join(_describe(option) for option in typing.get_args(expected))
+    if typing.get_origin(expected) is list:
+        return "a list"
+    return names.get(expected, getattr(expected, "__name__", str(expected)))

