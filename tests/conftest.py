@@ -5,3 +5,33 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+# --- SLURM: tests marked `slurm` need a cluster that answers `sinfo` (.ci/run starts one) ---
+import subprocess  # noqa: E402
+
+import pytest  # noqa: E402
+
+CI_SLURM_CONF = "/tmp/sis-ci-slurm/slurm.conf"  # written by `bash .ci/slurm.sh start`
+if "SLURM_CONF" not in os.environ and os.path.exists(CI_SLURM_CONF):
+    os.environ["SLURM_CONF"] = CI_SLURM_CONF
+
+
+def _why_no_slurm():
+    """None when `sinfo` answers, else the reason to skip."""
+    try:
+        result = subprocess.run(["sinfo", "--noheader"], capture_output=True, text=True, timeout=20)
+    except FileNotFoundError:
+        return "no SLURM cluster: `sinfo` is not installed (bash .ci/slurm.sh install && bash .ci/slurm.sh start)"
+    except subprocess.TimeoutExpired:
+        return "no SLURM cluster: `sinfo` did not answer within 20 s"
+    if result.returncode != 0:
+        return f"no SLURM cluster answers `sinfo` (bash .ci/slurm.sh start): {result.stderr.strip()}"
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    slurm_tests = [item for item in items if "slurm" in item.keywords]
+    reason = _why_no_slurm() if slurm_tests else None
+    for item in slurm_tests if reason else []:
+        item.add_marker(pytest.mark.skip(reason=reason))
