@@ -1,0 +1,11 @@
+"""Statistics of a trained sequence classifier that merge methods use.
+
+- `fisher`: the squared-gradient diagonal Fisher (`compute_fisher`, `save_fisher`);
+- `gram`: Gram matrices of every linear layer's inputs and output gradients (`compute_gram`, `save_gram`).
+Both run batched, with per-example gradients assembled layer by layer (`per_example`, `capture`), over
+length-sorted batches with seeded label sampling (`batches`), and save under checkpoint names (`naming`).
+"""
+from modelmerge.statistics.fisher import FisherResult, compute_fisher, save_fisher
+from modelmerge.statistics.gram import GramResult, compute_gram, save_gram
+
+__all__ = ["FisherResult", "GramResult", "compute_fisher", "compute_gram", "save_fisher", "save_gram"]

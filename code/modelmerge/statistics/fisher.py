@@ -1,0 +1,111 @@
+"""The squared-gradient diagonal Fisher of a sequence classifier.
+
+    F = 1/N Σ_i (∇_θ log p(y_i | x_i))²
+
+for every trainable parameter θ, with y_i sampled from the model's predictive distribution p(·|x_i)
+(seeded; the Fisher proper) or, in the empirical variant, the gold label. This is the Hessian estimate of
+uncertainty-based gradient matching (Daheim et al., "Model Merging by Uncertainty-Based Gradient
+Matching", ICLR 2024) and of Fisher merging (Matena & Raffel, NeurIPS 2022). The authors compute it one
+example at a time (batch size 1: backward, square, accumulate); here one batched backward pass gives every
+example's gradient layer by layer (`per_example.py`), with the same values.
+
+    result = compute_fisher(model, tokenizer, dataset)   # dataset: a datasets.Dataset of text/label
+    save_fisher(result, model, "out/")                   # fisher.safetensors, hessian/, stats.json
+"""
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+from peft import PeftModel
+from safetensors.torch import save_file
+
+from modelmerge.atomic import atomic_dir, atomic_file, write_json
+from modelmerge.statistics.batches import labelled_batches, limit_examples
+from modelmerge.statistics.naming import checkpoint_names
+from modelmerge.statistics.per_example import SquaredGradientSums
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class FisherResult:
+    fisher: dict  # named_parameters() name → Fisher, the parameter's shape and dtype
+    num_examples: int
+    empirical: bool
+    seed: int
+    labels: torch.Tensor  # the label y_i used for each example, in dataset order
+
+    @property
+    def variant(self):
+        return "empirical" if self.empirical else "sampled"
+
+
+def compute_fisher(model, tokenizer, dataset, *, empirical=False, batch_size=32, max_length=None, num_examples=None, seed=0):
+    """The diagonal Fisher of `model` (a sequence classifier, plain transformers or PEFT) over `dataset`.
+
+    `dataset`: a `datasets.Dataset` with `text` (and `label`, used when `empirical`); its first `num_examples`
+    examples are used (all when None). Texts are truncated to `max_length` tokens (the tokenizer's limit when
+    None). `seed` fixes the sampled labels (the same labels whatever the batch size). The model is run in eval
+    mode (no dropout) and restored to its mode afterwards. Returns a `FisherResult`.
+    """
+    dataset = limit_examples(dataset, num_examples)
+    was_training = model.training
+    model.eval()
+    try:
+        with SquaredGradientSums(model) as sums:
+            logger.info(
+                "Fisher (%s labels) over %d examples, batch size %d: %s",
+                "gold" if empirical else "sampled", len(dataset), batch_size, sums.describe(),
+            )
+            labels = torch.empty(len(dataset), dtype=torch.long)
+            batches = labelled_batches(
+                model, tokenizer, dataset, sums.capture, empirical=empirical, batch_size=batch_size,
+                max_length=max_length, seed=seed, desc="Fisher",
+            )
+            for batch in batches:
+                sums.add(batch.loss, batch.sites, len(batch.indices))
+                labels[batch.indices] = batch.labels
+            parameters = dict(model.named_parameters())
+            fisher = {name: (total / len(dataset)).to(parameters[name].dtype) for name, total in sums.named_sums().items()}
+    finally:
+        model.train(was_training)
+    return FisherResult(fisher, len(dataset), empirical, seed, labels)
+
+
+def save_fisher(result, model, output_dir):
+    """Write `fisher.safetensors`, `hessian/` and `stats.json` into `output_dir`, each atomically, stats.json last.
+
+    fisher.safetensors holds the Fisher of every trainable parameter under its checkpoint name. hessian/ is
+    `model.save_pretrained` with the Fisher in place of the weights (zeros for frozen parameters, buffers
+    unchanged), so it loads like the model; for a PEFT model it is an adapter folder.
+    """
+    names = checkpoint_names(model)
+    os.makedirs(output_dir, exist_ok=True)
+    with atomic_file(os.path.join(output_dir, "fisher.safetensors")) as tmp:
+        tensors = {names[name]: fisher.contiguous() for name, fisher in result.fisher.items()}
+        save_file(tensors, tmp, metadata={"format": "pt"})
+    with atomic_dir(os.path.join(output_dir, "hessian")) as tmp:
+        model.save_pretrained(tmp, state_dict=_hessian_state_dict(model, result.fisher), **_save_options(model))
+    write_json(
+        os.path.join(output_dir, "stats.json"),
+        {"num_examples": result.num_examples, "variant": result.variant, "seed": result.seed},
+    )
+    logger.info("wrote the Fisher of %d tensors over %d examples to %s", len(names), result.num_examples, output_dir)
+
+
+def _hessian_state_dict(model, fisher):
+    parameters = dict(model.named_parameters(remove_duplicate=False))
+    by_parameter = {id(parameters[name]): value for name, value in fisher.items()}
+    state = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if name not in parameters:
+            state[name] = tensor.detach()  # a buffer
+        else:
+            value = by_parameter.get(id(tensor))
+            state[name] = torch.zeros_like(tensor, requires_grad=False) if value is None else value
+    return state
+
+
+def _save_options(model):
+    return {"save_embedding_layers": False} if isinstance(model, PeftModel) else {}

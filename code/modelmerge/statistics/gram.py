@@ -1,0 +1,130 @@
+"""Gram matrices of every linear layer: of its inputs, and of the gradients at its outputs.
+
+For a linear layer with inputs X (one row per token) and output gradients G:
+- XᵀX, [in, in]: RegMean's statistic (Jin et al., "Dataless Knowledge Fusion by Merging Weights of Language
+  Models", ICLR 2023), and the input factor of MaTS's blockwise Fisher (Tam et al., "Merging by Matching
+  Models in Task Parameter Subspaces", TMLR 2024);
+- GᵀG, [out, out]: the output-gradient factor of that blockwise (K-FAC style) Fisher, F ≈ XᵀX ⊗ GᵀG.
+The gradients are those of log p(y|x) with y sampled from the model's predictive distribution (seeded, as
+for the Fisher), or the gold label when `empirical`. Rows are the non-padding tokens when a layer's input is
+[batch, tokens, features] (the attention mask's shape); otherwise (the classifier on the pooled [batch,
+features] vector) one row per example. Both are sums over the rows, accumulated in float64 over batches;
+the row counts are recorded so that a consumer may turn them into means.
+
+Layers: every `nn.Linear` whose weight is trainable, keyed by its weight's checkpoint name. For a LoRA
+model these are `lora_A` and `lora_B` of each adapted layer (and the linear modules to save, e.g. the
+classifier): `...lora_A.weight` has the Gram of the adapted layer's inputs (also the input Gram of
+ΔW = scaling·B·A), `...lora_B.weight` has the Gram of the gradients at lora_B's output, which is scaling ×
+the gradient at the adapted layer's output (divide by scaling² for ΔW's output-gradient Gram).
+
+    result = compute_gram(model, tokenizer, dataset)
+    save_gram(result, model, "out/")   # gram.safetensors, output_grad_gram.safetensors, stats.json
+"""
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from modelmerge.atomic import atomic_file, write_json
+from modelmerge.statistics.batches import labelled_batches, limit_examples
+from modelmerge.statistics.capture import ModuleCapture, batch_first, output_gradients
+from modelmerge.statistics.naming import checkpoint_names
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class GramResult:
+    input_gram: dict  # "<layer>.weight" (named_parameters name) → Σ xᵀx, [in, in], float64
+    output_grad_gram: dict  # "<layer>.weight" → Σ gᵀg, [out, out], float64
+    rows: dict  # "<layer>.weight" → number of rows (tokens or examples) summed
+    num_examples: int
+    num_tokens: int  # non-padding tokens of all examples
+    empirical: bool
+    seed: int
+
+    @property
+    def variant(self):
+        return "empirical" if self.empirical else "sampled"
+
+
+def trainable_linear_layers(model):
+    """name → module of every nn.Linear whose weight is trainable."""
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and module.weight.requires_grad
+    }
+
+
+def compute_gram(model, tokenizer, dataset, *, empirical=False, batch_size=32, max_length=None, num_examples=None, seed=0):
+    """Input and output-gradient Gram matrices of the trainable linear layers of `model` over `dataset`.
+
+    Arguments as for `compute_fisher`: a `datasets.Dataset` of `text`/`label`, its first `num_examples`
+    examples, texts truncated to `max_length` tokens, labels sampled with `seed` unless `empirical`.
+    """
+    dataset = limit_examples(dataset, num_examples)
+    layers = trainable_linear_layers(model)
+    if not layers:
+        raise ValueError("the model has no linear layer with a trainable weight")
+    logger.info("Gram matrices of %d linear layers over %d examples, batch size %d", len(layers), len(dataset), batch_size)
+    device = next(model.parameters()).device
+    inputs = {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float64, device=device) for n, m in layers.items()}
+    outputs = {n: torch.zeros(m.out_features, m.out_features, dtype=torch.float64, device=device) for n, m in layers.items()}
+    rows = dict.fromkeys(layers, 0)
+    num_tokens = 0
+    was_training = model.training
+    model.eval()
+    try:
+        with ModuleCapture(layers) as capture:
+            batches = labelled_batches(
+                model, tokenizer, dataset, capture, empirical=empirical, batch_size=batch_size,
+                max_length=max_length, seed=seed, desc="Gram",
+            )
+            for batch in batches:
+                num_tokens += int(batch.attention_mask.sum())
+                grads = output_gradients(batch.loss, batch.sites)
+                with torch.no_grad():
+                    for site, (grad,) in zip(batch.sites, grads):
+                        x = _rows(site.first_input(), batch.attention_mask, f"the input of {site.name}")
+                        g = _rows(grad, batch.attention_mask, f"the output of {site.name}")
+                        inputs[site.name] += x.T @ x
+                        outputs[site.name] += g.T @ g
+                        rows[site.name] += len(x)
+    finally:
+        model.train(was_training)
+    key = {name: f"{name}.weight" for name in layers}
+    return GramResult(
+        {key[n]: g for n, g in inputs.items()}, {key[n]: g for n, g in outputs.items()},
+        {key[n]: r for n, r in rows.items()}, len(dataset), num_tokens, empirical, seed,
+    )
+
+
+def _rows(tensor, attention_mask, what):
+    """The float64 rows of a layer's input or output gradient: the non-padding tokens, or one per example."""
+    tensor = batch_first(tensor, attention_mask.shape[0], what)
+    if tensor.dim() == 3 and tensor.shape[:2] == attention_mask.shape:
+        tensor = tensor[attention_mask.bool()]
+    return tensor.reshape(-1, tensor.shape[-1]).double()
+
+
+def save_gram(result, model, output_dir):
+    """Write `gram.safetensors`, `output_grad_gram.safetensors` and `stats.json` into `output_dir`, each atomically,
+    stats.json last; tensors under the checkpoint names of the layers' weights."""
+    names = checkpoint_names(model)
+    os.makedirs(output_dir, exist_ok=True)
+    for filename, grams in (("gram.safetensors", result.input_gram), ("output_grad_gram.safetensors", result.output_grad_gram)):
+        with atomic_file(os.path.join(output_dir, filename)) as tmp:
+            save_file({names[name]: gram.contiguous() for name, gram in grams.items()}, tmp, metadata={"format": "pt"})
+    stats = {
+        "num_examples": result.num_examples,
+        "num_tokens": result.num_tokens,
+        "variant": result.variant,
+        "seed": result.seed,
+        "rows": {names[name]: count for name, count in result.rows.items()},
+    }
+    write_json(os.path.join(output_dir, "stats.json"), stats)
+    logger.info("wrote the Gram matrices of %d layers over %d examples to %s", len(result.rows), result.num_examples, output_dir)

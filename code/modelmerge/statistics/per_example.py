@@ -1,0 +1,262 @@
+"""Sums over examples of squared per-example gradients, from one ordinary batched backward pass.
+
+The per-example gradient of a layer's parameters follows from what the layer saw and the gradient at its
+output (`capture.py`), layer by layer, without a backward pass per example:
+- nn.Linear, inputs x and output gradients g of example b ([tokens, in], [tokens, out]):
+  ∇W_b = Σ_tokens outer(g, x) = g_bᵀ x_b (one batched matmul), ∇bias_b = Σ_tokens g;
+- nn.Embedding: ∇W_b touches only the rows of the ids example b uses: row v gets Σ of g over b's tokens with
+  id v (the padding_idx row gets no gradient, as in `F.embedding`); kept sparse, never [vocab, dim] per example;
+- nn.LayerNorm: ∇weight_b = Σ_tokens g ⊙ x̂ with x̂ the normalised input, ∇bias_b = Σ_tokens g.
+Every other trainable parameter (PEFT's IA3 vectors, custom layers) is handled generically with
+`torch.func`: the vector-Jacobian product of its module, vmapped over the examples, at each example's
+captured inputs and output gradient. This is the approach of BackPACK (Dangel et al., ICLR 2020) and of
+Goodfellow's "Efficient per-example gradient computations" (2015), specialised to the squared gradient.
+
+A parameter used in several calls (a module applied twice, tied weights) has its per-example gradients
+summed over the calls before squaring. Examples must not interact (eval mode, no batch statistics): the
+gradient at an example's outputs then depends on that example alone.
+"""
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modelmerge.statistics.capture import ModuleCapture, batch_first, output_gradients
+
+# Containers are never called themselves; a parameter they hold belongs to the module that uses them.
+CONTAINERS = (nn.ModuleDict, nn.ModuleList, nn.ParameterDict, nn.ParameterList)
+
+
+@dataclass
+class DenseGradients:
+    values: torch.Tensor  # [batch, *parameter shape]
+
+
+@dataclass
+class RowGradients:
+    """Per-example gradients that are non-zero in a few rows only: one entry per distinct (example, row)."""
+
+    examples: torch.Tensor  # [entries]
+    rows: torch.Tensor  # [entries]
+    values: torch.Tensor  # [entries, *parameter shape[1:]]
+
+
+def _has_stock_forward(module, cls):
+    return isinstance(module, cls) and type(module).forward is cls.forward
+
+
+def linear_gradients(module, x, g, batch_size):
+    x = batch_first(x, batch_size, "the input of a linear layer").reshape(batch_size, -1, module.in_features)
+    g = batch_first(g, batch_size, "the output of a linear layer").reshape(batch_size, -1, module.out_features)
+    gradients = {"weight": lambda: DenseGradients(torch.bmm(g.transpose(1, 2), x)), "bias": lambda: DenseGradients(g.sum(1))}
+    return _wanted(module, gradients)
+
+
+def embedding_gradients(module, ids, g, batch_size):
+    ids = batch_first(ids, batch_size, "the ids of an embedding").reshape(batch_size, -1)
+    g = batch_first(g, batch_size, "the output of an embedding").reshape(-1, module.embedding_dim)
+    keys = (torch.arange(batch_size, device=ids.device)[:, None] * module.num_embeddings + ids).reshape(-1)
+    unique, inverse = torch.unique(keys, return_inverse=True)
+    values = g.new_zeros(len(unique), module.embedding_dim).index_add_(0, inverse, g)
+    examples, rows = unique // module.num_embeddings, unique % module.num_embeddings
+    if module.padding_idx is not None:
+        keep = rows != module.padding_idx
+        examples, rows, values = examples[keep], rows[keep], values[keep]
+    return _wanted(module, {"weight": lambda: RowGradients(examples, rows, values)})
+
+
+def layer_norm_gradients(module, x, g, batch_size):
+    shape = tuple(module.normalized_shape)
+    x = batch_first(x, batch_size, "the input of a layer norm")
+    g = batch_first(g, batch_size, "the output of a layer norm").reshape(batch_size, -1, *shape)
+    gradients = {
+        "weight": lambda: DenseGradients((g * F.layer_norm(x, shape, eps=module.eps).reshape(g.shape)).sum(1)),
+        "bias": lambda: DenseGradients(g.sum(1)),
+    }
+    return _wanted(module, gradients)
+
+
+def _wanted(module, gradients):
+    """Compute only the gradients of the module's trainable parameters: (parameter, gradients) pairs."""
+    wanted = []
+    for name, compute in gradients.items():
+        parameter = getattr(module, name, None)
+        if parameter is not None and parameter.requires_grad:
+            wanted.append((parameter, compute()))
+    return wanted
+
+
+def layer_rule(module):
+    """The layer-wise rule for `module`, or None when it needs the generic torch.func route."""
+    if _has_stock_forward(module, nn.Linear):
+        return linear_gradients
+    if _has_stock_forward(module, nn.Embedding) and module.max_norm is None and not module.scale_grad_by_freq:
+        return embedding_gradients
+    if _has_stock_forward(module, nn.LayerNorm):
+        return layer_norm_gradients
+    return None
+
+
+def functional_gradients(site, output_grads, parameters, batch_size):
+    """Per-example gradients of `parameters` (name relative to the site's module → parameter) via torch.func.
+
+    Each example's inputs are the slices of the site's tensor arguments whose leading dimension is the batch
+    size (the other arguments are shared); the module runs on one example at a time under `vmap`, and the
+    vector-Jacobian product with that example's output gradient gives its parameter gradients.
+    """
+    names = list(parameters)
+    arguments = list(site.args) + list(site.kwargs.values())
+    keywords = list(site.kwargs)
+    batched = [torch.is_tensor(a) and a.dim() > 0 and a.shape[0] == batch_size for a in arguments]
+
+    def run(parameter_values, example_arguments):
+        examples = iter(example_arguments)
+        values = [next(examples).unsqueeze(0) if is_batched else a for a, is_batched in zip(arguments, batched)]
+        args, kwargs = values[: len(site.args)], dict(zip(keywords, values[len(site.args) :]))
+        output = torch.func.functional_call(site.module, dict(zip(names, parameter_values)), tuple(args), kwargs)
+        return (output,) if torch.is_tensor(output) else tuple(output)
+
+    def one_example(example_arguments, example_output_grads):
+        _, vjp = torch.func.vjp(lambda *p: run(p, example_arguments), *[parameters[n].detach() for n in names])
+        return vjp(tuple(g.unsqueeze(0) for g in example_output_grads))
+
+    try:
+        gradients = torch.func.vmap(one_example)(
+            tuple(a for a, is_batched in zip(arguments, batched) if is_batched), tuple(output_grads)
+        )
+    except Exception as error:
+        raise RuntimeError(
+            f"per-example gradients of {names} in {site.name} ({type(site.module).__name__}) via torch.func failed: {error}"
+        ) from error
+    return [(parameters[name], DenseGradients(grad)) for name, grad in zip(names, gradients)]
+
+
+class SquaredGradientSums:
+    """Σ over examples of the squared per-example gradient of every trainable parameter of `model`.
+
+    Use as a context manager (it hooks the model's modules); call `add(loss, sites, batch_size)` after each
+    forward pass recorded with `capture.recording(batch_size)`, where `loss` is the sum over the batch of the
+    per-example objectives. `sums` maps each trainable parameter (by `named_parameters()` name) to its float64
+    running sum.
+    """
+
+    def __init__(self, model):
+        self.names = {}  # id(parameter) → name
+        self.parameters = {}  # id(parameter) → parameter
+        for name, parameter in model.named_parameters():
+            if parameter.requires_grad:
+                self.names[id(parameter)] = name
+                self.parameters[id(parameter)] = parameter
+        if not self.parameters:
+            raise ValueError("the model has no trainable parameters (all have requires_grad=False)")
+        self.rule_modules, self.functional_modules = _assign_parameters(model, self.parameters)
+        self.sums = {
+            id_: torch.zeros(_rows_shape(p), dtype=torch.float64, device=p.device) for id_, p in self.parameters.items()
+        }
+        self.capture = ModuleCapture({**self.rule_modules, **{n: m for n, (m, _) in self.functional_modules.items()}})
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.capture.remove()
+
+    def describe(self):
+        return (
+            f"{len(self.parameters)} trainable tensors ({sum(p.numel() for p in self.parameters.values()):,} values): "
+            f"{len(self.rule_modules)} linear/embedding/layer-norm layers by layer-wise rules, "
+            f"{len(self.functional_modules)} other modules by torch.func"
+        )
+
+    def add(self, loss, sites, batch_size):
+        grads = output_gradients(loss, sites)
+        calls = defaultdict(int)
+        for site in sites:
+            for parameter in self._site_parameters(site):
+                calls[id(parameter)] += 1
+        pending = defaultdict(list)  # per-example gradients of parameters used in several calls
+        with torch.no_grad():
+            for i, site in enumerate(sites):
+                for parameter, gradients in self._site_gradients(site, grads[i], batch_size):
+                    if calls[id(parameter)] == 1:
+                        _add_squares(self.sums[id(parameter)], [gradients])
+                    else:
+                        pending[id(parameter)].append(gradients)
+                grads[i] = None
+            for id_, gradients in pending.items():
+                _add_squares(self.sums[id_], gradients)
+
+    def named_sums(self):
+        """name → Σ of squared per-example gradients, float64, in the parameter's shape."""
+        return {self.names[id_]: total.reshape(self.parameters[id_].shape) for id_, total in self.sums.items()}
+
+    def _site_parameters(self, site):
+        if site.name in self.rule_modules:
+            return [p for p in site.module.parameters(recurse=False) if p.requires_grad]
+        return list(self.functional_modules[site.name][1].values())
+
+    def _site_gradients(self, site, output_grads, batch_size):
+        if site.name in self.rule_modules:
+            rule = layer_rule(site.module)
+            return rule(site.module, site.first_input(), output_grads[0], batch_size)
+        with torch.enable_grad(), self.capture.paused():
+            return functional_gradients(site, output_grads, self.functional_modules[site.name][1], batch_size)
+
+
+def _assign_parameters(model, parameters):
+    """Split the modules holding trainable parameters: those a layer-wise rule covers (name → module) and the
+    others (name → (module, {parameter name relative to the module: parameter})), each the nearest module that
+    is actually called (not a container)."""
+    modules = dict(model.named_modules())
+    rule_modules, functional_modules = {}, {}
+    for module_name, module in modules.items():
+        for local_name, parameter in module.named_parameters(recurse=False):
+            if id(parameter) not in parameters:
+                continue
+            if layer_rule(module) is not None:
+                rule_modules[module_name] = module
+                continue
+            owner_name, relative = module_name, local_name
+            while isinstance(modules[owner_name], CONTAINERS) and owner_name:
+                owner_name, _, child = owner_name.rpartition(".")
+                relative = f"{child}.{relative}"
+            functional_modules.setdefault(owner_name, (modules[owner_name], {}))[1][relative] = parameter
+    return rule_modules, functional_modules
+
+
+def _rows_shape(parameter):
+    """Sums are kept as [rows, rest] (a scalar as [1, 1]) so that dense and row-sparse gradients add alike."""
+    rows = parameter.shape[0] if parameter.dim() > 0 else 1
+    return rows, parameter.numel() // rows if rows else 0
+
+
+def _add_squares(total, gradients):
+    """Add Σ_examples (per-example gradient)² to `total` ([rows, rest]); the gradients of several calls are summed
+    per example first."""
+    rows, rest = total.shape
+    if len(gradients) == 1:
+        (single,) = gradients
+        if isinstance(single, DenseGradients):
+            total += single.values.reshape(-1, rows, rest).square().sum(0)
+        else:
+            total.index_add_(0, single.rows, single.values.reshape(-1, rest).square().to(total.dtype))
+        return
+    examples, row_ids, values = [], [], []
+    for g in gradients:
+        if isinstance(g, DenseGradients):
+            batch = g.values.shape[0]
+            arange = torch.arange(batch * rows, device=total.device)
+            examples.append(arange // rows)
+            row_ids.append(arange % rows)
+            values.append(g.values.reshape(batch * rows, rest))
+        else:
+            examples.append(g.examples)
+            row_ids.append(g.rows)
+            values.append(g.values.reshape(-1, rest))
+    keys = torch.cat(examples) * rows + torch.cat(row_ids)
+    unique, inverse = torch.unique(keys, return_inverse=True)
+    values = torch.cat(values)
+    summed = values.new_zeros(len(unique), rest).index_add_(0, inverse, values)
+    total.index_add_(0, unique % rows, summed.square().to(total.dtype))
