@@ -1,0 +1,140 @@
+"""Tables and plots that compare models: accuracy per task per model, and accuracy against a merge's
+scaling factor."""
+import csv
+import json
+import math
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def read_accuracy(metrics_file):
+    with open(metrics_file) as f:
+        metrics = json.load(f)
+    if "accuracy" not in metrics:
+        raise ValueError(f"{metrics_file}: no 'accuracy' in metrics {sorted(metrics)}")
+    return float(metrics["accuracy"])
+
+
+def accuracy_table(results):
+    """{model: {task: metrics.json}} -> (tasks in first-seen order, {model: {task: accuracy}})."""
+    tasks = []
+    table = {}
+    for model, by_task in results.items():
+        table[model] = {}
+        for task, metrics_file in by_task.items():
+            if task not in tasks:
+                tasks.append(task)
+            table[model][task] = read_accuracy(metrics_file)
+    return tasks, table
+
+
+def average(values):
+    values = list(values)
+    return sum(values) / len(values) if values else math.nan
+
+
+def table_rows(tasks, table):
+    """One row per model: [model, accuracy per task (nan where not evaluated), average over its tasks]."""
+    rows = []
+    for model, accuracies in table.items():
+        row = [accuracies.get(task, math.nan) for task in tasks]
+        rows.append([model] + row + [average(accuracies.values())])
+    return rows
+
+
+def _percent(value):
+    return "–" if math.isnan(value) else f"{100 * value:.1f}"
+
+
+def write_markdown(path, tasks, rows, title=None):
+    lines = [f"# {title}", ""] if title else []
+    header = ["model"] + tasks + ["average"]
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("|" + "---|" * len(header))
+    for row in rows:
+        lines.append("| " + " | ".join([row[0]] + [_percent(v) for v in row[1:]]) + " |")
+    lines.append("")
+    lines.append("Accuracy in %; average over the tasks each model was evaluated on.")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def write_csv(path, tasks, rows):
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["model"] + tasks + ["average"])
+        for row in rows:
+            writer.writerow([row[0]] + [f"{v:.6f}" for v in row[1:]])
+
+
+def plot_accuracy(path, tasks, table, title=None):
+    """Grouped bars: one group per task (and the average), one bar per model."""
+    groups = tasks + ["average"]
+    models = list(table)
+    width = 0.8 / max(len(models), 1)
+    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(groups) + 0.3 * len(models)), 4.5))
+    for i, model in enumerate(models):
+        values = [table[model].get(task, math.nan) for task in tasks] + [average(table[model].values())]
+        positions = [g + (i - (len(models) - 1) / 2) * width for g in range(len(groups))]
+        ax.bar(positions, [100 * v for v in values], width, label=model)
+    ax.set_xticks(range(len(groups)), groups)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(title or "Accuracy per task")
+    ax.legend(fontsize="small", loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def sweep_table(sweeps):
+    """{method: {factor: {task: metrics.json}}} -> {method: [(factor, average accuracy), ...] sorted}."""
+    curves = {}
+    for method, by_factor in sweeps.items():
+        points = []
+        for factor, by_task in by_factor.items():
+            points.append((float(factor), average(read_accuracy(m) for m in by_task.values())))
+        curves[method] = sorted(points)
+    return curves
+
+
+def plot_sweep(path, curves, xlabel="scaling factor α", title=None):
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for method, points in curves.items():
+        ax.plot([x for x, _ in points], [100 * y for _, y in points], marker="o", label=method)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("average accuracy (%)")
+    ax.set_title(title or "Average accuracy against the scaling factor")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_sweep_csv(path, curves):
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["method", "scaling_factor", "average_accuracy"])
+        for method, points in curves.items():
+            for x, y in points:
+                writer.writerow([method, x, f"{y:.6f}"])
+
+
+def write_report(output_dir, results, sweeps=None, title=None):
+    """Write results.md, results.csv and accuracy.png (and, with sweeps, sweep.csv and sweep.png) to
+    `output_dir`, which must exist."""
+    tasks, table = accuracy_table(results)
+    rows = table_rows(tasks, table)
+    write_markdown(os.path.join(output_dir, "results.md"), tasks, rows, title)
+    write_csv(os.path.join(output_dir, "results.csv"), tasks, rows)
+    plot_accuracy(os.path.join(output_dir, "accuracy.png"), tasks, table, title)
+    if sweeps:
+        curves = sweep_table(sweeps)
+        write_sweep_csv(os.path.join(output_dir, "sweep.csv"), curves)
+        plot_sweep(os.path.join(output_dir, "sweep.png"), curves)
+    return rows

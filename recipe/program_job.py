@@ -1,0 +1,41 @@
+"""Base class of the jobs that run one program of code/ on a JSON config written into the job folder."""
+from sisyphus import Job, Task
+
+from recipe.util import python_exe, program, rqmt, run_program, without_rqmt, write_json, write_run_script
+
+
+class ProgramJob(Job):
+    """Runs `code/<program_name> <job>/output/<config_name>`.
+
+    Subclasses set `program_name` and `config_name`, call `super().__init__(...)` with their resources,
+    declare their outputs, and return the program's config from `config()` (values may be tk.Paths and
+    tk.Variables; they are resolved when the config is written, once the inputs are computed).
+    """
+
+    program_name = None
+    config_name = "config.json"
+
+    def __init__(self, *, time_rqmt=1, mem_rqmt=4, cpu_rqmt=1, gpu_rqmt=0):
+        self.rqmt = rqmt(time_rqmt, mem_rqmt, cpu_rqmt, gpu_rqmt)
+        self.out_config_file = self.output_path(self.config_name)
+
+    def config(self):
+        raise NotImplementedError
+
+    def command(self):
+        return [python_exe(), program(self.program_name), self.out_config_file.get_path()]
+
+    def create_files(self):
+        write_json(self.out_config_file, self.config())
+        write_run_script(self.command())
+
+    def run(self):
+        run_program(self.command(), cpu=self.rqmt["cpu"])
+
+    def tasks(self):
+        yield Task("create_files", mini_task=True)
+        yield Task("run", resume="run", rqmt=self.rqmt)
+
+    @classmethod
+    def hash(cls, parsed_args):
+        return super().hash(without_rqmt(parsed_args))

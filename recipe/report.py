@@ -1,0 +1,40 @@
+"""Tables and plots comparing models (`code/report.py`)."""
+from sisyphus import Task
+
+from recipe.program_job import ProgramJob
+
+
+class ReportJob(ProgramJob):
+    """Accuracy table (Markdown, CSV) and plots (PNG) of evaluated models.
+
+    results: {model label: {task: metrics.json Path}} — e.g. HuggingfaceSearchJob.out_metric_file;
+    sweeps: optional {method label: {scaling factor: {task: metrics.json Path}}}, drawn as average accuracy
+    against the scaling factor.
+    """
+
+    program_name = "report.py"
+    config_name = "report_config.json"
+
+    def __init__(self, results, sweeps=None, title=None, *, time_rqmt=0.1, mem_rqmt=1, cpu_rqmt=1, gpu_rqmt=0):
+        super().__init__(time_rqmt=time_rqmt, mem_rqmt=mem_rqmt, cpu_rqmt=cpu_rqmt, gpu_rqmt=gpu_rqmt)
+        self.results = results
+        self.sweeps = sweeps
+        self.title = title
+        self.out_dir = self.output_path("report")
+        self.out_table_md = self.output_path("report/results.md")
+        self.out_table_csv = self.output_path("report/results.csv")
+        self.out_plot = self.output_path("report/accuracy.png")
+        if sweeps:
+            self.out_sweep_csv = self.output_path("report/sweep.csv")
+            self.out_sweep_plot = self.output_path("report/sweep.png")
+
+    def config(self):
+        sweeps = None
+        if self.sweeps:
+            sweeps = {method: {str(factor): by_task for factor, by_task in by_factor.items()}
+                      for method, by_factor in self.sweeps.items()}
+        return {"results": self.results, "sweeps": sweeps, "title": self.title, "output_dir": self.out_dir}
+
+    def tasks(self):
+        yield Task("create_files", mini_task=True)
+        yield Task("run", mini_task=True)

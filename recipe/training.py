@@ -1,0 +1,28 @@
+"""Fine-tuning with the Hugging Face Trainer (`code/train.py`)."""
+from recipe.program_job import ProgramJob
+
+
+class HuggingfaceTrainingJob(ProgramJob):
+    """Fine-tunes `config['model_name_or_path']` for sequence classification.
+
+    `config` holds the keys of `code/train.py` (docs/programs.md): model, data, hyperparameters, `peft`;
+    the job adds `output_dir` and `num_train_epochs`. Outputs: `out_checkpoints` (Trainer checkpoints, so an
+    interrupted run resumes), `out_models[k]` (model folder after epoch k), `out_best_model` (the epoch
+    best on the validation metric), `out_trainer_state`.
+    """
+
+    program_name = "train.py"
+    config_name = "train_config.json"
+
+    def __init__(self, config, *, num_epochs=1, time_rqmt=4, mem_rqmt=8, cpu_rqmt=2, gpu_rqmt=0):
+        super().__init__(time_rqmt=time_rqmt, mem_rqmt=mem_rqmt, cpu_rqmt=cpu_rqmt, gpu_rqmt=gpu_rqmt)
+        self.train_config = dict(config)
+        self.num_epochs = num_epochs
+        self.out_dir = self.output_path("training")
+        self.out_checkpoints = self.output_path("training/checkpoints")
+        self.out_models = {k: self.output_path(f"training/epoch-{k}") for k in range(1, num_epochs + 1)}
+        self.out_best_model = self.output_path("training/best")
+        self.out_trainer_state = self.output_path("training/trainer_state.json")
+
+    def config(self):
+        return {**self.train_config, "output_dir": self.out_dir, "num_train_epochs": self.num_epochs}

@@ -1,0 +1,56 @@
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def _metrics(tmp_path, name, accuracy):
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps({"accuracy": accuracy, "macro_f1": 0.5, "num_examples": 10}))
+    return str(path)
+
+
+def _run(config_path):
+    return subprocess.run([sys.executable, str(ROOT / "code" / "report.py"), str(config_path)], capture_output=True, text=True)
+
+
+def test_report_tables_and_plots(tmp_path):
+    results = {
+        "pretrained": {"sst2": _metrics(tmp_path, "a", 0.9), "imdb": _metrics(tmp_path, "b", 0.6)},
+        "merged": {"sst2": _metrics(tmp_path, "c", 0.8), "imdb": _metrics(tmp_path, "d", 0.7), "yelp": _metrics(tmp_path, "e", 0.5)},
+    }
+    sweeps = {"task_arithmetic": {"1.0": results["merged"], "0.5": results["pretrained"]}}
+    config = tmp_path / "report.json"
+    config.write_text(json.dumps({"results": results, "sweeps": sweeps, "output_dir": str(tmp_path / "out")}))
+    proc = _run(config)
+    assert proc.returncode == 0, proc.stderr
+
+    rows = list(csv.reader(open(tmp_path / "out" / "results.csv")))
+    assert rows[0] == ["model", "sst2", "imdb", "yelp", "average"]
+    assert rows[1][0] == "pretrained" and float(rows[1][4]) == pytest.approx(0.75)
+    assert rows[1][3] == "nan"  # pretrained was not evaluated on yelp
+    assert float(rows[2][4]) == pytest.approx((0.8 + 0.7 + 0.5) / 3)
+    markdown = (tmp_path / "out" / "results.md").read_text()
+    assert "| merged | 80.0 | 70.0 | 50.0 | 66.7 |" in markdown
+    sweep = list(csv.reader(open(tmp_path / "out" / "sweep.csv")))
+    assert sweep[1:] == [["task_arithmetic", "0.5", "0.750000"], ["task_arithmetic", "1.0", f"{2 / 3:.6f}"]]
+    for png in ("accuracy.png", "sweep.png"):
+        assert (tmp_path / "out" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_bad_input_leaves_no_output(tmp_path):
+    config = tmp_path / "report.json"
+    config.write_text(json.dumps({"results": {"m": {"sst2": str(tmp_path / "missing.json")}}, "output_dir": str(tmp_path / "out")}))
+    proc = _run(config)
+    assert proc.returncode == 2
+    assert "missing.json" in proc.stderr
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["report.json"]
+
+    config.write_text(json.dumps({"results": {"m": {"sst2": 3}}, "output_dir": str(tmp_path / "out"), "colour": "red"}))
+    proc = _run(config)
+    assert proc.returncode == 2 and "colour" in proc.stderr
