@@ -78,17 +78,15 @@ def run_program(config_cls, run, description, argv=None):
 
     Returns the exit status: 0 on success, 2 when the config (or the data or model it names) is unusable.
     """
-    from modelmerge.data import DataError
-
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("config", help="JSON config file")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = load_config(config_cls, args.config)
         log_config(config)
         run(config)
-    except (ConfigError, DataError) as error:
+    except ConfigError as error:
         logger.error("%s: %s", args.config, error)
         return 2
     return 0

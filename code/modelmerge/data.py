@@ -8,6 +8,7 @@ A dataset name is
 Names joined with `;`, with splits joined the same way, form a mixture (the datasets concatenated in order).
 Split strings use the `datasets` slicing syntax: `train`, `train[:20%]`, `test[100:200]`, `train+validation`.
 """
+import dataclasses
 import logging
 import os
 import re
@@ -15,6 +16,9 @@ import re
 import datasets
 import torch
 from transformers import DataCollatorWithPadding
+
+from modelmerge.atomic import atomic_dir
+from modelmerge.config import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +38,7 @@ DATA_DIR_ENV = "MERGE_DATA_DIR"
 MIXTURE_SEPARATOR = ";"
 
 
-class DataError(ValueError):
+class DataError(ConfigError):
     """A dataset name, split or file that cannot be loaded; the message names it and says why."""
 
 
@@ -168,3 +172,40 @@ def dataloader(dataset, tokenizer, batch_size, max_length, shuffle=False, seed=0
         generator=generator,
         collate_fn=collator(tokenizer),
     )
+
+
+@dataclasses.dataclass
+class DownloadConfig:
+    """Keys of `code/download_data.py`: materialise splits of a dataset as `output_dir/<split>.jsonl`."""
+
+    dataset_name: str
+    splits: list[str]
+    output_dir: str
+    data_dir: str | None = None  # None: $MERGE_DATA_DIR, else the Hub
+
+    def __post_init__(self):
+        self.data_dir = resolve_data_dir(self.data_dir)
+        if not self.splits:
+            raise ConfigError("splits: give at least one split")
+        files = [output_split_name(split) for split in self.splits]
+        if len(set(files)) != len(files):
+            raise ConfigError(f"splits {self.splits} would write the same file twice ({files})")
+
+
+def output_split_name(split):
+    """The file stem a split string is written under: its split name ('train[:20%]' -> 'train').
+
+    For a mixture every part must name the same split ('train[:10];train' -> 'train')."""
+    names = {"+".join(split_names(part.strip())) for part in split.split(MIXTURE_SEPARATOR)}
+    if len(names) != 1:
+        raise DataError(f"split {split!r}: the parts of a mixture name different splits {sorted(names)}; cannot name one file")
+    return names.pop()
+
+
+def download(config):
+    """Write every split of `config` to `output_dir/<split>.jsonl` (rows `{"text", "label"}`); the folder appears atomically."""
+    loaded = {output_split_name(split): load_split(config.dataset_name, split, config.data_dir) for split in config.splits}
+    with atomic_dir(config.output_dir) as tmp:
+        for name, dataset in loaded.items():
+            dataset.to_json(os.path.join(tmp, f"{name}.jsonl"), lines=True, force_ascii=False)
+            logger.info("wrote %d examples to %s/%s.jsonl", len(dataset), config.output_dir, name)
