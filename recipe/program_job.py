@@ -1,10 +1,32 @@
-"""Base class of the jobs that run one program of code/ on a JSON config written into the job folder."""
+"""Base classes of the jobs that run one program of code/: the command (and config) is written into
+the job folder first (`create_files`, a mini task), so anyone can rerun the step by hand."""
 from sisyphus import Job, Task
 
 from recipe.util import python_exe, program, rqmt, run_program, without_rqmt, write_json, write_run_script
 
 
-class ProgramJob(Job):
+class CommandJob(Job):
+    """Runs `command()` (written to `run.sh` in the job's work folder). Subclasses set `self.rqmt`."""
+
+    def command(self):
+        raise NotImplementedError
+
+    def create_files(self):
+        write_run_script(self.command())
+
+    def run(self):
+        run_program(self.command(), cpu=self.rqmt["cpu"])
+
+    def tasks(self):
+        yield Task("create_files", mini_task=True)
+        yield Task("run", resume="run", rqmt=self.rqmt)
+
+    @classmethod
+    def hash(cls, parsed_args):
+        return super().hash(without_rqmt(parsed_args))
+
+
+class ProgramJob(CommandJob):
     """Runs `code/<program_name> <job>/output/<config_name>`.
 
     Subclasses set `program_name` and `config_name`, call `super().__init__(...)` with their resources,
@@ -27,15 +49,4 @@ class ProgramJob(Job):
 
     def create_files(self):
         write_json(self.out_config_file, self.config())
-        write_run_script(self.command())
-
-    def run(self):
-        run_program(self.command(), cpu=self.rqmt["cpu"])
-
-    def tasks(self):
-        yield Task("create_files", mini_task=True)
-        yield Task("run", resume="run", rqmt=self.rqmt)
-
-    @classmethod
-    def hash(cls, parsed_args):
-        return super().hash(without_rqmt(parsed_args))
+        super().create_files()

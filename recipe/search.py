@@ -1,10 +1,12 @@
-"""Evaluation and statistics of a model on a dataset split (`code/predict.py`)."""
+"""Evaluation of a model on a dataset split (`code/predict.py`)."""
 import json
 
 from recipe.program_job import ProgramJob
 
 
-class _PredictJob(ProgramJob):
+class PredictJob(ProgramJob):
+    """Runs `code/predict.py` with `method` on one model and one dataset split."""
+
     program_name = "predict.py"
     method = None
 
@@ -26,7 +28,7 @@ class _PredictJob(ProgramJob):
                 "dataset_name": self.dataset_name, "split": self.split, "output_dir": self.out_dir}
 
 
-class HuggingfaceSearchJob(_PredictJob):
+class HuggingfaceSearchJob(PredictJob):
     """Accuracy, macro-F1 and per-example predictions of `model` on `dataset_name`/`split`.
 
     Outputs: `out_metric_file` (metrics.json), `out_predictions` (predictions.jsonl) and the variable
@@ -46,31 +48,3 @@ class HuggingfaceSearchJob(_PredictJob):
         super().run()
         with open(self.out_metric_file.get_path()) as f:
             self.out_accuracy.set(json.load(f)["accuracy"])
-
-
-class FisherJob(_PredictJob):
-    """Diagonal squared-gradient Fisher of `model` on `dataset_name`/`split` (labels sampled from the
-    model, or gold labels with `config={'empirical': True}`).
-
-    Outputs: `out_dir` (the statistics folder the merge programs take), `out_hessian` (its model-shaped
-    `hessian/` folder), `out_fisher` (fisher.safetensors).
-    """
-
-    config_name = "fisher_config.json"
-    output_name = "fisher"
-    method = "sequence_classification_squared_gradients"
-
-    def declare_outputs(self):
-        self.out_hessian = self.output_path("fisher/hessian")
-        self.out_fisher = self.output_path("fisher/fisher.safetensors")
-
-
-class GramJob(_PredictJob):
-    """Gram matrices of every linear layer's inputs and output gradients (RegMean, MaTS).
-
-    Output: `out_dir`, a statistics folder with gram.safetensors and output_grad_gram.safetensors.
-    """
-
-    config_name = "gram_config.json"
-    output_name = "gram"
-    method = "sequence_classification_gram"

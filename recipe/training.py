@@ -1,5 +1,8 @@
 """Fine-tuning with the Hugging Face Trainer (`code/train.py`)."""
 from recipe.program_job import ProgramJob
+from recipe.util import instantiate
+
+MIXTURE_KEYS = ("dataset_name", "train_split", "validation_split")
 
 
 class HuggingfaceTrainingJob(ProgramJob):
@@ -25,4 +28,8 @@ class HuggingfaceTrainingJob(ProgramJob):
         self.out_trainer_state = self.output_path("training/trainer_state.json")
 
     def config(self):
-        return {**self.train_config, "output_dir": self.out_dir, "num_train_epochs": self.num_epochs}
+        config = {**self.train_config, "output_dir": self.out_dir, "num_train_epochs": self.num_epochs}
+        for key in MIXTURE_KEYS:  # a list of datasets (and of their splits) is a mixture: 'a;b;c'
+            if isinstance(config.get(key), (list, tuple)):
+                config[key] = ";".join(str(part) for part in instantiate(config[key]))
+        return config

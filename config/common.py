@@ -1,0 +1,87 @@
+"""Graph pieces the configs share: data, the pretrained model θ_0 and the task models θ_t with their
+Fishers, the multitask model, and evaluation. Calling them twice builds the same jobs (Sisyphus job
+singletons), so configs compose freely and a sweep reuses every earlier job."""
+from dataclasses import dataclass
+
+from sisyphus import tk
+
+from recipe.data import DownloadDatasetJob
+from recipe.search import HuggingfaceSearchJob
+from recipe.statistics import FisherJob
+from recipe.training import HuggingfaceTrainingJob
+
+
+@dataclass
+class Experiment:
+    preset: dict
+    data: dict  # task -> dataset folder (tk.Path)
+    pretrained: tk.Path  # θ_0
+    pretrained_fisher: tk.Path  # H_0 (statistics folder)
+    models: dict  # task -> θ_t
+    fishers: dict  # task -> H_t
+    multitask: tk.Path
+
+
+def all_tasks(preset):
+    return [preset["pretraining"]["task"]] + list(preset["tasks"])
+
+
+def download_data(preset):
+    return {task: DownloadDatasetJob(task, data_dir=preset["data_dir"]).out_dir for task in all_tasks(preset)}
+
+
+def train(preset, model, datasets, train_splits, validation_splits, learning_rate, alias):
+    """Fine-tune `model` on the mixture of `datasets` (one entry: a single task)."""
+    config = {**preset["training"], "model_name_or_path": model, "learning_rate": learning_rate,
+              "dataset_name": datasets, "train_split": train_splits, "validation_split": validation_splits}
+    job = HuggingfaceTrainingJob(config, num_epochs=preset["num_epochs"], **preset["rqmt"]["train"])
+    job.add_alias(alias)
+    return job.out_best_model
+
+
+def fisher(preset, model, dataset, split, alias):
+    job = FisherJob(model, dataset, split, preset["fisher"], **preset["rqmt"]["statistics"])
+    job.add_alias(alias)
+    return job.out_dir
+
+
+def build_experiment(preset):
+    """θ_0 and H_0 on the pretraining task; θ_t (fine-tuned from θ_0) and H_t per task; the multitask model."""
+    data = download_data(preset)
+    pre = preset["pretraining"]
+    task = pre["task"]
+    pretrained = train(preset, preset["model"], [data[task]], [pre["train_split"]], [pre["validation_split"]],
+                       pre["learning_rate"], "models/pretrained")
+    pretrained_fisher = fisher(preset, pretrained, data[task], pre["fisher_split"], "fishers/pretrained")
+
+    lr = preset["finetuning_learning_rate"]
+    validation = preset["validation_splits"]
+    models, fishers = {}, {}
+    for task, spec in preset["tasks"].items():
+        models[task] = train(preset, pretrained, [data[task]], [spec["train_split"]], [validation[task]], lr, f"models/{task}")
+        fishers[task] = fisher(preset, models[task], data[task], spec["fisher_split"], f"fishers/{task}")
+
+    tasks = list(preset["tasks"])
+    multitask = train(preset, pretrained, [data[t] for t in tasks], [preset["tasks"][t]["train_split"] for t in tasks],
+                      [validation[t] for t in tasks], lr, "models/multitask")
+    return Experiment(preset, data, pretrained, pretrained_fisher, models, fishers, multitask)
+
+
+def evaluate(experiment, models, splits):
+    """Accuracy of every model on every task: {label: {task: metrics.json}}; `splits`: task -> split."""
+    preset = experiment.preset
+    results = {}
+    for label, model in models.items():
+        results[label] = {}
+        for task, split in splits.items():
+            job = HuggingfaceSearchJob(model, experiment.data[task], split, preset["evaluation"], **preset["rqmt"]["evaluation"])
+            results[label][task] = job.out_metric_file
+    return results
+
+
+def evaluate_accuracy(experiment, model, splits):
+    """The accuracy variables of `model` on each task's split, for configs that choose on them."""
+    preset = experiment.preset
+    return {task: HuggingfaceSearchJob(model, experiment.data[task], split, preset["evaluation"],
+                                       **preset["rqmt"]["evaluation"]).out_accuracy
+            for task, split in splits.items()}

@@ -1,0 +1,50 @@
+"""Table 1 of Daheim et al., "Model Merging by Uncertainty-Based Gradient Matching" (ICLR 2024).
+
+θ_0 and its Fisher H_0 on the pretraining task; four task models θ_t fine-tuned from θ_0 and their
+Fishers H_t; a multitask model; task arithmetic (α = 1) and uncertainty-based gradient matching; every
+model evaluated on every task; a report (results.md / results.csv / accuracy.png under
+output/example/report/). The model, tasks, splits and sizes come from the preset (config/presets.py).
+
+    sis --config config/example.py m
+"""
+from sisyphus import tk
+
+from config import common, presets
+from recipe.merge import TaskArithmeticJob, UncertaintyBasedGradientMatchingJob
+from recipe.report import ReportJob
+
+
+def merges(experiment, scaling_factor):
+    preset = experiment.preset
+    tasks = list(preset["tasks"])
+    finetuned = [experiment.models[t] for t in tasks]
+    task_arithmetic = TaskArithmeticJob(experiment.pretrained, finetuned, scaling_factor, **preset["rqmt"]["merge"])
+    gradient_matching = UncertaintyBasedGradientMatchingJob(
+        experiment.pretrained, finetuned, experiment.pretrained_fisher, [experiment.fishers[t] for t in tasks],
+        preset["gradient_matching"]["delta_0"],
+        scaling_factor=scaling_factor,
+        scaling_factor_pretrained=preset["pretraining"]["dataset_size"],
+        scaling_factors_finetuned=[preset["tasks"][t]["dataset_size"] for t in tasks],
+        **preset["rqmt"]["merge"],
+    )
+    return task_arithmetic.out_model_path, gradient_matching.out_model_path
+
+
+def py():
+    preset = presets.select()
+    experiment = common.build_experiment(preset)
+    task_arithmetic, gradient_matching = merges(experiment, preset["gradient_matching"]["scaling_factor"])
+
+    models = {"pretrained": experiment.pretrained}
+    models.update({f"finetuned {task}": model for task, model in experiment.models.items()})
+    models.update({"multitask": experiment.multitask, "task arithmetic": task_arithmetic,
+                   "gradient matching": gradient_matching})
+    results = common.evaluate(experiment, models, {t: preset["test_splits"][t] for t in common.all_tasks(preset)})
+
+    for label, by_task in results.items():
+        for task, metrics in by_task.items():
+            tk.register_output(f"example/metrics/{label.replace(' ', '_')}/{task}.json", metrics)
+    tk.register_output("example/models/task_arithmetic", task_arithmetic)
+    tk.register_output("example/models/gradient_matching", gradient_matching)
+    report = ReportJob(results, title=f"Table 1 ({preset['name']} preset): test accuracy")
+    tk.register_output("example/report", report.out_dir)

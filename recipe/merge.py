@@ -1,0 +1,108 @@
+"""Merging (`code/merge.py`, and the paper's own `code/task_arithmetic.py` and
+`code/uncertainty_based_gradient_matching.py` command lines)."""
+from sisyphus import tk
+
+from recipe.program_job import CommandJob
+from recipe.util import python_exe, program, rqmt
+
+
+def _path(p):
+    return tk.uncached_path(p)
+
+
+class MergeJob(CommandJob):
+    """Any method of the merge library (`../shared/docs/merging.md`): `python code/merge.py --merge METHOD ...`.
+
+    models: the fine-tuned models θ_t; ancestor: θ_0; aux_data: one statistics folder per model (Fisher,
+    Gram, trimmed task vector); ancestor_aux_data: statistics of θ_0 (gradient matching's H_0);
+    initial: a model to start from (MaTS); parameters: the method's parameters (`--x:NAME VALUE`).
+    Output: `out_model`, a model folder.
+    """
+
+    def __init__(self, method, models, *, ancestor=None, aux_data=None, ancestor_aux_data=None, initial=None,
+                 parameters=None, dtype=None, include=None, exclude=None,
+                 time_rqmt=1, mem_rqmt=4, cpu_rqmt=1, gpu_rqmt=0):
+        self.method = method
+        self.models = list(models)
+        self.ancestor = ancestor
+        self.aux_data = list(aux_data) if aux_data is not None else None
+        self.ancestor_aux_data = ancestor_aux_data
+        self.initial = initial
+        self.parameters = dict(parameters or {})
+        self.dtype = dtype
+        self.include = include
+        self.exclude = exclude
+        self.rqmt = rqmt(time_rqmt, mem_rqmt, cpu_rqmt, gpu_rqmt)
+        self.out_model = self.output_path("model")
+
+    def command(self):
+        cmd = [python_exe(), program("merge.py"), "--merge", self.method, "--models", *map(_path, self.models)]
+        if self.aux_data is not None:
+            cmd += ["--aux_data", *map(_path, self.aux_data)]
+        for flag, value in (("--ancestor", self.ancestor), ("--ancestor_aux_data", self.ancestor_aux_data),
+                            ("--initial", self.initial)):
+            if value is not None:
+                cmd += [flag, _path(value)]
+        for flag, value in (("--dtype", self.dtype), ("--include", self.include), ("--exclude", self.exclude)):
+            if value is not None:
+                cmd += [flag, str(value)]
+        for name, value in sorted(self.parameters.items()):
+            value = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+            cmd += [f"--x:{name}", value]
+        if self.rqmt["gpu"] > 0:
+            cmd += ["--device", "cuda"]
+        return cmd + ["--output", self.out_model.get_path()]
+
+
+class TaskArithmeticJob(CommandJob):
+    """θ_0 + λ Σ_t (θ_t − θ_0) (Ilharco et al., 2023) with the paper's command line."""
+
+    def __init__(self, pretrained_model, finetuned_models, scaling_factor=1.0, task_type="SEQ_CLS", *,
+                 time_rqmt=1, mem_rqmt=4, cpu_rqmt=1, gpu_rqmt=0):
+        self.pretrained_model = pretrained_model
+        self.finetuned_models = list(finetuned_models)
+        self.scaling_factor = scaling_factor
+        self.task_type = task_type
+        self.rqmt = rqmt(time_rqmt, mem_rqmt, cpu_rqmt, gpu_rqmt)
+        self.out_model_path = self.output_path("model")
+
+    def command(self):
+        return [python_exe(), program("task_arithmetic.py"),
+                "--pretrained_model_name_or_path", _path(self.pretrained_model),
+                "--ft_model_name_or_paths", ",".join(map(_path, self.finetuned_models)),
+                "--scaling_factor", str(self.scaling_factor),
+                "--task_type", self.task_type,
+                "--out_model_path", self.out_model_path.get_path()]
+
+
+class UncertaintyBasedGradientMatchingJob(CommandJob):
+    """Uncertainty-based gradient matching (Daheim et al., ICLR 2024) with the paper's command line and
+    argument order: Hessians are Fisher statistics folders (or their `hessian/` subfolders)."""
+
+    def __init__(self, pretrained_model, finetuned_models, pretrained_hessian, finetuned_hessians, delta_0,
+                 task_type="SEQ_CLS", scaling_factor=1.0, scaling_factor_pretrained=1.0, scaling_factors_finetuned=(),
+                 *, time_rqmt=1, mem_rqmt=4, cpu_rqmt=1, gpu_rqmt=0):
+        self.pretrained_model = pretrained_model
+        self.finetuned_models = list(finetuned_models)
+        self.pretrained_hessian = pretrained_hessian
+        self.finetuned_hessians = list(finetuned_hessians)
+        self.delta_0 = delta_0
+        self.task_type = task_type
+        self.scaling_factor = scaling_factor
+        self.scaling_factor_pretrained = scaling_factor_pretrained
+        self.scaling_factors_finetuned = list(scaling_factors_finetuned)
+        self.rqmt = rqmt(time_rqmt, mem_rqmt, cpu_rqmt, gpu_rqmt)
+        self.out_model_path = self.output_path("model")
+
+    def command(self):
+        return [python_exe(), program("uncertainty_based_gradient_matching.py"),
+                "--pretrained_model_name_or_path", _path(self.pretrained_model),
+                "--pretrained_hessian_path", _path(self.pretrained_hessian),
+                "--ft_model_name_or_paths", ",".join(map(_path, self.finetuned_models)),
+                "--ft_hessian_paths", ",".join(map(_path, self.finetuned_hessians)),
+                "--delta_0", str(self.delta_0),
+                "--scaling_factor", str(self.scaling_factor),
+                "--scaling_factor_pt", str(self.scaling_factor_pretrained),
+                "--scaling_factors_ft", ",".join(map(str, self.scaling_factors_finetuned)),
+                "--task_type", self.task_type,
+                "--out_model_path", self.out_model_path.get_path()]

@@ -1,0 +1,51 @@
+"""Statistics of trained models: squared-gradient Fisher and Gram matrices (`code/predict.py`), and the
+trimmed task vector of TIES (`code/trim.py`)."""
+from sisyphus import tk
+
+from recipe.program_job import CommandJob
+from recipe.search import PredictJob
+from recipe.util import python_exe, program, rqmt
+
+
+class FisherJob(PredictJob):
+    """Diagonal squared-gradient Fisher of `model` on `dataset_name`/`split` (labels sampled from the
+    model, or gold labels with `config={'empirical': True}`).
+
+    Outputs: `out_dir` (the statistics folder the merge programs take), `out_hessian` (its model-shaped
+    `hessian/` folder), `out_fisher` (fisher.safetensors).
+    """
+
+    config_name = "fisher_config.json"
+    output_name = "fisher"
+    method = "sequence_classification_squared_gradients"
+
+    def declare_outputs(self):
+        self.out_hessian = self.output_path("fisher/hessian")
+        self.out_fisher = self.output_path("fisher/fisher.safetensors")
+
+
+class GramJob(PredictJob):
+    """Gram matrices of every linear layer's inputs and output gradients (RegMean, MaTS).
+
+    Output: `out_dir`, a statistics folder with gram.safetensors and output_grad_gram.safetensors.
+    """
+
+    config_name = "gram_config.json"
+    output_name = "gram"
+    method = "sequence_classification_gram"
+
+
+class TrimmedModelJob(CommandJob):
+    """The trimmed task vector of TIES-Merging (Yadav et al., 2023): the top `density` fraction of
+    θ_t − θ_0 by magnitude (`code/trim.py`). Output: `out_dir`, a statistics folder for `ties`."""
+
+    def __init__(self, model, ancestor, density, *, time_rqmt=1, mem_rqmt=4, cpu_rqmt=1, gpu_rqmt=0):
+        self.model = model
+        self.ancestor = ancestor
+        self.density = density
+        self.rqmt = rqmt(time_rqmt, mem_rqmt, cpu_rqmt, gpu_rqmt)
+        self.out_dir = self.outputtk.uncached_path("trimmed")
+
+    def command(self):
+        return [python_exe(), program("trim.py"), "--model", tk.uncached_path(self.model), "--ancestor", tk.uncached_path(self.ancestor),
+                "--density", str(self.density), "--output", self.out_dir.gettk.uncached_path()]
