@@ -1,0 +1,61 @@
+"""The graph of a setup: registered outputs, paths awaited by async configs, and the jobs they need."""
+import os
+
+from sisyphus.errors import SisError
+from sisyphus.job import Job
+from sisyphus.job_path import Path
+
+
+class SISGraph:
+    def __init__(self):
+        self.outputs = {}  # output name -> Path
+        self.waiters = []  # (set of Paths, asyncio.Future) of configs waiting in tk.async_run
+        self._jobs = None  # cache of jobs(), dropped when a target is added
+
+    def add_output(self, name, path):
+        if not isinstance(path, Path):
+            raise SisError(f"tk.register_output({name!r}, ...): needs a tk.Path or tk.Variable, "
+                           f"not {type(path).__name__}")
+        normalized = os.path.normpath(name)
+        if not name or os.path.isabs(name) or normalized.startswith(".."):
+            raise SisError(f"tk.register_output({name!r}, ...): the name must be a relative path inside output/")
+        known = self.outputs.get(normalized)
+        if known is not None and known != path:
+            raise SisError(f"output {normalized!r} registered twice with different paths: "
+                           f"{known.rel_path()} and {path.rel_path()}")
+        self.outputs[normalized] = path
+        self._jobs = None
+
+    def add_waiter(self, paths, future):
+        self.waiters.append((set(paths), future))
+        self._jobs = None
+
+    def resolve_waiters(self):
+        """Wake the configs whose awaited paths are all available; True if any woke."""
+        ready = [(paths, future) for paths, future in self.waiters if all(p.available() for p in paths)]
+        for paths, future in ready:
+            self.waiters.remove((paths, future))
+            if not future.done():
+                future.set_result(None)
+        if ready:
+            self._jobs = None
+        return bool(ready)
+
+    def jobs(self):
+        """Every job the outputs and awaited paths depend on, sorted by id."""
+        if self._jobs is None:
+            found = {}
+            todo = [p.creator for p in self._target_paths() if isinstance(p.creator, Job)]
+            while todo:
+                job = todo.pop()
+                if job.job_id() in found:
+                    continue
+                found[job.job_id()] = job
+                todo.extend(p.creator for p in job._sis_inputs if isinstance(p.creator, Job))
+            self._jobs = [found[key] for key in sorted(found)]
+        return self._jobs
+
+    def _target_paths(self):
+        yield from self.outputs.values()
+        for paths, _ in self.waiters:
+            yield from paths
