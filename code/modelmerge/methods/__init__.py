@@ -1,0 +1,45 @@
+"""The merge methods, by name: `METHODS` maps every name and alias to its class; `get_method` looks one up.
+
+Adding a method is one module in this folder and one entry in `_CLASSES`.
+"""
+from .base import MergeMethod, Parameter, TensorGroup
+from .breadcrumbs import Breadcrumbs, BreadcrumbsTies
+from .dare import DareLinear, DareTies
+from .fisher import Fisher
+from .linear import Linear
+from .mats import Mats
+from .mlerp import Mlerp
+from .passthrough import Passthrough
+from .regmean import RegMean
+from .slerp import Slerp
+from .task_arithmetic import TaskArithmetic
+from .ties import Ties
+from .uncertainty_based_gradient_matching import UncertaintyBasedGradientMatching
+
+_CLASSES: tuple[type[MergeMethod], ...] = (
+    Linear, TaskArithmetic, Ties, DareLinear, DareTies, Breadcrumbs, BreadcrumbsTies, Fisher, RegMean, Mats,
+    Slerp, Mlerp, UncertaintyBasedGradientMatching, Passthrough,
+)
+
+
+def _registry() -> dict[str, type[MergeMethod]]:
+    methods: dict[str, type[MergeMethod]] = {}
+    for cls in _CLASSES:
+        for key in (cls.name, *cls.aliases):
+            if key in methods:
+                raise RuntimeError(f"merge method name {key!r} is used by {methods[key].__name__} and {cls.__name__}")
+            methods[key] = cls
+    return methods
+
+
+METHODS: dict[str, type[MergeMethod]] = _registry()
+
+
+def get_method(name: str) -> type[MergeMethod]:
+    """The method class registered under `name` (a name or an alias)."""
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown merge method {name!r}; known: {', '.join(sorted(METHODS))}") from None
+
+__all__ = ["METHODS", "get_method", "MergeMethod", "Parameter", "TensorGroup"]

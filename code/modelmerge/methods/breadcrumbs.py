@@ -1,0 +1,64 @@
+"""Model breadcrumbs: drop each task vector's largest outliers and its smallest entries, then task arithmetic.
+
+Davari & Belilovsky, "Model Breadcrumbs: Scaling Multi-Task Model Merging with Sparse Masks", ECCV 2024
+(https://arxiv.org/abs/2312.06795).
+"""
+import torch
+
+from .base import MergeMethod, Parameter, TensorGroup
+from .common import base_tensor, per_model
+from .task_vectors import CONSENSUS_PARAMETERS, combine, combine_parameters, task_vector
+
+
+def drop_outliers_and_small(delta: torch.Tensor, density: float, gamma: float, rescale: bool) -> torch.Tensor:
+    """Keep ⌊density·n⌋ entries: those just below the ⌊gamma·n⌋ largest magnitudes (mergekit's
+    `magnitude_outliers`). `rescale` restores the task vector's L1 norm, as mergekit does."""
+    if density >= 1:
+        return delta
+    n = delta.numel()
+    keep_count = int(density * n)
+    top_count = int(gamma * n)
+    bottom_count = max(0, n - keep_count - top_count)  # fewer outliers are dropped when density needs them
+    magnitude = delta.abs().flatten()
+    if magnitude.device.type == "cpu":
+        magnitude = magnitude.float()
+    order = torch.sort(magnitude).indices
+    mask = torch.zeros(n, dtype=torch.bool, device=delta.device)
+    mask[order[bottom_count: bottom_count + keep_count]] = True
+    kept = delta * mask.view(delta.shape)
+    if rescale:
+        before, after = delta.abs().sum(), kept.abs().sum()
+        if before >= 1e-7 and after >= 1e-7:
+            kept = kept * (before / after)
+    return kept
+
+
+class Breadcrumbs(MergeMethod):
+    """Breadcrumbs masks then task arithmetic (mergekit's `breadcrumbs`)."""
+
+    name = "breadcrumbs"
+    needs_base = True
+    parameters = {
+        **combine_parameters(normalize=False),
+        "density": Parameter(1.0, per_model=True, help="fraction of each task vector kept"),
+        "gamma": Parameter(0.01, per_model=True, help="fraction of largest-magnitude entries dropped"),
+        "rescale": Parameter(False, type=bool, help="rescale the kept entries to the task vector's L1 norm"),
+    }
+
+    def merge(self, group: TensorGroup, *, weight, density, gamma, rescale, merge_lambda, normalize, int8_mask,
+              consensus_method=None, global_majority_sign=None) -> torch.Tensor:
+        base_tensor(group)
+        densities, gammas = per_model(density, group, "density"), per_model(gamma, group, "gamma")
+        deltas = [
+            drop_outliers_and_small(task_vector(group, t), d, g, rescale)
+            for t, (d, g) in enumerate(zip(densities, gammas))
+        ]
+        return combine(group, deltas, weight, merge_lambda=merge_lambda, normalize=normalize,
+                       consensus_method=consensus_method, global_majority_sign=global_majority_sign)
+
+
+class BreadcrumbsTies(Breadcrumbs):
+    """Breadcrumbs masks then TIES' sign election and disjoint merge (mergekit's `breadcrumbs_ties`)."""
+
+    name = "breadcrumbs_ties"
+    parameters = {**Breadcrumbs.parameters, **CONSENSUS_PARAMETERS}
