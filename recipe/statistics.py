@@ -44,8 +44,8 @@ class TrimmedModelJob(CommandJob):
         self.ancestor = ancestor
         self.density = density
         self.rqmt = rqmt(time_rqmt, mem_rqmt, cpu_rqmt, gpu_rqmt)
-        self.out_dir = self.outputtk.uncached_path("trimmed")
+        self.out_dir = self.output_path("trimmed")
 
     def command(self):
         return [python_exe(), program("trim.py"), "--model", tk.uncached_path(self.model), "--ancestor", tk.uncached_path(self.ancestor),
-                "--density", str(self.density), "--output", self.out_dir.gettk.uncached_path()]
+                "--density", str(self.density), "--output", self.out_dir.get_path()]

@@ -1,0 +1,122 @@
+"""Every method of the merge library on the same trained models and statistics.
+
+For each method, a grid over its main hyperparameter is merged and evaluated on every task's
+validation split; the setting with the best average validation accuracy is evaluated on the test
+splits and reported (output/merging_methods/report/). Task arithmetic and uncertainty-based gradient
+matching are also evaluated on the test splits over the whole α grid: the robustness plot
+(report/sweep.png). The trained models and statistics are those of config/example.py, so running both
+configs trains nothing twice, and adding a method to METHODS computes only that method's jobs.
+
+slerp (two models) and passthrough (layer slices) do not combine four task models and are not run here.
+
+    sis --config config/merging_methods.py m
+"""
+from sisyphus import tk
+
+from config import common, presets
+from recipe.merge import MergeJob
+from recipe.report import ReportJob
+from recipe.statistics import GramJob
+
+# label: merge method, the hyperparameter swept (None: no sweep), its grid, fixed parameters, the
+# statistics each model needs ('fisher' or 'gram'), and whether θ_0's Fisher is needed.
+METHODS = {
+    "average": dict(method="linear"),
+    "task arithmetic": dict(method="task_arithmetic", sweep="merge_lambda", grid="scaling_factors"),
+    "ties": dict(method="ties", sweep="density", grid=[0.1, 0.2, 0.3, 0.5], fixed={"merge_lambda": 1.0}),
+    "dare linear": dict(method="dare_linear", sweep="dropout_probability", grid=[0.1, 0.3, 0.5, 0.7], fixed={"seed": 0}),
+    "dare ties": dict(method="dare_ties", sweep="dropout_probability", grid=[0.1, 0.3, 0.5, 0.7], fixed={"seed": 0}),
+    "breadcrumbs": dict(method="breadcrumbs", sweep="density", grid=[0.5, 0.7, 0.9], fixed={"gamma": 0.01}),
+    "mlerp": dict(method="mlerp"),
+    "fisher": dict(method="fisher", stats="fisher"),
+    "regmean": dict(method="regmean", sweep="alpha", grid=[0.1, 0.5, 0.9], stats="gram"),
+    "mats (regmean)": dict(method="mats", sweep="iterations", grid=[5, 20, 50], fixed={"objective": "regmean", "alpha": 0.9},
+                           stats="gram", initial="task arithmetic"),
+    "mats (blockwise fisher)": dict(method="mats", sweep="iterations", grid=[5, 20, 50],
+                                    fixed={"objective": "blockwise_fisher", "alpha": 0.9}, stats="gram",
+                                    initial="task arithmetic"),
+    "gradient matching": dict(method="uncertainty_based_gradient_matching", sweep="scaling_factor", grid="scaling_factors",
+                              stats="fisher", ancestor_stats=True),
+}
+ROBUSTNESS = ("task arithmetic", "gradient matching")  # drawn against α on the test data
+
+
+def grid(spec, preset):
+    if "sweep" not in spec:
+        return [None]
+    return preset["scaling_factors"] if spec["grid"] == "scaling_factors" else spec["grid"]
+
+
+def statistics(experiment, kind):
+    preset = experiment.preset
+    if kind == "fisher":
+        return experiment.fishers
+    return {task: GramJob(model, experiment.data[task], preset["tasks"][task]["fisher_split"], preset["fisher"],
+                          **preset["rqmt"]["statistics"]).out_dir
+            for task, model in experiment.models.items()}
+
+
+def fixed_parameters(spec, preset):
+    parameters = dict(spec.get("fixed", {}))
+    if spec["method"] == "uncertainty_based_gradient_matching":
+        parameters.update(scaling_factor_pt=preset["pretraining"]["dataset_size"],
+                          scaling_factors_ft=[preset["tasks"][t]["dataset_size"] for t in preset["tasks"]],
+                          delta_0=preset["gradient_matching"]["delta_0"])
+    return parameters
+
+
+def merge(experiment, label, value, initial_models):
+    """The model merged by method `label` with its swept hyperparameter at `value`."""
+    spec, preset = METHODS[label], experiment.preset
+    tasks = list(preset["tasks"])
+    parameters = fixed_parameters(spec, preset)
+    if value is not None:
+        parameters[spec["sweep"]] = value
+    aux_data = None
+    if "stats" in spec:
+        aux_data = [statistics(experiment, spec["stats"])[t] for t in tasks]
+    job = MergeJob(
+        spec["method"], [experiment.models[t] for t in tasks], ancestor=experiment.pretrained, aux_data=aux_data,
+        ancestor_aux_data=experiment.pretrained_fisher if spec.get("ancestor_stats") else None,
+        initial=initial_models.get(spec.get("initial")), parameters=parameters, **preset["rqmt"]["merge"],
+    )
+    return job.out_model
+
+
+def average_accuracy(variables):
+    values = [v.get() for v in variables.values()]
+    return sum(values) / len(values)
+
+
+async def py():
+    preset = presets.select()
+    experiment = common.build_experiment(preset)
+    tasks = common.all_tasks(preset)
+    validation = {t: preset["validation_splits"][t] for t in tasks}
+    test = {t: preset["test_splits"][t] for t in tasks}
+
+    # Task arithmetic with λ = 1 is the starting point of MaTS (Tam et al., 2024).
+    initial_models = {"task arithmetic": merge(experiment, "task arithmetic", 1.0, {})}
+    candidates = {label: {value: merge(experiment, label, value, initial_models) for value in grid(spec, preset)}
+                  for label, spec in METHODS.items()}
+    validation_accuracy = {label: {value: common.evaluate_accuracy(experiment, model, validation)
+                                   for value, model in by_value.items()}
+                           for label, by_value in candidates.items()}
+    await tk.async_run(validation_accuracy)
+
+    best = {}
+    for label, by_value in validation_accuracy.items():
+        value = max(by_value, key=lambda v: average_accuracy(by_value[v]))
+        best[label] = value
+        name = label if value is None else f"{label} ({METHODS[label]['sweep']}={value})"
+        print(f"merging_methods: {name}: validation accuracy {100 * average_accuracy(by_value[value]):.1f}")
+
+    models = {"pretrained": experiment.pretrained, "multitask": experiment.multitask}
+    for label, value in best.items():
+        models[label if value is None else f"{label} ({METHODS[label]['sweep']}={value})"] = candidates[label][value]
+    results = common.evaluate(experiment, models, test)
+    sweeps = {label: common.evaluate(experiment, candidates[label], test) for label in ROBUSTNESS}
+
+    report = ReportJob(results, sweeps=sweeps, title=f"Merging methods ({preset['name']} preset): test accuracy, "
+                                                     "best setting on validation")
+    tk.register_output("merging_methods/report", report.out_dir)

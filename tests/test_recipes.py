@@ -1,0 +1,126 @@
+"""Job classes of recipe/: ids (resources left out of the hash), outputs, and the configs and commands
+they write for their programs."""
+import json
+import os
+import stat
+
+import pytest
+
+import sisyphus.global_settings as gs
+from sisyphus import tk
+from sisyphus.hash import short_hash
+from recipe.data import DownloadDatasetJob
+from recipe.merge import MergeJob, TaskArithmeticJob, UncertaintyBasedGradientMatchingJob
+from recipe.report import ReportJob
+from recipe.search import HuggingfaceSearchJob
+from recipe.statistics import FisherJob, GramJob, TrimmedModelJob
+from recipe.training import HuggingfaceTrainingJob
+
+
+@pytest.fixture
+def setup_dir(tmp_path, monkeypatch):
+    monkeypatch.setattr(gs, "BASE_DIR", str(tmp_path))
+    monkeypatch.setattr(gs, "CODE_ROOT", "/project/code", raising=False)
+    monkeypatch.setattr(gs, "PYTHON_EXE", "/usr/bin/python3", raising=False)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def _create_files(job, tmp_path):
+    os.makedirs(os.path.join(tmp_path, gs.WORK_DIR, job.job_id(), "output"))
+    work = os.path.join(tmp_path, gs.WORK_DIR, job.job_id(), "work")
+    os.makedirs(work)
+    cwd = os.getcwd()
+    os.chdir(work)
+    try:
+        job.create_files()
+    finally:
+        os.chdir(cwd)
+    script = os.path.join(work, "run.sh")
+    assert os.stat(script).st_mode & stat.S_IXUSR
+    return open(script).read().splitlines()[-1]
+
+
+def test_resources_stay_out_of_the_hash(setup_dir):
+    a = HuggingfaceSearchJob("/models/m", "sst2", "test", {"batch_size": 8}, cpu_rqmt=1, mem_rqmt=2)
+    b = HuggingfaceSearchJob("/models/m", "sst2", "test", {"batch_size": 8}, cpu_rqmt=4, mem_rqmt=16, gpu_rqmt=1)
+    assert a is b  # one job per id: resources do not make a new one
+    c = HuggingfaceSearchJob("/models/m", "sst2", "test[:10%]", {"batch_size": 8})
+    assert c.job_id() != a.job_id()
+    # The id is the hash of exactly the non-resource arguments, defaults filled in.
+    expected = {"model": "/models/m", "dataset_name": "sst2", "split": "test", "config": {"batch_size": 8}}
+    assert a.job_id() == f"search/HuggingfaceSearchJob.{short_hash(expected)}"
+
+    ta = TaskArithmeticJob("/m0", ["/m1", "/m2"], 0.5, time_rqmt=9)
+    expected = {"pretrained_model": "/m0", "finetuned_models": ["/m1", "/m2"], "scaling_factor": 0.5, "task_type": "SEQ_CLS"}
+    assert ta.job_id() == f"merge/TaskArithmeticJob.{short_hash(expected)}"
+
+
+def test_training_job_outputs_and_config(setup_dir):
+    base = DownloadDatasetJob("sst2", data_dir="/data")
+    other = DownloadDatasetJob("imdb", data_dir="/data")
+    job = HuggingfaceTrainingJob({"model_name_or_path": "/models/base", "dataset_name": [base.out_dir, other.out_dir],
+                                  "train_split": ["train[:10]", "train"], "validation_split": ["validation", "validation"],
+                                  "learning_rate": 3e-5}, num_epochs=2)
+    out = os.path.join(setup_dir, gs.WORK_DIR, job.job_id(), "output")
+    assert job.out_best_model.get_path() == os.path.join(out, "training", "best")
+    assert sorted(job.out_models) == [1, 2]
+    assert job.out_models[2].get_path() == os.path.join(out, "training", "epoch-2")
+    assert {base, other} <= {p.creator for p in job._sis_inputs}  # the data jobs are dependencies
+
+    command = _create_files(job, setup_dir)
+    assert command == f"/usr/bin/python3 /project/code/train.py {job.out_config_file.get_path()}"
+    config = json.load(open(job.out_config_file.get_path()))
+    assert config["dataset_name"] == f"{base.out_dir.get_path()};{other.out_dir.get_path()}"
+    assert config["train_split"] == "train[:10];train"
+    assert config["output_dir"] == os.path.join(out, "training")
+    assert config["num_train_epochs"] == 2 and config["learning_rate"] == 3e-5
+
+
+def test_predict_jobs_write_their_method(setup_dir):
+    model = HuggingfaceTrainingJob({"model_name_or_path": "/m", "dataset_name": "sst2"}).out_best_model
+    for cls, method, out in [(HuggingfaceSearchJob, "sequence_classification", "search"),
+                             (FisherJob, "sequence_classification_squared_gradients", "fisher"),
+                             (GramJob, "sequence_classification_gram", "gram")]:
+        job = cls(model, "sst2", "train[:8]", {"max_length": 32})
+        _create_files(job, setup_dir)
+        config = json.load(open(job.out_config_file.get_path()))
+        assert config == {"method": method, "max_length": 32, "model_name_or_path": model.get_path(),
+                          "dataset_name": "sst2", "split": "train[:8]", "output_dir": job.out_dir.get_path()}
+        assert job.out_dir.get_path().endswith(os.path.join("output", out))
+    fisher = FisherJob(model, "sst2", "train[:8]", {"max_length": 32})
+    assert fisher.out_hessian.get_path() == os.path.join(fisher.out_dir.get_path(), "hessian")
+
+
+def test_merge_job_commands(setup_dir):
+    job = MergeJob("ties", ["/a", "/b"], ancestor="/base", aux_data=["/fa", "/fb"],
+                   parameters={"density": 0.2, "merge_lambda": 1.0})
+    command = _create_files(job, setup_dir).split()
+    assert command[1:] == ["/project/code/merge.py", "--merge", "ties", "--models", "/a", "/b", "--aux_data", "/fa", "/fb",
+                           "--ancestor", "/base", "--x:density", "0.2", "--x:merge_lambda", "1.0",
+                           "--output", job.out_model.get_path()]
+
+    ubgm = UncertaintyBasedGradientMatchingJob("/base", ["/a", "/b"], "/h0", ["/ha", "/hb"], 1e-12,
+                                               scaling_factor=0.7, scaling_factor_pretrained=100,
+                                               scaling_factors_finetuned=[10, 20])
+    command = _create_files(ubgm, setup_dir).split()
+    args = dict(zip(command[2::2], command[3::2]))
+    assert command[1] == "/project/code/uncertainty_based_gradient_matching.py"
+    assert args == {"--pretrained_model_name_or_path": "/base", "--pretrained_hessian_path": "/h0",
+                    "--ft_model_name_or_paths": "/a,/b", "--ft_hessian_paths": "/ha,/hb", "--delta_0": "1e-12",
+                    "--scaling_factor": "0.7", "--scaling_factor_pt": "100", "--scaling_factors_ft": "10,20",
+                    "--task_type": "SEQ_CLS", "--out_model_path": ubgm.out_model_path.get_path()}
+
+    trim = TrimmedModelJob("/a", "/base", 0.2)
+    assert _create_files(trim, setup_dir).split()[1:] == [
+        "/project/code/trim.py", "--model", "/a", "--ancestor", "/base", "--density", "0.2", "--output", trim.out_dir.get_path()]
+
+
+def test_report_job_config(setup_dir):
+    search = HuggingfaceSearchJob("/m", "sst2", "test")
+    job = ReportJob({"m": {"sst2": search.out_metric_file}}, sweeps={"ta": {0.5: {"sst2": search.out_metric_file}}})
+    _create_files(job, setup_dir)
+    config = json.load(open(job.out_config_file.get_path()))
+    assert config["results"] == {"m": {"sst2": search.out_metric_file.get_path()}}
+    assert config["sweeps"] == {"ta": {"0.5": {"sst2": search.out_metric_file.get_path()}}}
+    assert job.out_sweep_plot.get_path().endswith("report/sweep.png")
