@@ -19,6 +19,9 @@ if "SLURM_CONF" not in os.environ and os.path.exists(CI_SLURM_CONF):
 
 def _why_no_slurm():
     """None when `sinfo` answers, else the reason to skip."""
+    conf = os.environ.get("SLURM_CONF", "/etc/slurm/slurm.conf")
+    if not os.path.exists(conf):  # sinfo would retry for a minute
+        return f"no SLURM cluster: no {conf} (bash .ci/slurm.sh install && bash .ci/slurm.sh start)"
     try:
         result = subprocess.run(["sinfo", "--noheader"], capture_output=True, text=True, timeout=20)
     except FileNotFoundError:
