@@ -182,7 +182,7 @@ class SimpleLinuxUtilityForResourceManagementEngine(EngineBase):
         """The sbatch arguments that request `rqmt` (a merged requirement dict)."""
         if (rqmt.get("multi_node_slots") or 1) > 1:
             raise ValueError(f"rqmt multi_node_slots={rqmt['multi_node_slots']}: multi-node tasks are not supported")
-        options = [f"--cpus-per-task={rqmt.get('cpu', 1)}", "--ntasks-per-node=1", "--export=ALL"]
+        options = [f"--cpus-per-task={int(rqmt.get('cpu', 1))}", "--ntasks-per-node=1", "--export=ALL"]
         if self.has_memory_resource and "mem" in rqmt:
             flag = "--mem-per-cpu" if self.memory_allocation_type == self.MemoryAllocationType.PER_CPU else "--mem"
             options.append(f"{flag}={memory_size(rqmt['mem'])}")
@@ -190,7 +190,7 @@ class SimpleLinuxUtilityForResourceManagementEngine(EngineBase):
             options.append(f"--time={time_limit(rqmt['time'])}")
         if rqmt.get("gpu", 0) > 0:
             gpu_type = f"{rqmt['gpu_name']}:" if rqmt.get("gpu_name") else ""
-            options.append(f"--gres=gpu:{gpu_type}{rqmt['gpu']}")
+            options.append(f"--gres=gpu:{gpu_type}{int(rqmt['gpu'])}")
         if rqmt.get("qsub_args"):
             logger.warning("rqmt qsub_args=%r ignored: they are SGE options; use sbatch_args", rqmt["qsub_args"])
         extra = rqmt.get("sbatch_args", [])

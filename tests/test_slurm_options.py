@@ -47,7 +47,7 @@ def test_array_spec_shortens_runs_of_ids():
 
 def test_rqmt_becomes_sbatch_options():
     engine = SlurmEngine(default_rqmt={})
-    options = engine.sbatch_options({"cpu": 2, "mem": 1.5, "time": 0.5, "gpu": 1, "sbatch_args": "-p gpu --qos=high"})
+    options = engine.sbatch_options({"cpu": 2.0, "mem": 1.5, "time": 0.5, "gpu": 1, "sbatch_args": "-p gpu --qos=high"})
     assert options == [
         "--cpus-per-task=2", "--ntasks-per-node=1", "--export=ALL", "--mem=1536M", "--time=30", "--gres=gpu:1",
         "-p", "gpu", "--qos=high",
