@@ -1,0 +1,88 @@
+"""Merge models, adapters or state dicts tensor by tensor with any method of modelmerge.methods.
+
+    python code/merge.py --merge METHOD --models A B C [--aux_data a b c] [--ancestor P]
+        [--ancestor_aux_data p] [--initial M] [--x:NAME VALUE ...] [--include REGEX] [--exclude REGEX]
+        [--dtype float32] [--device cuda] --output OUT
+    python code/merge.py --config merge.yml OUT        (mergekit's YAML format)
+
+Method parameters follow git-theta-merge-cli: `--x:merge_lambda 0.3` or `--x:merge_lambda=0.3`; a
+per-model parameter takes one value per model (`--x:weight 0.2 0.8` or `--x:weight 0.2,0.8`) or one for all.
+`--merge lora-METHOD` merges LoRA adapters as weight changes B·A (see modelmerge.merge_driver.merge).
+OUT ending in .safetensors is written as one bare file, else as a model (or adapter) folder. See
+../shared/docs/merging.md for the methods and docs/programs.md for the files.
+"""
+import argparse
+
+from modelmerge.merge_driver import DTYPES, MergeError, merge, run_program
+from modelmerge.mergekit_config import plan_config, read_config
+
+
+def split_method_parameters(argv):
+    """(the other arguments, {NAME: value or list of values}) from `--x:NAME VALUE...` / `--x:NAME=VALUE`."""
+    rest, params, index = [], {}, 0
+    while index < len(argv):
+        token = argv[index]
+        index += 1
+        if not token.startswith("--x:"):
+            rest.append(token)
+            continue
+        name, _, value = token[len("--x:"):].partition("=")
+        values = [value] if value else []
+        while not value and index < len(argv) and not argv[index].startswith("--"):
+            values.append(argv[index])
+            index += 1
+        if not name or not values:
+            raise MergeError(f"{token}: expected --x:NAME VALUE or --x:NAME=VALUE")
+        if name in params:
+            raise MergeError(f"--x:{name} is given more than once")
+        params[name] = values[0] if len(values) == 1 else values
+    return rest, params
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--merge", help="merge method (a name from modelmerge.methods, or lora-NAME)")
+    parser.add_argument("--models", nargs="+", help="models, adapters or state dicts to merge")
+    parser.add_argument("--aux_data", nargs="+", help="statistics of each model, same order as --models")
+    parser.add_argument("--ancestor", help="θ_0, the model the others were fine-tuned from")
+    parser.add_argument("--ancestor_aux_data", help="statistics of the ancestor (e.g. H_0 for UBGM)")
+    parser.add_argument("--initial", help="a model to start iterative methods from (MaTS)")
+    parser.add_argument("--output", help="output folder, or a .safetensors file")
+    parser.add_argument("--include", help="merge only tensors whose name matches this regex (re.search)")
+    parser.add_argument("--exclude", help="copy tensors whose name matches this regex from the ancestor/first model")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="working and output precision (default: the inputs')")
+    parser.add_argument("--device", default="cpu", help="where the arithmetic runs: cpu or cuda")
+    parser.add_argument("--max_shard_size", default="5GB", help="largest output shard, e.g. 2GB")
+    parser.add_argument("--lora_rank", type=int, help="rank of the adapter a lora- merge writes (default: largest input rank)")
+    parser.add_argument("--config", help="a mergekit YAML configuration (then give OUT as the positional argument)")
+    parser.add_argument("out", nargs="?", help="output path of a --config merge")
+    parser.add_argument("--no_progress", action="store_true", help="no progress bar")
+    rest, params = split_method_parameters(argv)
+    args = parser.parse_args(rest)
+    args.output = args.output or args.out
+    if not args.output:
+        parser.error("give the output path (--output OUT, or OUT after --config)")
+    if args.config:
+        conflicting = [flag for flag in ("merge", "models", "aux_data", "ancestor", "ancestor_aux_data", "initial",
+                                         "include", "exclude", "dtype", "lora_rank") if getattr(args, flag)]
+        if conflicting or params:
+            parser.error(f"--config takes everything from the YAML file; drop --{', --'.join(conflicting) or 'x:...'}")
+    elif not (args.merge and args.models):
+        parser.error("give --merge METHOD and --models, or --config merge.yml")
+    return args, params
+
+
+def main(argv):
+    args, params = parse_args(argv)
+    if args.config:
+        return plan_config(read_config(args.config)).run(args.output, device=args.device, progress=not args.no_progress)
+    return merge(
+        args.merge, args.models, args.output, aux_data=args.aux_data, ancestor=args.ancestor,
+        ancestor_aux_data=args.ancestor_aux_data, initial=args.initial, params=params, include=args.include,
+        exclude=args.exclude, dtype=args.dtype, device=args.device, max_shard_size=args.max_shard_size,
+        lora_rank=args.lora_rank, progress=not args.no_progress,
+    )
+
+
+if __name__ == "__main__":
+    run_program(main)

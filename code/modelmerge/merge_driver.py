@@ -1,0 +1,567 @@
+"""The merge driver: everything about a merge except the arithmetic of its method.
+
+A merge is planned as a list of `TensorTask`s, one per output tensor, each naming where its inputs live
+(`Source`: a checkpoint and a tensor name, so mergekit slices can rename layers) and the method's resolved
+parameters for that tensor. Planning reads only file headers, so inconsistent inputs (names, shapes,
+missing statistics, counts, unknown parameters) fail before any work is done. `execute` then streams:
+for each task it reads one tensor from every input, checks it is finite, copies it through when every
+input agrees (or when it is not floating point, or excluded), else hands a `TensorGroup` to the method,
+and appends the result to the output files. The output appears only when every tensor was written.
+"""
+import logging
+import os
+import re
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from modelmerge.checkpoint import CheckpointError, TensorInfo, open_checkpoint, open_output, open_statistics, parse_size
+from modelmerge.lora_merge import LoraDeltaView, ZeroView, adapter_name, factorize, output_adapter_config
+from modelmerge.methods.base import TensorGroup
+
+logger = logging.getLogger(__name__)
+
+LORA_PREFIX = "lora-"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+# Memory-mapped pages read count as resident memory until their mapping closes: close all after this many bytes.
+RELEASE_EVERY_BYTES = 256 * 2**20
+
+
+class MergeError(ValueError):
+    """A merge that cannot be done as asked; the message names the argument, file or tensor and the cause."""
+
+
+@dataclass(frozen=True)
+class Source:
+    """One tensor of one input: a checkpoint (or a view of one) and the tensor's name in it."""
+
+    checkpoint: Any
+    name: str
+
+    def info(self) -> TensorInfo:
+        return self.checkpoint.info(self.name)
+
+    def read(self) -> torch.Tensor:
+        return self.checkpoint.get(self.name)
+
+    def where(self):
+        return f"{self.name} in {self.checkpoint.file_of(self.name)}"
+
+
+@dataclass(frozen=True)
+class LoraOutput:
+    """Write a merged weight change as the LoRA pair (A, B) of rank `rank` (see lora_merge.factorize)."""
+
+    a_name: str
+    b_name: str
+    rank: int
+    fan_in_fan_out: bool = False
+
+
+@dataclass
+class TensorTask:
+    """One output tensor: its inputs, the statistics describing them and the method's parameters."""
+
+    name: str
+    models: list[Source]
+    base: Source | None = None
+    stats: list[dict[str, Source]] = field(default_factory=list)
+    base_stats: dict[str, Source] = field(default_factory=dict)
+    initial: Source | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    merge: bool = True  # False: copied from the base (else the first model), e.g. excluded by a regex
+    lora_output: LoraOutput | None = None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Methods and their parameters
+
+
+def load_method(name):
+    """The method instance registered under `name`, or a MergeError listing the known names."""
+    from modelmerge.methods import get_method
+
+    try:
+        method = get_method(name)
+    except (KeyError, ValueError) as error:
+        raise MergeError(str(error).strip("'\"")) from None
+    return method() if isinstance(method, type) else method
+
+
+def resolve_parameters(method, supplied, num_models):
+    """Method parameters from `supplied` (name or alias -> value; CLI strings or YAML values): defaults
+    filled in, per-model values made lists of `num_models`, values converted to the declared types."""
+    lookup = {}
+    for name, parameter in method.parameters.items():
+        lookup[name] = name
+        lookup.update({alias: name for alias in parameter.aliases})
+    given = {}
+    for key, value in supplied.items():
+        if key not in lookup:
+            known = ", ".join(sorted(method.parameters)) or "none"
+            raise MergeError(f"unknown parameter '{key}' for method {method.name} (its parameters: {known})")
+        if lookup[key] in given:
+            raise MergeError(f"parameter '{lookup[key]}' of method {method.name} is given more than once")
+        given[lookup[key]] = value
+    resolved = {}
+    for name, parameter in method.parameters.items():
+        if name in given:
+            resolved[name] = _convert(method, name, parameter, given[name], num_models)
+        elif parameter.required:
+            raise MergeError(f"method {method.name} needs parameter '{name}' ({parameter.help or 'no default'})")
+        elif parameter.per_model and parameter.default is not None and not isinstance(parameter.default, (list, tuple)):
+            resolved[name] = [parameter.default] * num_models
+        else:
+            resolved[name] = parameter.default
+    return resolved
+
+
+def _convert(method, name, parameter, value, num_models):
+    if not parameter.per_model:
+        if isinstance(value, (list, tuple)) and len(value) == 1:
+            value = value[0]
+        return _scalar(method, name, parameter.type, value)
+    if isinstance(value, str):
+        value = [v.strip() for v in value.split(",")]
+    if not isinstance(value, (list, tuple)):
+        value = [value] * num_models
+    if len(value) == 1 and num_models > 1:
+        value = list(value) * num_models
+    if len(value) != num_models:
+        raise MergeError(f"parameter '{name}' of method {method.name} needs one value per model ({num_models}), got {len(value)}")
+    return [_scalar(method, name, parameter.type, v) for v in value]
+
+
+def _scalar(method, name, kind, value):
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+        return None
+    try:
+        if kind is bool:
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(value)
+                return value.lower() in ("true", "1", "yes")
+            return bool(value)
+        if kind is int and isinstance(value, float):
+            if not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        return kind(value)
+    except (TypeError, ValueError):
+        raise MergeError(
+            f"parameter '{name}' of method {method.name}: cannot read {value!r} as {getattr(kind, '__name__', kind)}"
+        ) from None
+
+
+def statistic_kinds(method):
+    """(required kinds, optional kinds, the kind an unlabelled statistics file provides)."""
+    ordered = list(method.stats) + list(method.optional_stats) + list(method.base_stats)
+    return tuple(method.stats), tuple(method.optional_stats), (ordered[0] if ordered else None)
+
+
+def expected_statistic_shape(kind, shape):
+    """Shape statistic `kind` has for a tensor of `shape`; None where the kind does not apply."""
+    if kind == "gram":
+        return (shape[1], shape[1]) if len(shape) == 2 else None
+    if kind == "output_grad_gram":
+        return (shape[0], shape[0]) if len(shape) == 2 else None
+    return tuple(shape)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Planning
+
+
+def check_same_tensors(checkpoints, what="models"):
+    """MergeError unless every checkpoint holds the same tensor names with the same shapes."""
+    reference = checkpoints[0]
+    for other in checkpoints[1:]:
+        only_ref = sorted(set(reference.names) - set(other.names))
+        only_other = sorted(set(other.names) - set(reference.names))
+        if only_ref or only_other:
+            raise MergeError(
+                f"the {what} hold different tensors: {_listing(only_ref)} only in {reference.path}; "
+                f"{_listing(only_other)} only in {other.path}"
+            )
+        for name in reference.names:
+            if reference.info(name).shape != other.info(name).shape:
+                raise MergeError(
+                    f"tensor {name} has shape {list(reference.info(name).shape)} in {reference.path} "
+                    f"but {list(other.info(name).shape)} in {other.path}"
+                )
+
+
+def _listing(names, limit=5):
+    if not names:
+        return "nothing"
+    shown = ", ".join(names[:limit])
+    return shown + (f" (and {len(names) - limit} more)" if len(names) > limit else "")
+
+
+def plan_merge(method, params, models, base=None, stats=None, base_stats=None, initial=None,
+               include=None, exclude=None):
+    """Tasks merging the same-named tensors of `models` (checkpoints or views) with `method`.
+
+    `stats` holds one `Statistics` per model (or None), `base_stats` those of `base`; `include`/`exclude`
+    are regular expressions (re.search) choosing which tensors are merged; the others are copied from
+    `base`, else from the first model.
+    """
+    check_same_tensors(list(models) + ([base] if base is not None else []), "models and the ancestor")
+    if initial is not None:
+        check_same_tensors([models[0], initial], "models and the initial model")
+    required, optional, primary = statistic_kinds(method)
+    include_re = _compile(include, "--include")
+    exclude_re = _compile(exclude, "--exclude")
+    tasks = []
+    for name in models[0].names:
+        info = models[0].info(name)
+        chosen = (include_re is None or include_re.search(name)) and not (exclude_re and exclude_re.search(name))
+        task = TensorTask(name, [Source(m, name) for m in models], params=params,
+                          merge=bool(chosen) and info.dtype.is_floating_point)
+        if base is not None:
+            task.base = Source(base, name)
+        if task.merge:
+            if stats is not None:
+                task.stats = [_model_statistics(s, name, info.shape, required, optional, primary) for s in stats]
+                _check_optional_consistent(task, optional, stats)
+            if method.base_stats:
+                task.base_stats = _model_statistics(base_stats, name, info.shape, method.base_stats, (), primary)
+            if initial is not None:
+                task.initial = Source(initial, name)
+        tasks.append(task)
+    return tasks
+
+
+def _compile(pattern, argument):
+    if not pattern:
+        return None
+    try:
+        return re.compile(pattern)
+    except re.error as error:
+        raise MergeError(f"{argument}: not a regular expression: {pattern!r} ({error})") from None
+
+
+def _model_statistics(statistics, name, shape, required, optional, primary):
+    found = {}
+    for kind in list(required) + list(optional):
+        expected = expected_statistic_shape(kind, shape)
+        checkpoint = statistics.get(kind, primary)
+        present = checkpoint is not None and name in checkpoint and expected is not None
+        if not present:
+            if kind in required:
+                raise MergeError(
+                    f"statistics {statistics.path} ({statistics.describe()}) have no '{kind}' for tensor {name}"
+                )
+            continue
+        actual = checkpoint.info(name).shape
+        if tuple(actual) != expected:
+            raise MergeError(
+                f"statistic '{kind}' of tensor {name} in {checkpoint.file_of(name)} has shape {list(actual)}, "
+                f"expected {list(expected)}"
+            )
+        found[kind] = Source(checkpoint, name)
+    return found
+
+
+def _check_optional_consistent(task, optional, stats):
+    for kind in optional:
+        have = [kind in s for s in task.stats]
+        if any(have) and not all(have):
+            missing = [stats[i].path for i, h in enumerate(have) if not h]
+            raise MergeError(f"statistic '{kind}' of tensor {task.name} is missing from {', '.join(missing)}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Execution
+
+
+@dataclass
+class Summary:
+    merged: int = 0
+    copied: int = 0
+    seconds: float = 0.0
+    peak_rss_bytes: int = 0
+
+    def line(self):
+        return (f"merged {self.merged} tensors, copied {self.copied}, {self.seconds:.1f} s, "
+                f"peak RSS {self.peak_rss_bytes / 2**20:.0f} MiB")
+
+
+def peak_rss_bytes():
+    """The process's peak resident set size so far (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def output_entries(tasks, dtype=None):
+    """(name, TensorInfo) of every output tensor, in writing order; floating-point ones in `dtype` if given."""
+    entries = []
+    for task in tasks:
+        info = task.models[0].info()
+        out_dtype = dtype if (dtype is not None and info.dtype.is_floating_point) else info.dtype
+        lora = task.lora_output
+        if lora is None:
+            entries.append((task.name, TensorInfo(info.shape, out_dtype)))
+            continue
+        out_features, in_features = info.shape[::-1] if lora.fan_in_fan_out else info.shape
+        entries.append((lora.a_name, TensorInfo((lora.rank, in_features), out_dtype)))
+        entries.append((lora.b_name, TensorInfo((out_features, lora.rank), out_dtype)))
+    return entries
+
+
+def check_device(device):
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise MergeError(f"--device {device}: no CUDA device is available")
+    return torch.device(device)
+
+
+def execute(method, tasks, writer, entries, dtype=None, device="cpu", progress=True):
+    """Run `tasks` in order, writing every result through `writer` as planned in `entries`."""
+    device = torch.device(device)
+    planned = dict(entries)
+    summary = Summary()
+    start = time.perf_counter()
+    checkpoints = _all_checkpoints(tasks)
+    read_since_release = 0
+    for task in tqdm(tasks, desc=f"merging ({method.name})", unit="tensor", disable=not progress, file=sys.stderr):
+        result, merged, nbytes = _run_task(method, task, dtype, device)
+        summary.merged += merged
+        summary.copied += not merged
+        if task.lora_output is None:
+            writer.write(task.name, result.to("cpu", planned[task.name].dtype))
+        else:
+            lora = task.lora_output
+            a, b = factorize(result, lora.rank, lora.fan_in_fan_out)
+            writer.write(lora.a_name, a.to("cpu", planned[lora.a_name].dtype))
+            writer.write(lora.b_name, b.to("cpu", planned[lora.b_name].dtype))
+        del result
+        read_since_release += nbytes
+        if read_since_release > RELEASE_EVERY_BYTES:
+            for checkpoint in checkpoints:
+                checkpoint.release()
+            read_since_release = 0
+    summary.seconds = time.perf_counter() - start
+    summary.peak_rss_bytes = peak_rss_bytes()
+    return summary
+
+
+def _all_checkpoints(tasks):
+    seen = {}
+    for task in tasks:
+        sources = list(task.models) + [task.base, task.initial] + list(task.base_stats.values())
+        sources += [source for stats in task.stats for source in stats.values()]
+        for source in sources:
+            if source is not None:
+                seen[id(source.checkpoint)] = source.checkpoint
+    return list(seen.values())
+
+
+def _read_checked(source, what):
+    tensor = source.read()
+    if tensor.dtype.is_floating_point and not bool(torch.isfinite(tensor).all()):
+        raise MergeError(f"{what} {source.where()} holds NaN or infinite values")
+    return tensor
+
+
+def _run_task(method, task, dtype, device):
+    """(result, whether the method ran, bytes read) for one task."""
+    copy_source = task.base or task.models[0]
+    if not task.merge:
+        tensor = _read_checked(copy_source, "tensor")
+        return tensor, False, tensor.nbytes
+    tensors = [_read_checked(source, "tensor") for source in task.models]
+    base = _read_checked(task.base, "ancestor tensor") if task.base is not None else None
+    nbytes = sum(t.nbytes for t in tensors) + (base.nbytes if base is not None else 0)
+    if all(torch.equal(tensors[0], t) for t in tensors[1:] + ([base] if base is not None else [])):
+        return tensors[0], False, nbytes
+    work_dtype = dtype or torch.promote_types(tensors[0].dtype, torch.float32)
+
+    def working(tensor):
+        return tensor.to(device=device, dtype=work_dtype)
+
+    stats = []
+    for model_stats in task.stats:
+        stats.append({kind: working(_read_checked(source, f"statistic '{kind}'")) for kind, source in model_stats.items()})
+    base_stats = {kind: working(_read_checked(source, f"ancestor statistic '{kind}'")) for kind, source in task.base_stats.items()}
+    initial = working(_read_checked(task.initial, "initial tensor")) if task.initial is not None else None
+    group = TensorGroup(
+        name=task.name,
+        tensors=[working(t) for t in tensors],
+        base=working(base) if base is not None else None,
+        stats=stats,
+        base_stats=base_stats,
+        initial=initial,
+    )
+    nbytes += sum(t.nbytes for s in stats for t in s.values()) + sum(t.nbytes for t in base_stats.values())
+    try:
+        result = method.merge(group, **task.params)
+    except (ValueError, ArithmeticError, RuntimeError) as error:
+        raise MergeError(f"{method.name} failed on tensor {task.name}: {error}") from None
+    if tuple(result.shape) != tuple(tensors[0].shape):
+        raise MergeError(f"{method.name} returned shape {list(result.shape)} for tensor {task.name} of shape {list(tensors[0].shape)}")
+    if not bool(torch.isfinite(result).all()):
+        raise MergeError(f"{method.name} produced NaN or infinite values for tensor {task.name}")
+    return result, True, nbytes
+
+
+# ---------------------------------------------------------------------------------------------------
+# The whole merge, as the command lines ask for it
+
+
+def merge(method_name, models, output, *, aux_data=None, ancestor=None, ancestor_aux_data=None, initial=None,
+          params=None, include=None, exclude=None, dtype=None, device="cpu", max_shard_size="5GB",
+          lora_rank=None, progress=True):
+    """Merge the checkpoints at paths `models` with method `method_name` into `output`; return a Summary.
+
+    `method_name` with the prefix `lora-` merges PEFT LoRA adapters as weight changes s·B·A: with an
+    `ancestor` (the base model) the output is the base model with the merged change added, without one it
+    is an adapter of rank `lora_rank` (default: the largest input rank) approximating the merged change by
+    truncated SVD. Other methods merge adapters tensor by tensor (A and B independently) into an adapter.
+    Output: a bare file when `output` ends with .safetensors, else a model or adapter folder carrying the
+    non-weight files of the ancestor's folder (else the first model's).
+    """
+    lora = method_name.startswith(LORA_PREFIX)
+    method = load_method(method_name[len(LORA_PREFIX):] if lora else method_name)
+    dtype = _parse_dtype(dtype)
+    check_device(device)
+    max_shard_bytes = _parse_size_argument(max_shard_size)
+    _check_counts(method, models, aux_data, ancestor, ancestor_aux_data, lora)
+    params = resolve_parameters(method, params or {}, len(models))
+    checkpoints = [open_checkpoint(path) for path in models]
+    base = open_checkpoint(ancestor) if ancestor else None
+    stats = [open_statistics(path) for path in aux_data] if aux_data else None
+    base_stats = open_statistics(ancestor_aux_data) if ancestor_aux_data else None
+    start_from = open_checkpoint(initial) if initial else None
+    files_from = _files_source(base, checkpoints)
+    json_updates = {}
+    if lora:
+        checkpoints, base, layout, json_updates = _lora_inputs(method, checkpoints, base, lora_rank)
+        if layout == "adapter":
+            files_from = checkpoints[0].folder
+    else:
+        layout = "adapter" if checkpoints[0].kind == "adapter" else "model"
+    if output.endswith(".safetensors"):
+        layout = "file"
+    tasks = plan_merge(method, params, checkpoints, base, stats, base_stats, start_from, include, exclude)
+    if lora and layout != "model":
+        _lora_output_names(tasks, checkpoints[0], lora_rank or _largest_rank(checkpoints))
+    if dtype is not None and layout == "model":
+        json_updates["config.json"] = {"dtype": _dtype_name(dtype)}
+    return run_tasks(method, tasks, output, layout, files_from=files_from, json_updates=json_updates, dtype=dtype,
+                     device=device, max_shard_bytes=max_shard_bytes, progress=progress)
+
+
+def run_tasks(method, tasks, output, layout, *, files_from=None, extra_files=None, json_updates=None, dtype=None,
+              out_dtype=None, device="cpu", max_shard_bytes=5 * 10**9, progress=True):
+    """Execute planned tasks into `output` (see checkpoint.open_output): arithmetic in `dtype` (default:
+    each tensor's own, at least float32) on `device`, floating-point outputs in `out_dtype` (default `dtype`,
+    else each input's own)."""
+    device = check_device(device)
+    entries = output_entries(tasks, out_dtype or dtype)
+    if layout == "model" and not (files_from and os.path.isfile(os.path.join(files_from, "config.json"))):
+        logger.warning("no input folder with a config.json: %s will hold weights only", output)
+    with open_output(output, entries, layout, files_from, json_updates, max_shard_bytes, extra_files) as writer:
+        summary = execute(method, tasks, writer, entries, dtype, device, progress)
+    logger.info("wrote %s", output)
+    return summary
+
+
+def _check_counts(method, models, aux_data, ancestor, ancestor_aux_data, lora=False):
+    count = len(models)
+    if count < method.min_models or (method.max_models is not None and count > method.max_models):
+        expected = (f"exactly {method.min_models}" if method.min_models == method.max_models
+                    else f"at least {method.min_models}" + (f" and at most {method.max_models}" if method.max_models else ""))
+        raise MergeError(f"--models: method {method.name} merges {expected} models, got {count}")
+    if method.needs_base and not ancestor and not lora:  # a lora- merge without one starts from no change
+        raise MergeError(f"--ancestor: method {method.name} needs the ancestor θ_0 (the model the others were fine-tuned from)")
+    if aux_data is not None and len(aux_data) != count:
+        raise MergeError(f"--aux_data: got {len(aux_data)} statistics paths for {count} models (one per model, same order)")
+    if method.stats and not aux_data:
+        raise MergeError(f"--aux_data: method {method.name} needs statistics ({', '.join(method.stats)}) for every model")
+    if method.base_stats and not ancestor_aux_data:
+        raise MergeError(f"--ancestor_aux_data: method {method.name} needs statistics ({', '.join(method.base_stats)}) of the ancestor")
+
+
+def _parse_dtype(dtype):
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise MergeError(f"--dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def _dtype_name(dtype):
+    return next(name for name, value in DTYPES.items() if value == dtype)
+
+
+def _parse_size_argument(size):
+    try:
+        return parse_size(size)
+    except ValueError as error:
+        raise MergeError(f"--max_shard_size: {error}") from None
+
+
+def _files_source(base, checkpoints):
+    for checkpoint in [base] + checkpoints:
+        if checkpoint is not None and checkpoint.folder is not None:
+            return checkpoint.folder
+    return None
+
+
+def _lora_inputs(method, adapters, base, lora_rank):
+    """(views, base, layout, json updates) of a lora- merge; see `merge`."""
+    if base is not None and base.kind == "adapter":
+        raise MergeError(f"--ancestor: a lora- merge needs the base model as ancestor, {base.path} is an adapter")
+    try:
+        views = [LoraDeltaView(adapter, base) for adapter in adapters]
+    except CheckpointError as error:
+        raise MergeError(str(error)) from None
+    fan_in_fan_out = {view.fan_in_fan_out for view in views}
+    if len(fan_in_fan_out) > 1:
+        raise MergeError("--models: the adapters disagree on fan_in_fan_out")
+    if base is not None:
+        return views, base, "model", {}
+    for view in views[1:]:
+        if set(view.pairs) != set(views[0].pairs):
+            raise MergeError(f"--models: {views[0].path} and {view.path} adapt different layers")
+    zero = None
+    if method.needs_base:
+        full = sorted(views[0].others)
+        if full:
+            raise MergeError(
+                f"method {method.name} needs an ancestor, and the adapters also hold full tensors ({_listing(full)}) "
+                "whose ancestor is unknown: give --ancestor BASE_MODEL"
+            )
+        zero = ZeroView(views[0])  # the ancestor of a weight change is no change
+    rank = lora_rank or _largest_rank(views)
+    return views, zero, "adapter", {"adapter_config.json": output_adapter_config(rank)}
+
+
+def _largest_rank(views):
+    return max(view.adapter.info(a_name).shape[0] for view in views for a_name, _, _ in view.pairs.values())
+
+
+def _lora_output_names(tasks, view, rank):
+    for task in tasks:
+        if task.name in view.pairs:
+            module = adapter_name(task.name[: -len(".weight")])
+            task.lora_output = LoraOutput(f"{module}.lora_A.weight", f"{module}.lora_B.weight", rank, view.fan_in_fan_out)
+        else:
+            task.name = adapter_name(task.name)
+
+
+def run_program(main, argv=None):
+    """Run a merge program's `main(argv)`: log to stderr, print the summary line, turn bad input into one
+    clear message and exit status 2 (the output is then never created)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        summary = main(sys.argv[1:] if argv is None else argv)
+    except (MergeError, CheckpointError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    print(summary.line())
+    return summary

@@ -1,0 +1,482 @@
+"""mergekit's YAML merge configurations, run by our driver with mergekit's semantics.
+
+The same file that drives `mergekit-yaml` (mergekit 0.1.5, https://github.com/arcee-ai/mergekit) gives the
+same tensors here for the methods both projects have. What is read:
+
+- `merge_method`: a mergekit name from `MERGEKIT_METHODS` or any of our method names.
+- `models: [{model, parameters}]` (with `base_model` added as an input when not listed), or
+  `slices: [{sources: [{model, layer_range: [a, b], parameters}], base_model, parameters}]`, which build the
+  output layer by layer (renumbered from 0, `num_hidden_layers` of the output config updated). Outside the
+  layers, the first slice's sources give the embeddings and the last slice's everything after the layers.
+- `parameters` at the top, per slice and per model, in mergekit's precedence (model > slice > top). A value
+  is a scalar, a gradient (a list interpolated over the layers of the slice: t = i / (n − 1) for layer i
+  of n, t = 0 outside the layers) or a list of `{filter, value}` where the first entry whose `filter` is a
+  substring of the tensor name (or `*`) applies.
+- `dtype` (working and output precision), `out_dtype`, `tokenizer_source` (`base`, `union` or
+  `model:PATH` / `PATH`; vocabularies are not permuted, so the models' vocabularies must agree).
+- Model references `PATH` or `PATH+LORA_PATH` (the LoRA adapter folded into the model, W + s·B·A).
+
+Layers are found by name: the tensors `<prefix>.<i>.<rest>` whose prefix has indices 0..n−1, n from the
+config's `num_hidden_layers` when present. Tensors before the layers are told from those after them by
+name (embeddings: `embed`, `wte`, `wpe`), where mergekit reads a per-architecture table.
+"""
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from modelmerge.checkpoint import CheckpointError, open_checkpoint
+from modelmerge.lora_merge import LoraDeltaView
+from modelmerge.merge_driver import (
+    DTYPES,
+    MergeError,
+    Source,
+    TensorTask,
+    check_same_tensors,
+    load_method,
+    resolve_parameters,
+    run_tasks,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MergekitMethod:
+    """How a mergekit method maps to ours: our name, the role of `base_model` ('ancestor': θ_0 of the
+    method; 'first': the first of the models, as slerp's t = 0 end; 'input': one more model), and defaults
+    that make our method behave as mergekit's implementation does."""
+
+    ours: str
+    base_role: str
+    defaults: dict = field(default_factory=dict)
+
+
+# mergekit elects the + sign where the weighted sum of task vectors is exactly 0.
+_PLUS_ON_TIES = {"global_majority_sign": 1}
+MERGEKIT_METHODS = {
+    "linear": MergekitMethod("linear", "input"),
+    "task_arithmetic": MergekitMethod("task_arithmetic", "ancestor"),
+    "ties": MergekitMethod("ties", "ancestor", _PLUS_ON_TIES),
+    "dare_linear": MergekitMethod("dare_linear", "ancestor"),
+    "dare_ties": MergekitMethod("dare_ties", "ancestor", _PLUS_ON_TIES),
+    "breadcrumbs": MergekitMethod("breadcrumbs", "ancestor"),
+    "breadcrumbs_ties": MergekitMethod("breadcrumbs_ties", "ancestor", _PLUS_ON_TIES),
+    "slerp": MergekitMethod("slerp", "first"),
+    "passthrough": MergekitMethod("passthrough", "input"),
+}
+TOP_LEVEL_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
+                  "tokenizer_source"}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json",
+                   "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja")
+_EMBEDDINGS = re.compile(r"embed|(^|\.)(wte|wpe)\.")
+_LAYER = re.compile(r"^(.*?\.)(\d+)\.(.+)$")
+
+
+@dataclass
+class MergePlan:
+    """Everything `merge_driver.run_tasks` needs, read from a configuration."""
+
+    method: Any
+    tasks: list[TensorTask]
+    files_from: str | None
+    extra_files: dict
+    json_updates: dict
+    dtype: Any
+    out_dtype: Any
+
+    def run(self, output, device="cpu", progress=True):
+        layout = "file" if output.endswith(".safetensors") else "model"
+        return run_tasks(self.method, self.tasks, output, layout, files_from=self.files_from,
+                         extra_files=self.extra_files, json_updates=self.json_updates, dtype=self.dtype,
+                         out_dtype=self.out_dtype, device=device, progress=progress)
+
+
+def read_config(path):
+    try:
+        with open(path) as f:
+            config = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError) as error:
+        raise MergeError(f"--config {path}: cannot read it ({error})") from None
+    if not isinstance(config, dict):
+        raise MergeError(f"--config {path}: expected a mapping of mergekit keys at the top")
+    unknown = sorted(set(config) - TOP_LEVEL_KEYS)
+    if unknown:
+        raise MergeError(f"--config {path}: unsupported key(s) {', '.join(unknown)} (supported: {', '.join(sorted(TOP_LEVEL_KEYS))})")
+    if "merge_method" not in config:
+        raise MergeError(f"--config {path}: merge_method is missing")
+    if ("models" in config) == ("slices" in config):
+        raise MergeError(f"--config {path}: give exactly one of models and slices")
+    return config
+
+
+def plan_config(config):
+    """A MergePlan for the parsed YAML `config` (see the module docstring)."""
+    name = config["merge_method"]
+    mapping = MERGEKIT_METHODS.get(name)
+    if mapping is None:
+        method = load_method(name)  # one of ours, or a MergeError listing the known names
+        mapping = MergekitMethod(method.name, "ancestor" if method.needs_base else "input")
+    method = load_method(mapping.ours)
+    if method.stats or method.base_stats:
+        raise MergeError(f"merge_method {name}: needs statistics, which mergekit configurations cannot name; use --merge")
+    references = _References()
+    base_ref = config.get("base_model")
+    slices = _slices(config, references, base_ref)
+    scopes = _ParameterScopes(method, mapping.defaults)
+    tasks = _plan_tasks(method, mapping, slices, base_ref and references.get(base_ref), scopes, config)
+    donor = references.get(base_ref) if base_ref else slices[0].sources[0].checkpoint
+    json_updates = {}
+    if "slices" in config:
+        json_updates["config.json"] = {"num_hidden_layers": sum(len(s) for s in slices)}
+    dtype, out_dtype = _dtype(config, "dtype"), _dtype(config, "out_dtype")
+    if out_dtype or dtype:
+        json_updates.setdefault("config.json", {})["dtype"] = config.get("out_dtype") or config.get("dtype")
+    tokenizer_from = _tokenizer_source(config.get("tokenizer_source"), references, donor)
+    extra_files = {}
+    if tokenizer_from:
+        extra_files = {name: os.path.join(tokenizer_from, name) for name in TOKENIZER_FILES
+                       if os.path.isfile(os.path.join(tokenizer_from, name))}
+    return MergePlan(method, tasks, donor.folder, extra_files, json_updates, dtype, out_dtype or dtype)
+
+
+class _References:
+    """Checkpoints by mergekit model reference (`PATH` or `PATH+LORA_PATH`), each opened once."""
+
+    def __init__(self):
+        self._open = {}
+
+    def get(self, reference):
+        if not isinstance(reference, str):
+            raise MergeError(f"model reference {reference!r}: expected a path")
+        if reference not in self._open:
+            self._open[reference] = self._open_reference(reference)
+        return self._open[reference]
+
+    @staticmethod
+    def _open_reference(reference):
+        try:
+            if "+" in reference and not os.path.exists(reference):
+                model, adapter = reference.split("+", 1)
+                return LoraDeltaView(open_checkpoint(adapter), base=open_checkpoint(model))
+            return open_checkpoint(reference)
+        except CheckpointError as error:
+            raise MergeError(f"model {reference}: {error}") from None
+
+    def all(self):
+        return list(self._open.values())
+
+
+@dataclass
+class _SliceSource:
+    reference: str
+    checkpoint: Any
+    layers: "LayerLayout"
+    start: int
+    stop: int
+    parameters: dict
+
+
+@dataclass
+class _Slice:
+    sources: list[_SliceSource]
+    base_reference: str | None
+    parameters: dict
+    length: int
+
+    def __len__(self):
+        return self.length
+
+
+def _slices(config, references, base_ref):
+    if "models" in config:
+        entries = _list(config["models"], "models")
+        models = [_mapping(entry, "models[]", {"model", "parameters"}) for entry in entries]
+        if base_ref is not None and base_ref not in [m.get("model") for m in models]:
+            models.append({"model": base_ref})
+        sources = []
+        for index, entry in enumerate(models):
+            checkpoint = references.get(_required(entry, "model", f"models[{index}]"))
+            layers = LayerLayout.of(checkpoint)
+            sources.append(_SliceSource(entry["model"], checkpoint, layers, 0, layers.count, entry.get("parameters") or {}))
+        check_same_tensors([s.checkpoint for s in sources], "models")
+        return [_Slice(sources, base_ref, {}, sources[0].layers.count)]
+    slices = []
+    for index, entry in enumerate(_list(config["slices"], "slices")):
+        entry = _mapping(entry, f"slices[{index}]", {"sources", "base_model", "parameters"})
+        sources = []
+        for j, source in enumerate(_list(_required(entry, "sources", f"slices[{index}]"), f"slices[{index}].sources")):
+            where = f"slices[{index}].sources[{j}]"
+            source = _mapping(source, where, {"model", "layer_range", "parameters"})
+            checkpoint = references.get(_required(source, "model", where))
+            layers = LayerLayout.of(checkpoint)
+            start, stop = _layer_range(_required(source, "layer_range", where), layers, where)
+            sources.append(_SliceSource(source["model"], checkpoint, layers, start, stop, source.get("parameters") or {}))
+        lengths = {s.stop - s.start for s in sources}
+        if len(lengths) != 1:
+            raise MergeError(f"slices[{index}]: all sources must span the same number of layers, got {sorted(lengths)}")
+        slices.append(_Slice(sources, entry.get("base_model", base_ref), entry.get("parameters") or {}, lengths.pop()))
+    return slices
+
+
+def _layer_range(value, layers, where):
+    if not (isinstance(value, list) and len(value) == 2 and all(isinstance(v, int) for v in value)):
+        raise MergeError(f"{where}.layer_range: expected [first, end], got {value!r}")
+    start, stop = value
+    if not 0 <= start < stop <= layers.count:
+        raise MergeError(f"{where}.layer_range: {value} is outside the model's {layers.count} layers")
+    return start, stop
+
+
+def _list(value, where):
+    if not isinstance(value, list) or not value:
+        raise MergeError(f"{where}: expected a non-empty list")
+    return value
+
+
+def _mapping(value, where, keys):
+    if not isinstance(value, dict):
+        raise MergeError(f"{where}: expected a mapping")
+    unknown = sorted(set(value) - keys)
+    if unknown:
+        raise MergeError(f"{where}: unsupported key(s) {', '.join(unknown)}")
+    return value
+
+
+def _required(entry, key, where):
+    if key not in entry:
+        raise MergeError(f"{where}: {key} is missing")
+    return entry[key]
+
+
+class LayerLayout:
+    """Where a checkpoint's layers are: tensors `<prefix><i>.<rest>` for i in 0..count−1."""
+
+    def __init__(self, prefix, count, suffixes):
+        self.prefix, self.count, self.suffixes = prefix, count, suffixes
+
+    @classmethod
+    def of(cls, checkpoint):
+        expected = _config_layers(checkpoint)
+        indices = {}
+        for name in checkpoint.names:
+            match = _LAYER.match(name)
+            if match:
+                indices.setdefault(match.group(1), set()).add(int(match.group(2)))
+        candidates = [(len(found), prefix) for prefix, found in indices.items()
+                      if found == set(range(len(found))) and (expected is None or len(found) == expected)]
+        if not candidates:
+            if expected:
+                raise MergeError(f"{checkpoint.path}: cannot find its {expected} layers among the tensor names")
+            return cls(None, 0, [])
+        count, prefix = max(candidates)
+        suffixes = [name[len(prefix) + 2:] for name in checkpoint.names if name.startswith(prefix + "0.")]
+        return cls(prefix, count, suffixes)
+
+    def index(self, name):
+        """The layer index of tensor `name`, or None outside the layers."""
+        if self.prefix is None or not name.startswith(self.prefix):
+            return None
+        head = name[len(self.prefix):].split(".", 1)[0]
+        return int(head) if head.isdigit() and int(head) < self.count else None
+
+    def name(self, index, suffix):
+        return f"{self.prefix}{index}.{suffix}"
+
+
+def _config_layers(checkpoint):
+    config = os.path.join(checkpoint.folder or "", "config.json")
+    if not checkpoint.folder or not os.path.isfile(config):
+        return None
+    with open(config) as f:
+        return json.load(f).get("num_hidden_layers")
+
+
+class _ParameterScopes:
+    """mergekit's parameter settings, resolved per tensor (model > slice > top level)."""
+
+    def __init__(self, method, defaults):
+        self.method = method
+        self.defaults = defaults
+        self.lookup = {}
+        for name, parameter in method.parameters.items():
+            self.lookup[name] = name
+            self.lookup.update({alias: name for alias in parameter.aliases})
+
+    def canonical(self, settings, where):
+        result = {}
+        for key, value in (settings or {}).items():
+            if key not in self.lookup:
+                known = ", ".join(sorted(self.method.parameters)) or "none"
+                raise MergeError(f"{where}: unknown parameter '{key}' for method {self.method.name} (its parameters: {known})")
+            result[self.lookup[key]] = value
+        return result
+
+    def resolve(self, tensor_names, t, model_settings, shared_settings, num_models):
+        """Parameters of one output tensor. `tensor_names[i]` is the tensor's name in model i (filters
+        match it); `model_settings[i]` the settings of model i; `shared_settings` slice then top level."""
+        supplied = {}
+        for name, parameter in self.method.parameters.items():
+            if parameter.per_model:
+                values = [self._first(name, [own] + shared_settings, tensor_names[i], t)
+                          for i, own in enumerate(model_settings)]
+                if any(v is not None for v in values):
+                    supplied[name] = [parameter.default if v is None else v for v in values]
+                elif name in self.defaults:
+                    supplied[name] = self.defaults[name]
+            else:
+                value = self._first(name, shared_settings, tensor_names[0], t)
+                if value is None and name in self.defaults:
+                    value = self.defaults[name]
+                if value is not None:
+                    supplied[name] = value
+        return resolve_parameters(self.method, supplied, num_models)
+
+    def _first(self, name, scopes, tensor_name, t):
+        for scope in scopes:
+            if name in scope:
+                value = evaluate_setting(scope[name], tensor_name, t)
+                if value is not None:
+                    return value
+        return None
+
+
+def evaluate_setting(setting, tensor_name, t):
+    """One parameter setting at a tensor: a scalar, a gradient over t in [0, 1], or filtered values."""
+    if isinstance(setting, dict):
+        setting = [setting]
+    if not isinstance(setting, list):
+        return setting
+    if not setting:
+        return None
+    if all(not isinstance(v, (dict, list)) for v in setting):
+        numbers = [_number(v) for v in setting]
+        if any(n is None for n in numbers):  # booleans and words are picked, not interpolated
+            return setting[int(t * (len(setting) - 1))]
+        scaled = t * (len(numbers) - 1)
+        low = int(scaled)
+        high = min(len(numbers) - 1, low + 1)
+        fraction = scaled - low
+        return (1 - fraction) * numbers[low] + fraction * numbers[high]
+    for condition in setting:
+        if not isinstance(condition, dict) or "value" not in condition:
+            raise MergeError(f"parameter setting {setting!r}: expected a list of {{filter, value}} entries")
+        pattern = condition.get("filter")
+        if pattern is None or pattern == "*" or (tensor_name and pattern in tensor_name):
+            return evaluate_setting(condition["value"], tensor_name, t)
+    return None
+
+
+def _number(value):
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return value
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _plan_tasks(method, mapping, slices, base_checkpoint, scopes, config):
+    top = scopes.canonical(config.get("parameters"), "parameters")
+    tasks = []
+    first, last = slices[0], slices[-1]
+    pre, post = _outside_layers(first.sources[0])
+    for name in pre:
+        tasks.append(_task(method, mapping, first, [name] * len(first.sources), name, 0.0, scopes, top))
+    out_index = 0
+    for slice_ in slices:
+        for offset in range(len(slice_)):
+            t = offset / (len(slice_) - 1) if len(slice_) > 1 else 1.0
+            for suffix in slice_.sources[0].layers.suffixes:
+                in_names = [s.layers.name(s.start + offset, suffix) for s in slice_.sources]
+                out_name = slice_.sources[0].layers.name(out_index, suffix)
+                tasks.append(_task(method, mapping, slice_, in_names, out_name, t, scopes, top))
+            out_index += 1
+    for name in post:
+        tasks.append(_task(method, mapping, last, [name] * len(last.sources), name, 0.0, scopes, top))
+    return tasks
+
+
+def _outside_layers(source):
+    others = [n for n in source.checkpoint.names if source.layers.index(n) is None]
+    pre = [n for n in others if _EMBEDDINGS.search(n)]
+    return pre, [n for n in others if not _EMBEDDINGS.search(n)]
+
+
+def _task(method, mapping, slice_, in_names, out_name, t, scopes, top):
+    """The task for one output tensor of one slice: inputs by the base model's role, parameters resolved."""
+    inputs = []
+    for source, in_name in zip(slice_.sources, in_names):
+        if in_name not in source.checkpoint:
+            raise MergeError(f"model {source.reference} has no tensor {in_name} (needed for {out_name})")
+        inputs.append((source, Source(source.checkpoint, in_name)))
+    base = None
+    if slice_.base_reference is not None and mapping.base_role != "input":
+        found = [pair for pair in inputs if pair[0].reference == slice_.base_reference]
+        if not found:
+            raise MergeError(f"base_model {slice_.base_reference} is not among the sources of its slice")
+        base = found[0]
+        inputs = [pair for pair in inputs if pair is not base]
+        if mapping.base_role == "first":
+            inputs, base = [base] + inputs, None
+    elif method.needs_base:
+        raise MergeError(f"merge_method {method.name} needs base_model")
+    count = len(inputs)
+    if count < method.min_models or (method.max_models is not None and count > method.max_models):
+        raise MergeError(f"merge_method {method.name}: {count} models for tensor {out_name}, it merges "
+                         f"{method.min_models}" + (f" to {method.max_models}" if method.max_models != method.min_models else ""))
+    shared = [scopes.canonical(slice_.parameters, "slice parameters"), top]
+    own = [scopes.canonical(source.parameters, f"parameters of {source.reference}") for source, _ in inputs]
+    names = [src.name for _, src in inputs]
+    try:
+        params = scopes.resolve(names, t, own, shared, count)
+    except MergeError as error:
+        raise MergeError(f"tensor {out_name}: {error}") from None
+    shapes = {tuple(src.info().shape) for _, src in inputs + ([base] if base else [])}
+    if len(shapes) > 1:
+        raise MergeError(f"tensor {out_name}: its sources have different shapes {sorted(shapes)}")
+    return TensorTask(out_name, [src for _, src in inputs], base=base[1] if base else None, params=params,
+                      merge=inputs[0][1].info().dtype.is_floating_point)
+
+
+def _dtype(config, key):
+    value = config.get(key)
+    if value is None:
+        return None
+    if value not in DTYPES:
+        raise MergeError(f"{key}: {value!r} is not one of {', '.join(DTYPES)}")
+    return DTYPES[value]
+
+
+def _tokenizer_source(value, references, donor):
+    """The folder whose tokenizer files replace the donor's, after checking vocabularies need no permuting."""
+    if value is None:
+        return None
+    if value in ("base", "union"):
+        folders = [c.folder for c in references.all() if c.folder]
+        _check_same_vocabulary(folders, value)
+        return donor.folder
+    path = value[len("model:"):] if value.startswith("model:") else value
+    folder = references.get(path).folder
+    _check_same_vocabulary([c.folder for c in references.all() if c.folder], f"model:{path}")
+    return folder
+
+
+def _check_same_vocabulary(folders, source):
+    from transformers import AutoTokenizer
+
+    vocabularies = {folder: AutoTokenizer.from_pretrained(folder).get_vocab() for folder in folders}
+    reference = next(iter(vocabularies.values()), None)
+    for folder, vocabulary in vocabularies.items():
+        if vocabulary != reference:
+            raise MergeError(
+                f"tokenizer_source {source}: the vocabulary of {folder} differs from the others; "
+                "merging models with different vocabularies (embedding permutation) is not supported"
+            )
+
