@@ -1,6 +1,9 @@
-"""Sequence-classification models: loading (full model folders and PEFT adapter folders), prediction, metrics."""
+"""Sequence-classification models: loading (full model folders and PEFT adapter folders), prediction, metrics,
+and `run`, the body of `code/predict.py` (prediction, or a statistic computed by `modelmerge.statistics`)."""
+import dataclasses
 import logging
 import os
+import typing
 
 import numpy as np
 import torch
@@ -8,7 +11,9 @@ from safetensors import safe_open
 from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-from modelmerge.config import ConfigError
+from modelmerge.atomic import atomic_dir, write_json, write_jsonl
+from modelmerge.config import ConfigError, default_num_threads
+from modelmerge.data import dataloader, load_split, resolve_data_dir
 
 logger = logging.getLogger(__name__)
 
@@ -104,3 +109,78 @@ def prediction_rows(labels, predictions, probabilities):
         {"index": i, "label": int(label), "prediction": int(prediction), "probabilities": [float(p) for p in probs]}
         for i, (label, prediction, probs) in enumerate(zip(labels, predictions, probabilities))
     ]
+
+
+@dataclasses.dataclass
+class PredictConfig:
+    """Keys of `code/predict.py`; `method` selects prediction or a statistic (docs/programs.md)."""
+
+    model_name_or_path: str
+    output_dir: str
+    dataset_name: str
+    split: str
+    method: typing.Literal[
+        "sequence_classification", "sequence_classification_squared_gradients", "sequence_classification_gram"
+    ] = "sequence_classification"
+    data_dir: str | None = None  # None: $MERGE_DATA_DIR, else the Hub
+    max_length: int = 384
+    batch_size: int = 32
+    num_examples: int | None = None  # use only the first ones of the split
+    seed: int = 0  # labels sampled for the statistics
+    empirical: bool = False  # statistics with the gold labels instead of sampled ones
+    num_threads: int | None = None  # torch threads; None: the job's CPU allocation
+
+    def __post_init__(self):
+        self.data_dir = resolve_data_dir(self.data_dir)
+        if self.num_threads is None:
+            self.num_threads = default_num_threads()
+        for key in ("max_length", "batch_size", "num_threads", "num_examples"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ConfigError(f"{key} must be at least 1, got {value}")
+
+
+def run(config):
+    """Compute what `config.method` names and write it into `config.output_dir`, atomically as one folder."""
+    torch.set_num_threads(config.num_threads)
+    check_model_path(config.model_name_or_path)
+    dataset = load_split(config.dataset_name, config.split, config.data_dir)
+    if config.num_examples is not None:
+        dataset = dataset.select(range(min(config.num_examples, len(dataset))))
+    model, tokenizer = load_classifier(config.model_name_or_path)
+    model.to("cuda" if torch.cuda.is_available() else "cpu")
+    with atomic_dir(config.output_dir) as tmp:
+        METHODS[config.method](model, tokenizer, dataset, config, tmp)
+    logger.info("wrote %s", config.output_dir)
+
+
+def _sequence_classification(model, tokenizer, dataset, config, output_dir):
+    loader = dataloader(dataset, tokenizer, config.batch_size, config.max_length)
+    labels, predictions, probabilities = predict(model, loader)
+    metrics = classification_metrics(labels, predictions)
+    logger.info("metrics: %s", metrics)
+    write_jsonl(os.path.join(output_dir, "predictions.jsonl"), prediction_rows(labels, predictions, probabilities))
+    write_json(os.path.join(output_dir, "metrics.json"), metrics)
+
+
+def _squared_gradients(model, tokenizer, dataset, config, output_dir):
+    from modelmerge.statistics.fisher import compute_fisher, save_fisher
+
+    result = compute_fisher(model, tokenizer, dataset, empirical=config.empirical, batch_size=config.batch_size,
+                            max_length=config.max_length, seed=config.seed)
+    save_fisher(result, model, output_dir)
+
+
+def _gram(model, tokenizer, dataset, config, output_dir):
+    from modelmerge.statistics.gram import compute_gram, save_gram
+
+    result = compute_gram(model, tokenizer, dataset, empirical=config.empirical, batch_size=config.batch_size,
+                          max_length=config.max_length, seed=config.seed)
+    save_gram(result, model, output_dir)
+
+
+METHODS = {
+    "sequence_classification": _sequence_classification,
+    "sequence_classification_squared_gradients": _squared_gradients,
+    "sequence_classification_gram": _gram,
+}
