@@ -1,0 +1,91 @@
+"""The `sis` command line: `sis [--config FILE]... manager|m [-r] [-co] [-io] [-cio] [CONFIG...]` and
+`sis worker JOBDIR TASK_NAME [TASK_ID]`. Run it in the setup directory (where settings.py is)."""
+import argparse
+import logging
+import os
+import sys
+import time
+
+EXIT_BAD_INPUT = 2
+
+
+def main(argv=None):
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()), stream=sys.stderr,
+                        format="[%(asctime)s] %(levelname)s: %(message)s")
+    from sisyphus.errors import SisError
+
+    try:
+        if args.command == "worker":
+            return _worker(args)
+        return _manager(args)
+    except SisError as e:
+        logging.debug("details:", exc_info=True)
+        print(f"sis: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("sis: interrupted", file=sys.stderr)
+        return 130
+
+
+def _parser():
+    parser = argparse.ArgumentParser(prog="sis", description="Sisyphus-compatible workflow manager")
+    parser.add_argument("--config", action="append", default=[], metavar="FILE",
+                        help="config file to load (config/x.py calls its py(); config/x.f calls f()); repeatable")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    commands = parser.add_subparsers(dest="command", required=True)
+    manager = commands.add_parser("manager", aliases=["m"], help="run the jobs the configs' outputs need")
+    manager.add_argument("-r", "--run", action="store_true", help="run unattended, exit when nothing can progress")
+    manager.add_argument("-co", dest="clear_errors", action="store_true", help="clear jobs in error state once")
+    manager.add_argument("-cio", dest="clear_interrupts", action="store_true",
+                         help="clear interrupted (not resumable) jobs once")
+    manager.add_argument("-io", dest="ignore_errors", action="store_true",
+                         help="do not ask whether to clear failed jobs")
+    manager.add_argument("configs", nargs="*", metavar="CONFIG", help="further config files")
+    worker = commands.add_parser("worker", help="run one task of one job (the engines call this)")
+    worker.add_argument("jobdir")
+    worker.add_argument("task_name")
+    worker.add_argument("task_id", nargs="?", type=int)
+    worker.add_argument("--engine", help="engine selector key the task was routed to")
+    return parser
+
+
+def _manager(args):
+    import sisyphus.global_settings as gs
+    import sisyphus.toolkit as tk
+    from sisyphus.errors import SisError
+    from sisyphus.loader import ConfigLoader
+    from sisyphus.manager import Manager
+
+    gs.load_settings(os.getcwd())
+    configs = args.config + args.configs
+    if not configs:
+        if not os.path.isfile("config.py"):
+            raise SisError("no config given: sis --config config/FILE.py m")
+        configs = ["config.py"]
+    tk._sis_running_in_manager = True
+    loader = ConfigLoader()
+    try:
+        start = time.perf_counter()
+        for config in configs:
+            loader.load(config)
+        jobs = tk.sis_graph.jobs()
+        logging.info("Loaded %s: %d jobs, %d outputs in %.2f s", " ".join(configs), len(jobs),
+                     len(tk.sis_graph.outputs), time.perf_counter() - start)
+        manager = Manager(tk.sis_graph, gs.engine(), loader, clear_errors=args.clear_errors,
+                          clear_interrupts=args.clear_interrupts, ignore_errors=args.ignore_errors)
+        return manager.run(ask=not args.run)
+    finally:
+        loader.close()
+
+
+def _worker(args):
+    import sisyphus.global_settings as gs
+    from sisyphus.worker import run_worker
+
+    gs.load_settings(os.getcwd())
+    return run_worker(args.jobdir, args.task_name, args.task_id, args.engine)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,320 @@
+"""The manager: runs the jobs the registered outputs need, each task once, and links the outputs.
+
+Every loop it reads the state of each unfinished job from its folder (finished/error markers, the usage file
+the worker keeps) and from the engine, submits what can run, and links outputs whose job finished. Finished
+jobs are remembered and never looked at again, so a rerun over a finished graph costs one stat per job.
+It stops when nothing can make progress any more.
+"""
+import logging
+import os
+import socket
+import time
+
+import psutil
+
+import sisyphus.global_settings as gs
+from sisyphus import engine as engine_states
+from sisyphus.tools import tail
+
+logger = logging.getLogger("sisyphus.manager")
+
+HOST = socket.gethostname()
+
+# States as the overview lists them: errors last.
+STATE_ORDER = [gs.STATE_FINISHED, gs.STATE_WAITING, gs.STATE_RUNNABLE, gs.STATE_QUEUE, gs.STATE_RUNNING,
+               gs.STATE_INTERRUPTED_RESUMABLE, gs.STATE_INTERRUPTED_NOT_RESUMABLE, gs.STATE_RETRY_ERROR,
+               gs.STATE_ERROR]
+# A job in one of these states needs a person (or -co / -cio).
+FAILED_STATES = {gs.STATE_ERROR, gs.STATE_RETRY_ERROR, gs.STATE_INTERRUPTED_NOT_RESUMABLE}
+# A job in one of these states makes progress on its own.
+ACTIVE_STATES = {gs.STATE_RUNNABLE, gs.STATE_QUEUE, gs.STATE_RUNNING, gs.STATE_INTERRUPTED_RESUMABLE}
+# Of several task ids, the one first in this list gives the task's state.
+WORST_FIRST = [gs.STATE_ERROR, gs.STATE_RETRY_ERROR, gs.STATE_INTERRUPTED_NOT_RESUMABLE,
+               gs.STATE_INTERRUPTED_RESUMABLE, gs.STATE_RUNNABLE, gs.STATE_QUEUE, gs.STATE_RUNNING,
+               gs.STATE_FINISHED]
+KILL_REASONS = {
+    engine_states.STATE_ENGINE_FAILED: "the engine reports it failed",
+    engine_states.STATE_ENGINE_TIMEOUT: "killed at its time limit",
+    engine_states.STATE_ENGINE_OUT_OF_MEMORY: "killed for exceeding its memory requirement",
+}
+
+
+class Manager:
+    def __init__(self, graph, engine, loader, clear_errors=False, clear_interrupts=False, ignore_errors=False):
+        """clear_errors (-co) / clear_interrupts (-cio): run failed jobs again once; ignore_errors (-io): do not
+        ask whether to (interactive runs ask when there are failed jobs)."""
+        self.graph = graph
+        self.engine = engine
+        self.loader = loader
+        self.clear_errors = clear_errors
+        self.clear_interrupts = clear_interrupts
+        self.ignore_errors = ignore_errors
+        self.states = {}  # job -> state
+        self.current = {}  # job -> (task, {task id: state}) of its first unfinished task, once set up
+        self.kill_reasons = {}  # (engine name, task id) -> engine state of its last abnormal end
+        self.linked_outputs = set()
+        self.aliased_jobs = set()
+
+    def run(self, ask=False):
+        """Run until nothing can progress; returns the exit status (0: every output finished)."""
+        self.engine.start_engine()
+        try:
+            self.update()
+            self.print_overview(every_job=True)
+            if ask and not _confirm("Start manager? (y/n) "):
+                logger.info("Manager not started")
+                return 0
+            failed = FAILED_STATES & set(self.states.values())
+            if ask and failed and not (self.clear_errors or self.clear_interrupts or self.ignore_errors):
+                if _confirm(f"Clear jobs in state {', '.join(sorted(failed))} and run them again? (y/n) "):
+                    self.clear_errors = self.clear_interrupts = True
+            self.clear_failed()
+            while True:
+                self.link_outputs_and_aliases()
+                submitted = self.submit_runnable()
+                if not submitted and not self.can_progress():
+                    break
+                self.engine.wait_for_change(gs.WAIT_PERIOD_BETWEEN_CHECKS)
+                self.engine.reset_cache()
+                changes = self.update()
+                if changes:
+                    self.print_changes(changes)
+            self.link_outputs_and_aliases()
+            return self.final_report()
+        finally:
+            self.engine.stop_engine()
+
+    # States.
+    def update(self):
+        """Wake async configs whose paths are ready, then recompute every job's state; returns the changes."""
+        if self.graph.resolve_waiters() or self.loader.waiting():
+            self.loader.step()
+        changes = []
+        for job in self.graph.jobs():
+            old = self.states.get(job)
+            if old == gs.STATE_FINISHED:
+                continue
+            new = self.job_state(job)
+            self.states[job] = new
+            if new != old:
+                changes.append((job, new))
+        return changes
+
+    def job_state(self, job):
+        self.current.pop(job, None)
+        if job._sis_finished():
+            return gs.STATE_FINISHED
+        if not job._sis_runnable():
+            return gs.STATE_WAITING
+        if not job._sis_setup():
+            task = job._sis_tasks()[0]
+            self.current[job] = (task, dict.fromkeys(task.task_ids(), gs.STATE_RUNNABLE))
+            return gs.STATE_RUNNABLE
+        for task in job._sis_tasks():
+            ids = {i: self.task_id_state(task, i) for i in task.task_ids()}
+            if any(state != gs.STATE_FINISHED for state in ids.values()):
+                self.current[job] = (task, ids)
+                return min(ids.values(), key=WORST_FIRST.index)
+        job._sis_finished()  # writes the job's finished marker
+        return gs.STATE_FINISHED
+
+    def task_id_state(self, task, task_id):
+        if task.finished(task_id):
+            return gs.STATE_FINISHED
+        if task.error(task_id):
+            return gs.STATE_ERROR
+        name = task.engine_name()
+        engine_state = self.engine.task_state(name, task_id)
+        # The task may have ended while the engine was asked; its markers are written before it exits.
+        if task.finished(task_id):
+            return gs.STATE_FINISHED
+        if task.error(task_id):
+            return gs.STATE_ERROR
+        if engine_state in (engine_states.STATE_QUEUE, engine_states.STATE_RUNNING):
+            return engine_state
+        usage = task.usage(task_id)
+        history = [entry for entry in task.submissions() if task_id in entry["task_ids"]]
+        if engine_state == engine_states.STATE_UNKNOWN:
+            if usage is not None and _still_running(usage):
+                if usage["host"] == HOST:  # started by an earlier manager; let the engine count it
+                    rqmt = history[-1]["rqmt"] if history else task.rqmt()
+                    self.engine.adopt_running_task(name, task_id, rqmt, usage["pid"])
+                return gs.STATE_RUNNING
+            last_submit = history[-1]["time"] if history else None
+            if last_submit is not None and time.time() - last_submit < gs.WAIT_PERIOD_SUBMIT and \
+                    (usage is None or last_submit > usage["start_time"]):
+                return gs.STATE_QUEUE  # submitted, not listed by the engine yet
+            if usage is None:
+                return gs.STATE_RETRY_ERROR if len(history) > gs.MAX_SUBMIT_RETRIES else gs.STATE_RUNNABLE
+        else:
+            self.kill_reasons[(name, task_id)] = engine_state
+        # It ended without finishing: interrupted.
+        if not task.resumeable():
+            return gs.STATE_INTERRUPTED_NOT_RESUMABLE
+        return gs.STATE_RETRY_ERROR if len(history) > gs.MAX_SUBMIT_RETRIES else gs.STATE_INTERRUPTED_RESUMABLE
+
+    def can_progress(self):
+        return any(state in ACTIVE_STATES for state in self.states.values())
+
+    # Actions.
+    def submit_runnable(self):
+        """Submit the runnable and resumable task ids of jobs without failed ids; returns how many."""
+        busy = sum(1 for _, ids in self.current.values() for s in ids.values()
+                   if s in (gs.STATE_QUEUE, gs.STATE_RUNNING))
+        count = 0
+        for job, (task, ids) in sorted(self.current.items()):
+            if any(state in FAILED_STATES for state in ids.values()):
+                continue
+            todo = [i for i, s in ids.items() if s in (gs.STATE_RUNNABLE, gs.STATE_INTERRUPTED_RESUMABLE)]
+            if gs.MAX_PARALLEL:
+                todo = todo[:max(0, gs.MAX_PARALLEL - busy - count)]
+            if todo:
+                self.submit(job, task, todo)
+                for i in todo:
+                    ids[i] = gs.STATE_QUEUE
+                count += len(todo)
+        return count
+
+    def submit(self, job, task, task_ids):
+        job._sis_setup_directory()
+        name = task.engine_name()
+        call = list(gs.SIS_COMMAND) + [gs.CMD_WORKER, job._sis_path(), task.name()]
+        logpath = job._sis_path(f"{gs.JOB_LOG}.{task.name()}")
+        history = task.submissions()
+        groups = {}  # ids with equal requirements are submitted together
+        for i in task_ids:
+            rqmt = self.requirements(task, i, [e["rqmt"] for e in history if i in e["task_ids"]])
+            groups.setdefault(repr(sorted(rqmt.items())), (rqmt, []))[1].append(i)
+        for rqmt, ids in groups.values():
+            logger.info("submit: %s task %s %s", job, task.name(), ids)
+            self.engine.submit_call(call, logpath, rqmt, name, task.name(), ids)
+            task.log_submission({"time": time.time(), "task_ids": ids, "rqmt": rqmt})
+
+    def requirements(self, task, task_id, earlier):
+        """The engine's defaults updated by the task's rqmt; time or memory doubled after the engine killed
+        the previous run for exceeding it."""
+        rqmt = dict(self.engine.get_default_rqmt(task))
+        rqmt.update(task.rqmt())
+        reason = self.kill_reasons.get((task.engine_name(), task_id))
+        if earlier and reason == engine_states.STATE_ENGINE_TIMEOUT:
+            rqmt["time"] = max(rqmt.get("time", 1), 2 * earlier[-1].get("time", rqmt.get("time", 1)))
+        if earlier and reason == engine_states.STATE_ENGINE_OUT_OF_MEMORY:
+            rqmt["mem"] = max(rqmt.get("mem", 1), 2 * earlier[-1].get("mem", rqmt.get("mem", 1)))
+        return rqmt
+
+    def clear_failed(self):
+        """-co / -cio: move the folders of failed jobs aside (<job>.cleared.NNNN) so they run again."""
+        cleared = set()
+        if self.clear_errors:
+            cleared |= {gs.STATE_ERROR}
+        if self.clear_interrupts:
+            cleared |= {gs.STATE_INTERRUPTED_NOT_RESUMABLE, gs.STATE_RETRY_ERROR}
+        for job, state in sorted(self.states.items()):
+            if state in cleared:
+                path = job._sis_path(abspath=True)
+                n = 1
+                while os.path.exists(f"{path}.cleared.{n:04d}"):
+                    n += 1
+                os.rename(path, f"{path}.cleared.{n:04d}")
+                logger.warning("cleared %s: %s moved to %s.cleared.%04d", state, job, job._sis_path(), n)
+                job._sis_runtime_reset()
+                self.states[job] = self.job_state(job)
+
+    def link_outputs_and_aliases(self):
+        """output/<name> -> each registered path whose job finished; alias/<name> -> each set-up job folder."""
+        for name, path in self.graph.outputs.items():
+            if name not in self.linked_outputs and path.available() and os.path.exists(path.get_path()):
+                _symlink(path.get_path(), os.path.join(gs.BASE_DIR, gs.OUTPUT_DIR, name))
+                self.linked_outputs.add(name)
+        for job in self.graph.jobs():
+            if job.get_aliases() and job not in self.aliased_jobs and job._sis_setup():
+                for alias in job.get_aliases():
+                    _symlink(job._sis_path(abspath=True), os.path.join(gs.BASE_DIR, gs.ALIAS_DIR, alias))
+                self.aliased_jobs.add(job)
+
+    # Reports.
+    def print_overview(self, every_job=False):
+        jobs = sorted(self.states.items(), key=lambda item: (STATE_ORDER.index(item[1]), item[0]))
+        for job, state in jobs:
+            if every_job or state != gs.STATE_FINISHED:
+                _log_state(state, job)
+        logger.info("%s", self.summary())
+
+    def print_changes(self, changes):
+        for job, state in changes:
+            _log_state(state, job)
+        logger.info("%s", self.summary())
+
+    def summary(self):
+        counts = {}
+        for state in self.states.values():
+            counts[state] = counts.get(state, 0) + 1
+        text = " ".join(f"{state}({counts[state]})" for state in STATE_ORDER if state in counts)
+        waiting = self.loader.waiting()
+        return text + (f" configs waiting: {' '.join(waiting)}" if waiting else "")
+
+    def final_report(self):
+        missing = {name: path for name, path in self.graph.outputs.items() if name not in self.linked_outputs}
+        waiting = self.loader.waiting()
+        if not missing and not waiting:
+            logger.info("All %d outputs finished", len(self.graph.outputs))
+            return 0
+        for job, state in sorted(self.states.items()):
+            if state in FAILED_STATES:
+                self.report_failure(job, state)
+        for name, path in sorted(missing.items()):
+            why = "its job finished without writing it" if path.available() else "not computed"
+            logger.error("output %s: %s (%s)", name, why, path.rel_path())
+        for config in waiting:
+            logger.error("config %s still waits for jobs that cannot run", config)
+        return 1
+
+    def report_failure(self, job, state):
+        task, ids = self.current[job]
+        for task_id, id_state in sorted(ids.items()):
+            if id_state not in FAILED_STATES:
+                continue
+            reason = KILL_REASONS.get(self.kill_reasons.get((task.engine_name(), task_id)), "")
+            log = task.file(gs.JOB_LOG, task_id)
+            logger.error("%s: %s task %s.%s%s; log %s ends:\n%s", id_state, job, task.name(), task_id,
+                         f" ({reason})" if reason else "", os.path.relpath(log, gs.BASE_DIR),
+                         _indent(tail(log, gs.PRINT_ERROR_LINES)))
+
+
+def _still_running(usage):
+    """Whether the worker that wrote this usage file still runs: by its pid on this machine, elsewhere by its
+    heartbeat (the file's age)."""
+    if usage["host"] == HOST:
+        try:
+            process = psutil.Process(usage["pid"])
+            return abs(process.create_time() - usage["create_time"]) < 1 and \
+                process.status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return False
+    return time.time() - usage["mtime"] < 2 * gs.PLOGGING_UPDATE_FILE_PERIOD + gs.WAIT_PERIOD_JOB_FS_SYNC
+
+
+def _symlink(target, link):
+    """Point `link` at `target`, replacing an older link atomically."""
+    if os.path.islink(link) and os.readlink(link) == target:
+        return
+    os.makedirs(os.path.dirname(link), exist_ok=True)
+    tmp = f"{link}.{os.getpid()}.tmp"
+    os.symlink(target, tmp)
+    os.replace(tmp, link)
+
+
+def _log_state(state, job):
+    level = logging.ERROR if state in FAILED_STATES else logging.INFO
+    logger.log(level, "%s: %s", state, job)
+
+
+def _indent(text):
+    return "\n".join("    " + line for line in text.splitlines())
+
+
+def _confirm(prompt):
+    try:
+        return input(prompt).strip().lower() in ("y", "yes")
+    except EOFError:
+        return False

@@ -1,0 +1,193 @@
+"""Helpers for tests that run `sis` on a temporary setup directory.
+
+    setup = make_setup(tmp_path, recipes={"steps": TINY_RECIPE}, configs={"run": CONFIG_TEXT})
+    result = run_sis(setup, "--config", "config/run.py", "m", "-r")
+    assert result.returncode == 0, result.output
+
+`settings` selects the engine: LOCAL_SETTINGS (default) or any settings.py text of your own, e.g. one whose
+engine() returns the SLURM engine. The recipe package is `recipe`, so jobs of `recipe/steps.py` get ids
+`steps/<Class>.<hash>`.
+"""
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+LOCAL_SETTINGS = '''
+WORK_DIR = "work"
+IMPORT_PATHS = ["config", "recipe/"]
+WAIT_PERIOD_BETWEEN_CHECKS = 0.5
+WAIT_PERIOD_JOB_FS_SYNC = 0
+PLOGGING_UPDATE_FILE_PERIOD = 2
+LOCAL_CPU = {cpu}
+LOCAL_MEM = {mem}
+
+
+def engine():
+    from sisyphus.engine import EngineSelector
+    from sisyphus.localengine import LocalEngine
+
+    return EngineSelector(engines={{"short": LocalEngine(cpu=1, mem=1), "long": LocalEngine(cpu=LOCAL_CPU, mem=LOCAL_MEM)}},
+                          default_engine="long")
+'''
+
+# Tiny jobs whose tasks only touch files; a step log (work/steps.log in the setup) records every task start.
+TINY_RECIPE = '''
+import os
+import time
+
+from sisyphus import Job, Task, tk
+
+
+def note(text):
+    """Append one line to the setup's steps.log (tests count task starts with it)."""
+    with open(os.path.join(os.environ["SIS_TEST_SETUP"], "steps.log"), "a") as f:
+        f.write(text + "\\n")
+
+
+class WriteText(Job):
+    def __init__(self, text, mini=True):
+        self.text = text
+        self.mini = mini
+        self.out_file = self.output_path("text.txt")
+
+    def tasks(self):
+        yield Task("run", mini_task=self.mini)
+
+    def run(self):
+        note(f"WriteText {self.text}")
+        with open(self.out_file.get_path(), "w") as f:
+            f.write(self.text)
+
+
+class Concat(Job):
+    def __init__(self, inputs, separator=" "):
+        self.inputs = inputs
+        self.separator = separator
+        self.out_file = self.output_path("joined.txt")
+        self.out_length = self.output_var("length")
+
+    def run(self):
+        note("Concat")
+        parts = [open(tk.uncached_path(p)).read() for p in self.inputs]
+        text = self.separator.join(parts)
+        with open(self.out_file.get_path(), "w") as f:
+            f.write(text)
+        self.out_length.set(len(text))
+
+
+class Fail(Job):
+    def __init__(self, message):
+        self.message = message
+        self.out_file = self.output_path("never.txt")
+
+    def run(self):
+        note("Fail")
+        raise RuntimeError(self.message)
+
+
+class Sleep(Job):
+    """Writes started.<n> into its work folder, waits for `seconds` (or until the file `release` exists),
+    then writes its output. With resumable=True the task resumes after an interruption."""
+
+    def __init__(self, seconds, resumable=False, release=None, rqmt=None):
+        self.seconds = seconds
+        self.resumable = resumable
+        self.release = release
+        self.rqmt = rqmt or {"cpu": 1, "mem": 1}
+        self.out_file = self.output_path("slept.txt")
+
+    def tasks(self):
+        yield Task("run", resume="resume" if self.resumable else None, rqmt=self.rqmt)
+
+    def run(self):
+        self._sleep("run")
+
+    def resume(self):
+        self._sleep("resume")
+
+    def _sleep(self, how):
+        note(f"Sleep {self.seconds} {how} {os.getpid()}")
+        deadline = time.time() + self.seconds
+        while time.time() < deadline and not (self.release and os.path.exists(self.release)):
+            time.sleep(0.05)
+        with open(self.out_file.get_path(), "w") as f:
+            f.write(how)
+'''
+
+
+class SisResult:
+    def __init__(self, completed):
+        self.returncode = completed.returncode
+        self.stdout = completed.stdout
+        self.stderr = completed.stderr
+        self.output = completed.stdout + completed.stderr
+
+
+def make_setup(root, recipes=None, configs=None, settings=None, cpu=2, mem=4):
+    """Write settings.py, recipe/<name>.py and config/<name>.py under `root`; returns root as str."""
+    root = str(root)
+    files = {"settings.py": settings if settings is not None else LOCAL_SETTINGS.format(cpu=cpu, mem=mem),
+             "recipe/__init__.py": "", "config/__init__.py": ""}
+    files.update({f"recipe/{name}.py": text for name, text in (recipes or {}).items()})
+    files.update({f"config/{name}.py": text for name, text in (configs or {}).items()})
+    for name, text in files.items():
+        path = os.path.join(root, name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            f.write(textwrap.dedent(text))
+    return root
+
+
+def sis_env(setup):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([REPO] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env["SIS_TEST_SETUP"] = str(setup)
+    return env
+
+
+def sis_command(*args):
+    return [sys.executable, "-m", "sisyphus", *args]
+
+
+def run_sis(setup, *args, input=None, timeout=120):
+    """Run `sis ARGS` in the setup directory and wait for it."""
+    completed = subprocess.run(sis_command(*args), cwd=setup, env=sis_env(setup), input=input, text=True,
+                               capture_output=True, timeout=timeout)
+    return SisResult(completed)
+
+
+def start_sis(setup, *args, log_name="manager.out"):
+    """Start `sis ARGS` in the background (output to <setup>/<log_name>); returns the Popen."""
+    log = open(os.path.join(setup, log_name), "w")
+    return subprocess.Popen(sis_command(*args), cwd=setup, env=sis_env(setup), stdout=log, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL)
+
+
+def steps(setup):
+    """Lines of steps.log: one per task start of the TINY_RECIPE jobs."""
+    try:
+        with open(os.path.join(setup, "steps.log")) as f:
+            return f.read().splitlines()
+    except FileNotFoundError:
+        return []
+
+
+def wait_for(condition, timeout=60, interval=0.1, message="condition"):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {message}")
+        time.sleep(interval)
+
+
+def kill(process_or_pid, sig=signal.SIGKILL):
+    """Send a signal to one process (by Popen or pid), and reap it if it is our child."""
+    pid = process_or_pid.pid if hasattr(process_or_pid, "pid") else process_or_pid
+    os.kill(pid, sig)
+    if hasattr(process_or_pid, "wait"):
+        process_or_pid.wait(timeout=30)
