@@ -182,7 +182,8 @@ def _build_model(config):
             model = get_peft_model(model, spec.peft_config())
         except ValueError as error:
             raise ConfigError(f"peft: {error}") from None
-        model.print_trainable_parameters()
+        trainable, total = model.get_nb_trainable_parameters()
+        logger.info("%s: %d of %d parameters trainable", spec.type, trainable, total)
     return model, tokenizer
 
 
