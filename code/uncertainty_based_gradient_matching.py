@@ -1,0 +1,59 @@
+"""Uncertainty-based gradient matching (Daheim et al., "Model Merging by Uncertainty-Based Gradient
+Matching", ICLR 2024) with the command line of the authors' released script:
+
+    python code/uncertainty_based_gradient_matching.py --pretrained_model_name_or_path P \
+        --pretrained_hessian_path H0 --ft_model_name_or_paths A,B --ft_hessian_paths HA,HB \
+        --scaling_factors_ft 112000,8530 --scaling_factor_pt 25000 --scaling_factor 1.0 --delta_0 1e-12 \
+        --task_type SEQ_CLS --out_model_path OUT
+
+    θ = θ_0 + α Σ_t P ⊙ (c_t H_t + δ_0 + c_0 H_0) ⊙ (θ_t − θ_0),  P = 1 / (Σ_t α c_t H_t + c_0 H_0 + δ_0)
+
+A Hessian path is a Fisher statistics folder (code/predict.py), its `hessian/` subfolder, or any checkpoint
+with the model's tensor names. Defaults are the released script's (δ_0 = 0, c_0 = α = 1). The merge is
+streamed tensor by tensor by modelmerge.merge_driver; OUT is a model folder with θ_0's config and tokenizer.
+"""
+import argparse
+
+from modelmerge.merge_driver import MergeError, merge, run_program
+
+TASK_TYPES = ("SEQ_CLS",)  # the released script's model classes; the merge itself is the same for any
+
+
+def comma_list(text):
+    return [item for item in text.split(",") if item]
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pretrained_model_name_or_path", required=True, help="θ_0")
+    parser.add_argument("--pretrained_hessian_path", required=True, help="H_0: Fisher folder or its hessian/ subfolder")
+    parser.add_argument("--ft_model_name_or_paths", type=comma_list, required=True, help="θ_t, comma-separated")
+    parser.add_argument("--ft_hessian_paths", type=comma_list, required=True, help="H_t, comma-separated, same order")
+    parser.add_argument("--scaling_factors_ft", type=comma_list, required=True, help="c_t, comma-separated, same order")
+    parser.add_argument("--out_model_path", required=True, help="output model folder")
+    parser.add_argument("--delta_0", type=float, default=0.0, help="δ_0")
+    parser.add_argument("--scaling_factor_pt", type=float, default=1.0, help="c_0")
+    parser.add_argument("--scaling_factor", type=float, default=1.0, help="α")
+    parser.add_argument("--task_type", default="SEQ_CLS", choices=TASK_TYPES)
+    parser.add_argument("--device", default="cpu", help="where the arithmetic runs: cpu or cuda")
+    return parser.parse_args(argv)
+
+
+def main(argv):
+    args = parse_args(argv)
+    count = len(args.ft_model_name_or_paths)
+    if len(args.ft_hessian_paths) != count:
+        raise MergeError(f"--ft_hessian_paths: {len(args.ft_hessian_paths)} paths for {count} models in --ft_model_name_or_paths")
+    if len(args.scaling_factors_ft) != count:
+        raise MergeError(f"--scaling_factors_ft: {len(args.scaling_factors_ft)} values for {count} models in --ft_model_name_or_paths")
+    return merge(
+        "uncertainty_based_gradient_matching", args.ft_model_name_or_paths, args.out_model_path,
+        aux_data=args.ft_hessian_paths, ancestor=args.pretrained_model_name_or_path,
+        ancestor_aux_data=args.pretrained_hessian_path, device=args.device,
+        params={"scaling_factors_ft": args.scaling_factors_ft, "scaling_factor_pt": args.scaling_factor_pt,
+                "scaling_factor": args.scaling_factor, "delta_0": args.delta_0},
+    )
+
+
+if __name__ == "__main__":
+    run_program(main)

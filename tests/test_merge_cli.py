@@ -1,0 +1,287 @@
+"""The merge programs end to end on tiny random BERTs: results against direct formulas, inputs in every
+layout, outputs that load, and every kind of bad input ending in one clear error and no output."""
+import json
+import os
+import subprocess
+import sys
+
+import merge as merge_program
+import pytest
+import task_arithmetic as task_arithmetic_program
+import torch
+import uncertainty_based_gradient_matching as ubgm_program
+from safetensors.torch import load_file, save_file
+from tiny import make_tiny_bert, perturbed_copy
+from transformers import BertForSequenceClassification
+
+from modelmerge.merge_driver import run_program
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def weights(folder):
+    return load_file(os.path.join(folder, "model.safetensors"))
+
+
+def write_fisher(folder, like, seed, scale=1.0):
+    """A Fisher statistics folder (fisher.safetensors) with positive random values shaped like model `like`."""
+    generator = torch.Generator().manual_seed(seed)
+    os.makedirs(folder, exist_ok=True)
+    fisher = {n: scale * torch.rand(t.shape, generator=generator) for n, t in weights(like).items()}
+    save_file(fisher, os.path.join(folder, "fisher.safetensors"))
+    return str(folder), fisher
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("zoo")
+    base = make_tiny_bert(str(root / "base"), seed=0)
+    models = [perturbed_copy(base, str(root / f"ft{i}"), seed=i) for i in (1, 2, 3)]
+    fishers = [write_fisher(root / f"fisher{i}", models[i], seed=10 + i) for i in range(3)]
+    base_fisher = write_fisher(root / "fisher0", base, seed=10)
+    return {"root": root, "base": base, "models": models, "fishers": fishers, "base_fisher": base_fisher}
+
+
+def run(argv, program=merge_program):
+    return run_program(program.main, argv + (["--no_progress"] if program is merge_program else []))
+
+
+def assert_fails(argv, message, capsys, program=merge_program, output=None):
+    with pytest.raises(SystemExit) as exit_info:
+        run(argv, program)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error:") and message in err, err
+    if output is not None:
+        parent = os.path.dirname(output)
+        assert not any(name.startswith(os.path.basename(output)) or ".tmp-" in name for name in os.listdir(parent))
+    return err
+
+
+def test_task_arithmetic_equals_the_formula_and_loads(zoo, tmp_path, capsys):
+    out = str(tmp_path / "merged")
+    summary = run(["--merge", "task_arithmetic", "--models", *zoo["models"], "--ancestor", zoo["base"],
+                   "--x:merge_lambda", "0.3", "--x:weight", "1", "2", "0.5", "--output", out])
+    assert capsys.readouterr().out.strip() == summary.line()
+    assert summary.merged == 41 and summary.copied == 0 and summary.peak_rss_bytes > 0
+    base, fts = weights(zoo["base"]), [weights(m) for m in zoo["models"]]
+    merged = weights(out)
+    for name, theta_0 in base.items():
+        expected = theta_0 + 0.3 * sum(w * (ft[name] - theta_0) for w, ft in zip((1, 2, 0.5), fts))
+        torch.testing.assert_close(merged[name], expected, rtol=1e-6, atol=1e-6)
+    assert {"config.json", "tokenizer.json", "tokenizer_config.json"} <= set(os.listdir(out))
+    model = BertForSequenceClassification.from_pretrained(out)
+    torch.testing.assert_close(model.state_dict()["classifier.weight"], merged["classifier.weight"])
+
+
+def test_the_papers_task_arithmetic_script(zoo, tmp_path):
+    out = str(tmp_path / "ta")
+    run(["--pretrained_model_name_or_path", zoo["base"], "--ft_model_name_or_paths", ",".join(zoo["models"]),
+         "--scaling_factor", "0.7", "--task_type", "SEQ_CLS", "--out_model_path", out], task_arithmetic_program)
+    base, fts, merged = weights(zoo["base"]), [weights(m) for m in zoo["models"]], weights(out)
+    for name, theta_0 in base.items():
+        torch.testing.assert_close(merged[name], theta_0 + 0.7 * sum(ft[name] - theta_0 for ft in fts), rtol=1e-6, atol=1e-6)
+
+
+def released_ubgm(theta_0, h_0, thetas, hessians, alpha, c_0, c_t, delta_0):
+    """The formula exactly as the authors' released script evaluates it, on one tensor."""
+    preconditioner = 1.0 / (sum(alpha * c * h for h, c in zip(hessians, c_t)) + c_0 * h_0 + delta_0)
+    summed = sum(preconditioner * (c * h + delta_0 + c_0 * h_0) * (theta - theta_0)
+                 for theta, h, c in zip(thetas, hessians, c_t))
+    return theta_0 + alpha * summed
+
+
+def test_the_papers_gradient_matching_script_matches_the_released_formula(zoo, tmp_path):
+    out = str(tmp_path / "ubgm")
+    fisher_paths = [path for path, _ in zoo["fishers"]]
+    # The pretrained Hessian given as a model-shaped `hessian/` folder, as the paper's code stores it.
+    hessian = tmp_path / "pretrained_stats" / "hessian"
+    hessian.mkdir(parents=True)
+    save_file(zoo["base_fisher"][1], hessian / "model.safetensors")
+    run(["--pretrained_model_name_or_path", zoo["base"], "--pretrained_hessian_path", str(hessian),
+         "--ft_model_name_or_paths", ",".join(zoo["models"]), "--ft_hessian_paths", ",".join(fisher_paths),
+         "--scaling_factors_ft", "112000,8530,67349", "--scaling_factor_pt", "25000", "--scaling_factor", "0.8",
+         "--delta_0", "1e-12", "--task_type", "SEQ_CLS", "--out_model_path", out], ubgm_program)
+    base, fts, merged = weights(zoo["base"]), [weights(m) for m in zoo["models"]], weights(out)
+    for name, theta_0 in base.items():
+        expected = released_ubgm(theta_0, zoo["base_fisher"][1][name], [ft[name] for ft in fts],
+                                 [f[name] for _, f in zoo["fishers"]], 0.8, 25000.0, [112000.0, 8530.0, 67349.0], 1e-12)
+        torch.testing.assert_close(merged[name], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_gradient_matching_with_zero_hessians_is_task_arithmetic(zoo, tmp_path):
+    zeros = []
+    for i, model in enumerate(zoo["models"] + [zoo["base"]]):
+        path, _ = write_fisher(tmp_path / f"zero{i}", model, seed=0, scale=0.0)
+        zeros.append(path)
+    run(["--merge", "uncertainty_based_gradient_matching", "--models", *zoo["models"], "--ancestor", zoo["base"],
+         "--aux_data", *zeros[:3], "--ancestor_aux_data", zeros[3], "--x:scaling_factor", "0.6",
+         "--x:scaling_factors_ft", "3,5,7", "--x:scaling_factor_pt", "11", "--x:delta_0", "1e-12",
+         "--output", str(tmp_path / "ubgm")])
+    run(["--merge", "task_arithmetic", "--models", *zoo["models"], "--ancestor", zoo["base"],
+         "--x:merge_lambda", "0.6", "--output", str(tmp_path / "ta")])
+    ubgm, ta = weights(tmp_path / "ubgm"), weights(tmp_path / "ta")
+    for name in ta:
+        torch.testing.assert_close(ubgm[name], ta[name], rtol=1e-5, atol=1e-6)
+
+
+def test_fisher_merging_with_equal_fishers_is_the_average(zoo, tmp_path):
+    same = zoo["fishers"][0][0]
+    run(["--merge", "fisher", "--models", *zoo["models"], "--aux_data", same, same, same, "--output", str(tmp_path / "f")])
+    fts, merged = [weights(m) for m in zoo["models"]], weights(tmp_path / "f")
+    for name in merged:
+        torch.testing.assert_close(merged[name], sum(ft[name] for ft in fts) / 3, rtol=1e-5, atol=1e-6)
+
+
+def test_merging_identical_models_returns_them(zoo, tmp_path):
+    model = zoo["models"][0]
+    summary = run(["--merge", "ties", "--models", model, model, "--ancestor", model, "--x:density", "0.3",
+                   "--output", str(tmp_path / "same")])
+    assert summary.copied == 41 and summary.merged == 0
+    expected, merged = weights(model), weights(tmp_path / "same")
+    assert all(torch.equal(merged[n], t) for n, t in expected.items())
+
+
+def test_include_exclude_dtype_and_a_bare_output_file(zoo, tmp_path):
+    out = str(tmp_path / "merged.safetensors")
+    summary = run(["--merge", "linear", "--models", *zoo["models"][:2], "--ancestor", zoo["base"],
+                   "--include", r"^bert\.", "--exclude", r"LayerNorm", "--dtype", "float16", "--output", out])
+    base, fts, merged = weights(zoo["base"]), [weights(m) for m in zoo["models"][:2]], load_file(out)
+    assert merged.keys() == base.keys()
+    kept = [n for n in base if not n.startswith("bert.") or "LayerNorm" in n]
+    assert summary.copied == len(kept) and summary.merged == len(base) - len(kept)
+    for name, theta_0 in base.items():
+        assert merged[name].dtype == torch.float16
+        expected = theta_0 if name in kept else (fts[0][name].half() + fts[1][name].half()) / 2
+        torch.testing.assert_close(merged[name], expected.half(), rtol=1e-3, atol=1e-3)
+
+
+def test_dtype_is_written_into_the_config(zoo, tmp_path):
+    out = tmp_path / "bf16"
+    run(["--merge", "average", "--models", *zoo["models"][:2], "--dtype", "bfloat16", "--output", str(out)])
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    assert all(t.dtype == torch.bfloat16 for t in weights(out).values())
+
+
+def test_bin_sharded_and_bare_inputs_give_the_same_merge_and_outputs_shard(zoo, tmp_path):
+    first, second = (weights(m) for m in zoo["models"][:2])
+    (tmp_path / "bin").mkdir()
+    torch.save(first, tmp_path / "bin" / "pytorch_model.bin")
+    (tmp_path / "sharded").mkdir()
+    names = sorted(second)
+    save_file({n: second[n] for n in names[:20]}, tmp_path / "sharded" / "a.safetensors")
+    save_file({n: second[n] for n in names[20:]}, tmp_path / "sharded" / "b.safetensors")
+    weight_map = {n: ("a" if i < 20 else "b") + ".safetensors" for i, n in enumerate(names)}
+    (tmp_path / "sharded" / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    save_file(weights(zoo["base"]), tmp_path / "base.safetensors")
+    run(["--merge", "task_arithmetic", "--models", str(tmp_path / "bin"), str(tmp_path / "sharded"),
+         "--ancestor", str(tmp_path / "base.safetensors"), "--max_shard_size", "20kB", "--output", str(tmp_path / "a")])
+    run(["--merge", "task_arithmetic", "--models", *zoo["models"][:2], "--ancestor", zoo["base"], "--output", str(tmp_path / "b")])
+    index = json.loads((tmp_path / "a" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    shards = {}
+    for shard in set(index["weight_map"].values()):
+        shards.update(load_file(tmp_path / "a" / shard))
+    expected = weights(tmp_path / "b")
+    assert shards.keys() == expected.keys() and all(torch.equal(shards[n], expected[n]) for n in expected)
+
+
+def test_non_float_tensors_are_copied_from_the_ancestor(tmp_path):
+    def state(seed):
+        generator = torch.Generator().manual_seed(seed)
+        return {"w": torch.randn(3, generator=generator), "position_ids": torch.arange(4) + seed}
+
+    for i in range(3):
+        save_file(state(i), tmp_path / f"m{i}.safetensors")
+    summary = run(["--merge", "task_arithmetic", "--models", str(tmp_path / "m1.safetensors"), str(tmp_path / "m2.safetensors"),
+                   "--ancestor", str(tmp_path / "m0.safetensors"), "--output", str(tmp_path / "out.safetensors")])
+    merged = load_file(tmp_path / "out.safetensors")
+    assert torch.equal(merged["position_ids"], torch.arange(4)) and summary.copied == 1
+    torch.testing.assert_close(merged["w"], state(1)["w"] + state(2)["w"] - state(0)["w"])
+
+
+def _corrupt(zoo, tmp_path, change):
+    """A copy of the first model (safetensors file) with `change` applied to its tensors."""
+    tensors = weights(zoo["models"][0])
+    change(tensors)
+    path = str(tmp_path / "corrupt.safetensors")
+    save_file(tensors, path)
+    return path
+
+
+def test_bad_inputs_end_in_one_clear_error_and_no_output(zoo, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    models, base = zoo["models"], zoo["base"]
+    fisher_paths = [p for p, _ in zoo["fishers"]]
+    ta = ["--merge", "task_arithmetic", "--ancestor", base, "--output", out]
+
+    missing = _corrupt(zoo, tmp_path, lambda t: t.pop("classifier.bias"))
+    assert_fails(ta + ["--models", models[1], missing], "classifier.bias only in", capsys, output=out)
+    reshaped = _corrupt(zoo, tmp_path, lambda t: t.update({"classifier.bias": torch.zeros(3)}))
+    assert_fails(ta + ["--models", models[1], reshaped], "tensor classifier.bias has shape [2]", capsys, output=out)
+    nan = _corrupt(zoo, tmp_path, lambda t: t["bert.pooler.dense.weight"].__setitem__((0, 0), float("nan")))
+    err = assert_fails(ta + ["--models", models[1], nan], "NaN or infinite", capsys, output=out)
+    assert "bert.pooler.dense.weight" in err and nan in err
+    assert_fails(ta + ["--models", *models, "--x:merge_lambda", "lots"], "cannot read 'lots' as float", capsys, output=out)
+    assert_fails(ta + ["--models", *models, "--x:lambada", "1"], "unknown parameter 'lambada'", capsys, output=out)
+    assert_fails(ta + ["--models", *models, "--x:weight", "1", "2"], "one value per model (3), got 2", capsys, output=out)
+    assert_fails(["--merge", "tie", "--models", *models, "--output", out], "unknown merge method 'tie'", capsys, output=out)
+    assert_fails(["--merge", "task_arithmetic", "--models", *models, "--output", out], "--ancestor", capsys, output=out)
+    assert_fails(["--merge", "slerp", "--models", *models, "--output", out], "exactly 2 models, got 3", capsys, output=out)
+
+    fisher = ["--merge", "fisher", "--models", *models, "--output", out]
+    assert_fails(fisher + ["--aux_data", *fisher_paths[:2]], "2 statistics paths for 3 models", capsys, output=out)
+    assert_fails(fisher, "needs statistics (fisher)", capsys, output=out)
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    stats = dict(zoo["fishers"][0][1])
+    stats.pop("bert.embeddings.LayerNorm.weight")
+    save_file(stats, partial / "fisher.safetensors")
+    assert_fails(fisher + ["--aux_data", *fisher_paths[:2], str(partial)],
+                 "no 'fisher' for tensor bert.embeddings.LayerNorm.weight", capsys, output=out)
+    infinite = tmp_path / "infinite"
+    infinite.mkdir()
+    stats = dict(zoo["fishers"][0][1])
+    stats["classifier.weight"] = torch.full_like(stats["classifier.weight"], float("inf"))
+    save_file(stats, infinite / "fisher.safetensors")
+    err = assert_fails(fisher + ["--aux_data", *fisher_paths[:2], str(infinite)], "statistic 'fisher' classifier.weight", capsys, output=out)
+    assert "NaN or infinite" in err
+
+
+def test_gradient_matching_errors(zoo, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    zero = write_fisher(tmp_path / "zero", zoo["base"], seed=0, scale=0.0)[0]
+    fisher_paths = [p for p, _ in zoo["fishers"]]
+    common = ["--pretrained_model_name_or_path", zoo["base"], "--ft_model_name_or_paths", ",".join(zoo["models"][:2]),
+              "--out_model_path", out]
+    assert_fails(common + ["--pretrained_hessian_path", zero, "--ft_hessian_paths", f"{zero},{zero}",
+                           "--scaling_factors_ft", "1,1"], "zero denominator", capsys, ubgm_program, out)
+    assert_fails(common + ["--pretrained_hessian_path", zero, "--ft_hessian_paths", ",".join(fisher_paths[:2]),
+                           "--scaling_factors_ft", "1,2,3"], "--scaling_factors_ft: 3 values for 2 models", capsys, ubgm_program, out)
+    assert_fails(common + ["--pretrained_hessian_path", zero, "--ft_hessian_paths", fisher_paths[0],
+                           "--scaling_factors_ft", "1,2"], "--ft_hessian_paths: 1 paths for 2 models", capsys, ubgm_program, out)
+
+
+def test_a_failed_merge_keeps_an_existing_output(zoo, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "marker").write_text("previous result")
+    assert_fails(["--merge", "slerp", "--models", *zoo["models"], "--output", str(out)], "exactly 2", capsys)
+    assert os.listdir(tmp_path) == ["out"] and (out / "marker").read_text() == "previous result"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given without a GPU")
+def test_cuda_without_a_gpu_is_an_error(zoo, tmp_path, capsys):
+    assert_fails(["--merge", "linear", "--models", *zoo["models"], "--device", "cuda", "--output", str(tmp_path / "o")],
+                 "no CUDA device", capsys)
+
+
+def test_the_program_prints_progress_and_a_summary_and_fails_with_status_2(zoo, tmp_path):
+    command = [sys.executable, os.path.join(REPO, "code", "merge.py"), "--merge", "linear", "--models", *zoo["models"][:2]]
+    done = subprocess.run(command + ["--output", str(tmp_path / "ok")], capture_output=True, text=True, check=True)
+    assert done.stdout.startswith("merged 41 tensors, copied 0, ") and "peak RSS" in done.stdout
+    assert "41/41" in done.stderr  # the progress bar
+    failed = subprocess.run(command + [zoo["base"], "--x:weight", "1,2", "--output", str(tmp_path / "bad")],
+                            capture_output=True, text=True)
+    assert failed.returncode == 2 and failed.stderr.strip().endswith("needs one value per model (3), got 2")
+    assert not (tmp_path / "bad").exists()
