@@ -33,7 +33,7 @@ WORST_FIRST = [gs.STATE_ERROR, gs.STATE_RETRY_ERROR, gs.STATE_INTERRUPTED_NOT_RE
                gs.STATE_INTERRUPTED_RESUMABLE, gs.STATE_RUNNABLE, gs.STATE_QUEUE, gs.STATE_RUNNING,
                gs.STATE_FINISHED]
 KILL_REASONS = {
-    engine_states.STATE_ENGINE_FAILED: "the engine reports it failed",
+    engine_states.STATE_ENGINE_FAILED: "the engine saw it end abnormally",
     engine_states.STATE_ENGINE_TIMEOUT: "killed at its time limit",
     engine_states.STATE_ENGINE_OUT_OF_MEMORY: "killed for exceeding its memory requirement",
 }
@@ -90,7 +90,12 @@ class Manager:
         if self.graph.resolve_waiters() or self.loader.waiting():
             self.loader.step()
         changes = []
-        for job in self.graph.jobs():
+        jobs = self.graph.jobs()
+        if len(jobs) != len(self.states) or any(job not in self.states for job in jobs):
+            # Targets changed (an async config went on): forget jobs no longer needed.
+            self.states = {job: self.states[job] for job in jobs if job in self.states}
+            self.current = {job: self.current[job] for job in jobs if job in self.current}
+        for job in jobs:
             old = self.states.get(job)
             if old == gs.STATE_FINISHED:
                 continue

@@ -1,5 +1,4 @@
 """Functions for configs and recipes (`tk.*`)."""
-import asyncio
 import os
 
 from sisyphus.graph import SISGraph
@@ -40,6 +39,8 @@ def zipped(filename):
 async def async_run(obj):
     """In an `async def py()` config: wait until every Path/Variable in `obj` is computed; the manager runs the
     jobs they need meanwhile."""
+    import asyncio  # imported here: workers, which never need it, start faster
+
     paths = extract_paths(obj)
     if all(p.available() for p in paths):
         return
@@ -50,6 +51,8 @@ async def async_run(obj):
 
 async def async_gather(*awaitables):
     """Run several config coroutines side by side (asyncio.gather)."""
+    import asyncio
+
     return await asyncio.gather(*awaitables)
 
 
