@@ -14,6 +14,8 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 from modelmerge.atomic import atomic_dir, write_json, write_jsonl
 from modelmerge.config import ConfigError, default_num_threads
 from modelmerge.data import dataloader, load_split, resolve_data_dir
+from modelmerge.statistics.fisher import compute_fisher, save_fisher
+from modelmerge.statistics.gram import compute_gram, save_gram
 
 logger = logging.getLogger(__name__)
 
@@ -164,16 +166,12 @@ def _sequence_classification(model, tokenizer, dataset, config, output_dir):
 
 
 def _squared_gradients(model, tokenizer, dataset, config, output_dir):
-    from modelmerge.statistics.fisher import compute_fisher, save_fisher
-
     result = compute_fisher(model, tokenizer, dataset, empirical=config.empirical, batch_size=config.batch_size,
                             max_length=config.max_length, seed=config.seed)
     save_fisher(result, model, output_dir)
 
 
 def _gram(model, tokenizer, dataset, config, output_dir):
-    from modelmerge.statistics.gram import compute_gram, save_gram
-
     result = compute_gram(model, tokenizer, dataset, empirical=config.empirical, batch_size=config.batch_size,
                           max_length=config.max_length, seed=config.seed)
     save_gram(result, model, output_dir)
