@@ -126,6 +126,7 @@ class SimpleLinuxUtilityForResourceManagementEngine(EngineBase):
         if not task_ids:
             return ENGINE_NAME, []
         rqmt = {**self.default_rqmt, **rqmt}
+        logpath = os.path.abspath(logpath)  # squeue shows it to a restarted manager, whatever its cwd
         job_name = self.process_task_name(name)
         script = self._write_job_script(call, logpath)
         command = ["sbatch", "--parsable", "-J", job_name, f"--chdir={os.getcwd()}"]
@@ -370,7 +371,7 @@ def time_limit(hours):
 
 def _engine_file_prefix(logpath):
     """<log folder>/engine/<log name>: where the job script and the exit files of a task live."""
-    return os.path.join(os.path.dirname(os.path.abspath(logpath)), "engine", os.path.basename(logpath))
+    return os.path.join(os.path.dirname(logpath), "engine", os.path.basename(logpath))
 
 
 def _escape_filename_pattern(path):
