@@ -12,6 +12,7 @@ import shutil
 import tempfile
 
 import sisyphus.global_settings as gs
+from sisyphus.errors import SisError
 from sisyphus.hash import HashError, short_hash, sis_hash_helper
 from sisyphus.job_path import Path, Variable
 from sisyphus.task import Task
@@ -211,11 +212,13 @@ class Job(metaclass=JobSingleton):
             tmp = tempfile.mkdtemp(dir=parent, prefix="." + os.path.basename(path) + ".setup.")
             try:
                 self._sis_fill_directory(tmp)
-                os.rename(tmp, path)
-            except OSError:
-                shutil.rmtree(tmp, ignore_errors=True)
-                if not os.path.isdir(path):  # not a concurrent setup by another manager
-                    raise
+                try:
+                    os.rename(tmp, path)
+                except OSError:
+                    if not os.path.isdir(path):  # else another manager set it up meanwhile
+                        raise
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)  # nothing left after a successful rename
         self._sis_setup_since_start = True
 
     def _sis_fill_directory(self, path):
@@ -227,7 +230,11 @@ class Job(metaclass=JobSingleton):
             link = os.path.join(path, gs.JOB_INPUT, creator_id.replace("/", "_"))
             if not os.path.islink(link):
                 os.symlink(os.path.join(gs.BASE_DIR, gs.WORK_DIR, creator_id), link, target_is_directory=True)
-        write_atomically(os.path.join(path, gs.JOB_SAVE), gzip.compress(pickle.dumps(self)))
+        try:
+            saved = pickle.dumps(self)
+        except (pickle.PicklingError, TypeError, AttributeError) as e:
+            raise SisError(f"{self}: cannot save the job into {gs.JOB_SAVE}: {e}") from e
+        write_atomically(os.path.join(path, gs.JOB_SAVE), gzip.compress(saved))
         info = [f"INPUT: {p}" for p in sorted(self._sis_inputs)]
         info += [f"PARAMETER: {key}: {value!r}" for key, value in self._sis_kwargs.items()]
         info += [f"ALIAS: {alias}" for alias in sorted(self._sis_aliases)]
