@@ -5,7 +5,8 @@
 #   bash .ci/slurm.sh stop      stop the daemons this script started
 #   bash .ci/slurm.sh status    show the node (exit status 1 when the cluster does not answer)
 # Clients need `export SLURM_CONF=$SIS_CI_SLURM_DIR/slurm.conf` (default /tmp/sis-ci-slurm/slurm.conf).
-# Every command is idempotent. See /work/shared/docs/slurm.md for why the configuration looks like this.
+# Every command is idempotent. The daemons talk over 127.0.0.1, so the host name need not resolve.
+# See /work/shared/docs/slurm.md for why the configuration looks like this.
 set -euo pipefail
 
 DIR=${SIS_CI_SLURM_DIR:-/tmp/sis-ci-slurm}
@@ -78,7 +79,7 @@ write_conf() {
     as_root mkdir -p "$DIR/state" "$DIR/spool" "$DIR/log"
     as_root tee "$SLURM_CONF" >/dev/null <<EOF
 ClusterName=test
-SlurmctldHost=$host
+SlurmctldHost=$host(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -98,7 +99,7 @@ MpiDefault=none
 JobAcctGatherType=jobacct_gather/linux
 JobAcctGatherFrequency=1
 JobAcctGatherParams=OverMemoryKill
-NodeName=$host CPUs=$(nproc) RealMemory=$(node_memory_mb) State=UNKNOWN
+NodeName=$host NodeAddr=127.0.0.1 CPUs=$(nproc) RealMemory=$(node_memory_mb) State=UNKNOWN
 PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP
 EOF
 }
@@ -126,7 +127,7 @@ do_start() {
     fi
     stop_daemons
     write_conf
-    as_root slurmctld -f "$SLURM_CONF"
+    as_root slurmctld -c -f "$SLURM_CONF"  # -c: a clean start, the node unknown until slurmd registers
     as_root slurmd -f "$SLURM_CONF"
     local waited=0
     until [ "$(node_state)" = idle ]; do
