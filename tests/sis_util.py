@@ -90,6 +90,45 @@ class Fail(Job):
         raise RuntimeError(self.message)
 
 
+class FailOnce(Job):
+    """Fails on its first run (leaving the file `flag` in the setup), succeeds on the next."""
+
+    def __init__(self, flag):
+        self.flag = flag
+        self.out_file = self.output_path("done.txt")
+
+    def run(self):
+        note("FailOnce")
+        flag = os.path.join(os.environ["SIS_TEST_SETUP"], self.flag)
+        if not os.path.exists(flag):
+            open(flag, "w").close()
+            raise ValueError("first attempt fails")
+        with open(self.out_file.get_path(), "w") as f:
+            f.write("second attempt")
+
+
+class Parts(Job):
+    """An array task (one file per argument, in 2 task ids) followed by a mini task that lists them."""
+
+    def __init__(self, count):
+        self.count = count
+        self.out_dir = self.output_path("parts", directory=True)
+        self.out_list = self.output_path("list.txt")
+
+    def tasks(self):
+        yield Task("write", args=list(range(self.count)), parallel=2)
+        yield Task("merge", mini_task=True)
+
+    def write(self, index):
+        note(f"Parts.write {index}")
+        with open(os.path.join(self.out_dir.get_path(), f"{index}.txt"), "w") as f:
+            f.write(str(os.getpid()))
+
+    def merge(self):
+        with open(self.out_list.get_path(), "w") as f:
+            f.write(" ".join(sorted(os.listdir(self.out_dir.get_path()))))
+
+
 class Sleep(Job):
     """Writes started.<n> into its work folder, waits for `seconds` (or until the file `release` exists),
     then writes its output. With resumable=True the task resumes after an interruption."""
