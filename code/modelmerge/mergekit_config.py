@@ -48,20 +48,25 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class MergekitMethod:
     """How a mergekit method maps to ours: our name, the role of `base_model` ('ancestor': θ_0 of the
-    method; 'first': the first of the models, as slerp's t = 0 end; 'input': one more model), and defaults
-    that make our method behave as mergekit's implementation does."""
+    method; 'first': the first of the models, as slerp's t = 0 end; 'input': one more model), defaults
+    that make our method behave as mergekit's implementation does, parameters mergekit accepts but its
+    implementation ignores, and parameters we support only at mergekit's default value."""
 
     ours: str
     base_role: str
     defaults: dict = field(default_factory=dict)
+    ignored: tuple = ()
+    only_default: dict = field(default_factory=dict)
 
 
 # mergekit elects the + sign where the weighted sum of task vectors is exactly 0.
 _PLUS_ON_TIES = {"global_majority_sign": 1}
 MERGEKIT_METHODS = {
     "linear": MergekitMethod("linear", "input"),
-    "task_arithmetic": MergekitMethod("task_arithmetic", "ancestor"),
-    "ties": MergekitMethod("ties", "ancestor", _PLUS_ON_TIES),
+    # mergekit's generalized task arithmetic takes density and rescale for every method; without
+    # sparsification they do nothing.
+    "task_arithmetic": MergekitMethod("task_arithmetic", "ancestor", ignored=("density", "rescale")),
+    "ties": MergekitMethod("ties", "ancestor", _PLUS_ON_TIES, only_default={"rescale": False}),
     "dare_linear": MergekitMethod("dare_linear", "ancestor"),
     "dare_ties": MergekitMethod("dare_ties", "ancestor", _PLUS_ON_TIES),
     "breadcrumbs": MergekitMethod("breadcrumbs", "ancestor"),
@@ -127,7 +132,7 @@ def plan_config(config):
     references = _References()
     base_ref = config.get("base_model")
     slices = _slices(config, references, base_ref)
-    scopes = _ParameterScopes(method, mapping.defaults)
+    scopes = _ParameterScopes(method, mapping)
     tasks = _plan_tasks(method, mapping, slices, base_ref and references.get(base_ref), scopes, config)
     donor = references.get(base_ref) if base_ref else slices[0].sources[0].checkpoint
     json_updates = {}
@@ -299,9 +304,10 @@ def _config_layers(checkpoint):
 class _ParameterScopes:
     """mergekit's parameter settings, resolved per tensor (model > slice > top level)."""
 
-    def __init__(self, method, defaults):
+    def __init__(self, method, mapping):
         self.method = method
-        self.defaults = defaults
+        self.mapping = mapping
+        self.defaults = mapping.defaults
         self.lookup = {}
         for name, parameter in method.parameters.items():
             self.lookup[name] = name
@@ -310,6 +316,13 @@ class _ParameterScopes:
     def canonical(self, settings, where):
         result = {}
         for key, value in (settings or {}).items():
+            if key in self.mapping.ignored:
+                continue
+            if key in self.mapping.only_default:
+                if value != self.mapping.only_default[key]:
+                    raise MergeError(f"{where}: {key}: {value!r} is not supported for {self.method.name} "
+                                     f"(only mergekit's default, {self.mapping.only_default[key]!r})")
+                continue
             if key not in self.lookup:
                 known = ", ".join(sorted(self.method.parameters)) or "none"
                 raise MergeError(f"{where}: unknown parameter '{key}' for method {self.method.name} (its parameters: {known})")
