@@ -5,6 +5,7 @@ the worker keeps) and from the engine, submits what can run, and links outputs w
 jobs are remembered and never looked at again, so a rerun over a finished graph costs one stat per job.
 It stops when nothing can make progress any more.
 """
+import fcntl
 import logging
 import os
 import socket
@@ -19,6 +20,7 @@ from sisyphus.tools import tail
 logger = logging.getLogger("sisyphus.manager")
 
 HOST = socket.gethostname()
+MANAGER_ID = f"{HOST}:{os.getpid()}"  # written into submit_log entries
 
 # States as the overview lists them: errors last.
 STATE_ORDER = [gs.STATE_FINISHED, gs.STATE_WAITING, gs.STATE_RUNNABLE, gs.STATE_QUEUE, gs.STATE_RUNNING,
@@ -181,19 +183,28 @@ class Manager:
         return count
 
     def submit(self, job, task, task_ids):
+        """Submit task ids, holding a lock on submit_log.<task> so that of two managers deciding at the same
+        time only one submits (the other sees the fresh entry and leaves the ids to it)."""
         job._sis_setup_directory()
         name = task.engine_name()
         call = list(gs.SIS_COMMAND) + [gs.CMD_WORKER, job._sis_path(), task.name()]
         logpath = job._sis_path(f"{gs.JOB_LOG}.{task.name()}")
-        history = task.submissions()
-        groups = {}  # ids with equal requirements are submitted together
-        for i in task_ids:
-            rqmt = self.requirements(task, i, [e["rqmt"] for e in history if i in e["task_ids"]])
-            groups.setdefault(repr(sorted(rqmt.items())), (rqmt, []))[1].append(i)
-        for rqmt, ids in groups.values():
-            logger.info("submit: %s task %s %s", job, task.name(), ids)
-            self.engine.submit_call(call, logpath, rqmt, name, task.name(), ids)
-            task.log_submission({"time": time.time(), "task_ids": ids, "rqmt": rqmt})
+        with open(task.file(gs.ENGINE_SUBMIT), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            history = task.submissions()
+            groups = {}  # ids with equal requirements are submitted together
+            for i in task_ids:
+                earlier = [e for e in history if i in e["task_ids"]]
+                if earlier and earlier[-1].get("manager") != MANAGER_ID and \
+                        time.time() - earlier[-1]["time"] < gs.WAIT_PERIOD_SUBMIT:
+                    logger.info("%s task %s.%s was just submitted by another manager", job, task.name(), i)
+                    continue
+                rqmt = self.requirements(task, i, [e["rqmt"] for e in earlier])
+                groups.setdefault(repr(sorted(rqmt.items())), (rqmt, []))[1].append(i)
+            for rqmt, ids in groups.values():
+                logger.info("submit: %s task %s %s", job, task.name(), ids)
+                self.engine.submit_call(call, logpath, rqmt, name, task.name(), ids)
+                task.log_submission({"time": time.time(), "task_ids": ids, "rqmt": rqmt, "manager": MANAGER_ID})
 
     def requirements(self, task, task_id, earlier):
         """The engine's defaults updated by the task's rqmt; time or memory doubled after the engine killed
