@@ -43,7 +43,7 @@ SQUEUE_RETRY_WAIT = 10  # seconds between those attempts
 CACHE_MAX_AGE = 30  # seconds a squeue listing is reused when the manager does not call reset_cache
 LOG_TAIL_BYTES = 64 * 1024  # how much of a log's end is searched for slurmstepd's kill messages
 
-# squeue's %T job states, grouped by what they mean for the manager.
+# SLURM job states (squeue's State field), grouped by what they mean for the manager.
 QUEUED_STATES = {"PENDING", "CONFIGURING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "RESV_DEL_HOLD"}
 RUNNING_STATES = {"RUNNING", "COMPLETING", "SIGNALING", "STAGE_OUT", "RESIZING", "SUSPENDED", "STOPPED"}
 ABNORMAL_END_STATES = {
@@ -69,8 +69,8 @@ class SimpleLinuxUtilityForResourceManagementEngine(EngineBase):
 
     rqmt keys: 'cpu' (--cpus-per-task), 'mem' (GB, or a SLURM size string like '500M'), 'time' (hours,
     or a SLURM time string), 'gpu' (--gres=gpu:N, with 'gpu_name' as gres type), 'sbatch_args' (list or
-    string of further sbatch arguments, e.g. ['-p', 'gpu']). 'qsub_args' (SGE options) is ignored with
-    a warning, as in the reference implementation; 'multi_node_slots' > 1 is refused.
+    string of further sbatch arguments, e.g. ['-p', 'gpu']). 'qsub_args' (SGE options) is ignored, as by
+    the reference implementation, but with a warning; 'multi_node_slots' > 1 is refused.
     """
 
     class MemoryAllocationType(enum.Enum):

@@ -126,8 +126,8 @@ def test_restarted_manager_finds_the_running_slurm_task_and_does_not_submit_it_a
 
 
         def py():
-            tk.register_output("slept", Sleep(600, release={str(release)!r}, rqmt={{"cpu": 1, "mem": 0.25,
-                                                                                  "time": 0.1}}).out_file)
+            rqmt = {{"cpu": 1, "mem": 0.25, "time": 0.1}}
+            tk.register_output("slept", Sleep(600, release={str(release)!r}, rqmt=rqmt).out_file)
         """
     setup = slurm_setup(tmp_path, config)
     first = start_sis(setup, "--config", "config/run.py", "m", "-r", log_name="first.out")
