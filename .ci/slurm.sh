@@ -2,7 +2,7 @@
 # A real single-node SLURM cluster for the tests (Debian packages, as root, no systemd needed).
 #   bash .ci/slurm.sh install   apt-get install slurm-wlm and munge (skipped when already installed)
 #   bash .ci/slurm.sh start     start munged, slurmctld and slurmd; wait until the node is idle
-#   bash .ci/slurm.sh stop      stop the daemons this script started
+#   bash .ci/slurm.sh stop      stop slurmd, slurmctld and munged (by their pid files)
 #   bash .ci/slurm.sh status    show the node (exit status 1 when the cluster does not answer)
 # Clients need `export SLURM_CONF=$SIS_CI_SLURM_DIR/slurm.conf` (default /tmp/sis-ci-slurm/slurm.conf).
 # Every command is idempotent. The daemons talk over 127.0.0.1, so the host name need not resolve.
