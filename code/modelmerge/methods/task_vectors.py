@@ -7,12 +7,12 @@ mergekit's generalized task arithmetic so that the same YAML gives the same resu
     with a sign consensus (TIES): m_t = [sign(d_t) = s], s the elected sign
     θ = θ_0 + λ · Σ_t m_t d_t / Σ_t m_t w_t            (the division only with `normalize`)
 
-The arithmetic runs in the group's dtype, as mergekit's does.
+The arithmetic runs in the group's dtype, as mergekit's does (with float32 accumulators).
 """
 import torch
 
 from .base import Parameter, TensorGroup
-from .common import per_model
+from .common import per_model, upcast_dtype
 
 CONSENSUS_METHODS = ("sum", "count")
 
@@ -41,21 +41,31 @@ def task_vector(group: TensorGroup, index: int) -> torch.Tensor:
 
 def combine(group: TensorGroup, deltas, weight, *, merge_lambda, normalize, consensus_method=None,
             global_majority_sign=None) -> torch.Tensor:
-    """θ_0 + λ · (the weighted, optionally sign-elected and normalised sum of `deltas`); see the module doc."""
-    weights = per_model(weight, group, "weight")
+    """θ_0 + λ · (the weighted, optionally sign-elected and normalised sum of `deltas`); see the module doc.
+
+    Sums over models accumulate in float32 (at least) and are rounded to the working dtype once, as
+    mergekit's reductions are; the models are visited one at a time rather than stacked.
+    """
     base = group.base
-    stacked = torch.stack([d.to(base.dtype) for d in deltas])
-    w = torch.tensor(weights, dtype=base.dtype, device=base.device).view(-1, *([1] * base.dim()))
-    stacked.mul_(w)
+    dtype, accumulate = base.dtype, upcast_dtype(base.dtype)
+    # Rounded to the working dtype first, as mergekit's weight tensor is.
+    weights = per_model(weight, group, "weight")
+    w = torch.tensor(weights, dtype=dtype, device=base.device)
+    weighted = [d.to(dtype) if weights[t] == 1 else d.to(dtype) * w[t] for t, d in enumerate(deltas)]
     if consensus_method is None:
-        mixed = stacked.sum(dim=0)
+        mixed = _sum(weighted, accumulate).to(dtype)
         divisor = w.sum()
         if divisor.abs() < 1e-8:  # mergekit's guard: weights that cancel are not divided by
             divisor = torch.ones_like(divisor)
     else:
-        mask = agreeing_signs(stacked, consensus_method, global_majority_sign, group.name)
-        mixed = (stacked * mask).sum(dim=0)
-        divisor = (w * mask).sum(dim=0)
+        elected = elect_signs(weighted, consensus_method, global_majority_sign, group.name, accumulate)
+        mixed = torch.zeros(base.shape, dtype=accumulate, device=base.device)
+        divisor = torch.zeros_like(mixed)
+        for t, d in enumerate(weighted):
+            agree = d.sign() == elected  # zero entries never agree
+            mixed += torch.where(agree, d, 0)
+            divisor += agree if weights[t] == 1 else agree * w[t]
+        mixed, divisor = mixed.to(dtype), divisor.to(dtype)
         divisor[divisor == 0] = 1
     if normalize:
         mixed = mixed / divisor
@@ -64,17 +74,23 @@ def combine(group: TensorGroup, deltas, weight, *, merge_lambda, normalize, cons
     return base + mixed
 
 
-def agreeing_signs(deltas: torch.Tensor, consensus_method: str, global_majority_sign, name: str) -> torch.Tensor:
-    """TIES' elect step: a boolean mask [T, ...] of the entries whose sign equals the elected sign.
+def _sum(tensors, dtype) -> torch.Tensor:
+    total = torch.zeros(tensors[0].shape, dtype=dtype, device=tensors[0].device)
+    for tensor in tensors:
+        total += tensor
+    return total
+
+
+def elect_signs(deltas, consensus_method: str, global_majority_sign, name: str, dtype) -> torch.Tensor:
+    """TIES' elect step: the sign (±1) each entry's merged value must have.
 
     The elected sign is that of Σ_t d_t ('sum') or of Σ_t sign(d_t) ('count'). Where that is 0 the
     majority sign decides: `global_majority_sign` when given (TIES takes it over the whole model), else
-    the sign of the sum of the elected signs of this tensor (+1 on a tie). Zero entries never agree.
+    the sign most entries of this tensor elected (+1 on a tie).
     """
     if consensus_method not in CONSENSUS_METHODS:
         raise ValueError(f"consensus_method must be one of {CONSENSUS_METHODS}, got {consensus_method!r}")
-    signs = deltas.sign()
-    elected = (deltas.sum(dim=0) if consensus_method == "sum" else signs.sum(dim=0)).sign()
+    elected = _sum(deltas if consensus_method == "sum" else [d.sign() for d in deltas], dtype).sign()
     if global_majority_sign is not None:
         if global_majority_sign not in (1, -1):
             raise ValueError(f"global_majority_sign must be 1 or -1, got {global_majority_sign!r} (tensor {name})")
@@ -82,4 +98,4 @@ def agreeing_signs(deltas: torch.Tensor, consensus_method: str, global_majority_
     else:
         majority = 1.0 if (elected > 0).sum() >= (elected < 0).sum() else -1.0
     elected[elected == 0] = majority
-    return signs == elected
+    return elected.to(deltas[0].dtype)
