@@ -165,6 +165,7 @@ def test_reused_tied_and_custom_parameters_equal_the_loop():
     for i, n in enumerate(lengths):
         ids[i, :n] = torch.randint(1, 11, (n,))
         mask[i, :n] = 1
+    ids[0, 1] = 0  # the padding id inside a real sentence: nn.Embedding gives its row no gradient
     labels = torch.tensor([0, 2, 1, 1, 0, 2])
     with SquaredGradientSums(model) as sums:
         with sums.capture.recording(len(lengths)) as sites:

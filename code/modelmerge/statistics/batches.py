@@ -62,13 +62,14 @@ def length_sorted_batches(dataset, tokenizer, batch_size, max_length):
             f"the tokenizer pads on the {tokenizer.padding_side!r}; statistics need right padding "
             "(left padding shifts the position ids of BERT-like models and changes their outputs)"
         )
-    tokenized = data.tokenize(dataset, tokenizer, max_length)
-    lengths = [len(ids) for ids in tokenized["input_ids"]]
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    encodings = tokenizer(list(dataset["text"]), truncation=True, max_length=max_length)
+    labels = list(dataset["label"])
+    order = sorted(range(len(labels)), key=lambda i: -len(encodings["input_ids"][i]))
     collate = data.collator(tokenizer)
     for start in range(0, len(order), batch_size):
         indices = order[start : start + batch_size]
-        yield torch.tensor(indices), collate([tokenized[i] for i in indices])
+        examples = [{**{key: values[i] for key, values in encodings.items()}, "label": labels[i]} for i in indices]
+        yield torch.tensor(indices), collate(examples)
 
 
 def labelled_batches(model, tokenizer, dataset, capture, *, empirical, batch_size, max_length, seed, desc):

@@ -67,7 +67,7 @@ def compute_fisher(model, tokenizer, dataset, *, empirical=False, batch_size=32,
                 sums.add(batch.loss, batch.sites, len(batch.indices))
                 labels[batch.indices] = batch.labels
             parameters = dict(model.named_parameters())
-            fisher = {name: (total / len(dataset)).to(parameters[name].dtype) for name, total in sums.named_sums().items()}
+            fisher = {name: total.div_(len(dataset)).to(parameters[name].dtype) for name, total in sums.named_sums().items()}
     finally:
         model.train(was_training)
     return FisherResult(fisher, len(dataset), empirical, seed, labels)

@@ -29,9 +29,51 @@ from modelmerge.statistics.capture import ModuleCapture, batch_first, output_gra
 CONTAINERS = (nn.ModuleDict, nn.ModuleList, nn.ParameterDict, nn.ParameterList)
 
 
+# Per-example weight gradients of a linear layer are formed a few examples at a time, in a block about the size
+# of a CPU core's L2 cache (squaring and summing them there costs little; a [batch, out, in] tensor in main
+# memory costs more than the products themselves). On a GPU, memory is fast: whole batches at once.
+BLOCK_BYTES = {"cpu": 1 << 20}
+DEFAULT_BLOCK_BYTES = 256 << 20
+
+
 @dataclass
 class DenseGradients:
     values: torch.Tensor  # [batch, *parameter shape]
+
+    def add_squares_to(self, total):
+        total += self.values.reshape(len(self.values), *total.shape).square().sum(0)
+
+    def as_rows(self, num_rows):
+        batch = len(self.values)
+        entries = torch.arange(batch * num_rows, device=self.values.device)
+        return RowGradients(entries // num_rows, entries % num_rows, self.values.reshape(batch * num_rows, -1))
+
+
+@dataclass
+class OuterProductGradients:
+    """The per-example gradients g_bᵀ x_b of a linear layer's weight (g: [batch, tokens, out], x: [batch, tokens, in])."""
+
+    g: torch.Tensor
+    x: torch.Tensor
+
+    def add_squares_to(self, total):
+        batch, _, out = self.g.shape
+        block_bytes = BLOCK_BYTES.get(self.g.device.type, DEFAULT_BLOCK_BYTES)
+        block = max(1, min(batch, block_bytes // (out * self.x.shape[2] * self.g.element_size())))
+        squares = torch.zeros(total.shape, dtype=self.g.dtype, device=self.g.device)
+        products = torch.empty(block, *total.shape, dtype=self.g.dtype, device=self.g.device)
+        g_transposed = self.g.transpose(1, 2)
+        for start in range(0, batch, block):
+            n = min(block, batch - start)
+            product = torch.bmm(g_transposed[start : start + n], self.x[start : start + n], out=products[:n])
+            if n == 1:
+                squares.addcmul_(product[0], product[0])
+            else:
+                squares += product.square_().sum(0)
+        total += squares
+
+    def as_rows(self, num_rows):
+        return DenseGradients(torch.bmm(self.g.transpose(1, 2), self.x)).as_rows(num_rows)
 
 
 @dataclass
@@ -42,6 +84,12 @@ class RowGradients:
     rows: torch.Tensor  # [entries]
     values: torch.Tensor  # [entries, *parameter shape[1:]]
 
+    def add_squares_to(self, total):
+        total.index_add_(0, self.rows, self.values.reshape(len(self.rows), -1).square().to(total.dtype))
+
+    def as_rows(self, num_rows):
+        return self
+
 
 def _has_stock_forward(module, cls):
     return isinstance(module, cls) and type(module).forward is cls.forward
@@ -50,7 +98,7 @@ def _has_stock_forward(module, cls):
 def linear_gradients(module, x, g, batch_size):
     x = batch_first(x, batch_size, "the input of a linear layer").reshape(batch_size, -1, module.in_features)
     g = batch_first(g, batch_size, "the output of a linear layer").reshape(batch_size, -1, module.out_features)
-    gradients = {"weight": lambda: DenseGradients(torch.bmm(g.transpose(1, 2), x)), "bias": lambda: DenseGradients(g.sum(1))}
+    gradients = {"weight": lambda: OuterProductGradients(g, x), "bias": lambda: DenseGradients(g.sum(1))}
     return _wanted(module, gradients)
 
 
@@ -235,28 +283,13 @@ def _rows_shape(parameter):
 def _add_squares(total, gradients):
     """Add Σ_examples (per-example gradient)² to `total` ([rows, rest]); the gradients of several calls are summed
     per example first."""
-    rows, rest = total.shape
     if len(gradients) == 1:
-        (single,) = gradients
-        if isinstance(single, DenseGradients):
-            total += single.values.reshape(-1, rows, rest).square().sum(0)
-        else:
-            total.index_add_(0, single.rows, single.values.reshape(-1, rest).square().to(total.dtype))
+        gradients[0].add_squares_to(total)
         return
-    examples, row_ids, values = [], [], []
-    for g in gradients:
-        if isinstance(g, DenseGradients):
-            batch = g.values.shape[0]
-            arange = torch.arange(batch * rows, device=total.device)
-            examples.append(arange // rows)
-            row_ids.append(arange % rows)
-            values.append(g.values.reshape(batch * rows, rest))
-        else:
-            examples.append(g.examples)
-            row_ids.append(g.rows)
-            values.append(g.values.reshape(-1, rest))
-    keys = torch.cat(examples) * rows + torch.cat(row_ids)
+    rows, rest = total.shape
+    parts = [g.as_rows(rows) for g in gradients]
+    keys = torch.cat([part.examples * rows + part.rows for part in parts])
+    values = torch.cat([part.values.reshape(-1, rest) for part in parts])
     unique, inverse = torch.unique(keys, return_inverse=True)
-    values = torch.cat(values)
     summed = values.new_zeros(len(unique), rest).index_add_(0, inverse, values)
-    total.index_add_(0, unique % rows, summed.square().to(total.dtype))
+    RowGradients(unique // rows, unique % rows, summed).add_squares_to(total)
