@@ -479,6 +479,20 @@ def test_ubgm_matches_the_released_formula():
     np.testing.assert_allclose(as_np(got), expected, rtol=1e-5, atol=1e-6)
 
 
+def test_ubgm_in_float32_is_bit_identical_to_the_released_script():
+    base, thetas = models(3)
+    hessians = [1e-4 * randn(*SHAPE, seed=140 + t).abs() for t in range(3)]
+    h0 = 1e-4 * randn(*SHAPE, seed=149).abs()
+    alpha, c0, cs, delta = 1.0, 25000.0, [112000.0, 8530.0, 67349.0], 1e-12
+    # The released script's expressions, in its order (uncertainty_based_gradient_matching.py, Daheim et al.).
+    preconditioner = 1.0 / (sum([alpha * c * h for h, c in zip(hessians, cs)]) + c0 * h0 + delta)
+    summed = sum([(preconditioner * (c * h + delta + c0 * h0)) * (x - base) for x, h, c in zip(thetas, hessians, cs)])
+    expected = base + alpha * summed
+    group = TensorGroup("x", thetas, base=base, stats=[{"fisher": h} for h in hessians], base_stats={"fisher": h0})
+    got = run_method("ubgm", group, scaling_factor=alpha, scaling_factor_pt=c0, scaling_factors_ft=cs, delta_0=delta)
+    assert torch.equal(got, expected)
+
+
 def test_ubgm_with_zero_hessians_is_task_arithmetic_with_lambda_alpha():
     base, thetas = models(3)
     zero = torch.zeros(SHAPE)

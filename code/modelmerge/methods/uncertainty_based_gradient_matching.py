@@ -42,17 +42,13 @@ class UncertaintyBasedGradientMatching(MergeMethod):
         hessians = [stat(group, t, "fisher").to(dtype) for t in range(len(group.tensors))]
         prior = scaling_factor_pt * group.base_stats["fisher"].to(dtype)  # c_0 H_0
 
-        denominator = torch.zeros_like(prior)
-        for c, h in zip(scales, hessians):
-            denominator.add_(h, alpha=alpha * c)
-        denominator = denominator + prior + delta_0
+        denominator = sum((alpha * c) * h for c, h in zip(scales, hessians)) + prior + delta_0
         if (denominator == 0).any():
             raise ValueError(f"zero denominator Σ α c_t H_t + c_0 H_0 + δ_0 in tensor {group.name} "
                              f"({int((denominator == 0).sum())} entries); use delta_0 > 0")
         preconditioner = 1.0 / denominator
 
         theta_0 = base.to(dtype)
-        summed = torch.zeros_like(theta_0)
-        for theta, c, h in zip(group.tensors, scales, hessians):
-            summed.add_(preconditioner * (c * h + delta_0 + prior) * (theta.to(dtype) - theta_0))
+        summed = sum(preconditioner * (c * h + delta_0 + prior) * (theta.to(dtype) - theta_0)
+                     for theta, c, h in zip(group.tensors, scales, hessians))
         return (theta_0 + alpha * summed).to(base.dtype)
