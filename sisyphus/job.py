@@ -170,11 +170,15 @@ class Job(metaclass=JobSingleton):
 
     def _sis_tasks(self):
         if self._sis_task_cache is None:
-            tasks = list(self.tasks())
-            if not tasks:
-                raise ValueError(f"{self}: tasks() yielded no Task")
-            for task in tasks:
-                task.set_job(self)
+            try:
+                tasks = list(self.tasks())
+                if not tasks:
+                    raise ValueError("it yielded no Task")
+                for task in tasks:
+                    task.set_job(self)
+            except Exception as e:
+                raise SisError(f"{self}: tasks() of {type(self).__module__}.{type(self).__qualname__} failed: "
+                               f"{type(e).__name__}: {e}") from e
             self._sis_task_cache = tasks
         return self._sis_task_cache
 

@@ -27,9 +27,9 @@ class Path:
         :param bool cached: kept for compatibility (file caching is not supported); no effect
         :param str|tuple|None hash_overwrite: hash as if the path were this string (or (creator, path))
         """
+        if isinstance(path, Path) or not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"tk.Path needs a str (or pathlib path), not {type(path).__name__}: {path!r}")
         path = os.fspath(path)
-        if not isinstance(path, str):
-            raise TypeError(f"tk.Path needs a str, not {type(path).__name__}: {path!r}")
         self.path = path
         self.creator = creator
         self.cached = cached
