@@ -8,7 +8,7 @@ import torch
 from peft import IA3Config, LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from torch import nn
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, RobertaConfig, RobertaForSequenceClassification
 
 from modelmerge.statistics import compute_fisher, save_fisher
 from modelmerge.statistics.capture import output_gradients
@@ -109,6 +109,21 @@ def test_batched_fisher_equals_the_per_example_loop(tiny_path, tokenizer, rows, 
     assert result.num_examples == NUM_EXAMPLES and result.variant == ("empirical" if empirical else "sampled")
     assert_same_fisher(result.fisher, expected)
     assert all(value.dtype == torch.float64 for value in result.fisher.values())
+
+
+def test_batched_fisher_of_a_roberta_model_equals_the_loop(tokenizer, rows, dataset):
+    """RoBERTa derives position ids from the input ids (padding positions get the padding index) and classifies
+    with a two-layer head on the first token: other code paths than BERT's."""
+    config = RobertaConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=130, pad_token_id=tokenizer.pad_token_id, num_labels=3,
+    )
+    torch.manual_seed(0)
+    model = RobertaForSequenceClassification(config).double().eval()
+    result = compute_fisher(model, tokenizer, dataset, batch_size=6)
+    expected, labels = loop_fisher(model, tokenizer, rows, empirical=False)
+    assert result.labels.tolist() == labels
+    assert_same_fisher(result.fisher, expected)
 
 
 @pytest.mark.parametrize("peft", ["lora", "ia3"])

@@ -14,6 +14,7 @@ example's gradient layer by layer (`per_example.py`), with the same values.
 """
 import logging
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -63,9 +64,12 @@ def compute_fisher(model, tokenizer, dataset, *, empirical=False, batch_size=32,
                 model, tokenizer, dataset, sums.capture, empirical=empirical, batch_size=batch_size,
                 max_length=max_length, seed=seed, desc="Fisher",
             )
+            start = time.perf_counter()
             for batch in batches:
                 sums.add(batch.loss, batch.sites, len(batch.indices))
                 labels[batch.indices] = batch.labels
+            seconds = time.perf_counter() - start
+            logger.info("Fisher of %d examples in %.1f s (%.1f examples/s)", len(dataset), seconds, len(dataset) / seconds)
             parameters = dict(model.named_parameters())
             fisher = {name: total.div_(len(dataset)).to(parameters[name].dtype) for name, total in sums.named_sums().items()}
     finally:

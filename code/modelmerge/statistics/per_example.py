@@ -185,9 +185,8 @@ class SquaredGradientSums:
     """Σ over examples of the squared per-example gradient of every trainable parameter of `model`.
 
     Use as a context manager (it hooks the model's modules); call `add(loss, sites, batch_size)` after each
-    forward pass recorded with `capture.recording(batch_size)`, where `loss` is the sum over the batch of the
-    per-example objectives. `sums` maps each trainable parameter (by `named_parameters()` name) to its float64
-    running sum.
+    forward pass recorded with `self.capture.recording(batch_size)`, where `loss` is the sum over the batch of
+    the per-example objectives; `named_sums()` gives the float64 running sums by `named_parameters()` name.
     """
 
     def __init__(self, model):
