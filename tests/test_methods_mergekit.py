@@ -34,15 +34,15 @@ def test_task_arithmetic(normalize):
     torch.testing.assert_close(ours, expected)
 
 
-@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("normalize,rescale", [(True, False), (False, False), (True, True)])
 @pytest.mark.parametrize("density", [[1.0, 1.0, 1.0], [0.2, 0.5, 0.8]])
-def test_ties(density, normalize):
+def test_ties(density, normalize, rescale):
     base, thetas = models(3, shape=(16, 12))
     w = [1.0, 0.5, 0.8]
     ours = run_method("ties", TensorGroup("x", thetas, base=base), weight=w, density=density, merge_lambda=0.9,
-                      normalize=normalize)
+                      normalize=normalize, rescale=rescale)
     expected = mergekit("ties", [base, *thetas], base_index=0, weight=w, density=density, normalize=normalize,
-                        **{"lambda": 0.9})
+                        rescale=rescale, **{"lambda": 0.9})
     torch.testing.assert_close(ours, expected)
 
 

@@ -7,7 +7,7 @@ import torch
 
 from .base import MergeMethod, Parameter, TensorGroup
 from .common import base_tensor, per_model
-from .task_vectors import CONSENSUS_PARAMETERS, combine, combine_parameters, task_vector
+from .task_vectors import CONSENSUS_PARAMETERS, combine, combine_parameters, restore_l1_norm, task_vector
 
 
 def drop_outliers_and_small(delta: torch.Tensor, density: float, gamma: float, rescale: bool) -> torch.Tensor:
@@ -26,11 +26,7 @@ def drop_outliers_and_small(delta: torch.Tensor, density: float, gamma: float, r
     mask = torch.zeros(n, dtype=torch.bool, device=delta.device)
     mask[order[bottom_count: bottom_count + keep_count]] = True
     kept = delta * mask.view(delta.shape)
-    if rescale:
-        before, after = delta.abs().sum(), kept.abs().sum()
-        if before >= 1e-7 and after >= 1e-7:
-            kept = kept * (before / after)
-    return kept
+    return restore_l1_norm(kept, delta) if rescale else kept
 
 
 class Breadcrumbs(MergeMethod):

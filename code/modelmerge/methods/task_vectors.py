@@ -39,6 +39,15 @@ def task_vector(group: TensorGroup, index: int) -> torch.Tensor:
     return group.tensors[index] - group.base
 
 
+def restore_l1_norm(kept: torch.Tensor, original: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """`kept` (a sparsified `original`) scaled back to the L1 norm of `original`, as mergekit's `rescale`
+    does; unchanged where either norm is below `eps`."""
+    before, after = original.abs().sum(), kept.abs().sum()
+    if before < eps or after < eps:
+        return kept
+    return kept * (before / after)
+
+
 def combine(group: TensorGroup, deltas, weight, *, merge_lambda, normalize, consensus_method=None,
             global_majority_sign=None) -> torch.Tensor:
     """θ_0 + λ · (the weighted, optionally sign-elected and normalised sum of `deltas`); see the module doc.

@@ -9,7 +9,7 @@ import torch
 
 from .base import MergeMethod, Parameter, TensorGroup
 from .common import base_tensor, optional_stats, per_model
-from .task_vectors import CONSENSUS_PARAMETERS, combine, combine_parameters, task_vector
+from .task_vectors import CONSENSUS_PARAMETERS, combine, combine_parameters, restore_l1_norm, task_vector
 
 # Above this many entries the exact selection first brackets the answer with a sample (see kth_largest).
 _SAMPLED_SELECTION_MIN = 1 << 20
@@ -60,7 +60,7 @@ def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
 
 
 class Ties(MergeMethod):
-    """TIES as mergekit's `ties` (weights, density, normalize, λ), plus git-theta's precomputed trimmed
+    """TIES as mergekit's `ties` (weights, density, rescale, normalize, λ), plus git-theta's precomputed trimmed
     task vectors (statistic 'trimmed', e.g. from code/trim.py) and its `global_majority_sign`.
 
     mergekit elects +1 where the sign election ties; `global_majority_sign=1` reproduces that exactly.
@@ -72,15 +72,19 @@ class Ties(MergeMethod):
     parameters = {
         **combine_parameters(normalize=True),
         "density": Parameter(1.0, per_model=True, help="fraction of each task vector kept (largest magnitudes)"),
+        "rescale": Parameter(False, type=bool, help="rescale each trimmed task vector to its untrimmed L1 norm"),
         **CONSENSUS_PARAMETERS,
     }
 
-    def merge(self, group: TensorGroup, *, weight, density, merge_lambda, normalize, consensus_method,
+    def merge(self, group: TensorGroup, *, weight, density, rescale, merge_lambda, normalize, consensus_method,
               global_majority_sign, int8_mask) -> torch.Tensor:
         base_tensor(group)
         trimmed = optional_stats(group, "trimmed")
         if trimmed is None:
             densities = per_model(density, group, "density")
             trimmed = [trim_by_magnitude(task_vector(group, t), d) for t, d in enumerate(densities)]
+        if rescale:
+            trimmed = [restore_l1_norm(kept.to(group.base.dtype), task_vector(group, t))
+                       for t, kept in enumerate(trimmed)]
         return combine(group, trimmed, weight, merge_lambda=merge_lambda, normalize=normalize,
                        consensus_method=consensus_method, global_majority_sign=global_majority_sign)
