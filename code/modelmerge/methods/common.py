@@ -1,4 +1,4 @@
-"""Small helpers the merge methods share: working precision, per-model values, guarded division."""
+"""Helpers the merge methods share: working precision, per-model values, statistics lookup, weighted mean."""
 import torch
 
 from .base import TensorGroup
