@@ -32,12 +32,14 @@ from modelmerge.statistics.batches import sample_labels, sampling_uniforms  # no
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", default=os.environ.get(DATA_DIR_ENV), help=f"folder of <task>/train.jsonl (default: ${DATA_DIR_ENV})")
+    parser.add_argument(
+        "--data-dir", default=os.environ.get(DATA_DIR_ENV), help=f"folder of <task>/*.jsonl (default: ${DATA_DIR_ENV})"
+    )
     parser.add_argument("--task", default="sst2")
     parser.add_argument("--num-examples", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=128)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (one is often fastest on a busy 2-core machine)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (one is often fastest on a busy machine)")
     parser.add_argument("--rounds", type=int, default=2, help="alternate loop and batched runs this many times")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -134,8 +136,8 @@ def main():
         batched_times.append(seconds)
         batched_memory.append(memory)
         print(
-            f"round {round_ + 1}: loop {len(texts) / loop_times[-1]:.1f} ex/s, batched {len(texts) / seconds:.1f} ex/s, "
-            f"load average {os.getloadavg()[0]:.2f}"
+            f"round {round_ + 1}: loop {len(texts) / loop_times[-1]:.1f} ex/s, "
+            f"batched {len(texts) / seconds:.1f} ex/s, load average {os.getloadavg()[0]:.2f}"
         )
 
     difference, noise = fisher_difference(batched.fisher, loop)

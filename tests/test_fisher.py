@@ -8,7 +8,12 @@ import torch
 from peft import IA3Config, LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from torch import nn
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, RobertaConfig, RobertaForSequenceClassification
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    RobertaConfig,
+    RobertaForSequenceClassification,
+)
 
 from modelmerge.statistics import compute_fisher, save_fisher
 from modelmerge.statistics.capture import output_gradients
@@ -50,9 +55,11 @@ def tokenizer(tiny_path):
 def load_model(path, peft=None):
     model = AutoModelForSequenceClassification.from_pretrained(path)
     if peft == "lora":
-        model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["query", "value"]))
+        config = LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["query", "value"])
+        model = get_peft_model(model, config)
     elif peft == "ia3":
-        config = IA3Config(task_type="SEQ_CLS", target_modules=["key", "value", "output.dense"], feedforward_modules=["output.dense"])
+        modules = ["key", "value", "output.dense"]
+        config = IA3Config(task_type="SEQ_CLS", target_modules=modules, feedforward_modules=["output.dense"])
         model = get_peft_model(model, config)
     if peft is not None:  # adapters start as the identity (LoRA B = 0, IA3 = 1): move them so gradients are generic
         generator = torch.Generator().manual_seed(1)
@@ -115,8 +122,8 @@ def test_batched_fisher_of_a_roberta_model_equals_the_loop(tokenizer, rows, data
     """RoBERTa derives position ids from the input ids (padding positions get the padding index) and classifies
     with a two-layer head on the first token: other code paths than BERT's."""
     config = RobertaConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
-        max_position_embeddings=130, pad_token_id=tokenizer.pad_token_id, num_labels=3,
+        vocab_size=tokenizer.vocab_size, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=32, max_position_embeddings=130, pad_token_id=tokenizer.pad_token_id, num_labels=3,
     )
     torch.manual_seed(0)
     model = RobertaForSequenceClassification(config).double().eval()
@@ -207,7 +214,7 @@ def test_output_gradients_refuse_an_output_changed_in_place():
             output_gradients(y.sum(), sites)
 
 
-def test_save_fisher_writes_checkpoint_names_a_loadable_hessian_folder_and_stats(tiny_path, tokenizer, dataset, tmp_path):
+def test_save_fisher_writes_checkpoint_names_a_loadable_hessian_and_stats(tiny_path, tokenizer, dataset, tmp_path):
     model = AutoModelForSequenceClassification.from_pretrained(tiny_path)
     result = compute_fisher(model, tokenizer, dataset, num_examples=6, batch_size=4)
     assert result.num_examples == 6 and len(result.labels) == 6
@@ -222,7 +229,8 @@ def test_save_fisher_writes_checkpoint_names_a_loadable_hessian_folder_and_stats
     hessian = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "out" / "hessian"))
     for name, parameter in hessian.named_parameters():
         assert torch.equal(parameter.detach(), fisher[name]), name
-    assert json.loads((tmp_path / "out" / "stats.json").read_text()) == {"num_examples": 6, "variant": "sampled", "seed": 0}
+    stats = json.loads((tmp_path / "out" / "stats.json").read_text())
+    assert stats == {"num_examples": 6, "variant": "sampled", "seed": 0}
     assert sorted(os.listdir(tmp_path / "out")) == ["fisher.safetensors", "hessian", "stats.json"]  # no temporaries
 
 
@@ -234,7 +242,8 @@ def test_save_fisher_of_a_lora_model_uses_the_adapter_checkpoint_names(tiny_path
     fisher = load_file(str(tmp_path / "out" / "fisher.safetensors"))
     adapter = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
     assert set(fisher) == set(adapter) and any(name.endswith("lora_B.weight") for name in fisher)
-    hessian = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(tiny_path), str(tmp_path / "out" / "hessian"))
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_path)
+    hessian = PeftModel.from_pretrained(base, str(tmp_path / "out" / "hessian"))
     hessian_parameters = dict(hessian.named_parameters())
     for name, value in result.fisher.items():
         assert torch.equal(hessian_parameters[name].detach(), value), name

@@ -49,7 +49,8 @@ class ModuleCapture:
         self.sites = None
         self.batch_size = None
         self.handles = [
-            module.register_forward_hook(partial(self._record, name), with_kwargs=True) for name, module in modules.items()
+            module.register_forward_hook(partial(self._record, name), with_kwargs=True)
+            for name, module in modules.items()
         ]
 
     def __enter__(self):
@@ -87,7 +88,8 @@ class ModuleCapture:
         single = torch.is_tensor(output)
         outputs = (output,) if single else tuple(output) if isinstance(output, (tuple, list)) else None
         if outputs is None or not all(torch.is_tensor(t) for t in outputs):
-            raise TypeError(f"module {name} ({type(module).__name__}) returned {type(output).__name__}; expected tensors")
+            returned = type(output).__name__
+            raise TypeError(f"module {name} ({type(module).__name__}) returned {returned}; expected tensors")
         outputs = tuple(self._broadcast(t, name) for t in outputs)
         self.sites.append(Site(name, module, args, kwargs, outputs, tuple(t._version for t in outputs)))
         if single:

@@ -42,7 +42,9 @@ class FisherResult:
         return "empirical" if self.empirical else "sampled"
 
 
-def compute_fisher(model, tokenizer, dataset, *, empirical=False, batch_size=32, max_length=None, num_examples=None, seed=0):
+def compute_fisher(
+    model, tokenizer, dataset, *, empirical=False, batch_size=32, max_length=None, num_examples=None, seed=0
+):
     """The diagonal Fisher of `model` (a sequence classifier, plain transformers or PEFT) over `dataset`.
 
     `dataset`: a `datasets.Dataset` with `text` (and `label`, used when `empirical`); its first `num_examples`
@@ -69,9 +71,10 @@ def compute_fisher(model, tokenizer, dataset, *, empirical=False, batch_size=32,
                 sums.add(batch.loss, batch.sites, len(batch.indices))
                 labels[batch.indices] = batch.labels
             seconds = time.perf_counter() - start
-            logger.info("Fisher of %d examples in %.1f s (%.1f examples/s)", len(dataset), seconds, len(dataset) / seconds)
-            parameters = dict(model.named_parameters())
-            fisher = {name: total.div_(len(dataset)).to(parameters[name].dtype) for name, total in sums.named_sums().items()}
+            rate = len(dataset) / seconds
+            logger.info("Fisher of %d examples in %.1f s (%.1f examples/s)", len(dataset), seconds, rate)
+            dtypes = {name: parameter.dtype for name, parameter in model.named_parameters()}
+            fisher = {name: total.div_(len(dataset)).to(dtypes[name]) for name, total in sums.named_sums().items()}
     finally:
         model.train(was_training)
     return FisherResult(fisher, len(dataset), empirical, seed, labels)

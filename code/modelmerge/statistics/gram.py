@@ -60,7 +60,9 @@ def trainable_linear_layers(model):
     }
 
 
-def compute_gram(model, tokenizer, dataset, *, empirical=False, batch_size=32, max_length=None, num_examples=None, seed=0):
+def compute_gram(
+    model, tokenizer, dataset, *, empirical=False, batch_size=32, max_length=None, num_examples=None, seed=0
+):
     """Input and output-gradient Gram matrices of the trainable linear layers of `model` over `dataset`.
 
     Arguments as for `compute_fisher`: a `datasets.Dataset` of `text`/`label`, its first `num_examples`
@@ -70,10 +72,10 @@ def compute_gram(model, tokenizer, dataset, *, empirical=False, batch_size=32, m
     layers = trainable_linear_layers(model)
     if not layers:
         raise ValueError("the model has no linear layer with a trainable weight")
-    logger.info("Gram matrices of %d linear layers over %d examples, batch size %d", len(layers), len(dataset), batch_size)
+    logger.info("Gram matrices of %d linear layers, %d examples, batch size %d", len(layers), len(dataset), batch_size)
     device = next(model.parameters()).device
-    inputs = {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float64, device=device) for n, m in layers.items()}
-    outputs = {n: torch.zeros(m.out_features, m.out_features, dtype=torch.float64, device=device) for n, m in layers.items()}
+    inputs = {n: _zeros(m.in_features, device) for n, m in layers.items()}
+    outputs = {n: _zeros(m.out_features, device) for n, m in layers.items()}
     rows = dict.fromkeys(layers, 0)
     num_tokens = 0
     was_training = model.training
@@ -103,6 +105,10 @@ def compute_gram(model, tokenizer, dataset, *, empirical=False, batch_size=32, m
     )
 
 
+def _zeros(size, device):
+    return torch.zeros(size, size, dtype=torch.float64, device=device)
+
+
 def _rows(tensor, attention_mask, what):
     """The float64 rows of a layer's input or output gradient: the non-padding tokens, or one per example."""
     tensor = batch_first(tensor, attention_mask.shape[0], what)
@@ -116,7 +122,8 @@ def save_gram(result, model, output_dir):
     stats.json last; tensors under the checkpoint names of the layers' weights."""
     names = checkpoint_names(model)
     os.makedirs(output_dir, exist_ok=True)
-    for filename, grams in (("gram.safetensors", result.input_gram), ("output_grad_gram.safetensors", result.output_grad_gram)):
+    files = {"gram.safetensors": result.input_gram, "output_grad_gram.safetensors": result.output_grad_gram}
+    for filename, grams in files.items():
         with atomic_file(os.path.join(output_dir, filename)) as tmp:
             save_file({names[name]: gram.contiguous() for name, gram in grams.items()}, tmp, metadata={"format": "pt"})
     stats = {
@@ -127,4 +134,4 @@ def save_gram(result, model, output_dir):
         "rows": {names[name]: count for name, count in result.rows.items()},
     }
     write_json(os.path.join(output_dir, "stats.json"), stats)
-    logger.info("wrote the Gram matrices of %d layers over %d examples to %s", len(result.rows), result.num_examples, output_dir)
+    logger.info("wrote the Gram matrices of %d layers to %s", len(result.rows), output_dir)

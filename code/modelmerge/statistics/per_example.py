@@ -51,7 +51,7 @@ class DenseGradients:
 
 @dataclass
 class OuterProductGradients:
-    """The per-example gradients g_bᵀ x_b of a linear layer's weight (g: [batch, tokens, out], x: [batch, tokens, in])."""
+    """Per-example gradients g_bᵀ x_b of a linear layer's weight; g: [batch, tokens, out], x: [batch, tokens, in]."""
 
     g: torch.Tensor
     x: torch.Tensor
@@ -175,9 +175,8 @@ def functional_gradients(site, output_grads, parameters, batch_size):
             tuple(a for a, is_batched in zip(arguments, batched) if is_batched), tuple(output_grads)
         )
     except Exception as error:
-        raise RuntimeError(
-            f"per-example gradients of {names} in {site.name} ({type(site.module).__name__}) via torch.func failed: {error}"
-        ) from error
+        module = f"{site.name} ({type(site.module).__name__})"
+        raise RuntimeError(f"per-example gradients of {names} in {module} via torch.func failed: {error}") from error
     return [(parameters[name], DenseGradients(grad)) for name, grad in zip(names, gradients)]
 
 
