@@ -194,9 +194,13 @@ class Job(metaclass=JobSingleton):
             return True
         base = self._sis_path(abspath=True)
         marker = os.path.join(base, gs.JOB_FINISHED_MARKER)
-        if os.path.isfile(marker) or os.path.isfile(os.path.join(base, gs.JOB_FINISHED_ARCHIVE)):
+        if os.path.isfile(marker):
             self._sis_finished_cache = True
-        elif os.path.isdir(base) and all(t.finished(i) for t in self._sis_tasks() for i in t.task_ids()):
+        elif not os.path.isdir(base):
+            return False
+        elif os.path.isfile(os.path.join(base, gs.JOB_FINISHED_ARCHIVE)):
+            self._sis_finished_cache = True
+        elif all(t.finished(i) for t in self._sis_tasks() for i in t.task_ids()):
             with open(marker, "w"):
                 pass
             self._sis_finished_cache = True
