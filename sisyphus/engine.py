@@ -137,6 +137,7 @@ class EngineSelector(EngineBase):
             for engine in engines:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    return
+                    return False
                 if engine.wait_for_change(min(0.05, remaining)):
-                    return
+                    return True
+        return False

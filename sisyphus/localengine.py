@@ -3,7 +3,6 @@ import logging
 import os
 import subprocess
 import threading
-import time
 from dataclasses import dataclass, field
 
 import psutil

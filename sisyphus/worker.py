@@ -45,13 +45,12 @@ def run_worker(jobdir, task_name, task_id=None, engine_key=None):
     if task_id not in task.task_ids():
         raise ValueError(f"{jobdir}: task {task_name!r} has ids {task.task_ids()}, not {task_id}")
 
-    lock = open(task.file(gs.TASK_LOCK, task_id), "a")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        logger.info("%s %s.%s is being run by another worker; nothing to do", job, task_name, task_id)
-        return 0
-    try:
+    with open(task.file(gs.TASK_LOCK, task_id), "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.info("%s %s.%s is being run by another worker; nothing to do", job, task_name, task_id)
+            return 0
         if task.finished(task_id):
             logger.info("%s %s.%s already finished; nothing to do", job, task_name, task_id)
             return 0
@@ -60,8 +59,6 @@ def run_worker(jobdir, task_name, task_id=None, engine_key=None):
                          task_id)
             return EXIT_TASK_FAILED
         return _run_locked(job, task, task_id)
-    finally:
-        lock.close()
 
 
 def _run_locked(job, task, task_id):
