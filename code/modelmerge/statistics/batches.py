@@ -6,15 +6,12 @@ inverse CDF with one uniform number per example, drawn up front from a seeded ge
 so an example's label does not depend on how the examples are batched: a one-example-at-a-time loop with
 the same seed and the same rule (`sample_labels`) draws exactly the same labels.
 """
-import logging
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
 from modelmerge import data
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass
