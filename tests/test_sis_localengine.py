@@ -71,7 +71,7 @@ def test_runs_tasks_as_processes_with_logs_and_states(engine, tmp_path):
 
 def test_never_over_cpu_and_memory_limits_but_parallel_where_they_fit(engine, tmp_path):
     local = engine(cpu=2, mem=4)
-    submit_span(local, tmp_path, "small", [1, 2, 3, 4], {"cpu": 1, "mem": 1})
+    submit_span(local, tmp_path, "small", [1, 2, 3, 4], {"cpu": 1, "mem": 1}, seconds=1.0)
     submit_span(local, tmp_path, "wide", [1, 2], {"cpu": 2, "mem": 1})
     submit_span(local, tmp_path, "big", [1, 2], {"cpu": 1, "mem": 3})
     wait_ended(local, "small", [1, 2, 3, 4])
