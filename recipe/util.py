@@ -44,7 +44,7 @@ def instantiate(obj):
 def write_json(path, obj):
     path = tk.uncached_path(path)
     with open(path + ".tmp", "w") as f:
-        json.dump(instantiate(obj), f, indent=2, sort_keys=True)
+        json.dump(instantiate(obj), f, indent=2)
         f.write("\n")
     os.replace(path + ".tmp", path)
 
