@@ -178,3 +178,18 @@ def test_parse_size():
     assert parse_size(1234) == 1234
     with pytest.raises(ValueError, match="not a size"):
         parse_size("lots")
+
+
+def test_tensors_can_be_written_in_blocks_of_rows(tmp_path):
+    big, small = torch.arange(12.0).reshape(6, 2), torch.ones(3)
+    entries = [("big", TensorInfo((6, 2), torch.float32)), ("small", TensorInfo((3,), torch.float32))]
+    with open_output(str(tmp_path / "out.safetensors"), entries, "file") as writer:
+        for start in (0, 4):
+            writer.write("big", big[start:start + 4])
+        writer.write("small", small)
+    loaded = load_file(tmp_path / "out.safetensors")
+    assert torch.equal(loaded["big"], big) and torch.equal(loaded["small"], small)
+    with pytest.raises(RuntimeError, match="from row 4"):
+        with open_output(str(tmp_path / "bad.safetensors"), entries, "file") as writer:
+            writer.write("big", big[:4])
+            writer.write("big", big[:3])  # more rows than are left

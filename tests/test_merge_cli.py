@@ -285,3 +285,27 @@ def test_the_program_prints_progress_and_a_summary_and_fails_with_status_2(zoo, 
                             capture_output=True, text=True)
     assert failed.returncode == 2 and failed.stderr.strip().endswith("needs one value per model (3), got 2")
     assert not (tmp_path / "bad").exists()
+
+
+def test_elementwise_methods_merge_large_tensors_in_row_blocks_with_the_same_result(zoo, tmp_path, monkeypatch, capsys):
+    from modelmerge import merge_driver
+    from modelmerge.methods.task_arithmetic import TaskArithmetic
+
+    class BlockwiseTaskArithmetic(TaskArithmetic):
+        elementwise = True
+
+    argv = ["--merge", "task_arithmetic", "--models", *zoo["models"], "--ancestor", zoo["base"], "--x:merge_lambda", "0.4"]
+    run(argv + ["--output", str(tmp_path / "whole")])
+    blocks = []
+    merge_block = merge_driver._merge_block
+    monkeypatch.setattr(merge_driver, "_merge_block", lambda *a: blocks.append(a[2]) or merge_block(*a))
+    monkeypatch.setattr(merge_driver, "load_method", lambda name: BlockwiseTaskArithmetic())
+    monkeypatch.setattr(merge_driver, "BLOCK_BYTES", 1000)  # word embeddings: 400 rows of 128 bytes, 7 rows a block
+    run(argv + ["--output", str(tmp_path / "blocks")])
+    assert (0, 7) in blocks and (399, 400) in blocks
+    whole, in_blocks = weights(tmp_path / "whole"), weights(tmp_path / "blocks")
+    assert all(torch.equal(in_blocks[n], t) for n, t in whole.items())
+    # a bad value in a late block is still found and named
+    nan = _corrupt(zoo, tmp_path, lambda t: t["bert.embeddings.word_embeddings.weight"].__setitem__((399, 0), float("nan")))
+    assert_fails(argv[:3] + [nan, zoo["models"][1], "--ancestor", zoo["base"], "--output", str(tmp_path / "bad")],
+                 "bert.embeddings.word_embeddings.weight", capsys, output=str(tmp_path / "bad"))

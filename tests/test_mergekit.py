@@ -84,6 +84,12 @@ CONFIGS = {
                    {"model": "@ft3@", "parameters": {"weight": [0.3, 1.0, 0.6]}}],
         "parameters": {"density": [{"filter": "intermediate", "value": 0.3}, {"value": 0.6}], "lambda": 1.3},
     },
+    "ties with rescaling": {
+        "merge_method": "ties",
+        "base_model": "@base@",
+        "models": [{"model": "@ft1@", "parameters": {"weight": 1.0}}, {"model": "@ft2@", "parameters": {"weight": 0.5}}],
+        "parameters": {"density": 0.4, "rescale": True, "normalize": False},
+    },
     "ties electing + where task vectors cancel": {
         "merge_method": "ties",
         "base_model": "@zero@",

@@ -312,19 +312,26 @@ class SafetensorsStreamWriter:
         self.path = path
         self._expected = list(entries)
         self._next = 0
+        self._rows_written = 0  # of the tensor being written in blocks of rows
         self._file = open(path, "wb")
         self._file.write(_safetensors_header(self._expected, metadata))
 
     def write(self, name, tensor):
+        """Append `tensor`, the next planned one, or the next block of its rows (its first dimension)."""
         expected_name, info = self._expected[self._next]
-        if name != expected_name or tuple(tensor.shape) != info.shape or tensor.dtype != info.dtype:
+        whole = tuple(tensor.shape) == info.shape and self._rows_written == 0
+        block = (tensor.dim() == len(info.shape) > 0 and tuple(tensor.shape[1:]) == info.shape[1:]
+                 and self._rows_written + tensor.shape[0] <= info.shape[0])
+        if name != expected_name or tensor.dtype != info.dtype or not (whole or block):
             raise RuntimeError(
-                f"{self.path}: expected tensor {expected_name} {info.shape} {info.dtype}, "
-                f"got {name} {tuple(tensor.shape)} {tensor.dtype}"
+                f"{self.path}: expected tensor {expected_name} {info.shape} {info.dtype} "
+                f"(from row {self._rows_written}), got {name} {tuple(tensor.shape)} {tensor.dtype}"
             )
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
         self._file.write(data.numpy().data)
-        self._next += 1
+        self._rows_written = 0 if whole else self._rows_written + tensor.shape[0]
+        if whole or self._rows_written == info.shape[0]:
+            self._next, self._rows_written = self._next + 1, 0
 
     @property
     def complete(self):

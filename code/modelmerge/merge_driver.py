@@ -29,7 +29,9 @@ logger = logging.getLogger(__name__)
 LORA_PREFIX = "lora-"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 # Memory-mapped pages read count as resident memory until their mapping closes: close all after this many bytes.
-RELEASE_EVERY_BYTES = 256 * 2**20
+RELEASE_EVERY_BYTES = 64 * 2**20
+# Elementwise methods see tensors larger than this (per input) in blocks of rows.
+BLOCK_BYTES = 16 * 2**20
 
 
 class MergeError(ValueError):
@@ -288,7 +290,7 @@ class Summary:
     peak_rss_bytes: int = 0
 
     def line(self):
-        return (f"merged {self.merged} tensors, copied {self.copied}, {self.seconds:.1f} s, "
+        return (f"merged {self.merged} tensors, copied {self.copied}, {self.seconds:.2f} s, "
                 f"peak RSS {self.peak_rss_bytes / 2**20:.0f} MiB")
 
 
@@ -320,92 +322,118 @@ def check_device(device):
 
 
 def execute(method, tasks, writer, entries, dtype=None, device="cpu", progress=True):
-    """Run `tasks` in order, writing every result through `writer` as planned in `entries`."""
+    """Run `tasks` in order, writing every result through `writer` as planned in `entries`.
+
+    Methods that declare `elementwise = True` (each output entry depends only on the same entry of every
+    input) see large tensors in blocks of rows, so the memory a merge needs does not grow with the largest
+    tensor; results are the same as for whole tensors.
+    """
     device = torch.device(device)
     planned = dict(entries)
     summary = Summary()
     start = time.perf_counter()
-    checkpoints = _all_checkpoints(tasks)
-    read_since_release = 0
+    reader = _Reader(tasks)
     for task in tqdm(tasks, desc=f"merging ({method.name})", unit="tensor", disable=not progress, file=sys.stderr):
-        result, merged, nbytes = _run_task(method, task, dtype, device)
-        summary.merged += merged
-        summary.copied += not merged
-        if task.lora_output is None:
-            writer.write(task.name, result.to("cpu", planned[task.name].dtype))
-        else:
-            lora = task.lora_output
-            a, b = factorize(result, lora.rank, lora.fan_in_fan_out)
-            writer.write(lora.a_name, a.to("cpu", planned[lora.a_name].dtype))
-            writer.write(lora.b_name, b.to("cpu", planned[lora.b_name].dtype))
-        del result
-        read_since_release += nbytes
-        if read_since_release > RELEASE_EVERY_BYTES:
-            for checkpoint in checkpoints:
-                checkpoint.release()
-            read_since_release = 0
+        merged_any = False
+        for rows in _row_blocks(method, task):
+            result, merged = _merge_block(method, task, rows, reader, dtype, device)
+            merged_any |= merged
+            if task.lora_output is None:
+                writer.write(task.name, result.to("cpu", planned[task.name].dtype))
+            else:
+                lora = task.lora_output
+                a, b = factorize(result, lora.rank, lora.fan_in_fan_out)
+                writer.write(lora.a_name, a.to("cpu", planned[lora.a_name].dtype))
+                writer.write(lora.b_name, b.to("cpu", planned[lora.b_name].dtype))
+            del result
+            reader.release_if_due()
+        summary.merged += merged_any
+        summary.copied += not merged_any
     summary.seconds = time.perf_counter() - start
     summary.peak_rss_bytes = peak_rss_bytes()
     return summary
 
 
-def _all_checkpoints(tasks):
-    seen = {}
-    for task in tasks:
-        sources = list(task.models) + [task.base, task.initial] + list(task.base_stats.values())
-        sources += [source for stats in task.stats for source in stats.values()]
-        for source in sources:
-            if source is not None:
-                seen[id(source.checkpoint)] = source.checkpoint
-    return list(seen.values())
+def _row_blocks(method, task):
+    """[None] (the whole tensor) or the (start, stop) row ranges of about BLOCK_BYTES each to merge in turn."""
+    info = task.models[0].info()
+    blockwise = not task.merge or getattr(method, "elementwise", False)
+    same_shape = all(source.info().shape == info.shape for stats in task.stats + [task.base_stats]
+                     for source in stats.values())
+    if task.lora_output is not None or not blockwise or not same_shape or not info.shape or info.nbytes <= BLOCK_BYTES:
+        return [None]
+    rows = max(1, BLOCK_BYTES // (info.nbytes // info.shape[0]))
+    return [(start, min(start + rows, info.shape[0])) for start in range(0, info.shape[0], rows)]
 
 
-def _read_checked(source, what):
-    tensor = source.read()
-    if tensor.dtype.is_floating_point and not bool(torch.isfinite(tensor).all()):
-        raise MergeError(f"{what} {source.where()} holds NaN or infinite values")
-    return tensor
+class _Reader:
+    """Reads (blocks of) input tensors, checks them, and closes every file mapping after each
+    RELEASE_EVERY_BYTES read, so pages read long ago stop counting as resident memory."""
+
+    def __init__(self, tasks):
+        seen = {}
+        for task in tasks:
+            sources = list(task.models) + [task.base, task.initial] + list(task.base_stats.values())
+            sources += [source for stats in task.stats for source in stats.values()]
+            for source in sources:
+                if source is not None:
+                    seen[id(source.checkpoint)] = source.checkpoint
+        self.checkpoints = list(seen.values())
+        self.since_release = 0
+
+    def read(self, source, what, rows=None):
+        tensor = source.read()
+        if rows is not None:
+            tensor = tensor[rows[0]:rows[1]]  # a view: only these rows' pages are read
+        if tensor.dtype.is_floating_point and not all_finite(tensor):
+            raise MergeError(f"{what} {source.where()} holds NaN or infinite values")
+        self.since_release += tensor.nbytes
+        return tensor
+
+    def release_if_due(self):
+        if self.since_release > RELEASE_EVERY_BYTES:
+            for checkpoint in self.checkpoints:
+                checkpoint.release()
+            self.since_release = 0
 
 
-def _run_task(method, task, dtype, device):
-    """(result, whether the method ran, bytes read) for one task."""
-    copy_source = task.base or task.models[0]
+def all_finite(tensor):
+    """Whether `tensor` holds no NaN or infinity. A sum is NaN or infinite when any entry is, and costs one
+    pass without allocating; only a non-finite sum (possibly a mere overflow) is checked entry by entry."""
+    total = tensor.sum(dtype=torch.float64 if tensor.dtype == torch.float64 else torch.float32)
+    return bool(torch.isfinite(total)) or bool(torch.isfinite(tensor).all())
+
+
+def _merge_block(method, task, rows, reader, dtype, device):
+    """(result, whether the method ran) for rows `rows` (None: all) of one task's tensor."""
     if not task.merge:
-        tensor = _read_checked(copy_source, "tensor")
-        return tensor, False, tensor.nbytes
-    tensors = [_read_checked(source, "tensor") for source in task.models]
-    base = _read_checked(task.base, "ancestor tensor") if task.base is not None else None
-    nbytes = sum(t.nbytes for t in tensors) + (base.nbytes if base is not None else 0)
+        return reader.read(task.base or task.models[0], "tensor", rows), False
+    tensors = [reader.read(source, "tensor", rows) for source in task.models]
+    base = reader.read(task.base, "ancestor tensor", rows) if task.base is not None else None
     if all(torch.equal(tensors[0], t) for t in tensors[1:] + ([base] if base is not None else [])):
-        return tensors[0], False, nbytes
+        return tensors[0], False
     work_dtype = dtype or torch.promote_types(tensors[0].dtype, torch.float32)
 
-    def working(tensor):
-        return tensor.to(device=device, dtype=work_dtype)
+    def working(source, what):
+        return reader.read(source, what, rows).to(device=device, dtype=work_dtype)
 
-    stats = []
-    for model_stats in task.stats:
-        stats.append({kind: working(_read_checked(source, f"statistic '{kind}'")) for kind, source in model_stats.items()})
-    base_stats = {kind: working(_read_checked(source, f"ancestor statistic '{kind}'")) for kind, source in task.base_stats.items()}
-    initial = working(_read_checked(task.initial, "initial tensor")) if task.initial is not None else None
     group = TensorGroup(
         name=task.name,
-        tensors=[working(t) for t in tensors],
-        base=working(base) if base is not None else None,
-        stats=stats,
-        base_stats=base_stats,
-        initial=initial,
+        tensors=[t.to(device=device, dtype=work_dtype) for t in tensors],
+        base=base.to(device=device, dtype=work_dtype) if base is not None else None,
+        stats=[{kind: working(source, f"statistic '{kind}'") for kind, source in stats.items()} for stats in task.stats],
+        base_stats={kind: working(source, f"ancestor statistic '{kind}'") for kind, source in task.base_stats.items()},
+        initial=working(task.initial, "initial tensor") if task.initial is not None else None,
     )
-    nbytes += sum(t.nbytes for s in stats for t in s.values()) + sum(t.nbytes for t in base_stats.values())
     try:
         result = method.merge(group, **task.params)
     except (ValueError, ArithmeticError, RuntimeError) as error:
         raise MergeError(f"{method.name} failed on tensor {task.name}: {error}") from None
     if tuple(result.shape) != tuple(tensors[0].shape):
         raise MergeError(f"{method.name} returned shape {list(result.shape)} for tensor {task.name} of shape {list(tensors[0].shape)}")
-    if not bool(torch.isfinite(result).all()):
+    if not all_finite(result):
         raise MergeError(f"{method.name} produced NaN or infinite values for tensor {task.name}")
-    return result, True, nbytes
+    return result, True
 
 
 # ---------------------------------------------------------------------------------------------------

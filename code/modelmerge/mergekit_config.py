@@ -49,14 +49,13 @@ logger = logging.getLogger(__name__)
 class MergekitMethod:
     """How a mergekit method maps to ours: our name, the role of `base_model` ('ancestor': θ_0 of the
     method; 'first': the first of the models, as slerp's t = 0 end; 'input': one more model), defaults
-    that make our method behave as mergekit's implementation does, parameters mergekit accepts but its
-    implementation ignores, and parameters we support only at mergekit's default value."""
+    that make our method behave as mergekit's implementation does, and parameters mergekit accepts but its
+    implementation ignores."""
 
     ours: str
     base_role: str
     defaults: dict = field(default_factory=dict)
     ignored: tuple = ()
-    only_default: dict = field(default_factory=dict)
 
 
 # mergekit elects the + sign where the weighted sum of task vectors is exactly 0.
@@ -66,7 +65,7 @@ MERGEKIT_METHODS = {
     # mergekit's generalized task arithmetic takes density and rescale for every method; without
     # sparsification they do nothing.
     "task_arithmetic": MergekitMethod("task_arithmetic", "ancestor", ignored=("density", "rescale")),
-    "ties": MergekitMethod("ties", "ancestor", _PLUS_ON_TIES, only_default={"rescale": False}),
+    "ties": MergekitMethod("ties", "ancestor", _PLUS_ON_TIES),
     "dare_linear": MergekitMethod("dare_linear", "ancestor"),
     "dare_ties": MergekitMethod("dare_ties", "ancestor", _PLUS_ON_TIES),
     "breadcrumbs": MergekitMethod("breadcrumbs", "ancestor"),
@@ -317,11 +316,6 @@ class _ParameterScopes:
         result = {}
         for key, value in (settings or {}).items():
             if key in self.mapping.ignored:
-                continue
-            if key in self.mapping.only_default:
-                if value != self.mapping.only_default[key]:
-                    raise MergeError(f"{where}: {key}: {value!r} is not supported for {self.method.name} "
-                                     f"(only mergekit's default, {self.mapping.only_default[key]!r})")
                 continue
             if key not in self.lookup:
                 known = ", ".join(sorted(self.method.parameters)) or "none"

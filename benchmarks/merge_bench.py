@@ -1,0 +1,223 @@
+"""Merge speed and memory on BERT-base-sized checkpoints, against the I/O floor and mergekit.
+
+Writes into a temporary folder (a few GB at full size) an ancestor and four fine-tuned checkpoints with
+BERT-base shapes (~110M parameters, float32 safetensors, random values) and a diagonal Fisher for each,
+then for task arithmetic, TIES and uncertainty-based gradient matching measures
+
+- our merge: `python code/merge.py ...` in a fresh process; the time of its merge loop (from its summary
+  line: reading, checking, merging and writing every tensor), its whole wall time (with interpreter start,
+  imports and planning), and its peak resident memory;
+- the I/O floor: reading every input file the merge reads (plain sequential reads) and writing a file the
+  size of the output (also in a fresh process, so both run with the same cache state);
+- mergekit (`mergekit-yaml`, when installed) on the same merge: wall time and peak resident memory.
+
+The targets: merge loop within 1.5x the I/O floor, faster than mergekit, peak memory below the size of two
+checkpoints. Inputs are read from the page cache when memory allows (every file is read once before the
+measurements); both programs run with `--threads` torch threads (default 1); other processes on the
+machine make the figures noisy.
+
+    python benchmarks/merge_bench.py              # full size (~110M parameters per checkpoint)
+    python benchmarks/merge_bench.py --scale 0.25 # a quick small run
+"""
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+from safetensors.torch import save_file
+from transformers import BertConfig, BertForSequenceClassification
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MERGE = os.path.join(REPO, "code", "merge.py")
+TIES_DENSITY = 0.2
+
+
+def bert_config(scale):
+    """BERT-base (hidden 768, 12 layers, vocabulary 30522) with width and vocabulary multiplied by `scale`."""
+    hidden = max(64, int(768 * scale) // 64 * 64)
+    return BertConfig(vocab_size=max(1000, int(30522 * scale)), hidden_size=hidden, num_hidden_layers=12,
+                      num_attention_heads=hidden // 64, intermediate_size=4 * hidden, num_labels=2,
+                      architectures=["BertForSequenceClassification"])
+
+
+def shapes_of(config):
+    with torch.device("meta"):
+        model = BertForSequenceClassification(config)
+    return {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+
+
+def write_checkpoint(folder, config, shapes, seed, like=None, fisher=False):
+    """A model folder (config.json + model.safetensors) with random weights: `like` plus small noise when
+    given (a fine-tune), or a statistics folder with a positive random fisher.safetensors."""
+    os.makedirs(folder, exist_ok=True)
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, shape in shapes.items():
+        if fisher:
+            tensors[name] = torch.rand(shape, generator=generator) * 1e-3
+        elif like is None:
+            tensors[name] = torch.randn(shape, generator=generator) * 0.02
+        else:
+            tensors[name] = like[name] + torch.randn(shape, generator=generator) * 1e-3
+    if fisher:
+        save_file(tensors, os.path.join(folder, "fisher.safetensors"))
+    else:
+        save_file(tensors, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+        config.save_pretrained(folder)
+    return tensors
+
+
+def make_inputs(root, scale):
+    config = bert_config(scale)
+    shapes = shapes_of(config)
+    base = write_checkpoint(os.path.join(root, "base"), config, shapes, seed=0)
+    for t in range(1, 5):
+        write_checkpoint(os.path.join(root, f"ft{t}"), config, shapes, seed=t, like=base)
+    for t in range(5):
+        write_checkpoint(os.path.join(root, f"fisher{t}"), config, shapes, seed=100 + t, fisher=True)
+    return sum(torch.Size(s).numel() for s in shapes.values())
+
+
+IO_FLOOR = r"""
+import sys, time
+inputs, output, size = sys.argv[1:-2], sys.argv[-2], int(sys.argv[-1])
+start = time.perf_counter()
+buffer = bytearray(16 * 2**20)
+for path in inputs:
+    with open(path, 'rb', buffering=0) as f:
+        while f.readinto(buffer):
+            pass
+with open(output, 'wb') as f:
+    remaining = size
+    while remaining > 0:
+        chunk = min(remaining, len(buffer))
+        f.write(memoryview(buffer)[:chunk])
+        remaining -= chunk
+print(time.perf_counter() - start)
+"""
+
+PEAK_RSS = r"""
+import resource, subprocess, sys, time
+start = time.perf_counter()
+done = subprocess.run(sys.argv[1:], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+wall = time.perf_counter() - start
+sys.stdout.write(done.stdout)
+sys.stderr.write(done.stderr)
+print(f"@@ wall={wall} rss={resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024}")
+sys.exit(done.returncode)
+"""
+
+
+def measure(command, cwd, threads):
+    """(wall seconds, peak RSS bytes, stdout) of `command` run alone under a small parent process."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    done = subprocess.run([sys.executable, "-c", PEAK_RSS, *command], cwd=cwd, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
+    match = re.search(r"@@ wall=(\S+) rss=(\d+)", done.stdout)
+    return float(match.group(1)), int(match.group(2)), done.stdout
+
+
+def weight_files(root, names, kind):
+    file = "model.safetensors" if kind == "model" else "fisher.safetensors"
+    return [os.path.join(root, name, file) for name in names]
+
+
+def warm(paths):
+    buffer = bytearray(16 * 2**20)
+    for path in paths:
+        with open(path, "rb", buffering=0) as f:
+            while f.readinto(buffer):
+                pass
+
+
+def merges(root):
+    """name -> (our merge.py arguments, files the merge reads, mergekit YAML or None)."""
+    models = [os.path.join(root, f"ft{t}") for t in range(1, 5)]
+    base = os.path.join(root, "base")
+    reads = weight_files(root, ["base", "ft1", "ft2", "ft3", "ft4"], "model")
+    yaml_models = "\n".join(f"  - model: {m}\n    parameters: {{weight: 1.0, density: {TIES_DENSITY}}}" for m in models)
+    return {
+        "task_arithmetic": (["--merge", "task_arithmetic", "--models", *models, "--ancestor", base, "--x:merge_lambda", "0.5"],
+                            reads, f"merge_method: task_arithmetic\nbase_model: {base}\nparameters: {{lambda: 0.5}}\nmodels:\n"
+                                   + yaml_models.replace(f", density: {TIES_DENSITY}", "")),
+        "ties": (["--merge", "ties", "--models", *models, "--ancestor", base, "--x:density", str(TIES_DENSITY)],
+                 reads, f"merge_method: ties\nbase_model: {base}\nmodels:\n" + yaml_models),
+        "uncertainty_based_gradient_matching": (
+            ["--merge", "uncertainty_based_gradient_matching", "--models", *models, "--ancestor", base,
+             "--aux_data", *[os.path.join(root, f"fisher{t}") for t in range(1, 5)],
+             "--ancestor_aux_data", os.path.join(root, "fisher0"), "--x:scaling_factors_ft", "112000,8530,67349,180000",
+             "--x:scaling_factor_pt", "25000", "--x:delta_0", "1e-12"],
+            reads + weight_files(root, [f"fisher{t}" for t in range(5)], "fisher"), None),
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--scale", type=float, default=1.0, help="width and vocabulary relative to BERT-base")
+    parser.add_argument("--workdir", default=None, help="where to write the checkpoints (default: a temp folder)")
+    parser.add_argument("--keep", action="store_true", help="keep the checkpoints")
+    parser.add_argument("--no_mergekit", action="store_true")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads of both our merge and mergekit (OMP_NUM_THREADS); the work is memory-bound")
+    args = parser.parse_args()
+    root = tempfile.mkdtemp(prefix="merge_bench-", dir=args.workdir)
+    try:
+        start = time.perf_counter()
+        parameters = make_inputs(root, args.scale)
+        checkpoint_bytes = os.path.getsize(os.path.join(root, "base", "model.safetensors"))
+        print(f"inputs: 5 checkpoints + 5 Fishers of {parameters / 1e6:.1f}M parameters "
+              f"({checkpoint_bytes / 2**20:.0f} MiB each), written in {time.perf_counter() - start:.0f} s to {root}")
+        have_mergekit = shutil.which("mergekit-yaml") is not None and not args.no_mergekit
+        rows = []
+        for name, (arguments, reads, yaml_text) in merges(root).items():
+            warm(reads)
+            floor_out = os.path.join(root, "floor.bin")
+            floor = float(subprocess.run([sys.executable, "-c", IO_FLOOR, *reads, floor_out, str(checkpoint_bytes)],
+                                         capture_output=True, text=True, check=True).stdout)
+            os.remove(floor_out)
+            out = os.path.join(root, f"out-{name}")
+            wall, rss, stdout = measure([sys.executable, MERGE, *arguments, "--output", out, "--no_progress"], REPO, args.threads)
+            loop = float(re.search(r", ([0-9.]+) s, peak RSS", stdout).group(1))
+            shutil.rmtree(out)
+            row = dict(method=name, loop=loop, wall=wall, rss=rss, floor=floor, mk_wall=None, mk_rss=None)
+            if have_mergekit and yaml_text:
+                config = os.path.join(root, f"{name}.yml")
+                with open(config, "w") as f:
+                    f.write(yaml_text)
+                mk_out = os.path.join(root, f"mergekit-{name}")
+                row["mk_wall"], row["mk_rss"], _ = measure(["mergekit-yaml", config, mk_out, "--quiet"], REPO, args.threads)
+                shutil.rmtree(mk_out)
+            rows.append(row)
+            print(json.dumps(row))
+        print_table(rows, checkpoint_bytes)
+    finally:
+        if args.keep:
+            print(f"kept {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def print_table(rows, checkpoint_bytes):
+    mib = 2**20
+    print()
+    print(f"{'method':<36} {'loop s':>7} {'floor s':>8} {'loop/floor':>10} {'wall s':>7} {'mergekit s':>10} "
+          f"{'RSS MiB':>8} {'mergekit RSS':>12} {'2 ckpt MiB':>10}")
+    for r in rows:
+        mk_wall = f"{r['mk_wall']:.1f}" if r["mk_wall"] else "n/a"
+        mk_rss = f"{r['mk_rss'] / mib:.0f}" if r["mk_rss"] else "n/a"
+        print(f"{r['method']:<36} {r['loop']:>7.1f} {r['floor']:>8.1f} {r['loop'] / r['floor']:>10.2f} {r['wall']:>7.1f} "
+              f"{mk_wall:>10} {r['rss'] / mib:>8.0f} {mk_rss:>12} {2 * checkpoint_bytes / mib:>10.0f}")
+    print("\nloop: our merge loop (read, check, merge, write every tensor); wall: the whole program, start-up and "
+          "imports included;\nfloor: reading the same inputs and writing an output-sized file; targets: loop/floor <= 1.5, "
+          "wall < mergekit's, RSS < 2 checkpoints.")
+
+
+if __name__ == "__main__":
+    main()
