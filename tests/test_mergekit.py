@@ -205,3 +205,19 @@ def test_bad_configurations_fail_clearly(zoo, tmp_path, capsys, config, message)
         run_program(merge_program.main, ["--config", write_config(tmp_path, config, zoo), str(tmp_path / "out")])
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_model_plus_lora_reference_is_the_adapter_folded_into_the_model(zoo, tmp_path):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    torch.manual_seed(0)
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=["query", "value"], init_lora_weights=False)
+    get_peft_model(BertForSequenceClassification.from_pretrained(zoo["base"]), config).save_pretrained(tmp_path / "adapter")
+    yml = write_config(tmp_path, {"merge_method": "linear", "models": [
+        {"model": f"@base@+{tmp_path / 'adapter'}", "parameters": {"weight": 1.0}}]}, zoo)
+    run_program(merge_program.main, ["--config", yml, str(tmp_path / "out"), "--no_progress"])
+    peft_model = PeftModel.from_pretrained(BertForSequenceClassification.from_pretrained(zoo["base"]), str(tmp_path / "adapter"))
+    expected = peft_model.merge_and_unload().state_dict()
+    merged = BertForSequenceClassification.from_pretrained(tmp_path / "out").state_dict()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(merged[name], tensor, rtol=1e-5, atol=1e-6)

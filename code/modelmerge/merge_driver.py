@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from modelmerge.checkpoint import CheckpointError, TensorInfo, open_checkpoint, open_output, open_statistics, parse_size
 from modelmerge.lora_merge import LoraDeltaView, ZeroView, adapter_name, factorize, output_adapter_config
+from modelmerge.methods import get_method
 from modelmerge.methods.base import TensorGroup
 
 logger = logging.getLogger(__name__)
@@ -85,14 +86,11 @@ class TensorTask:
 
 
 def load_method(name):
-    """The method instance registered under `name`, or a MergeError listing the known names."""
-    from modelmerge.methods import get_method
-
+    """The method registered under `name`, or a MergeError listing the known names."""
     try:
-        method = get_method(name)
-    except (KeyError, ValueError) as error:
-        raise MergeError(str(error).strip("'\"")) from None
-    return method() if isinstance(method, type) else method
+        return get_method(name)()
+    except ValueError as error:
+        raise MergeError(str(error)) from None
 
 
 def resolve_parameters(method, supplied, num_models):
@@ -414,8 +412,9 @@ def _merge_block(method, task, rows, reader, dtype, device):
         return tensors[0], False
     work_dtype = dtype or torch.promote_types(tensors[0].dtype, torch.float32)
 
-    def working(source, what):
-        return reader.read(source, what, rows).to(device=device, dtype=work_dtype)
+    def working(source, what):  # statistics keep a higher precision of their own (Gram matrices are float64)
+        tensor = reader.read(source, what, rows)
+        return tensor.to(device=device, dtype=torch.promote_types(tensor.dtype, work_dtype))
 
     group = TensorGroup(
         name=task.name,
@@ -423,11 +422,12 @@ def _merge_block(method, task, rows, reader, dtype, device):
         base=base.to(device=device, dtype=work_dtype) if base is not None else None,
         stats=[{kind: working(source, f"statistic '{kind}'") for kind, source in stats.items()} for stats in task.stats],
         base_stats={kind: working(source, f"ancestor statistic '{kind}'") for kind, source in task.base_stats.items()},
-        initial=working(task.initial, "initial tensor") if task.initial is not None else None,
+        initial=(reader.read(task.initial, "initial tensor", rows).to(device=device, dtype=work_dtype)
+                 if task.initial is not None else None),
     )
     try:
         result = method.merge(group, **task.params)
-    except (ValueError, ArithmeticError, RuntimeError) as error:
+    except (ValueError, ArithmeticError) as error:  # bad input the method found; anything else is a bug
         raise MergeError(f"{method.name} failed on tensor {task.name}: {error}") from None
     if tuple(result.shape) != tuple(tensors[0].shape):
         raise MergeError(f"{method.name} returned shape {list(result.shape)} for tensor {task.name} of shape {list(tensors[0].shape)}")
@@ -465,18 +465,20 @@ def merge(method_name, models, output, *, aux_data=None, ancestor=None, ancestor
     base_stats = open_statistics(ancestor_aux_data) if ancestor_aux_data else None
     start_from = open_checkpoint(initial) if initial else None
     files_from = _files_source(base, checkpoints)
-    json_updates = {}
+    json_updates, lora_rank_out = {}, None
     if lora:
-        checkpoints, base, layout, json_updates = _lora_inputs(method, checkpoints, base, lora_rank)
-        if layout == "adapter":
+        checkpoints, base, lora_rank_out = _lora_inputs(method, checkpoints, base, lora_rank)
+        layout = "model" if lora_rank_out is None else "adapter"
+        if lora_rank_out is not None:
             files_from = checkpoints[0].folder
+            json_updates["adapter_config.json"] = output_adapter_config(lora_rank_out)
     else:
         layout = "adapter" if checkpoints[0].kind == "adapter" else "model"
     if output.endswith(".safetensors"):
         layout = "file"
     tasks = plan_merge(method, params, checkpoints, base, stats, base_stats, start_from, include, exclude)
-    if lora and layout != "model":
-        _lora_output_names(tasks, checkpoints[0], lora_rank or _largest_rank(checkpoints))
+    if lora_rank_out is not None:
+        _lora_output_names(tasks, checkpoints[0], lora_rank_out)
     if dtype is not None and layout == "model":
         json_updates["config.json"] = {"dtype": _dtype_name(dtype)}
     return run_tasks(method, tasks, output, layout, files_from=files_from, json_updates=json_updates, dtype=dtype,
@@ -541,7 +543,7 @@ def _files_source(base, checkpoints):
 
 
 def _lora_inputs(method, adapters, base, lora_rank):
-    """(views, base, layout, json updates) of a lora- merge; see `merge`."""
+    """(views, base, rank of the output adapter or None when the changes go into `base`) of a lora- merge."""
     if base is not None and base.kind == "adapter":
         raise MergeError(f"--ancestor: a lora- merge needs the base model as ancestor, {base.path} is an adapter")
     try:
@@ -552,7 +554,7 @@ def _lora_inputs(method, adapters, base, lora_rank):
     if len(fan_in_fan_out) > 1:
         raise MergeError("--models: the adapters disagree on fan_in_fan_out")
     if base is not None:
-        return views, base, "model", {}
+        return views, base, None
     for view in views[1:]:
         if set(view.pairs) != set(views[0].pairs):
             raise MergeError(f"--models: {views[0].path} and {view.path} adapt different layers")
@@ -565,8 +567,7 @@ def _lora_inputs(method, adapters, base, lora_rank):
                 "whose ancestor is unknown: give --ancestor BASE_MODEL"
             )
         zero = ZeroView(views[0])  # the ancestor of a weight change is no change
-    rank = lora_rank or _largest_rank(views)
-    return views, zero, "adapter", {"adapter_config.json": output_adapter_config(rank)}
+    return views, zero, lora_rank or _largest_rank(views)
 
 
 def _largest_rank(views):
@@ -588,7 +589,7 @@ def run_program(main, argv=None):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         summary = main(sys.argv[1:] if argv is None else argv)
-    except (MergeError, CheckpointError) as error:
+    except (MergeError, CheckpointError, OSError) as error:  # OSError: e.g. an output folder that cannot be written
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     print(summary.line())
