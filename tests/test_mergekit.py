@@ -194,7 +194,7 @@ def test_settings_are_scalars_gradients_or_filtered_values():
      "unknown parameter 'densty'"),
     ({"merge_method": "linear", "models": [{"model": "@ft1@"}], "merge_options": {}}, "unsupported key(s) merge_options"),
     ({"merge_method": "slerp", "base_model": "@ft1@", "models": [{"model": "@ft1@"}, {"model": "@ft2@"}, {"model": "@ft3@"}]},
-     "3 models"),
+     "slerp merges exactly 2 models, got 3"),
     ({"merge_method": "passthrough", "slices": [{"sources": [{"model": "@ft1@", "layer_range": [1, 5]}]}]},
      "outside the model's 4 layers"),
     ({"merge_method": "linear", "slices": [{"sources": [{"model": "@ft1@", "layer_range": [0, 2]},

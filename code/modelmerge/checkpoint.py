@@ -9,7 +9,7 @@ Safetensors files are memory-mapped with `safe_open`; `.bin`/`.pt` files are loa
 
 Pages of a memory-mapped file count towards the resident memory of the process for as long as the
 mapping is open, so every source can `release()` its mapping (it reopens on the next read); the merge
-driver releases all sources after every few hundred MB read, which bounds the memory a merge needs.
+driver releases all sources after every 64 MB read, which bounds the memory a merge needs.
 
 Writing: `SafetensorsStreamWriter` writes a safetensors file whose header (names, dtypes, shapes) is
 known before the first tensor exists, appending each tensor's bytes as soon as it is computed.
@@ -17,7 +17,6 @@ known before the first tensor exists, appending each tensor's bytes as soon as i
 memory grow with the model. `open_output` lays such files out as a loadable model or adapter folder.
 """
 import json
-import logging
 import os
 import re
 import shutil
@@ -29,8 +28,6 @@ import torch
 from safetensors import safe_open
 
 from modelmerge.atomic import atomic_dir, atomic_file
-
-logger = logging.getLogger(__name__)
 
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"

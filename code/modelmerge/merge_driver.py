@@ -500,12 +500,22 @@ def run_tasks(method, tasks, output, layout, *, files_from=None, extra_files=Non
     return summary
 
 
+def model_count_problem(method, count):
+    """Why `method` cannot merge `count` models, or None."""
+    if count >= method.min_models and (method.max_models is None or count <= method.max_models):
+        return None
+    if method.min_models == method.max_models:
+        expected = f"exactly {method.min_models}"
+    else:
+        expected = f"at least {method.min_models}" + (f" and at most {method.max_models}" if method.max_models else "")
+    return f"method {method.name} merges {expected} models, got {count}"
+
+
 def _check_counts(method, models, aux_data, ancestor, ancestor_aux_data, lora=False):
     count = len(models)
-    if count < method.min_models or (method.max_models is not None and count > method.max_models):
-        expected = (f"exactly {method.min_models}" if method.min_models == method.max_models
-                    else f"at least {method.min_models}" + (f" and at most {method.max_models}" if method.max_models else ""))
-        raise MergeError(f"--models: method {method.name} merges {expected} models, got {count}")
+    problem = model_count_problem(method, count)
+    if problem:
+        raise MergeError(f"--models: {problem}")
     if method.needs_base and not ancestor and not lora:  # a lora- merge without one starts from no change
         raise MergeError(f"--ancestor: method {method.name} needs the ancestor θ_0 (the model the others were fine-tuned from)")
     if aux_data is not None and len(aux_data) != count:

@@ -21,7 +21,6 @@ config's `num_hidden_layers` when present. Tensors before the layers are told fr
 name (embeddings: `embed`, `wte`, `wpe`), where mergekit reads a per-architecture table.
 """
 import json
-import logging
 import os
 import re
 from dataclasses import dataclass, field
@@ -38,11 +37,10 @@ from modelmerge.merge_driver import (
     TensorTask,
     check_same_tensors,
     load_method,
+    model_count_problem,
     resolve_parameters,
     run_tasks,
 )
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -125,14 +123,15 @@ def plan_config(config):
     if mapping is None:
         method = load_method(name)  # one of ours, or a MergeError listing the known names
         mapping = MergekitMethod(method.name, "ancestor" if method.needs_base else "input")
-    method = load_method(mapping.ours)
+    else:
+        method = load_method(mapping.ours)
     if method.stats or method.base_stats:
         raise MergeError(f"merge_method {name}: needs statistics, which mergekit configurations cannot name; use --merge")
     references = _References()
     base_ref = config.get("base_model")
     slices = _slices(config, references, base_ref)
     scopes = _ParameterScopes(method, mapping)
-    tasks = _plan_tasks(method, mapping, slices, base_ref and references.get(base_ref), scopes, config)
+    tasks = _plan_tasks(method, mapping, slices, scopes, config)
     donor = references.get(base_ref) if base_ref else slices[0].sources[0].checkpoint
     json_updates = {}
     if "slices" in config:
@@ -389,7 +388,7 @@ def _number(value):
         return None
 
 
-def _plan_tasks(method, mapping, slices, base_checkpoint, scopes, config):
+def _plan_tasks(method, mapping, slices, scopes, config):
     top = scopes.canonical(config.get("parameters"), "parameters")
     tasks = []
     first, last = slices[0], slices[-1]
@@ -435,9 +434,9 @@ def _task(method, mapping, slice_, in_names, out_name, t, scopes, top):
     elif method.needs_base:
         raise MergeError(f"merge_method {method.name} needs base_model")
     count = len(inputs)
-    if count < method.min_models or (method.max_models is not None and count > method.max_models):
-        raise MergeError(f"merge_method {method.name}: {count} models for tensor {out_name}, it merges "
-                         f"{method.min_models}" + (f" to {method.max_models}" if method.max_models != method.min_models else ""))
+    problem = model_count_problem(method, count)
+    if problem:
+        raise MergeError(f"tensor {out_name}: {problem}")
     shared = [scopes.canonical(slice_.parameters, "slice parameters"), top]
     own = [scopes.canonical(source.parameters, f"parameters of {source.reference}") for source, _ in inputs]
     names = [src.name for _, src in inputs]
