@@ -40,7 +40,7 @@ def split_method_parameters(argv):
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--merge", help="merge method (a name from modelmerge.methods, or lora-NAME)")
     parser.add_argument("--models", nargs="+", help="models, adapters or state dicts to merge")
     parser.add_argument("--aux_data", nargs="+", help="statistics of each model, same order as --models")
