@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from sisyphus import tk
 
 from recipe.data import DownloadDatasetJob
-from recipe.search import HuggingfaceSearchJob
+from recipe.search import MultiTaskSearchJob
 from recipe.statistics import FisherJob
 from recipe.training import HuggingfaceTrainingJob
 
@@ -67,21 +67,17 @@ def build_experiment(preset):
     return Experiment(preset, data, pretrained, pretrained_fisher, models, fishers, multitask)
 
 
+def _search(experiment, model, splits):
+    preset = experiment.preset
+    datasets = {task: (experiment.data[task], split) for task, split in splits.items()}
+    return MultiTaskSearchJob(model, datasets, preset["evaluation"], **preset["rqmt"]["evaluation"])
+
+
 def evaluate(experiment, models, splits):
     """Accuracy of every model on every task: {label: {task: metrics.json}}; `splits`: task -> split."""
-    preset = experiment.preset
-    results = {}
-    for label, model in models.items():
-        results[label] = {}
-        for task, split in splits.items():
-            job = HuggingfaceSearchJob(model, experiment.data[task], split, preset["evaluation"], **preset["rqmt"]["evaluation"])
-            results[label][task] = job.out_metric_file
-    return results
+    return {label: dict(_search(experiment, model, splits).out_metric_files) for label, model in models.items()}
 
 
 def evaluate_accuracy(experiment, model, splits):
     """The accuracy variables of `model` on each task's split, for configs that choose on them."""
-    preset = experiment.preset
-    return {task: HuggingfaceSearchJob(model, experiment.data[task], split, preset["evaluation"],
-                                       **preset["rqmt"]["evaluation"]).out_accuracy
-            for task, split in splits.items()}
+    return dict(_search(experiment, model, splits).out_accuracies)

@@ -48,3 +48,38 @@ class HuggingfaceSearchJob(PredictJob):
         super().run()
         with open(self.out_metric_file.get_path()) as f:
             self.out_accuracy.set(json.load(f)["accuracy"])
+
+
+class MultiTaskSearchJob(PredictJob):
+    """Accuracy of `model` on several datasets in one run (the model loaded once):
+    `datasets` = {name: (dataset_name, split)}.
+
+    Outputs per name: `out_metric_files[name]` (metrics.json), `out_predictions[name]`, and the variable
+    `out_accuracies[name]`.
+    """
+
+    config_name = "search_config.json"
+    output_name = "search"
+    method = "sequence_classification"
+
+    def __init__(self, model, datasets, config=None, *, time_rqmt=1, mem_rqmt=4, cpu_rqmt=1, gpu_rqmt=0):
+        self.datasets = {name: tuple(spec) for name, spec in datasets.items()}
+        super().__init__(model, None, None, config, time_rqmt=time_rqmt, mem_rqmt=mem_rqmt, cpu_rqmt=cpu_rqmt,
+                         gpu_rqmt=gpu_rqmt)
+
+    def declare_outputs(self):
+        self.out_metric_files = {name: self.output_path(f"search/{name}/metrics.json") for name in self.datasets}
+        self.out_predictions = {name: self.output_path(f"search/{name}/predictions.jsonl") for name in self.datasets}
+        self.out_accuracies = {name: self.output_var(f"accuracy.{name}") for name in self.datasets}
+
+    def config(self):
+        evaluations = {name: {"dataset_name": dataset_name, "split": split}
+                       for name, (dataset_name, split) in self.datasets.items()}
+        return {"method": self.method, **self.extra_config, "model_name_or_path": self.model,
+                "evaluations": evaluations, "output_dir": self.out_dir}
+
+    def run(self):
+        super().run()
+        for name, metrics_file in self.out_metric_files.items():
+            with open(metrics_file.get_path()) as f:
+                self.out_accuracies[name].set(json.load(f)["accuracy"])

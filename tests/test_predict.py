@@ -157,3 +157,34 @@ def test_config_file_errors(tmp_path, caplog):
     assert "missing.json does not exist" in caplog.text
     assert "broken.json is not valid JSON" in caplog.text
     assert "must hold a JSON object, not list" in caplog.text
+
+
+def test_several_evaluations_in_one_run_equal_separate_runs(setup, tmp_path):
+    evaluations = {"sst2": {"dataset_name": "sst2", "split": "validation"},
+                   "rt": {"dataset_name": "rotten_tomatoes", "split": "test[:7]"}}
+    keys = base_keys(setup, tmp_path / "both", evaluations=evaluations)
+    del keys["dataset_name"], keys["split"]
+    assert predict_program(tmp_path, **keys) == 0
+    assert sorted(os.listdir(tmp_path / "both")) == ["rt", "sst2"]
+    for name, spec in evaluations.items():
+        single = tmp_path / f"single-{name}"
+        assert predict_program(tmp_path, **base_keys(setup, single, **spec)) == 0
+        for file in ("metrics.json", "predictions.jsonl"):
+            assert (tmp_path / "both" / name / file).read_text() == (single / file).read_text()
+    assert json.loads((tmp_path / "both" / "rt" / "metrics.json").read_text())["num_examples"] == 7
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"evaluations": {"a": {"dataset_name": "sst2", "split": "test"}}}, "either dataset_name and split, or evaluations"),
+    ({"dataset_name": None, "split": None, "evaluations": {"a": {"dataset_name": "sst2"}}}, "evaluations.a must be"),
+    ({"dataset_name": None, "split": None, "evaluations": {"../a": {"dataset_name": "sst2", "split": "test"}}},
+     "not usable as a folder name"),
+    ({"dataset_name": None, "split": None, "method": "sequence_classification_gram",
+      "evaluations": {"a": {"dataset_name": "sst2", "split": "test"}}}, "only for method sequence_classification"),
+    ({"dataset_name": None}, "missing required key(s) dataset_name"),
+])
+def test_bad_evaluations(setup, tmp_path, caplog, change, message):
+    keys = {k: v for k, v in {**base_keys(setup, tmp_path / "out"), **change}.items() if v is not None}
+    assert predict_program(tmp_path, **keys) == 2
+    assert message in caplog.text
+    assert not (tmp_path / "out").exists()

@@ -12,7 +12,7 @@ from sisyphus.hash import short_hash
 from recipe.data import DownloadDatasetJob
 from recipe.merge import MergeJob, TaskArithmeticJob, UncertaintyBasedGradientMatchingJob
 from recipe.report import ReportJob
-from recipe.search import HuggingfaceSearchJob
+from recipe.search import HuggingfaceSearchJob, MultiTaskSearchJob
 from recipe.statistics import FisherJob, GramJob, TrimmedModelJob
 from recipe.training import HuggingfaceTrainingJob
 
@@ -124,3 +124,18 @@ def test_report_job_config(setup_dir):
     assert config["results"] == {"m": {"sst2": search.out_metric_file.get_path()}}
     assert config["sweeps"] == {"ta": {"0.5": {"sst2": search.out_metric_file.get_path()}}}
     assert job.out_sweep_plot.get_path().endswith("report/sweep.png")
+
+
+def test_multitask_search_job(setup_dir):
+    data = DownloadDatasetJob("imdb", data_dir="/data").out_dir
+    job = MultiTaskSearchJob("/m", {"sst2": ("sst2", "test"), "imdb": (data, "test[:10]")}, {"batch_size": 4})
+    _create_files(job, setup_dir)
+    config = json.load(open(job.out_config_file.get_path()))
+    assert config == {"method": "sequence_classification", "batch_size": 4, "model_name_or_path": "/m",
+                      "evaluations": {"sst2": {"dataset_name": "sst2", "split": "test"},
+                                      "imdb": {"dataset_name": data.get_path(), "split": "test[:10]"}},
+                      "output_dir": job.out_dir.get_path()}
+    assert job.out_metric_files["imdb"].get_path() == os.path.join(job.out_dir.get_path(), "imdb", "metrics.json")
+    assert sorted(job.out_accuracies) == ["imdb", "sst2"]
+    assert MultiTaskSearchJob("/m", {"sst2": ("sst2", "test"), "imdb": (data, "test[:10]")}, {"batch_size": 4},
+                              cpu_rqmt=3) is job

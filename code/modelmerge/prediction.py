@@ -119,8 +119,11 @@ class PredictConfig:
 
     model_name_or_path: str
     output_dir: str
-    dataset_name: str
-    split: str
+    dataset_name: str | None = None
+    split: str | None = None
+    # Several evaluations of the one model in one run: {name: {"dataset_name": ..., "split": ...}}, each
+    # written to output_dir/<name>/ (method sequence_classification; instead of dataset_name and split).
+    evaluations: dict | None = None
     method: typing.Literal[
         "sequence_classification", "sequence_classification_squared_gradients", "sequence_classification_gram"
     ] = "sequence_classification"
@@ -134,6 +137,7 @@ class PredictConfig:
 
     def __post_init__(self):
         self.data_dir = resolve_data_dir(self.data_dir)
+        self._check_datasets()
         if self.num_threads is None:
             self.num_threads = default_num_threads()
         for key in ("max_length", "batch_size", "num_threads", "num_examples"):
@@ -142,18 +146,52 @@ class PredictConfig:
                 raise ConfigError(f"{key} must be at least 1, got {value}")
 
 
+    def _check_datasets(self):
+        if self.evaluations is None:
+            missing = [key for key in ("dataset_name", "split") if getattr(self, key) is None]
+            if missing:
+                raise ConfigError(f"missing required key(s) {', '.join(missing)} (or give `evaluations`)")
+            return
+        if self.dataset_name is not None or self.split is not None:
+            raise ConfigError("give either dataset_name and split, or evaluations, not both")
+        if self.method != "sequence_classification":
+            raise ConfigError(f"evaluations: only for method sequence_classification, not {self.method}")
+        if not isinstance(self.evaluations, dict) or not self.evaluations:
+            raise ConfigError("evaluations must be a non-empty object {name: {dataset_name, split}}")
+        for name, spec in self.evaluations.items():
+            if not name or name != os.path.basename(name) or name.startswith("."):
+                raise ConfigError(f"evaluations: {name!r} is not usable as a folder name")
+            if not isinstance(spec, dict) or set(spec) != {"dataset_name", "split"} or not all(
+                    isinstance(v, str) for v in spec.values()):
+                raise ConfigError(f"evaluations.{name} must be {{\"dataset_name\": str, \"split\": str}}, got {spec!r}")
+
+    def datasets(self):
+        """(output subfolder or None for output_dir itself, dataset name, split) of each evaluation."""
+        if self.evaluations is None:
+            return [(None, self.dataset_name, self.split)]
+        return [(name, spec["dataset_name"], spec["split"]) for name, spec in self.evaluations.items()]
+
+
 def run(config):
     """Compute what `config.method` names and write it into `config.output_dir`, atomically as one folder."""
     torch.set_num_threads(config.num_threads)
     check_model_path(config.model_name_or_path)
-    dataset = load_split(config.dataset_name, config.split, config.data_dir)
-    if config.num_examples is not None:
-        dataset = dataset.select(range(min(config.num_examples, len(dataset))))
+    datasets = [(name, _load(config, dataset_name, split)) for name, dataset_name, split in config.datasets()]
     model, tokenizer = load_classifier(config.model_name_or_path)
     model.to("cuda" if torch.cuda.is_available() else "cpu")
     with atomic_dir(config.output_dir) as tmp:
-        METHODS[config.method](model, tokenizer, dataset, config, tmp)
+        for name, dataset in datasets:
+            output_dir = tmp if name is None else os.path.join(tmp, name)
+            os.makedirs(output_dir, exist_ok=True)
+            METHODS[config.method](model, tokenizer, dataset, config, output_dir)
     logger.info("wrote %s", config.output_dir)
+
+
+def _load(config, dataset_name, split):
+    dataset = load_split(dataset_name, split, config.data_dir)
+    if config.num_examples is not None:
+        dataset = dataset.select(range(min(config.num_examples, len(dataset))))
+    return dataset
 
 
 def _sequence_classification(model, tokenizer, dataset, config, output_dir):
