@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from sisyphus import tk
 
 from recipe.data import DownloadDatasetJob
+from recipe.merge import TaskArithmeticJob, UncertaintyBasedGradientMatchingJob
 from recipe.search import MultiTaskSearchJob
 from recipe.statistics import FisherJob
 from recipe.training import HuggingfaceTrainingJob
@@ -65,6 +66,24 @@ def build_experiment(preset):
     multitask = train(preset, pretrained, [data[t] for t in tasks], [preset["tasks"][t]["train_split"] for t in tasks],
                       [validation[t] for t in tasks], lr, "models/multitask")
     return Experiment(preset, data, pretrained, pretrained_fisher, models, fishers, multitask)
+
+
+def paper_merges(experiment, scaling_factor):
+    """Task arithmetic and uncertainty-based gradient matching of the task models, both with α = `scaling_factor`,
+    as the paper's own command lines compute them."""
+    preset = experiment.preset
+    tasks = list(preset["tasks"])
+    finetuned = [experiment.models[t] for t in tasks]
+    task_arithmetic = TaskArithmeticJob(experiment.pretrained, finetuned, scaling_factor, **preset["rqmt"]["merge"])
+    gradient_matching = UncertaintyBasedGradientMatchingJob(
+        experiment.pretrained, finetuned, experiment.pretrained_fisher, [experiment.fishers[t] for t in tasks],
+        preset["gradient_matching"]["delta_0"],
+        scaling_factor=scaling_factor,
+        scaling_factor_pretrained=preset["pretraining"]["dataset_size"],
+        scaling_factors_finetuned=[preset["tasks"][t]["dataset_size"] for t in tasks],
+        **preset["rqmt"]["merge"],
+    )
+    return task_arithmetic.out_model_path, gradient_matching.out_model_path
 
 
 def _search(experiment, model, splits):

@@ -10,30 +10,13 @@ output/example/report/). The model, tasks, splits and sizes come from the preset
 from sisyphus import tk
 
 from config import common, presets
-from recipe.merge import TaskArithmeticJob, UncertaintyBasedGradientMatchingJob
 from recipe.report import ReportJob
-
-
-def merges(experiment, scaling_factor):
-    preset = experiment.preset
-    tasks = list(preset["tasks"])
-    finetuned = [experiment.models[t] for t in tasks]
-    task_arithmetic = TaskArithmeticJob(experiment.pretrained, finetuned, scaling_factor, **preset["rqmt"]["merge"])
-    gradient_matching = UncertaintyBasedGradientMatchingJob(
-        experiment.pretrained, finetuned, experiment.pretrained_fisher, [experiment.fishers[t] for t in tasks],
-        preset["gradient_matching"]["delta_0"],
-        scaling_factor=scaling_factor,
-        scaling_factor_pretrained=preset["pretraining"]["dataset_size"],
-        scaling_factors_finetuned=[preset["tasks"][t]["dataset_size"] for t in tasks],
-        **preset["rqmt"]["merge"],
-    )
-    return task_arithmetic.out_model_path, gradient_matching.out_model_path
 
 
 def py():
     preset = presets.select()
     experiment = common.build_experiment(preset)
-    task_arithmetic, gradient_matching = merges(experiment, preset["gradient_matching"]["scaling_factor"])
+    task_arithmetic, gradient_matching = common.paper_merges(experiment, preset["gradient_matching"]["scaling_factor"])
 
     models = {"pretrained": experiment.pretrained}
     models.update({f"finetuned {task}": model for task, model in experiment.models.items()})

@@ -68,6 +68,9 @@ def fixed_parameters(spec, preset):
 def merge(experiment, label, value, initial_models):
     """The model merged by method `label` with its swept hyperparameter at `value`."""
     spec, preset = METHODS[label], experiment.preset
+    if label in ROBUSTNESS:  # the paper's own command lines, shared with config/example.py at α = 1
+        task_arithmetic, gradient_matching = common.paper_merges(experiment, value)
+        return task_arithmetic if label == "task arithmetic" else gradient_matching
     tasks = list(preset["tasks"])
     parameters = fixed_parameters(spec, preset)
     if value is not None:
