@@ -5,7 +5,7 @@ real sst2 sentences. Both compute the Fisher with labels sampled from the model 
 so their values must agree. They run alternately in the same process, `--rounds` times each; the best
 time of each is compared (the machine is shared, so the best round is the least disturbed one).
 
-    python benchmarks/fisher_bench.py                       # 512 sentences, batch size 32, 1 thread
+    python benchmarks/fisher_bench.py                       # 512 sentences, batch size 16, 1 thread
     python benchmarks/fisher_bench.py --num-examples 64 --rounds 1
 
 Prints examples/second of both and their ratio (target: at least 5×), the peak resident memory each adds
@@ -37,7 +37,7 @@ def parse_args():
     )
     parser.add_argument("--task", default="sst2")
     parser.add_argument("--num-examples", type=int, default=512)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (one is often fastest on a busy machine)")
     parser.add_argument("--rounds", type=int, default=2, help="alternate loop and batched runs this many times")

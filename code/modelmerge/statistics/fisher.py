@@ -43,7 +43,7 @@ class FisherResult:
 
 
 def compute_fisher(
-    model, tokenizer, dataset, *, empirical=False, batch_size=32, max_length=None, num_examples=None, seed=0
+    model, tokenizer, dataset, *, empirical=False, batch_size=16, max_length=None, num_examples=None, seed=0
 ):
     """The diagonal Fisher of `model` (a sequence classifier, plain transformers or PEFT) over `dataset`.
 

@@ -61,7 +61,7 @@ def trainable_linear_layers(model):
 
 
 def compute_gram(
-    model, tokenizer, dataset, *, empirical=False, batch_size=32, max_length=None, num_examples=None, seed=0
+    model, tokenizer, dataset, *, empirical=False, batch_size=16, max_length=None, num_examples=None, seed=0
 ):
     """Input and output-gradient Gram matrices of the trainable linear layers of `model` over `dataset`.
 
