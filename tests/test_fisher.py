@@ -234,11 +234,19 @@ def test_save_fisher_writes_checkpoint_names_a_loadable_hessian_and_stats(tiny_p
     assert sorted(os.listdir(tmp_path / "out")) == ["fisher.safetensors", "hessian", "stats.json"]  # no temporaries
 
 
-def test_save_fisher_of_a_lora_model_uses_the_adapter_checkpoint_names(tiny_path, tokenizer, dataset, tmp_path):
-    model = load_model(tiny_path, "lora").float()
+def test_fisher_of_an_adapter_loaded_for_inference_uses_the_adapter_names(tiny_path, tokenizer, dataset, tmp_path):
+    trained = load_model(tiny_path, "lora").float()
+    trained.save_pretrained(str(tmp_path / "adapter"))
+    expected = compute_fisher(trained, tokenizer, dataset, num_examples=4, empirical=True)
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_path)
+    model = PeftModel.from_pretrained(base, str(tmp_path / "adapter"))  # the adapter is frozen: inference mode
     result = compute_fisher(model, tokenizer, dataset, num_examples=4, empirical=True)
+    assert not any(parameter.requires_grad for parameter in model.parameters())  # restored
+    assert result.fisher.keys() == expected.fisher.keys()
+    for name, value in expected.fisher.items():
+        torch.testing.assert_close(result.fisher[name], value, rtol=1e-6, atol=0)
+
     save_fisher(result, model, str(tmp_path / "out"))
-    model.save_pretrained(str(tmp_path / "adapter"))
     fisher = load_file(str(tmp_path / "out" / "fisher.safetensors"))
     adapter = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
     assert set(fisher) == set(adapter) and any(name.endswith("lora_B.weight") for name in fisher)

@@ -3,7 +3,8 @@
 - `fisher`: the squared-gradient diagonal Fisher (`compute_fisher`, `save_fisher`);
 - `gram`: Gram matrices of every linear layer's inputs and output gradients (`compute_gram`, `save_gram`).
 Both run batched, with per-example gradients assembled layer by layer (`per_example`, `capture`), over
-length-sorted batches with seeded label sampling (`batches`), and save under checkpoint names (`naming`).
+length-sorted batches with seeded label sampling (`batches`). They cover a model's trainable parameters,
+or a PEFT model's adapter, and are saved under the checkpoint's tensor names (`parameters`).
 """
 from modelmerge.statistics.fisher import FisherResult, compute_fisher, save_fisher
 from modelmerge.statistics.gram import GramResult, compute_gram, save_gram

@@ -77,8 +77,7 @@ def labelled_batches(model, tokenizer, dataset, capture, *, empirical, batch_siz
     num_labels = None
     uniforms = None if empirical else sampling_uniforms(len(dataset), seed)
     device = next(model.parameters()).device
-    progress = tqdm(total=len(dataset), desc=desc, unit="ex")
-    with torch.enable_grad():
+    with torch.enable_grad(), tqdm(total=len(dataset), desc=desc, unit="ex") as progress:
         for indices, inputs in length_sorted_batches(dataset, tokenizer, batch_size, max_length):
             gold = inputs.pop("labels")
             inputs = inputs.to(device)
@@ -93,7 +92,6 @@ def labelled_batches(model, tokenizer, dataset, capture, *, empirical, batch_siz
             loss = logits.log_softmax(-1).gather(1, labels[:, None]).sum()
             yield LabelledBatch(indices, labels.cpu(), loss, inputs["attention_mask"], sites)
             progress.update(len(indices))
-    progress.close()
 
 
 def _check_logits(logits, batch_size):

@@ -90,13 +90,13 @@ class ModuleCapture:
         if outputs is None or not all(torch.is_tensor(t) for t in outputs):
             returned = type(output).__name__
             raise TypeError(f"module {name} ({type(module).__name__}) returned {returned}; expected tensors")
-        outputs = tuple(self._broadcast(t, name) for t in outputs)
+        outputs = tuple(self._broadcast(t) for t in outputs)
         self.sites.append(Site(name, module, args, kwargs, outputs, tuple(t._version for t in outputs)))
         if single:
             return outputs[0]
         return type(output)(outputs)
 
-    def _broadcast(self, tensor, name):
+    def _broadcast(self, tensor):
         if self.batch_size > 1 and tensor.dim() > 0 and tensor.shape[0] == 1 and tensor.requires_grad:
             return tensor.expand(self.batch_size, *tensor.shape[1:])
         return tensor

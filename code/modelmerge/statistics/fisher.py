@@ -2,12 +2,13 @@
 
     F = 1/N Σ_i (∇_θ log p(y_i | x_i))²
 
-for every trainable parameter θ, with y_i sampled from the model's predictive distribution p(·|x_i)
-(seeded; the Fisher proper) or, in the empirical variant, the gold label. This is the Hessian estimate of
-uncertainty-based gradient matching (Daheim et al., "Model Merging by Uncertainty-Based Gradient
-Matching", ICLR 2024) and of Fisher merging (Matena & Raffel, NeurIPS 2022). The authors compute it one
-example at a time (batch size 1: backward, square, accumulate); here one batched backward pass gives every
-example's gradient layer by layer (`per_example.py`), with the same values.
+for every trainable parameter θ (of a PEFT model: its adapter's), with y_i sampled from the model's
+predictive distribution p(·|x_i) (seeded; the Fisher proper) or, in the empirical variant, the gold
+label. This is the Hessian estimate of uncertainty-based gradient matching (Daheim et al., "Model
+Merging by Uncertainty-Based Gradient Matching", ICLR 2024) and of Fisher merging (Matena & Raffel,
+NeurIPS 2022). The authors compute it one example at a time (batch size 1: backward, square,
+accumulate); here one batched backward pass gives every example's gradient layer by layer
+(`per_example.py`), with the same values.
 
     result = compute_fisher(model, tokenizer, dataset)   # dataset: a datasets.Dataset of text/label
     save_fisher(result, model, "out/")                   # fisher.safetensors, hessian/, stats.json
@@ -23,7 +24,7 @@ from safetensors.torch import save_file
 
 from modelmerge.atomic import atomic_dir, atomic_file, write_json
 from modelmerge.statistics.batches import labelled_batches, limit_examples
-from modelmerge.statistics.naming import checkpoint_names
+from modelmerge.statistics.parameters import gradients_for_statistic_parameters, statistic_parameters
 from modelmerge.statistics.per_example import SquaredGradientSums
 
 logger = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ def compute_fisher(
     was_training = model.training
     model.eval()
     try:
-        with SquaredGradientSums(model) as sums:
+        with gradients_for_statistic_parameters(model), SquaredGradientSums(model) as sums:
             logger.info(
                 "Fisher (%s labels) over %d examples, batch size %d: %s",
                 "gold" if empirical else "sampled", len(dataset), batch_size, sums.describe(),
@@ -83,11 +84,11 @@ def compute_fisher(
 def save_fisher(result, model, output_dir):
     """Write `fisher.safetensors`, `hessian/` and `stats.json` into `output_dir`, each atomically, stats.json last.
 
-    fisher.safetensors holds the Fisher of every trainable parameter under its checkpoint name. hessian/ is
+    fisher.safetensors holds the Fisher of every parameter under its checkpoint name. hessian/ is
     `model.save_pretrained` with the Fisher in place of the weights (zeros for frozen parameters, buffers
     unchanged), so it loads like the model; for a PEFT model it is an adapter folder.
     """
-    names = checkpoint_names(model)
+    names = statistic_parameters(model)
     os.makedirs(output_dir, exist_ok=True)
     with atomic_file(os.path.join(output_dir, "fisher.safetensors")) as tmp:
         tensors = {names[name]: fisher.contiguous() for name, fisher in result.fisher.items()}

@@ -11,11 +11,12 @@ for the Fisher), or the gold label when `empirical`. Rows are the non-padding to
 features] vector) one row per example. Both are sums over the rows, accumulated in float64 over batches;
 the row counts are recorded so that a consumer may turn them into means.
 
-Layers: every `nn.Linear` whose weight is trainable, keyed by its weight's checkpoint name. For a LoRA
-model these are `lora_A` and `lora_B` of each adapted layer (and the linear modules to save, e.g. the
-classifier): `...lora_A.weight` has the Gram of the adapted layer's inputs (also the input Gram of
-ΔW = scaling·B·A), `...lora_B.weight` has the Gram of the gradients at lora_B's output, which is scaling ×
-the gradient at the adapted layer's output (divide by scaling² for ΔW's output-gradient Gram).
+Layers: every `nn.Linear` whose weight is trainable (of a PEFT model: part of the adapter), keyed by its
+weight's checkpoint name. For a LoRA model these are `lora_A` and `lora_B` of each adapted layer (and the
+linear modules to save, e.g. the classifier): `...lora_A.weight` has the Gram of the adapted layer's
+inputs (also the input Gram of ΔW = scaling·B·A), `...lora_B.weight` has the Gram of the gradients at
+lora_B's output, which is scaling × the gradient at the adapted layer's output (divide by scaling² for
+ΔW's output-gradient Gram).
 
     result = compute_gram(model, tokenizer, dataset)
     save_gram(result, model, "out/")   # gram.safetensors, output_grad_gram.safetensors, stats.json
@@ -31,7 +32,7 @@ from torch import nn
 from modelmerge.atomic import atomic_file, write_json
 from modelmerge.statistics.batches import labelled_batches, limit_examples
 from modelmerge.statistics.capture import ModuleCapture, batch_first, output_gradients
-from modelmerge.statistics.naming import checkpoint_names
+from modelmerge.statistics.parameters import gradients_for_statistic_parameters, statistic_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -69,35 +70,40 @@ def compute_gram(
     examples, texts truncated to `max_length` tokens, labels sampled with `seed` unless `empirical`.
     """
     dataset = limit_examples(dataset, num_examples)
-    layers = trainable_linear_layers(model)
-    if not layers:
-        raise ValueError("the model has no linear layer with a trainable weight")
+    was_training = model.training
+    model.eval()
+    try:
+        with gradients_for_statistic_parameters(model):
+            layers = trainable_linear_layers(model)
+            if not layers:
+                raise ValueError("the model has no linear layer with a trainable weight")
+            return _accumulate_grams(model, tokenizer, dataset, layers, empirical, batch_size, max_length, seed)
+    finally:
+        model.train(was_training)
+
+
+def _accumulate_grams(model, tokenizer, dataset, layers, empirical, batch_size, max_length, seed):
     logger.info("Gram matrices of %d linear layers, %d examples, batch size %d", len(layers), len(dataset), batch_size)
     device = next(model.parameters()).device
     inputs = {n: _zeros(m.in_features, device) for n, m in layers.items()}
     outputs = {n: _zeros(m.out_features, device) for n, m in layers.items()}
     rows = dict.fromkeys(layers, 0)
     num_tokens = 0
-    was_training = model.training
-    model.eval()
-    try:
-        with ModuleCapture(layers) as capture:
-            batches = labelled_batches(
-                model, tokenizer, dataset, capture, empirical=empirical, batch_size=batch_size,
-                max_length=max_length, seed=seed, desc="Gram",
-            )
-            for batch in batches:
-                num_tokens += int(batch.attention_mask.sum())
-                grads = output_gradients(batch.loss, batch.sites)
-                with torch.no_grad():
-                    for site, (grad,) in zip(batch.sites, grads):
-                        x = _rows(site.first_input(), batch.attention_mask, f"the input of {site.name}")
-                        g = _rows(grad, batch.attention_mask, f"the output of {site.name}")
-                        inputs[site.name] += x.T @ x
-                        outputs[site.name] += g.T @ g
-                        rows[site.name] += len(x)
-    finally:
-        model.train(was_training)
+    with ModuleCapture(layers) as capture:
+        batches = labelled_batches(
+            model, tokenizer, dataset, capture, empirical=empirical, batch_size=batch_size,
+            max_length=max_length, seed=seed, desc="Gram",
+        )
+        for batch in batches:
+            num_tokens += int(batch.attention_mask.sum())
+            grads = output_gradients(batch.loss, batch.sites)
+            with torch.no_grad():
+                for site, (grad,) in zip(batch.sites, grads):
+                    x = _rows(site.first_input(), batch.attention_mask, f"the input of {site.name}")
+                    g = _rows(grad, batch.attention_mask, f"the output of {site.name}")
+                    inputs[site.name] += x.T @ x
+                    outputs[site.name] += g.T @ g
+                    rows[site.name] += len(x)
     key = {name: f"{name}.weight" for name in layers}
     return GramResult(
         {key[n]: g for n, g in inputs.items()}, {key[n]: g for n, g in outputs.items()},
@@ -120,7 +126,7 @@ def _rows(tensor, attention_mask, what):
 def save_gram(result, model, output_dir):
     """Write `gram.safetensors`, `output_grad_gram.safetensors` and `stats.json` into `output_dir`, each atomically,
     stats.json last; tensors under the checkpoint names of the layers' weights."""
-    names = checkpoint_names(model)
+    names = statistic_parameters(model)
     os.makedirs(output_dir, exist_ok=True)
     files = {"gram.safetensors": result.input_gram, "output_grad_gram.safetensors": result.output_grad_gram}
     for filename, grams in files.items():

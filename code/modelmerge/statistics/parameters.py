@@ -1,0 +1,40 @@
+"""Which parameters statistics describe, and the names they are saved under: those of the model's checkpoint."""
+from contextlib import contextmanager
+
+from peft import PeftModel, get_peft_model_state_dict
+
+
+def statistic_parameters(model):
+    """Map the `named_parameters()` name of each parameter that statistics describe to its checkpoint name.
+
+    For a PEFT model: the adapter's parameters (LoRA/IA3 weights and modules to save), whatever their
+    `requires_grad` (`PeftModel.from_pretrained` loads them frozen), under the names of the adapter checkpoint
+    (`get_peft_model_state_dict`: the adapter name removed, `...query.lora_A.weight`, `...classifier.weight`).
+    For any other model: its trainable parameters, under their own names (tied weights once, under the first
+    name; buffers such as position ids are not parameters).
+    """
+    if not isinstance(model, PeftModel):
+        return {name: name for name, parameter in model.named_parameters() if parameter.requires_grad}
+    state = model.state_dict()
+    name_of = {id(tensor): name for name, tensor in state.items()}  # the PEFT function passes the tensors through
+    saved = get_peft_model_state_dict(model, state_dict=state, save_embedding_layers=False)
+    saved_as = {name_of[id(tensor)]: saved_name for saved_name, tensor in saved.items()}
+    return {name: saved_as[name] for name, _ in model.named_parameters() if name in saved_as}
+
+
+@contextmanager
+def gradients_for_statistic_parameters(model):
+    """Inside, exactly the statistic parameters require gradients; yields their names (→ checkpoint names).
+    Every parameter's `requires_grad` is restored on exit."""
+    names = statistic_parameters(model)
+    if not names:
+        raise ValueError("the model has no trainable parameters (all have requires_grad=False)")
+    parameters = dict(model.named_parameters())
+    before = {name: parameter.requires_grad for name, parameter in parameters.items()}
+    try:
+        for name, parameter in parameters.items():
+            parameter.requires_grad_(name in names)
+        yield names
+    finally:
+        for name, parameter in parameters.items():
+            parameter.requires_grad_(before[name])
