@@ -61,7 +61,8 @@ class OuterProductGradients:
     def add_squares_to(self, total):
         g, x = self.g.to(total.dtype).transpose(1, 2), self.x.to(total.dtype)
         batch, out, in_ = len(g), g.shape[1], x.shape[2]
-        block = max(1, min(batch, BLOCK_BYTES.get(g.device.type, DEFAULT_BLOCK_BYTES) // (out * in_ * g.element_size())))
+        block_bytes = BLOCK_BYTES.get(g.device.type, DEFAULT_BLOCK_BYTES)
+        block = max(1, min(batch, block_bytes // (out * in_ * g.element_size())))
         if block == 1:
             product = torch.empty(out, in_, dtype=g.dtype, device=g.device)
             for g_b, x_b in zip(g.unbind(0), x.unbind(0)):
@@ -201,7 +202,9 @@ class SquaredGradientSums:
         self.sums = {id_: _zeros(p, torch.float64) for id_, p in self.parameters.items()}
         # The latest examples' sums, in the parameters' precision (at least float32), folded in every so often:
         # adding them straight to float64 would cost a float64 pass over every parameter per batch.
-        self.recent = {id_: _zeros(p, torch.promote_types(p.dtype, torch.float32)) for id_, p in self.parameters.items()}
+        self.recent = {
+            id_: _zeros(p, torch.promote_types(p.dtype, torch.float32)) for id_, p in self.parameters.items()
+        }
         self.recent_examples = 0
         self.capture = ModuleCapture({**self.rule_modules, **{n: m for n, (m, _) in self.functional_modules.items()}})
 
