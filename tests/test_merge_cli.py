@@ -287,25 +287,55 @@ def test_the_program_prints_progress_and_a_summary_and_fails_with_status_2(zoo, 
     assert not (tmp_path / "bad").exists()
 
 
-def test_elementwise_methods_merge_large_tensors_in_row_blocks_with_the_same_result(zoo, tmp_path, monkeypatch, capsys):
+BLOCKWISE_MERGES = {
+    "task_arithmetic": ["--x:merge_lambda", "0.4", "--x:weight", "1.0,0.5,0.7"],
+    "ties": ["--x:density", "0.3,0.6,0.9", "--x:consensus_method", "count"],
+    "linear": ["--x:weight", "0.2,0.5,1.3"],
+    "fisher": ["--x:weight", "0.2,0.5,1.3"],
+    "uncertainty_based_gradient_matching": ["--x:scaling_factors_ft", "112000,8530,67349", "--x:scaling_factor_pt", "25000"],
+}
+
+
+@pytest.mark.parametrize("method", sorted(BLOCKWISE_MERGES))
+def test_elementwise_methods_merged_in_row_blocks_give_the_same_files(method, zoo, tmp_path, monkeypatch):
     from modelmerge import merge_driver
-    from modelmerge.methods.task_arithmetic import TaskArithmetic
 
-    class BlockwiseTaskArithmetic(TaskArithmetic):
-        elementwise = True
-
-    argv = ["--merge", "task_arithmetic", "--models", *zoo["models"], "--ancestor", zoo["base"], "--x:merge_lambda", "0.4"]
+    argv = ["--merge", method, "--models", *zoo["models"], "--ancestor", zoo["base"],
+            "--aux_data", *[p for p, _ in zoo["fishers"]], *BLOCKWISE_MERGES[method]]
+    if method == "uncertainty_based_gradient_matching":
+        argv += ["--ancestor_aux_data", zoo["base_fisher"][0]]
+    monkeypatch.setattr(merge_driver, "BLOCK_BYTES", 2**40)
     run(argv + ["--output", str(tmp_path / "whole")])
     blocks = []
-    merge_block = merge_driver._merge_block
-    monkeypatch.setattr(merge_driver, "_merge_block", lambda *a: blocks.append(a[2]) or merge_block(*a))
-    monkeypatch.setattr(merge_driver, "load_method", lambda name: BlockwiseTaskArithmetic())
+    read_group = merge_driver._read_group
+    monkeypatch.setattr(merge_driver, "_read_group", lambda task, rows, *a: blocks.append(rows) or read_group(task, rows, *a))
     monkeypatch.setattr(merge_driver, "BLOCK_BYTES", 1000)  # word embeddings: 400 rows of 128 bytes, 7 rows a block
     run(argv + ["--output", str(tmp_path / "blocks")])
-    assert (0, 7) in blocks and (399, 400) in blocks
-    whole, in_blocks = weights(tmp_path / "whole"), weights(tmp_path / "blocks")
-    assert all(torch.equal(in_blocks[n], t) for n, t in whole.items())
-    # a bad value in a late block is still found and named
+    assert slice(0, 7) in blocks and slice(399, 400) in blocks
+    with open(tmp_path / "whole" / "model.safetensors", "rb") as whole, open(tmp_path / "blocks" / "model.safetensors", "rb") as in_blocks:
+        assert whole.read() == in_blocks.read()
+
+
+def test_bad_values_in_a_late_block_are_found_and_named(zoo, tmp_path, monkeypatch, capsys):
+    from modelmerge import merge_driver
+
+    monkeypatch.setattr(merge_driver, "BLOCK_BYTES", 1000)
     nan = _corrupt(zoo, tmp_path, lambda t: t["bert.embeddings.word_embeddings.weight"].__setitem__((399, 0), float("nan")))
-    assert_fails(argv[:3] + [nan, zoo["models"][1], "--ancestor", zoo["base"], "--output", str(tmp_path / "bad")],
-                 "bert.embeddings.word_embeddings.weight", capsys, output=str(tmp_path / "bad"))
+    for method in ("task_arithmetic", "ties"):
+        assert_fails(["--merge", method, "--models", nan, zoo["models"][1], "--ancestor", zoo["base"],
+                      "--output", str(tmp_path / "bad")], "bert.embeddings.word_embeddings.weight", capsys,
+                     output=str(tmp_path / "bad"))
+    hessian = tmp_path / "zero_hessian"
+    hessian.mkdir()
+    stats = dict(zoo["base_fisher"][1])
+    stats["bert.embeddings.word_embeddings.weight"] = torch.zeros_like(stats["bert.embeddings.word_embeddings.weight"])
+    save_file(stats, hessian / "fisher.safetensors")
+    zero = {n: torch.zeros_like(t) for n, t in stats.items()}
+    for i in range(3):
+        (tmp_path / f"zero{i}").mkdir()
+        save_file(zero, tmp_path / f"zero{i}" / "fisher.safetensors")
+    err = assert_fails(["--merge", "ubgm", "--models", *zoo["models"], "--ancestor", zoo["base"],
+                        "--aux_data", *[str(tmp_path / f"zero{i}") for i in range(3)],
+                        "--ancestor_aux_data", str(hessian), "--x:delta_0", "0", "--output", str(tmp_path / "bad")],
+                       "zero denominator", capsys, output=str(tmp_path / "bad"))
+    assert "bert.embeddings.word_embeddings.weight (rows 0-6)" in err and "(224 entries)" in err  # 7 rows of 32

@@ -9,6 +9,7 @@ input agrees (or when it is not floating point, or excluded), else hands a `Tens
 and appends the result to the output files. The output appears only when every tensor was written.
 """
 import logging
+import math
 import os
 import re
 import resource
@@ -20,10 +21,11 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from modelmerge.checkpoint import CheckpointError, TensorInfo, open_checkpoint, open_output, open_statistics, parse_size
+from modelmerge.checkpoint import (Checkpoint, CheckpointError, TensorInfo, open_checkpoint, open_output, open_statistics,
+                                  parse_size)
 from modelmerge.lora_merge import LoraDeltaView, ZeroView, adapter_name, factorize, output_adapter_config
 from modelmerge.methods import get_method
-from modelmerge.methods.base import TensorGroup
+from modelmerge.methods.base import TensorBlocks, TensorGroup
 
 logger = logging.getLogger(__name__)
 
@@ -31,8 +33,9 @@ LORA_PREFIX = "lora-"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 # Memory-mapped pages read count as resident memory until their mapping closes: close all after this many bytes.
 RELEASE_EVERY_BYTES = 64 * 2**20
-# Elementwise methods see tensors larger than this (per input) in blocks of rows.
-BLOCK_BYTES = 16 * 2**20
+# Elementwise methods see tensors in blocks of rows of about this many bytes per input: small enough that a
+# method's temporaries stay in the CPU caches, large enough that the work per block dwarfs its overhead.
+BLOCK_BYTES = 512 * 2**10
 
 
 class MergeError(ValueError):
@@ -323,8 +326,9 @@ def execute(method, tasks, writer, entries, dtype=None, device="cpu", progress=T
     """Run `tasks` in order, writing every result through `writer` as planned in `entries`.
 
     Methods that declare `elementwise = True` (each output entry depends only on the same entry of every
-    input) see large tensors in blocks of rows, so the memory a merge needs does not grow with the largest
-    tensor; results are the same as for whole tensors.
+    input, and on what their `prepare` computes from the whole tensor) see tensors in blocks of rows of
+    about BLOCK_BYTES, so the memory a merge needs does not grow with the largest tensor and the method's
+    temporaries stay in the CPU caches; results are the same as for whole tensors.
     """
     device = torch.device(device)
     planned = dict(entries)
@@ -332,64 +336,155 @@ def execute(method, tasks, writer, entries, dtype=None, device="cpu", progress=T
     start = time.perf_counter()
     reader = _Reader(tasks)
     for task in tqdm(tasks, desc=f"merging ({method.name})", unit="tensor", disable=not progress, file=sys.stderr):
-        merged_any = False
-        for rows in _row_blocks(method, task):
-            result, merged = _merge_block(method, task, rows, reader, dtype, device)
-            merged_any |= merged
-            if task.lora_output is None:
-                writer.write(task.name, result.to("cpu", planned[task.name].dtype))
-            else:
-                lora = task.lora_output
-                a, b = factorize(result, lora.rank, lora.fan_in_fan_out)
-                writer.write(lora.a_name, a.to("cpu", planned[lora.a_name].dtype))
-                writer.write(lora.b_name, b.to("cpu", planned[lora.b_name].dtype))
-            del result
-            reader.release_if_due()
-        summary.merged += merged_any
-        summary.copied += not merged_any
+        merged = _execute_task(method, task, reader, writer, planned, dtype, device)
+        summary.merged += merged
+        summary.copied += not merged
     summary.seconds = time.perf_counter() - start
     summary.peak_rss_bytes = peak_rss_bytes()
     return summary
 
 
+def _execute_task(method, task, reader, writer, planned, dtype, device):
+    """Write the output of one task; whether the method ran (else an input was copied through)."""
+    reader.next_tensor()
+    blocks = _row_blocks(method, task)
+    if not task.merge or _inputs_identical(task, blocks, reader):
+        source = task.models[0] if task.merge else task.base or task.models[0]
+        for rows in blocks:
+            _write(writer, task, planned, reader.read(source, "tensor", rows))
+        return False
+    tensor = TensorBlocks(task.name, task.models[0].info().shape,
+                          lambda rows: _read_group(task, rows, reader, dtype, device), blocks)
+    prepared = _run_method(method, task, None, method.prepare, tensor) if len(blocks) > 1 else None
+    for rows, group in zip(blocks, tensor):
+        group.prepared = prepared
+        result = _run_method(method, task, rows, method.merge, group)
+        if tuple(result.shape) != tuple(group.tensors[0].shape):
+            raise MergeError(f"{method.name} returned shape {list(result.shape)} for tensor {task.name} "
+                             f"of shape {list(group.tensors[0].shape)}")
+        if not all_finite(result):
+            raise MergeError(f"{method.name} produced NaN or infinite values for tensor {task.name}")
+        _write(writer, task, planned, result)
+    return True
+
+
 def _row_blocks(method, task):
-    """[None] (the whole tensor) or the (start, stop) row ranges of about BLOCK_BYTES each to merge in turn."""
+    """[None] (the whole tensor at once) or the row ranges (slices) of about BLOCK_BYTES each to merge in turn.
+
+    Blocks need every input in a file (memory-mapped: a block reads only its rows; a LoRA view computes
+    whole tensors) and statistics shaped like the tensor."""
     info = task.models[0].info()
-    blockwise = not task.merge or getattr(method, "elementwise", False)
-    same_shape = all(source.info().shape == info.shape for stats in task.stats + [task.base_stats]
-                     for source in stats.values())
-    if task.lora_output is not None or not blockwise or not same_shape or not info.shape or info.nbytes <= BLOCK_BYTES:
+    sources = _sources(task)
+    blockwise = (
+        (not task.merge or method.elementwise) and task.lora_output is None
+        and all(isinstance(source.checkpoint, Checkpoint) for source in sources)
+        and all(source.info().shape == info.shape for source in sources)
+    )
+    if not blockwise or not info.shape or info.nbytes <= BLOCK_BYTES:
         return [None]
-    rows = max(1, BLOCK_BYTES // (info.nbytes // info.shape[0]))
-    return [(start, min(start + rows, info.shape[0])) for start in range(0, info.shape[0], rows)]
+    step = max(1, BLOCK_BYTES // (info.nbytes // info.shape[0]))
+    return [slice(start, min(start + step, info.shape[0])) for start in range(0, info.shape[0], step)]
+
+
+def _sources(task):
+    sources = list(task.models) + [task.base, task.initial] + list(task.base_stats.values())
+    sources += [source for stats in task.stats for source in stats.values()]
+    return [source for source in sources if source is not None]
+
+
+def _inputs_identical(task, blocks, reader):
+    """Whether every model and the ancestor hold the same values (then merging is copying); most often the
+    first block already differs."""
+    for rows in blocks:
+        first, *others = [reader.read(source, "tensor", rows, check=False)
+                          for source in task.models + ([task.base] if task.base is not None else [])]
+        if not all(torch.equal(first, other) for other in others):
+            return False
+    return True
+
+
+def _read_group(task, rows, reader, dtype, device):
+    """The TensorGroup of rows `rows` (None: all, a slice or an index tensor) of one task's inputs."""
+    tensors = [reader.read(source, "tensor", rows) for source in task.models]
+    work_dtype = dtype or torch.promote_types(tensors[0].dtype, torch.float32)
+
+    def working(source, what):
+        tensor = reader.read(source, what, rows)
+        return tensor.to(device=device, dtype=work_dtype)
+
+    def statistic(source, what):  # statistics keep a higher precision of their own (Gram matrices are float64)
+        tensor = reader.read(source, what, rows)
+        return tensor.to(device=device, dtype=torch.promote_types(tensor.dtype, work_dtype))
+
+    return TensorGroup(
+        name=task.name,
+        tensors=[t.to(device=device, dtype=work_dtype) for t in tensors],
+        base=working(task.base, "ancestor tensor") if task.base is not None else None,
+        stats=[{kind: statistic(source, f"statistic '{kind}'") for kind, source in stats.items()} for stats in task.stats],
+        base_stats={kind: statistic(source, f"ancestor statistic '{kind}'") for kind, source in task.base_stats.items()},
+        initial=working(task.initial, "initial tensor") if task.initial is not None else None,
+    )
+
+
+def _run_method(method, task, rows, function, argument):
+    """`function(argument, **task.params)` (the method's prepare or merge); bad input it finds becomes a
+    MergeError naming the tensor (and the rows of a block); anything else is a bug and propagates."""
+    try:
+        return function(argument, **task.params)
+    except (ValueError, ArithmeticError) as error:
+        where = task.name if not isinstance(rows, slice) else f"{task.name} (rows {rows.start}-{rows.stop - 1})"
+        raise MergeError(f"{method.name} failed on tensor {where}: {error}") from None
+
+
+def _write(writer, task, planned, result):
+    if task.lora_output is None:
+        writer.write(task.name, result.to("cpu", planned[task.name].dtype))
+        return
+    lora = task.lora_output
+    a, b = factorize(result, lora.rank, lora.fan_in_fan_out)
+    writer.write(lora.a_name, a.to("cpu", planned[lora.a_name].dtype))
+    writer.write(lora.b_name, b.to("cpu", planned[lora.b_name].dtype))
 
 
 class _Reader:
     """Reads (blocks of) input tensors, checks them, and closes every file mapping after each
-    RELEASE_EVERY_BYTES read, so pages read long ago stop counting as resident memory."""
+    RELEASE_EVERY_BYTES read, so pages read long ago stop counting as resident memory (tensors still in
+    use keep theirs until they are freed)."""
 
     def __init__(self, tasks):
         seen = {}
         for task in tasks:
-            sources = list(task.models) + [task.base, task.initial] + list(task.base_stats.values())
-            sources += [source for stats in task.stats for source in stats.values()]
-            for source in sources:
-                if source is not None:
-                    seen[id(source.checkpoint)] = source.checkpoint
+            for source in _sources(task):
+                seen[id(source.checkpoint)] = source.checkpoint
         self.checkpoints = list(seen.values())
         self.since_release = 0
+        self._opened = {}  # (checkpoint, name) -> the whole tensor, memory-mapped: blocks are views of it
+        self._checked = set()  # (checkpoint, name, first row): blocks of this tensor found finite, not checked again
 
-    def read(self, source, what, rows=None):
-        tensor = source.read()
-        if rows is not None:
-            tensor = tensor[rows[0]:rows[1]]  # a view: only these rows' pages are read
-        if tensor.dtype.is_floating_point and not all_finite(tensor):
-            raise MergeError(f"{what} {source.where()} holds NaN or infinite values")
-        self.since_release += tensor.nbytes
+    def read(self, source, what, rows=None, check=True):
+        self.release_if_due()
+        key = (id(source.checkpoint), source.name)
+        if key not in self._opened:
+            self._opened[key] = source.read()
+        whole = self._opened[key]
+        tensor = whole if rows is None else whole[rows]  # a slice is a view: only its rows' pages are read
+        block = key + (rows.start if isinstance(rows, slice) else None,)
+        if check and tensor.dtype.is_floating_point and (rows is None or block not in self._checked):
+            if not all_finite(tensor):
+                raise MergeError(f"{what} {source.where()} holds NaN or infinite values")
+            if isinstance(rows, slice):
+                self._checked.add(block)
+        # Rows picked by an index (a sample) are spread over the tensor, and the kernel maps whole runs of
+        # pages around each: count them as the whole tensor.
+        self.since_release += tensor.nbytes if rows is None or isinstance(rows, slice) else whole.nbytes
         return tensor
+
+    def next_tensor(self):
+        self._checked.clear()
 
     def release_if_due(self):
         if self.since_release > RELEASE_EVERY_BYTES:
+            self._opened.clear()
             for checkpoint in self.checkpoints:
                 checkpoint.release()
             self.since_release = 0
@@ -399,41 +494,7 @@ def all_finite(tensor):
     """Whether `tensor` holds no NaN or infinity. A sum is NaN or infinite when any entry is, and costs one
     pass without allocating; only a non-finite sum (possibly a mere overflow) is checked entry by entry."""
     total = tensor.sum(dtype=torch.float64 if tensor.dtype == torch.float64 else torch.float32)
-    return bool(torch.isfinite(total)) or bool(torch.isfinite(tensor).all())
-
-
-def _merge_block(method, task, rows, reader, dtype, device):
-    """(result, whether the method ran) for rows `rows` (None: all) of one task's tensor."""
-    if not task.merge:
-        return reader.read(task.base or task.models[0], "tensor", rows), False
-    tensors = [reader.read(source, "tensor", rows) for source in task.models]
-    base = reader.read(task.base, "ancestor tensor", rows) if task.base is not None else None
-    if all(torch.equal(tensors[0], t) for t in tensors[1:] + ([base] if base is not None else [])):
-        return tensors[0], False
-    work_dtype = dtype or torch.promote_types(tensors[0].dtype, torch.float32)
-
-    def working(source, what):  # statistics keep a higher precision of their own (Gram matrices are float64)
-        tensor = reader.read(source, what, rows)
-        return tensor.to(device=device, dtype=torch.promote_types(tensor.dtype, work_dtype))
-
-    group = TensorGroup(
-        name=task.name,
-        tensors=[t.to(device=device, dtype=work_dtype) for t in tensors],
-        base=base.to(device=device, dtype=work_dtype) if base is not None else None,
-        stats=[{kind: working(source, f"statistic '{kind}'") for kind, source in stats.items()} for stats in task.stats],
-        base_stats={kind: working(source, f"ancestor statistic '{kind}'") for kind, source in task.base_stats.items()},
-        initial=(reader.read(task.initial, "initial tensor", rows).to(device=device, dtype=work_dtype)
-                 if task.initial is not None else None),
-    )
-    try:
-        result = method.merge(group, **task.params)
-    except (ValueError, ArithmeticError) as error:  # bad input the method found; anything else is a bug
-        raise MergeError(f"{method.name} failed on tensor {task.name}: {error}") from None
-    if tuple(result.shape) != tuple(tensors[0].shape):
-        raise MergeError(f"{method.name} returned shape {list(result.shape)} for tensor {task.name} of shape {list(tensors[0].shape)}")
-    if not all_finite(result):
-        raise MergeError(f"{method.name} produced NaN or infinite values for tensor {task.name}")
-    return result, True
+    return math.isfinite(total.item()) or bool(torch.isfinite(tensor).all())
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -4,16 +4,22 @@ A method sees one parameter tensor at a time (a `TensorGroup`: that tensor of ev
 ancestor, and the statistics that describe it) and returns the merged tensor. Reading files, streaming,
 devices, dtypes, validation of names/shapes/finiteness and writing the output live in the merge driver,
 once; a method only does arithmetic. Adding a method is one module under `methods/` and one registry line.
+
+Elementwise methods (`elementwise = True`) let the driver merge a tensor in blocks of rows, so a merge
+needs memory for a few blocks rather than for whole tensors. A method whose entries also depend on values
+of the whole tensor (TIES: the trim threshold of each task vector) computes those in `prepare`, which
+reads the tensor block by block (`TensorBlocks`) before `merge` sees the blocks.
 """
-from dataclasses import dataclass, field
-from typing import Any, ClassVar
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, ClassVar, Iterator
 
 import torch
 
 
 @dataclass
 class TensorGroup:
-    """Everything one merge step sees for one tensor name."""
+    """Everything one merge step sees for one tensor name (or for one block of its rows)."""
 
     name: str
     tensors: list[torch.Tensor]  # θ_1..θ_T, working dtype, on the working device
@@ -23,6 +29,50 @@ class TensorGroup:
     stats: list[dict[str, torch.Tensor]] = field(default_factory=list)
     base_stats: dict[str, torch.Tensor] = field(default_factory=dict)  # statistics of θ_0 (UBGM's H_0)
     initial: torch.Tensor | None = None  # a given starting point (MaTS initialised from another merge)
+    prepared: Any = None  # what the method's `prepare` computed from the whole tensor, when this is a block
+
+    def rows(self, selection) -> "TensorGroup":
+        """The same group restricted to `selection` (a slice or an index tensor) of every tensor's rows."""
+        def pick(tensor):
+            return None if tensor is None else tensor[selection]
+
+        return replace(
+            self, tensors=[pick(t) for t in self.tensors], base=pick(self.base),
+            stats=[{kind: pick(t) for kind, t in stats.items()} for stats in self.stats],
+            base_stats={kind: pick(t) for kind, t in self.base_stats.items()}, initial=pick(self.initial),
+        )
+
+
+class TensorBlocks:
+    """One tensor's inputs, readable in consecutive blocks of rows: what `MergeMethod.prepare` sees.
+
+    Iterating reads the blocks in order (again on every iteration); `sample` reads a few rows spread over
+    the tensor. `read(selection)` returns the TensorGroup of the rows `selection` (None: all of them).
+    """
+
+    def __init__(self, name: str, shape: tuple[int, ...], read: Callable[[Any], TensorGroup], blocks: list):
+        self.name = name
+        self.shape = tuple(shape)
+        self.numel = math.prod(self.shape)
+        self._read = read
+        self._blocks = blocks
+
+    @classmethod
+    def of(cls, group: TensorGroup) -> "TensorBlocks":
+        """A group already in memory, as a single block."""
+        return cls(group.name, tuple(group.tensors[0].shape), lambda rows: group if rows is None else group.rows(rows), [None])
+
+    def __iter__(self) -> Iterator[TensorGroup]:
+        for rows in self._blocks:
+            yield self._read(rows)
+
+    def sample(self, size: int) -> TensorGroup:
+        """About `size` entries of every tensor: evenly spaced rows, or the whole tensor if not larger."""
+        if self.numel <= size or not self.shape:
+            return self._read(None)
+        rows = self.shape[0]
+        count = min(rows, math.ceil(size * rows / self.numel))
+        return self._read(torch.linspace(0, rows - 1, count).round().long().unique())
 
 
 @dataclass(frozen=True)
@@ -47,6 +97,15 @@ class MergeMethod:
     parameters: ClassVar[dict[str, Parameter]] = {}
     min_models: ClassVar[int] = 1
     max_models: ClassVar[int | None] = None
+    # True: each output entry depends only on the same entry of every input (and on what `prepare` computes),
+    # so `merge` may be given any block of rows (the same rows of every tensor and statistic of that shape).
+    elementwise: ClassVar[bool] = False
+
+    def prepare(self, blocks: TensorBlocks, **params) -> Any:
+        """Values of the whole tensor that `merge` needs when it sees only a block (`group.prepared`);
+        called only for tensors merged in blocks, with every parameter, resolved. `merge` computes them
+        itself (e.g. with `self.prepare(TensorBlocks.of(group), ...)`) when `group.prepared` is None."""
+        return None
 
     def merge(self, group: TensorGroup, **params) -> torch.Tensor:
         """Return the merged tensor for `group`; `params` holds every declared parameter, resolved."""

@@ -18,6 +18,7 @@ class Fisher(MergeMethod):
 
     name = "fisher"
     stats = ("fisher",)
+    elementwise = True
     parameters = {
         "weight": Parameter(1.0, per_model=True, aliases=("weights", "lambdas"), help="λ_t of each model"),
         "fisher_floor": Parameter(0.0, help="added to every Fisher entry"),

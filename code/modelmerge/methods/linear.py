@@ -14,6 +14,7 @@ class Linear(MergeMethod):
 
     name = "linear"
     aliases = ("average", "avg", "variadic-average")
+    elementwise = True
     parameters = {
         "weight": Parameter(1.0, per_model=True, aliases=("weights",), help="weight w_t of each model"),
         "normalize": Parameter(True, type=bool, help="divide by Σ w_t"),

@@ -13,6 +13,7 @@ class Passthrough(MergeMethod):
     name = "passthrough"
     aliases = ("slices",)
     max_models = 1
+    elementwise = True
     parameters = {
         "scale": Parameter(1.0, per_model=True, help="multiplies the tensor (mergekit's passthrough `scale`)"),
     }

@@ -15,6 +15,7 @@ class TaskArithmetic(MergeMethod):
     name = "task_arithmetic"
     aliases = ("task-arithmetic",)
     needs_base = True
+    elementwise = True
     parameters = combine_parameters(normalize=False)
 
     def merge(self, group: TensorGroup, *, weight, merge_lambda, normalize, int8_mask) -> torch.Tensor:

@@ -2,18 +2,27 @@
 
 Yadav et al., "TIES-Merging: Resolving Interference When Merging Models", NeurIPS 2023
 (https://arxiv.org/abs/2306.01708).
+
+Three things depend on the whole tensor: each task vector's trim threshold (its k-th largest magnitude),
+the rescale factors (L1 norms) and the majority sign that breaks ties in the election. `Ties.prepare`
+computes them, reading the tensor block by block, so the merge itself runs on any block of rows.
 """
 import math
+from dataclasses import dataclass, replace
+from typing import Callable
 
+import numpy as np
 import torch
 
-from .base import MergeMethod, Parameter, TensorGroup
-from .common import base_tensor, optional_stats, per_model
-from .task_vectors import CONSENSUS_PARAMETERS, combine, combine_parameters, restore_l1_norm, task_vector
+from .base import MergeMethod, Parameter, TensorBlocks, TensorGroup
+from .common import base_tensor, optional_stats, per_model, upcast_dtype
+from .task_vectors import (CONSENSUS_PARAMETERS, checked_majority_sign, combine, combine_parameters, election,
+                           l1_rescale_factor, sign_balance, task_vector, weighted_deltas)
 
-# Above this many entries the exact selection first brackets the answer with a sample (see kth_largest).
-_SAMPLED_SELECTION_MIN = 1 << 20
-_SAMPLE_SIZE = 1 << 16
+# A threshold is bracketed between two quantiles of a sample of this many entries, BRACKET apart from the
+# answer's quantile on either side; only the entries inside the bracket (about 2%) are selected among.
+SAMPLE_SIZE = 1 << 15
+BRACKET = 0.01
 
 
 def trim_by_magnitude(delta: torch.Tensor, density: float) -> torch.Tensor:
@@ -25,38 +34,115 @@ def trim_by_magnitude(delta: torch.Tensor, density: float) -> torch.Tensor:
         return delta
     if density <= 0 or delta.numel() == 0:
         return torch.zeros_like(delta)
-    magnitude = delta.abs().flatten()
-    if magnitude.device.type == "cpu" and magnitude.dtype in (torch.float16, torch.bfloat16):
-        magnitude = magnitude.float()
-    k = max(1, int(density * magnitude.numel()))
-    threshold = kth_largest(magnitude, k)
+    magnitude = _magnitude(delta)
+    threshold = kth_largest(magnitude, max(1, int(density * magnitude.numel())))
     return delta * (magnitude >= threshold).view(delta.shape)
 
 
-def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
-    """The exact k-th largest entry of the 1-D tensor `values`.
-
-    A full selection over a large tensor dominates the cost of a TIES merge, so the answer is first
-    bracketed between two quantiles of a fixed pseudo-random sample, and the exact selection runs only on the
-    entries inside the bracket (about 2% of them). When the bracket misses, it falls back to the full one.
-    """
+def kth_largest(values: torch.Tensor, k: int) -> float:
+    """The exact k-th largest entry of the 1-D tensor `values` (see `Selection`)."""
     n = values.numel()
-    if n < _SAMPLED_SELECTION_MIN:
-        return values.kthvalue(n - k + 1).values
-    index = torch.randint(n, (_SAMPLE_SIZE,), generator=torch.Generator().manual_seed(0))
-    sample = values[index.to(values.device)]
-    m = sample.numel()
-    quantile = 1 - k / n  # the answer's rank from below, as a fraction
-    lo_rank, hi_rank = math.floor((quantile - 0.01) * m), math.ceil((quantile + 0.01) * m) + 1
-    # A bracket reaching past the sample's extremes is left open on that side.
-    lo = sample.kthvalue(lo_rank).values if lo_rank >= 1 else values.new_tensor(-math.inf)
-    hi = sample.kthvalue(hi_rank).values if hi_rank <= m else values.new_tensor(math.inf)
-    above = int((values > hi).sum())
-    band = values[(values >= lo) & (values <= hi)]
-    rank = k - above  # the answer is the rank-th largest entry of the band, if the bracket holds it
-    if 1 <= rank <= band.numel():
-        return band.kthvalue(band.numel() - rank + 1).values
-    return values.kthvalue(n - k + 1).values
+    sample = values if n <= SAMPLE_SIZE else values[torch.linspace(0, n - 1, SAMPLE_SIZE).round().long().to(values.device)]
+    selection = Selection(sample, k, n)
+    while selection.answer is None:
+        selection.feed(values)
+        selection.finish_pass()
+    return selection.answer
+
+
+class Selection:
+    """The exact k-th largest of n values that are read block by block, in (usually) one pass.
+
+    A sample of the values brackets the answer between two of its quantiles; a pass over all the values
+    counts those above the bracket and keeps those inside it, and the answer is selected among the kept
+    ones. Where the sample misled, a second pass brackets the side of the old bracket that holds the answer.
+    A sample that is all the values gives the answer at once.
+    """
+
+    def __init__(self, sample: torch.Tensor, k: int, n: int):
+        self.k, self.n, self.answer = k, n, None
+        if sample.numel() == n:
+            self.answer = _select(sample, k)
+            return
+        m, quantile = sample.numel(), 1 - k / n  # the answer's rank from below, as a fraction
+        lo_rank, hi_rank = math.floor((quantile - BRACKET) * m), math.ceil((quantile + BRACKET) * m) + 1
+        self.lo = _select(sample, m - lo_rank + 1) if lo_rank >= 1 else -math.inf
+        self.hi = _select(sample, m - hi_rank + 1) if hi_rank <= m else math.inf
+        self._start_pass(0, sample.dtype, sample.device)
+
+    def _start_pass(self, above, dtype, device):
+        # The kept values go into one buffer grown by doubling: many small arrays kept alive between the
+        # blocks' temporaries would fragment the heap, and the process would grow by a block per block.
+        self.above, self.count = above, 0
+        self.inside = torch.empty(int(3 * BRACKET * self.n) + 1024, dtype=dtype, device=device)
+
+    def feed(self, values: torch.Tensor):
+        """Take in the next block of values (1-D)."""
+        above, inside = _count_and_band(values, self.lo, self.hi)
+        self.above += above
+        end = self.count + inside.numel()
+        if end > self.inside.numel():
+            grown = self.inside.new_empty(max(2 * self.inside.numel(), end))
+            grown[: self.count] = self.inside[: self.count]
+            self.inside = grown
+        self.inside[self.count: end] = inside
+        self.count = end
+
+    def finish_pass(self):
+        """After all blocks were fed: the answer, or a new bracket for one more pass."""
+        inside = self.inside[: self.count]
+        rank = self.k - self.above  # the answer's rank among the values inside the bracket
+        if 1 <= rank <= inside.numel():
+            self.answer, self.inside = _select(inside, rank), None
+        elif rank < 1:  # above the bracket
+            self.lo, self.hi = _next_float(self.hi, math.inf, inside.dtype), math.inf
+            self._start_pass(0, inside.dtype, inside.device)
+        else:  # below it
+            self.lo, self.hi = -math.inf, _next_float(self.lo, -math.inf, inside.dtype)
+            self._start_pass(self.above + inside.numel(), inside.dtype, inside.device)
+
+
+def _select(values: torch.Tensor, k: int) -> float:
+    """The k-th largest entry of 1-D `values`, exactly (numpy's selection is much faster on the CPU)."""
+    n = values.numel()
+    if values.device.type == "cpu":
+        return float(np.partition(values.numpy(), n - k)[n - k])
+    return float(values.kthvalue(n - k + 1).values)
+
+
+def _count_and_band(values: torch.Tensor, lo: float, hi: float) -> tuple[int, torch.Tensor]:
+    """(how many entries are above `hi`, the entries within [lo, hi]). On the CPU numpy does it: torch's
+    boolean tensors are several times slower there."""
+    if values.device.type == "cpu":
+        a = values.numpy()
+        lo, hi = a.dtype.type(lo), a.dtype.type(hi)  # exact: both are values of this dtype (or infinite)
+        return int(np.count_nonzero(a > hi)), torch.from_numpy(a[(a >= lo) & (a <= hi)])
+    return int((values > hi).sum()), values[(values >= lo) & (values <= hi)]
+
+
+def _next_float(value: float, towards: float, dtype: torch.dtype) -> float:
+    return float(torch.nextafter(torch.tensor(value, dtype=dtype), torch.tensor(towards, dtype=dtype)))
+
+
+def _magnitude(delta: torch.Tensor) -> torch.Tensor:
+    """|delta| as a 1-D tensor; half types become float32 on the CPU (exactly), where numpy selects."""
+    magnitude = delta.abs().flatten()
+    if magnitude.device.type == "cpu" and magnitude.dtype in (torch.float16, torch.bfloat16):
+        magnitude = magnitude.float()
+    return magnitude
+
+
+@dataclass(frozen=True)
+class TiesPlan:
+    """What TIES takes from the whole tensor."""
+
+    # Per model, the largest magnitude trimmed away: |τ_t| ≤ cutoff becomes 0 (None: nothing is, or the
+    # trimmed task vector is given as a statistic; inf: everything is). The k-th largest magnitude itself
+    # is kept, so the cutoff is the largest value of the working dtype below it.
+    cutoffs: list[float | None]
+    factors: list[torch.Tensor | None]  # L1 rescale factor of each trimmed task vector (None: no rescaling)
+    # The sign where the election ties: ±1, a function computing it when first needed, or None (no election).
+    majority: float | Callable[[], float] | None
 
 
 class Ties(MergeMethod):
@@ -64,11 +150,14 @@ class Ties(MergeMethod):
     task vectors (statistic 'trimmed', e.g. from code/trim.py) and its `global_majority_sign`.
 
     mergekit elects +1 where the sign election ties; `global_majority_sign=1` reproduces that exactly.
+    Merging in blocks reads the tensor once more to find the thresholds, once per model with `rescale`,
+    and once for the tensor's majority sign where a tie between non-zero values needs it.
     """
 
     name = "ties"
     needs_base = True
     optional_stats = ("trimmed",)
+    elementwise = True
     parameters = {
         **combine_parameters(normalize=True),
         "density": Parameter(1.0, per_model=True, help="fraction of each task vector kept (largest magnitudes)"),
@@ -76,15 +165,106 @@ class Ties(MergeMethod):
         **CONSENSUS_PARAMETERS,
     }
 
+    def prepare(self, blocks: TensorBlocks, *, weight, density, rescale, consensus_method, global_majority_sign,
+                **unused) -> TiesPlan:
+        sample = blocks.sample(SAMPLE_SIZE)
+        count = len(sample.tensors)
+        if optional_stats(sample, "trimmed") is None:
+            thresholds = _thresholds(blocks, sample, per_model(density, sample, "density"))
+            cutoffs = [_cutoff(threshold, base_tensor(sample).dtype) for threshold in thresholds]
+        else:
+            cutoffs = [None] * count
+        plan = TiesPlan(cutoffs, [None] * count, None)
+        if rescale:
+            plan = replace(plan, factors=[_rescale_factor(blocks, t, plan) for t in range(count)])
+        if consensus_method is None:
+            return plan
+        if global_majority_sign is None:
+            return replace(plan, majority=_TensorMajority(blocks, plan, weight, consensus_method))
+        return replace(plan, majority=checked_majority_sign(global_majority_sign, blocks.name))
+
     def merge(self, group: TensorGroup, *, weight, density, rescale, merge_lambda, normalize, consensus_method,
               global_majority_sign, int8_mask) -> torch.Tensor:
         base_tensor(group)
-        trimmed = optional_stats(group, "trimmed")
-        if trimmed is None:
-            densities = per_model(density, group, "density")
-            trimmed = [trim_by_magnitude(task_vector(group, t), d) for t, d in enumerate(densities)]
-        if rescale:
-            trimmed = [restore_l1_norm(kept.to(group.base.dtype), task_vector(group, t))
-                       for t, kept in enumerate(trimmed)]
-        return combine(group, trimmed, weight, merge_lambda=merge_lambda, normalize=normalize,
-                       consensus_method=consensus_method, global_majority_sign=global_majority_sign)
+        plan = group.prepared
+        if plan is None:
+            plan = self.prepare(TensorBlocks.of(group), weight=weight, density=density, rescale=rescale,
+                                consensus_method=consensus_method, global_majority_sign=global_majority_sign)
+        return combine(group, _trimmed(group, plan), weight, merge_lambda=merge_lambda, normalize=normalize,
+                       consensus_method=consensus_method, global_majority_sign=plan.majority)
+
+
+def _thresholds(blocks: TensorBlocks, sample: TensorGroup, densities) -> list[float | None]:
+    """Each model's trim threshold: the k_t-th largest |τ_t| of the whole tensor, k_t = max(1, ⌊d_t·n⌋);
+    None keeps everything, inf nothing."""
+    n = blocks.numel
+    thresholds, selections = [], {}
+    for t, density in enumerate(densities):
+        if density >= 1:
+            thresholds.append(None)
+        elif density <= 0 or n == 0:
+            thresholds.append(math.inf)
+        else:
+            thresholds.append(None)
+            selections[t] = Selection(_magnitude(task_vector(sample, t)), max(1, int(density * n)), n)
+    while any(s.answer is None for s in selections.values()):
+        pending = {t: s for t, s in selections.items() if s.answer is None}
+        for group in blocks:
+            for t, selection in pending.items():
+                selection.feed(_magnitude(task_vector(group, t)))
+        for selection in pending.values():
+            selection.finish_pass()
+    for t, selection in selections.items():
+        thresholds[t] = selection.answer if selection.answer > 0 else None  # |τ| ≥ 0 keeps everything
+    return thresholds
+
+
+def _cutoff(threshold: float | None, dtype: torch.dtype) -> float | None:
+    """The largest value of `dtype` below `threshold` (None and inf stay)."""
+    return threshold if threshold is None or threshold == math.inf else _next_float(threshold, 0.0, dtype)
+
+
+def _trimmed(group: TensorGroup, plan: TiesPlan) -> list[torch.Tensor]:
+    """The trimmed (and rescaled) task vectors τ'_t of `group`, in the group's dtype."""
+    given = optional_stats(group, "trimmed")
+    return [_trimmed_one(group, t, plan, given) for t in range(len(group.tensors))]
+
+
+def _trimmed_one(group: TensorGroup, t: int, plan: TiesPlan, given) -> torch.Tensor:
+    if given is not None:
+        kept = given[t].to(group.base.dtype)
+    elif plan.cutoffs[t] == math.inf:
+        kept = torch.zeros_like(group.base)
+    elif plan.cutoffs[t] is not None:  # as trim_by_magnitude's mask, in one operation (dropped entries are +0)
+        kept = torch.nn.functional.hardshrink(task_vector(group, t), plan.cutoffs[t])
+    else:
+        kept = task_vector(group, t)
+    return kept if plan.factors[t] is None else kept * plan.factors[t]
+
+
+def _rescale_factor(blocks: TensorBlocks, t: int, plan: TiesPlan) -> torch.Tensor | None:
+    """‖τ_t‖₁ / ‖τ'_t‖₁ over the whole tensor, as mergekit's rescale. Both sums run over the whole task
+    vector at once (gathered from the blocks), so they round exactly as for an unblocked tensor."""
+    original, kept = [], []
+    for group in blocks:
+        original.append(task_vector(group, t).flatten())
+        kept.append(_trimmed_one(group, t, plan, optional_stats(group, "trimmed")).flatten())
+    return l1_rescale_factor(torch.cat(kept), torch.cat(original))
+
+
+class _TensorMajority:
+    """The sign most entries of the whole tensor elect (+1 on a tie): a pass over every block, made when
+    first asked for."""
+
+    def __init__(self, blocks: TensorBlocks, plan: TiesPlan, weight, consensus_method: str):
+        self.blocks, self.plan, self.weight, self.consensus_method = blocks, plan, weight, consensus_method
+        self.value = None
+
+    def __call__(self) -> float:
+        if self.value is None:
+            balance = 0.0
+            for group in self.blocks:
+                deltas = weighted_deltas(group, _trimmed(group, self.plan), self.weight)
+                balance += sign_balance(election(deltas, self.consensus_method, upcast_dtype(group.base.dtype)))
+            self.value = 1.0 if balance >= 0 else -1.0
+        return self.value

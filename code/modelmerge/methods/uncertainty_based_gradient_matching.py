@@ -22,6 +22,7 @@ class UncertaintyBasedGradientMatching(MergeMethod):
     name = "uncertainty_based_gradient_matching"
     aliases = ("ubgm", "uncertainty-based-gradient-matching", "gradient_matching")
     needs_base = True
+    elementwise = True
     stats = ("fisher",)
     base_stats = ("fisher",)
     parameters = {
@@ -38,17 +39,25 @@ class UncertaintyBasedGradientMatching(MergeMethod):
         dtype = upcast_dtype(base.dtype)
         if "fisher" not in group.base_stats:
             raise ValueError(f"the ancestor's Hessian (statistic 'fisher') is missing for tensor {group.name}")
-        # The operations follow the released script's order, so float32 results agree bit for bit.
+        # The released script's operations in its order, so float32 results agree bit for bit; in place, into
+        # three buffers. Its Python sums start from 0, so they do here too (0 + x turns -0.0 into +0.0).
         hessians = [stat(group, t, "fisher").to(dtype) for t in range(len(group.tensors))]
         prior = scaling_factor_pt * group.base_stats["fisher"].to(dtype)  # c_0 H_0
+        term = torch.empty_like(prior)
 
-        denominator = sum((alpha * c) * h for c, h in zip(scales, hessians)) + prior + delta_0
-        if (denominator == 0).any():
+        denominator = torch.zeros_like(prior)  # Σ_t (α c_t) H_t + c_0 H_0 + δ_0
+        for c, h in zip(scales, hessians):
+            denominator += torch.mul(h, alpha * c, out=term)
+        denominator.add_(prior).add_(delta_0)
+        if denominator.numel() and denominator.abs().min() == 0:
             raise ValueError(f"zero denominator Σ α c_t H_t + c_0 H_0 + δ_0 in tensor {group.name} "
                              f"({int((denominator == 0).sum())} entries); use delta_0 > 0")
-        preconditioner = 1.0 / denominator
+        preconditioner = denominator.reciprocal_()  # the script's 1.0 / denominator
 
         theta_0 = base.to(dtype)
-        summed = sum(preconditioner * (c * h + delta_0 + prior) * (theta.to(dtype) - theta_0)
-                     for theta, c, h in zip(group.tensors, scales, hessians))
-        return (theta_0 + alpha * summed).to(base.dtype)
+        difference = torch.empty_like(prior)
+        summed = torch.zeros_like(prior)  # Σ_t (P ⊙ (c_t H_t + δ_0 + c_0 H_0)) ⊙ (θ_t − θ_0)
+        for theta, c, h in zip(group.tensors, scales, hessians):
+            torch.mul(h, c, out=term).add_(delta_0).add_(prior).mul_(preconditioner)
+            summed += term.mul_(torch.sub(theta.to(dtype), theta_0, out=difference))
+        return summed.mul_(alpha).add_(theta_0).to(base.dtype)
