@@ -329,16 +329,28 @@ def execute(method, tasks, writer, entries, dtype=None, device="cpu", progress=T
     input, and on what their `prepare` computes from the whole tensor) see tensors in blocks of rows of
     about BLOCK_BYTES, so the memory a merge needs does not grow with the largest tensor and the method's
     temporaries stay in the CPU caches; results are the same as for whole tensors.
+
+    On the CPU the merge runs with one torch thread unless OMP_NUM_THREADS is set: operations on
+    cache-sized blocks are too short for a second thread to pay for synchronising at every one, and while
+    other processes keep the cores busy every operation waits for a descheduled thread (task arithmetic of
+    four BERT-base checkpoints, benchmarks/merge_bench.py, load 2.5 on 2 cores: 1.3 s with one thread,
+    26 s with two).
     """
     device = torch.device(device)
     planned = dict(entries)
     summary = Summary()
     start = time.perf_counter()
     reader = _Reader(tasks)
-    for task in tqdm(tasks, desc=f"merging ({method.name})", unit="tensor", disable=not progress, file=sys.stderr):
-        merged = _execute_task(method, task, reader, writer, planned, dtype, device)
-        summary.merged += merged
-        summary.copied += not merged
+    threads = torch.get_num_threads()
+    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(1)
+    try:
+        for task in tqdm(tasks, desc=f"merging ({method.name})", unit="tensor", disable=not progress, file=sys.stderr):
+            merged = _execute_task(method, task, reader, writer, planned, dtype, device)
+            summary.merged += merged
+            summary.copied += not merged
+    finally:
+        torch.set_num_threads(threads)
     summary.seconds = time.perf_counter() - start
     summary.peak_rss_bytes = peak_rss_bytes()
     return summary

@@ -83,14 +83,17 @@ def combine(group: TensorGroup, deltas, weight, *, merge_lambda, normalize, cons
         if divisor.abs() < 1e-8:  # mergekit's guard: weights that cancel are not divided by
             divisor = torch.ones_like(divisor)
     else:
-        elected = election(weighted, consensus_method, accumulate)
-        majority = tie_break(elected, global_majority_sign, group.name)
-        mixed, divisor = _disjoint_sum(weighted, fill_ties(elected, majority or 1.0, dtype), weights, accumulate, normalize)
-        if majority is None and _contested_ties(elected, mixed) and global_majority_sign() < 0:
-            mixed, divisor = _disjoint_sum(weighted, fill_ties(elected, -1.0, dtype), weights, accumulate, normalize)
-        mixed = mixed.to(dtype)
+        raw = election(weighted, consensus_method, accumulate)
+        majority = tie_break(raw, global_majority_sign, group.name)
+        elected = fill_ties(raw, majority or 1.0, dtype)
+        magnitude, divisor = _agreeing_sums(weighted, elected, weights, accumulate, normalize)
+        if majority is None and _contested_ties(raw, elected, magnitude) and global_majority_sign() < 0:
+            elected = fill_ties(raw, -1.0, dtype)
+            magnitude, divisor = _agreeing_sums(weighted, elected, weights, accumulate, normalize)
+        # The agreeing entries all have the elected sign; +0.0 turns the −0.0 of entries without any into +0.0.
+        mixed = magnitude.mul_(elected).add_(0.0).to(dtype)
         if normalize:
-            divisor = _zeros_to_one(divisor.to(dtype))
+            divisor = _nonzero(divisor.to(dtype), weights)
     if normalize:
         mixed.div_(divisor)
     if merge_lambda != 1:
@@ -105,28 +108,31 @@ def _sum(tensors, dtype) -> torch.Tensor:
     return total
 
 
-def _disjoint_sum(weighted, elected, weights, accumulate, with_divisor):
-    """(Σ_t of the d_t whose sign is the elected one, Σ_t of their w_t or None), in `accumulate`.
+def _agreeing_sums(weighted, elected, weights, accumulate, with_divisor):
+    """(Σ_t |d_t| over the d_t whose sign is the elected one, Σ_t of their w_t or None), in `accumulate`.
 
-    The entries of d_t that agree with the elected sign s (±1) are clamp(d_t, low, high) with [low, high]
-    = [0, max] where s = 1 and [−max, 0] where s = −1; the others clamp to zero. On the CPU this is several
-    times faster than comparing signs, because torch's boolean tensors are slow there.
+    The agreeing entries of d_t have magnitude relu(s·d_t) (s = ±1 the elected sign), the others give 0,
+    and their signed sum is s times the sum of their magnitudes, exactly (rounding is symmetric). Products
+    and relu are several times faster on the CPU than comparing signs: torch's boolean tensors are slow there.
     """
-    half_max = torch.finfo(elected.dtype).max / 2
-    low, high = (elected - 1) * half_max, (elected + 1) * half_max
-    mixed = torch.zeros(elected.shape, dtype=accumulate, device=elected.device)
-    divisor = torch.zeros_like(mixed) if with_divisor else None
+    magnitude = torch.zeros(elected.shape, dtype=accumulate, device=elected.device)
+    divisor = torch.zeros_like(magnitude) if with_divisor else None
+    agreeing = torch.empty_like(elected)
     for t, d in enumerate(weighted):
-        agreeing = torch.clamp(d, low.to(d.dtype), high.to(d.dtype))
-        mixed += agreeing
+        magnitude += torch.mul(d, elected, out=agreeing).relu_()
         if with_divisor:
-            agrees = agreeing.sign().abs_()  # 1 where d_t agrees, else 0
+            agrees = agreeing.sign_()  # 1 where d_t agrees, else 0
             divisor += agrees if weights[t] == 1 else agrees.mul_(torch.tensor(weights[t], dtype=d.dtype))
-    return mixed, divisor
+    return magnitude, divisor
 
 
-def _zeros_to_one(divisor: torch.Tensor) -> torch.Tensor:
-    """`divisor` with every zero replaced by 1 (1 − |sign(x)| is 1 exactly where x is 0)."""
+def _nonzero(divisor: torch.Tensor, weights) -> torch.Tensor:
+    """`divisor` with every zero replaced by 1 (as mergekit does). With positive weights a zero divisor
+    means that no model agrees, so the sum there is +0 and any positive divisor gives the same +0: the
+    smallest weight is one, and a clamp to it changes no other entry. Otherwise 1 − |sign(x)| is 1
+    exactly where x is 0."""
+    if all(w > 0 for w in weights):
+        return divisor.clamp_(min=torch.tensor(min(weights), dtype=divisor.dtype))
     return divisor.add_(divisor.sign().abs_().neg_().add_(1))
 
 
@@ -166,9 +172,9 @@ def fill_ties(elected: torch.Tensor, majority: float, dtype) -> torch.Tensor:
     return (elected * 2).add_(majority).sign_().to(dtype)
 
 
-def _contested_ties(elected, mixed) -> bool:
-    """Whether the tie-break matters anywhere: some entry tied between non-zero values. `mixed` is the
-    disjoint sum with ties broken to +1, so it is positive exactly at those entries among the tied ones
-    (1 − |e| marks the tied ones)."""
-    tied = elected.abs().neg_().add_(1)
-    return bool(torch.dot(tied.flatten(), mixed.flatten()) > 0)
+def _contested_ties(raw, elected, magnitude) -> bool:
+    """Whether the tie-break matters anywhere: some entry tied between non-zero values. `elected` broke
+    the ties (raw 0) to +1, so elected − raw is 1 exactly at the tied entries, and `magnitude` (of the
+    values agreeing with +1 there) is positive exactly at those tied between non-zero values."""
+    tied = (elected - raw).to(magnitude.dtype)
+    return bool(torch.dot(tied.flatten(), magnitude.flatten()) > 0)

@@ -116,7 +116,7 @@ def _count_and_band(values: torch.Tensor, lo: float, hi: float) -> tuple[int, to
     if values.device.type == "cpu":
         a = values.numpy()
         lo, hi = a.dtype.type(lo), a.dtype.type(hi)  # exact: both are values of this dtype (or infinite)
-        return int(np.count_nonzero(a > hi)), torch.from_numpy(a[(a >= lo) & (a <= hi)])
+        return int(np.count_nonzero(a > hi)), torch.from_numpy(np.compress((a >= lo) & (a <= hi), a))
     return int((values > hi).sum()), values[(values >= lo) & (values <= hi)]
 
 
@@ -124,9 +124,10 @@ def _next_float(value: float, towards: float, dtype: torch.dtype) -> float:
     return float(torch.nextafter(torch.tensor(value, dtype=dtype), torch.tensor(towards, dtype=dtype)))
 
 
-def _magnitude(delta: torch.Tensor) -> torch.Tensor:
-    """|delta| as a 1-D tensor; half types become float32 on the CPU (exactly), where numpy selects."""
-    magnitude = delta.abs().flatten()
+def _magnitude(delta: torch.Tensor, in_place=False) -> torch.Tensor:
+    """|delta| as a 1-D tensor (computed in `delta` itself with `in_place`); half types become float32 on
+    the CPU (exactly), where numpy selects."""
+    magnitude = (delta.abs_() if in_place else delta.abs()).flatten()
     if magnitude.device.type == "cpu" and magnitude.dtype in (torch.float16, torch.bfloat16):
         magnitude = magnitude.float()
     return magnitude
@@ -210,8 +211,9 @@ def _thresholds(blocks: TensorBlocks, sample: TensorGroup, densities) -> list[fl
     while any(s.answer is None for s in selections.values()):
         pending = {t: s for t, s in selections.items() if s.answer is None}
         for group in blocks:
+            scratch = torch.empty_like(group.base)
             for t, selection in pending.items():
-                selection.feed(_magnitude(task_vector(group, t)))
+                selection.feed(_magnitude(torch.sub(group.tensors[t], group.base, out=scratch), in_place=True))
         for selection in pending.values():
             selection.finish_pass()
     for t, selection in selections.items():
@@ -227,16 +229,17 @@ def _cutoff(threshold: float | None, dtype: torch.dtype) -> float | None:
 def _trimmed(group: TensorGroup, plan: TiesPlan) -> list[torch.Tensor]:
     """The trimmed (and rescaled) task vectors τ'_t of `group`, in the group's dtype."""
     given = optional_stats(group, "trimmed")
-    return [_trimmed_one(group, t, plan, given) for t in range(len(group.tensors))]
+    scratch = torch.empty_like(group.base)
+    return [_trimmed_one(group, t, plan, given, scratch) for t in range(len(group.tensors))]
 
 
-def _trimmed_one(group: TensorGroup, t: int, plan: TiesPlan, given) -> torch.Tensor:
+def _trimmed_one(group: TensorGroup, t: int, plan: TiesPlan, given, scratch=None) -> torch.Tensor:
     if given is not None:
         kept = given[t].to(group.base.dtype)
     elif plan.cutoffs[t] == math.inf:
         kept = torch.zeros_like(group.base)
     elif plan.cutoffs[t] is not None:  # as trim_by_magnitude's mask, in one operation (dropped entries are +0)
-        kept = torch.nn.functional.hardshrink(task_vector(group, t), plan.cutoffs[t])
+        kept = torch.nn.functional.hardshrink(torch.sub(group.tensors[t], group.base, out=scratch), plan.cutoffs[t])
     else:
         kept = task_vector(group, t)
     return kept if plan.factors[t] is None else kept * plan.factors[t]
