@@ -4,9 +4,10 @@ A merge is planned as a list of `TensorTask`s, one per output tensor, each namin
 (`Source`: a checkpoint and a tensor name, so mergekit slices can rename layers) and the method's resolved
 parameters for that tensor. Planning reads only file headers, so inconsistent inputs (names, shapes,
 missing statistics, counts, unknown parameters) fail before any work is done. `execute` then streams:
-for each task it reads one tensor from every input, checks it is finite, copies it through when every
-input agrees (or when it is not floating point, or excluded), else hands a `TensorGroup` to the method,
-and appends the result to the output files. The output appears only when every tensor was written.
+for each task it reads one tensor (or, for elementwise methods, one block of rows at a time) from every
+input, checks it is finite, copies it through when every input agrees (or when it is not floating point,
+or excluded), else hands a `TensorGroup` to the method, and appends the result to the output files. The
+output appears only when every tensor was written.
 """
 import logging
 import math
@@ -330,11 +331,11 @@ def execute(method, tasks, writer, entries, dtype=None, device="cpu", progress=T
     about BLOCK_BYTES, so the memory a merge needs does not grow with the largest tensor and the method's
     temporaries stay in the CPU caches; results are the same as for whole tensors.
 
-    On the CPU the merge runs with one torch thread unless OMP_NUM_THREADS is set: operations on
-    cache-sized blocks are too short for a second thread to pay for synchronising at every one, and while
-    other processes keep the cores busy every operation waits for a descheduled thread (task arithmetic of
-    four BERT-base checkpoints, benchmarks/merge_bench.py, load 2.5 on 2 cores: 1.3 s with one thread,
-    26 s with two).
+    On the CPU the merge runs with one torch thread unless OMP_NUM_THREADS is set: with more, the threads
+    meet at the end of every operation, and operations on cache-sized blocks are short, so while other
+    processes keep the cores busy most of the time goes to waiting for a descheduled thread (task
+    arithmetic of four BERT-base checkpoints, benchmarks/merge_bench.py, load 2.5 on 2 cores: 1.3 s with
+    one thread, 26 s with two).
     """
     device = torch.device(device)
     planned = dict(entries)
@@ -471,24 +472,29 @@ class _Reader:
         self.checkpoints = list(seen.values())
         self.since_release = 0
         self._opened = {}  # (checkpoint, name) -> the whole tensor, memory-mapped: blocks are views of it
-        self._checked = set()  # (checkpoint, name, first row): blocks of this tensor found finite, not checked again
+        self._checked = set()  # (checkpoint, name, first row) of the blocks of this tensor found finite
+        self._mapped = set()  # those of the blocks read since the last release, and (checkpoint, name) of tensors
 
     def read(self, source, what, rows=None, check=True):
+        """Rows `rows` (None: all, a slice, or an index tensor) of a source's tensor, found finite (each block
+        is checked once per tensor)."""
         self.release_if_due()
         key = (id(source.checkpoint), source.name)
         if key not in self._opened:
             self._opened[key] = source.read()
         whole = self._opened[key]
-        tensor = whole if rows is None else whole[rows]  # a slice is a view: only its rows' pages are read
-        block = key + (rows.start if isinstance(rows, slice) else None,)
-        if check and tensor.dtype.is_floating_point and (rows is None or block not in self._checked):
+        tensor = whole if rows is None else whole[rows]  # only these rows' pages are read (and some around them)
+        block = key + (rows.start,) if isinstance(rows, slice) else key
+        if check and tensor.dtype.is_floating_point and block not in self._checked:
             if not all_finite(tensor):
                 raise MergeError(f"{what} {source.where()} holds NaN or infinite values")
-            if isinstance(rows, slice):
+            if block != key:
                 self._checked.add(block)
-        # Rows picked by an index (a sample) are spread over the tensor, and the kernel maps whole runs of
-        # pages around each: count them as the whole tensor.
-        self.since_release += tensor.nbytes if rows is None or isinstance(rows, slice) else whole.nbytes
+        if block not in self._mapped and key not in self._mapped:  # else its pages are mapped already
+            self._mapped.add(block)
+            # Rows picked by an index (a sample) are spread over the tensor, and the kernel maps pages in
+            # runs around each: such a read counts as the whole tensor.
+            self.since_release += tensor.nbytes if block != key else whole.nbytes
         return tensor
 
     def next_tensor(self):
@@ -497,6 +503,7 @@ class _Reader:
     def release_if_due(self):
         if self.since_release > RELEASE_EVERY_BYTES:
             self._opened.clear()
+            self._mapped.clear()
             for checkpoint in self.checkpoints:
                 checkpoint.release()
             self.since_release = 0

@@ -116,7 +116,9 @@ def _count_and_band(values: torch.Tensor, lo: float, hi: float) -> tuple[int, to
     if values.device.type == "cpu":
         a = values.numpy()
         lo, hi = a.dtype.type(lo), a.dtype.type(hi)  # exact: both are values of this dtype (or infinite)
-        return int(np.count_nonzero(a > hi)), torch.from_numpy(np.compress((a >= lo) & (a <= hi), a))
+        above = a > hi
+        inside = np.logical_xor(a >= lo, above)  # a > hi implies a >= lo
+        return int(np.count_nonzero(above)), torch.from_numpy(np.compress(inside, a))
     return int((values > hi).sum()), values[(values >= lo) & (values <= hi)]
 
 
