@@ -14,10 +14,12 @@ then for task arithmetic, TIES and uncertainty-based gradient matching measures
 The targets: merge loop within 1.5x the I/O floor, faster than mergekit, peak memory below the size of two
 checkpoints; the table ends with each target, met or not. Inputs are read from the page cache when memory
 allows (every file is read once before the measurements). Our merge runs with each of `--threads` torch
-threads (OMP_NUM_THREADS), `--repeats` times, alternating with the floor so that other processes on the
-machine (which make the figures noisy) slow both alike; medians are reported. mergekit runs once.
+threads (OMP_NUM_THREADS; default 1, as merge.py itself runs), `--repeats` times, alternating with the
+floor so that other processes on the machine (which make the figures noisy) slow both alike; medians are
+reported. mergekit runs once, with the largest thread count.
 
-    python benchmarks/merge_bench.py              # full size (~110M parameters per checkpoint)
+    python benchmarks/merge_bench.py              # full size (~110M parameters per checkpoint), ~8 min
+    python benchmarks/merge_bench.py --threads 1 2 --repeats 1 --no_mergekit   # one thread against two
     python benchmarks/merge_bench.py --scale 0.25 --repeats 1 --no_mergekit  # a quick small run
 """
 import argparse

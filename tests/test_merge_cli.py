@@ -339,3 +339,30 @@ def test_bad_values_in_a_late_block_are_found_and_named(zoo, tmp_path, monkeypat
                         "--ancestor_aux_data", str(hessian), "--x:delta_0", "0", "--output", str(tmp_path / "bad")],
                        "zero denominator", capsys, output=str(tmp_path / "bad"))
     assert "bert.embeddings.word_embeddings.weight (rows 0-6)" in err and "(224 entries)" in err  # 7 rows of 32
+
+
+def test_cpu_merges_run_on_one_thread_unless_omp_num_threads_is_set(zoo, tmp_path, monkeypatch):
+    from modelmerge import merge_driver
+    from modelmerge.methods.task_arithmetic import TaskArithmetic
+
+    seen = []
+
+    class Recording(TaskArithmetic):
+        def merge(self, group, **params):
+            seen.append(torch.get_num_threads())
+            return super().merge(group, **params)
+
+    monkeypatch.setattr(merge_driver, "load_method", lambda name: Recording())
+    argv = ["--merge", "task_arithmetic", "--models", *zoo["models"], "--ancestor", zoo["base"]]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        run(argv + ["--output", str(tmp_path / "default")])
+        assert set(seen) == {1} and torch.get_num_threads() == 2
+        seen.clear()
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        run(argv + ["--output", str(tmp_path / "asked")])
+        assert set(seen) == {2}
+    finally:
+        torch.set_num_threads(threads)

@@ -60,7 +60,10 @@ class TensorBlocks:
     @classmethod
     def of(cls, group: TensorGroup) -> "TensorBlocks":
         """A group already in memory, as a single block."""
-        return cls(group.name, tuple(group.tensors[0].shape), lambda rows: group if rows is None else group.rows(rows), [None])
+        def read(rows):
+            return group if rows is None else group.rows(rows)
+
+        return cls(group.name, tuple(group.tensors[0].shape), read, [None])
 
     def __iter__(self) -> Iterator[TensorGroup]:
         for rows in self._blocks:

@@ -42,7 +42,7 @@ def trim_by_magnitude(delta: torch.Tensor, density: float) -> torch.Tensor:
 def kth_largest(values: torch.Tensor, k: int) -> float:
     """The exact k-th largest entry of the 1-D tensor `values` (see `Selection`)."""
     n = values.numel()
-    sample = values if n <= SAMPLE_SIZE else values[torch.linspace(0, n - 1, SAMPLE_SIZE).round().long().to(values.device)]
+    sample = TensorBlocks.of(TensorGroup("values", [values])).sample(SAMPLE_SIZE).tensors[0]
     selection = Selection(sample, k, n)
     while selection.answer is None:
         selection.feed(values)

@@ -39,8 +39,8 @@ class UncertaintyBasedGradientMatching(MergeMethod):
         dtype = upcast_dtype(base.dtype)
         if "fisher" not in group.base_stats:
             raise ValueError(f"the ancestor's Hessian (statistic 'fisher') is missing for tensor {group.name}")
-        # The released script's operations in its order, so float32 results agree bit for bit; in place, into
-        # three buffers. Its Python sums start from 0, so they do here too (0 + x turns -0.0 into +0.0).
+        # The released script's operations in its order, so float32 results agree bit for bit, but in place.
+        # Its Python sums start from 0, so these do too (0 + x turns -0.0 into +0.0).
         hessians = [stat(group, t, "fisher").to(dtype) for t in range(len(group.tensors))]
         prior = scaling_factor_pt * group.base_stats["fisher"].to(dtype)  # c_0 H_0
         term = torch.empty_like(prior)
