@@ -5,7 +5,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# Tiny models gain nothing from several threads, and tests run programs side by side on 2 cores.
+# Tiny models gain nothing from several threads, and tests run programs side by side on 2 cores: one
+# thread per process (torch reads this when first imported, after this file).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 

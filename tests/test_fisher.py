@@ -23,15 +23,6 @@ from tiny import SHARED_DATA, make_tiny_bert, read_jsonl
 NUM_EXAMPLES = 20
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models on a shared 2-core machine: a second thread only adds contention (often 10× slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tiny_path(tmp_path_factory):
     return make_tiny_bert(str(tmp_path_factory.mktemp("tiny_bert")), seed=3)
