@@ -12,30 +12,16 @@ A Hessian path is a Fisher statistics folder (code/predict.py), its `hessian/` s
 with the model's tensor names. Defaults are the released script's (δ_0 = 0, c_0 = α = 1). The merge is
 streamed tensor by tensor by modelmerge.merge_driver; OUT is a model folder with θ_0's config and tokenizer.
 """
-import argparse
-
-from modelmerge.merge_driver import MergeError, merge, run_program
-
-TASK_TYPES = ("SEQ_CLS",)  # the released script's model classes; the merge itself is the same for any
-
-
-def comma_list(text):
-    return [item for item in text.split(",") if item]
+from modelmerge.merge_driver import MergeError, comma_list, merge, paper_script_parser, run_program
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--pretrained_model_name_or_path", required=True, help="θ_0")
+    parser = paper_script_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--pretrained_hessian_path", required=True, help="H_0: Fisher folder or its hessian/ subfolder")
-    parser.add_argument("--ft_model_name_or_paths", type=comma_list, required=True, help="θ_t, comma-separated")
     parser.add_argument("--ft_hessian_paths", type=comma_list, required=True, help="H_t, comma-separated, same order")
     parser.add_argument("--scaling_factors_ft", type=comma_list, required=True, help="c_t, comma-separated, same order")
-    parser.add_argument("--out_model_path", required=True, help="output model folder")
     parser.add_argument("--delta_0", type=float, default=0.0, help="δ_0")
     parser.add_argument("--scaling_factor_pt", type=float, default=1.0, help="c_0")
-    parser.add_argument("--scaling_factor", type=float, default=1.0, help="α")
-    parser.add_argument("--task_type", default="SEQ_CLS", choices=TASK_TYPES)
-    parser.add_argument("--device", default="cpu", help="where the arithmetic runs: cpu or cuda")
     return parser.parse_args(argv)
 
 

@@ -9,6 +9,7 @@ input, checks it is finite, copies it through when every input agrees (or when i
 or excluded), else hands a `TensorGroup` to the method, and appends the result to the output files. The
 output appears only when every tensor was written.
 """
+import argparse
 import logging
 import math
 import os
@@ -671,6 +672,24 @@ def _lora_output_names(tasks, view, rank):
             task.lora_output = LoraOutput(f"{module}.lora_A.weight", f"{module}.lora_B.weight", rank, view.fan_in_fan_out)
         else:
             task.name = adapter_name(task.name)
+
+
+def comma_list(text):
+    """An argparse type: 'a,b,c' -> ['a', 'b', 'c'] (the released scripts' way of passing lists)."""
+    return [item for item in text.split(",") if item]
+
+
+def paper_script_parser(description):
+    """The arguments both of the paper's released merge scripts take, with their names and defaults."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--pretrained_model_name_or_path", required=True, help="θ_0")
+    parser.add_argument("--ft_model_name_or_paths", type=comma_list, required=True, help="θ_t, comma-separated")
+    parser.add_argument("--out_model_path", required=True, help="output model folder")
+    parser.add_argument("--scaling_factor", type=float, default=1.0, help="α")
+    # The released scripts' model classes; the merge itself is the same for any.
+    parser.add_argument("--task_type", default="SEQ_CLS", choices=("SEQ_CLS",))
+    parser.add_argument("--device", default="cpu", help="where the arithmetic runs: cpu or cuda")
+    return parser
 
 
 def run_program(main, argv=None):
