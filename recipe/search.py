@@ -4,6 +4,12 @@ import json
 from recipe.program_job import ProgramJob
 
 
+def set_accuracy(variable, metrics_file):
+    """Store the accuracy in `metrics_file` (predict.py's metrics.json) in the tk.Variable `variable`."""
+    with open(metrics_file.get_path()) as f:
+        variable.set(json.load(f)["accuracy"])
+
+
 class PredictJob(ProgramJob):
     """Runs `code/predict.py` with `method` on one model and one dataset split."""
 
@@ -46,8 +52,7 @@ class HuggingfaceSearchJob(PredictJob):
 
     def run(self):
         super().run()
-        with open(self.out_metric_file.get_path()) as f:
-            self.out_accuracy.set(json.load(f)["accuracy"])
+        set_accuracy(self.out_accuracy, self.out_metric_file)
 
 
 class MultiTaskSearchJob(PredictJob):
@@ -81,5 +86,4 @@ class MultiTaskSearchJob(PredictJob):
     def run(self):
         super().run()
         for name, metrics_file in self.out_metric_files.items():
-            with open(metrics_file.get_path()) as f:
-                self.out_accuracies[name].set(json.load(f)["accuracy"])
+            set_accuracy(self.out_accuracies[name], metrics_file)
