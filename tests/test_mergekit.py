@@ -188,7 +188,7 @@ def test_settings_are_scalars_gradients_or_filtered_values():
 
 
 @pytest.mark.parametrize("config, message", [
-    ({"merge_method": "model_stock", "models": [{"model": "@ft1@"}]}, "unknown merge method 'model_stock'"),
+    ({"merge_method": "frankenmerge", "models": [{"model": "@ft1@"}]}, "unknown merge method 'frankenmerge'"),
     ({"merge_method": "ties", "models": [{"model": "@ft1@"}, {"model": "@ft2@"}]}, "needs base_model"),
     ({"merge_method": "ties", "base_model": "@base@", "models": [{"model": "@ft1@", "parameters": {"densty": 0.5}}]},
      "unknown parameter 'densty'"),

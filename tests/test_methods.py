@@ -530,13 +530,14 @@ def identical_group(name, theta, count=3):
     g = grams_of(1, theta.shape[1], seed=120)[0]
     s = grams_of(1, theta.shape[0], seed=121)[0]
     stats = {"fisher": theta.abs() + 0.1, "gram": g, "output_grad_gram": s}
-    count = {"slerp": 2, "passthrough": 1}.get(name, count)
+    count = {"slerp": 2, "nuslerp": 2, "passthrough": 1, "nearswap": 1, "arcee_fusion": 1}.get(name, count)
     return TensorGroup("x", [theta.clone() for _ in range(count)], base=theta.clone(),
                        stats=[dict(stats) for _ in range(count)], base_stats={"fisher": theta.abs()})
 
 
 EXTRA = {"ties": {"density": 0.4}, "dare_linear": {"density": 0.5}, "dare_ties": {"density": 0.5},
-         "breadcrumbs": {"density": 0.5}, "breadcrumbs_ties": {"density": 0.5}, "mats": {"iterations": 30}}
+         "breadcrumbs": {"density": 0.5}, "breadcrumbs_ties": {"density": 0.5}, "mats": {"iterations": 30},
+         "della": {"density": 0.5}, "della_linear": {"density": 0.5}, "sce": {"select_topk": 0.5}, "nearswap": {"t": 0.01}}
 
 
 @pytest.mark.parametrize("name", sorted({cls.name for cls in METHODS.values()}))

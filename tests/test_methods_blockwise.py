@@ -21,7 +21,7 @@ def group_for(name, shape=(ROWS, COLUMNS), count=3, dtype=torch.float32, trimmed
     stats = [{"fisher": randn(*shape, seed=10 + t).abs()} for t in range(count)]
     if trimmed:
         stats = [{"trimmed": ties.trim_by_magnitude(x - base, 0.3)} for x in thetas]
-    if name == "passthrough":
+    if name in ("passthrough", "nearswap"):
         thetas, stats = thetas[:1], stats[:1]
     return TensorGroup(name, [x.to(dtype) for x in thetas], base=base.to(dtype), stats=stats,
                        base_stats={"fisher": randn(*shape, seed=19).abs()})
@@ -58,6 +58,8 @@ CASES = [
     ("ties", {"density": 0.3, "global_majority_sign": -1}),
     ("ties", {"density": 0.3, "rescale": True}),
     ("ties", {"density": [0.0, 1.0, 0.4], "consensus_method": None}),
+    ("ram", {"epsilon": 0.05}),
+    ("nearswap", {"t": 0.05}),
 ]
 
 

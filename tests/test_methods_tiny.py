@@ -48,7 +48,7 @@ def merge_state_dict(name, base, models, stats, base_stats, floats, **params):
 
 
 def group_size(name):
-    return {"slerp": 2, "passthrough": 1}.get(name, NUM_MODELS)
+    return {"slerp": 2, "nuslerp": 2, "passthrough": 1, "nearswap": 1, "arcee_fusion": 1}.get(name, NUM_MODELS)
 
 
 @pytest.mark.parametrize("name", sorted({cls.name for cls in METHODS.values()}))

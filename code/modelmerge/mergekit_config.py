@@ -70,6 +70,17 @@ MERGEKIT_METHODS = {
     "breadcrumbs_ties": MergekitMethod("breadcrumbs_ties", "ancestor", _PLUS_ON_TIES),
     "slerp": MergekitMethod("slerp", "first"),
     "passthrough": MergekitMethod("passthrough", "input"),
+    "model_stock": MergekitMethod("model_stock", "ancestor"),
+    "della": MergekitMethod("della", "ancestor"),
+    "della_linear": MergekitMethod("della_linear", "ancestor"),
+    "sce": MergekitMethod("sce", "ancestor"),
+    "nuslerp": MergekitMethod("nuslerp", "ancestor"),  # base_model optional: then the task vectors are interpolated
+    "multislerp": MergekitMethod("multislerp", "ancestor"),
+    "karcher": MergekitMethod("karcher", "input"),
+    "nearswap": MergekitMethod("nearswap", "ancestor"),
+    "arcee_fusion": MergekitMethod("arcee_fusion", "ancestor"),
+    "ram": MergekitMethod("ram", "ancestor"),
+    "ramplus_tl": MergekitMethod("ramplus_tl", "ancestor"),
 }
 TOP_LEVEL_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
                   "tokenizer_source"}

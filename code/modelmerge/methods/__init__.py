@@ -3,14 +3,23 @@
 Adding a method is one module in this folder and one entry in `_CLASSES`.
 """
 from .base import MergeMethod, Parameter, TensorGroup
+from .arcee_fusion import ArceeFusion
 from .breadcrumbs import Breadcrumbs, BreadcrumbsTies
 from .dare import DareLinear, DareTies
+from .della import Della, DellaLinear
 from .fisher import Fisher
+from .karcher import Karcher
 from .linear import Linear
 from .mats import Mats
 from .mlerp import Mlerp
+from .model_stock import ModelStock
+from .multislerp import MultiSlerp
+from .nearswap import NearSwap
+from .nuslerp import NuSlerp
 from .passthrough import Passthrough
+from .ram import Ram, RamPlusTensorLocal
 from .regmean import RegMean
+from .sce import Sce
 from .slerp import Slerp
 from .task_arithmetic import TaskArithmetic
 from .ties import Ties
@@ -19,6 +28,8 @@ from .uncertainty_based_gradient_matching import UncertaintyBasedGradientMatchin
 _CLASSES: tuple[type[MergeMethod], ...] = (
     Linear, TaskArithmetic, Ties, DareLinear, DareTies, Breadcrumbs, BreadcrumbsTies, Fisher, RegMean, Mats,
     Slerp, Mlerp, UncertaintyBasedGradientMatching, Passthrough,
+    # mergekit 0.1.5's newer methods
+    ModelStock, Della, DellaLinear, Sce, NuSlerp, MultiSlerp, Karcher, NearSwap, ArceeFusion, Ram, RamPlusTensorLocal,
 )
 
 
