@@ -120,24 +120,6 @@ def test_ties_reads_the_blocks_once_for_thresholds_and_again_only_for_a_conteste
     assert plan.majority() == 1.0 and sum(isinstance(r, slice) for r in reads) == 2 * len(ranges)
 
 
-@pytest.mark.parametrize("misleading", [0.01, 100.0])
-def test_selection_is_exact_when_the_sample_misleads(misleading):
-    """A sample of values much smaller (larger) than the rest brackets the answer too low (high): a second
-    pass brackets the other side."""
-    values = randn(5000, seed=7).abs()
-    sample = values[:200] * misleading
-    for k in (900, 2500, 4000):
-        selection = ties.Selection(sample, k, values.numel())
-        passes = 0
-        while selection.answer is None:
-            for block in values.split(333):
-                selection.feed(block)
-            selection.finish_pass()
-            passes += 1
-        assert passes == 2
-        assert selection.answer == torch.sort(values, descending=True).values[k - 1]
-
-
 def test_tensor_blocks_sample_spreads_rows_and_reads_small_tensors_whole():
     group = group_for("ties")
     blocks = TensorBlocks.of(group)

@@ -11,18 +11,13 @@ import math
 from dataclasses import dataclass, replace
 from typing import Callable
 
-import numpy as np
 import torch
 
+from ..selection import SAMPLE_SIZE, Selection, kth_largest
 from .base import MergeMethod, Parameter, TensorBlocks, TensorGroup
 from .common import base_tensor, optional_stats, per_model, upcast_dtype
 from .task_vectors import (CONSENSUS_PARAMETERS, checked_majority_sign, combine, combine_parameters, election,
                            l1_rescale_factor, sign_balance, task_vector, weighted_deltas)
-
-# A threshold is bracketed between two quantiles of a sample of this many entries, BRACKET apart from the
-# answer's quantile on either side; only the entries inside the bracket (about 2%) are selected among.
-SAMPLE_SIZE = 1 << 15
-BRACKET = 0.01
 
 
 def trim_by_magnitude(delta: torch.Tensor, density: float) -> torch.Tensor:
@@ -39,100 +34,13 @@ def trim_by_magnitude(delta: torch.Tensor, density: float) -> torch.Tensor:
     return delta * (magnitude >= threshold).view(delta.shape)
 
 
-def kth_largest(values: torch.Tensor, k: int) -> float:
-    """The exact k-th largest entry of the 1-D tensor `values` (see `Selection`)."""
-    n = values.numel()
-    sample = TensorBlocks.of(TensorGroup("values", [values])).sample(SAMPLE_SIZE).tensors[0]
-    selection = Selection(sample, k, n)
-    while selection.answer is None:
-        selection.feed(values)
-        selection.finish_pass()
-    return selection.answer
-
-
-class Selection:
-    """The exact k-th largest of n values that are read block by block, in (usually) one pass.
-
-    A sample of the values brackets the answer between two of its quantiles; a pass over all the values
-    counts those above the bracket and keeps those inside it, and the answer is selected among the kept
-    ones. Where the sample misled, a second pass brackets the side of the old bracket that holds the answer.
-    A sample that is all the values gives the answer at once.
-    """
-
-    def __init__(self, sample: torch.Tensor, k: int, n: int):
-        self.k, self.n, self.answer = k, n, None
-        if sample.numel() == n:
-            self.answer = _select(sample, k)
-            return
-        m, quantile = sample.numel(), 1 - k / n  # the answer's rank from below, as a fraction
-        lo_rank, hi_rank = math.floor((quantile - BRACKET) * m), math.ceil((quantile + BRACKET) * m) + 1
-        self.lo = _select(sample, m - lo_rank + 1) if lo_rank >= 1 else -math.inf
-        self.hi = _select(sample, m - hi_rank + 1) if hi_rank <= m else math.inf
-        self._start_pass(0, sample.dtype, sample.device)
-
-    def _start_pass(self, above, dtype, device):
-        # The kept values go into one buffer grown by doubling: many small arrays kept alive between the
-        # blocks' temporaries would fragment the heap, and the process would grow by a block per block.
-        self.above, self.count = above, 0
-        self.inside = torch.empty(int(3 * BRACKET * self.n) + 1024, dtype=dtype, device=device)
-
-    def feed(self, values: torch.Tensor):
-        """Take in the next block of values (1-D)."""
-        above, inside = _count_and_band(values, self.lo, self.hi)
-        self.above += above
-        end = self.count + inside.numel()
-        if end > self.inside.numel():
-            grown = self.inside.new_empty(max(2 * self.inside.numel(), end))
-            grown[: self.count] = self.inside[: self.count]
-            self.inside = grown
-        self.inside[self.count: end] = inside
-        self.count = end
-
-    def finish_pass(self):
-        """After all blocks were fed: the answer, or a new bracket for one more pass."""
-        inside = self.inside[: self.count]
-        rank = self.k - self.above  # the answer's rank among the values inside the bracket
-        if 1 <= rank <= inside.numel():
-            self.answer, self.inside = _select(inside, rank), None
-        elif rank < 1:  # above the bracket
-            self.lo, self.hi = _next_float(self.hi, math.inf, inside.dtype), math.inf
-            self._start_pass(0, inside.dtype, inside.device)
-        else:  # below it
-            self.lo, self.hi = -math.inf, _next_float(self.lo, -math.inf, inside.dtype)
-            self._start_pass(self.above + inside.numel(), inside.dtype, inside.device)
-
-
-def _select(values: torch.Tensor, k: int) -> float:
-    """The k-th largest entry of 1-D `values`, exactly (numpy's selection is much faster on the CPU)."""
-    n = values.numel()
-    if values.device.type == "cpu":
-        return float(np.partition(values.numpy(), n - k)[n - k])
-    return float(values.kthvalue(n - k + 1).values)
-
-
-def _count_and_band(values: torch.Tensor, lo: float, hi: float) -> tuple[int, torch.Tensor]:
-    """(how many entries are above `hi`, the entries within [lo, hi]). On the CPU numpy does it: torch's
-    boolean tensors are several times slower there."""
-    if values.device.type == "cpu":
-        a = values.numpy()
-        lo, hi = a.dtype.type(lo), a.dtype.type(hi)  # exact: both are values of this dtype (or infinite)
-        above = a > hi
-        inside = np.logical_xor(a >= lo, above)  # a > hi implies a >= lo
-        return int(np.count_nonzero(above)), torch.from_numpy(np.compress(inside, a))
-    return int((values > hi).sum()), values[(values >= lo) & (values <= hi)]
-
-
 def _next_float(value: float, towards: float, dtype: torch.dtype) -> float:
     return float(torch.nextafter(torch.tensor(value, dtype=dtype), torch.tensor(towards, dtype=dtype)))
 
 
 def _magnitude(delta: torch.Tensor, in_place=False) -> torch.Tensor:
-    """|delta| as a 1-D tensor (computed in `delta` itself with `in_place`); half types become float32 on
-    the CPU (exactly), where numpy selects."""
-    magnitude = (delta.abs_() if in_place else delta.abs()).flatten()
-    if magnitude.device.type == "cpu" and magnitude.dtype in (torch.float16, torch.bfloat16):
-        magnitude = magnitude.float()
-    return magnitude
+    """|delta| as a 1-D tensor (computed in `delta` itself with `in_place`)."""
+    return (delta.abs_() if in_place else delta.abs()).flatten()
 
 
 @dataclass(frozen=True)
