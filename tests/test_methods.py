@@ -530,7 +530,8 @@ def identical_group(name, theta, count=3):
 
 EXTRA = {"ties": {"density": 0.4}, "dare_linear": {"density": 0.5}, "dare_ties": {"density": 0.5},
          "breadcrumbs": {"density": 0.5}, "breadcrumbs_ties": {"density": 0.5}, "mats": {"iterations": 30},
-         "della": {"density": 0.5}, "della_linear": {"density": 0.5}, "sce": {"select_topk": 0.5}, "nearswap": {"t": 0.01}}
+         "della": {"density": 0.5}, "della_linear": {"density": 0.5}, "sce": {"select_topk": 0.5}, "nearswap": {"t": 0.01},
+         "wudi": {"iterations": 10}}
 
 
 @pytest.mark.parametrize("name", sorted({cls.name for cls in METHODS.values()}))

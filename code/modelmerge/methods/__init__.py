@@ -5,11 +5,14 @@ Adding a method is one module in this folder and one entry in `_CLASSES`.
 from .base import MergeMethod, Parameter, TensorGroup
 from .arcee_fusion import ArceeFusion
 from .breadcrumbs import Breadcrumbs, BreadcrumbsTies
+from .consensus import Consensus
 from .dare import DareLinear, DareTies
 from .della import Della, DellaLinear
 from .fisher import Fisher
+from .isotropic import IsoC, IsoCts
 from .karcher import Karcher
 from .linear import Linear
+from .magmax import MagMax
 from .mats import Mats
 from .mlerp import Mlerp
 from .model_stock import ModelStock
@@ -22,14 +25,18 @@ from .regmean import RegMean
 from .sce import Sce
 from .slerp import Slerp
 from .task_arithmetic import TaskArithmetic
+from .tsv_m import TsvM
 from .ties import Ties
 from .uncertainty_based_gradient_matching import UncertaintyBasedGradientMatching
+from .wudi import Wudi
 
 _CLASSES: tuple[type[MergeMethod], ...] = (
     Linear, TaskArithmetic, Ties, DareLinear, DareTies, Breadcrumbs, BreadcrumbsTies, Fisher, RegMean, Mats,
     Slerp, Mlerp, UncertaintyBasedGradientMatching, Passthrough,
     # mergekit 0.1.5's newer methods
     ModelStock, Della, DellaLinear, Sce, NuSlerp, MultiSlerp, Karcher, NearSwap, ArceeFusion, Ram, RamPlusTensorLocal,
+    # data-free methods of the current field
+    TsvM, IsoC, IsoCts, Wudi, MagMax, Consensus,
 )
 
 

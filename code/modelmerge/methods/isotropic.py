@@ -1,0 +1,80 @@
+"""Iso-C and Iso-CTS: flatten the singular spectrum of the merged task matrix (Iso-C), after enriching it
+with each task's own directions outside a common subspace (Iso-CTS).
+
+Marczak, Magistri, Cygert, Twardowski, Bagdanov & van de Weijer, "No Task Left Behind: Isotropic Model
+Merging with Common and Task-Specific Subspaces", ICML 2025 (https://arxiv.org/abs/2502.04959).
+"""
+import torch
+
+from .base import MergeMethod, Parameter, TensorGroup
+from .task_space import PARAMETERS, is_matrix, mean, polar, result, task_vectors
+
+
+def isotropic(matrix: torch.Tensor) -> torch.Tensor:
+    """U · (mean of S) · Vᵀ for matrix = U S Vᵀ: the same singular vectors with a flat spectrum."""
+    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    return (u * s.mean()) @ vh
+
+
+def space_sizes(width: int, tasks: int, fraction: float) -> tuple[int, int]:
+    """(k_c, k_t): common directions k_c = width − round((width − ⌊f·width⌋)/T)·T, so that the rest splits
+    evenly into T task blocks of k_t (k_c kept ≥ 0)."""
+    common = width - round((width - int(width * fraction)) / tasks) * tasks
+    common = max(0, common)
+    return common, (width - common) // tasks
+
+
+def common_and_task_specific(taus: list[torch.Tensor], fraction: float) -> torch.Tensor:
+    """Iso-CTS: the first k_c singular triplets of Σ_t τ_t, and for each task the first k_t of τ_t with the
+    common column space projected out; task blocks (in task order) then the common block are stacked, the
+    U and Vᵀ stacks replaced by their polar factors and all singular values by their mean."""
+    m, n = taus[0].shape
+    width = min(m, n)
+    k_c, k_t = space_sizes(width, len(taus), fraction)
+    u, s, vh = torch.linalg.svd(sum(taus), full_matrices=False)
+    common_u = u[:, :k_c]
+    stacked_u, stacked_s, stacked_vh = taus[0].new_zeros(m, width), taus[0].new_zeros(width), taus[0].new_zeros(width, n)
+    for t, tau in enumerate(taus):
+        own_u, own_s, own_vh = torch.linalg.svd(tau - common_u @ (common_u.T @ tau), full_matrices=False)
+        block = slice(t * k_t, (t + 1) * k_t)
+        stacked_u[:, block], stacked_s[block], stacked_vh[block] = own_u[:, :k_t], own_s[:k_t], own_vh[:k_t]
+    block = slice(len(taus) * k_t, len(taus) * k_t + k_c)
+    stacked_u[:, block], stacked_s[block], stacked_vh[block] = common_u, s[:k_c], vh[:k_c]
+    return (polar(stacked_u) * stacked_s.mean()) @ polar(stacked_vh)
+
+
+class IsoC(MergeMethod):
+    """Iso-C on every 2-D tensor (the sum of the task vectors with a flat spectrum), the mean task vector
+    elsewhere; θ_0 + λ·τ."""
+
+    name = "iso_c"
+    aliases = ("iso-c",)
+    needs_base = True
+    parameters = PARAMETERS
+
+    def merge(self, group: TensorGroup, *, merge_lambda, exclude) -> torch.Tensor:
+        taus = task_vectors(group)
+        tau = isotropic(sum(taus)) if is_matrix(group, exclude) else mean(taus)
+        return result(group, tau, merge_lambda)
+
+
+class IsoCts(MergeMethod):
+    """Iso-CTS on every 2-D tensor, the mean task vector elsewhere; θ_0 + λ·τ."""
+
+    name = "iso_cts"
+    aliases = ("iso-cts",)
+    needs_base = True
+    parameters = {
+        **PARAMETERS,
+        "common_space_fraction": Parameter(0.8, help="f: share of the directions taken from the common space, in [0, 1]"),
+    }
+
+    def merge(self, group: TensorGroup, *, merge_lambda, exclude, common_space_fraction) -> torch.Tensor:
+        if not 0 <= common_space_fraction <= 1:
+            raise ValueError(f"common_space_fraction must lie in [0, 1], got {common_space_fraction}")
+        taus = task_vectors(group)
+        if is_matrix(group, exclude):
+            tau = common_and_task_specific(taus, common_space_fraction)
+        else:
+            tau = mean(taus)
+        return result(group, tau, merge_lambda)

@@ -1,0 +1,41 @@
+"""TSV-M: merge the task vectors' top singular vectors after removing their interference by
+orthogonalisation.
+
+Gargiulo, Crisostomi, Bucarelli, Scardapane, Silvestri & Rodolà, "Task Singular Vectors: Reducing Task
+Interference in Model Merging", CVPR 2025 (https://arxiv.org/abs/2412.00081).
+"""
+import torch
+
+from .base import MergeMethod, TensorGroup
+from .task_space import PARAMETERS, is_matrix, mean, polar, result, task_vectors
+
+
+def task_singular_vectors(taus: list[torch.Tensor]) -> torch.Tensor:
+    """Each τ_t = U S Vᵀ keeps its first k = ⌊min(m, n)/T⌋ singular triplets; U's columns, S and Vᵀ's rows
+    are stacked in task order (zero-padded to min(m, n)); the U and Vᵀ stacks are replaced by their
+    polar factors: τ = polar(U_st) · diag(S_st) · polar(Vᵀ_st)."""
+    m, n = taus[0].shape
+    width = min(m, n)
+    k = width // len(taus)
+    stacked_u = taus[0].new_zeros(m, width)
+    stacked_s = taus[0].new_zeros(width)
+    stacked_vh = taus[0].new_zeros(width, n)
+    for t, tau in enumerate(taus):
+        u, s, vh = torch.linalg.svd(tau, full_matrices=False)
+        block = slice(t * k, (t + 1) * k)
+        stacked_u[:, block], stacked_s[block], stacked_vh[block] = u[:, :k], s[:k], vh[:k]
+    return polar(stacked_u) @ torch.diag(stacked_s) @ polar(stacked_vh)
+
+
+class TsvM(MergeMethod):
+    """TSV-M on every 2-D tensor, the mean task vector elsewhere; θ_0 + λ·τ (the paper's α is λ)."""
+
+    name = "tsv_m"
+    aliases = ("tsvm", "tsv-m")
+    needs_base = True
+    parameters = PARAMETERS
+
+    def merge(self, group: TensorGroup, *, merge_lambda, exclude) -> torch.Tensor:
+        taus = task_vectors(group)
+        tau = task_singular_vectors(taus) if is_matrix(group, exclude) else mean(taus)
+        return result(group, tau, merge_lambda)
