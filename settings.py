@@ -15,8 +15,13 @@ IMPORT_PATHS = ["config", "recipe/"]
 PYTHON_EXE = sys.executable
 CODE_ROOT = os.path.join(_ROOT, "code")
 
-# Offline data: a folder of <task>/{train,validation,test}.jsonl. Empty string: use the Hugging Face Hub.
-DATA_DIR = os.environ.get("MERGE_DATA_DIR", os.path.join(os.path.dirname(_ROOT), "shared", "data", "sentiment"))
+# The experiment's preset (recipe/model_merging/presets.py): 'offline' (packaged model, data/sentiment),
+# 'paper' (roberta-base, Hub datasets, a GPU) or a JSON file of overrides. The environment variable
+# MERGE_PRESET, when set, takes precedence.
+MERGE_PRESET = "offline"
+
+# Offline data: a folder of <task>/{train,validation,test}.jsonl, by default the one shipped in data/sentiment.
+DATA_DIR = os.environ.get("MERGE_DATA_DIR", os.path.join(_ROOT, "data", "sentiment"))
 
 # Resources of this machine for the local engine.
 LOCAL_CPU = int(os.environ.get("SIS_LOCAL_CPU", os.cpu_count() or 1))

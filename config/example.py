@@ -3,26 +3,26 @@
 θ_0 and its Fisher H_0 on the pretraining task; four task models θ_t fine-tuned from θ_0 and their
 Fishers H_t; a multitask model; task arithmetic (α = 1) and uncertainty-based gradient matching; every
 model evaluated on every task; a report (results.md / results.csv / accuracy.png under
-output/example/report/). The model, tasks, splits and sizes come from the preset (config/presets.py).
+output/example/report/). The model, tasks, splits and sizes come from the preset (recipe/model_merging/presets.py).
 
     sis --config config/example.py m
 """
 from sisyphus import tk
 
-from config import common, presets
-from recipe.report import ReportJob
+from model_merging import pipeline, presets
+from model_merging.report import ReportJob
 
 
 def py():
     preset = presets.select()
-    experiment = common.build_experiment(preset)
-    task_arithmetic, gradient_matching = common.paper_merges(experiment, preset["gradient_matching"]["scaling_factor"])
+    experiment = pipeline.build_experiment(preset)
+    task_arithmetic, gradient_matching = pipeline.paper_merges(experiment, preset["gradient_matching"]["scaling_factor"])
 
     models = {"pretrained": experiment.pretrained}
     models.update({f"finetuned {task}": model for task, model in experiment.models.items()})
     models.update({"multitask": experiment.multitask, "task arithmetic": task_arithmetic,
                    "gradient matching": gradient_matching})
-    results = common.evaluate(experiment, models, {t: preset["test_splits"][t] for t in common.all_tasks(preset)})
+    results = pipeline.evaluate(experiment, models, {t: preset["test_splits"][t] for t in pipeline.all_tasks(preset)})
 
     for label, by_task in results.items():
         for task, metrics in by_task.items():

@@ -13,10 +13,10 @@ slerp (two models) and passthrough (layer slices) do not combine four task model
 """
 from sisyphus import tk
 
-from config import common, presets
-from recipe.merge import MergeJob
-from recipe.report import ReportJob
-from recipe.statistics import GramJob
+from model_merging import pipeline, presets
+from model_merging.merge import MergeJob
+from model_merging.report import ReportJob
+from model_merging.statistics import GramJob
 
 # label: merge method, the hyperparameter swept (None: no sweep), its grid, fixed parameters, the
 # statistics each model needs ('fisher' or 'gram'), and whether θ_0's Fisher is needed.
@@ -69,7 +69,7 @@ def merge(experiment, label, value, initial_models):
     """The model merged by method `label` with its swept hyperparameter at `value`."""
     spec, preset = METHODS[label], experiment.preset
     if label in ROBUSTNESS:  # the paper's own command lines, shared with config/example.py at α = 1
-        task_arithmetic, gradient_matching = common.paper_merges(experiment, value)
+        task_arithmetic, gradient_matching = pipeline.paper_merges(experiment, value)
         return task_arithmetic if label == "task arithmetic" else gradient_matching
     tasks = list(preset["tasks"])
     parameters = fixed_parameters(spec, preset)
@@ -93,8 +93,8 @@ def average_accuracy(variables):
 
 async def py():
     preset = presets.select()
-    experiment = common.build_experiment(preset)
-    tasks = common.all_tasks(preset)
+    experiment = pipeline.build_experiment(preset)
+    tasks = pipeline.all_tasks(preset)
     validation = {t: preset["validation_splits"][t] for t in tasks}
     test = {t: preset["test_splits"][t] for t in tasks}
 
@@ -102,7 +102,7 @@ async def py():
     initial_models = {"task arithmetic": merge(experiment, "task arithmetic", 1.0, {})}
     candidates = {label: {value: merge(experiment, label, value, initial_models) for value in grid(spec, preset)}
                   for label, spec in METHODS.items()}
-    validation_accuracy = {label: {value: common.evaluate_accuracy(experiment, model, validation)
+    validation_accuracy = {label: {value: pipeline.evaluate_accuracy(experiment, model, validation)
                                    for value, model in by_value.items()}
                            for label, by_value in candidates.items()}
     await tk.async_run(validation_accuracy)
@@ -117,8 +117,8 @@ async def py():
     models = {"pretrained": experiment.pretrained, "multitask": experiment.multitask}
     for label, value in best.items():
         models[label if value is None else f"{label} ({METHODS[label]['sweep']}={value})"] = candidates[label][value]
-    results = common.evaluate(experiment, models, test)
-    sweeps = {label: common.evaluate(experiment, candidates[label], test) for label in ROBUSTNESS}
+    results = pipeline.evaluate(experiment, models, test)
+    sweeps = {label: pipeline.evaluate(experiment, candidates[label], test) for label in ROBUSTNESS}
 
     report = ReportJob(results, sweeps=sweeps, title=f"Merging methods ({preset['name']} preset): test accuracy, "
                                                      "best setting on validation")

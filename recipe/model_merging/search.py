@@ -1,7 +1,7 @@
 """Evaluation of a model on a dataset split (`code/predict.py`)."""
 import json
 
-from recipe.program_job import ProgramJob
+from model_merging.program_job import ProgramJob
 
 
 def set_accuracy(variable, metrics_file):

@@ -1,7 +1,7 @@
 """Tables and plots comparing models (`code/report.py`)."""
 from sisyphus import Task
 
-from recipe.program_job import ProgramJob
+from model_merging.program_job import ProgramJob
 
 
 class ReportJob(ProgramJob):

@@ -2,8 +2,8 @@
 `code/uncertainty_based_gradient_matching.py` command lines)."""
 from sisyphus import tk
 
-from recipe.program_job import CommandJob
-from recipe.util import python_exe, program, rqmt
+from model_merging.program_job import CommandJob
+from model_merging.util import python_exe, program, rqmt
 
 
 def _path(p):

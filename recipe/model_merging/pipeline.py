@@ -5,11 +5,11 @@ from dataclasses import dataclass
 
 from sisyphus import tk
 
-from recipe.data import DownloadDatasetJob
-from recipe.merge import TaskArithmeticJob, UncertaintyBasedGradientMatchingJob
-from recipe.search import MultiTaskSearchJob
-from recipe.statistics import FisherJob
-from recipe.training import HuggingfaceTrainingJob
+from model_merging.data import DownloadDatasetJob
+from model_merging.merge import TaskArithmeticJob, UncertaintyBasedGradientMatchingJob
+from model_merging.search import MultiTaskSearchJob
+from model_merging.statistics import FisherJob
+from model_merging.training import HuggingfaceTrainingJob
 
 
 @dataclass

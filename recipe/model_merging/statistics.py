@@ -2,9 +2,9 @@
 trimmed task vector of TIES (`code/trim.py`)."""
 from sisyphus import tk
 
-from recipe.program_job import CommandJob
-from recipe.search import PredictJob
-from recipe.util import python_exe, program, rqmt
+from model_merging.program_job import CommandJob
+from model_merging.search import PredictJob
+from model_merging.util import python_exe, program, rqmt
 
 
 class FisherJob(PredictJob):
