@@ -7,13 +7,15 @@
 
 Method parameters follow git-theta-merge-cli: `--x:merge_lambda 0.3` or `--x:merge_lambda=0.3`; a
 per-model parameter takes one value per model (`--x:weight 0.2 0.8` or `--x:weight 0.2,0.8`) or one for all.
-`--merge lora-METHOD` merges LoRA adapters as weight changes B·A (see modelmerge.merge_driver.merge).
-OUT ending in .safetensors is written as one bare file, else as a model (or adapter) folder. See
+`--merge lora-METHOD` merges LoRA adapters as weight changes B·A (see modelmerge.merging.frontend).
+OUT ending in .safetensors is written as one bare file, else as a model (or adapter) folder. An existing
+OUT is replaced only if a merge wrote it (or with --overwrite), never if it is or holds an input. See
 ../shared/docs/merging.md for the methods and docs/programs.md for the files.
 """
 import argparse
 
-from modelmerge.merge_driver import DTYPES, MergeError, merge, run_program
+from modelmerge.merging import DTYPES, MergeError, MergeOptions, merge
+from modelmerge.merging.cli import ArgumentParser, device_argument, methods_help, run_cli, size_argument
 from modelmerge.mergekit_config import plan_config, read_config
 
 
@@ -40,7 +42,8 @@ def split_method_parameters(argv):
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                            epilog="methods (--merge NAME) and their parameters (--x:NAME VALUE):\n" + methods_help())
     parser.add_argument("--merge", help="merge method (a name from modelmerge.methods, or lora-NAME)")
     parser.add_argument("--models", nargs="+", help="models, adapters or state dicts to merge")
     parser.add_argument("--aux_data", nargs="+", help="statistics of each model, same order as --models")
@@ -51,12 +54,13 @@ def parse_args(argv):
     parser.add_argument("--include", help="merge only tensors whose name matches this regex (re.search)")
     parser.add_argument("--exclude", help="copy tensors whose name matches this regex from the ancestor/first model")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="working and output precision (default: the inputs')")
-    parser.add_argument("--device", default="cpu", help="where the arithmetic runs: cpu or cuda")
-    parser.add_argument("--max_shard_size", default="5GB", help="largest output shard, e.g. 2GB")
+    parser.add_argument("--device", type=device_argument, default="cpu", help="where the arithmetic runs: cpu, cuda or cuda:N")
+    parser.add_argument("--max_shard_size", type=size_argument, default="5GB", help="largest output shard, e.g. 2GB")
     parser.add_argument("--lora_rank", type=int, help="rank of the adapter a lora- merge writes (default: largest input rank)")
     parser.add_argument("--config", help="a mergekit YAML configuration (then give OUT as the positional argument)")
     parser.add_argument("out", nargs="?", help="output path of a --config merge")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output that a merge did not write")
     rest, params = split_method_parameters(argv)
     args = parser.parse_args(rest)
     args.output = args.output or args.out
@@ -75,14 +79,16 @@ def parse_args(argv):
 def main(argv):
     args, params = parse_args(argv)
     if args.config:
-        return plan_config(read_config(args.config)).run(args.output, device=args.device, progress=not args.no_progress)
-    return merge(
+        return plan_config(read_config(args.config)).run(args.output, device=args.device, progress=not args.no_progress,
+                                                         overwrite=args.overwrite, max_shard_bytes=args.max_shard_size)
+    return merge(MergeOptions(
         args.merge, args.models, args.output, aux_data=args.aux_data, ancestor=args.ancestor,
         ancestor_aux_data=args.ancestor_aux_data, initial=args.initial, params=params, include=args.include,
-        exclude=args.exclude, dtype=args.dtype, device=args.device, max_shard_size=args.max_shard_size,
-        lora_rank=args.lora_rank, progress=not args.no_progress,
-    )
+        exclude=args.exclude, dtype=args.dtype and DTYPES[args.dtype], device=args.device,
+        max_shard_bytes=args.max_shard_size, lora_rank=args.lora_rank, overwrite=args.overwrite,
+        progress=not args.no_progress,
+    ))
 
 
 if __name__ == "__main__":
-    run_program(main)
+    run_cli(main)

@@ -6,9 +6,10 @@ of the released script of Daheim et al. (ICLR 2024):
 
     θ = θ_0 + α Σ_t (θ_t − θ_0)
 
-Streamed tensor by tensor by modelmerge.merge_driver; OUT is a model folder with θ_0's config and tokenizer.
+Streamed tensor by tensor by modelmerge.merging; OUT is a model folder with θ_0's config and tokenizer.
 """
-from modelmerge.merge_driver import merge, paper_script_parser, run_program
+from modelmerge.merging import MergeOptions, merge
+from modelmerge.merging.cli import paper_script_parser, run_cli
 
 
 def parse_args(argv):
@@ -17,10 +18,10 @@ def parse_args(argv):
 
 def main(argv):
     args = parse_args(argv)
-    return merge("task_arithmetic", args.ft_model_name_or_paths, args.out_model_path,
-                 ancestor=args.pretrained_model_name_or_path, device=args.device,
-                 params={"merge_lambda": args.scaling_factor})
+    return merge(MergeOptions("task_arithmetic", args.ft_model_name_or_paths, args.out_model_path,
+                              ancestor=args.pretrained_model_name_or_path, device=args.device,
+                              params={"merge_lambda": args.scaling_factor}, overwrite=args.overwrite))
 
 
 if __name__ == "__main__":
-    run_program(main)
+    run_cli(main)

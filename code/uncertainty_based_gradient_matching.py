@@ -10,9 +10,10 @@ Matching", ICLR 2024) with the command line of the authors' released script:
 
 A Hessian path is a Fisher statistics folder (code/predict.py), its `hessian/` subfolder, or any checkpoint
 with the model's tensor names. Defaults are the released script's (δ_0 = 0, c_0 = α = 1). The merge is
-streamed tensor by tensor by modelmerge.merge_driver; OUT is a model folder with θ_0's config and tokenizer.
+streamed tensor by tensor by modelmerge.merging; OUT is a model folder with θ_0's config and tokenizer.
 """
-from modelmerge.merge_driver import MergeError, comma_list, merge, paper_script_parser, run_program
+from modelmerge.merging import MergeError, MergeOptions, merge
+from modelmerge.merging.cli import comma_list, paper_script_parser, run_cli
 
 
 def parse_args(argv):
@@ -32,14 +33,15 @@ def main(argv):
         raise MergeError(f"--ft_hessian_paths: {len(args.ft_hessian_paths)} paths for {count} models in --ft_model_name_or_paths")
     if len(args.scaling_factors_ft) != count:
         raise MergeError(f"--scaling_factors_ft: {len(args.scaling_factors_ft)} values for {count} models in --ft_model_name_or_paths")
-    return merge(
+    return merge(MergeOptions(
         "uncertainty_based_gradient_matching", args.ft_model_name_or_paths, args.out_model_path,
         aux_data=args.ft_hessian_paths, ancestor=args.pretrained_model_name_or_path,
         ancestor_aux_data=args.pretrained_hessian_path, device=args.device,
         params={"scaling_factors_ft": args.scaling_factors_ft, "scaling_factor_pt": args.scaling_factor_pt,
                 "scaling_factor": args.scaling_factor, "delta_0": args.delta_0},
-    )
+        overwrite=args.overwrite,
+    ))
 
 
 if __name__ == "__main__":
-    run_program(main)
+    run_cli(main)

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from tiny import make_tiny_bert
 from transformers import BertForSequenceClassification
 
-from modelmerge.merge_driver import run_program
+from modelmerge.merging.cli import run_cli as run_program
 
 PREFIX = "base_model.model."
 TARGETS = ["query", "value"]
@@ -136,5 +136,5 @@ def test_lora_methods_needing_an_ancestor_refuse_full_tensors_without_one(base, 
     adapters = [make_adapter(base, tmp_path / f"a{i}", seed=30 + i, r=2, alpha=4, classifier=True) for i in range(2)]
     with pytest.raises(SystemExit):
         run(["--merge", "lora-ties", "--models", *adapters, "--output", str(tmp_path / "out")])
-    assert "give --ancestor BASE_MODEL" in capsys.readouterr().err
+    assert "give the base model as ancestor" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from tiny import make_tiny_bert, perturbed_copy
 from transformers import BertForSequenceClassification
 
-from modelmerge.merge_driver import run_program
+from modelmerge.merging.cli import run_cli as run_program
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -226,11 +226,11 @@ def test_bad_inputs_end_in_one_clear_error_and_no_output(zoo, tmp_path, capsys):
     assert_fails(ta + ["--models", *models, "--x:lambada", "1"], "unknown parameter 'lambada'", capsys, output=out)
     assert_fails(ta + ["--models", *models, "--x:weight", "1", "2"], "one value per model (3), got 2", capsys, output=out)
     assert_fails(["--merge", "tie", "--models", *models, "--output", out], "unknown merge method 'tie'", capsys, output=out)
-    assert_fails(["--merge", "task_arithmetic", "--models", *models, "--output", out], "--ancestor", capsys, output=out)
+    assert_fails(["--merge", "task_arithmetic", "--models", *models, "--output", out], "needs the ancestor θ_0", capsys, output=out)
     assert_fails(["--merge", "slerp", "--models", *models, "--output", out], "exactly 2 models, got 3", capsys, output=out)
 
     fisher = ["--merge", "fisher", "--models", *models, "--output", out]
-    assert_fails(fisher + ["--aux_data", *fisher_paths[:2]], "2 statistics paths for 3 models", capsys, output=out)
+    assert_fails(fisher + ["--aux_data", *fisher_paths[:2]], "got 2 statistics for 3 models", capsys, output=out)
     assert_fails(fisher, "needs statistics (fisher)", capsys, output=out)
     partial = tmp_path / "partial"
     partial.mkdir()
@@ -298,18 +298,18 @@ BLOCKWISE_MERGES = {
 
 @pytest.mark.parametrize("method", sorted(BLOCKWISE_MERGES))
 def test_elementwise_methods_merged_in_row_blocks_give_the_same_files(method, zoo, tmp_path, monkeypatch):
-    from modelmerge import merge_driver
+    from modelmerge.merging import execute
 
     argv = ["--merge", method, "--models", *zoo["models"], "--ancestor", zoo["base"],
             "--aux_data", *[p for p, _ in zoo["fishers"]], *BLOCKWISE_MERGES[method]]
     if method == "uncertainty_based_gradient_matching":
         argv += ["--ancestor_aux_data", zoo["base_fisher"][0]]
-    monkeypatch.setattr(merge_driver, "BLOCK_BYTES", 2**40)
+    monkeypatch.setattr(execute, "BLOCK_BYTES", 2**40)
     run(argv + ["--output", str(tmp_path / "whole")])
     blocks = []
-    read_group = merge_driver._read_group
-    monkeypatch.setattr(merge_driver, "_read_group", lambda task, rows, *a: blocks.append(rows) or read_group(task, rows, *a))
-    monkeypatch.setattr(merge_driver, "BLOCK_BYTES", 1000)  # word embeddings: 400 rows of 128 bytes, 7 rows a block
+    read_group = execute._read_group
+    monkeypatch.setattr(execute, "_read_group", lambda task, rows, *a: blocks.append(rows) or read_group(task, rows, *a))
+    monkeypatch.setattr(execute, "BLOCK_BYTES", 1000)  # word embeddings: 400 rows of 128 bytes, 7 rows a block
     run(argv + ["--output", str(tmp_path / "blocks")])
     assert slice(0, 7) in blocks and slice(399, 400) in blocks
     with open(tmp_path / "whole" / "model.safetensors", "rb") as whole, open(tmp_path / "blocks" / "model.safetensors", "rb") as in_blocks:
@@ -317,9 +317,9 @@ def test_elementwise_methods_merged_in_row_blocks_give_the_same_files(method, zo
 
 
 def test_bad_values_in_a_late_block_are_found_and_named(zoo, tmp_path, monkeypatch, capsys):
-    from modelmerge import merge_driver
+    from modelmerge.merging import execute
 
-    monkeypatch.setattr(merge_driver, "BLOCK_BYTES", 1000)
+    monkeypatch.setattr(execute, "BLOCK_BYTES", 1000)
     nan = _corrupt(zoo, tmp_path, lambda t: t["bert.embeddings.word_embeddings.weight"].__setitem__((399, 0), float("nan")))
     for method in ("task_arithmetic", "ties"):
         assert_fails(["--merge", method, "--models", nan, zoo["models"][1], "--ancestor", zoo["base"],
@@ -342,7 +342,7 @@ def test_bad_values_in_a_late_block_are_found_and_named(zoo, tmp_path, monkeypat
 
 
 def test_cpu_merges_run_on_one_thread_unless_omp_num_threads_is_set(zoo, tmp_path, monkeypatch):
-    from modelmerge import merge_driver
+    from modelmerge.merging import frontend
     from modelmerge.methods.task_arithmetic import TaskArithmetic
 
     seen = []
@@ -352,7 +352,7 @@ def test_cpu_merges_run_on_one_thread_unless_omp_num_threads_is_set(zoo, tmp_pat
             seen.append(torch.get_num_threads())
             return super().merge(group, **params)
 
-    monkeypatch.setattr(merge_driver, "load_method", lambda name: Recording())
+    monkeypatch.setattr(frontend, "load_method", lambda name: Recording())
     argv = ["--merge", "task_arithmetic", "--models", *zoo["models"], "--ancestor", zoo["base"]]
     threads = torch.get_num_threads()
     try:

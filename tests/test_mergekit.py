@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from tiny import make_tiny_bert, perturbed_copy
 from transformers import BertForSequenceClassification
 
-from modelmerge.merge_driver import run_program
+from modelmerge.merging.cli import run_cli as run_program
 from modelmerge.mergekit_config import evaluate_setting
 
 mergekit_merge = pytest.importorskip("mergekit.merge")

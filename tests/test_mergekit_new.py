@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from modelmerge.merge_driver import run_program
+from modelmerge.merging.cli import run_cli as run_program
 from modelmerge.methods import della
 from test_mergekit import assert_same, run_both, zoo  # noqa: F401  (zoo is a fixture)
 

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from modelmerge.methods import METHODS, TensorGroup, get_method
-from modelmerge.methods.dare import tensor_generator
-from modelmerge.methods.ties import trim_by_magnitude
+from modelmerge.methods import MERGE_METHODS, TensorGroup, get_method
+from modelmerge.methods.sparsify import tensor_generator
+from modelmerge.methods.sparsify import trim_by_magnitude
 
 SHAPE = (6, 5)
 
@@ -48,13 +48,13 @@ def test_registry_names_aliases_and_unknown_name():
     assert get_method("task-arithmetic") is get_method("task_arithmetic")
     assert get_method("reg-mean") is get_method("regmean")
     assert get_method("dare-task-arithmetic") is get_method("dare_linear")
-    for key, cls in METHODS.items():
+    for key, cls in MERGE_METHODS.items():
         assert key == cls.name or key in cls.aliases
     with pytest.raises(ValueError, match="unknown merge method 'nope'.*task_arithmetic.*ties"):
         get_method("nope")
 
 
-@pytest.mark.parametrize("name", sorted({cls.name for cls in METHODS.values()}))
+@pytest.mark.parametrize("name", sorted({cls.name for cls in MERGE_METHODS.values()}))
 def test_merge_accepts_exactly_the_declared_parameters(name):
     cls = get_method(name)
     signature = inspect.signature(cls.merge)
@@ -534,7 +534,7 @@ EXTRA = {"ties": {"density": 0.4}, "dare_linear": {"density": 0.5}, "dare_ties":
          "wudi": {"iterations": 10}}
 
 
-@pytest.mark.parametrize("name", sorted({cls.name for cls in METHODS.values()}))
+@pytest.mark.parametrize("name", sorted({cls.name for cls in MERGE_METHODS.values()}))
 def test_merging_identical_models_returns_them(name):
     theta = randn(*SHAPE, seed=130)
     torch.testing.assert_close(run_method(name, identical_group(name, theta), **EXTRA.get(name, {})), theta,
@@ -542,7 +542,7 @@ def test_merging_identical_models_returns_them(name):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
-@pytest.mark.parametrize("name", sorted({cls.name for cls in METHODS.values()}))
+@pytest.mark.parametrize("name", sorted({cls.name for cls in MERGE_METHODS.values()}))
 def test_methods_return_the_input_dtype(name, dtype):
     base, thetas = models(3)
     group = identical_group(name, base)
@@ -553,7 +553,7 @@ def test_methods_return_the_input_dtype(name, dtype):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-@pytest.mark.parametrize("name", sorted({cls.name for cls in METHODS.values()}))
+@pytest.mark.parametrize("name", sorted({cls.name for cls in MERGE_METHODS.values()}))
 def test_methods_on_the_gpu_agree_with_the_cpu(name):
     base, thetas = models(3)
     group = identical_group(name, base)

@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from modelmerge.methods import METHODS, TensorGroup, get_method
-from modelmerge.methods import ties
+from modelmerge.methods import MERGE_METHODS, TensorGroup, get_method
+from modelmerge.methods import sparsify
 from modelmerge.methods.base import TensorBlocks
 from test_methods import randn
 
@@ -20,7 +20,7 @@ def group_for(name, shape=(ROWS, COLUMNS), count=3, dtype=torch.float32, trimmed
     thetas = [base + 0.1 * randn(*shape, seed=1 + t) for t in range(count)]
     stats = [{"fisher": randn(*shape, seed=10 + t).abs()} for t in range(count)]
     if trimmed:
-        stats = [{"trimmed": ties.trim_by_magnitude(x - base, 0.3)} for x in thetas]
+        stats = [{"trimmed": sparsify.trim_by_magnitude(x - base, 0.3)} for x in thetas]
     if name in ("passthrough", "nearswap"):
         thetas, stats = thetas[:1], stats[:1]
     return TensorGroup(name, [x.to(dtype) for x in thetas], base=base.to(dtype), stats=stats,
@@ -77,7 +77,7 @@ def test_elementwise_methods_give_the_same_result_in_blocks(name, overrides, dty
 
 
 def test_every_elementwise_method_is_tested_in_blocks():
-    assert {cls.name for cls in METHODS.values() if cls.elementwise} == {name for name, _ in CASES}
+    assert {cls.name for cls in MERGE_METHODS.values() if cls.elementwise} == {name for name, _ in CASES}
 
 
 def test_ties_in_blocks_with_given_trimmed_task_vectors_and_small_tensors():

@@ -3,7 +3,7 @@ import pytest
 import torch
 from transformers import BertForSequenceClassification
 
-from modelmerge.methods import METHODS, TensorGroup
+from modelmerge.methods import MERGE_METHODS, TensorGroup
 from test_methods import EXTRA, run_method
 from tiny import tiny_bert_config
 
@@ -51,7 +51,7 @@ def group_size(name):
     return {"slerp": 2, "nuslerp": 2, "passthrough": 1, "nearswap": 1, "arcee_fusion": 1}.get(name, NUM_MODELS)
 
 
-@pytest.mark.parametrize("name", sorted({cls.name for cls in METHODS.values()}))
+@pytest.mark.parametrize("name", sorted({cls.name for cls in MERGE_METHODS.values()}))
 def test_every_method_gives_a_loadable_working_model(name, family):
     base, models, stats, base_stats, floats, _ = family
     k = group_size(name)

@@ -15,7 +15,7 @@ from modelmerge.methods import get_method
 from modelmerge.methods import ties
 from modelmerge.methods.base import TensorBlocks, TensorGroup
 from modelmerge.selection import Selection, float_keys, kth_largest
-from modelmerge.methods.ties import trim_by_magnitude
+from modelmerge.methods.sparsify import trim_by_magnitude
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 

@@ -30,17 +30,10 @@ import yaml
 
 from modelmerge.checkpoint import CheckpointError, open_checkpoint
 from modelmerge.lora_merge import LoraDeltaView
-from modelmerge.merge_driver import (
-    DTYPES,
-    MergeError,
-    Source,
-    TensorTask,
-    check_same_tensors,
-    load_method,
-    model_count_problem,
-    resolve_parameters,
-    run_tasks,
-)
+from modelmerge.merging.execute import run_tasks
+from modelmerge.merging.options import DTYPES, MergeError
+from modelmerge.merging.parameters import load_method, resolve_parameters
+from modelmerge.merging.plan import Source, TensorTask, check_same_tensors, model_count_problem
 
 
 @dataclass(frozen=True)
@@ -92,7 +85,7 @@ _LAYER = re.compile(r"^(.*?\.)(\d+)\.(.+)$")
 
 @dataclass
 class MergePlan:
-    """Everything `merge_driver.run_tasks` needs, read from a configuration."""
+    """Everything `merging.run_tasks` needs, read from a configuration."""
 
     method: Any
     tasks: list[TensorTask]
@@ -102,11 +95,12 @@ class MergePlan:
     dtype: Any
     out_dtype: Any
 
-    def run(self, output, device="cpu", progress=True):
+    def run(self, output, device="cpu", progress=True, overwrite=False, max_shard_bytes=5 * 10**9):
         layout = "file" if output.endswith(".safetensors") else "model"
         return run_tasks(self.method, self.tasks, output, layout, files_from=self.files_from,
                          extra_files=self.extra_files, json_updates=self.json_updates, dtype=self.dtype,
-                         out_dtype=self.out_dtype, device=device, progress=progress)
+                         out_dtype=self.out_dtype, device=device, max_shard_bytes=max_shard_bytes,
+                         progress=progress)
 
 
 def read_config(path):
@@ -114,16 +108,16 @@ def read_config(path):
         with open(path) as f:
             config = yaml.safe_load(f)
     except (OSError, yaml.YAMLError) as error:
-        raise MergeError(f"--config {path}: cannot read it ({error})") from None
+        raise MergeError(f"config {path}: cannot read it ({error})") from None
     if not isinstance(config, dict):
-        raise MergeError(f"--config {path}: expected a mapping of mergekit keys at the top")
+        raise MergeError(f"config {path}: expected a mapping of mergekit keys at the top")
     unknown = sorted(set(config) - TOP_LEVEL_KEYS)
     if unknown:
-        raise MergeError(f"--config {path}: unsupported key(s) {', '.join(unknown)} (supported: {', '.join(sorted(TOP_LEVEL_KEYS))})")
+        raise MergeError(f"config {path}: unsupported key(s) {', '.join(unknown)} (supported: {', '.join(sorted(TOP_LEVEL_KEYS))})")
     if "merge_method" not in config:
-        raise MergeError(f"--config {path}: merge_method is missing")
+        raise MergeError(f"config {path}: merge_method is missing")
     if ("models" in config) == ("slices" in config):
-        raise MergeError(f"--config {path}: give exactly one of models and slices")
+        raise MergeError(f"config {path}: give exactly one of models and slices")
     return config
 
 

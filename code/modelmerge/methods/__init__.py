@@ -1,4 +1,4 @@
-"""The merge methods, by name: `METHODS` maps every name and alias to its class; `get_method` looks one up.
+"""The merge methods, by name: `MERGE_METHODS` maps every name and alias to its class; `get_method` looks one up.
 
 Adding a method is one module in this folder and one entry in `_CLASSES`.
 """
@@ -50,14 +50,14 @@ def _registry() -> dict[str, type[MergeMethod]]:
     return methods
 
 
-METHODS: dict[str, type[MergeMethod]] = _registry()
+MERGE_METHODS: dict[str, type[MergeMethod]] = _registry()
 
 
 def get_method(name: str) -> type[MergeMethod]:
     """The method class registered under `name` (a name or an alias)."""
     try:
-        return METHODS[name]
+        return MERGE_METHODS[name]
     except KeyError:
-        raise ValueError(f"unknown merge method {name!r}; known: {', '.join(sorted(METHODS))}") from None
+        raise ValueError(f"unknown merge method {name!r}; known: {', '.join(sorted(MERGE_METHODS))}") from None
 
-__all__ = ["METHODS", "get_method", "MergeMethod", "Parameter", "TensorGroup"]
+__all__ = ["MERGE_METHODS", "get_method", "MergeMethod", "Parameter", "TensorGroup"]

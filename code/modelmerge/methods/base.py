@@ -80,7 +80,12 @@ class TensorBlocks:
 
 @dataclass(frozen=True)
 class Parameter:
-    """A method parameter. `per_model` ones arrive as a list with one value per model."""
+    """A method parameter. `per_model` ones arrive as a list with one value per model.
+
+    `range` is the interval a number must lie in, written as in mathematics: "(0, 1]", "[0, inf)"; numbers
+    without one must be finite. `choices` lists the values a string may take. The driver checks every
+    value given (not None) against them before any tensor is read.
+    """
 
     default: Any = None
     type: type = float
@@ -88,6 +93,27 @@ class Parameter:
     aliases: tuple[str, ...] = ()
     required: bool = False
     help: str = ""
+    range: str | None = None
+    choices: tuple = ()
+
+    def problem(self, value) -> str | None:
+        """Why `value` (converted to `type`, not None) is not allowed, or None."""
+        if self.choices and value not in self.choices:
+            return f"must be one of {', '.join(map(str, self.choices))}"
+        if self.type not in (int, float):
+            return None
+        if self.range is None:
+            return None if math.isfinite(value) else "must be finite"
+        low_open, low, high, high_open = _interval(self.range)
+        below = value < low or (low_open and value == low)
+        above = value > high or (high_open and value == high)
+        return f"must lie in {self.range}" if below or above or math.isnan(value) else None
+
+
+def _interval(text: str) -> tuple[bool, float, float, bool]:
+    """'(0, 1]' -> (low open, low, high, high open)."""
+    low, high = text[1:-1].split(",")
+    return text[0] == "(", float(low), float(high), text[-1] == ")"
 
 
 class MergeMethod:

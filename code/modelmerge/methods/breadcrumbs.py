@@ -7,26 +7,8 @@ import torch
 
 from .base import MergeMethod, Parameter, TensorGroup
 from .common import base_tensor, per_model
-from .task_vectors import CONSENSUS_PARAMETERS, combine, combine_parameters, restore_l1_norm, task_vector
-
-
-def drop_outliers_and_small(delta: torch.Tensor, density: float, gamma: float, rescale: bool) -> torch.Tensor:
-    """Keep ⌊density·n⌋ entries: those just below the ⌊gamma·n⌋ largest magnitudes (mergekit's
-    `magnitude_outliers`). `rescale` restores the task vector's L1 norm, as mergekit does."""
-    if density >= 1:
-        return delta
-    n = delta.numel()
-    keep_count = int(density * n)
-    top_count = int(gamma * n)
-    bottom_count = max(0, n - keep_count - top_count)  # fewer outliers are dropped when density needs them
-    magnitude = delta.abs().flatten()
-    if magnitude.device.type == "cpu":
-        magnitude = magnitude.float()
-    order = torch.sort(magnitude).indices
-    mask = torch.zeros(n, dtype=torch.bool, device=delta.device)
-    mask[order[bottom_count: bottom_count + keep_count]] = True
-    kept = delta * mask.view(delta.shape)
-    return restore_l1_norm(kept, delta) if rescale else kept
+from .sparsify import drop_outliers_and_small
+from .task_vectors import CONSENSUS_PARAMETERS, combine, combine_parameters, task_vector
 
 
 class Breadcrumbs(MergeMethod):
@@ -36,8 +18,8 @@ class Breadcrumbs(MergeMethod):
     needs_base = True
     parameters = {
         **combine_parameters(normalize=False),
-        "density": Parameter(1.0, per_model=True, help="fraction of each task vector kept"),
-        "gamma": Parameter(0.01, per_model=True, help="fraction of largest-magnitude entries dropped"),
+        "density": Parameter(1.0, per_model=True, range="(0, 1]", help="fraction of each task vector kept"),
+        "gamma": Parameter(0.01, per_model=True, range="[0, 1)", help="fraction of largest-magnitude entries dropped"),
         "rescale": Parameter(False, type=bool, help="rescale the kept entries to the task vector's L1 norm"),
     }
 

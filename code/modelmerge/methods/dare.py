@@ -3,33 +3,12 @@
 Yu et al., "Language Models are Super Mario: Absorbing Abilities from Homologous Models as a Free Lunch",
 ICML 2024 (https://arxiv.org/abs/2311.03099).
 """
-import hashlib
-
 import torch
 
 from .base import MergeMethod, Parameter, TensorGroup
 from .common import base_tensor, per_model
+from .sparsify import drop_and_rescale, tensor_generator
 from .task_vectors import CONSENSUS_PARAMETERS, combine, combine_parameters, task_vector
-
-
-def drop_and_rescale(delta: torch.Tensor, density: float, generator: torch.Generator, rescale: bool) -> torch.Tensor:
-    """Keep each entry with probability `density` (drop with p = 1 − density); divide the kept by `density`.
-
-    The uniform draws come from `generator` on the CPU, so a seed gives the same mask on every device.
-    """
-    if density >= 1:
-        return delta
-    if density <= 0:
-        return torch.zeros_like(delta)
-    keep = torch.rand(delta.shape, generator=generator) < density
-    dropped = delta * keep.to(delta.device)
-    return dropped / density if rescale else dropped
-
-
-def tensor_generator(seed: int, tensor_name: str, model_index: int) -> torch.Generator:
-    """A generator seeded from (seed, tensor name, model): masks do not depend on the order tensors are merged in."""
-    digest = hashlib.sha256(f"{seed}\0{tensor_name}\0{model_index}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
 
 
 class DareLinear(MergeMethod):
@@ -45,8 +24,8 @@ class DareLinear(MergeMethod):
     needs_base = True
     parameters = {
         **combine_parameters(normalize=False),
-        "density": Parameter(1.0, per_model=True, help="probability of keeping each task-vector entry"),
-        "dropout_probability": Parameter(None, help="p: drop probability for every model (density = 1 − p)"),
+        "density": Parameter(1.0, per_model=True, range="(0, 1]", help="probability of keeping each task-vector entry"),
+        "dropout_probability": Parameter(None, range="[0, 1)", help="p: drop probability for every model (density = 1 − p)"),
         "rescale": Parameter(True, type=bool, help="divide the kept entries by the density"),
         "seed": Parameter(0, type=int, help="seed of the drop masks (combined with the tensor name and model)"),
     }

@@ -9,7 +9,7 @@ import torch
 
 from .base import MergeMethod, Parameter, TensorGroup
 from .common import base_tensor, per_model, upcast_dtype
-from .dare import tensor_generator
+from .sparsify import tensor_generator
 from .task_vectors import CONSENSUS_PARAMETERS, combine, combine_parameters, restore_l1_norm, task_vector
 
 

@@ -36,10 +36,10 @@ class Mats(MergeMethod):
     aliases = ("covariance-mats", "covariance_mats")
     optional_stats = ("fisher", "gram", "output_grad_gram")
     parameters = {
-        "objective": Parameter("regmean", type=str, help="one of " + ", ".join(OBJECTIVES)),
-        "iterations": Parameter(10, type=int, help="conjugate-gradient iterations k"),
-        "tolerance": Parameter(1e-12, help="stop early once |residual| <= tolerance * |Σ F_t θ_t|"),
-        "alpha": Parameter(1.0, help="α: scale of the Gram matrices' off-diagonal entries"),
+        "objective": Parameter("regmean", type=str, choices=OBJECTIVES, help="what the merge minimises"),
+        "iterations": Parameter(10, type=int, range="[0, inf)", help="conjugate-gradient iterations k"),
+        "tolerance": Parameter(1e-12, range="[0, inf)", help="stop early once |residual| <= tolerance * |Σ F_t θ_t|"),
+        "alpha": Parameter(1.0, range="[0, 1]", help="α: scale of the Gram matrices' off-diagonal entries"),
     }
 
     def merge(self, group: TensorGroup, *, objective, iterations, tolerance, alpha) -> torch.Tensor:

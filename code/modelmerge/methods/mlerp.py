@@ -16,7 +16,7 @@ class Mlerp(MergeMethod):
     name = "mlerp"
     min_models = 2
     parameters = {
-        "weight": Parameter(1.0, per_model=True, aliases=("weights",), help="weight w_t of each model"),
+        "weight": Parameter(1.0, per_model=True, aliases=("weights",), range="[0, inf)", help="weight w_t of each model"),
     }
 
     def merge(self, group: TensorGroup, *, weight) -> torch.Tensor:

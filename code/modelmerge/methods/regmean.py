@@ -42,7 +42,7 @@ class RegMean(MergeMethod):
     aliases = ("reg-mean", "reg_mean")
     optional_stats = ("gram",)
     parameters = {
-        "alpha": Parameter(0.5, aliases=("merge_lambda",), help="α: scale of the Gram matrices' off-diagonal entries"),
+        "alpha": Parameter(0.5, aliases=("merge_lambda",), range="[0, 1]", help="α: scale of the Gram matrices' off-diagonal entries"),
     }
 
     def merge(self, group: TensorGroup, *, alpha) -> torch.Tensor:

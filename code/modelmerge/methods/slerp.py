@@ -22,8 +22,8 @@ class Slerp(MergeMethod):
     min_models = 2
     max_models = 2
     parameters = {
-        "t": Parameter(0.5, help="interpolation factor: 0 gives the first model, 1 the second"),
-        "dot_threshold": Parameter(0.9995, help="|cos θ| above which the interpolation is linear"),
+        "t": Parameter(0.5, range="[0, 1]", help="interpolation factor: 0 gives the first model, 1 the second"),
+        "dot_threshold": Parameter(0.9995, range="[0, 1]", help="|cos θ| above which the interpolation is linear"),
     }
 
     def merge(self, group: TensorGroup, *, t, dot_threshold) -> torch.Tensor:

@@ -30,10 +30,10 @@ def combine_parameters(normalize: bool) -> dict[str, Parameter]:
 
 
 CONSENSUS_PARAMETERS = {
-    "consensus_method": Parameter("sum", type=str, help="sign election: 'sum' of the task vectors (TIES) or 'count' of their signs"),
-    "global_majority_sign": Parameter(
-        None, type=int, help="+1/-1: the sign where the election ties (default: the tensor's majority sign)"
-    ),
+    "consensus_method": Parameter("sum", type=str, choices=CONSENSUS_METHODS,
+                                  help="sign election: 'sum' of the task vectors (TIES) or 'count' of their signs"),
+    "global_majority_sign": Parameter(None, type=int, choices=(1, -1),
+                                      help="the sign where the election ties (default: the tensor's majority sign)"),
 }
 
 

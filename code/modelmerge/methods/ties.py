@@ -13,25 +13,11 @@ from typing import Callable
 
 import torch
 
-from ..selection import SAMPLE_SIZE, Selection, kth_largest
+from ..selection import SAMPLE_SIZE, Selection
 from .base import MergeMethod, Parameter, TensorBlocks, TensorGroup
 from .common import base_tensor, optional_stats, per_model, upcast_dtype
 from .task_vectors import (CONSENSUS_PARAMETERS, checked_majority_sign, combine, combine_parameters, election,
                            l1_rescale_factor, sign_balance, task_vector, weighted_deltas)
-
-
-def trim_by_magnitude(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep the k = max(1, ⌊density·n⌋) entries of largest magnitude, zero the rest (mergekit's `magnitude`).
-
-    Entries tied with the k-th largest magnitude are all kept.
-    """
-    if density >= 1:
-        return delta
-    if density <= 0 or delta.numel() == 0:
-        return torch.zeros_like(delta)
-    magnitude = _magnitude(delta)
-    threshold = kth_largest(magnitude, max(1, int(density * magnitude.numel())))
-    return delta * (magnitude >= threshold).view(delta.shape)
 
 
 def _next_float(value: float, towards: float, dtype: torch.dtype) -> float:
@@ -71,7 +57,7 @@ class Ties(MergeMethod):
     elementwise = True
     parameters = {
         **combine_parameters(normalize=True),
-        "density": Parameter(1.0, per_model=True, help="fraction of each task vector kept (largest magnitudes)"),
+        "density": Parameter(1.0, per_model=True, range="(0, 1]", help="fraction of each task vector kept (largest magnitudes)"),
         "rescale": Parameter(False, type=bool, help="rescale each trimmed task vector to its untrimmed L1 norm"),
         **CONSENSUS_PARAMETERS,
     }

@@ -27,9 +27,9 @@ class UncertaintyBasedGradientMatching(MergeMethod):
     base_stats = ("fisher",)
     parameters = {
         "scaling_factor": Parameter(1.0, aliases=("alpha", "merge_lambda"), help="α"),
-        "scaling_factor_pt": Parameter(1.0, help="c_0, e.g. the pretraining data size"),
-        "scaling_factors_ft": Parameter(1.0, per_model=True, help="c_t of each model, e.g. its data size"),
-        "delta_0": Parameter(1e-12, help="δ_0, the prior precision"),
+        "scaling_factor_pt": Parameter(1.0, range="[0, inf)", help="c_0, e.g. the pretraining data size"),
+        "scaling_factors_ft": Parameter(1.0, per_model=True, range="[0, inf)", help="c_t of each model, e.g. its data size"),
+        "delta_0": Parameter(1e-12, range="[0, inf)", help="δ_0, the prior precision"),
     }
 
     def merge(self, group: TensorGroup, *, scaling_factor, scaling_factor_pt, scaling_factors_ft, delta_0):

@@ -1,0 +1,18 @@
+"""The merge driver: everything about a merge except the arithmetic of its method (modelmerge.methods).
+
+By concern:
+- `options`: `MergeOptions`, what a merge is asked to do (frozen, built once by the program), `MergeError`;
+- `parameters`: methods by name, their parameters converted and checked against their ranges;
+- `plan`: one `TensorTask` per output tensor, from file headers only (inconsistent inputs fail first);
+- `execute`: the tasks streamed tensor by tensor (elementwise methods in blocks of rows) into the output;
+- `lora`: planning `lora-` merges of PEFT adapters;
+- `frontend`: `merge(options)`, the whole merge;
+- `trim`: the trimmed task vector of TIES as a statistic;
+- `cli`: what the programs under code/ share (one-line errors, argument types, --help's method list).
+"""
+from modelmerge.merging.execute import Summary, run_tasks
+from modelmerge.merging.frontend import merge
+from modelmerge.merging.options import DTYPES, MergeError, MergeOptions
+from modelmerge.merging.plan import check_same_tensors
+
+__all__ = ["DTYPES", "MergeError", "MergeOptions", "Summary", "check_same_tensors", "merge", "run_tasks"]

@@ -1,0 +1,88 @@
+"""What the merge programs under code/ share: one-line errors with exit status 2, argument types, the
+paper scripts' common arguments, and the method list for --help."""
+import argparse
+import logging
+import sys
+
+from modelmerge.checkpoint import CheckpointError, parse_size
+from modelmerge.merging.options import MergeError, check_device
+from modelmerge.methods import MERGE_METHODS
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with a usage error as one line (`error: ...`, exit status 2) instead of usage + error."""
+
+    def error(self, message):
+        self.exit(2, f"error: {self.prog}: {message}\n")
+
+
+def run_cli(main, argv=None):
+    """Run a merge program's `main(argv)` (which returns a summary with a `line()`): log to stderr, print
+    the summary line; bad input becomes one message and exit status 2, and no output is left behind."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        summary = main(sys.argv[1:] if argv is None else argv)
+    except (MergeError, CheckpointError, OSError) as error:  # OSError: e.g. an output folder that cannot be written
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    print(summary.line())
+    return summary
+
+
+def device_argument(text):
+    """An argparse type: a torch device that exists here (cpu, cuda, cuda:N)."""
+    try:
+        return check_device(text)
+    except MergeError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def size_argument(text):
+    """An argparse type: a size in bytes such as 5GB or 500MB."""
+    try:
+        return parse_size(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def comma_list(text):
+    """An argparse type: 'a,b,c' -> ['a', 'b', 'c'] (the released scripts' way of passing lists)."""
+    return [item for item in text.split(",") if item]
+
+
+def paper_script_parser(description):
+    """The arguments both of the paper's released merge scripts take, with their names and defaults."""
+    parser = ArgumentParser(description=description)
+    parser.add_argument("--pretrained_model_name_or_path", required=True, help="θ_0")
+    parser.add_argument("--ft_model_name_or_paths", type=comma_list, required=True, help="θ_t, comma-separated")
+    parser.add_argument("--out_model_path", required=True, help="output model folder")
+    parser.add_argument("--scaling_factor", type=float, default=1.0, help="α")
+    # The released scripts' model classes; the merge itself is the same for any.
+    parser.add_argument("--task_type", default="SEQ_CLS", choices=("SEQ_CLS",))
+    parser.add_argument("--device", type=device_argument, default="cpu", help="where the arithmetic runs: cpu or cuda")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output not written by a merge")
+    return parser
+
+
+def methods_help() -> str:
+    """Every method with its parameters, defaults and ranges: for a program's --help."""
+    lines = []
+    for cls in sorted(set(MERGE_METHODS.values()), key=lambda cls: cls.name):
+        needs = ["θ_0"] if cls.needs_base else []
+        needs += [f"statistic '{kind}'" for kind in cls.stats]
+        needs += [f"ancestor statistic '{kind}'" for kind in cls.base_stats]
+        aliases = f" (also {', '.join(cls.aliases)})" if cls.aliases else ""
+        lines.append(f"  {cls.name}{aliases}" + (f"  needs {', '.join(needs)}" if needs else ""))
+        for name, parameter in cls.parameters.items():
+            lines.append(f"      --x:{name} ({_parameter_detail(parameter)}): {parameter.help}")
+    return "\n".join(lines)
+
+
+def _parameter_detail(parameter) -> str:
+    parts = [parameter.type.__name__ + (", one per model" if parameter.per_model else "")]
+    if parameter.range:
+        parts.append(f"in {parameter.range}")
+    if parameter.choices:
+        parts.append("one of " + ", ".join(map(str, parameter.choices)))
+    parts.append(f"default {parameter.default}")
+    return "; ".join(parts)

@@ -1,0 +1,74 @@
+"""The whole merge as `MergeOptions` describe it: open the inputs, plan, execute into the output."""
+
+from modelmerge.checkpoint import open_checkpoint, open_statistics
+from modelmerge.lora_merge import output_adapter_config
+from modelmerge.merging.execute import run_tasks
+from modelmerge.merging.lora import lora_inputs, name_lora_outputs
+from modelmerge.merging.options import MergeError, MergeOptions, dtype_name
+from modelmerge.merging.parameters import load_method, resolve_parameters
+from modelmerge.merging.plan import model_count_problem, plan_merge
+
+
+
+def merge(options: MergeOptions):
+    """Merge `options.models` with `options.method` into `options.output`; return the execution Summary.
+
+    A `lora-` method merges PEFT LoRA adapters as weight changes s·B·A: with an ancestor (the base model)
+    the output is the base model with the merged change added, without one it is an adapter of rank
+    `lora_rank` (default: the largest input rank) approximating the merged change by truncated SVD. Other
+    methods merge adapters tensor by tensor (A and B independently) into an adapter. Output: a bare file
+    when `output` ends with .safetensors, else a model or adapter folder carrying the non-weight files of
+    the ancestor's folder (else the first model's).
+    """
+    method = load_method(options.method_name)
+    check_counts(method, options)
+    params = resolve_parameters(method, options.params, len(options.models))
+    checkpoints = [open_checkpoint(path) for path in options.models]
+    base = open_checkpoint(options.ancestor) if options.ancestor else None
+    stats = [open_statistics(path) for path in options.aux_data] if options.aux_data else None
+    base_stats = open_statistics(options.ancestor_aux_data) if options.ancestor_aux_data else None
+    start_from = open_checkpoint(options.initial) if options.initial else None
+    files_from = _files_source(base, checkpoints)
+    json_updates, lora_rank = {}, None
+    if options.lora:
+        checkpoints, base, lora_rank = lora_inputs(method, checkpoints, base, options.lora_rank)
+        layout = "model" if lora_rank is None else "adapter"
+        if lora_rank is not None:
+            files_from = checkpoints[0].folder
+            json_updates["adapter_config.json"] = output_adapter_config(lora_rank)
+    else:
+        layout = "adapter" if checkpoints[0].kind == "adapter" else "model"
+    if options.output.endswith(".safetensors"):
+        layout = "file"
+    tasks = plan_merge(method, params, checkpoints, base, stats, base_stats, start_from, options.include,
+                       options.exclude)
+    if lora_rank is not None:
+        name_lora_outputs(tasks, checkpoints[0], lora_rank)
+    if options.dtype is not None and layout == "model":
+        json_updates["config.json"] = {"dtype": dtype_name(options.dtype)}
+    return run_tasks(method, tasks, options.output, layout, files_from=files_from, json_updates=json_updates,
+                     dtype=options.dtype, device=options.device, max_shard_bytes=options.max_shard_bytes,
+                     progress=options.progress)
+
+
+def check_counts(method, options: MergeOptions):
+    """A MergeError where the inputs do not fit the method: number of models, ancestor, statistics."""
+    count = len(options.models)
+    problem = model_count_problem(method, count)
+    if problem:
+        raise MergeError(problem)
+    if method.needs_base and not options.ancestor and not options.lora:  # a lora- merge without one starts from no change
+        raise MergeError(f"method {method.name} needs the ancestor θ_0 (the model the others were fine-tuned from)")
+    if options.aux_data is not None and len(options.aux_data) != count:
+        raise MergeError(f"got {len(options.aux_data)} statistics for {count} models (one per model, same order)")
+    if method.stats and not options.aux_data:
+        raise MergeError(f"method {method.name} needs statistics ({', '.join(method.stats)}) of every model")
+    if method.base_stats and not options.ancestor_aux_data:
+        raise MergeError(f"method {method.name} needs statistics ({', '.join(method.base_stats)}) of the ancestor")
+
+
+def _files_source(base, checkpoints):
+    for checkpoint in [base] + checkpoints:
+        if checkpoint is not None and checkpoint.folder is not None:
+            return checkpoint.folder
+    return None

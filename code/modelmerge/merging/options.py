@@ -1,0 +1,102 @@
+"""What a merge is asked to do: one frozen `MergeOptions`, built once by the program that read the command
+line (or a configuration), and handed to the library, which never parses or names command-line flags.
+
+The fields hold parsed values: paths as strings, `dtype` a torch dtype, `device` a torch device, sizes in
+bytes. Method parameters (`params`) stay as given (strings from a command line, numbers from YAML):
+the method's declared parameters convert and check them (merging/parameters.py).
+"""
+import math
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Mapping
+
+import torch
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+LORA_PREFIX = "lora-"
+
+
+class MergeError(ValueError):
+    """A merge that cannot be done as asked; the message names the input, file, tensor or value and the cause."""
+
+
+@dataclass(frozen=True)
+class MergeOptions:
+    """One merge: `method` (a registered name, or `lora-NAME` to merge LoRA adapters as weight changes
+    B·A) of the checkpoints `models` into `output` (see `merging.merge`)."""
+
+    method: str
+    models: tuple[str, ...]
+    output: str
+    aux_data: tuple[str, ...] | None = None  # statistics of each model, same order
+    ancestor: str | None = None  # θ_0
+    ancestor_aux_data: str | None = None  # statistics of θ_0
+    initial: str | None = None  # where iterative methods start (MaTS)
+    params: Mapping[str, Any] = field(default_factory=dict)  # method parameters by name or alias
+    include: str | None = None  # regular expression (re.search): only matching tensors are merged
+    exclude: str | None = None  # regular expression: matching tensors are copied from θ_0 (else model 1)
+    dtype: torch.dtype | None = None  # working and output precision (None: each input's own, ≥ float32 to work)
+    device: torch.device = torch.device("cpu")
+    max_shard_bytes: int = 5 * 10**9
+    lora_rank: int | None = None  # rank of the adapter a lora- merge without ancestor writes (None: largest input)
+    overwrite: bool = False  # replace an existing output that a merge did not write
+    progress: bool = True
+
+    def __post_init__(self):
+        def set_(name, value):
+            object.__setattr__(self, name, value)
+
+        set_("models", tuple(self.models))
+        set_("aux_data", None if self.aux_data is None else tuple(self.aux_data))
+        set_("params", MappingProxyType(dict(self.params)))
+        set_("device", check_device(self.device))
+        if self.dtype is not None and self.dtype not in DTYPES.values():
+            raise MergeError(f"dtype {self.dtype} is not one of {', '.join(DTYPES)}")
+        if not isinstance(self.max_shard_bytes, int) or self.max_shard_bytes < 1:
+            raise MergeError(f"the largest output shard must be a positive number of bytes, got {self.max_shard_bytes!r}")
+        if self.lora_rank is not None and self.lora_rank < 1:
+            raise MergeError(f"the LoRA rank must be at least 1, got {self.lora_rank}")
+
+    @property
+    def lora(self) -> bool:
+        return self.method.startswith(LORA_PREFIX)
+
+    @property
+    def method_name(self) -> str:
+        """The method's registered name (without the lora- prefix)."""
+        return self.method[len(LORA_PREFIX):] if self.lora else self.method
+
+    @property
+    def inputs(self) -> list[str]:
+        """Every path the merge reads."""
+        paths = [*self.models, *(self.aux_data or ()), self.ancestor, self.ancestor_aux_data, self.initial]
+        return [path for path in paths if path]
+
+
+def check_device(device) -> torch.device:
+    """`device` (a torch.device or its name) as a torch.device that exists here, else a MergeError."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise MergeError(f"device {device!r} is not a torch device (cpu, cuda or cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MergeError(f"device {device}: no CUDA device is available")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise MergeError(f"device {device}: there are only {torch.cuda.device_count()} CUDA devices")
+    if device.type not in ("cpu", "cuda"):
+        raise MergeError(f"device {device}: merges run on cpu or cuda")
+    return device
+
+
+def dtype_by_name(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise MergeError(f"dtype {name!r} is not one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return next(name for name, value in DTYPES.items() if value == dtype)
+
+
+def is_finite_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

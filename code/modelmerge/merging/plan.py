@@ -1,0 +1,191 @@
+"""Planning a merge: one `TensorTask` per output tensor, naming where its inputs live (`Source`: a
+checkpoint and a tensor name, so mergekit slices can rename layers) and the method's resolved parameters.
+
+Planning reads only file headers, so inconsistent inputs (names, shapes, missing statistics, counts) fail
+before any work is done.
+"""
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from modelmerge.checkpoint import TensorInfo
+from modelmerge.merging.options import MergeError
+
+
+@dataclass(frozen=True)
+class Source:
+    """One tensor of one input: a checkpoint (or a view of one) and the tensor's name in it."""
+
+    checkpoint: Any
+    name: str
+
+    def info(self) -> TensorInfo:
+        return self.checkpoint.info(self.name)
+
+    def read(self) -> torch.Tensor:
+        return self.checkpoint.get(self.name)
+
+    def where(self):
+        return f"{self.name} in {self.checkpoint.file_of(self.name)}"
+
+
+@dataclass(frozen=True)
+class LoraOutput:
+    """Write a merged weight change as the LoRA pair (A, B) of rank `rank` (see lora_merge.factorize)."""
+
+    a_name: str
+    b_name: str
+    rank: int
+    fan_in_fan_out: bool = False
+
+
+@dataclass
+class TensorTask:
+    """One output tensor: its inputs, the statistics describing them and the method's parameters."""
+
+    name: str
+    models: list[Source]
+    base: Source | None = None
+    stats: list[dict[str, Source]] = field(default_factory=list)
+    base_stats: dict[str, Source] = field(default_factory=dict)
+    initial: Source | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    merge: bool = True  # False: copied from the base (else the first model), e.g. excluded by a regex
+    lora_output: LoraOutput | None = None
+
+    def sources(self) -> list[Source]:
+        """Every input this task reads."""
+        sources = list(self.models) + [self.base, self.initial] + list(self.base_stats.values())
+        sources += [source for stats in self.stats for source in stats.values()]
+        return [source for source in sources if source is not None]
+
+
+def statistic_kinds(method):
+    """(required kinds, optional kinds, the kind an unlabelled statistics file provides)."""
+    ordered = list(method.stats) + list(method.optional_stats) + list(method.base_stats)
+    return tuple(method.stats), tuple(method.optional_stats), (ordered[0] if ordered else None)
+
+
+def expected_statistic_shape(kind, shape):
+    """Shape statistic `kind` has for a tensor of `shape`; None where the kind does not apply."""
+    if kind == "gram":
+        return (shape[1], shape[1]) if len(shape) == 2 else None
+    if kind == "output_grad_gram":
+        return (shape[0], shape[0]) if len(shape) == 2 else None
+    return tuple(shape)
+
+
+def check_same_tensors(checkpoints, what="models"):
+    """MergeError unless every checkpoint holds the same tensor names with the same shapes."""
+    reference = checkpoints[0]
+    for other in checkpoints[1:]:
+        only_ref = sorted(set(reference.names) - set(other.names))
+        only_other = sorted(set(other.names) - set(reference.names))
+        if only_ref or only_other:
+            raise MergeError(
+                f"the {what} hold different tensors: {listing(only_ref)} only in {reference.path}; "
+                f"{listing(only_other)} only in {other.path}"
+            )
+        for name in reference.names:
+            if reference.info(name).shape != other.info(name).shape:
+                raise MergeError(
+                    f"tensor {name} has shape {list(reference.info(name).shape)} in {reference.path} "
+                    f"but {list(other.info(name).shape)} in {other.path}"
+                )
+
+
+def listing(names, limit=5):
+    """A short, readable list of names."""
+    if not names:
+        return "nothing"
+    shown = ", ".join(names[:limit])
+    return shown + (f" (and {len(names) - limit} more)" if len(names) > limit else "")
+
+
+def model_count_problem(method, count):
+    """Why `method` cannot merge `count` models, or None."""
+    if count >= method.min_models and (method.max_models is None or count <= method.max_models):
+        return None
+    if method.min_models == method.max_models:
+        expected = f"exactly {method.min_models}"
+    else:
+        expected = f"at least {method.min_models}" + (f" and at most {method.max_models}" if method.max_models else "")
+    return f"method {method.name} merges {expected} models, got {count}"
+
+
+def plan_merge(method, params, models, base=None, stats=None, base_stats=None, initial=None,
+               include=None, exclude=None):
+    """Tasks merging the same-named tensors of `models` (checkpoints or views) with `method`.
+
+    `stats` holds one `Statistics` per model (or None), `base_stats` those of `base`; `include`/`exclude`
+    are regular expressions (re.search) choosing which tensors are merged; the others are copied from
+    `base`, else from the first model. A selection that merges no tensor is an error.
+    """
+    check_same_tensors(list(models) + ([base] if base is not None else []), "models and the ancestor")
+    if initial is not None:
+        check_same_tensors([models[0], initial], "models and the initial model")
+    required, optional, primary = statistic_kinds(method)
+    include_re, exclude_re = _compile(include, "include"), _compile(exclude, "exclude")
+    tasks = []
+    for name in models[0].names:
+        info = models[0].info(name)
+        chosen = (include_re is None or include_re.search(name)) and not (exclude_re and exclude_re.search(name))
+        task = TensorTask(name, [Source(m, name) for m in models], params=params,
+                          merge=bool(chosen) and info.dtype.is_floating_point)
+        if base is not None:
+            task.base = Source(base, name)
+        if task.merge:
+            if stats is not None:
+                task.stats = [_model_statistics(s, name, info.shape, required, optional, primary) for s in stats]
+                _check_optional_consistent(task, optional, stats)
+            if method.base_stats:
+                task.base_stats = _model_statistics(base_stats, name, info.shape, method.base_stats, (), primary)
+            if initial is not None:
+                task.initial = Source(initial, name)
+        tasks.append(task)
+    if (include or exclude) and not any(task.merge for task in tasks):
+        chosen = " and ".join(f"{what} {pattern!r}" for what, pattern in (("include", include), ("exclude", exclude))
+                              if pattern)
+        raise MergeError(f"{chosen} select no floating-point tensor of {models[0].path} to merge")
+    return tasks
+
+
+def _compile(pattern, what):
+    if not pattern:
+        return None
+    try:
+        return re.compile(pattern)
+    except re.error as error:
+        raise MergeError(f"{what} pattern {pattern!r} is not a regular expression ({error})") from None
+
+
+def _model_statistics(statistics, name, shape, required, optional, primary):
+    found = {}
+    for kind in list(required) + list(optional):
+        expected = expected_statistic_shape(kind, shape)
+        checkpoint = statistics.get(kind, primary)
+        present = checkpoint is not None and name in checkpoint and expected is not None
+        if not present:
+            if kind in required:
+                raise MergeError(
+                    f"statistics {statistics.path} ({statistics.describe()}) have no '{kind}' for tensor {name}"
+                )
+            continue
+        actual = checkpoint.info(name).shape
+        if tuple(actual) != expected:
+            raise MergeError(
+                f"statistic '{kind}' of tensor {name} in {checkpoint.file_of(name)} has shape {list(actual)}, "
+                f"expected {list(expected)}"
+            )
+        found[kind] = Source(checkpoint, name)
+    return found
+
+
+def _check_optional_consistent(task, optional, stats):
+    for kind in optional:
+        have = [kind in s for s in task.stats]
+        if any(have) and not all(have):
+            missing = [stats[i].path for i, h in enumerate(have) if not h]
+            raise MergeError(f"statistic '{kind}' of tensor {task.name} is missing from {', '.join(missing)}")
