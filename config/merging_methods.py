@@ -7,7 +7,8 @@ matching are also evaluated on the test splits over the whole α grid: the robus
 (report/sweep.png). The trained models and statistics are those of config/example.py, so running both
 configs trains nothing twice, and adding a method to METHODS computes only that method's jobs.
 
-slerp (two models) and passthrough (layer slices) do not combine four task models and are not run here.
+slerp and nuslerp (two models), nearswap and arcee_fusion (one model into θ_0) and passthrough (layer slices)
+do not combine four task models and are not run here.
 
     sis --config config/merging_methods.py m
 """
@@ -37,6 +38,22 @@ METHODS = {
                                     initial="task arithmetic"),
     "gradient matching": dict(method="uncertainty_based_gradient_matching", sweep="scaling_factor", grid="scaling_factors",
                               stats="fisher", ancestor_stats=True),
+    # mergekit 0.1.5's newer methods
+    "model stock": dict(method="model_stock"),
+    "della": dict(method="della", sweep="density", grid=[0.3, 0.5, 0.7], fixed={"epsilon": 0.1, "seed": 0}),
+    "della linear": dict(method="della_linear", sweep="density", grid=[0.3, 0.5, 0.7], fixed={"epsilon": 0.1, "seed": 0}),
+    "sce": dict(method="sce", sweep="select_topk", grid=[0.1, 0.3, 0.5, 1.0]),
+    "multislerp": dict(method="multislerp"),
+    "karcher": dict(method="karcher"),
+    "ram": dict(method="ram"),
+    "ram+ (tensor-local)": dict(method="ramplus_tl"),
+    # data-free methods of the current field
+    "tsv-m": dict(method="tsv_m", sweep="merge_lambda", grid="scaling_factors"),
+    "iso-c": dict(method="iso_c", sweep="merge_lambda", grid="scaling_factors"),
+    "iso-cts": dict(method="iso_cts", sweep="merge_lambda", grid="scaling_factors", fixed={"common_space_fraction": 0.8}),
+    "wudi": dict(method="wudi", fixed={"iterations": 300}),
+    "magmax": dict(method="magmax", sweep="merge_lambda", grid="scaling_factors"),
+    "consensus (ta)": dict(method="consensus", sweep="k", grid=[1, 2, 3], fixed={"tall_mask_lambda": 0.6}),
 }
 ROBUSTNESS = ("task arithmetic", "gradient matching")  # drawn against α on the test data
 
