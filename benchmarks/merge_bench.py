@@ -2,7 +2,8 @@
 
 Writes into a temporary folder (a few GB at full size) an ancestor and four fine-tuned checkpoints with
 BERT-base shapes (~110M parameters, float32 safetensors, random values) and a diagonal Fisher for each,
-then for task arithmetic, TIES and uncertainty-based gradient matching measures
+then for task arithmetic, TIES, uncertainty-based gradient matching and the methods of issue 9 (NEW_METHODS;
+their target: a merge loop within 3x task arithmetic's, WUDI's per 100 iterations) measures
 
 - our merge: `python code/merge.py ...` in a fresh process; the time of its merge loop (from its summary
   line: reading, checking, merging and writing every tensor), its whole wall time (with interpreter start,
@@ -191,7 +192,48 @@ def merges(root):
              "--ancestor_aux_data", os.path.join(root, "fisher0"), "--x:scaling_factors_ft", "112000,8530,67349,180000",
              "--x:scaling_factor_pt", "25000", "--x:delta_0", "1e-12"],
             reads + weight_files(root, [f"fisher{t}" for t in range(5)], "fisher"), None),
+        **new_method_merges(models, base, reads),
     }
+
+
+# The methods of issue 9: (our --x: parameters, mergekit's top-level parameters or None where mergekit
+# lacks the method, how many of the four models it merges). WUDI runs 100 iterations: its target is per 100.
+NEW_METHODS = {
+    "model_stock": ([], {}, 4),
+    "della": (["--x:density", "0.5", "--x:epsilon", "0.1"], {"density": 0.5, "epsilon": 0.1}, 4),
+    "della_linear": (["--x:density", "0.5", "--x:epsilon", "0.1"], {"density": 0.5, "epsilon": 0.1}, 4),
+    "sce": (["--x:select_topk", "0.5"], {"select_topk": 0.5}, 4),
+    "nuslerp": ([], {}, 2),
+    "multislerp": ([], {}, 4),
+    "karcher": ([], {}, 4),
+    "nearswap": (["--x:t", "0.001"], {"t": 0.001}, 1),
+    "arcee_fusion": ([], {}, 1),
+    "ram": ([], {}, 4),
+    "ramplus_tl": ([], {}, 4),
+    "tsv_m": ([], None, 4),
+    "iso_c": ([], None, 4),
+    "iso_cts": ([], None, 4),
+    "wudi": (["--x:iterations", "100"], None, 4),
+    "magmax": ([], None, 4),
+    "consensus": ([], None, 4),
+}
+NO_BASE = ("karcher",)  # mergekit merges a base model as one more input there
+
+
+def new_method_merges(models, base, reads):
+    merges = {}
+    for name, (parameters, mergekit_parameters, count) in NEW_METHODS.items():
+        chosen = models[:count]
+        ancestor = [] if name in NO_BASE else ["--ancestor", base]
+        arguments = ["--merge", name, "--models", *chosen, *ancestor, *parameters]
+        yaml_text = None
+        if mergekit_parameters is not None:
+            weight = "\n    parameters: {weight: 1.0}" if name in ("della", "della_linear", "nuslerp", "multislerp") else ""
+            yaml_text = (f"merge_method: {name}\n" + ("" if name in NO_BASE else f"base_model: {base}\n")
+                         + f"parameters: {json.dumps(mergekit_parameters)}\nmodels:\n"
+                         + "".join(f"  - model: {m}{weight}\n" for m in chosen))
+        merges[name] = (arguments, reads if name not in NO_BASE else reads[1:], yaml_text)
+    return merges
 
 
 def main():
@@ -204,8 +246,9 @@ def main():
                         help="torch thread counts (OMP_NUM_THREADS) to measure our merge with; mergekit runs with the largest")
     parser.add_argument("--repeats", type=int, default=3,
                         help="floor and merge measured alternately this many times per thread count (medians reported)")
-    parser.add_argument("--methods", nargs="+", choices=["task_arithmetic", "ties", "uncertainty_based_gradient_matching"],
-                        help="only these merges (default: all three)")
+    parser.add_argument("--methods", nargs="+",
+                        choices=["task_arithmetic", "ties", "uncertainty_based_gradient_matching", *NEW_METHODS],
+                        help="only these merges (default: all)")
     args = parser.parse_args()
     root = tempfile.mkdtemp(prefix="merge_bench-", dir=args.workdir)
     try:
@@ -268,6 +311,11 @@ def print_table(rows, checkpoint_bytes, mergekit_threads):
               f"  wall {r['wall']:.1f} s vs mergekit "
               + (f"{r['mk_wall']:.1f} s: {verdict(r['wall'] < r['mk_wall']):<8}" if r["mk_wall"] else "n/a: n/a     ")
               + f"  RSS {r['rss'] / mib:.0f} MiB vs 2 checkpoints {limit / mib:.0f} MiB: {verdict(r['rss'] < limit)}")
+    task_arithmetic = {r["threads"]: r["loop"] for r in rows if r["method"] == "task_arithmetic"}
+    for r in rows:
+        if r["method"] in NEW_METHODS and r["threads"] in task_arithmetic:
+            ratio = r["loop"] / task_arithmetic[r["threads"]]
+            print(f"  {r['method']:<52} loop {ratio:.1f}x task arithmetic's (<= 3x): {verdict(ratio <= 3)}")
 
 
 if __name__ == "__main__":
