@@ -62,6 +62,8 @@ CASES = [
     ("nearswap", {"t": 0.05}),
     ("magmax", {"merge_lambda": 0.7}),
     ("consensus", {"tall_mask_lambda": [0.4, 0.6, 0.5], "k": 2}),
+    ("tall_masks", {"merge_lambda": 0.4}),
+    ("emr", {"merge_lambda": 0.9}),
 ]
 
 

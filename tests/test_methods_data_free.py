@@ -161,7 +161,7 @@ def test_consensus_keeps_entries_selected_by_k_tall_masks(k):
 
 
 @pytest.mark.parametrize("name,parameters", [("tsv_m", {}), ("wudi", {"iterations": 20, "learning_rate": 1e-3}),
-                                             ("magmax", {}), ("consensus", {"k": 1})])
+                                             ("magmax", {}), ("consensus", {"k": 1}), ("emr", {}), ("tall_masks", {})])
 def test_a_single_task_gives_theta_0_plus_lambda_tau(name, parameters):
     base, thetas = models(1, shape=SHAPE)
     merged = run_method(name, TensorGroup("w", thetas, base=base), merge_lambda=0.6, **parameters)

@@ -5,8 +5,9 @@ Adding a method is one module in this folder and one entry in `_CLASSES`.
 from .base import MergeMethod, Parameter, TensorGroup
 from .arcee_fusion import ArceeFusion
 from .breadcrumbs import Breadcrumbs, BreadcrumbsTies
-from .consensus import Consensus
+from .consensus import Consensus, TallMasks
 from .dare import DareLinear, DareTies
+from .emr import Emr
 from .della import Della, DellaLinear
 from .fisher import Fisher
 from .isotropic import IsoC, IsoCts
@@ -36,7 +37,7 @@ _CLASSES: tuple[type[MergeMethod], ...] = (
     # mergekit 0.1.5's newer methods
     ModelStock, Della, DellaLinear, Sce, NuSlerp, MultiSlerp, Karcher, NearSwap, ArceeFusion, Ram, RamPlusTensorLocal,
     # data-free methods of the current field
-    TsvM, IsoC, IsoCts, Wudi, MagMax, Consensus,
+    TsvM, IsoC, IsoCts, Wudi, MagMax, Consensus, TallMasks, Emr,
 )
 
 

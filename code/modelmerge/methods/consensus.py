@@ -44,3 +44,23 @@ class Consensus(MergeMethod):
         votes = sum(m.to(torch.int32) for m in tall_masks(taus, lambdas))
         kept = sum(taus) * (votes >= k)
         return (base.to(dtype) + merge_lambda * kept).to(base.dtype)
+
+
+class TallMasks(MergeMethod):
+    """TALL masks' unified model θ_0 + λ·τ_MTL (task arithmetic); the per-task masks m_t, and each task's
+    model θ_0 + m_t ⊙ λ·τ_MTL, are written by `code/modulated_merge.py` (modelmerge.modulated)."""
+
+    name = "tall_masks"
+    needs_base = True
+    elementwise = True
+    parameters = {key: value for key, value in Consensus.parameters.items() if key != "k"}
+
+    def merge(self, group: TensorGroup, *, merge_lambda, tall_mask_lambda) -> torch.Tensor:
+        base = base_tensor(group)
+        dtype = upcast_dtype(base.dtype)
+        multi_task = sum(x.to(dtype) - base.to(dtype) for x in group.tensors)
+        return (base.to(dtype) + merge_lambda * multi_task).to(base.dtype)
+
+    @staticmethod
+    def masks(taus: list[torch.Tensor], *, merge_lambda, tall_mask_lambda) -> list[torch.Tensor]:
+        return tall_masks(taus, tall_mask_lambda)

@@ -1,0 +1,64 @@
+"""Modulated merges (EMR-Merging, TALL masks): a unified model plus per-task masks and rescalers, and any
+task's own model materialised from them (see modelmerge.modulated for the formulas and the files).
+
+    python code/modulated_merge.py --merge emr --models A B C --ancestor P [--x:merge_lambda 1.0] --output OUT
+    python code/modulated_merge.py --merge tall_masks --models A B C --ancestor P [--x:tall_mask_lambda 0.4,0.6,0.5] --output OUT
+    python code/modulated_merge.py --materialise OUT --task 2 --ancestor P --output MODEL
+"""
+import argparse
+import time
+from dataclasses import dataclass
+
+from merge import split_method_parameters
+from modelmerge import modulated
+from modelmerge.merge_driver import MergeError, check_same_tensors, load_method, resolve_parameters, run_program
+
+
+@dataclass
+class Done:
+    what: str
+    seconds: float
+
+    def line(self):
+        return f"{self.what}, {self.seconds:.2f} s"
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--merge", choices=modulated.METHODS, help="the modulated merge to write")
+    parser.add_argument("--models", nargs="+", help="the task models θ_t (task t is the t-th, from 1)")
+    parser.add_argument("--ancestor", required=True, help="θ_0")
+    parser.add_argument("--materialise", metavar="MODULATED", help="a modulated merge folder to take one task's model from")
+    parser.add_argument("--task", type=int, help="with --materialise: the task, 1..T")
+    parser.add_argument("--output", required=True, help="the modulated merge folder, or the task's model folder")
+    parser.add_argument("--device", default="cpu", help="where the arithmetic runs: cpu or cuda")
+    parser.add_argument("--no_progress", action="store_true")
+    rest, params = split_method_parameters(argv)
+    args = parser.parse_args(rest)
+    if bool(args.merge) == bool(args.materialise):
+        parser.error("give either --merge METHOD --models ... or --materialise MODULATED --task T")
+    if args.merge and not args.models:
+        parser.error("--merge needs --models")
+    if args.materialise and (args.task is None or params):
+        parser.error("--materialise needs --task and takes no --x: parameters")
+    return args, params
+
+
+def main(argv):
+    args, params = parse_args(argv)
+    start = time.perf_counter()
+    try:
+        if args.materialise:
+            modulated.materialise(args.materialise, args.ancestor, args.task, args.output, args.device)
+            return Done(f"materialised task {args.task}", time.perf_counter() - start)
+        method = load_method(args.merge)
+        resolved = resolve_parameters(method, params, len(args.models))
+        modulated.write(args.merge, args.models, args.ancestor, args.output, resolved, args.device,
+                        progress=not args.no_progress, check=lambda c: check_same_tensors(c, "models and the ancestor"))
+    except ValueError as error:
+        raise MergeError(str(error)) from None
+    return Done(f"modulated merge ({args.merge}) of {len(args.models)} models", time.perf_counter() - start)
+
+
+if __name__ == "__main__":
+    run_program(main)
