@@ -3,7 +3,7 @@
 from sisyphus import tk
 
 from model_merging.program_job import CommandJob
-from model_merging.util import python_exe, program, rqmt
+from model_merging.util import rqmt
 
 
 def _path(p):
@@ -36,7 +36,7 @@ class MergeJob(CommandJob):
         self.out_model = self.output_path("model")
 
     def command(self):
-        cmd = [python_exe(), program("merge.py"), "--merge", self.method, "--models", *map(_path, self.models)]
+        cmd = [*self.program_command("merge.py"), "--merge", self.method, "--models", *map(_path, self.models)]
         if self.aux_data is not None:
             cmd += ["--aux_data", *map(_path, self.aux_data)]
         for flag, value in (("--ancestor", self.ancestor), ("--ancestor_aux_data", self.ancestor_aux_data),
@@ -67,7 +67,7 @@ class TaskArithmeticJob(CommandJob):
         self.out_model_path = self.output_path("model")
 
     def command(self):
-        return [python_exe(), program("task_arithmetic.py"),
+        return [*self.program_command("task_arithmetic.py"),
                 "--pretrained_model_name_or_path", _path(self.pretrained_model),
                 "--ft_model_name_or_paths", ",".join(map(_path, self.finetuned_models)),
                 "--scaling_factor", str(self.scaling_factor),
@@ -95,7 +95,7 @@ class UncertaintyBasedGradientMatchingJob(CommandJob):
         self.out_model_path = self.output_path("model")
 
     def command(self):
-        return [python_exe(), program("uncertainty_based_gradient_matching.py"),
+        return [*self.program_command("uncertainty_based_gradient_matching.py"),
                 "--pretrained_model_name_or_path", _path(self.pretrained_model),
                 "--pretrained_hessian_path", _path(self.pretrained_hessian),
                 "--ft_model_name_or_paths", ",".join(map(_path, self.finetuned_models)),

@@ -11,6 +11,10 @@ class CommandJob(Job):
     def command(self):
         raise NotImplementedError
 
+    def program_command(self, name):
+        """The start of a command line: the interpreter and the program `name` of code/ (`gs.CODE_ROOT`)."""
+        return [python_exe(), program(name)]
+
     def create_files(self):
         write_run_script(self.command())
 
@@ -45,7 +49,7 @@ class ProgramJob(CommandJob):
         raise NotImplementedError
 
     def command(self):
-        return [python_exe(), program(self.program_name), self.out_config_file.get_path()]
+        return [*self.program_command(self.program_name), self.out_config_file.get_path()]
 
     def create_files(self):
         write_json(self.out_config_file, self.config())

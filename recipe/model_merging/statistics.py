@@ -4,7 +4,7 @@ from sisyphus import tk
 
 from model_merging.program_job import CommandJob
 from model_merging.search import PredictJob
-from model_merging.util import python_exe, program, rqmt
+from model_merging.util import rqmt
 
 
 class FisherJob(PredictJob):
@@ -47,5 +47,5 @@ class TrimmedModelJob(CommandJob):
         self.out_dir = self.output_path("trimmed")
 
     def command(self):
-        return [python_exe(), program("trim.py"), "--model", tk.uncached_path(self.model), "--ancestor", tk.uncached_path(self.ancestor),
+        return [*self.program_command("trim.py"), "--model", tk.uncached_path(self.model), "--ancestor", tk.uncached_path(self.ancestor),
                 "--density", str(self.density), "--output", self.out_dir.get_path()]
