@@ -11,7 +11,9 @@ from dataclasses import dataclass
 
 from merge import split_method_parameters
 from modelmerge import modulated
-from modelmerge.merge_driver import MergeError, check_same_tensors, load_method, resolve_parameters, run_program
+from modelmerge.merging import MergeError, check_same_tensors
+from modelmerge.merging.cli import ArgumentParser, device_argument, run_cli
+from modelmerge.merging.parameters import load_method, resolve_parameters
 
 
 @dataclass
@@ -24,14 +26,14 @@ class Done:
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--merge", choices=modulated.METHODS, help="the modulated merge to write")
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--merge", choices=modulated.MODULATED_METHODS, help="the modulated merge to write")
     parser.add_argument("--models", nargs="+", help="the task models θ_t (task t is the t-th, from 1)")
     parser.add_argument("--ancestor", required=True, help="θ_0")
     parser.add_argument("--materialise", metavar="MODULATED", help="a modulated merge folder to take one task's model from")
     parser.add_argument("--task", type=int, help="with --materialise: the task, 1..T")
     parser.add_argument("--output", required=True, help="the modulated merge folder, or the task's model folder")
-    parser.add_argument("--device", default="cpu", help="where the arithmetic runs: cpu or cuda")
+    parser.add_argument("--device", type=device_argument, default="cpu", help="where the arithmetic runs: cpu or cuda")
     parser.add_argument("--no_progress", action="store_true")
     rest, params = split_method_parameters(argv)
     args = parser.parse_args(rest)
@@ -61,4 +63,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    run_program(main)
+    run_cli(main)

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 from tiny import make_tiny_bert, perturbed_copy
 
-from modelmerge.merge_driver import run_program
+from modelmerge.merging.cli import run_cli as run_program
 
 
 @pytest.fixture(scope="module")

@@ -33,7 +33,7 @@ from modelmerge.methods.common import upcast_dtype
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("emr", "tall_masks")
+MODULATED_METHODS = ("emr", "tall_masks")
 RELEASE_EVERY = 32  # tensors read before the files' memory maps are closed (their pages stop counting as resident)
 
 
@@ -42,8 +42,8 @@ def write(method_name, models, ancestor, output, params, device="cpu", progress=
 
     `params` are the method's resolved parameters; `check(checkpoints)` validates the inputs (the merge
     driver's same-tensors check) before anything is written."""
-    if method_name not in METHODS:
-        raise ValueError(f"modulated merges are {', '.join(METHODS)}, not {method_name!r}")
+    if method_name not in MODULATED_METHODS:
+        raise ValueError(f"modulated merges are {', '.join(MODULATED_METHODS)}, not {method_name!r}")
     method = get_method(method_name)()
     base = open_checkpoint(ancestor)
     checkpoints = [open_checkpoint(path) for path in models]
