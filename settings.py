@@ -33,6 +33,10 @@ SLURM_PARTITION = os.environ.get("SIS_SLURM_PARTITION", "")
 
 WAIT_PERIOD_JOB_FS_SYNC = 1
 WAIT_PERIOD_BETWEEN_CHECKS = 1
+# Tasks keep the environment of the manager (offline flags, data folders), and finished job folders stay as they
+# are; the reference Sisyphus defaults are True for both.
+CLEANUP_ENVIRONMENT = False
+JOB_AUTO_CLEANUP = False
 
 
 def engine():

@@ -23,6 +23,8 @@ SETTINGS = """
 WORK_DIR = "work"
 IMPORT_PATHS = ["config", "recipe/"]
 WAIT_PERIOD_BETWEEN_CHECKS = 1
+CLEANUP_ENVIRONMENT = False  # tasks keep the caller's environment
+JOB_AUTO_CLEANUP = False  # job folders stay unpacked for inspection
 
 
 def engine():

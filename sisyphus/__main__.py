@@ -11,8 +11,8 @@ EXIT_BAD_INPUT = 2
 
 def main(argv=None):
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=getattr(logging, args.log_level.upper()), stream=sys.stderr,
-                        format="[%(asctime)s] %(levelname)s: %(message)s")
+    level = args.log_level_number if args.log_level_number is not None else getattr(logging, args.log_level.upper())
+    logging.basicConfig(level=level, stream=sys.stderr, format="[%(asctime)s] %(levelname)s: %(message)s")
     from sisyphus.errors import SisError
 
     try:
@@ -33,6 +33,8 @@ def _parser():
     parser.add_argument("--config", action="append", default=[], metavar="FILE",
                         help="config file to load (config/x.py calls its py(); config/x.f calls f()); repeatable")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--log_level", dest="log_level_number", type=int, metavar="N",
+                        help="log level as a number (10 debug, 20 info, 30 warning, 40 error), as upstream's sis")
     commands = parser.add_subparsers(dest="command", required=True)
     manager = commands.add_parser("manager", aliases=["m"], help="run the jobs the configs' outputs need")
     manager.add_argument("-r", "--run", action="store_true", help="run unattended, exit when nothing can progress")
@@ -47,6 +49,8 @@ def _parser():
     worker.add_argument("task_name")
     worker.add_argument("task_id", nargs="?", type=int)
     worker.add_argument("--engine", help="engine selector key the task was routed to")
+    worker.add_argument("--force_resume", "--force-resume", dest="force_resume", action="store_true",
+                        help="run a task id in error state again (resume method if it has one)")
     return parser
 
 
@@ -72,7 +76,7 @@ def _manager(args):
         jobs = tk.sis_graph.jobs()
         logging.info("Loaded %s: %d jobs, %d outputs in %.2f s", " ".join(configs), len(jobs),
                      len(tk.sis_graph.outputs), time.perf_counter() - start)
-        manager = Manager(tk.sis_graph, gs.engine(), loader, clear_errors=args.clear_errors,
+        manager = Manager(tk.sis_graph, _engine(), loader, clear_errors=args.clear_errors,
                           clear_interrupts=args.clear_interrupts, ignore_errors=args.ignore_errors)
         return manager.run(ask=not args.run)
     finally:
@@ -84,7 +88,18 @@ def _worker(args):
     from sisyphus.worker import run_worker
 
     gs.load_settings(os.getcwd())
-    return run_worker(args.jobdir, args.task_name, args.task_id, args.engine)
+    return run_worker(args.jobdir, args.task_name, args.task_id, args.engine, force_resume=args.force_resume)
+
+
+def _engine():
+    """gs.engine(), with any error in it as one line naming settings.py."""
+    import sisyphus.global_settings as gs
+    from sisyphus.errors import SisError
+
+    try:
+        return gs.engine()
+    except Exception as e:
+        raise SisError(f"{gs.GLOBAL_SETTINGS_FILE}: engine(): {type(e).__name__}: {e}") from e
 
 
 if __name__ == "__main__":

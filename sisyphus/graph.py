@@ -1,19 +1,23 @@
 """The graph of a setup: registered outputs, paths awaited by async configs, and the jobs they need."""
 import os
 
+from sisyphus import job as job_module
 from sisyphus.errors import SisError
 from sisyphus.job import Job
-from sisyphus.job_path import Path
+from sisyphus.job_path import AbstractPath
 
 
 class SISGraph:
     def __init__(self):
         self.outputs = {}  # output name -> Path
         self.waiters = []  # (set of Paths, asyncio.Future) of configs waiting in tk.async_run
-        self._jobs = None  # cache of jobs(), dropped when a target is added
+        self._jobs = None  # cache of jobs(), dropped when a target is added or a job gains an input
+        self._jobs_inputs_version = None
+        self.callbacks = []  # (function, args, kwargs) of tk.register_callback, called once the graph is finished
+        self.reports = {}  # name -> tk.register_report entry
 
     def add_output(self, name, path):
-        if not isinstance(path, Path):
+        if not isinstance(path, AbstractPath):
             raise SisError(f"tk.register_output({name!r}, ...): needs a tk.Path or tk.Variable, "
                            f"not {type(path).__name__}")
         normalized = os.path.normpath(name)
@@ -24,6 +28,10 @@ class SISGraph:
             raise SisError(f"output {normalized!r} registered twice with different paths: "
                            f"{known.rel_path()} and {path.rel_path()}")
         self.outputs[normalized] = path
+        self._jobs = None
+
+    def add_report(self, report):
+        self.reports[report["name"]] = report
         self._jobs = None
 
     def add_waiter(self, paths, future):
@@ -43,7 +51,8 @@ class SISGraph:
 
     def jobs(self):
         """Every job the outputs and awaited paths depend on, sorted by id."""
-        if self._jobs is None:
+        if self._jobs is None or self._jobs_inputs_version != job_module.inputs_version[0]:
+            self._jobs_inputs_version = job_module.inputs_version[0]
             found = {}
             todo = [p.creator for p in self._target_paths() if isinstance(p.creator, Job)]
             while todo:
@@ -57,5 +66,20 @@ class SISGraph:
 
     def _target_paths(self):
         yield from self.outputs.values()
+        for report in self.reports.values():
+            yield from report["required"]
         for paths, _ in self.waiters:
             yield from paths
+
+    def id_to_job_dict(self):
+        return {job.job_id(): job for job in self.jobs()}
+
+    def find(self, pattern, mode="all"):
+        """Jobs (mode 'job'), paths (mode 'path') or both ('all') whose id or path contains `pattern`."""
+        found = []
+        if mode in ("all", "job"):
+            found += [job for job in self.jobs() if pattern in job.job_id() or pattern in str(job.get_vis_name())]
+        if mode in ("all", "path"):
+            paths = {p for job in self.jobs() for p in job._sis_outputs.values()} | set(self.outputs.values())
+            found += sorted(p for p in paths if pattern in p.get_path())
+        return found

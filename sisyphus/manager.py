@@ -23,7 +23,7 @@ HOST = socket.gethostname()
 MANAGER_ID = f"{HOST}:{os.getpid()}"  # written into submit_log entries
 
 # States as the overview lists them: errors last.
-STATE_ORDER = [gs.STATE_FINISHED, gs.STATE_WAITING, gs.STATE_RUNNABLE, gs.STATE_QUEUE, gs.STATE_RUNNING,
+STATE_ORDER = [gs.STATE_FINISHED, gs.STATE_HOLD, gs.STATE_WAITING, gs.STATE_RUNNABLE, gs.STATE_QUEUE, gs.STATE_RUNNING,
                gs.STATE_INTERRUPTED_RESUMABLE, gs.STATE_INTERRUPTED_NOT_RESUMABLE, gs.STATE_RETRY_ERROR,
                gs.STATE_ERROR]
 # A job in one of these states needs a person (or -co / -cio).
@@ -42,7 +42,8 @@ KILL_REASONS = {
 
 
 class Manager:
-    def __init__(self, graph, engine, loader, clear_errors=False, clear_interrupts=False, ignore_errors=False):
+    def __init__(self, graph, engine, loader, clear_errors=False, clear_interrupts=False, ignore_errors=False,
+                 link_outputs=True):
         """clear_errors (-co) / clear_interrupts (-cio): run failed jobs again once; ignore_errors (-io): do not
         ask whether to (interactive runs ask when there are failed jobs)."""
         self.graph = graph
@@ -54,8 +55,12 @@ class Manager:
         self.states = {}  # job -> state
         self.current = {}  # job -> (task, {task id: state}) of its first unfinished task, once set up
         self.kill_reasons = {}  # (engine name, task id) -> engine state of its last abnormal end
+        self.link_outputs = link_outputs
         self.linked_outputs = set()
         self.aliased_jobs = set()
+        self.report_times = {}  # report name -> time it was last written
+        self.to_pack = {}  # job -> time it was seen finished, for gs.JOB_AUTO_CLEANUP
+        self.callbacks_done = False
 
     def run(self, ask=False):
         """Run until nothing can progress; returns the exit status (0: every output finished)."""
@@ -78,10 +83,13 @@ class Manager:
                     break
                 self.engine.wait_for_change(gs.WAIT_PERIOD_BETWEEN_CHECKS)
                 self.engine.reset_cache()
+                self.pack_finished_jobs()
                 changes = self.update()
                 if changes:
                     self.print_changes(changes)
             self.link_outputs_and_aliases()
+            self.write_reports(force=True)
+            self.pack_finished_jobs()
             return self.final_report()
         finally:
             self.engine.stop_engine()
@@ -105,6 +113,13 @@ class Manager:
             self.states[job] = new
             if new != old:
                 changes.append((job, new))
+                if new == gs.STATE_FINISHED:
+                    gs.on_job_finished(job)
+                    marker = job._sis_path(gs.JOB_FINISHED_MARKER, abspath=True)
+                    if gs.JOB_AUTO_CLEANUP and os.path.isfile(marker):
+                        self.to_pack[job] = os.path.getmtime(marker)
+                elif new == gs.STATE_ERROR:
+                    gs.on_job_failure(job)
         return changes
 
     def job_state(self, job):
@@ -113,6 +128,8 @@ class Manager:
             return gs.STATE_FINISHED
         if not job._sis_runnable():
             return gs.STATE_WAITING
+        if job._sis_hold_job:
+            return gs.STATE_HOLD
         if not job._sis_setup():
             task = job._sis_tasks()[0]
             self.current[job] = (task, dict.fromkeys(task.task_ids(), gs.STATE_RUNNABLE))
@@ -129,7 +146,7 @@ class Manager:
         if task.finished(task_id):
             return gs.STATE_FINISHED
         if task.error(task_id):
-            return gs.STATE_ERROR
+            return gs.STATE_RUNNABLE if task.retire_error(task_id) else gs.STATE_ERROR
         name = task.engine_name()
         engine_state = self.engine.task_state(name, task_id)
         # The task may have ended while the engine was asked; its markers are written before it exits.
@@ -187,7 +204,7 @@ class Manager:
         time only one submits (the other sees the fresh entry and leaves the ids to it)."""
         job._sis_setup_directory()
         name = task.engine_name()
-        call = list(gs.SIS_COMMAND) + [gs.CMD_WORKER, job._sis_path(), task.name()]
+        call = gs.worker_wrapper(job, task.name(), list(gs.SIS_COMMAND) + [gs.CMD_WORKER, job._sis_path(), task.name()])
         logpath = job._sis_path(f"{gs.JOB_LOG}.{task.name()}")
         with open(task.file(gs.ENGINE_SUBMIT), "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
@@ -216,7 +233,10 @@ class Manager:
             rqmt["time"] = max(rqmt.get("time", 1), 2 * earlier[-1].get("time", rqmt.get("time", 1)))
         if earlier and reason == engine_states.STATE_ENGINE_OUT_OF_MEMORY:
             rqmt["mem"] = max(rqmt.get("mem", 1), 2 * earlier[-1].get("mem", rqmt.get("mem", 1)))
-        return rqmt
+        usage = task.usage(task_id)
+        if earlier and task._update_rqmt is not None and usage is not None:
+            rqmt = task.update_rqmt(rqmt, usage)
+        return gs.check_engine_limits(rqmt, task)
 
     def clear_failed(self):
         """-co / -cio: move the folders of failed jobs aside (<job>.cleared.NNNN) so they run again."""
@@ -240,13 +260,37 @@ class Manager:
         """output/<name> -> each registered path whose job finished; alias/<name> -> each set-up job folder."""
         for name, path in self.graph.outputs.items():
             if name not in self.linked_outputs and path.available() and os.path.exists(path.get_path()):
-                _symlink(path.get_path(), os.path.join(gs.BASE_DIR, gs.OUTPUT_DIR, name))
+                if self.link_outputs:
+                    _symlink(path.get_path(), os.path.join(gs.BASE_DIR, gs.OUTPUT_DIR, name))
                 self.linked_outputs.add(name)
+        self.write_reports()
+        if not self.callbacks_done and len(self.linked_outputs) == len(self.graph.outputs):
+            self.callbacks_done = True
+            for function, args, kwargs in self.graph.callbacks:
+                function(*args, **kwargs)
         for job in self.graph.jobs():
             if job.get_aliases() and job not in self.aliased_jobs and job._sis_setup():
-                for alias in job.get_aliases():
-                    _symlink(job._sis_path(abspath=True), os.path.join(gs.BASE_DIR, gs.ALIAS_DIR, alias))
+                for link in job._sis_alias_links():
+                    _symlink(job._sis_path(abspath=True), os.path.join(gs.BASE_DIR, link))
                 self.aliased_jobs.add(job)
+
+    def pack_finished_jobs(self):
+        """gs.JOB_AUTO_CLEANUP: pack the folders of jobs finished at least WAIT_PERIOD_JOB_CLEANUP seconds ago."""
+        from sisyphus.cleanup import archive_job_folder
+
+        for job, since in sorted(self.to_pack.items()):
+            if time.time() - since >= gs.WAIT_PERIOD_JOB_CLEANUP:
+                del self.to_pack[job]
+                archive_job_folder(job._sis_path(abspath=True))
+
+    def write_reports(self, force=False):
+        """Write output/<name> of each tk.register_report whose required paths are computed, again every
+        update_frequency seconds while the manager runs."""
+        for name, report in self.graph.reports.items():
+            due = time.time() - self.report_times.get(name, -1e9) >= report["update_frequency"]
+            if (force or due) and all(p.available() for p in report["required"]):
+                write_report(report, os.path.join(gs.BASE_DIR, gs.OUTPUT_DIR, name))
+                self.report_times[name] = time.time()
 
     # Reports.
     def print_overview(self, every_job=False):
@@ -295,6 +339,25 @@ class Manager:
             logger.error("%s: %s task %s.%s%s; log %s ends:\n%s", id_state, job, task.name(), task_id,
                          f" ({reason})" if reason else "", os.path.relpath(log, gs.BASE_DIR),
                          _indent(tail(log, gs.PRINT_ERROR_LINES)))
+
+
+def write_report(report, filename):
+    """The report's text: template(values) if callable, template.format(**values) if a str, else the values one
+    per line (delayed values read), written atomically."""
+    from sisyphus.delayed_ops import try_get
+    from sisyphus.tools import write_atomically
+
+    values, template = report["values"], report["template"]
+    if callable(template):
+        text = template(values)
+    elif isinstance(template, str):
+        text = template.format(**{k: try_get(v) for k, v in values.items()})
+    elif isinstance(values, dict):
+        text = "".join(f"{key}: {try_get(value)}\n" for key, value in values.items())
+    else:
+        text = f"{try_get(values)}\n"
+    os.makedirs(os.path.dirname(filename), exist_ok=True)
+    write_atomically(filename, str(text).encode())
 
 
 def _still_running(usage):

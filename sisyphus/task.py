@@ -12,7 +12,8 @@ from sisyphus.tools import str_to_gb, str_to_hours
 
 
 class Task:
-    def __init__(self, start, resume=None, rqmt=None, args=None, mini_task=False, parallel=0, resumable=False):
+    def __init__(self, start, resume=None, rqmt=None, args=None, mini_task=False, update_rqmt=None, parallel=0,
+                 tries=1, continuable=False, resumable=False):
         """
         :param str start: name of the job method to run
         :param str|None resume: method run instead after an interruption; None: the task cannot be resumed
@@ -20,18 +21,28 @@ class Task:
         :param dict rqmt: requirements {'cpu', 'gpu', 'mem' (GB), 'time' (hours), ...}
         :param list args: one entry per call of the method (a list/tuple is spread into positional arguments)
         :param bool mini_task: a few seconds of work; routed to the engine selector's 'short' engine
+        :param update_rqmt: function(initial_rqmt, last_usage) -> rqmt for a run after an interruption
+            (default: gs.update_engine_rqmt, applied when the engine killed the run at its time or memory limit)
         :param int parallel: number of task ids the args are split into (default: one id per entry of args)
+        :param int tries: how often a task id that failed (raised) is run again before it stays in error state
+        :param bool continuable: the task never writes its finished marker, so it can be run again later (e.g. to
+            train more epochs); a job with such a task never counts as finished
         """
+        if not isinstance(tries, int) or tries < 1:
+            raise ValueError(f"Task {start!r}: tries must be a positive int, not {tries!r}")
         if resume is not None and resumable:
             raise ValueError(f"Task {start!r}: give resume= or resumable=, not both")
         self._start = start
         self._resume = start if resumable else resume
-        self._rqmt = dict(rqmt or {})
+        self._rqmt = rqmt if callable(rqmt) else dict(rqmt or {})
         self._args = list(args) if args is not None else [[]]
         if not self._args:
             raise ValueError(f"Task {start!r}: args must not be empty")
         self._parallel = len(self._args) if parallel == 0 else min(parallel, len(self._args))
         self.mini_task = mini_task
+        self._update_rqmt = update_rqmt
+        self.tries = tries
+        self.continuable = continuable
         self._job = None
 
     def __repr__(self):
@@ -54,7 +65,7 @@ class Task:
 
     def rqmt(self):
         """Requirements with mem in GB and time in hours; mini tasks carry engine='short'."""
-        rqmt = dict(self._rqmt)
+        rqmt = dict(self._rqmt() if callable(self._rqmt) else self._rqmt)
         if "mem" in rqmt:
             rqmt["mem"] = str_to_gb(rqmt["mem"])
         if "time" in rqmt:
@@ -85,6 +96,30 @@ class Task:
 
     def error(self, task_id):
         return os.path.isfile(self.file(gs.STATE_ERROR, task_id))
+
+    def retire_error(self, task_id):
+        """If the failed task id has tries left (Task(tries=N)), move its error, log and usage aside (error and
+        log get the suffix .NN) so it runs again, and return True; else False."""
+        error_file = self.file(gs.STATE_ERROR, task_id)
+        for attempt in range(1, self.tries):
+            retired = f"{error_file}.{attempt:02d}"
+            if os.path.exists(retired):
+                continue
+            log = self.file(gs.JOB_LOG, task_id)
+            if os.path.exists(log):
+                os.replace(log, f"{log}.error.{attempt:02d}")
+            try:
+                os.unlink(self.file(gs.PLOGGING_FILE, task_id))
+            except FileNotFoundError:
+                pass
+            os.replace(error_file, retired)
+            return True
+        return False
+
+    def update_rqmt(self, rqmt, last_usage):
+        """Requirements for a new run after an interruption (Task(update_rqmt=...) or gs.update_engine_rqmt)."""
+        function = self._update_rqmt or gs.update_engine_rqmt
+        return function(rqmt, last_usage)
 
     def usage(self, task_id):
         """What the worker wrote about itself ({'pid', 'host', 'create_time', ...}) plus the file's mtime."""

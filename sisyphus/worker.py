@@ -21,29 +21,41 @@ import psutil
 
 import sisyphus.global_settings as gs
 import sisyphus.toolkit
-from sisyphus.tools import write_atomically
+from sisyphus.errors import SisError
+from sisyphus.tools import remove_stale_temporaries, write_atomically
 
 logger = logging.getLogger("sisyphus.worker")
 
 EXIT_TASK_FAILED = 1
 
 
-def run_worker(jobdir, task_name, task_id=None, engine_key=None):
-    """Run the task; returns the process exit status (0: finished or nothing to do)."""
-    engine = gs.engine()
+def run_worker(jobdir, task_name, task_id=None, engine_key=None, force_resume=False):
+    """Run the task; returns the process exit status (0: finished or nothing to do). force_resume: run a task id
+    in error state again (its error file is removed), through its resume method if it has one."""
+    jobdir = os.path.join(gs.BASE_DIR, jobdir)
+    saved = os.path.join(jobdir, gs.JOB_SAVE)
+    if not os.path.isfile(saved):
+        what = "no such job folder" if not os.path.isdir(jobdir) else f"no {gs.JOB_SAVE} in the job folder"
+        raise SisError(f"{jobdir}: {what} (the manager sets job folders up before it starts workers)")
+    from sisyphus.__main__ import _engine
+
+    engine = _engine()
     if engine_key is not None:
         engine = engine.get_used_engine(engine_key)
     task_id = int(engine.get_task_id(task_id) or 1)
     sisyphus.toolkit._sis_running_in_worker = True
 
-    jobdir = os.path.join(gs.BASE_DIR, jobdir)
-    with gzip.open(os.path.join(jobdir, gs.JOB_SAVE)) as f:
-        job = pickle.load(f)
+    try:
+        with gzip.open(saved) as f:
+            job = pickle.load(f)
+    except (OSError, EOFError, pickle.UnpicklingError, AttributeError, ImportError) as e:
+        raise SisError(f"{saved}: cannot load the job: {type(e).__name__}: {e}") from e
+    remove_stale_temporaries(jobdir)
     task = next((t for t in job._sis_tasks() if t.name() == task_name), None)
     if task is None:
-        raise ValueError(f"{jobdir}: job has no task {task_name!r} (tasks: {[t.name() for t in job._sis_tasks()]})")
+        raise SisError(f"{jobdir}: job has no task {task_name!r} (tasks: {[t.name() for t in job._sis_tasks()]})")
     if task_id not in task.task_ids():
-        raise ValueError(f"{jobdir}: task {task_name!r} has ids {task.task_ids()}, not {task_id}")
+        raise SisError(f"{jobdir}: task {task_name!r} has ids {task.task_ids()}, not {task_id}")
 
     with open(task.file(gs.TASK_LOCK, task_id), "a") as lock:
         try:
@@ -55,16 +67,26 @@ def run_worker(jobdir, task_name, task_id=None, engine_key=None):
             logger.info("%s %s.%s already finished; nothing to do", job, task_name, task_id)
             return 0
         if task.error(task_id):
-            logger.error("%s %s.%s is in error state; clear it with `sis m -co` to run it again", job, task_name,
-                         task_id)
-            return EXIT_TASK_FAILED
-        return _run_locked(job, task, task_id)
+            if not force_resume:
+                logger.error("%s %s.%s is in error state; clear it with `sis m -co` (or run the worker with "
+                             "--force_resume) to run it again", job, task_name, task_id)
+                return EXIT_TASK_FAILED
+            os.unlink(task.file(gs.STATE_ERROR, task_id))
+        return _run_locked(job, task, task_id, force_resume)
 
 
-def _run_locked(job, task, task_id):
-    resume = task.usage(task_id) is not None  # an earlier run started and did not finish
+def _prepare_environment(job, task):
+    """Threads per task from its cpu requirement; then, with CLEANUP_ENVIRONMENT, the job's environment."""
     cpu = str(int(task.rqmt().get("cpu", 1)))
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = cpu
+    environment = getattr(job, "_sis_environment", None)
+    if environment is not None and gs.CLEANUP_ENVIRONMENT:
+        environment.modify_environment(cleanup=True)
+
+
+def _run_locked(job, task, task_id, force_resume=False):
+    resume = force_resume or task.usage(task_id) is not None  # an earlier run started and did not finish
+    _prepare_environment(job, task)
 
     heartbeat = _Heartbeat(task, task_id)
     heartbeat.start()
@@ -86,7 +108,8 @@ def _run_locked(job, task, task_id):
         heartbeat.stop()
         sys.stdout.flush()
         sys.stderr.flush()
-    write_atomically(task.file(gs.JOB_FINISHED_MARKER, task_id), b"")
+    if not task.continuable:
+        write_atomically(task.file(gs.JOB_FINISHED_MARKER, task_id), b"")
     logger.info("Task %s.%s of %s finished", task.name(), task_id, job)
     return 0
 

@@ -23,6 +23,8 @@ IMPORT_PATHS = ["config", "recipe/"]
 WAIT_PERIOD_BETWEEN_CHECKS = 0.5
 WAIT_PERIOD_JOB_FS_SYNC = 0
 PLOGGING_UPDATE_FILE_PERIOD = 2
+CLEANUP_ENVIRONMENT = False  # tasks keep the caller's environment
+JOB_AUTO_CLEANUP = False  # job folders stay unpacked for inspection
 LOCAL_CPU = {cpu}
 LOCAL_MEM = {mem}
 
@@ -193,9 +195,10 @@ def sis_command(*args):
     return [sys.executable, "-m", "sisyphus", *args]
 
 
-def run_sis(setup, *args, input=None, timeout=120):
-    """Run `sis ARGS` in the setup directory and wait for it."""
-    completed = subprocess.run(sis_command(*args), cwd=setup, env=sis_env(setup), input=input, text=True,
+def run_sis(setup, *args, input=None, timeout=120, extra_env=None):
+    """Run `sis ARGS` in the setup directory and wait for it (extra_env: further environment variables)."""
+    env = dict(sis_env(setup), **(extra_env or {}))
+    completed = subprocess.run(sis_command(*args), cwd=setup, env=env, input=input, text=True,
                                capture_output=True, timeout=timeout)
     return SisResult(completed)
 

@@ -48,6 +48,8 @@ CODE_ROOT = {code!r}
 MERGE_PRESET = {preset!r}
 WAIT_PERIOD_BETWEEN_CHECKS = 0.5
 WAIT_PERIOD_JOB_FS_SYNC = 0
+CLEANUP_ENVIRONMENT = False  # tasks keep the caller's environment
+JOB_AUTO_CLEANUP = False  # job folders stay unpacked for inspection
 
 
 def engine():

@@ -126,7 +126,7 @@ def test_job_save_pickles_only_its_own_job(setup_dir):
     assert loaded.job_id() == consumer.job_id()
     assert (folder / "input" / a.job_id().replace("/", "_")).resolve() == (setup_dir / "work" / a.job_id())
     assert {p.name for p in folder.iterdir()} == {"output", "work", "input", "job.save", "info"}
-    assert f"PARAMETER: inputs: ['{a.out_model.get_path()}']" in (folder / "info").read_text()
+    assert f"PARAMETER: inputs: [<Path {a.out_model.get_path()}>]" in (folder / "info").read_text()
 
 
 def test_tasks_requirements_and_argument_chunks(setup_dir):

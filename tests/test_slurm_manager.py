@@ -15,6 +15,8 @@ IMPORT_PATHS = ["config", "recipe/"]
 WAIT_PERIOD_BETWEEN_CHECKS = 0.5
 WAIT_PERIOD_JOB_FS_SYNC = 0
 PLOGGING_UPDATE_FILE_PERIOD = 2
+CLEANUP_ENVIRONMENT = False  # tasks keep the caller's environment
+JOB_AUTO_CLEANUP = False  # job folders stay unpacked for inspection
 
 
 def engine():
