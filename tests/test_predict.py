@@ -180,7 +180,7 @@ def test_several_evaluations_in_one_run_equal_separate_runs(setup, tmp_path):
     ({"dataset_name": None, "split": None, "evaluations": {"../a": {"dataset_name": "sst2", "split": "test"}}},
      "not usable as a folder name"),
     ({"dataset_name": None, "split": None, "method": "sequence_classification_gram",
-      "evaluations": {"a": {"dataset_name": "sst2", "split": "test"}}}, "only for method sequence_classification"),
+      "evaluations": {"a": {"dataset_name": "sst2", "split": "test"}}}, "only for method evaluate"),
     ({"dataset_name": None}, "missing required key(s) dataset_name"),
 ])
 def test_bad_evaluations(setup, tmp_path, caplog, change, message):

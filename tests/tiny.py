@@ -77,3 +77,123 @@ def perturbed_copy(src, dst, seed, scale=0.01):
     model.save_pretrained(dst)
     BertTokenizerFast.from_pretrained(src).save_pretrained(dst)
     return str(dst)
+
+
+# --- other families: tiny T5, GPT-2, ViT and CLIP models with their own tokenizer / image processor -----------
+
+WORDS = ["red", "green", "blue", "one", "two", "three", "four", "cat", "dog", "bird", "yes", "no", "copy",
+         "reverse", "first", "last", "word", "a", "photo", "of", "the", "is", "."]
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
+
+
+def word_tokenizer(kind):
+    """A word-level fast tokenizer over WORDS (made offline with `tokenizers`): `t5` appends </s> to every text,
+    `gpt2` adds nothing and has <|endoftext|> as eos, `clip` appends that eos (CLIP pools the text there)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "</s>", "<unk>"] if kind == "t5" else ["<|endoftext|>", "<unk>"]
+    vocab = {token: i for i, token in enumerate(specials + WORDS)}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    if kind == "t5":
+        tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+        return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    if kind == "clip":
+        tokenizer.post_processor = processors.TemplateProcessing(single="$A <|endoftext|>",
+                                                                 special_tokens=[("<|endoftext|>", 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+                                   unk_token="<unk>")
+
+
+def make_tiny_t5(path, seed=0):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    tokenizer = word_tokenizer("t5")
+    config = T5Config(vocab_size=len(tokenizer), d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=2,
+                      relative_attention_num_buckets=8, relative_attention_max_distance=16, dropout_rate=0.0,
+                      pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, feed_forward_proj="gated-gelu",
+                      tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    T5ForConditionalGeneration(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def make_tiny_gpt2(path, seed=0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tokenizer = word_tokenizer("gpt2")
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=16, n_layer=2, n_head=2, resid_pdrop=0.0,
+                        embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(seed)
+    GPT2LMHeadModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def image_processor(size=16):
+    from transformers import ViTImageProcessor
+
+    return ViTImageProcessor(size={"height": size, "width": size}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+
+
+def make_tiny_vit(path, num_labels=3, seed=0):
+    from transformers import ViTConfig, ViTForImageClassification
+
+    config = ViTConfig(image_size=16, patch_size=8, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                       intermediate_size=32, num_labels=num_labels, hidden_dropout_prob=0.0,
+                       attention_probs_dropout_prob=0.0)
+    torch.manual_seed(seed)
+    ViTForImageClassification(config).save_pretrained(path)
+    image_processor().save_pretrained(path)
+    return str(path)
+
+
+def make_tiny_clip(path, seed=0):
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    tokenizer = word_tokenizer("clip")
+    text = dict(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                num_attention_heads=2, max_position_embeddings=16, eos_token_id=0, bos_token_id=0, pad_token_id=0)
+    vision = dict(image_size=16, patch_size=8, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                  num_attention_heads=2)
+    torch.manual_seed(seed)
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=8)).save_pretrained(path)
+    images = CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
+    tokenizer.pad_token = "<|endoftext|>"
+    CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(path)
+    return str(path)
+
+
+def colour_images(folder, per_class=4, seed=0, size=20):
+    """PNG images of COLOURS with noise, in `folder/<colour>/<i>.png`; returns rows {"image": path, "label"}."""
+    import numpy as np
+    from PIL import Image
+
+    generator = np.random.default_rng(seed)
+    rows = []
+    for label, (name, rgb) in enumerate(COLOURS.items()):
+        os.makedirs(os.path.join(folder, name), exist_ok=True)
+        for i in range(per_class):
+            pixels = np.clip(np.array(rgb) + generator.normal(0, 40, (size, size, 3)), 0, 255).astype("uint8")
+            path = os.path.join(folder, name, f"{i}.png")
+            Image.fromarray(pixels).save(path)
+            rows.append({"image": path, "label": label})
+    return rows
+
+
+def word_tasks(n=24, seed=0, kind="copy"):
+    """Rows {"input", "target"}: `copy` repeats a word, `reverse` reverses a pair."""
+    import random
+
+    rng = random.Random(seed)
+    words = WORDS[:10]
+    rows = []
+    for _ in range(n):
+        pair = rng.sample(words, 2)
+        if kind == "copy":
+            rows.append({"input": f"copy {pair[0]}", "target": pair[0]})
+        else:
+            rows.append({"input": f"reverse {pair[0]} {pair[1]}", "target": f"{pair[1]} {pair[0]}"})
+    return rows

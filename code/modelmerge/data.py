@@ -1,13 +1,20 @@
-"""Datasets of the pipeline: resolve a dataset name and split string to a `datasets.Dataset` of `text`/`label`.
+"""Datasets of the pipeline: resolve a dataset name and split string to a `datasets.Dataset` with the columns
+of a task type (docs: families.md): `text`/`label` (sequence classification), `input`/`target` (seq2seq,
+causal LM), `image`/`label` (image classification; an image is a file path, made absolute, or bytes).
 
 A dataset name is
 - a csv/json/jsonl/parquet file (a file has one split; the split string's name is ignored, its slice applies),
-- a folder holding `<split>.<ext>` files (as `download_data.py` writes them),
+- a folder holding `<split>.<ext>` files (as `download_data.py` writes them), or for images `<split>/<class>/*`
+  subfolders (class names: the sorted subfolder names),
 - a task name (`sst2`, `imdb`, ...): the folder `<data_dir>/<task>/` when a data directory is configured,
   else the task's Hugging Face Hub dataset (any other name is then taken as a Hub id).
 Names joined with `;`, with splits joined the same way, form a mixture (the datasets concatenated in order).
 Split strings use the `datasets` slicing syntax: `train`, `train[:20%]`, `test[100:200]`, `train+validation`.
+Columns are found under their usual Hub names, or named by a column mapping ({"input": "question", ...}).
+The class names of a classification data set are kept as the `label` column's `ClassLabel` names (from the
+Hub features, a `class_names.json` list beside the split files, or the image class folders).
 """
+import json
 import dataclasses
 import logging
 import os
@@ -34,6 +41,19 @@ FILE_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "
 # Column names that Hub datasets use for the text and the label, in order of preference.
 TEXT_COLUMNS = ("text", "sentence", "content", "review", "document")
 LABEL_COLUMNS = ("label", "labels")
+INPUT_COLUMNS = ("input", "inputs", "source", "question", "prompt", "instruction", "text", "sentence")
+TARGET_COLUMNS = ("target", "targets", "output", "answer", "completion", "response", "summary")
+IMAGE_COLUMNS = ("image", "img", "image_path", "file", "path")
+# The columns of each task type, each with the names it is found under.
+TASK_COLUMNS = {
+    "sequence_classification": {"text": TEXT_COLUMNS, "label": LABEL_COLUMNS},
+    "seq2seq": {"input": INPUT_COLUMNS, "target": TARGET_COLUMNS},
+    "causal_lm": {"input": INPUT_COLUMNS, "target": TARGET_COLUMNS},
+    "image_classification": {"image": IMAGE_COLUMNS, "label": LABEL_COLUMNS},
+}
+TASK_TYPES = tuple(TASK_COLUMNS)
+CLASS_NAMES_FILE = "class_names.json"
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
 DATA_DIR_ENV = "MERGE_DATA_DIR"
 MIXTURE_SEPARATOR = ";"
 
@@ -58,8 +78,11 @@ def split_names(split):
     return names
 
 
-def load_split(dataset_name, split, data_dir=None):
-    """Load `split` of `dataset_name` (`;` mixtures allowed) as a Dataset with columns `text` (str), `label` (int)."""
+def load_split(dataset_name, split, data_dir=None, task_type="sequence_classification", columns=None):
+    """Load `split` of `dataset_name` (`;` mixtures allowed) as a Dataset with the columns of `task_type`
+    (`text`/`label` by default); `columns` maps a column of the task type to the data set's name for it."""
+    if task_type not in TASK_COLUMNS:
+        raise DataError(f"task_type {task_type!r} is not one of {', '.join(TASK_TYPES)}")
     names = dataset_name.split(MIXTURE_SEPARATOR)
     splits = split.split(MIXTURE_SEPARATOR)
     if len(names) != len(splits):
@@ -68,21 +91,28 @@ def load_split(dataset_name, split, data_dir=None):
             f"a mixture needs one split per dataset, both joined with {MIXTURE_SEPARATOR!r} in the same order"
         )
     data_dir = resolve_data_dir(data_dir)
-    parts = [_load_one(name.strip(), part.strip(), data_dir) for name, part in zip(names, splits)]
+    parts = [_load_one(name.strip(), part.strip(), data_dir, task_type, columns or {}) for name, part in zip(names, splits)]
     return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
 
 
-def _load_one(name, split, data_dir):
+def _load_one(name, split, data_dir, task_type, columns):
     split_names(split)  # validates the syntax before anything is read
     source, builder, data_files = _locate(name, split, data_dir)
+    what = f"dataset {name!r} ({source}), split {split!r}"
     try:
         if builder is None:
             dataset = datasets.load_dataset(source, split=split)
+        elif builder == IMAGE_FOLDER:
+            dataset = _image_folder_split(data_files, split)
         else:
             dataset = datasets.load_dataset(builder, data_files=data_files, split=split)
     except (ValueError, KeyError, FileNotFoundError, OSError) as error:
-        raise DataError(f"dataset {name!r} ({source}), split {split!r}: {error}") from error
-    dataset = _normalise_columns(dataset, f"dataset {name!r} ({source}), split {split!r}")
+        raise DataError(f"{what}: {error}") from error
+    dataset = _normalise_columns(dataset, what, task_type, columns)
+    if "label" in dataset.column_names and builder not in (None, IMAGE_FOLDER):
+        dataset = _with_class_names(dataset, os.path.dirname(next(iter(data_files.values()))), what)
+    if "image" in dataset.column_names and builder is not None:
+        dataset = _absolute_image_paths(dataset, os.path.dirname(next(iter(data_files.values()))))
     if len(dataset) == 0:
         raise DataError(f"dataset {name!r} ({source}), split {split!r} has no examples")
     logger.info("loaded %d examples of %s, split %s, from %s", len(dataset), name, split, source)
@@ -113,8 +143,11 @@ def _builder_for(path):
 
 
 def _folder_files(folder, split):
+    wanted = split_names(split)
+    if all(os.path.isdir(os.path.join(folder, name)) for name in wanted):
+        return IMAGE_FOLDER, {name: os.path.join(folder, name) for name in wanted}
     data_files = {}
-    for split_name in split_names(split):
+    for split_name in wanted:
         found = [os.path.join(folder, split_name + ext) for ext in FILE_BUILDERS]
         found = [path for path in found if os.path.isfile(path)]
         if not found:
@@ -127,25 +160,89 @@ def _folder_files(folder, split):
     return builders.pop(), data_files
 
 
-def _normalise_columns(dataset, what):
-    text_column = next((c for c in TEXT_COLUMNS if c in dataset.column_names), None)
-    label_column = next((c for c in LABEL_COLUMNS if c in dataset.column_names), None)
-    if text_column is None or label_column is None:
-        raise DataError(
-            f"{what}: needs a text column (one of {TEXT_COLUMNS}) and a label column (one of {LABEL_COLUMNS}), "
-            f"found {dataset.column_names}"
-        )
-    dataset = dataset.select_columns([text_column, label_column])
-    if text_column != "text":
-        dataset = dataset.rename_column(text_column, "text")
-    if label_column != "label":
-        dataset = dataset.rename_column(label_column, "label")
+def _normalise_columns(dataset, what, task_type, mapping):
+    """The task type's columns only, under their standard names; labels as integers."""
+    found = {}
+    for column, candidates in TASK_COLUMNS[task_type].items():
+        if column in mapping:
+            if mapping[column] not in dataset.column_names:
+                raise DataError(f"{what}: column {mapping[column]!r} (given for {column!r}) is missing; found {dataset.column_names}")
+            found[column] = mapping[column]
+            continue
+        found[column] = next((c for c in candidates if c in dataset.column_names), None)
+    missing = [column for column, name in found.items() if name is None]
+    if missing:
+        wanted = " and a ".join(f"{column} column (one of {TASK_COLUMNS[task_type][column]}, or name it with "
+                                f"{column}_column)" for column in missing)
+        raise DataError(f"{what}: {task_type} data needs a {wanted}, found {dataset.column_names}")
+    dataset = dataset.select_columns(list(found.values()))
+    dataset = dataset.rename_columns({name: column for column, name in found.items() if name != column})
+    if "image" in dataset.column_names and isinstance(dataset.features["image"], datasets.Image):
+        dataset = dataset.cast_column("image", datasets.Image(decode=False))  # opened when used, errors named
+    if "label" not in dataset.column_names or isinstance(dataset.features["label"], datasets.ClassLabel):
+        return dataset
     if dataset.features["label"] == datasets.Value("int64"):
         return dataset
     try:
         return dataset.cast_column("label", datasets.Value("int64"))
     except (ValueError, TypeError) as error:
         raise DataError(f"{what}: labels must be integers ({error})") from error
+
+
+IMAGE_FOLDER = "imagefolder"
+
+
+def _image_folder_split(folders, split):
+    """The images of `<split>/<class>/*` folders as rows {image: path, label}, classes sorted by name; each part
+    of `split` ('train[:10]+test') sliced as `datasets` would."""
+    parts = []
+    for part in split.split("+"):
+        folder = folders[split_names(part)[0]]
+        classes = sorted(c for c in os.listdir(folder) if os.path.isdir(os.path.join(folder, c)))
+        if not classes:
+            raise DataError(f"image folder {folder} has no class subfolders")
+        rows = {"image": [], "label": []}
+        for label, name in enumerate(classes):
+            for file in sorted(os.listdir(os.path.join(folder, name))):
+                if file.lower().endswith(IMAGE_EXTENSIONS):
+                    rows["image"].append(os.path.abspath(os.path.join(folder, name, file)))
+                    rows["label"].append(label)
+        features = datasets.Features({"image": datasets.Value("string"), "label": datasets.ClassLabel(names=classes)})
+        dataset = datasets.Dataset.from_dict(rows, features=features)
+        instruction = datasets.ReadInstruction.from_spec(part.strip())
+        absolute = instruction.to_absolute({split_names(part)[0]: len(dataset)})[0]
+        parts.append(dataset.select(range(absolute.from_ or 0, len(dataset) if absolute.to is None else absolute.to)))
+    if len({tuple(p.features["label"].names) for p in parts}) > 1:
+        raise DataError(f"image folders {sorted(folders.values())} have different classes")
+    return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+
+
+def _with_class_names(dataset, folder, what):
+    """Attach the names of `class_names.json` in `folder` (if any) to the integer labels."""
+    path = os.path.join(folder, CLASS_NAMES_FILE)
+    if isinstance(dataset.features["label"], datasets.ClassLabel) or not os.path.isfile(path):
+        return dataset
+    with open(path) as f:
+        names = json.load(f)
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise DataError(f"{path} must hold a JSON list of class names")
+    labels = dataset["label"]
+    if labels and not 0 <= min(labels) <= max(labels) < len(names):
+        raise DataError(f"{what}: labels outside the {len(names)} classes of {path}")
+    return dataset.cast_column("label", datasets.ClassLabel(names=names))
+
+
+def _absolute_image_paths(dataset, folder):
+    """Image paths relative to the data file are made absolute (bytes and absolute paths stay)."""
+    if dataset.features["image"] != datasets.Value("string"):
+        return dataset
+    return dataset.map(lambda row: {"image": os.path.join(folder, row["image"])}, desc="image paths")
+
+
+def class_names(dataset):
+    """The class names of a data set's labels (ClassLabel names), or None."""
+    feature = dataset.features.get("label")
+    return list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
 
 
 def tokenize(dataset, tokenizer, max_length):

@@ -1,5 +1,6 @@
-"""Sequence-classification models: loading (full model folders and PEFT adapter folders), prediction, metrics,
-and `run`, the body of `code/predict.py` (prediction, or a statistic computed by `modelmerge.statistics`)."""
+"""Models of every family (`modelmerge.families`): loading (full model folders and PEFT adapter folders),
+evaluation, metrics, and `run`, the body of `code/predict.py` (evaluation, or a statistic computed by
+`modelmerge.statistics`)."""
 import dataclasses
 import logging
 import os
@@ -9,11 +10,12 @@ import numpy as np
 import torch
 from safetensors import safe_open
 from tqdm import tqdm
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoConfig
 
+from modelmerge import families
 from modelmerge.atomic import atomic_dir, write_json, write_jsonl
 from modelmerge.config import ConfigError, default_num_threads
-from modelmerge.data import dataloader, load_split, resolve_data_dir
+from modelmerge.data import TASK_TYPES, class_names, load_split, resolve_data_dir
 from modelmerge.statistics.fisher import compute_fisher, save_fisher
 from modelmerge.statistics.gram import compute_gram, save_gram
 
@@ -42,25 +44,27 @@ def check_model_path(path, key="model_name_or_path"):
 
 
 def load_classifier(path, num_labels=None):
-    """(model, tokenizer) from a model folder / model id, or from a PEFT adapter folder on top of its base model.
+    """(model, tokenizer) of a sequence classifier: `load_for_task(path, "sequence_classification", ...)`."""
+    return load_for_task(path, "sequence_classification", num_labels=num_labels)
+
+
+def load_for_task(path, task_type="sequence_classification", num_labels=None, class_names=None):
+    """(model, processor) from a model folder / model id, or from a PEFT adapter folder on top of its base model.
 
     `num_labels` sets the size of a new classification head (a pretrained encoder); None keeps the
-    checkpoint's own (for an adapter: the size of the classifier saved with it).
+    checkpoint's own (for an adapter: the size of the classifier saved with it). CLIP takes `class_names`.
     """
-    label_kwargs = {} if num_labels is None else {"num_labels": num_labels}
     if not is_adapter_folder(path):
-        model = AutoModelForSequenceClassification.from_pretrained(path, **label_kwargs)
-        return model, AutoTokenizer.from_pretrained(path)
+        return families.load_model(path, task_type, num_labels=num_labels, class_names=class_names)
     from peft import PeftConfig, PeftModel
 
     base_path = PeftConfig.from_pretrained(path).base_model_name_or_path
     num_labels = num_labels or _adapter_num_labels(path)
-    base = AutoModelForSequenceClassification.from_pretrained(
-        base_path, **({} if num_labels is None else {"num_labels": num_labels})
-    )
-    model = PeftModel.from_pretrained(base, path)
-    has_tokenizer = any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "vocab.txt", "tokenizer_config.json"))
-    return model, AutoTokenizer.from_pretrained(path if has_tokenizer else base_path)
+    has_tokenizer = any(os.path.isfile(os.path.join(path, f)) for f in
+                        ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "preprocessor_config.json"))
+    base, processor = families.load_model(base_path, task_type, num_labels=num_labels, class_names=class_names,
+                                          base_path=path if has_tokenizer else base_path)
+    return PeftModel.from_pretrained(base, path), processor
 
 
 def _adapter_num_labels(path):
@@ -113,20 +117,32 @@ def prediction_rows(labels, predictions, probabilities):
     ]
 
 
+EVALUATE = ("evaluate", "sequence_classification")
+FISHER = ("squared_gradients", "sequence_classification_squared_gradients")
+GRAM = ("gram", "sequence_classification_gram")
+
+
 @dataclasses.dataclass
 class PredictConfig:
-    """Keys of `code/predict.py`; `method` selects prediction or a statistic (docs/programs.md)."""
+    """Keys of `code/predict.py`; `method` selects evaluation or a statistic (docs/programs.md, families.md)."""
 
     model_name_or_path: str
     output_dir: str
     dataset_name: str | None = None
     split: str | None = None
     # Several evaluations of the one model in one run: {name: {"dataset_name": ..., "split": ...}}, each
-    # written to output_dir/<name>/ (method sequence_classification; instead of dataset_name and split).
+    # written to output_dir/<name>/ (method evaluate; instead of dataset_name and split).
     evaluations: dict | None = None
-    method: typing.Literal[
-        "sequence_classification", "sequence_classification_squared_gradients", "sequence_classification_gram"
-    ] = "sequence_classification"
+    method: typing.Literal[EVALUATE + FISHER + GRAM] = "sequence_classification"
+    task_type: typing.Literal[TASK_TYPES] = "sequence_classification"
+    # Column names of the data set for the task type's columns (None: the usual names, data.TASK_COLUMNS).
+    text_column: str | None = None
+    input_column: str | None = None
+    target_column: str | None = None
+    image_column: str | None = None
+    label_column: str | None = None
+    class_names: list[str] | None = None  # CLIP's classes (None: the data set's label names)
+    max_new_tokens: int = 32  # greedy decoding of seq2seq / causal LM evaluation
     data_dir: str | None = None  # None: $MERGE_DATA_DIR, else the Hub
     max_length: int = 384
     batch_size: int = 32
@@ -140,11 +156,10 @@ class PredictConfig:
         self._check_datasets()
         if self.num_threads is None:
             self.num_threads = default_num_threads()
-        for key in ("max_length", "batch_size", "num_threads", "num_examples"):
+        for key in ("max_length", "batch_size", "num_threads", "num_examples", "max_new_tokens"):
             value = getattr(self, key)
             if value is not None and value < 1:
                 raise ConfigError(f"{key} must be at least 1, got {value}")
-
 
     def _check_datasets(self):
         if self.evaluations is None:
@@ -154,8 +169,8 @@ class PredictConfig:
             return
         if self.dataset_name is not None or self.split is not None:
             raise ConfigError("give either dataset_name and split, or evaluations, not both")
-        if self.method != "sequence_classification":
-            raise ConfigError(f"evaluations: only for method sequence_classification, not {self.method}")
+        if self.method not in EVALUATE:
+            raise ConfigError(f"evaluations: only for method evaluate (or sequence_classification), not {self.method}")
         if not isinstance(self.evaluations, dict) or not self.evaluations:
             raise ConfigError("evaluations must be a non-empty object {name: {dataset_name, split}}")
         for name, spec in self.evaluations.items():
@@ -171,52 +186,123 @@ class PredictConfig:
             return [(None, self.dataset_name, self.split)]
         return [(name, spec["dataset_name"], spec["split"]) for name, spec in self.evaluations.items()]
 
+    def columns(self):
+        """The column mapping of `data.load_split` from the *_column keys."""
+        keys = {"text": self.text_column, "input": self.input_column, "target": self.target_column,
+                "image": self.image_column, "label": self.label_column}
+        return {column: name for column, name in keys.items() if name is not None}
+
 
 def run(config):
     """Compute what `config.method` names and write it into `config.output_dir`, atomically as one folder."""
     torch.set_num_threads(config.num_threads)
     check_model_path(config.model_name_or_path)
     datasets = [(name, _load(config, dataset_name, split)) for name, dataset_name, split in config.datasets()]
-    model, tokenizer = load_classifier(config.model_name_or_path)
+    names = config.class_names or class_names(datasets[0][1])
+    model, processor = load_for_task(config.model_name_or_path, config.task_type, class_names=names)
     model.to("cuda" if torch.cuda.is_available() else "cpu")
     with atomic_dir(config.output_dir) as tmp:
         for name, dataset in datasets:
             output_dir = tmp if name is None else os.path.join(tmp, name)
             os.makedirs(output_dir, exist_ok=True)
-            METHODS[config.method](model, tokenizer, dataset, config, output_dir)
+            families.set_classes(model, config.class_names or class_names(dataset))
+            METHODS[config.method](model, processor, dataset, config, output_dir)
     logger.info("wrote %s", config.output_dir)
 
 
 def _load(config, dataset_name, split):
-    dataset = load_split(dataset_name, split, config.data_dir)
+    dataset = load_split(dataset_name, split, config.data_dir, config.task_type, config.columns())
     if config.num_examples is not None:
         dataset = dataset.select(range(min(config.num_examples, len(dataset))))
     return dataset
 
 
-def _sequence_classification(model, tokenizer, dataset, config, output_dir):
-    loader = dataloader(dataset, tokenizer, config.batch_size, config.max_length)
-    labels, predictions, probabilities = predict(model, loader)
-    metrics = classification_metrics(labels, predictions)
+def _evaluate(model, processor, dataset, config, output_dir):
+    if families.is_sequence(config.task_type):
+        metrics, rows = evaluate_sequences(model, processor, dataset, config.task_type, config.batch_size,
+                                           config.max_length, config.max_new_tokens)
+    else:
+        loader = torch.utils.data.DataLoader(
+            families.encode(dataset, processor, config.task_type, config.max_length), batch_size=config.batch_size,
+            collate_fn=families.collator(processor, config.task_type),
+        )
+        labels, predictions, probabilities = predict(model, loader)
+        metrics = classification_metrics(labels, predictions)
+        rows = prediction_rows(labels, predictions, probabilities)
     logger.info("metrics: %s", metrics)
-    write_jsonl(os.path.join(output_dir, "predictions.jsonl"), prediction_rows(labels, predictions, probabilities))
+    write_jsonl(os.path.join(output_dir, "predictions.jsonl"), rows)
     write_json(os.path.join(output_dir, "metrics.json"), metrics)
 
 
-def _squared_gradients(model, tokenizer, dataset, config, output_dir):
-    result = compute_fisher(model, tokenizer, dataset, empirical=config.empirical, batch_size=config.batch_size,
-                            max_length=config.max_length, seed=config.seed)
+@torch.no_grad()
+def evaluate_sequences(model, tokenizer, dataset, task_type, batch_size, max_length, max_new_tokens):
+    """(metrics, rows) of a seq2seq or causal LM: `loss` (mean NLL per scored target token, teacher forcing),
+    `perplexity` = exp(loss), `exact_match` of the greedy decoding (stripped, special tokens skipped)."""
+    model.eval()
+    device = next(model.parameters()).device
+    encoded = families.encode(dataset, tokenizer, task_type, max_length)
+    collate = families.collator(tokenizer, task_type)
+    nll, counts = [], []
+    for start in tqdm(range(0, len(encoded), batch_size), desc="loss", unit="batch"):
+        batch = {k: v.to(device) for k, v in collate([encoded[i] for i in range(start, min(start + batch_size, len(encoded)))]).items()}
+        logits, labels = families.token_logits(model(**batch).logits, batch["labels"], task_type)
+        log_likelihood, _ = families.sequence_log_likelihood(logits, labels)
+        nll += (-log_likelihood).tolist()
+        counts += (labels != families.IGNORE).sum(1).tolist()
+    predictions = greedy_completions(model, tokenizer, dataset, task_type, batch_size, max_length, max_new_tokens)
+    correct = [families.exact_match(p, t) for p, t in zip(predictions, dataset["target"])]
+    loss = float(np.sum(nll) / max(1, np.sum(counts)))
+    metrics = {"exact_match": families.summary(correct), "loss": loss, "perplexity": float(np.exp(loss)),
+               "num_examples": len(dataset), "num_tokens": int(np.sum(counts))}
+    rows = [{"index": i, "target": t, "prediction": p, "exact_match": c, "nll": n, "num_tokens": k}
+            for i, (t, p, c, n, k) in enumerate(zip(dataset["target"], predictions, correct, nll, counts))]
+    return metrics, rows
+
+
+def greedy_completions(model, tokenizer, dataset, task_type, batch_size, max_length, max_new_tokens):
+    """The greedy decoding (num_beams 1) of every input, decoded without special tokens, in dataset order.
+
+    Causal LM prompts are batched by equal length, so that no prompt needs padding."""
+    device = next(model.parameters()).device
+    options = {"max_new_tokens": max_new_tokens, "do_sample": False, "num_beams": 1,
+               "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
+    inputs = dataset["input"]
+    texts = [None] * len(inputs)
+    if task_type == "seq2seq":
+        groups = [list(range(s, min(s + batch_size, len(inputs)))) for s in range(0, len(inputs), batch_size)]
+    else:
+        prompts = [tokenizer(text, truncation=True, max_length=max_length)["input_ids"] for text in inputs]
+        by_length = {}
+        for i, ids in enumerate(prompts):
+            by_length.setdefault(len(ids), []).append(i)
+        groups = [g[s : s + batch_size] for g in by_length.values() for s in range(0, len(g), batch_size)]
+    for group in tqdm(groups, desc="greedy decoding", unit="batch"):
+        if task_type == "seq2seq":
+            batch = tokenizer([inputs[i] for i in group], truncation=True, max_length=max_length, padding=True,
+                              return_tensors="pt").to(device)
+            generated = model.generate(**batch, **options)
+        else:
+            ids = torch.tensor([prompts[i] for i in group], device=device)
+            generated = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **options)[:, ids.shape[1]:]
+        for i, tokens in zip(group, generated):
+            texts[i] = tokenizer.decode(tokens, skip_special_tokens=True).strip()
+    return texts
+
+
+def _squared_gradients(model, processor, dataset, config, output_dir):
+    result = compute_fisher(model, processor, dataset, empirical=config.empirical, batch_size=config.batch_size,
+                            max_length=config.max_length, seed=config.seed, task_type=config.task_type)
     save_fisher(result, model, output_dir)
 
 
-def _gram(model, tokenizer, dataset, config, output_dir):
-    result = compute_gram(model, tokenizer, dataset, empirical=config.empirical, batch_size=config.batch_size,
-                          max_length=config.max_length, seed=config.seed)
+def _gram(model, processor, dataset, config, output_dir):
+    result = compute_gram(model, processor, dataset, empirical=config.empirical, batch_size=config.batch_size,
+                          max_length=config.max_length, seed=config.seed, task_type=config.task_type)
     save_gram(result, model, output_dir)
 
 
 METHODS = {
-    "sequence_classification": _sequence_classification,
-    "sequence_classification_squared_gradients": _squared_gradients,
-    "sequence_classification_gram": _gram,
+    **dict.fromkeys(EVALUATE, _evaluate),
+    **dict.fromkeys(FISHER, _squared_gradients),
+    **dict.fromkeys(GRAM, _gram),
 }

@@ -1,4 +1,5 @@
-"""Fine-tuning of sequence classifiers with the Hugging Face Trainer: full fine-tuning, LoRA or IA3 (PEFT).
+"""Fine-tuning of every model family (`task_type`, modelmerge.families) with the Hugging Face Trainer
+(Seq2SeqTrainer for seq2seq): full fine-tuning, LoRA or IA3 (PEFT).
 
 Layout of `output_dir`:
 - `checkpoints/checkpoint-<step>/`: Trainer checkpoints, one per epoch (incremental by nature); a rerun
@@ -6,8 +7,9 @@ Layout of `output_dir`:
   config they were made with; a rerun with a different one is refused.
 - written atomically at the end: `epoch-<k>/` (model folder of epoch k), `best/` (the epoch that scored
   best on `metric_for_best_model`), `trainer_state.json`, `train_config.json`. Model folders hold the
-  tokenizer and load with `AutoModelForSequenceClassification.from_pretrained` (full fine-tuning) or as a
-  PEFT adapter folder (`PeftModel` / `AutoPeftModelForSequenceClassification`, base model named inside).
+  tokenizer (or image processor) and load with the task type's Auto class (`AutoModelForSequenceClassification`,
+  `AutoModelForSeq2SeqLM`, ...; CLIP as `CLIPModel`) after full fine-tuning, or as a PEFT adapter folder
+  (`PeftModel`, base model named inside).
 """
 import dataclasses
 import json
@@ -17,12 +19,14 @@ import os
 import shutil
 
 import torch
-from transformers import SchedulerType, Trainer, TrainingArguments, set_seed
+from transformers import SchedulerType, Seq2SeqTrainer, Seq2SeqTrainingArguments, Trainer, TrainingArguments, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from modelmerge import atomic, data
+import typing
+
+from modelmerge import atomic, data, families
 from modelmerge.config import ConfigError, default_num_threads, from_dict, to_dict
-from modelmerge.prediction import check_model_path, classification_metrics, load_classifier
+from modelmerge.prediction import check_model_path, classification_metrics, load_for_task
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +35,9 @@ CONFIG_FILE = "train_config.json"
 STATE_FILE = "trainer_state.json"
 # Files of a Trainer checkpoint that belong to the optimisation state, not to the model folder.
 TRAINER_FILES = {"optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state.pth", "trainer_state.json", "training_args.bin"}
-METRICS = ("accuracy", "macro_f1", "loss")
+METRICS = ("accuracy", "macro_f1", "loss")  # of classifiers; sequence models: loss
+PEFT_TASK_TYPES = {"sequence_classification": "SEQ_CLS", "seq2seq": "SEQ_2_SEQ_LM", "causal_lm": "CAUSAL_LM",
+                   "image_classification": None}
 # Keys that may change between an interrupted run and its rerun (resources, not results).
 RESUMABLE_CHANGES = {"num_threads"}
 
@@ -56,10 +62,10 @@ class LoraSpec:
     target_modules: list[str] | None = None  # None: PEFT's default for the architecture
     modules_to_save: list[str] | None = None  # trained in full besides the classifier head
 
-    def peft_config(self):
-        from peft import LoraConfig, TaskType
+    def peft_config(self, task_type="SEQ_CLS"):
+        from peft import LoraConfig
 
-        return LoraConfig(task_type=TaskType.SEQ_CLS, r=self.r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
+        return LoraConfig(task_type=task_type, r=self.r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
                           target_modules=self.target_modules, modules_to_save=self.modules_to_save)
 
 
@@ -72,10 +78,10 @@ class IA3Spec:
     feedforward_modules: list[str] | None = None  # must be a subset of target_modules
     modules_to_save: list[str] | None = None
 
-    def peft_config(self):
-        from peft import IA3Config, TaskType
+    def peft_config(self, task_type="SEQ_CLS"):
+        from peft import IA3Config
 
-        return IA3Config(task_type=TaskType.SEQ_CLS, target_modules=self.target_modules,
+        return IA3Config(task_type=task_type, target_modules=self.target_modules,
                          feedforward_modules=self.feedforward_modules, modules_to_save=self.modules_to_save)
 
 
@@ -89,6 +95,14 @@ class TrainConfig:
     output_dir: str
     dataset_name: str
     model_name_or_path: str = dataclasses.field(default_factory=offline_model_path)
+    task_type: typing.Literal[data.TASK_TYPES] = "sequence_classification"
+    # Column names of the data set for the task type's columns (None: the usual names, data.TASK_COLUMNS).
+    text_column: str | None = None
+    input_column: str | None = None
+    target_column: str | None = None
+    image_column: str | None = None
+    label_column: str | None = None
+    class_names: list[str] | None = None  # CLIP's classes (None: the data set's label names)
     train_split: str = "train"
     validation_split: str = "validation"
     data_dir: str | None = None  # None: $MERGE_DATA_DIR, else the Hub
@@ -108,7 +122,7 @@ class TrainConfig:
     num_train_epochs: float = 1.0
     max_steps: int = -1  # > 0 stops after that many optimiser steps
     seed: int = 42
-    metric_for_best_model: str = "accuracy"
+    metric_for_best_model: str | None = None  # None: accuracy for classifiers, loss for sequence models
     peft: dict | None = None  # {"type": "lora", ...} or {"type": "ia3", ...}, see LoraSpec / IA3Spec
     logging_steps: int = 50
     num_threads: int | None = None  # torch threads; None: the job's CPU allocation
@@ -119,8 +133,13 @@ class TrainConfig:
             self.num_threads = default_num_threads()
         if self.lr_scheduler_type not in {s.value for s in SchedulerType}:
             raise ConfigError(f"lr_scheduler_type {self.lr_scheduler_type!r} is not one of {[s.value for s in SchedulerType]}")
-        if self.metric_for_best_model not in METRICS:
-            raise ConfigError(f"metric_for_best_model {self.metric_for_best_model!r} is not one of {METRICS}")
+        sequence = families.is_sequence(self.task_type)
+        if self.metric_for_best_model is None:
+            self.metric_for_best_model = "loss" if sequence else "accuracy"
+        allowed = ("loss",) if sequence else METRICS
+        if self.metric_for_best_model not in allowed:
+            raise ConfigError(f"metric_for_best_model {self.metric_for_best_model!r} is not one of {allowed} "
+                              f"(task_type {self.task_type})")
         for key in ("num_labels", "max_length", "per_device_train_batch_size", "per_device_eval_batch_size",
                     "gradient_accumulation_steps", "num_threads", "logging_steps"):
             if getattr(self, key) < 1:
@@ -138,26 +157,35 @@ class TrainConfig:
     def peft_spec(self):
         return None if self.peft is None else PEFT_SPECS[self.peft["type"]](**self.peft)
 
+    def columns(self):
+        """The column mapping of `data.load_split` from the *_column keys."""
+        keys = {"text": self.text_column, "input": self.input_column, "target": self.target_column,
+                "image": self.image_column, "label": self.label_column}
+        return {column: name for column, name in keys.items() if name is not None}
+
 
 def train(config, callbacks=()):
     """Fine-tune as `config` says and write the folders described in the module docstring."""
     torch.set_num_threads(config.num_threads)
     check_model_path(config.model_name_or_path)
-    train_data = data.load_split(config.dataset_name, config.train_split, config.data_dir)
-    eval_data = data.load_split(config.dataset_name, config.validation_split, config.data_dir)
+    train_data = data.load_split(config.dataset_name, config.train_split, config.data_dir, config.task_type, config.columns())
+    eval_data = data.load_split(config.dataset_name, config.validation_split, config.data_dir, config.task_type,
+                                config.columns())
     checkpoints = os.path.join(config.output_dir, CHECKPOINTS)
     _check_checkpoint_config(checkpoints, config)
 
     set_seed(config.seed)
-    model, tokenizer = _build_model(config)
-    trainer = Trainer(
+    model, processor = _build_model(config, config.class_names or data.class_names(train_data))
+    sequence = families.is_sequence(config.task_type)
+    trainer_class = Seq2SeqTrainer if config.task_type == "seq2seq" else Trainer
+    trainer = trainer_class(
         model=model,
         args=_training_arguments(config, checkpoints),
-        train_dataset=data.tokenize(train_data, tokenizer, config.max_length),
-        eval_dataset=data.tokenize(eval_data, tokenizer, config.max_length),
-        processing_class=tokenizer,
-        data_collator=data.collator(tokenizer),
-        compute_metrics=_compute_metrics,
+        train_dataset=families.encode(train_data, processor, config.task_type, config.max_length),
+        eval_dataset=families.encode(eval_data, processor, config.task_type, config.max_length),
+        processing_class=processor,
+        data_collator=families.collator(processor, config.task_type),
+        compute_metrics=None if sequence else _compute_metrics,
         callbacks=list(callbacks),
     )
     resume_from = _last_complete_checkpoint(checkpoints)
@@ -170,8 +198,10 @@ def train(config, callbacks=()):
     return trainer
 
 
-def _build_model(config):
-    model, tokenizer = load_classifier(config.model_name_or_path, num_labels=config.num_labels)
+def _build_model(config, class_names):
+    num_labels = len(class_names) if class_names and config.task_type == "image_classification" else config.num_labels
+    model, processor = load_for_task(config.model_name_or_path, config.task_type, num_labels=num_labels,
+                                     class_names=class_names)
     if config.dropout is not None:
         _set_dropout(model, config.dropout)
     spec = config.peft_spec()
@@ -179,12 +209,12 @@ def _build_model(config):
         from peft import get_peft_model
 
         try:
-            model = get_peft_model(model, spec.peft_config())
+            model = get_peft_model(model, spec.peft_config(PEFT_TASK_TYPES[config.task_type]))
         except ValueError as error:
             raise ConfigError(f"peft: {error}") from None
         trainable, total = model.get_nb_trainable_parameters()
         logger.info("%s: %d of %d parameters trainable", spec.type, trainable, total)
-    return model, tokenizer
+    return model, processor
 
 
 def _set_dropout(model, probability):
@@ -198,7 +228,8 @@ def _set_dropout(model, probability):
 
 
 def _training_arguments(config, checkpoints):
-    return TrainingArguments(
+    arguments = Seq2SeqTrainingArguments if config.task_type == "seq2seq" else TrainingArguments
+    return arguments(
         output_dir=checkpoints,
         learning_rate=config.learning_rate,
         warmup_steps=config.warmup_steps,
@@ -221,6 +252,8 @@ def _training_arguments(config, checkpoints):
         report_to="none",
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
+        prediction_loss_only=families.is_sequence(config.task_type),  # no [examples, tokens, vocab] logits kept
+        remove_unused_columns=config.task_type != "image_classification",  # images are opened by the collator
     )
 
 

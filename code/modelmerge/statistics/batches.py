@@ -1,25 +1,29 @@
 """The examples a statistic runs over: length-sorted batches and the label of each example.
 
-Both statistics differentiate log p(y|x) of a sequence classifier, with y either the gold label (the
-"empirical" variant) or a label sampled from the model's own predictive distribution. Sampling is by
-inverse CDF with one uniform number per example, drawn up front from a seeded generator in dataset order,
-so an example's label does not depend on how the examples are batched: a one-example-at-a-time loop with
-the same seed and the same rule (`sample_labels`) draws exactly the same labels.
+Both statistics differentiate log p(y|x) of a model of any family (`modelmerge.families`), with y either the
+gold label (the "empirical" variant) or a label sampled from the model's own predictive distribution; for
+sequences (seq2seq, causal LM) log p(y|x) is the sum over the scored tokens, each token drawn from the
+teacher-forced distribution at its position. Sampling is by inverse CDF with uniform numbers drawn up front
+from a seeded generator in dataset order (one per example, or one per scored token), so an example's labels
+do not depend on how the examples are batched: a one-example-at-a-time loop with the same seed and the same
+rule (`sample_labels`) draws exactly the same labels.
 """
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from tqdm.auto import tqdm
 
-from modelmerge import data
+from modelmerge import families
 
 
 @dataclass
 class LabelledBatch:
     indices: torch.Tensor  # positions of the batch's examples in the dataset
-    labels: torch.Tensor  # the label y of each example in log p(y|x)
+    labels: list  # the label y of each example in log p(y|x) (for sequences: the list of its scored tokens)
     loss: torch.Tensor  # Σ over the batch of log p(y|x) (a sum: every example keeps its own gradient)
-    attention_mask: torch.Tensor  # [batch, tokens], 1 for real tokens, 0 for padding
+    masks: list  # [batch, tokens] masks, 1 for real tokens, 0 for padding (encoder's and decoder's for seq2seq)
     sites: list  # what the capture recorded during the forward pass
 
 
@@ -39,61 +43,126 @@ def sampling_uniforms(num_examples, seed):
     return torch.rand(num_examples, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
-def sample_labels(logits, uniforms):
-    """Inverse-CDF samples from softmax(logits): the first class whose cumulative probability reaches the uniform."""
-    cdf = logits.detach().double().softmax(-1).cumsum(-1)
-    below = (cdf < uniforms.to(cdf.device)[:, None]).sum(-1)
-    return below.clamp(max=logits.shape[-1] - 1)
+sample_labels = families.sample_tokens
 
 
-def length_sorted_batches(dataset, tokenizer, batch_size, max_length):
+def length_sorted_batches(encoded, processor, batch_size, task_type="sequence_classification"):
     """Yield (indices, inputs): the examples longest first, `batch_size` at a time, right-padded to the batch's longest.
 
     Sorting by length keeps padding (wasted work) small; longest first makes the peak memory show at once.
-    `inputs` holds the tokenizer's model inputs and `labels` (the gold labels).
+    `inputs` holds the model inputs and `labels` (the gold labels or target tokens, -100 where not scored).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    if tokenizer.padding_side != "right":
+    if getattr(processor, "padding_side", "right") != "right":
         raise ValueError(
-            f"the tokenizer pads on the {tokenizer.padding_side!r}; statistics need right padding "
+            f"the tokenizer pads on the {processor.padding_side!r}; statistics need right padding "
             "(left padding shifts the position ids of BERT-like models and changes their outputs)"
         )
-    encodings = tokenizer(list(dataset["text"]), truncation=True, max_length=max_length)
-    labels = list(dataset["label"])
-    order = sorted(range(len(labels)), key=lambda i: -len(encodings["input_ids"][i]))
-    collate = data.collator(tokenizer)
+    lengths = families.example_lengths(encoded, task_type)
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    collate = families.collator(processor, task_type)
     for start in range(0, len(order), batch_size):
         indices = order[start : start + batch_size]
-        examples = [{**{key: values[i] for key, values in encodings.items()}, "label": labels[i]} for i in indices]
-        yield torch.tensor(indices), collate(examples)
+        inputs = collate([encoded[i] for i in indices])
+        if task_type == "seq2seq":
+            inputs = _distinct_decoder_length(inputs)
+        yield torch.tensor(indices), inputs
 
 
-def labelled_batches(model, tokenizer, dataset, capture, *, empirical, batch_size, max_length, seed, desc):
+def _distinct_decoder_length(inputs):
+    """Pad the targets by one unscored position when they are as long as the inputs, so that a [batch, tokens]
+    tensor tells by its length whether the encoder's or the decoder's padding mask applies (causal decoder:
+    the extra last position changes nothing before it)."""
+    labels = inputs["labels"]
+    if labels.shape[1] == inputs["input_ids"].shape[1]:
+        inputs["labels"] = torch.cat([labels, torch.full_like(labels[:, :1], families.IGNORE)], 1)
+    return inputs
+
+
+def padding_masks(inputs, task_type):
+    """The [batch, tokens] masks of the positions that are not padding (the decoder's too, for seq2seq)."""
+    masks = [inputs["attention_mask"]] if "attention_mask" in inputs else []
+    if task_type == "seq2seq":
+        labels = inputs["labels"]
+        last = (labels != families.IGNORE).long().cumsum(1).argmax(1)  # the last scored position
+        masks.append((torch.arange(labels.shape[1])[None, :] <= last[:, None]).long())
+    return masks
+
+
+def labelled_batches(model, processor, dataset, capture, *, empirical, batch_size, max_length, seed, desc,
+                     task_type="sequence_classification"):
     """Run `model` over `dataset` in length-sorted batches, recording `capture`'s sites; yield a `LabelledBatch` each.
 
     The caller takes gradients of `loss` before asking for the next batch. The model must be in eval mode.
     """
     num_labels = None
-    uniforms = None if empirical else sampling_uniforms(len(dataset), seed)
+    sequence = families.is_sequence(task_type)
+    encoded = families.encode(dataset, processor, task_type, max_length)
+    uniforms = None
+    if not empirical:
+        uniforms = sequence_uniforms(encoded, task_type, seed) if sequence else sampling_uniforms(len(dataset), seed)
     device = next(model.parameters()).device
     with torch.enable_grad(), tqdm(total=len(dataset), desc=desc, unit="ex") as progress:
-        for indices, inputs in length_sorted_batches(dataset, tokenizer, batch_size, max_length):
-            gold = inputs.pop("labels")
-            inputs = inputs.to(device)
-            with capture.recording(len(indices)) as sites:
+        for indices, inputs in length_sorted_batches(encoded, processor, batch_size, task_type):
+            masks = padding_masks(inputs, task_type)
+            gold = inputs["labels"] if sequence else inputs.pop("labels")
+            inputs = {name: tensor.to(device) for name, tensor in inputs.items()}
+            with capture.recording(len(indices)) as sites, per_example_position_bias(model, len(indices)):
                 logits = model(**inputs).logits
-            if num_labels is None:
-                num_labels = _check_logits(logits, len(indices))
-            if empirical:
-                labels = _check_gold(gold, num_labels, indices).to(device)
+            if sequence:
+                logits, targets = families.token_logits(logits, inputs["labels"], task_type)
+                per_example, labels = families.sequence_log_likelihood(
+                    logits, targets, None if empirical else uniforms[indices]
+                )
+                loss = per_example.sum()
             else:
-                labels = sample_labels(logits, uniforms[indices])
-            loss = logits.log_softmax(-1).gather(1, labels[:, None]).sum()
-            yield LabelledBatch(indices, labels.cpu(), loss, inputs["attention_mask"], sites)
+                if num_labels is None:
+                    num_labels = _check_logits(logits, len(indices))
+                if empirical:
+                    labels = _check_gold(gold, num_labels, indices).to(device)
+                else:
+                    labels = sample_labels(logits, uniforms[indices])
+                loss = logits.log_softmax(-1).gather(1, labels[:, None]).sum()
+                labels = labels.cpu().tolist()
+            yield LabelledBatch(indices, labels, loss, [m.to(device) for m in masks], sites)
             progress.update(len(indices))
 
 
+def sequence_uniforms(encoded, task_type, seed):
+    """[examples, most labelled tokens of an example] uniform numbers in [0, 1), float64, from one seeded
+    generator in dataset order: example i's j-th labelled token is drawn with [i, j]."""
+    counts = families.scored_counts(encoded, task_type)
+    generator = torch.Generator().manual_seed(seed)
+    return torch.rand(len(counts), max(counts + [1]), generator=generator, dtype=torch.float64)
+
+
+@contextmanager
+def per_example_position_bias(model, batch_size):
+    """T5's relative position bias is computed once as [1, heads, q, k] and broadcast over the batch, so the
+    gradient at its embedding mixes the examples; inside, it is computed per example ([batch, heads, q, k],
+    the same values) so that the capture sees every example's share."""
+    attentions = [m for m in model.modules() if hasattr(m, "compute_bias") and hasattr(m, "relative_attention_bias")
+                  and getattr(m, "has_relative_attention_bias", False)]
+    for attention in attentions:
+        attention.compute_bias = partial(_batched_bias, attention, batch_size)
+    try:
+        yield
+    finally:
+        for attention in attentions:
+            del attention.compute_bias
+
+
+def _batched_bias(attention, batch_size, query_length, key_length, device=None, past_seen_tokens=0):
+    device = device or attention.relative_attention_bias.weight.device
+    context = torch.arange(query_length, dtype=torch.long, device=device)[:, None] + past_seen_tokens
+    memory = torch.arange(key_length, dtype=torch.long, device=device)[None, :]
+    buckets = attention._relative_position_bucket(
+        memory - context, bidirectional=not attention.is_decoder,
+        num_buckets=attention.relative_attention_num_buckets, max_distance=attention.relative_attention_max_distance,
+    )
+    values = attention.relative_attention_bias(buckets.expand(batch_size, *buckets.shape))  # [batch, q, k, heads]
+    return values.permute(0, 3, 1, 2)
 def _check_logits(logits, batch_size):
     if logits.dim() != 2 or logits.shape[0] != batch_size or logits.shape[1] < 2:
         raise ValueError(

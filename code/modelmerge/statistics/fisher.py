@@ -36,7 +36,7 @@ class FisherResult:
     num_examples: int
     empirical: bool
     seed: int
-    labels: torch.Tensor  # the label y_i used for each example, in dataset order
+    labels: torch.Tensor | list  # the label y_i of each example, in dataset order (sequences: lists of tokens)
 
     @property
     def variant(self):
@@ -44,11 +44,13 @@ class FisherResult:
 
 
 def compute_fisher(
-    model, tokenizer, dataset, *, empirical=False, batch_size=16, max_length=None, num_examples=None, seed=0
+    model, tokenizer, dataset, *, empirical=False, batch_size=16, max_length=None, num_examples=None, seed=0,
+    task_type="sequence_classification",
 ):
     """The diagonal Fisher of `model` (a sequence classifier, plain transformers or PEFT) over `dataset`.
 
-    `dataset`: a `datasets.Dataset` with `text` (and `label`, used when `empirical`); its first `num_examples`
+    `dataset`: a `datasets.Dataset` with the columns of `task_type` (`text`/`label` by default; `tokenizer`
+    is the model's processor: tokenizer or image processor); its first `num_examples`
     examples are used (all when None). Texts are truncated to `max_length` tokens (the tokenizer's limit when
     None). `seed` fixes the sampled labels (the same labels whatever the batch size). The model is run in eval
     mode (no dropout) and restored to its mode afterwards. Returns a `FisherResult`.
@@ -62,15 +64,16 @@ def compute_fisher(
                 "Fisher (%s labels) over %d examples, batch size %d: %s",
                 "gold" if empirical else "sampled", len(dataset), batch_size, sums.describe(),
             )
-            labels = torch.empty(len(dataset), dtype=torch.long)
+            labels = [None] * len(dataset)
             batches = labelled_batches(
                 model, tokenizer, dataset, sums.capture, empirical=empirical, batch_size=batch_size,
-                max_length=max_length, seed=seed, desc="Fisher",
+                max_length=max_length, seed=seed, desc="Fisher", task_type=task_type,
             )
             start = time.perf_counter()
             for batch in batches:
                 sums.add(batch.loss, batch.sites, len(batch.indices))
-                labels[batch.indices] = batch.labels
+                for index, label in zip(batch.indices.tolist(), batch.labels):
+                    labels[index] = label
             seconds = time.perf_counter() - start
             rate = len(dataset) / seconds
             logger.info("Fisher of %d examples in %.1f s (%.1f examples/s)", len(dataset), seconds, rate)
@@ -78,6 +81,8 @@ def compute_fisher(
             fisher = {name: total.div_(len(dataset)).to(dtypes[name]) for name, total in sums.named_sums().items()}
     finally:
         model.train(was_training)
+    if all(isinstance(label, int) for label in labels):
+        labels = torch.tensor(labels, dtype=torch.long)
     return FisherResult(fisher, len(dataset), empirical, seed, labels)
 
 

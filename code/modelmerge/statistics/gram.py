@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 from safetensors.torch import save_file
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from modelmerge.atomic import atomic_file, write_json
 from modelmerge.statistics.batches import labelled_batches, limit_examples
@@ -53,16 +54,24 @@ class GramResult:
 
 
 def trainable_linear_layers(model):
-    """name → module of every nn.Linear whose weight is trainable."""
+    """name → module of every linear layer (nn.Linear, GPT-2's Conv1D) whose weight is trainable."""
     return {
         name: module
         for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and module.weight.requires_grad
+        if isinstance(module, (nn.Linear, Conv1D)) and module.weight.requires_grad
     }
 
 
+def linear_shape(module):
+    """(out features, in features) of a linear layer (Conv1D keeps its weight as [in, out])."""
+    if isinstance(module, Conv1D):
+        return module.weight.shape[1], module.weight.shape[0]
+    return module.out_features, module.in_features
+
+
 def compute_gram(
-    model, tokenizer, dataset, *, empirical=False, batch_size=16, max_length=None, num_examples=None, seed=0
+    model, tokenizer, dataset, *, empirical=False, batch_size=16, max_length=None, num_examples=None, seed=0,
+    task_type="sequence_classification",
 ):
     """Input and output-gradient Gram matrices of the trainable linear layers of `model` over `dataset`.
 
@@ -77,30 +86,30 @@ def compute_gram(
             layers = trainable_linear_layers(model)
             if not layers:
                 raise ValueError("the model has no linear layer with a trainable weight")
-            return _accumulate_grams(model, tokenizer, dataset, layers, empirical, batch_size, max_length, seed)
+            return _accumulate_grams(model, tokenizer, dataset, layers, empirical, batch_size, max_length, seed, task_type)
     finally:
         model.train(was_training)
 
 
-def _accumulate_grams(model, tokenizer, dataset, layers, empirical, batch_size, max_length, seed):
+def _accumulate_grams(model, tokenizer, dataset, layers, empirical, batch_size, max_length, seed, task_type):
     logger.info("Gram matrices of %d linear layers, %d examples, batch size %d", len(layers), len(dataset), batch_size)
     device = next(model.parameters()).device
-    inputs = {n: _zeros(m.in_features, device) for n, m in layers.items()}
-    outputs = {n: _zeros(m.out_features, device) for n, m in layers.items()}
+    inputs = {n: _zeros(linear_shape(m)[1], device) for n, m in layers.items()}
+    outputs = {n: _zeros(linear_shape(m)[0], device) for n, m in layers.items()}
     rows = dict.fromkeys(layers, 0)
     num_tokens = 0
     with ModuleCapture(layers) as capture:
         batches = labelled_batches(
             model, tokenizer, dataset, capture, empirical=empirical, batch_size=batch_size,
-            max_length=max_length, seed=seed, desc="Gram",
+            max_length=max_length, seed=seed, desc="Gram", task_type=task_type,
         )
         for batch in batches:
-            num_tokens += int(batch.attention_mask.sum())
+            num_tokens += int(sum(mask.sum() for mask in batch.masks))
             grads = output_gradients(batch.loss, batch.sites)
             with torch.no_grad():
                 for site, (grad,) in zip(batch.sites, grads):
-                    x = _rows(site.first_input(), batch.attention_mask, f"the input of {site.name}")
-                    g = _rows(grad, batch.attention_mask, f"the output of {site.name}")
+                    x = _rows(site.first_input(), batch.masks, len(batch.indices), f"the input of {site.name}")
+                    g = _rows(grad, batch.masks, len(batch.indices), f"the output of {site.name}")
                     inputs[site.name] += x.T @ x
                     outputs[site.name] += g.T @ g
                     rows[site.name] += len(x)
@@ -115,11 +124,13 @@ def _zeros(size, device):
     return torch.zeros(size, size, dtype=torch.float64, device=device)
 
 
-def _rows(tensor, attention_mask, what):
-    """The float64 rows of a layer's input or output gradient: the non-padding tokens, or one per example."""
-    tensor = batch_first(tensor, attention_mask.shape[0], what)
-    if tensor.dim() == 3 and tensor.shape[:2] == attention_mask.shape:
-        tensor = tensor[attention_mask.bool()]
+def _rows(tensor, masks, batch_size, what):
+    """The float64 rows of a layer's input or output gradient: the non-padding tokens (of the padding mask of the
+    same [batch, tokens] shape), every position (no such mask: images), or one per example."""
+    tensor = batch_first(tensor, batch_size, what)
+    mask = next((m for m in masks if tensor.dim() == 3 and tensor.shape[:2] == m.shape), None)
+    if mask is not None:
+        tensor = tensor[mask.bool()]
     return tensor.reshape(-1, tensor.shape[-1]).double()
 
 

@@ -3,7 +3,8 @@
 The per-example gradient of a layer's parameters follows from what the layer saw and the gradient at its
 output (`capture.py`), layer by layer, without a backward pass per example:
 - nn.Linear, inputs x and output gradients g of example b ([tokens, in], [tokens, out]):
-  ∇W_b = Σ_tokens outer(g, x) = g_bᵀ x_b (one batched matmul), ∇bias_b = Σ_tokens g;
+  ∇W_b = Σ_tokens outer(g, x) = g_bᵀ x_b (one batched matmul), ∇bias_b = Σ_tokens g; GPT-2's Conv1D alike
+  (its weight is [in, out]: x_bᵀ g_b);
 - nn.Embedding: ∇W_b touches only the rows of the ids example b uses: row v gets Σ of g over b's tokens with
   id v (the padding_idx row gets no gradient, as in `F.embedding`); kept sparse, never [vocab, dim] per example;
 - nn.LayerNorm: ∇weight_b = Σ_tokens g ⊙ x̂ with x̂ the normalised input, ∇bias_b = Σ_tokens g.
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from modelmerge.statistics.capture import ModuleCapture, batch_first, output_gradients
 
@@ -103,6 +105,15 @@ def linear_gradients(module, x, g, batch_size):
     return _wanted(module, gradients)
 
 
+def conv1d_gradients(module, x, g, batch_size):
+    """GPT-2's Conv1D is a linear layer with its weight stored as [in, out]: ∇W_b = x_bᵀ g_b."""
+    in_, out = module.weight.shape
+    x = batch_first(x, batch_size, "the input of a Conv1D layer").reshape(batch_size, -1, in_)
+    g = batch_first(g, batch_size, "the output of a Conv1D layer").reshape(batch_size, -1, out)
+    gradients = {"weight": lambda: OuterProductGradients(x, g), "bias": lambda: DenseGradients(g.sum(1))}
+    return _wanted(module, gradients)
+
+
 def embedding_gradients(module, ids, g, batch_size):
     ids = batch_first(ids, batch_size, "the ids of an embedding").reshape(batch_size, -1)
     g = batch_first(g, batch_size, "the output of an embedding").reshape(-1, module.embedding_dim)
@@ -141,6 +152,8 @@ def layer_rule(module):
     """The layer-wise rule for `module`, or None when it needs the generic torch.func route."""
     if _has_stock_forward(module, nn.Linear):
         return linear_gradients
+    if _has_stock_forward(module, Conv1D):
+        return conv1d_gradients
     if _has_stock_forward(module, nn.Embedding) and module.max_norm is None and not module.scale_grad_by_freq:
         return embedding_gradients
     if _has_stock_forward(module, nn.LayerNorm):
