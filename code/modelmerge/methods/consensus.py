@@ -28,17 +28,13 @@ class Consensus(MergeMethod):
     elementwise = True
     parameters = {
         "merge_lambda": PARAMETERS["merge_lambda"],
-        "tall_mask_lambda": Parameter(0.6, per_model=True, help="λ_t of each task's TALL mask (≥ 0)"),
-        "k": Parameter(2, type=int, aliases=("consensus_k",), help="least number of tasks that select an entry (≥ 0)"),
+        "tall_mask_lambda": Parameter(0.6, per_model=True, range="[0, inf)", help="λ_t of each task's TALL mask (≥ 0)"),
+        "k": Parameter(2, type=int, aliases=("consensus_k",), range="[0, inf)", help="least number of tasks that select an entry (≥ 0)"),
     }
 
     def merge(self, group: TensorGroup, *, merge_lambda, tall_mask_lambda, k) -> torch.Tensor:
         base = base_tensor(group)
         lambdas = per_model(tall_mask_lambda, group, "tall_mask_lambda")
-        if any(lam < 0 for lam in lambdas):
-            raise ValueError(f"tall_mask_lambda must be ≥ 0, got {lambdas}")
-        if k < 0:
-            raise ValueError(f"k must be ≥ 0, got {k}")
         dtype = upcast_dtype(base.dtype)
         taus = [x.to(dtype) - base.to(dtype) for x in group.tensors]
         votes = sum(m.to(torch.int32) for m in tall_masks(taus, lambdas))

@@ -56,8 +56,8 @@ class DellaLinear(MergeMethod):
     needs_base = True
     parameters = {
         **combine_parameters(normalize=False),
-        "density": Parameter(1.0, per_model=True, help="mean probability of keeping a task-vector entry, in (0, 1]"),
-        "epsilon": Parameter(0.15, per_model=True, help="spread of the keep probabilities: density ± epsilon"),
+        "density": Parameter(1.0, per_model=True, range="(0, 1]", help="mean probability of keeping a task-vector entry, in (0, 1]"),
+        "epsilon": Parameter(0.15, per_model=True, range="[0, 1)", help="spread of the keep probabilities: density ± epsilon"),
         "rescale": Parameter(True, type=bool, help="rescale each pruned task vector to its original L1 norm"),
         "seed": Parameter(0, type=int, help="seed of the drop masks (combined with the tensor name and model)"),
     }
@@ -66,9 +66,6 @@ class DellaLinear(MergeMethod):
               int8_mask, consensus_method=None, global_majority_sign=None) -> torch.Tensor:
         base_tensor(group)
         densities, epsilons = per_model(density, group, "density"), per_model(epsilon, group, "epsilon")
-        for d in densities:
-            if not 0 < d <= 1:
-                raise ValueError(f"density must lie in (0, 1], got {d}")
         deltas = [magnitude_prune(task_vector(group, t), d, e, tensor_generator(seed, group.name, t), rescale)
                   for t, (d, e) in enumerate(zip(densities, epsilons))]
         return combine(group, deltas, weight, merge_lambda=merge_lambda, normalize=normalize,

@@ -66,12 +66,10 @@ class IsoCts(MergeMethod):
     needs_base = True
     parameters = {
         **PARAMETERS,
-        "common_space_fraction": Parameter(0.8, help="f: share of the directions taken from the common space, in [0, 1]"),
+        "common_space_fraction": Parameter(0.8, range="[0, 1]", help="f: share of the directions taken from the common space, in [0, 1]"),
     }
 
     def merge(self, group: TensorGroup, *, merge_lambda, exclude, common_space_fraction) -> torch.Tensor:
-        if not 0 <= common_space_fraction <= 1:
-            raise ValueError(f"common_space_fraction must lie in [0, 1], got {common_space_fraction}")
         taus = task_vectors(group)
         if is_matrix(group, exclude):
             tau = common_and_task_specific(taus, common_space_fraction)

@@ -50,13 +50,11 @@ class Karcher(MergeMethod):
 
     name = "karcher"
     parameters = {
-        "max_iter": Parameter(10, type=int, help="most fixed-point iterations (≥ 0)"),
-        "tol": Parameter(1e-5, help="stop when the tangent step is shorter than this"),
+        "max_iter": Parameter(10, type=int, range="[0, inf)", help="most fixed-point iterations (≥ 0)"),
+        "tol": Parameter(1e-5, range="[0, inf)", help="stop when the tangent step is shorter than this"),
     }
 
     def merge(self, group: TensorGroup, *, max_iter, tol) -> torch.Tensor:
-        if max_iter < 0:
-            raise ValueError(f"max_iter must be ≥ 0, got {max_iter}")
         out_dtype = group.tensors[0].dtype
         if len(group.tensors) == 1:
             return group.tensors[0]

@@ -18,7 +18,7 @@ class MultiSlerp(MergeMethod):
     parameters = {
         "weight": Parameter(1.0, per_model=True, aliases=("weights",), help="weight of each model"),
         "normalize_weights": Parameter(True, type=bool, help="divide the weights by their sum"),
-        "eps": Parameter(1e-8, help="guard against zero norms"),
+        "eps": Parameter(1e-8, range="(0, inf)", help="guard against zero norms"),
     }
 
     def merge(self, group: TensorGroup, *, weight, normalize_weights, eps) -> torch.Tensor:

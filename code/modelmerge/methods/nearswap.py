@@ -17,14 +17,12 @@ class NearSwap(MergeMethod):
     needs_base = True
     elementwise = True
     max_models = 1
-    parameters = {"t": Parameter(required=True, help="distance below which the other model's value is taken")}
+    parameters = {"t": Parameter(required=True, range="[0, inf)", help="distance below which the other model's value is taken")}
 
     def merge(self, group: TensorGroup, *, t) -> torch.Tensor:
         base = base_tensor(group)
         if len(group.tensors) != 1:
             raise ValueError(f"nearswap merges exactly 1 model into the ancestor, got {len(group.tensors)}")
-        if t < 0:
-            raise ValueError(f"t must be ≥ 0, got {t}")
         dtype = upcast_dtype(base.dtype)
         a, b = base.to(dtype), group.tensors[0].to(dtype)
         weight = (t / (a - b).abs().clamp(min=1e-6)).clamp(min=0, max=1)

@@ -10,7 +10,7 @@ from .base import MergeMethod, Parameter, TensorGroup
 from .common import base_tensor, upcast_dtype
 from .task_vectors import task_vector
 
-EPSILON = Parameter(1e-5, help="a task-vector entry counts as changed when its magnitude exceeds this")
+EPSILON = Parameter(1e-5, range="[0, inf)", help="a task-vector entry counts as changed when its magnitude exceeds this")
 
 
 def changes(group: TensorGroup, epsilon: float):
@@ -47,8 +47,8 @@ class RamPlusTensorLocal(MergeMethod):
     name = "ramplus_tl"
     needs_base = True
     parameters = {
-        "r": Parameter(0.1, help="strength of the amplification of a model's own entries"),
-        "alpha": Parameter(0.2, help="largest shared/own ratio counted"),
+        "r": Parameter(0.1, range="[0, inf)", help="strength of the amplification of a model's own entries"),
+        "alpha": Parameter(0.2, range="[0, inf)", help="largest shared/own ratio counted"),
         "epsilon": EPSILON,
     }
 

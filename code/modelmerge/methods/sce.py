@@ -42,14 +42,12 @@ class Sce(MergeMethod):
     name = "sce"
     needs_base = True
     parameters = {
-        "select_topk": Parameter(1.0, help="fraction of entries kept, those of largest variance across models, in [0, 1]"),
+        "select_topk": Parameter(1.0, range="[0, 1]", help="fraction of entries kept, those of largest variance across models, in [0, 1]"),
         "int8_mask": Parameter(False, type=bool, help="accepted for mergekit configs; a memory option there, no effect here"),
     }
 
     def merge(self, group: TensorGroup, *, select_topk, int8_mask) -> torch.Tensor:
         base = base_tensor(group)
-        if not 0 <= select_topk <= 1:
-            raise ValueError(f"select_topk must lie in [0, 1], got {select_topk}")
         dtype = upcast_dtype(base.dtype)
         deltas = torch.stack([task_vector(group, t).to(dtype) for t in range(len(group.tensors))])
         if select_topk < 1:

@@ -41,15 +41,11 @@ class Wudi(MergeMethod):
     needs_base = True
     parameters = {
         **PARAMETERS,
-        "iterations": Parameter(300, type=int, aliases=("iter_num",), help="Adam steps per 2-D tensor (≥ 0)"),
-        "learning_rate": Parameter(1e-5, aliases=("lr",), help="Adam's learning rate (> 0)"),
+        "iterations": Parameter(300, type=int, aliases=("iter_num",), range="[0, inf)", help="Adam steps per 2-D tensor (≥ 0)"),
+        "learning_rate": Parameter(1e-5, aliases=("lr",), range="(0, inf)", help="Adam's learning rate (> 0)"),
     }
 
     def merge(self, group: TensorGroup, *, merge_lambda, exclude, iterations, learning_rate) -> torch.Tensor:
-        if iterations < 0:
-            raise ValueError(f"iterations must be ≥ 0, got {iterations}")
-        if learning_rate <= 0:
-            raise ValueError(f"learning_rate must be > 0, got {learning_rate}")
         taus = task_vectors(group)
         if is_matrix(group, exclude):
             tau = least_interference(taus, iterations, learning_rate)
