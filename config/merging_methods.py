@@ -5,7 +5,7 @@ validation split; the setting with the best average validation accuracy is evalu
 splits and reported (output/merging_methods/report/). Task arithmetic and uncertainty-based gradient
 matching are also evaluated on the test splits over the whole α grid: the robustness plot
 (report/sweep.png). The trained models and statistics are those of config/example.py, so running both
-configs trains nothing twice, and adding a method to METHODS computes only that method's jobs.
+configs trains nothing twice, and adding a method to MERGE_GRIDS computes only that method's jobs.
 
 slerp and nuslerp (two models), nearswap and arcee_fusion (one model into θ_0) and passthrough (layer slices)
 do not combine four task models and are not run here.
@@ -21,7 +21,7 @@ from model_merging.statistics import GramJob
 
 # label: merge method, the hyperparameter swept (None: no sweep), its grid, fixed parameters, the
 # statistics each model needs ('fisher' or 'gram'), and whether θ_0's Fisher is needed.
-METHODS = {
+MERGE_GRIDS = {
     "average": dict(method="linear"),
     "task arithmetic": dict(method="task_arithmetic", sweep="merge_lambda", grid="scaling_factors"),
     "ties": dict(method="ties", sweep="density", grid=[0.1, 0.2, 0.3, 0.5], fixed={"merge_lambda": 1.0}),
@@ -84,7 +84,7 @@ def fixed_parameters(spec, preset):
 
 def merge(experiment, label, value, initial_models):
     """The model merged by method `label` with its swept hyperparameter at `value`."""
-    spec, preset = METHODS[label], experiment.preset
+    spec, preset = MERGE_GRIDS[label], experiment.preset
     if label in ROBUSTNESS:  # the paper's own command lines, shared with config/example.py at α = 1
         task_arithmetic, gradient_matching = pipeline.paper_merges(experiment, value)
         return task_arithmetic if label == "task arithmetic" else gradient_matching
@@ -118,7 +118,7 @@ async def py():
     # Task arithmetic with λ = 1 is the starting point of MaTS (Tam et al., 2024).
     initial_models = {"task arithmetic": merge(experiment, "task arithmetic", 1.0, {})}
     candidates = {label: {value: merge(experiment, label, value, initial_models) for value in grid(spec, preset)}
-                  for label, spec in METHODS.items()}
+                  for label, spec in MERGE_GRIDS.items()}
     validation_accuracy = {label: {value: pipeline.evaluate_accuracy(experiment, model, validation)
                                    for value, model in by_value.items()}
                            for label, by_value in candidates.items()}
@@ -128,12 +128,12 @@ async def py():
     for label, by_value in validation_accuracy.items():
         value = max(by_value, key=lambda v: average_accuracy(by_value[v]))
         best[label] = value
-        name = label if value is None else f"{label} ({METHODS[label]['sweep']}={value})"
+        name = label if value is None else f"{label} ({MERGE_GRIDS[label]['sweep']}={value})"
         print(f"merging_methods: {name}: validation accuracy {100 * average_accuracy(by_value[value]):.1f}")
 
     models = {"pretrained": experiment.pretrained, "multitask": experiment.multitask}
     for label, value in best.items():
-        models[label if value is None else f"{label} ({METHODS[label]['sweep']}={value})"] = candidates[label][value]
+        models[label if value is None else f"{label} ({MERGE_GRIDS[label]['sweep']}={value})"] = candidates[label][value]
     results = pipeline.evaluate(experiment, models, test)
     sweeps = {label: pipeline.evaluate(experiment, candidates[label], test) for label in ROBUSTNESS}
 

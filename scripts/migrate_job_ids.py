@@ -8,7 +8,7 @@ give every config whose jobs you want to keep, e.g. `python3 scripts/migrate_job
 
 What changed (and how the old id of each job of the loaded graph is computed from its arguments):
 - the recipes moved from recipe/*.py to the package recipe/model_merging/ (old module path: `training`,
-  new: `model_merging/training`);
+  new: `model_merging/training`); TrimmedModelJob is now TrimmedTaskVectorJob;
 - the packaged offline model and the offline data are hashed by identity (package name and version; file
   content) instead of by absolute path: their old value is the model folder's path, and the data folder's
   old default `<setup dir>/../shared/data/sentiment` (`--old-data-dir` if it lay elsewhere).
@@ -38,9 +38,10 @@ from sisyphus.job_path import Path  # noqa: E402
 from sisyphus.loader import ConfigLoader  # noqa: E402
 from sisyphus.errors import SisError  # noqa: E402
 
-from model_merging.stable_paths import CONTENT_PREFIX, is_stable  # noqa: E402
+from model_merging.stable_paths import CONTENT_PREFIX, identity  # noqa: E402
 
 NEW_PACKAGE = "model_merging"
+OLD_CLASS_NAMES = {"TrimmedTaskVectorJob": "TrimmedModelJob"}  # Job classes renamed since
 TEXT_LIMIT = 4 * 1024 * 1024  # text files larger than this are left as they are (none of the pipeline's)
 
 
@@ -70,14 +71,15 @@ class LegacyIds:
             if module.startswith(NEW_PACKAGE + "."):
                 module = module[len(NEW_PACKAGE) + 1:]
             known = self.cache[job.job_id()] = \
-                f"{module.replace('.', '/')}/{cls.__name__}.{cls.hash(self.old_arguments(job._sis_kwargs))}"
+                f"{module.replace('.', '/')}/{OLD_CLASS_NAMES.get(cls.__name__, cls.__name__)}." \
+                f"{cls.hash(self.old_arguments(job._sis_kwargs))}"
         return known
 
     def old_arguments(self, obj):
         if isinstance(obj, Job):
             return _JobId(self(obj))
         if isinstance(obj, Path):
-            if is_stable(obj):
+            if identity(obj):
                 return self.old_stable_path(obj)
             if isinstance(obj.creator, Job):
                 old = copy.copy(obj)
@@ -93,7 +95,7 @@ class LegacyIds:
     def old_stable_path(self, path):
         """Before, these inputs were plain strings: the absolute path."""
         folder = path.get_path()
-        if path.hash_overwrite.startswith(CONTENT_PREFIX) and os.path.realpath(folder) == self.shipped_data_dir:
+        if identity(path).startswith(CONTENT_PREFIX) and os.path.realpath(folder) == self.shipped_data_dir:
             return self.old_data_dir
         return folder
 

@@ -1,74 +1,88 @@
-"""Write the program configs of the offline experiment (config/example.py's graph, from the same preset)
-into OUT/configs/, for scripts/run_offline_experiment.sh, which runs them without Sisyphus.
+"""Write every step of a config's graph as files a shell can run without Sisyphus, from the Jobs themselves:
+each job's folder `OUT/work/<job id>/` with the config or command it writes for its program (`output/*.json`,
+`work/run.sh`, exactly what `sis` would write), `OUT/steps.txt` (the job folders, each after the jobs it
+reads from), `OUT/outputs.txt` (registered output name, path) and links `OUT/alias/<alias>`.
 
-    python3 scripts/offline_configs.py OUT
+    python3 scripts/offline_configs.py OUT [CONFIG.py]        (default config: config/example.py)
 
-Also writes OUT/configs/tasks.txt (the merged tasks, one per line) and OUT/configs/sizes.txt (c_0, then
-c_t comma-separated: the data sizes gradient matching weighs the Fishers with).
+The settings (preset, data folder) are those of settings.py, as for `sis`; the job ids are the ones `sis`
+gives, so a folder made here and one made by `sis` are interchangeable. scripts/run_offline_experiment.sh
+runs the steps.
 """
-import json
 import os
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [REPO, os.path.join(REPO, "recipe")]
-from model_merging import presets  # noqa: E402
+sys.path.insert(0, REPO)
+
+import sisyphus.global_settings as gs  # noqa: E402
+import sisyphus.toolkit as tk  # noqa: E402
+from sisyphus.job import Job  # noqa: E402
+from sisyphus.loader import ConfigLoader  # noqa: E402
 
 
-def write(path, config):
-    with open(path, "w") as f:
-        json.dump(config, f, indent=2)
-        f.write("\n")
+def load_graph(config):
+    """The config's registered outputs and its jobs, each after the jobs it reads from."""
+    gs.load_settings(REPO)
+    loader = ConfigLoader()
+    try:
+        loader.load(config)
+        if loader.waiting():
+            sys.exit(f"offline_configs: {config} waits for results (async); only configs that build their "
+                     "whole graph at once can be written as steps")
+    finally:
+        loader.close()
+    ordered, seen = [], set()
+
+    def visit(job):
+        if job.job_id() in seen:
+            return
+        seen.add(job.job_id())
+        for path in sorted(job._sis_inputs):
+            if isinstance(path.creator, Job):
+                visit(path.creator)
+        ordered.append(job)
+
+    for job in tk.sis_graph.jobs():
+        visit(job)
+    return dict(tk.sis_graph.outputs), ordered
 
 
-def main(out):
-    preset = presets.select(os.environ.get("MERGE_PRESET", "offline"))
-    configs = os.path.join(out, "configs")
-    os.makedirs(configs, exist_ok=True)
-    models, fishers = os.path.join(out, "models"), os.path.join(out, "fishers")
-    data_dir = preset["data_dir"] and str(preset["data_dir"])
-    pre = preset["pretraining"]
-    tasks = list(preset["tasks"])
-    train = {**preset["training"], "data_dir": data_dir, "num_train_epochs": preset["num_epochs"]}
+def write_job(job):
+    """The job's folder with what its tasks would write before running (`create_files`)."""
+    folder = job._sis_path(abspath=True)
+    for name in (gs.JOB_OUTPUT, gs.JOB_WORK_DIR, *(os.path.join(gs.JOB_OUTPUT, d) for d in job._sis_output_dirs)):
+        os.makedirs(os.path.join(folder, name), exist_ok=True)
+    cwd = os.getcwd()
+    os.chdir(os.path.join(folder, gs.JOB_WORK_DIR))
+    try:
+        job.create_files()
+    finally:
+        os.chdir(cwd)
+    return folder
 
-    write(os.path.join(configs, "train_pretrained.json"), {
-        **train, "model_name_or_path": str(preset["model"]), "dataset_name": pre["task"], "train_split": pre["train_split"],
-        "validation_split": pre["validation_split"], "learning_rate": pre["learning_rate"],
-        "output_dir": os.path.join(models, "pretrained")})
-    pretrained = os.path.join(models, "pretrained", "best")
-    fisher = {"method": "sequence_classification_squared_gradients", "data_dir": data_dir, **preset["fisher"]}
-    write(os.path.join(configs, "fisher_pretrained.json"), {
-        **fisher, "model_name_or_path": pretrained, "dataset_name": pre["task"], "split": pre["fisher_split"],
-        "output_dir": os.path.join(fishers, "pretrained")})
 
-    finetune = {**train, "model_name_or_path": pretrained, "learning_rate": preset["finetuning_learning_rate"]}
-    for task, spec in preset["tasks"].items():
-        write(os.path.join(configs, f"train_{task}.json"), {
-            **finetune, "dataset_name": task, "train_split": spec["train_split"],
-            "validation_split": preset["validation_splits"][task], "output_dir": os.path.join(models, task)})
-        write(os.path.join(configs, f"fisher_{task}.json"), {
-            **fisher, "model_name_or_path": os.path.join(models, task, "best"), "dataset_name": task,
-            "split": spec["fisher_split"], "output_dir": os.path.join(fishers, task)})
-    write(os.path.join(configs, "train_multitask.json"), {
-        **finetune, "dataset_name": ";".join(tasks), "train_split": ";".join(preset["tasks"][t]["train_split"] for t in tasks),
-        "validation_split": ";".join(preset["validation_splits"][t] for t in tasks),
-        "output_dir": os.path.join(models, "multitask")})
+def link(target, name):
+    os.makedirs(os.path.dirname(name), exist_ok=True)
+    if os.path.lexists(name):
+        os.unlink(name)
+    os.symlink(target, name)
 
-    evaluation = {"method": "sequence_classification", "data_dir": data_dir, **preset["evaluation"]}
-    for task in [pre["task"]] + tasks:
-        write(os.path.join(configs, f"evaluate_{task}.json"), {
-            **evaluation, "dataset_name": task, "split": preset["test_splits"][task],
-            "model_name_or_path": "MODEL", "output_dir": "OUTPUT"})
 
-    with open(os.path.join(configs, "tasks.txt"), "w") as f:
-        f.write("\n".join(tasks) + "\n")
-    with open(os.path.join(configs, "sizes.txt"), "w") as f:
-        f.write(f"{pre['dataset_size']}\n{','.join(str(preset['tasks'][t]['dataset_size']) for t in tasks)}\n")
-    with open(os.path.join(configs, "pretraining_task.txt"), "w") as f:
-        f.write(pre["task"] + "\n")
+def main(out, config="config/example.py"):
+    outputs, jobs = load_graph(config)
+    gs.BASE_DIR = os.path.abspath(out)  # job folders under OUT/work/ instead of the repository's
+    folders = [write_job(job) for job in jobs]
+    for job in jobs:
+        for alias in job.get_aliases():
+            link(job._sis_path(abspath=True), os.path.join(gs.BASE_DIR, gs.ALIAS_DIR, alias))
+    with open(os.path.join(out, "steps.txt"), "w") as f:
+        f.write("".join(folder + "\n" for folder in folders))
+    with open(os.path.join(out, "outputs.txt"), "w") as f:
+        f.write("".join(f"{name}\t{path.get_path()}\n" for name, path in sorted(outputs.items())))
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
+    if len(sys.argv) not in (2, 3):
         sys.exit(__doc__)
-    main(sys.argv[1])
+    main(*sys.argv[1:])

@@ -13,7 +13,7 @@ from model_merging.data import DownloadDatasetJob
 from model_merging.merge import MergeJob, TaskArithmeticJob, UncertaintyBasedGradientMatchingJob
 from model_merging.report import ReportJob
 from model_merging.search import HuggingfaceSearchJob, MultiTaskSearchJob
-from model_merging.statistics import FisherJob, GramJob, TrimmedModelJob
+from model_merging.statistics import FisherJob, GramJob, TrimmedModelJob, TrimmedTaskVectorJob
 from model_merging.training import HuggingfaceTrainingJob
 
 
@@ -111,7 +111,10 @@ def test_merge_job_commands(setup_dir):
                     "--scaling_factor": "0.7", "--scaling_factor_pt": "100", "--scaling_factors_ft": "10,20",
                     "--task_type": "SEQ_CLS", "--out_model_path": ubgm.out_model_path.get_path()}
 
-    trim = TrimmedModelJob("/a", "/base", 0.2)
+    trim = TrimmedTaskVectorJob("/a", "/base", 0.2)
+    assert TrimmedModelJob("/a", "/base", 0.2) is trim  # the old name builds the same job
+    assert trim.job_id() == "model_merging/statistics/TrimmedTaskVectorJob." + short_hash(
+        {"model": "/a", "ancestor": "/base", "density": 0.2})
     assert _create_files(trim, setup_dir).split()[1:] == [
         "/project/code/trim.py", "--model", "/a", "--ancestor", "/base", "--density", "0.2", "--output", trim.out_dir.get_path()]
 

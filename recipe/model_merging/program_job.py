@@ -2,7 +2,7 @@
 the job folder first (`create_files`, a mini task), so anyone can rerun the step by hand."""
 from sisyphus import Job, Task
 
-from model_merging.util import python_exe, program, rqmt, run_program, without_rqmt, write_json, write_run_script
+from model_merging.util import python_exe, program, rqmt, run_command, without_rqmt, write_json, write_run_script
 
 
 class CommandJob(Job):
@@ -19,7 +19,7 @@ class CommandJob(Job):
         write_run_script(self.command())
 
     def run(self):
-        run_program(self.command(), cpu=self.rqmt["cpu"])
+        run_command(self.command(), cpu=self.rqmt["cpu"])
 
     def tasks(self):
         yield Task("create_files", mini_task=True)

@@ -1,7 +1,8 @@
 """Inputs of the graph that no job makes (a packaged model, the shipped data), as tk.Paths hashed by what they
 are, not by where they lie: a job id must not change when the virtual environment or the repository moves.
 
-- `package_folder`: a folder inside an installed Python package, hashed as `package:<name>==<version>/<folder>`.
+- `package_path`: a file or folder inside an installed Python package, hashed as
+  `package:<name>==<version>/<path inside the package>`.
 - `content_folder`: a folder of files, hashed as `content-sha256:<digest of its files' names and bytes>`.
 
 Both are ordinary Paths otherwise (`get_path()` is the absolute path), so they run unchanged under upstream
@@ -20,17 +21,19 @@ CONTENT_PREFIX = "content-sha256:"
 NOT_CONTENT = ("README.md",)
 
 
-def package_folder(distribution, folder):
-    """`folder` inside the installed distribution `distribution` (its import name: '-' read as '_')."""
-    module = distribution.replace("-", "_")
-    spec = importlib.util.find_spec(module)
+def package_path(distribution, path):
+    """`path`, a file or folder inside the installed distribution `distribution` (import name: '-' read as '_')."""
+    spec = importlib.util.find_spec(distribution.replace("-", "_"))
     if spec is None or spec.origin is None:
         raise RuntimeError(f"the package {distribution} is not installed (pip install -r requirements.txt)")
-    path = os.path.join(os.path.dirname(spec.origin), folder)
-    if not os.path.isdir(path):
-        raise RuntimeError(f"the package {distribution} has no folder {folder!r} ({path})")
+    path, package = os.fspath(path), os.path.dirname(spec.origin)
+    inside = os.path.relpath(os.path.abspath(path), os.path.abspath(package))
+    if inside.startswith(os.pardir):  # one of them reached through a symbolic link
+        inside = os.path.relpath(os.path.realpath(path), os.path.realpath(package))
+    if inside.startswith(os.pardir) or not os.path.exists(path):
+        raise RuntimeError(f"{path} is not inside the installed package {distribution}")
     version = importlib.metadata.version(distribution)
-    return tk.Path(path, hash_overwrite=f"{PACKAGE_PREFIX}{distribution}=={version}/{folder}")
+    return tk.Path(path, hash_overwrite=f"{PACKAGE_PREFIX}{distribution}=={version}/{inside.replace(os.sep, '/')}")
 
 
 def content_digest(folder):
@@ -57,7 +60,11 @@ def content_folder(folder):
     return tk.Path(folder, hash_overwrite=CONTENT_PREFIX + content_digest(folder))
 
 
-def is_stable(path):
-    """True for a Path made by `package_folder` or `content_folder`."""
+def identity(path):
+    """The identity a Path made by `package_path` or `content_folder` is hashed by; None for any other Path."""
     overwrite = getattr(path, "hash_overwrite", None)
-    return isinstance(overwrite, str) and overwrite.startswith((PACKAGE_PREFIX, CONTENT_PREFIX))
+    if isinstance(overwrite, tuple) and overwrite[0] is None:  # Sisyphus keeps a str overwrite as (None, str)
+        overwrite = overwrite[1]
+    if isinstance(overwrite, str) and overwrite.startswith((PACKAGE_PREFIX, CONTENT_PREFIX)):
+        return overwrite
+    return None

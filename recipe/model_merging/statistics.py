@@ -35,9 +35,9 @@ class GramJob(PredictJob):
     method = "sequence_classification_gram"
 
 
-class TrimmedModelJob(CommandJob):
-    """The trimmed task vector of TIES-Merging (Yadav et al., 2023): the top `density` fraction of
-    θ_t − θ_0 by magnitude (`code/trim.py`). Output: `out_dir`, a statistics folder for `ties`."""
+class TrimmedTaskVectorJob(CommandJob):
+    """A statistic of TIES-Merging (Yadav et al., 2023): the trimmed task vector, the top `density` fraction
+    of θ_t − θ_0 by magnitude (`code/trim.py`). Output: `out_dir`, a statistics folder for `ties`."""
 
     def __init__(self, model, ancestor, density, *, time_rqmt=1, mem_rqmt=4, cpu_rqmt=1, gpu_rqmt=0):
         self.model = model
@@ -49,3 +49,8 @@ class TrimmedModelJob(CommandJob):
     def command(self):
         return [*self.program_command("trim.py"), "--model", tk.uncached_path(self.model), "--ancestor", tk.uncached_path(self.ancestor),
                 "--density", str(self.density), "--output", self.out_dir.get_path()]
+
+
+# The name before 2026-11: configs written against it keep working (ids: TrimmedTaskVectorJob;
+# scripts/migrate_job_ids.py moves old folders).
+TrimmedModelJob = TrimmedTaskVectorJob

@@ -57,7 +57,7 @@ def write_run_script(cmd, path="run.sh"):
     os.chmod(path, 0o755)
 
 
-def run_program(cmd, cpu=1):
+def run_command(cmd, cpu=1):
     """Run a program with its thread count set from the task's CPU requirement (on a busy machine one
     thread per core asked for is faster than torch's default of one per core present)."""
     env = dict(os.environ, OMP_NUM_THREADS=str(cpu), MKL_NUM_THREADS=str(cpu), TOKENIZERS_PARALLELISM="false")
