@@ -1,0 +1,79 @@
+"""RegMean++: merge task models layer by layer with Gram matrices taken from the partly merged model
+(modelmerge.regmean_plusplus), running each task's data through the model as it merges.
+
+    python code/regmean_plusplus.py --models A B C --datasets sst2 rotten_tomatoes imdb --split train \
+        [--num_examples 256] [--alpha 0.5] [--batch_size 16] [--max_length 128] [--data_dir DIR] --output OUT
+"""
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from modelmerge.atomic import atomic_dir
+from modelmerge.data import load_split
+from modelmerge.merging import MergeError
+from modelmerge.merging.cli import ArgumentParser, run_cli
+from modelmerge.prediction import check_model_path, load_for_task
+from modelmerge.regmean_plusplus import regmean_plusplus
+
+
+@dataclass
+class Done:
+    models: int
+    seconds: float
+
+    def line(self):
+        return f"RegMean++ of {self.models} models, {self.seconds:.2f} s"
+
+
+def parse_args(argv):
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", required=True, help="the task models θ_t")
+    parser.add_argument("--datasets", nargs="+", required=True, help="each task model's data set, same order")
+    parser.add_argument("--split", default="train", help="the split the Gram matrices are taken on")
+    parser.add_argument("--num_examples", type=int, default=256, help="first examples of each data set used")
+    parser.add_argument("--alpha", type=float, default=0.5, help="α: scale of the Gram matrices' off-diagonal entries, in [0, 1]")
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--max_length", type=int, default=128)
+    parser.add_argument("--data_dir", default=os.environ.get("MERGE_DATA_DIR"), help="where the data sets are (default $MERGE_DATA_DIR)")
+    parser.add_argument("--task_type", default="sequence_classification")
+    parser.add_argument("--output", required=True, help="the merged model folder")
+    parser.add_argument("--no_progress", action="store_true")
+    args = parser.parse_args(argv)
+    if len(args.datasets) != len(args.models):
+        parser.error(f"--datasets: got {len(args.datasets)} for {len(args.models)} models (one per model, same order)")
+    if not 0 <= args.alpha <= 1:
+        parser.error(f"--alpha must lie in [0, 1], got {args.alpha}")
+    if args.num_examples < 1 or args.batch_size < 1 or args.max_length < 1:
+        parser.error("--num_examples, --batch_size and --max_length must be at least 1")
+    return args
+
+
+def main(argv):
+    args = parse_args(argv)
+    start = time.perf_counter()
+    try:
+        for path in args.models:
+            check_model_path(path, "--models")
+        datasets = [load_split(name, args.split, args.data_dir, args.task_type) for name in args.datasets]
+        loaded = [load_for_task(path, args.task_type) for path in args.models]
+    except ValueError as error:
+        raise MergeError(str(error)) from None
+    models, tokenizer = [model for model, _ in loaded], loaded[0][1]
+    shapes = [{n: tuple(p.shape) for n, p in m.named_parameters()} for m in models]
+    for path, other in zip(args.models[1:], shapes[1:]):
+        if other != shapes[0]:
+            raise MergeError(f"--models: {path} has other parameters or shapes than {args.models[0]}")
+    torch.manual_seed(0)
+    regmean_plusplus(models, tokenizer, datasets, alpha=args.alpha, progress=not args.no_progress,
+                     batch_size=args.batch_size, max_length=args.max_length, num_examples=args.num_examples,
+                     task_type=args.task_type)
+    with atomic_dir(args.output) as tmp:
+        models[0].save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return Done(len(models), time.perf_counter() - start)
+
+
+if __name__ == "__main__":
+    run_cli(main)
