@@ -1,7 +1,8 @@
 """Materialise dataset splits to a folder: `python code/download_data.py CONFIG.json`.
 
-Keys (modelmerge.data.DownloadConfig): `dataset_name`, `splits` (list), `output_dir`, `data_dir`.
-Writes `output_dir/<split>.jsonl` (one `{"text", "label"}` per line), a folder later steps use as a dataset name.
+Keys (modelmerge.data.DownloadConfig): `dataset_name`, `splits` (list), `output_dir`, `data_dir`, `task_type`, `columns`.
+Writes `output_dir/<split>.jsonl` (one row of the task type's columns per line; images copied to `images/<split>/`,
+class names to `class_names.json`), a folder later steps use as a dataset name.
 """
 import sys
 

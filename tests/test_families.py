@@ -326,3 +326,45 @@ def test_bad_input_is_one_line_and_leaves_no_output(paths, image_rows, tmp_path,
         errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
         assert len(errors) == 1 and message in errors[0] and "\n" not in errors[0], errors
         assert not os.path.exists(tmp_path / "out")
+
+
+# --- data ---------------------------------------------------------------------------------------------------------
+
+
+def test_image_data_from_folders_parquet_bytes_and_the_download_program(image_rows, tmp_path):
+    from modelmerge.data import DownloadConfig, class_names, download, load_split
+
+    folder = os.path.dirname(os.path.dirname(os.path.dirname(image_rows[0]["image"])))  # <root>/train/<class>/<i>.png
+    from_folders = load_split(folder, "train", task_type="image_classification")
+    assert class_names(from_folders) == sorted(CLASSES)
+    by_name = {os.path.basename(os.path.dirname(r["image"])) + "/" + os.path.basename(r["image"]): r for r in image_rows}
+    for row in from_folders:
+        key = "/".join(row["image"].split(os.sep)[-2:])
+        assert sorted(CLASSES)[row["label"]] == CLASSES[by_name[key]["label"]]
+    assert len(load_split(folder, "train[:4]", task_type="image_classification")) == 4
+
+    # a Hub-style parquet file: image bytes under other column names, mapped by `columns`
+    hub = datasets.Dataset.from_dict(
+        {"img": [{"bytes": open(r["image"], "rb").read(), "path": None} for r in image_rows],
+         "fine_label": [r["label"] for r in image_rows]},
+        features=datasets.Features({"img": datasets.Image(), "fine_label": datasets.ClassLabel(names=CLASSES)}))
+    hub.to_parquet(str(tmp_path / "hub.parquet"))
+    columns = {"image": "img", "label": "fine_label"}
+    out = tmp_path / "materialised"
+    download(DownloadConfig(dataset_name=str(tmp_path / "hub.parquet"), splits=["test"], output_dir=str(out),
+                            task_type="image_classification", columns=columns))
+    assert json.loads((out / "class_names.json").read_text()) == CLASSES
+    loaded = load_split(str(out), "test", task_type="image_classification")
+    assert class_names(loaded) == CLASSES and loaded["label"] == [r["label"] for r in image_rows]
+    for row, original in zip(loaded, image_rows):
+        assert os.path.isabs(row["image"]) and open(row["image"], "rb").read() == open(original["image"], "rb").read()
+
+
+def test_sequence_columns_are_mapped(tmp_path):
+    from modelmerge.data import load_split
+
+    write_jsonl(str(tmp_path / "qa.jsonl"), [{"question": "copy red", "answer": "red", "id": 1}])
+    assert list(load_split(str(tmp_path / "qa.jsonl"), "train", task_type="seq2seq")) == [{"input": "copy red", "target": "red"}]
+    write_jsonl(str(tmp_path / "x.jsonl"), [{"q": "copy red", "a": "red"}])
+    rows = load_split(str(tmp_path / "x.jsonl"), "train", task_type="causal_lm", columns={"input": "q", "target": "a"})
+    assert list(rows) == [{"input": "copy red", "target": "red"}]

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from safetensors import safe_open
 
-from modelmerge.atomic import atomic_dir, atomic_file
+from modelmerge.atomic import MARKER, atomic_dir, atomic_file
 
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -338,6 +338,20 @@ class SafetensorsStreamWriter:
         self._file.close()
 
 
+def safetensors_written_by(path):
+    """The `written_by` entry of a safetensors file's metadata, or None (not safetensors, or none there)."""
+    try:
+        with open(path, "rb") as f:
+            size = struct.unpack("<Q", f.read(8))[0]
+            if size > 100 * 2**20:
+                return None
+            header = json.loads(f.read(size))
+    except (OSError, ValueError, struct.error):
+        return None
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    return metadata.get("written_by") if isinstance(metadata, dict) else None
+
+
 def parse_size(text):
     """'5GB', '500MB', '2GiB' or a plain number of bytes -> bytes."""
     match = re.fullmatch(r"\s*([0-9.]+)\s*(?:([KMGT])(i?)B?)?\s*", str(text), re.IGNORECASE)
@@ -350,7 +364,7 @@ def parse_size(text):
 
 @contextmanager
 def open_output(target, entries, layout, files_from=None, json_updates=None, max_shard_bytes=5 * 10**9,
-                extra_files=None):
+                extra_files=None, *, kind=None, inputs=(), overwrite=False):
     """Yield a `TensorWriter` for the merge result at `target`; it appears there only if the block ends
     without error and every tensor of `entries` (name, TensorInfo), in that order, was written.
 
@@ -360,11 +374,16 @@ def open_output(target, entries, layout, files_from=None, json_updates=None, max
     of folder `files_from` (config, tokenizer, adapter_config.json, ...), then `extra_files` (file name ->
     path of a file to copy under that name), then `json_updates` (file name -> keys to set, e.g.
     {"config.json": {"num_hidden_layers": 6}}).
+
+    `kind`, `inputs` and `overwrite` say which existing `target` may be replaced (see modelmerge.atomic);
+    a bare file records its kind in the safetensors metadata (`written_by`).
     """
     if layout not in ("model", "adapter", "file"):
         raise ValueError(f"unknown output layout {layout!r}")
-    with (atomic_file(target) if layout == "file" else atomic_dir(target)) as tmp:
-        writer = TensorWriter(tmp, entries, layout, max_shard_bytes)
+    guard = dict(kind=kind, inputs=inputs, overwrite=overwrite)
+    with (atomic_file(target, written_by=safetensors_written_by, **guard) if layout == "file"
+          else atomic_dir(target, **guard)) as tmp:
+        writer = TensorWriter(tmp, entries, layout, max_shard_bytes, kind if layout == "file" else None)
         try:
             yield writer
         finally:
@@ -383,7 +402,7 @@ def open_output(target, entries, layout, files_from=None, json_updates=None, max
 class TensorWriter:
     """The files of one output: tensors are appended in the planned order, one shard file open at a time."""
 
-    def __init__(self, tmp, entries, layout, max_shard_bytes):
+    def __init__(self, tmp, entries, layout, max_shard_bytes, written_by=None):
         if layout == "file":
             self.shards = [(tmp, list(entries))]
         elif layout == "adapter":
@@ -397,6 +416,7 @@ class TensorWriter:
         self.folder = None if layout == "file" else tmp
         self._shard_of = {name: i for i, (_, group) in enumerate(self.shards) for name, _ in group}
         self._open_index, self._open, self._finished = None, None, 0
+        self.metadata = {"format": "pt", **({"written_by": written_by} if written_by else {})}
 
     def write(self, name, tensor):
         """Append `tensor`, already cast to its planned dtype, to its file."""
@@ -404,7 +424,7 @@ class TensorWriter:
         if index != self._open_index:
             self._close_open()
             self._open_index = index
-            self._open = SafetensorsStreamWriter(*self.shards[index], metadata={"format": "pt"})
+            self._open = SafetensorsStreamWriter(*self.shards[index], metadata=self.metadata)
         self._open.write(name, tensor)
 
     def _close_open(self):
@@ -453,9 +473,10 @@ def _split_shards(entries, max_bytes):
 
 
 def copy_non_weight_files(source, destination):
-    """Copy the files of folder `source` that are not weights or shard indices (config, tokenizer, ...)."""
+    """Copy the files of folder `source` that are not weights, shard indices or the mark of the program
+    that wrote it (config, tokenizer, ...)."""
     for name in sorted(os.listdir(source)):
         path = os.path.join(source, name)
-        if not os.path.isfile(path) or name.endswith(WEIGHT_SUFFIXES) or name.endswith(".index.json"):
+        if not os.path.isfile(path) or name.endswith(WEIGHT_SUFFIXES) or name.endswith(".index.json") or name == MARKER:
             continue
         shutil.copy(path, os.path.join(destination, name))

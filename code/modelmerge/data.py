@@ -14,11 +14,13 @@ Columns are found under their usual Hub names, or named by a column mapping ({"i
 The class names of a classification data set are kept as the `label` column's `ClassLabel` names (from the
 Hub features, a `class_names.json` list beside the split files, or the image class folders).
 """
-import json
 import dataclasses
+import io
+import json
 import logging
 import os
 import re
+import shutil
 
 import datasets
 import torch
@@ -279,9 +281,16 @@ class DownloadConfig:
     splits: list[str]
     output_dir: str
     data_dir: str | None = None  # None: $MERGE_DATA_DIR, else the Hub
+    task_type: str = "sequence_classification"  # which columns are kept (TASK_COLUMNS)
+    columns: dict | None = None  # {column of the task type: the data set's name for it}
 
     def __post_init__(self):
         self.data_dir = resolve_data_dir(self.data_dir)
+        if self.task_type not in TASK_COLUMNS:
+            raise ConfigError(f"task_type {self.task_type!r} is not one of {', '.join(TASK_TYPES)}")
+        unknown = sorted(set(self.columns or {}) - set(TASK_COLUMNS[self.task_type]))
+        if unknown:
+            raise ConfigError(f"columns: {unknown} are not columns of {self.task_type} ({sorted(TASK_COLUMNS[self.task_type])})")
         if not self.splits:
             raise ConfigError("splits: give at least one split")
         files = [output_split_name(split) for split in self.splits]
@@ -300,9 +309,42 @@ def output_split_name(split):
 
 
 def download(config):
-    """Write every split of `config` to `output_dir/<split>.jsonl` (rows `{"text", "label"}`); the folder appears atomically."""
-    loaded = {output_split_name(split): load_split(config.dataset_name, split, config.data_dir) for split in config.splits}
+    """Write every split of `config` to `output_dir/<split>.jsonl` (rows with the task type's columns; images as
+    files `images/<split>/<index>.<format>` named relative to the folder), and `class_names.json` when the labels
+    have names; the folder appears atomically."""
+    loaded = {output_split_name(split): load_split(config.dataset_name, split, config.data_dir, config.task_type,
+                                                   config.columns) for split in config.splits}
     with atomic_dir(config.output_dir) as tmp:
         for name, dataset in loaded.items():
+            if "image" in dataset.column_names:
+                dataset = _materialise_images(dataset, tmp, name)
             dataset.to_json(os.path.join(tmp, f"{name}.jsonl"), lines=True, force_ascii=False)
             logger.info("wrote %d examples to %s/%s.jsonl", len(dataset), config.output_dir, name)
+        names = [class_names(dataset) for dataset in loaded.values()]
+        if names[0] and all(n == names[0] for n in names):
+            with open(os.path.join(tmp, CLASS_NAMES_FILE), "w") as f:
+                json.dump(names[0], f)
+
+
+def _materialise_images(dataset, folder, split):
+    """Copy every image (bytes or file) to `folder/images/<split>/`, checking that it opens; rows name it relatively."""
+    from PIL import Image
+
+    os.makedirs(os.path.join(folder, "images", split))
+    paths = []
+    for index, value in enumerate(dataset["image"]):
+        data = value.get("bytes") if isinstance(value, dict) else value if isinstance(value, bytes) else None
+        source = value.get("path") if isinstance(value, dict) and data is None else value if data is None else None
+        try:
+            with Image.open(io.BytesIO(data) if data is not None else source) as image:
+                extension = (image.format or "png").lower()
+        except (OSError, ValueError, TypeError) as error:
+            raise DataError(f"example {index} of split {split}: image {source or f'({len(data)} bytes)'} cannot be opened: {error}") from None
+        relative = os.path.join("images", split, f"{index:07d}.{extension}")
+        if data is not None:
+            with open(os.path.join(folder, relative), "wb") as f:
+                f.write(data)
+        else:
+            shutil.copyfile(source, os.path.join(folder, relative))
+        paths.append(relative)
+    return dataset.remove_columns("image").add_column("image", paths).select_columns(["image", "label"])

@@ -95,12 +95,14 @@ class MergePlan:
     dtype: Any
     out_dtype: Any
 
+    inputs: list = field(default_factory=list)  # every path the merge reads
+
     def run(self, output, device="cpu", progress=True, overwrite=False, max_shard_bytes=5 * 10**9):
         layout = "file" if output.endswith(".safetensors") else "model"
         return run_tasks(self.method, self.tasks, output, layout, files_from=self.files_from,
                          extra_files=self.extra_files, json_updates=self.json_updates, dtype=self.dtype,
                          out_dtype=self.out_dtype, device=device, max_shard_bytes=max_shard_bytes,
-                         progress=progress)
+                         progress=progress, inputs=self.inputs, overwrite=overwrite)
 
 
 def read_config(path):
@@ -149,7 +151,8 @@ def plan_config(config):
     if tokenizer_from:
         extra_files = {name: os.path.join(tokenizer_from, name) for name in TOKENIZER_FILES
                        if os.path.isfile(os.path.join(tokenizer_from, name))}
-    return MergePlan(method, tasks, donor.folder, extra_files, json_updates, dtype, out_dtype or dtype)
+    return MergePlan(method, tasks, donor.folder, extra_files, json_updates, dtype, out_dtype or dtype,
+                     references.paths() + ([tokenizer_from] if tokenizer_from else []))
 
 
 class _References:
@@ -177,6 +180,11 @@ class _References:
 
     def all(self):
         return list(self._open.values())
+
+    def paths(self):
+        """Every file or folder the references name (`PATH+LORA_PATH` names two)."""
+        return [path for reference in self._open
+                for path in ([reference] if os.path.exists(reference) else reference.split("+", 1))]
 
 
 @dataclass

@@ -4,22 +4,29 @@ from model_merging.program_job import ProgramJob
 
 
 class DownloadDatasetJob(ProgramJob):
-    """Writes `out_dir/<split>.jsonl` (`text`, `label`) for each split of `dataset_name`.
+    """Writes `out_dir/<split>.jsonl` (the columns of `task_type`: `text`/`label` by default) for each split of
+    `dataset_name`; `columns` maps a column of the task type to the data set's name for it. Images are copied
+    into `out_dir/images/`, class names into `out_dir/class_names.json`.
 
     `out_dir` is itself a dataset name the other programs accept (a folder of `<split>.jsonl`).
     """
+
+    # The task type and columns were added later: at their defaults they leave the job ids as they were.
+    __sis_hash_exclude__ = {"task_type": "sequence_classification", "columns": None}
 
     program_name = "download_data.py"
     config_name = "download_config.json"
 
     def __init__(self, dataset_name, splits=("train", "validation", "test"), data_dir=None, *,
-                 time_rqmt=1, mem_rqmt=2, cpu_rqmt=1, gpu_rqmt=0):
+                 task_type="sequence_classification", columns=None, time_rqmt=1, mem_rqmt=2, cpu_rqmt=1, gpu_rqmt=0):
         super().__init__(time_rqmt=time_rqmt, mem_rqmt=mem_rqmt, cpu_rqmt=cpu_rqmt, gpu_rqmt=gpu_rqmt)
         self.dataset_name = dataset_name
+        self.task_type = task_type
+        self.columns = columns
         self.splits = list(splits)
         self.data_dir = data_dir
         self.out_dir = self.output_path("data")
 
     def config(self):
         return {"dataset_name": self.dataset_name, "splits": self.splits, "data_dir": self.data_dir,
-                "output_dir": self.out_dir}
+                "task_type": self.task_type, "columns": self.columns, "output_dir": self.out_dir}

@@ -4,6 +4,7 @@ import argparse
 import logging
 import sys
 
+from modelmerge.atomic import OutputError
 from modelmerge.checkpoint import CheckpointError, parse_size
 from modelmerge.merging.options import MergeError, check_device
 from modelmerge.methods import MERGE_METHODS
@@ -22,7 +23,7 @@ def run_cli(main, argv=None):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         summary = main(sys.argv[1:] if argv is None else argv)
-    except (MergeError, CheckpointError, OSError) as error:  # OSError: e.g. an output folder that cannot be written
+    except (MergeError, CheckpointError, OutputError, OSError) as error:  # OSError: e.g. an output folder that cannot be written
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     print(summary.line())

@@ -29,6 +29,7 @@ RELEASE_EVERY_BYTES = 64 * 2**20
 BLOCK_BYTES = 512 * 2**10
 NON_NEGATIVE_STATISTICS = ("fisher",)  # diagonal Fisher / squared-gradient Hessian estimates
 GRAM_STATISTICS = ("gram", "output_grad_gram")
+OUTPUT_KIND = "merge"  # what a merge's output folder (or file) records as the program that wrote it
 
 
 @dataclass
@@ -270,15 +271,17 @@ def all_finite(tensor):
 
 
 def run_tasks(method, tasks, output, layout, *, files_from=None, extra_files=None, json_updates=None, dtype=None,
-              out_dtype=None, device="cpu", max_shard_bytes=5 * 10**9, progress=True):
+              out_dtype=None, device="cpu", max_shard_bytes=5 * 10**9, progress=True, inputs=(), overwrite=False):
     """Execute planned tasks into `output` (see checkpoint.open_output): arithmetic in `dtype` (default:
     each tensor's own, at least float32) on `device`, floating-point outputs in `out_dtype` (default `dtype`,
-    else each input's own)."""
+    else each input's own). An existing `output` is replaced only if a merge wrote it (or with
+    `overwrite`), never if it is, holds or lies inside one of the `inputs` paths (modelmerge.atomic)."""
     device = check_device(device)
     entries = output_entries(tasks, out_dtype or dtype)
-    if layout == "model" and not (files_from and os.path.isfile(os.path.join(files_from, "config.json"))):
-        logger.warning("no input folder with a config.json: %s will hold weights only", output)
-    with open_output(output, entries, layout, files_from, json_updates, max_shard_bytes, extra_files) as writer:
+    with open_output(output, entries, layout, files_from, json_updates, max_shard_bytes, extra_files,
+                     kind=OUTPUT_KIND, inputs=inputs, overwrite=overwrite) as writer:
+        if layout == "model" and not (files_from and os.path.isfile(os.path.join(files_from, "config.json"))):
+            logger.warning("no input folder with a config.json: %s will hold weights only", output)
         summary = execute(method, tasks, writer, entries, dtype, device, progress)
     logger.info("wrote %s", output)
     return summary

@@ -48,7 +48,7 @@ def merge(options: MergeOptions):
         json_updates["config.json"] = {"dtype": dtype_name(options.dtype)}
     return run_tasks(method, tasks, options.output, layout, files_from=files_from, json_updates=json_updates,
                      dtype=options.dtype, device=options.device, max_shard_bytes=options.max_shard_bytes,
-                     progress=options.progress)
+                     progress=options.progress, inputs=options.inputs, overwrite=options.overwrite)
 
 
 def check_counts(method, options: MergeOptions):

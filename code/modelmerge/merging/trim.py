@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 
 OUTPUT_FILE = "trimmed.safetensors"
 DENSITY_RANGE = "(0, 1]"
+OUTPUT_KIND = "trimmed task vector"
 
 
 @dataclass
@@ -48,7 +49,7 @@ def write_trimmed(model: str, ancestor: str, density: float, output: str, device
     logger.info("trimming %s against %s to density %s into %s", model, ancestor, density, output)
     theta, theta_0 = open_checkpoint(model), open_checkpoint(ancestor)
     check_same_tensors([theta, theta_0], "model and the ancestor")
-    with atomic_dir(output) as tmp:
+    with atomic_dir(output, OUTPUT_KIND, inputs=[model, ancestor], overwrite=overwrite) as tmp:
         summary = trim_checkpoint(theta, theta_0, density, os.path.join(tmp, OUTPUT_FILE), device, progress)
         with open(os.path.join(tmp, "stats.json"), "w") as f:
             json.dump({"model": model, "ancestor": ancestor, "density": density, "num_tensors": summary.trimmed},
