@@ -18,6 +18,8 @@ def main(argv=None):
     try:
         if args.command == "worker":
             return _worker(args)
+        if args.command in ("console", "c"):
+            return _console(args)
         return _manager(args)
     except SisError as e:
         logging.debug("details:", exc_info=True)
@@ -43,7 +45,12 @@ def _parser():
                          help="clear interrupted (not resumable) jobs once")
     manager.add_argument("-io", dest="ignore_errors", action="store_true",
                          help="do not ask whether to clear failed jobs")
+    manager.add_argument("--http", type=int, metavar="PORT", help="serve a status page on http://127.0.0.1:PORT/")
     manager.add_argument("configs", nargs="*", metavar="CONFIG", help="further config files")
+    console = commands.add_parser("console", aliases=["c"], help="load the configs and open a Python shell with "
+                                  "the graph (tk, gs, graph, jobs, find_job, run_job, cleaner, ...)")
+    console.add_argument("-c", "--command", dest="code", help="run this Python code in the shell's namespace instead")
+    console.add_argument("configs", nargs="*", metavar="CONFIG", help="further config files")
     worker = commands.add_parser("worker", help="run one task of one job (the engines call this)")
     worker.add_argument("jobdir")
     worker.add_argument("task_name")
@@ -55,11 +62,45 @@ def _parser():
 
 
 def _manager(args):
+    import sisyphus.toolkit as tk
+    from sisyphus.manager import Manager
+
+    start = time.perf_counter()
+    loader = _load_configs(args)
+    try:
+        jobs = tk.sis_graph.jobs()
+        logging.info("Loaded %s: %d jobs, %d outputs in %.2f s", " ".join(loader.loaded), len(jobs),
+                     len(tk.sis_graph.outputs), time.perf_counter() - start)
+        manager = Manager(tk.sis_graph, _engine(), loader, clear_errors=args.clear_errors,
+                          clear_interrupts=args.clear_interrupts, ignore_errors=args.ignore_errors)
+        server = _start_http(manager, args.http) if args.http is not None else None
+        try:
+            return manager.run(ask=not args.run)
+        finally:
+            if server is not None:
+                server.shutdown()
+    finally:
+        loader.close()
+
+
+def _start_http(manager, port):
+    from sisyphus.errors import SisError
+    from sisyphus.http_server import start_web_server
+
+    try:
+        server = start_web_server(manager, port)
+    except OSError as e:
+        raise SisError(f"--http {port}: cannot serve on this port: {e.strerror or e}") from e
+    logging.info("Status page: http://127.0.0.1:%d/", server.server_address[1])
+    return server
+
+
+def _load_configs(args):
+    """settings.py, then every config given; returns the loader."""
     import sisyphus.global_settings as gs
     import sisyphus.toolkit as tk
     from sisyphus.errors import SisError
     from sisyphus.loader import ConfigLoader
-    from sisyphus.manager import Manager
 
     gs.load_settings(os.getcwd())
     configs = args.config + args.configs
@@ -70,15 +111,37 @@ def _manager(args):
     tk._sis_running_in_manager = True
     loader = ConfigLoader()
     try:
-        start = time.perf_counter()
         for config in configs:
             loader.load(config)
-        jobs = tk.sis_graph.jobs()
-        logging.info("Loaded %s: %d jobs, %d outputs in %.2f s", " ".join(configs), len(jobs),
-                     len(tk.sis_graph.outputs), time.perf_counter() - start)
-        manager = Manager(tk.sis_graph, _engine(), loader, clear_errors=args.clear_errors,
-                          clear_interrupts=args.clear_interrupts, ignore_errors=args.ignore_errors)
-        return manager.run(ask=not args.run)
+    except BaseException:
+        loader.close()
+        raise
+    return loader
+
+
+def _console(args):
+    """`sis console`: the graph of the configs in an interactive shell (IPython if installed); -c runs code."""
+    import code
+
+    import sisyphus.toolkit as tk
+    from sisyphus.console import console_namespace
+
+    loader = _load_configs(args)
+    try:
+        namespace = console_namespace()
+        if args.code:
+            exec(compile(args.code, "<sis console -c>", "exec"), namespace)
+            return 0
+        banner = (f"Sisyphus console: {len(tk.sis_graph.jobs())} jobs, {len(tk.sis_graph.outputs)} outputs loaded. "
+                  "Names: " + ", ".join(sorted(k for k in namespace if not k.startswith("_"))))
+        try:
+            import IPython
+        except ImportError:
+            code.interact(banner=banner, local=namespace, exitmsg="")
+        else:
+            print(banner)
+            IPython.start_ipython(argv=[], user_ns=namespace, display_banner=False)
+        return 0
     finally:
         loader.close()
 

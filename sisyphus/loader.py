@@ -7,6 +7,8 @@ import os
 import traceback
 
 import sisyphus.global_settings as gs
+import sisyphus.toolkit as tk
+from sisyphus.block import set_root_block
 from sisyphus.errors import SisError
 
 _SISYPHUS_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -16,10 +18,14 @@ class ConfigLoader:
     def __init__(self):
         self.loop = asyncio.new_event_loop()
         self.readers = []  # (config file, asyncio.Task) of async configs
+        self.loaded = []  # config arguments, in load order
 
     def load(self, config):
         """Load `config`: 'config/x.py' (calls py() if it exists) or 'config/x.func' (calls func())."""
         module_name, function_name, filename = _resolve(config)
+        self.loaded.append(config)
+        set_root_block(filename)
+        tk.current_config_ = filename
         try:
             module = importlib.import_module(module_name)
             function = getattr(module, function_name, None)

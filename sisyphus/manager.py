@@ -61,6 +61,7 @@ class Manager:
         self.report_times = {}  # report name -> time it was last written
         self.to_pack = {}  # job -> time it was seen finished, for gs.JOB_AUTO_CLEANUP
         self.callbacks_done = False
+        self.done = False  # set when run() returns (the status page stops refreshing)
 
     def run(self, ask=False):
         """Run until nothing can progress; returns the exit status (0: every output finished)."""
@@ -92,6 +93,7 @@ class Manager:
             self.pack_finished_jobs()
             return self.final_report()
         finally:
+            self.done = True
             self.engine.stop_engine()
 
     # States.

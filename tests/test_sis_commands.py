@@ -1,0 +1,119 @@
+"""Command line beyond the manager: `sis console`, `--log_level N`, `sis worker ... --force_resume`, and the
+cleanup of job folders (tk.cleaner: unused folders removed after a yes, never a running job's)."""
+import fcntl
+import os
+import subprocess
+import sys
+import time
+
+from sis_util import TINY_RECIPE, make_setup, run_sis
+
+CONFIG = '''
+from sisyphus import tk
+from steps import Concat, WriteText
+
+
+def py():
+    a = WriteText("a")
+    a.set_vis_name("Text a")
+    tk.register_output("joined.txt", Concat([a.out_file, WriteText("b").out_file]).out_file)
+'''
+
+FAIL_ONCE_CONFIG = '''
+from sisyphus import tk
+from steps import FailOnce
+
+
+def py():
+    tk.register_output("done.txt", FailOnce("flag").out_file)
+'''
+
+SMALLER_CONFIG = '''
+from sisyphus import tk
+from steps import WriteText
+
+
+def py():
+    tk.register_output("a.txt", WriteText("a").out_file)
+'''
+
+
+def test_console_runs_code_with_the_graph_and_helpers(tmp_path):
+    setup = make_setup(tmp_path, recipes={"steps": TINY_RECIPE}, configs={"run": CONFIG})
+    code = "print(len(graph.jobs()), sorted(graph.outputs)); print([j.get_vis_name() for j in find_job('WriteText')])"
+    result = run_sis(setup, "--config", "config/run.py", "console", "-c", code)
+    assert result.returncode == 0, result.output
+    assert "3 ['joined.txt']" in result.stdout and "'Text a'" in result.stdout
+
+
+def test_interactive_console_reads_stdin(tmp_path):
+    setup = make_setup(tmp_path, recipes={"steps": TINY_RECIPE}, configs={"run": CONFIG})
+    result = run_sis(setup, "--config", "config/run.py", "console", input="print('jobs:', len(jobs()))\n")
+    assert result.returncode == 0, result.output
+    assert "jobs: 3" in result.output and "Sisyphus console: 3 jobs, 1 outputs loaded" in result.output
+
+
+def test_log_level_number_hides_info_lines(tmp_path):
+    setup = make_setup(tmp_path, recipes={"steps": TINY_RECIPE}, configs={"run": CONFIG})
+    quiet = run_sis(setup, "--log_level", "30", "--config", "config/run.py", "m", "-r")
+    assert quiet.returncode == 0, quiet.output
+    assert "INFO" not in quiet.output
+    verbose = run_sis(setup, "--log_level", "20", "--config", "config/run.py", "m", "-r")
+    assert "INFO: All 1 outputs finished" in verbose.output
+
+
+def test_worker_force_resume_reruns_a_failed_task(tmp_path):
+    setup = make_setup(tmp_path, recipes={"steps": TINY_RECIPE}, configs={"run": FAIL_ONCE_CONFIG})
+    first = run_sis(setup, "--config", "config/run.py", "m", "-r")
+    assert first.returncode == 1
+    (job_dir,) = (tmp_path / "work" / "steps").glob("FailOnce.*")
+    assert (job_dir / "error.run.1").exists()
+    relative = os.path.relpath(job_dir, tmp_path)
+    refused = run_sis(setup, "worker", relative, "run", "1")
+    assert refused.returncode == 1 and "--force_resume" in refused.output
+    forced = run_sis(setup, "worker", relative, "run", "1", "--force_resume")
+    assert forced.returncode == 0, forced.output
+    assert (job_dir / "finished.run.1").exists() and not (job_dir / "error.run.1").exists()
+    assert run_sis(setup, "--config", "config/run.py", "m", "-r").returncode == 0
+
+
+def test_cleaner_removes_unused_folders_after_a_yes_but_never_a_running_one(tmp_path):
+    setup = make_setup(tmp_path, recipes={"steps": TINY_RECIPE}, configs={"run": CONFIG, "small": SMALLER_CONFIG})
+    assert run_sis(setup, "--config", "config/run.py", "m", "-r").returncode == 0
+    steps = tmp_path / "work" / "steps"
+    (concat,) = steps.glob("Concat.*")
+    (write_b,) = [p for p in steps.glob("WriteText.*") if (p / "output" / "text.txt").read_text() == "b"]
+    (write_a,) = [p for p in steps.glob("WriteText.*") if p != write_b]
+
+    # A worker of write_b's task holds its lock: the folder counts as running.
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a'); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)",
+                               str(write_b / "lock.run.1")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        clean = "tk.cleaner(clean_work_dir=True, mode='remove')"
+        declined = run_sis(setup, "--config", "config/small.py", "console", "-c", clean, input="n\n")
+        assert declined.returncode == 0, declined.output
+        assert "steps/Concat." in declined.stdout and "Nothing changed." in declined.stdout
+        assert concat.is_dir() and write_b.is_dir()
+        accepted = run_sis(setup, "--config", "config/small.py", "console", "-c", clean, input="y\n")
+        assert accepted.returncode == 0, accepted.output
+        assert not concat.exists() and write_b.is_dir() and write_a.is_dir()
+    finally:
+        holder.kill()
+        holder.wait()
+    with open(write_b / "lock.run.1", "a") as f:  # released: nothing else holds it
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def test_cleaner_packs_finished_job_folders(tmp_path):
+    setup = make_setup(tmp_path, recipes={"steps": TINY_RECIPE}, configs={"run": CONFIG})
+    assert run_sis(setup, "--config", "config/run.py", "m", "-r").returncode == 0
+    result = run_sis(setup, "--config", "config/run.py", "console", "-c",
+                     "tk.cleaner(clean_job_dir=True, mode='remove'); print(tk.load_job(str(jobs()[0]._sis_path(abspath=True))).job_id())")
+    assert result.returncode == 0, result.output
+    for folder in (tmp_path / "work" / "steps").iterdir():
+        assert sorted(p.name for p in folder.iterdir()) == ["finished.tar.gz", "info", "output"]
+    assert "steps/Concat." in result.stdout
+    rerun = run_sis(setup, "--config", "config/run.py", "m", "-r")
+    assert rerun.returncode == 0 and "submit" not in rerun.output
