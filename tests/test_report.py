@@ -54,3 +54,27 @@ def test_report_bad_input_leaves_no_output(tmp_path):
     config.write_text(json.dumps({"results": {"m": {"sst2": 3}}, "output_dir": str(tmp_path / "out"), "colour": "red"}))
     proc = _run(config)
     assert proc.returncode == 2 and "colour" in proc.stderr
+
+
+def test_accuracy_plot_shows_the_differences(tmp_path):
+    sys.path.insert(0, str(ROOT / "code"))
+    from modelmerge.report import accuracy_figure
+
+    tasks = ["sst2", "imdb"]
+    table = {"pretrained": {"sst2": 0.912, "imdb": 0.763}, "merged": {"sst2": 0.858}, "multitask": {"sst2": 0.8, "imdb": 0.9}}
+    fig = accuracy_figure(tasks, table, "t")
+    ax = fig.axes[0]
+    # The axis starts at the multiple of 5 at least one point below the lowest accuracy (76.3 -> 75), not at 0,
+    # and ends above the highest (91.2) with room for the labels.
+    low, high = ax.get_ylim()
+    assert low == 75 and 91.2 < high < 100
+    # Every bar carries its value (one decimal, in %); a task a model was not evaluated on has no label.
+    labels = sorted(t.get_text() for t in ax.texts if t.get_text())
+    expected = [91.2, 76.3, 100 * (0.912 + 0.763) / 2, 85.8, 85.8, 80.0, 90.0, 85.0]
+    assert labels == sorted(f"{v:.1f}" for v in expected)
+    # The legend names every model and stands right of the plotting area, over no bar.
+    fig.canvas.draw()
+    legend = ax.get_legend()
+    assert [t.get_text() for t in legend.get_texts()] == list(table)
+    assert legend.get_window_extent().x0 >= ax.get_window_extent().x1
+    __import__("matplotlib.pyplot").pyplot.close(fig)

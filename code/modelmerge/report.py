@@ -71,23 +71,58 @@ def write_csv(path, tasks, rows):
             writer.writerow([row[0]] + [f"{v:.6f}" for v in row[1:]])
 
 
-def plot_accuracy(path, tasks, table, title=None):
-    """Grouped bars: one group per task (and the average), one bar per model."""
+def fitted_range(values, step=5.0, headroom=0.0):
+    """(low, high) of an axis fitted to `values` (in %): from the multiple of `step` at least 1 below the
+    smallest down to 0 at the least, to the largest plus `headroom` of the span (room for value labels)."""
+    finite = [v for v in values if not math.isnan(v)]
+    if not finite:
+        return 0.0, 100.0
+    low = max(0.0, step * math.floor((min(finite) - 1) / step))
+    top = max(finite) + 1
+    return low, top + headroom * (top - low)
+
+
+def model_colors(count):
+    """Distinct colours for `count` bars of a group (tab10, tab20 beyond ten, a continuous map beyond twenty)."""
+    if count <= 10:
+        return [plt.get_cmap("tab10")(i) for i in range(count)]
+    if count <= 20:
+        return [plt.get_cmap("tab20")(i) for i in range(count)]
+    return [plt.get_cmap("turbo")(i / (count - 1)) for i in range(count)]
+
+
+def accuracy_figure(tasks, table, title=None):
+    """Grouped bars: one group per task (and the average, set apart), one bar per model, each bar labelled with
+    its accuracy; the axis spans the accuracies (not 0-100, so that the differences people compare show) and
+    the legend stands right of the plot."""
     groups = tasks + ["average"]
     models = list(table)
-    width = 0.8 / max(len(models), 1)
-    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(groups) + 0.3 * len(models)), 4.5))
-    for i, model in enumerate(models):
-        values = [table[model].get(task, math.nan) for task in tasks] + [average(table[model].values())]
+    values = {model: [100 * table[model].get(task, math.nan) for task in tasks] + [100 * average(table[model].values())]
+              for model in models}
+    width = 0.85 / max(len(models), 1)
+    bar_inches = 0.26  # wide enough for a vertical label in 7-point type
+    fig, ax = plt.subplots(figsize=(max(7.0, len(groups) * (len(models) * bar_inches + 0.4) + 1.5), 5.0))
+    for i, (model, color) in enumerate(zip(models, model_colors(len(models)))):
         positions = [g + (i - (len(models) - 1) / 2) * width for g in range(len(groups))]
-        ax.bar(positions, [100 * v for v in values], width, label=model)
+        bars = ax.bar(positions, values[model], width, label=model, color=color)
+        ax.bar_label(bars, labels=["" if math.isnan(v) else f"{v:.1f}" for v in values[model]], rotation=90,
+                     padding=2, fontsize=7)
+    low, high = fitted_range([v for row in values.values() for v in row], headroom=0.12)
+    ax.set_ylim(low, high)
+    ax.axvline(len(tasks) - 0.5, color="0.6", linestyle="--", linewidth=0.8)  # the average is not a task
     ax.set_xticks(range(len(groups)), groups)
+    ax.set_xlim(-0.5, len(groups) - 0.5)
     ax.set_ylabel("accuracy (%)")
-    ax.set_ylim(0, 100)
+    ax.yaxis.grid(True, alpha=0.3)
+    ax.set_axisbelow(True)
     ax.set_title(title or "Accuracy per task")
-    ax.legend(fontsize="small", loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    return fig
+
+
+def plot_accuracy(path, tasks, table, title=None):
+    fig = accuracy_figure(tasks, table, title)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -110,9 +145,9 @@ def plot_sweep(path, curves, xlabel="scaling factor α", title=None):
     ax.set_ylabel("average accuracy (%)")
     ax.set_title(title or "Average accuracy against the scaling factor")
     ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    ax.set_ylim(*fitted_range([100 * y for points in curves.values() for _, y in points], step=1.0, headroom=0.05))
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
