@@ -120,7 +120,7 @@ class TorchFile:
                         raise
                     state = torch.load(self.path, map_location="cpu", weights_only=True)  # legacy format
             except Exception as error:
-                raise CheckpointError(f"{self.path}: not a loadable state dict ({error})") from None
+                raise CheckpointError(f"{self.path}: {_load_failure(error)}") from None
             if isinstance(state, dict) and set(state) == {"state_dict"}:
                 state = state["state_dict"]
             if not isinstance(state, dict) or not all(
@@ -135,6 +135,20 @@ class TorchFile:
 
     def release(self):
         self._state = None
+
+
+def _load_failure(error):
+    """One line saying why torch.load (weights only) refused a file: a pickle naming something other than
+    tensors is refused on purpose, as loading it could run any code."""
+    message = str(error)
+    blocked = re.search(r"unsupported GLOBAL (\S+)|Unsupported global: GLOBAL (\S+)", message)
+    if blocked:
+        name = blocked.group(1) or blocked.group(2)
+        return (f"refused: a pickle checkpoint that names {name}, not only tensors (loading it could run code); "
+                "save the state dict with torch.save(model.state_dict()) or as safetensors")
+    boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
+    lines = [line.strip() for line in message.splitlines() if line.strip() and not line.startswith(boilerplate)]
+    return f"not a loadable state dict ({(lines[0] if lines else type(error).__name__)[:200]})"
 
 
 def _open_file(path):
