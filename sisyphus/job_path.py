@@ -115,6 +115,10 @@ class AbstractPath(DelayedBase):
     def get(self):
         return self.get_path()
 
+    def is_set(self):
+        """A delayed value is set once it can be read: a path once it is available."""
+        return self.available()
+
     def available(self, debug_info=None):
         """True once the file can be used: its job says so (by default: it finished), or (graph input) it exists."""
         if getattr(self, "_available", None):

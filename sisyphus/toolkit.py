@@ -7,6 +7,7 @@ import shutil
 import tarfile
 import tempfile
 
+import sisyphus.block as _blocks
 import sisyphus.global_settings as gs
 from sisyphus.block import block, set_root_block, sub_block
 from sisyphus.delayed_ops import Delayed, DelayedBase, DelayedFormat, DelayedJoin
@@ -21,7 +22,7 @@ __all__ = ["Path", "Variable", "AbstractPath", "VariableNotSet", "Job", "gs", "D
            "async_run", "async_gather", "running_in_manager", "running_in_worker", "setup_path", "zipped",
            "sis_graph", "block", "sub_block", "set_root_block", "sh", "mktemp", "dump", "load_file", "load_job",
            "find_job", "find_path", "setup_job_directory", "run_job", "run", "cached_engine", "export_graph",
-           "remove_job_and_descendants", "import_work_directory", "cleaner", "current_config"]
+           "remove_job_and_descendants", "import_work_directory", "cleaner", "current_config", "async_context"]
 
 
 class BlockedWorkflow(Exception):
@@ -90,6 +91,21 @@ def current_config():
 
 
 current_config_ = None
+
+
+class async_context:
+    """`with tk.async_context():` code outside the current config: no current config, no active blocks (restored
+    at exit), so jobs created inside are not filed under the config's blocks."""
+
+    def __enter__(self):
+        global current_config_
+        self.saved = current_config_, _blocks.active_blocks, _blocks.all_root_blocks
+        current_config_, _blocks.active_blocks, _blocks.all_root_blocks = None, set(), []
+        return self
+
+    def __exit__(self, exc_type, exc_value, traceback):
+        global current_config_
+        current_config_, _blocks.active_blocks, _blocks.all_root_blocks = self.saved
 
 
 def zipped(filename):

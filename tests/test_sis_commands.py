@@ -117,3 +117,43 @@ def test_cleaner_packs_finished_job_folders(tmp_path):
     assert "steps/Concat." in result.stdout
     rerun = run_sis(setup, "--config", "config/run.py", "m", "-r")
     assert rerun.returncode == 0 and "submit" not in rerun.output
+
+
+REPORT_CONFIG = """
+import os
+
+from sisyphus import tk
+from steps import Concat, WriteText
+
+
+def record(name):
+    with open(os.path.join(os.environ["SIS_TEST_SETUP"], "callback.txt"), "a") as f:
+        f.write(name + "\\n")
+
+
+def py():
+    joined = Concat([WriteText("x").out_file, WriteText("yz").out_file])
+    tk.register_output("joined.txt", joined.out_file)
+    tk.register_report("report.txt", {"length": joined.out_length, "doubled": joined.out_length * 2},
+                       template="length={length} doubled={doubled}")
+    tk.register_callback(record, "all done")
+    if os.environ.get("HOLD_JOB"):
+        held = WriteText("never")
+        held.hold()
+        tk.register_output("held.txt", held.out_file)
+"""
+
+
+def test_reports_callbacks_and_held_jobs(tmp_path):
+    setup = make_setup(tmp_path, recipes={"steps": TINY_RECIPE}, configs={"report": REPORT_CONFIG})
+    result = run_sis(setup, "--config", "config/report.py", "m", "-r", extra_env={"HOLD_JOB": "1"})
+    assert result.returncode == 1  # the held job's output is missing
+    assert "hold: Job<work/steps/WriteText." in result.output
+    assert (tmp_path / "output" / "report.txt").read_text() == "length=4 doubled=8"
+    assert (tmp_path / "output" / "joined.txt").read_text() == "x yz"
+    assert not (tmp_path / "output" / "held.txt").exists() and not (tmp_path / "callback.txt").exists()
+    held = [p for p in (tmp_path / "work" / "steps").glob("WriteText.*")]
+    assert len(held) == 2  # the held job's folder was never set up
+    again = run_sis(setup, "--config", "config/report.py", "m", "-r")
+    assert again.returncode == 0, again.output
+    assert (tmp_path / "callback.txt").read_text() == "all done\n"

@@ -1,12 +1,15 @@
 """`sis m --http PORT`: the status page, loaded in a real headless Chromium while the manager runs. The page
 lists the jobs by state, shows the failed job with its log tail, and follows the manager (a job seen running is
 later shown finished). A screenshot is saved to test-artifacts/sis_http_status.png in the repository."""
+import json
 import os
 import shutil
 import socket
 import subprocess
 import tempfile
 import time
+import urllib.request
+from urllib.parse import quote
 
 import pytest
 
@@ -84,6 +87,12 @@ def test_status_page_in_headless_chromium(tmp_path):
         assert '<span class="state error">error</span>' in dom
         assert "RuntimeError: boom from the test" in dom  # the failed task's log tail
         assert '<span class="state running">running</span>' in dom
+
+        status = json.load(urllib.request.urlopen(url + "status.json", timeout=30))
+        sleeper = next(job for job in status["jobs"] if job["vis_name"] == "First sleeper")
+        assert sleeper["state"] == "running" and sleeper["aliases"] == ["sleepers/first"]
+        detail = urllib.request.urlopen(url + "job/" + quote(sleeper["id"]), timeout=30).read().decode()
+        assert "<td>&#x27;seconds&#x27;</td><td>120</td>" in detail and "release-first" in detail
 
         os.makedirs(os.path.dirname(SCREENSHOT), exist_ok=True)
         chromium(f"--screenshot={SCREENSHOT}", "--window-size=1280,900", url)

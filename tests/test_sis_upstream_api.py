@@ -154,6 +154,7 @@ def test_path_and_variable_semantics(setup_dir, monkeypatch):
     assert not isinstance(job.out_score, Path) and isinstance(job.out_score, AbstractPath)
     assert isinstance(job.out_dir, DelayedBase) and tk.is_path(job.out_score)
     assert repr(job.out_dir) == f"<Path {job.out_dir.get_path()}>"
+    assert not job.out_dir.is_set() and not DelayedFormat("{}/x", job.out_dir).is_set()
     assert repr(job.out_score) == f"<Variable {job.out_score.rel_path()}>"
     assert job.out_score.get().startswith("<UNFINISHED VARIABLE")
     monkeypatch.setattr(gs, "RAISE_VARIABLE_NOT_SET_EXCEPTION", True)
@@ -177,9 +178,11 @@ def test_tags_blocks_and_vis_names_leave_ids_alone(setup_dir):
         inner_job = Takes("in block")
         with tk.block("inner"):
             deeper = Takes("deeper")
+        with tk.async_context():
+            outside = Takes("outside any block")
+    assert outside not in outer.children and block_module.active_blocks == set()
     assert inner_job in outer.children and [b.name for b in outer.get_sub_blocks()] == ["inner"]
     assert deeper in outer.get_sub_blocks()[0].children
-    assert block_module.active_blocks == set() or outer not in block_module.active_blocks
     assert inner_job.set_vis_name("Nice name") is inner_job and inner_job.get_vis_name() == "Nice name"
 
 

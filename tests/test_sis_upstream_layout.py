@@ -46,6 +46,12 @@ def test_upstream_layout_collection_runs_end_to_end(tmp_path):
         names = set(tar.getnames())
     assert {"finished", "job.save", "log.run.1", "log.run.1.error.01", "error.run.1.01"} <= names
 
+    # Upstream's module path rule: a leading `recipe.` is not part of the id, so both import styles give one job.
+    code = ("import recipe.demo_pkg.numbers as a, demo_pkg.numbers as b; "
+            "print(a.WriteNumbers(5).job_id() == b.WriteNumbers(5).job_id() == %r)" % numbers_id)
+    same = run_sis(str(setup), "console", "-c", code, "config/demo.py")
+    assert same.returncode == 0 and same.stdout.strip().endswith("True"), same.output
+
     rerun = run_sis(str(setup), "m", "-r", "config/demo.py", "config/other.py", extra_env={"DEMO_SETUP": str(setup)})
     assert rerun.returncode == 0, rerun.output
     assert "submit" not in rerun.output
