@@ -109,6 +109,13 @@ def test_a_file_output_knows_its_kind_through_written_by(tmp_path):
     assert out.read_text() == "merge 2" and os.listdir(tmp_path) == ["merged.safetensors"]
 
 
+def test_an_empty_folder_holds_nothing_to_lose_and_is_replaced(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    write_dir(out, "new", kind="merge")
+    assert (out / "data").read_text() == "new"
+
+
 def test_without_a_kind_anything_is_replaced_as_before(tmp_path):
     out = tmp_path / "out"
     out.mkdir()

@@ -15,8 +15,9 @@ the user's own files or an input.
   and a stale temporary that the next run removes.
 - With a `kind` (what the program writes, e.g. "merge"), an existing output is replaced only if it was
   written as that kind (folders carry a `.written-by` file; a file tells its kind through `written_by`),
-  or with `overwrite=True`; and an output that is, holds or lies inside one of `inputs` is refused even
-  then (`OutputError`, one line). Without a `kind`, any existing output is replaced (the older behaviour).
+  if it is an empty folder, or with `overwrite=True`; and an output that is, holds or lies inside one of
+  `inputs` is refused even then (`OutputError`, one line). Without a `kind`, any existing output is
+  replaced (the older behaviour).
 """
 import ctypes
 import errno
@@ -80,7 +81,7 @@ def claim_output(target, kind=None, *, inputs=(), overwrite=False, written_by=No
     parent, prefix = _temp_prefix(target)
     if kind is not None:
         _check_not_an_input(target, inputs)
-        if os.path.lexists(target) and not overwrite:
+        if os.path.lexists(target) and not overwrite and not _empty_folder(target):
             found = written_kind(target, written_by)
             if found != kind:
                 what = "not an output of this program" if found is None else f"written as {found!r}"
@@ -115,6 +116,11 @@ def write_jsonl(path, rows):
         with open(tmp, "w") as f:
             for row in rows:
                 f.write(json.dumps(row) + "\n")
+
+
+def _empty_folder(path):
+    """An empty folder (not a link to one) holds nothing to lose: it may be replaced."""
+    return os.path.isdir(path) and not os.path.islink(path) and not os.listdir(path)
 
 
 def _check_not_an_input(target, inputs):

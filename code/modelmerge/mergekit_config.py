@@ -133,7 +133,7 @@ def plan_config(config):
     else:
         method = load_method(mapping.ours)
     if method.stats or method.base_stats:
-        raise MergeError(f"merge_method {name}: needs statistics, which mergekit configurations cannot name; use --merge")
+        raise MergeError(f"merge_method {name}: needs statistics, which mergekit configurations cannot name; give the method and its statistics directly")
     references = _References()
     base_ref = config.get("base_model")
     slices = _slices(config, references, base_ref)

@@ -5,7 +5,6 @@ The fields hold parsed values: paths as strings, `dtype` a torch dtype, `device`
 bytes. Method parameters (`params`) stay as given (strings from a command line, numbers from YAML):
 the method's declared parameters convert and check them (merging/parameters.py).
 """
-import math
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Mapping
@@ -88,15 +87,6 @@ def check_device(device) -> torch.device:
     return device
 
 
-def dtype_by_name(name: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise MergeError(f"dtype {name!r} is not one of {', '.join(DTYPES)}")
-    return DTYPES[name]
-
-
 def dtype_name(dtype: torch.dtype) -> str:
     return next(name for name, value in DTYPES.items() if value == dtype)
 
-
-def is_finite_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
