@@ -38,7 +38,7 @@ def parse_args(argv):
     parser.add_argument("--ancestor", required=True, help="θ_0")
     parser.add_argument("--models", nargs="+", required=True, help="the task models θ_t")
     parser.add_argument("--datasets", nargs="+", required=True, help="each task's data set (inputs only), same order")
-    parser.add_argument("--split", default="validation", help="the split whose inputs are used (labels are not read)")
+    parser.add_argument("--split", nargs="+", default=["validation"], help="the split of each data set (one for all, or one per data set)")
     parser.add_argument("--num_examples", type=int, default=64, help="first examples of each data set used")
     parser.add_argument("--iterations", type=int, default=100, help="Adam steps (≥ 0)")
     parser.add_argument("--learning_rate", type=float, default=1e-3)
@@ -50,6 +50,9 @@ def parse_args(argv):
     parser.add_argument("--output", required=True, help="the merged model folder")
     parser.add_argument("--no_progress", action="store_true")
     args = parser.parse_args(argv)
+    if len(args.split) not in (1, len(args.datasets)):
+        parser.error(f"--split: give one split for all data sets or one per data set ({len(args.datasets)})")
+    args.split = args.split * len(args.datasets) if len(args.split) == 1 else args.split
     if len(args.datasets) != len(args.models):
         parser.error(f"--datasets: got {len(args.datasets)} for {len(args.models)} models (one per model, same order)")
     if args.iterations < 0 or not 0 <= args.prior <= 1 or args.learning_rate <= 0:
@@ -71,7 +74,8 @@ def main(argv):
     try:
         for path in [args.ancestor, *args.models]:
             check_model_path(path, "--models/--ancestor")
-        texts = [load_split(name, args.split, args.data_dir)["text"][: args.num_examples] for name in args.datasets]
+        texts = [load_split(name, split, args.data_dir)["text"][: args.num_examples]
+                 for name, split in zip(args.datasets, args.split)]
         model, tokenizer = load_for_task(args.ancestor)
     except ValueError as error:
         raise MergeError(str(error)) from None

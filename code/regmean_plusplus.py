@@ -31,7 +31,7 @@ def parse_args(argv):
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", required=True, help="the task models θ_t")
     parser.add_argument("--datasets", nargs="+", required=True, help="each task model's data set, same order")
-    parser.add_argument("--split", default="train", help="the split the Gram matrices are taken on")
+    parser.add_argument("--split", nargs="+", default=["train"], help="the split of each data set (one for all, or one per data set)")
     parser.add_argument("--num_examples", type=int, default=256, help="first examples of each data set used")
     parser.add_argument("--alpha", type=float, default=0.5, help="α: scale of the Gram matrices' off-diagonal entries, in [0, 1]")
     parser.add_argument("--batch_size", type=int, default=16)
@@ -41,6 +41,9 @@ def parse_args(argv):
     parser.add_argument("--output", required=True, help="the merged model folder")
     parser.add_argument("--no_progress", action="store_true")
     args = parser.parse_args(argv)
+    if len(args.split) not in (1, len(args.datasets)):
+        parser.error(f"--split: give one split for all data sets or one per data set ({len(args.datasets)})")
+    args.split = args.split * len(args.datasets) if len(args.split) == 1 else args.split
     if len(args.datasets) != len(args.models):
         parser.error(f"--datasets: got {len(args.datasets)} for {len(args.models)} models (one per model, same order)")
     if not 0 <= args.alpha <= 1:
@@ -56,7 +59,7 @@ def main(argv):
     try:
         for path in args.models:
             check_model_path(path, "--models")
-        datasets = [load_split(name, args.split, args.data_dir, args.task_type) for name in args.datasets]
+        datasets = [load_split(name, split, args.data_dir, args.task_type) for name, split in zip(args.datasets, args.split)]
         loaded = [load_for_task(path, args.task_type) for path in args.models]
     except ValueError as error:
         raise MergeError(str(error)) from None

@@ -15,7 +15,7 @@ do not combine four task models and are not run here.
 from sisyphus import tk
 
 from model_merging import pipeline, presets
-from model_merging.merge import MergeJob
+from model_merging.merge import AdaMergingJob, MergeJob, RegMeanPlusPlusJob
 from model_merging.report import ReportJob
 from model_merging.statistics import GramJob
 
@@ -54,6 +54,9 @@ MERGE_GRIDS = {
     "wudi": dict(method="wudi", fixed={"iterations": 300}),
     "magmax": dict(method="magmax", sweep="merge_lambda", grid="scaling_factors"),
     "consensus (ta)": dict(method="consensus", sweep="k", grid=[1, 2, 3], fixed={"tall_mask_lambda": 0.6}),
+    # data-aware: their own programs (DATA_AWARE), on each task's data
+    "regmean++": dict(method="regmean_plusplus", sweep="alpha", grid=[0.1, 0.5, 0.9]),
+    "adamerging": dict(method="adamerging", sweep="iterations", grid=[50, 200]),
 }
 ROBUSTNESS = ("task arithmetic", "gradient matching")  # drawn against α on the test data
 
@@ -82,9 +85,26 @@ def fixed_parameters(spec, preset):
     return parameters
 
 
+def data_aware_merge(experiment, method, value):
+    """RegMean++ (Grams on each task's statistics split) or AdaMerging (entropy on its validation inputs)."""
+    preset = experiment.preset
+    tasks = list(preset["tasks"])
+    models, data = [experiment.models[t] for t in tasks], [experiment.data[t] for t in tasks]
+    if method == "regmean_plusplus":
+        split = [preset["tasks"][t]["fisher_split"] for t in tasks]
+        return RegMeanPlusPlusJob(models, data, split, alpha=value, **preset["rqmt"]["statistics"]).out_model
+    split = [preset["validation_splits"][t] for t in tasks]
+    return AdaMergingJob(experiment.pretrained, models, data, split, iterations=value, **preset["rqmt"]["statistics"]).out_model
+
+
+DATA_AWARE = ("regmean_plusplus", "adamerging")
+
+
 def merge(experiment, label, value, initial_models):
     """The model merged by method `label` with its swept hyperparameter at `value`."""
     spec, preset = MERGE_GRIDS[label], experiment.preset
+    if spec["method"] in DATA_AWARE:
+        return data_aware_merge(experiment, spec["method"], value)
     if label in ROBUSTNESS:  # the paper's own command lines, shared with config/example.py at α = 1
         task_arithmetic, gradient_matching = pipeline.paper_merges(experiment, value)
         return task_arithmetic if label == "task arithmetic" else gradient_matching

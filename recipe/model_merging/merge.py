@@ -106,3 +106,69 @@ class UncertaintyBasedGradientMatchingJob(CommandJob):
                 "--scaling_factors_ft", ",".join(map(str, self.scaling_factors_finetuned)),
                 "--task_type", self.task_type,
                 "--out_model_path", self.out_model_path.get_path()]
+
+
+def _splits(split):
+    return [split] if isinstance(split, str) else list(split)
+
+
+class RegMeanPlusPlusJob(CommandJob):
+    """RegMean++ (Nguyen et al., 2025): merge layer by layer with Gram matrices taken from the partly merged
+    model on each task's data (`code/regmean_plusplus.py`).
+
+    models: the task models θ_t; datasets: each task's data set (folder or name), same order; split: the
+    split the Grams are taken on (one for all, or a list, one per data set). Output: `out_model`, a model folder.
+    """
+
+    def __init__(self, models, datasets, split="train", *, alpha=0.5, num_examples=256, batch_size=16, max_length=128,
+                 time_rqmt=1, mem_rqmt=8, cpu_rqmt=1, gpu_rqmt=0):
+        self.models = list(models)
+        self.datasets = list(datasets)
+        self.split = split
+        self.alpha = alpha
+        self.num_examples = num_examples
+        self.batch_size = batch_size
+        self.max_length = max_length
+        self.rqmt = rqmt(time_rqmt, mem_rqmt, cpu_rqmt, gpu_rqmt)
+        self.out_model = self.output_path("model")
+
+    def command(self):
+        return [*self.program_command("regmean_plusplus.py"), "--models", *map(_path, self.models),
+                "--datasets", *map(_path, self.datasets), "--split", *_splits(self.split), "--alpha", str(self.alpha),
+                "--num_examples", str(self.num_examples), "--batch_size", str(self.batch_size),
+                "--max_length", str(self.max_length), "--output", self.out_model.get_path()]
+
+
+class AdaMergingJob(CommandJob):
+    """AdaMerging (Yang et al., ICLR 2024): learn layer-wise merge coefficients by entropy minimisation on
+    unlabelled inputs of each task, then merge with them (`code/adamerging.py`).
+
+    ancestor: θ_0; models: θ_t; datasets: each task's data set, same order; split: whose inputs are used (one
+    for all, or a list, one per data set).
+    Output: `out_model`, a model folder with adamerging.json (the learned coefficients, entropy per step).
+    """
+
+    def __init__(self, ancestor, models, datasets, split="validation", *, iterations=100, learning_rate=1e-3, prior=0.3,
+                 num_examples=64, batch_size=16, max_length=128, time_rqmt=1, mem_rqmt=8, cpu_rqmt=1, gpu_rqmt=0):
+        self.ancestor = ancestor
+        self.models = list(models)
+        self.datasets = list(datasets)
+        self.split = split
+        self.iterations = iterations
+        self.learning_rate = learning_rate
+        self.prior = prior
+        self.num_examples = num_examples
+        self.batch_size = batch_size
+        self.max_length = max_length
+        self.rqmt = rqmt(time_rqmt, mem_rqmt, cpu_rqmt, gpu_rqmt)
+        self.out_model = self.output_path("model")
+
+    def command(self):
+        cmd = [*self.program_command("adamerging.py"), "--ancestor", _path(self.ancestor),
+               "--models", *map(_path, self.models), "--datasets", *map(_path, self.datasets), "--split", *_splits(self.split),
+               "--iterations", str(self.iterations), "--learning_rate", str(self.learning_rate), "--prior", str(self.prior),
+               "--num_examples", str(self.num_examples), "--batch_size", str(self.batch_size),
+               "--max_length", str(self.max_length)]
+        if self.rqmt["gpu"] > 0:
+            cmd += ["--device", "cuda"]
+        return cmd + ["--output", self.out_model.get_path()]
