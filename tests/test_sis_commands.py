@@ -157,3 +157,31 @@ def test_reports_callbacks_and_held_jobs(tmp_path):
     again = run_sis(setup, "--config", "config/report.py", "m", "-r")
     assert again.returncode == 0, again.output
     assert (tmp_path / "callback.txt").read_text() == "all done\n"
+
+
+def test_console_helpers_run_remove_and_import_jobs(tmp_path):
+    first = make_setup(tmp_path / "first", recipes={"steps": TINY_RECIPE}, configs={"run": CONFIG})
+    code = ("j = find_job('Concat')[0]; run(j.out_file, quiet=True); print('joined:', open(j.out_file.get_path()).read()); "
+            "print('exit', run_job(j, 'run', 1))")
+    ran = run_sis(first, "--config", "config/run.py", "console", "-c", code)
+    assert ran.returncode == 0, ran.output
+    assert "joined: a b" in ran.stdout and "exit 0" in ran.stdout  # run_job: already finished, nothing to do
+    steps = tmp_path / "first" / "work" / "steps"
+    assert len(list(steps.iterdir())) == 3
+
+    second = make_setup(tmp_path / "second", recipes={"steps": TINY_RECIPE}, configs={"run": CONFIG})
+    imported = run_sis(second, "--config", "config/run.py", "console", "-c",
+                       f"print(sorted(import_work_directory({str(tmp_path / 'first' / 'work')!r}, mode='symlink')))")
+    assert imported.returncode == 0, imported.output
+    assert sorted(p.name for p in (tmp_path / "second" / "work" / "steps").iterdir()) == \
+        sorted(p.name for p in steps.iterdir())
+    rerun = run_sis(second, "--config", "config/run.py", "m", "-r")
+    assert rerun.returncode == 0 and "submit" not in rerun.output
+
+    (write_a,) = [p for p in steps.glob("WriteText.*") if (p / "output" / "text.txt").read_text() == "a"]
+    remove = "remove_job_and_descendants(find_job('WriteText')[0] if find_job('WriteText')[0].text == 'a' " \
+             "else find_job('WriteText')[1], mode='remove')"
+    removed = run_sis(first, "--config", "config/run.py", "console", "-c", remove, input="y\n")
+    assert removed.returncode == 0, removed.output
+    assert sorted(p.name.split(".")[0] for p in steps.iterdir()) == ["WriteText"]  # b stays
+    assert not write_a.exists()
