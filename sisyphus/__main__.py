@@ -46,17 +46,22 @@ def _parser():
     manager.add_argument("-io", dest="ignore_errors", action="store_true",
                          help="do not ask whether to clear failed jobs")
     manager.add_argument("--http", type=int, metavar="PORT", help="serve a status page on http://127.0.0.1:PORT/")
+    manager.add_argument("-i", "--interactive", action="store_true", help="ask before submitting each job")
     manager.add_argument("configs", nargs="*", metavar="CONFIG", help="further config files")
     console = commands.add_parser("console", aliases=["c"], help="load the configs and open a Python shell with "
                                   "the graph (tk, gs, graph, jobs, find_job, run_job, cleaner, ...)")
-    console.add_argument("-c", "--command", dest="code", help="run this Python code in the shell's namespace instead")
+    console.add_argument("-c", "--command", dest="code", action="append", default=[],
+                         help="run this Python code in the shell's namespace instead (repeatable)")
+    console.add_argument("--skip_config", action="store_true", help="do not load the configs")
     console.add_argument("configs", nargs="*", metavar="CONFIG", help="further config files")
     worker = commands.add_parser("worker", help="run one task of one job (the engines call this)")
     worker.add_argument("jobdir")
     worker.add_argument("task_name")
     worker.add_argument("task_id", nargs="?", type=int)
     worker.add_argument("--engine", help="engine selector key the task was routed to")
-    worker.add_argument("--force_resume", "--force-resume", dest="force_resume", action="store_true",
+    worker.add_argument("--redirect_output", action="store_true",
+                        help="write stdout and stderr into the task's log file (log.<task>.<id>)")
+    worker.add_argument("--force_resume", "--force-resume", "--fr", dest="force_resume", action="store_true",
                         help="run a task id in error state again (resume method if it has one)")
     return parser
 
@@ -72,7 +77,8 @@ def _manager(args):
         logging.info("Loaded %s: %d jobs, %d outputs in %.2f s", " ".join(loader.loaded), len(jobs),
                      len(tk.sis_graph.outputs), time.perf_counter() - start)
         manager = Manager(tk.sis_graph, _engine(), loader, clear_errors=args.clear_errors,
-                          clear_interrupts=args.clear_interrupts, ignore_errors=args.ignore_errors)
+                          clear_interrupts=args.clear_interrupts, ignore_errors=args.ignore_errors,
+                          interactive=args.interactive)
         server = _start_http(manager, args.http) if args.http is not None else None
         try:
             return manager.run(ask=not args.run)
@@ -126,11 +132,20 @@ def _console(args):
     import sisyphus.toolkit as tk
     from sisyphus.console import console_namespace
 
-    loader = _load_configs(args)
+    import sisyphus.global_settings as gs
+    from sisyphus.loader import ConfigLoader
+
+    if args.skip_config:
+        gs.load_settings(os.getcwd())
+        loader = ConfigLoader()
+    else:
+        loader = _load_configs(args)
+    gs.JOB_AUTO_CLEANUP = False  # as upstream: only `sis manager` packs job folders
     try:
         namespace = console_namespace()
         if args.code:
-            exec(compile(args.code, "<sis console -c>", "exec"), namespace)
+            for code_text in args.code:
+                exec(compile(code_text, "<sis console -c>", "exec"), namespace)
             return 0
         banner = (f"Sisyphus console: {len(tk.sis_graph.jobs())} jobs, {len(tk.sis_graph.outputs)} outputs loaded. "
                   "Names: " + ", ".join(sorted(k for k in namespace if not k.startswith("_"))))
@@ -151,7 +166,8 @@ def _worker(args):
     from sisyphus.worker import run_worker
 
     gs.load_settings(os.getcwd())
-    return run_worker(args.jobdir, args.task_name, args.task_id, args.engine, force_resume=args.force_resume)
+    return run_worker(args.jobdir, args.task_name, args.task_id, args.engine, force_resume=args.force_resume,
+                      redirect_output=args.redirect_output)
 
 
 def _engine():

@@ -43,7 +43,7 @@ KILL_REASONS = {
 
 class Manager:
     def __init__(self, graph, engine, loader, clear_errors=False, clear_interrupts=False, ignore_errors=False,
-                 link_outputs=True):
+                 link_outputs=True, interactive=False):
         """clear_errors (-co) / clear_interrupts (-cio): run failed jobs again once; ignore_errors (-io): do not
         ask whether to (interactive runs ask when there are failed jobs)."""
         self.graph = graph
@@ -56,6 +56,8 @@ class Manager:
         self.current = {}  # job -> (task, {task id: state}) of its first unfinished task, once set up
         self.kill_reasons = {}  # (engine name, task id) -> engine state of its last abnormal end
         self.link_outputs = link_outputs
+        self.interactive = interactive  # -i: ask before submitting each job
+        self.declined = set()  # jobs the user chose not to submit (-i)
         self.linked_outputs = set()
         self.aliased_jobs = set()
         self.report_times = {}  # report name -> time it was last written
@@ -180,7 +182,7 @@ class Manager:
         return gs.STATE_RETRY_ERROR if len(history) > gs.MAX_SUBMIT_RETRIES else gs.STATE_INTERRUPTED_RESUMABLE
 
     def can_progress(self):
-        return any(state in ACTIVE_STATES for state in self.states.values())
+        return any(state in ACTIVE_STATES and job not in self.declined for job, state in self.states.items())
 
     # Actions.
     def submit_runnable(self):
@@ -192,6 +194,12 @@ class Manager:
             if any(state in FAILED_STATES for state in ids.values()):
                 continue
             todo = [i for i, s in ids.items() if s in (gs.STATE_RUNNABLE, gs.STATE_INTERRUPTED_RESUMABLE)]
+            if todo and self.interactive:
+                if job in self.declined:
+                    continue
+                if not _confirm(f"Submit {job} task {task.name()} {todo}? (y/n) "):
+                    self.declined.add(job)
+                    continue
             if gs.MAX_PARALLEL:
                 todo = todo[:max(0, gs.MAX_PARALLEL - busy - count)]
             if todo:

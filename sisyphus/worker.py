@@ -29,7 +29,7 @@ logger = logging.getLogger("sisyphus.worker")
 EXIT_TASK_FAILED = 1
 
 
-def run_worker(jobdir, task_name, task_id=None, engine_key=None, force_resume=False):
+def run_worker(jobdir, task_name, task_id=None, engine_key=None, force_resume=False, redirect_output=False):
     """Run the task; returns the process exit status (0: finished or nothing to do). force_resume: run a task id
     in error state again (its error file is removed), through its resume method if it has one."""
     jobdir = os.path.join(gs.BASE_DIR, jobdir)
@@ -56,6 +56,8 @@ def run_worker(jobdir, task_name, task_id=None, engine_key=None, force_resume=Fa
         raise SisError(f"{jobdir}: job has no task {task_name!r} (tasks: {[t.name() for t in job._sis_tasks()]})")
     if task_id not in task.task_ids():
         raise SisError(f"{jobdir}: task {task_name!r} has ids {task.task_ids()}, not {task_id}")
+    if redirect_output:
+        _redirect_output(task.file(gs.JOB_LOG, task_id))
 
     with open(task.file(gs.TASK_LOCK, task_id), "a") as lock:
         try:
@@ -73,6 +75,16 @@ def run_worker(jobdir, task_name, task_id=None, engine_key=None, force_resume=Fa
                 return EXIT_TASK_FAILED
             os.unlink(task.file(gs.STATE_ERROR, task_id))
         return _run_locked(job, task, task_id, force_resume)
+
+
+def _redirect_output(logfile):
+    """Append this process's stdout and stderr (file descriptors 1 and 2) to `logfile`."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    fd = os.open(logfile, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
 
 
 def _prepare_environment(job, task):

@@ -53,6 +53,16 @@ def test_interactive_console_reads_stdin(tmp_path):
     assert "jobs: 3" in result.output and "Sisyphus console: 3 jobs, 1 outputs loaded" in result.output
 
 
+def test_interactive_manager_asks_before_each_submission(tmp_path):
+    setup = make_setup(tmp_path, recipes={"steps": TINY_RECIPE}, configs={"run": CONFIG})
+    declined = run_sis(setup, "--config", "config/run.py", "m", "-r", "-i", input="n\nn\n")
+    assert declined.returncode == 1 and declined.output.count("Submit Job<work/steps/WriteText.") == 2
+    assert not (tmp_path / "steps.log").exists()
+    accepted = run_sis(setup, "--config", "config/run.py", "m", "-r", "-i", input="y\ny\ny\n")
+    assert accepted.returncode == 0, accepted.output
+    assert (tmp_path / "output" / "joined.txt").read_text() == "a b"
+
+
 def test_log_level_number_hides_info_lines(tmp_path):
     setup = make_setup(tmp_path, recipes={"steps": TINY_RECIPE}, configs={"run": CONFIG})
     quiet = run_sis(setup, "--log_level", "30", "--config", "config/run.py", "m", "-r")
