@@ -111,9 +111,7 @@ def _load_configs(args):
     gs.load_settings(os.getcwd())
     configs = args.config + args.configs
     if not configs:
-        if not os.path.isfile("config.py"):
-            raise SisError("no config given: sis --config config/FILE.py m")
-        configs = ["config.py"]
+        configs = [_default_config()]
     tk._sis_running_in_manager = True
     loader = ConfigLoader()
     try:
@@ -123,6 +121,23 @@ def _load_configs(args):
         loader.close()
         raise
     return loader
+
+
+def _default_config():
+    """Without a config argument, as upstream: config.py (its py()), else main() of the config package."""
+    import sisyphus.global_settings as gs
+    from sisyphus.errors import SisError
+
+    if os.path.isfile(gs.CONFIG_FILE_DEFAULT):
+        return gs.CONFIG_FILE_DEFAULT
+    package, _, function = gs.CONFIG_FUNCTION_DEFAULT.rpartition(".")
+    init = os.path.join(package.replace(".", os.sep), "__init__.py")
+    if os.path.isfile(init):
+        with open(init, encoding="utf-8") as f:
+            if f"def {function}(" in f.read():
+                return gs.CONFIG_FUNCTION_DEFAULT
+    raise SisError(f"no config given: sis --config config/FILE.py m (or write {gs.CONFIG_FILE_DEFAULT}, or define "
+                   f"{function}() in {init})")
 
 
 def _console(args):

@@ -232,7 +232,8 @@ def load_settings(setup_dir):
         text = f.read()
     namespace = {"__file__": path, "__name__": "settings",
                  # changed in place by settings written for the reference Sisyphus
-                 "DEFAULT_ENVIRONMENT_KEEP": DEFAULT_ENVIRONMENT_KEEP, "DEFAULT_ENVIRONMENT_SET": DEFAULT_ENVIRONMENT_SET}
+                 "DEFAULT_ENVIRONMENT_KEEP": DEFAULT_ENVIRONMENT_KEEP,
+                 "DEFAULT_ENVIRONMENT_SET": DEFAULT_ENVIRONMENT_SET}
     try:
         exec(compile(text, path, "exec"), namespace)
     except Exception as e:

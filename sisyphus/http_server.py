@@ -9,7 +9,6 @@ The pages read the manager's state dictionaries; they never change anything.
 """
 import html
 import json
-import os
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import quote, unquote

@@ -72,6 +72,10 @@ def _resolve(config):
     else:
         stem, _, function = path.rpartition(".")
     filename = stem + ".py"
+    package_init = os.path.join(stem, "__init__.py")
+    if not os.path.isfile(os.path.join(gs.BASE_DIR, filename)) and \
+            os.path.isfile(os.path.join(gs.BASE_DIR, package_init)):
+        filename = package_init  # 'config.main': main() of the config package
     if path.startswith("..") or not os.path.isfile(os.path.join(gs.BASE_DIR, filename)):
         raise SisError(f"{config}: no such config file in the setup directory {gs.BASE_DIR}")
     for entry in gs.IMPORT_PATHS:

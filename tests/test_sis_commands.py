@@ -4,7 +4,6 @@ import fcntl
 import os
 import subprocess
 import sys
-import time
 
 from sis_util import TINY_RECIPE, make_setup, run_sis
 
@@ -119,8 +118,8 @@ def test_cleaner_removes_unused_folders_after_a_yes_but_never_a_running_one(tmp_
 def test_cleaner_packs_finished_job_folders(tmp_path):
     setup = make_setup(tmp_path, recipes={"steps": TINY_RECIPE}, configs={"run": CONFIG})
     assert run_sis(setup, "--config", "config/run.py", "m", "-r").returncode == 0
-    result = run_sis(setup, "--config", "config/run.py", "console", "-c",
-                     "tk.cleaner(clean_job_dir=True, mode='remove'); print(tk.load_job(str(jobs()[0]._sis_path(abspath=True))).job_id())")
+    code = "tk.cleaner(clean_job_dir=True, mode='remove'); print(load_job(jobs()[0]._sis_path(abspath=True)).job_id())"
+    result = run_sis(setup, "--config", "config/run.py", "console", "-c", code)
     assert result.returncode == 0, result.output
     for folder in (tmp_path / "work" / "steps").iterdir():
         assert sorted(p.name for p in folder.iterdir()) == ["finished.tar.gz", "info", "output"]
@@ -171,8 +170,8 @@ def test_reports_callbacks_and_held_jobs(tmp_path):
 
 def test_console_helpers_run_remove_and_import_jobs(tmp_path):
     first = make_setup(tmp_path / "first", recipes={"steps": TINY_RECIPE}, configs={"run": CONFIG})
-    code = ("j = find_job('Concat')[0]; run(j.out_file, quiet=True); print('joined:', open(j.out_file.get_path()).read()); "
-            "print('exit', run_job(j, 'run', 1))")
+    code = ("j = find_job('Concat')[0]; run(j.out_file, quiet=True); "
+            "print('joined:', open(j.out_file.get_path()).read()); print('exit', run_job(j, 'run', 1))")
     ran = run_sis(first, "--config", "config/run.py", "console", "-c", code)
     assert ran.returncode == 0, ran.output
     assert "joined: a b" in ran.stdout and "exit 0" in ran.stdout  # run_job: already finished, nothing to do
@@ -195,3 +194,16 @@ def test_console_helpers_run_remove_and_import_jobs(tmp_path):
     assert removed.returncode == 0, removed.output
     assert sorted(p.name.split(".")[0] for p in steps.iterdir()) == ["WriteText"]  # b stays
     assert not write_a.exists()
+
+
+def test_without_a_config_argument_main_of_the_config_package_runs(tmp_path):
+    setup = make_setup(tmp_path, recipes={"steps": TINY_RECIPE})
+    (tmp_path / "config" / "__init__.py").write_text(
+        "from sisyphus import tk\nfrom steps import WriteText\n\n\ndef main():\n"
+        "    tk.register_output('main.txt', WriteText('from main').out_file)\n")
+    result = run_sis(setup, "m", "-r")
+    assert result.returncode == 0, result.output
+    assert (tmp_path / "output" / "main.txt").read_text() == "from main"
+    (tmp_path / "config" / "__init__.py").write_text("")
+    missing = run_sis(setup, "m", "-r")
+    assert missing.returncode == 2 and missing.stderr.startswith("sis: error: no config given")

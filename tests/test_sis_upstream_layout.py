@@ -36,7 +36,8 @@ def test_upstream_layout_collection_runs_end_to_end(tmp_path):
     assert (out / "demo" / "collected.txt").read_text() == "content 0\ncontent 1\ncontent 2\n"
     assert (out / "demo" / "flaky.txt").read_text() == "second try\n"
     assert os.path.realpath(setup / "alias" / "demo" / "numbers") == str(work / numbers_id)
-    assert os.path.realpath(setup / "alias" / "other" / "numbers").startswith(str(work / "demo_pkg/numbers/WriteNumbers."))
+    other_alias = os.path.realpath(setup / "alias" / "other" / "numbers")
+    assert other_alias.startswith(str(work / "demo_pkg/numbers/WriteNumbers."))
     assert not (setup / "alias" / "numbers").exists() and not (out / "numbers.txt").exists()
 
     # JOB_AUTO_CLEANUP (upstream default): finished folders hold output/, info and finished.tar.gz only.
