@@ -12,17 +12,21 @@ same tensors here for the methods both projects have. What is read:
   is a scalar, a gradient (a list interpolated over the layers of the slice: t = i / (n − 1) for layer i
   of n, t = 0 outside the layers) or a list of `{filter, value}` where the first entry whose `filter` is a
   substring of the tensor name (or `*`) applies.
-- `dtype` (working and output precision), `out_dtype`, `tokenizer_source` (`base`, `union` or
-  `model:PATH` / `PATH`; vocabularies are not permuted, so the models' vocabularies must agree).
+- `dtype` (working and output precision), `out_dtype`, `tokenizer_source`: `union` (the union vocabulary,
+  every model's embedding / LM-head rows rebuilt for it as mergekit does: modelmerge.vocabulary), or `base`
+  or `model:PATH` / `PATH` (vocabularies are not permuted then, so the models' vocabularies must agree).
 - Model references `PATH` or `PATH+LORA_PATH` (the LoRA adapter folded into the model, W + s·B·A).
 
 Layers are found by name: the tensors `<prefix>.<i>.<rest>` whose prefix has indices 0..n−1, n from the
 config's `num_hidden_layers` when present. Tensors before the layers are told from those after them by
 name (embeddings: `embed`, `wte`, `wpe`), where mergekit reads a per-architecture table.
 """
+import atexit
 import json
 import os
 import re
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +38,7 @@ from modelmerge.merging.execute import run_tasks
 from modelmerge.merging.options import DTYPES, MergeError
 from modelmerge.merging.parameters import load_method, resolve_parameters
 from modelmerge.merging.plan import Source, TensorTask, check_same_tensors, model_count_problem
+from modelmerge.vocabulary import unify
 
 
 @dataclass(frozen=True)
@@ -136,6 +141,9 @@ def plan_config(config):
         raise MergeError(f"merge_method {name}: needs statistics, which mergekit configurations cannot name; give the method and its statistics directly")
     references = _References()
     base_ref = config.get("base_model")
+    tokenizer = None
+    if config.get("tokenizer_source") == "union":
+        tokenizer = references.unify(_model_references(config), base_ref)
     slices = _slices(config, references, base_ref)
     scopes = _ParameterScopes(method, mapping)
     tasks = _plan_tasks(method, mapping, slices, scopes, config)
@@ -146,7 +154,9 @@ def plan_config(config):
     dtype, out_dtype = _dtype(config, "dtype"), _dtype(config, "out_dtype")
     if out_dtype or dtype:
         json_updates.setdefault("config.json", {})["dtype"] = config.get("out_dtype") or config.get("dtype")
-    tokenizer_from = _tokenizer_source(config.get("tokenizer_source"), references, donor)
+    if tokenizer is not None:
+        json_updates.setdefault("config.json", {})["vocab_size"] = len(tokenizer)
+    tokenizer_from = _tokenizer_source(config.get("tokenizer_source"), references, donor, tokenizer)
     extra_files = {}
     if tokenizer_from:
         extra_files = {name: os.path.join(tokenizer_from, name) for name in TOKENIZER_FILES
@@ -180,6 +190,18 @@ class _References:
 
     def all(self):
         return list(self._open.values())
+
+    def unify(self, references, base_reference):
+        """Replace the checkpoints of `references` by views with the union vocabulary (modelmerge.vocabulary);
+        return the union tokenizer."""
+        references = list(dict.fromkeys(references))
+        checkpoints = [self.get(reference) for reference in references]
+        if any(c.folder is None for c in checkpoints):
+            raise MergeError("tokenizer_source union: every model must be a model folder with its tokenizer")
+        base_index = references.index(base_reference) if base_reference in references else None
+        views, tokenizer = unify(checkpoints, base_index)
+        self._open.update(zip(references, views))
+        return tokenizer
 
     def paths(self):
         """Every file or folder the references name (`PATH+LORA_PATH` names two)."""
@@ -473,11 +495,28 @@ def _dtype(config, key):
     return DTYPES[value]
 
 
-def _tokenizer_source(value, references, donor):
-    """The folder whose tokenizer files replace the donor's, after checking vocabularies need no permuting."""
+def _model_references(config):
+    """Every model reference of the configuration: base_model first, then the models in order."""
+    found = [config["base_model"]] if config.get("base_model") else []
+    for entry in config.get("models") or []:
+        found.append(entry.get("model") if isinstance(entry, dict) else None)
+    for entry in config.get("slices") or []:
+        for source in (entry.get("sources") or []) if isinstance(entry, dict) else []:
+            found.append(source.get("model") if isinstance(source, dict) else None)
+    return [reference for reference in found if isinstance(reference, str)]
+
+
+def _tokenizer_source(value, references, donor, union=None):
+    """The folder whose tokenizer files replace the donor's: the union tokenizer written to a temporary
+    folder, or an input's after checking that the vocabularies need no permuting."""
     if value is None:
         return None
-    if value in ("base", "union"):
+    if union is not None:
+        folder = tempfile.mkdtemp(prefix="union-tokenizer-")
+        atexit.register(shutil.rmtree, folder, True)
+        union.save_pretrained(folder)
+        return folder
+    if value == "base":
         folders = [c.folder for c in references.all() if c.folder]
         _check_same_vocabulary(folders, value)
         return donor.folder
