@@ -201,7 +201,18 @@ def migrate(configs, old_data_dir=None, dry_run=False, out=print):
     finally:
         loader.close()
     out(f"{len(done)} job folder(s) {'to move' if dry_run else 'moved'}")
+    left = sorted(set(old_layout_folders(work)) - {f"{gs.WORK_DIR}/{old_id}" for old_id, _ in done})
+    if left:
+        out(f"{len(left)} folder(s) of the old layout match no job of these configs (another config? the data "
+            f"elsewhere than {old_data_dir}: --old-data-dir), e.g. {left[0]}")
     return done
+
+
+def old_layout_folders(work):
+    """Job folders under work/ in the old recipe layout (work/<module>/<Job>.<hash>)."""
+    modules = ("data", "training", "statistics", "search", "merge", "report")
+    return sorted(f"{gs.WORK_DIR}/{module}/{name}" for module in modules if os.path.isdir(os.path.join(work, module))
+                  for name in os.listdir(os.path.join(work, module)))
 
 
 def main(argv=None):
