@@ -192,6 +192,7 @@ def migrate(configs, old_data_dir=None, dry_run=False, out=print):
             for old_id, new_id in moves:
                 os.makedirs(os.path.dirname(os.path.join(work, new_id)), exist_ok=True)
                 os.rename(os.path.join(work, old_id), os.path.join(work, new_id))
+                _remove_if_empty(os.path.dirname(os.path.join(work, old_id)))
             fix_links(base, moves)
             fix_text_files(base, moves)
             if not tk.sis_graph.resolve_waiters():
@@ -206,6 +207,13 @@ def migrate(configs, old_data_dir=None, dry_run=False, out=print):
         out(f"{len(left)} folder(s) of the old layout match no job of these configs (another config? the data "
             f"elsewhere than {old_data_dir}: --old-data-dir), e.g. {left[0]}")
     return done
+
+
+def _remove_if_empty(folder):
+    try:
+        os.rmdir(folder)
+    except OSError:  # not empty
+        pass
 
 
 def old_layout_folders(work):

@@ -157,7 +157,7 @@ def test_migration_moves_finished_work_to_the_new_ids(clone, tmp_path):
     assert "2 job folder(s) moved" in run.stdout
 
     work = base / "work"
-    assert not (work / old_data).exists() and not (work / old_train).exists()
+    assert not (work / "data").exists() and not (work / "training").exists()  # the emptied old folders too
     assert (work / new_data / "finished").is_file() and (work / new_train / "finished").is_file()
     assert (work / new_data / "output" / "data" / "train.jsonl").is_file()
     link = work / new_train / "input" / new_data.replace("/", "_")
