@@ -42,7 +42,7 @@ def test_classification_metrics_known_values():
 def test_metrics_match_a_hand_count_and_predictions_match_single_forward_passes(setup, tmp_path):
     out = tmp_path / "out"
     assert predict_program(tmp_path, **base_keys(setup, out)) == 0
-    assert sorted(os.listdir(out)) == ["metrics.json", "predictions.jsonl"]
+    assert sorted(os.listdir(out)) == ["metrics.json", "predict_config.json", "predictions.jsonl"]
     predictions = read_jsonl(out / "predictions.jsonl")
     gold = read_jsonl(os.path.join(setup["data"], "sst2", "validation.jsonl"))
     assert [p["index"] for p in predictions] == list(range(len(gold)))
@@ -101,7 +101,7 @@ def test_fisher_method_writes_the_statistics_library_result(setup, tmp_path):
     out = tmp_path / "out"
     keys = base_keys(setup, out, method="sequence_classification_squared_gradients", num_examples=6, seed=4)
     assert predict_program(tmp_path, **keys) == 0
-    assert sorted(os.listdir(out)) == ["fisher.safetensors", "hessian", "stats.json"]
+    assert sorted(os.listdir(out)) == ["fisher.safetensors", "hessian", "predict_config.json", "stats.json"]
     model = AutoModelForSequenceClassification.from_pretrained(setup["model"])
     dataset = load_split("sst2", "validation[:6]", setup["data"])
     direct = compute_fisher(model, AutoTokenizer.from_pretrained(setup["model"]), dataset, batch_size=5, max_length=32, seed=4)
@@ -129,7 +129,8 @@ def test_gram_method_writes_every_linear_layer(setup, tmp_path):
 @pytest.mark.parametrize("change, message", [
     ({"spilt": "test"}, "unknown key(s) spilt"),
     ({"split": None}, "missing required key(s) split"),
-    ({"model_name_or_path": None, "output_dir": None}, "missing required key(s) model_name_or_path, output_dir"),
+    ({"model_name_or_path": None}, "missing required key(s) model_name_or_path"),
+    ({"output_dir": None}, "missing required key(s) output_dir (or give metric_output_file"),
     ({"batch_size": "8"}, "batch_size must be an integer, got '8'"),
     ({"empirical": 1}, "empirical must be true or false"),
     ({"num_examples": 0}, "num_examples must be at least 1"),
@@ -165,7 +166,7 @@ def test_several_evaluations_in_one_run_equal_separate_runs(setup, tmp_path):
     keys = base_keys(setup, tmp_path / "both", evaluations=evaluations)
     del keys["dataset_name"], keys["split"]
     assert predict_program(tmp_path, **keys) == 0
-    assert sorted(os.listdir(tmp_path / "both")) == ["rt", "sst2"]
+    assert sorted(os.listdir(tmp_path / "both")) == ["predict_config.json", "rt", "sst2"]
     for name, spec in evaluations.items():
         single = tmp_path / f"single-{name}"
         assert predict_program(tmp_path, **base_keys(setup, single, **spec)) == 0

@@ -4,6 +4,11 @@ A config file is one JSON object. Keys are the dataclass's fields: fields withou
 unknown keys are refused, every value is checked against the field's type (`int`, `float`, `str`, `bool`,
 `list[str]`, `dict`, `X | None`, `Literal[...]`). A dataclass may refine its values in `__post_init__`
 (raising `ConfigError`). `run_program` is the common `main` of the programs under `code/`.
+
+A dataclass may also accept the keys of the paper authors' configs (Daheim et al., 2024, their
+`finetune_roberta_imdb.json` & co.) through a class attribute `PAPER_KEYS`: {key: `Alias(field)`} for a
+key that means one of ours, {key: `Ignored(why, type, values)`} for one that has no effect here (only the
+listed values, if any, are accepted: those matching what the program does anyway).
 """
 import argparse
 import dataclasses
@@ -18,6 +23,22 @@ logger = logging.getLogger(__name__)
 
 class ConfigError(ValueError):
     """A configuration that cannot be used; the message names the key or path and the cause."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Alias:
+    """A key of the paper authors' configs that means our key `field`."""
+
+    field: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Ignored:
+    """A key of the paper authors' configs without effect here (`why`); its value must have `type` and be in `values`."""
+
+    why: str
+    type: object = object
+    values: tuple | None = None
 
 
 def read_json_object(path):
@@ -39,9 +60,12 @@ def from_dict(cls, data, where="config"):
     if not isinstance(data, dict):
         raise ConfigError(f"{where} must be a JSON object, not {type(data).__name__}")
     fields = {field.name: field for field in dataclasses.fields(cls) if field.init}
-    unknown = sorted(set(data) - set(fields))
+    paper_keys = getattr(cls, "PAPER_KEYS", {})
+    unknown = sorted(set(data) - set(fields) - set(paper_keys))
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed keys: {', '.join(sorted(fields))}")
+        allowed = sorted(set(fields) | set(paper_keys))
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed keys: {', '.join(allowed)}")
+    data = _translate_paper_keys(data, paper_keys, where)
     missing = [name for name, field in fields.items() if name not in data and _is_required(field)]
     if missing:
         raise ConfigError(f"{where}: missing required key(s) {', '.join(missing)}")
@@ -53,6 +77,18 @@ def from_dict(cls, data, where="config"):
 def load_config(cls, path):
     """Read the JSON file `path` into dataclass `cls`, checking every key."""
     return from_dict(cls, read_json_object(path), where=os.path.basename(path))
+
+
+# Keys of the paper authors' configs that every program here accepts (see PAPER_KEYS above).
+SHARED_PAPER_KEYS = {
+    "max_input_length": Alias("max_length"),
+    "overwrite_output_dir": Alias("overwrite"),
+    "cache_dir": Ignored("models and data are read from local folders or the Hub's own cache; nothing is cached here",
+                         str | None),
+    "max_output_length": Ignored("it bounds the targets of sequence-to-sequence models; a classifier has none", int),
+    "dataset_config_name": Ignored("labels are class indices, as the authors' 'classification' configuration gives them",
+                                   str | None, ("classification", None)),
+}
 
 
 def to_dict(config):
@@ -84,12 +120,41 @@ def run_program(config_cls, run, description, argv=None):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = load_config(config_cls, args.config)
+        _check_outputs_spare_the_config(config, args.config)
         log_config(config)
         run(config)
     except ConfigError as error:
         logger.error("%s: %s", args.config, error)
         return 2
     return 0
+
+
+def _check_outputs_spare_the_config(config, config_path):
+    """Refuse an output (the config's `output_paths()`) that is, holds or lies inside the config file itself."""
+    from modelmerge.outputs import overlapping_input
+
+    for key, path in getattr(config, "output_paths", dict)().items():
+        if path is not None and overlapping_input(path, [config_path]):
+            raise ConfigError(f"{key}: {path} overlaps the config file {config_path}; choose another path")
+
+
+def _translate_paper_keys(data, paper_keys, where):
+    """`data` with the paper authors' keys renamed to ours (a clash with a different value is refused) and ignored ones dropped."""
+    translated = {key: value for key, value in data.items() if key not in paper_keys}
+    for key in sorted(set(data) & set(paper_keys)):
+        meaning, value = paper_keys[key], data[key]
+        if isinstance(meaning, Alias):
+            if meaning.field in translated and translated[meaning.field] != value:
+                raise ConfigError(f"{where}: {key} ({value!r}) and {meaning.field} ({translated[meaning.field]!r}) "
+                                  "name the same setting with different values; give one of them")
+            translated[meaning.field] = value
+            continue
+        _check_type(value, meaning.type, f"{where}.{key}")
+        if meaning.values is not None and value not in meaning.values:
+            raise ConfigError(f"{where}.{key} must be one of {', '.join(map(repr, meaning.values))}, got {value!r} "
+                              f"({meaning.why})")
+        logger.info("%s: key %s (%r) has no effect here: %s", where, key, value, meaning.why)
+    return translated
 
 
 def _is_required(field):
@@ -114,6 +179,8 @@ def _check_type(value, expected, where):
         if not isinstance(value, list):
             raise ConfigError(f"{where} must be a list, got {value!r}")
         return [_check_type(item, args[0], f"{where}[{i}]") for i, item in enumerate(value)] if args else value
+    if expected is object:
+        return value
     if expected is type(None):
         if value is not None:
             raise ConfigError(f"{where} must be null, got {value!r}")

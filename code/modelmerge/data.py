@@ -26,8 +26,9 @@ import datasets
 import torch
 from transformers import DataCollatorWithPadding
 
-from modelmerge.atomic import atomic_dir
+from modelmerge.atomic import atomic_dir, write_json
 from modelmerge.config import ConfigError
+from modelmerge.outputs import check_output, has_marker, remove_stale_temporaries
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ HUB_IDS = {
 # Builder of `datasets` for each local file type.
 FILE_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 # Column names that Hub datasets use for the text and the label, in order of preference.
-TEXT_COLUMNS = ("text", "sentence", "content", "review", "document")
+TEXT_COLUMNS = ("text", "sentence", "content", "review", "document", "input")
 LABEL_COLUMNS = ("label", "labels")
 INPUT_COLUMNS = ("input", "inputs", "source", "question", "prompt", "instruction", "text", "sentence")
 TARGET_COLUMNS = ("target", "targets", "output", "answer", "completion", "response", "summary")
@@ -57,6 +58,7 @@ TASK_TYPES = tuple(TASK_COLUMNS)
 CLASS_NAMES_FILE = "class_names.json"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
 DATA_DIR_ENV = "MERGE_DATA_DIR"
+DOWNLOAD_CONFIG_FILE = "download_config.json"  # the resolved config, saved in download_data.py's output folder
 MIXTURE_SEPARATOR = ";"
 
 
@@ -97,10 +99,47 @@ def load_split(dataset_name, split, data_dir=None, task_type="sequence_classific
     return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
 
 
+def local_sources(dataset_name, split, data_dir=None):
+    """The local files and folders that `load_split(dataset_name, split, data_dir)` reads (none for Hub datasets)."""
+    data_dir = resolve_data_dir(data_dir)
+    sources = []
+    for name, part in zip(dataset_name.split(MIXTURE_SEPARATOR), split.split(MIXTURE_SEPARATOR)):
+        source, builder, _ = _locate(_task_of_script(name.strip()), part.strip(), data_dir)
+        if builder is not None:
+            sources.append(source)
+    return sources
+
+
+def check_labels(dataset, num_classes, what):
+    """Raise DataError unless every label of `dataset` is a class index of a model with `num_classes` classes."""
+    labels = set(dataset["label"])
+    outside = (["null"] if None in labels else []) + [
+        str(label) for label in sorted(labels - {None}) if not 0 <= label < num_classes]
+    if outside:
+        shown = ", ".join(outside[:5]) + (", ..." if len(outside) > 5 else "")
+        raise DataError(f"{what}: labels {shown} are outside the model's {num_classes} classes (0 to {num_classes - 1})")
+
+
+def _task_of_script(name):
+    """A dataset script of the paper authors' code (`.../datasets/imdb.py`) names its task (`imdb`); never run here."""
+    if not name.endswith(".py"):
+        return name
+    task = os.path.basename(name)[: -len(".py")]
+    if task not in HUB_IDS:
+        raise DataError(f"dataset {name!r}: dataset scripts are not run; name a task ({', '.join(sorted(HUB_IDS))}), "
+                        "a folder of split files or a data file")
+    logger.info("dataset %s: the authors' script for the task %s; reading that task", name, task)
+    return task
+
+
 def _load_one(name, split, data_dir, task_type, columns):
     split_names(split)  # validates the syntax before anything is read
+    name = _task_of_script(name)
     source, builder, data_files = _locate(name, split, data_dir)
     what = f"dataset {name!r} ({source}), split {split!r}"
+    for path in (data_files or {}).values():
+        if os.path.isfile(path) and os.path.getsize(path) == 0:
+            raise DataError(f"dataset {name!r}: file {path} is empty")
     try:
         if builder is None:
             dataset = datasets.load_dataset(source, split=split)
@@ -110,6 +149,11 @@ def _load_one(name, split, data_dir, task_type, columns):
             dataset = datasets.load_dataset(builder, data_files=data_files, split=split)
     except (ValueError, KeyError, FileNotFoundError, OSError) as error:
         raise DataError(f"{what}: {error}") from error
+    except datasets.exceptions.DatasetGenerationError as error:
+        cause = str(error.__cause__ or error).splitlines()[0]
+        files = ", ".join(sorted(set((data_files or {}).values()))) or source
+        raise DataError(f"dataset {name!r}, split {split!r}: {files} cannot be parsed as {builder or 'a dataset'} "
+                        f"({cause})") from error
     dataset = _normalise_columns(dataset, what, task_type, columns)
     if "label" in dataset.column_names and builder not in (None, IMAGE_FOLDER):
         dataset = _with_class_names(dataset, os.path.dirname(next(iter(data_files.values()))), what)
@@ -283,6 +327,10 @@ class DownloadConfig:
     data_dir: str | None = None  # None: $MERGE_DATA_DIR, else the Hub
     task_type: str = "sequence_classification"  # which columns are kept (TASK_COLUMNS)
     columns: dict | None = None  # {column of the task type: the data set's name for it}
+    overwrite: bool = False  # replace an output_dir that this program did not write
+
+    def output_paths(self):
+        return {"output_dir": self.output_dir}
 
     def __post_init__(self):
         self.data_dir = resolve_data_dir(self.data_dir)
@@ -310,10 +358,15 @@ def output_split_name(split):
 
 def download(config):
     """Write every split of `config` to `output_dir/<split>.jsonl` (rows with the task type's columns; images as
-    files `images/<split>/<index>.<format>` named relative to the folder), and `class_names.json` when the labels
-    have names; the folder appears atomically."""
+    files `images/<split>/<index>.<format>` named relative to the folder), `class_names.json` when the labels
+    have names, and the resolved config (`download_config.json`, which marks the folder as this program's);
+    the folder appears atomically."""
     loaded = {output_split_name(split): load_split(config.dataset_name, split, config.data_dir, config.task_type,
                                                    config.columns) for split in config.splits}
+    inputs = [path for split in config.splits for path in local_sources(config.dataset_name, split, config.data_dir)]
+    remove_stale_temporaries(config.output_dir)
+    check_output(config.output_dir, "output_dir", "download_data.py", inputs=inputs, overwrite=config.overwrite,
+                 is_ours=has_marker(DOWNLOAD_CONFIG_FILE))
     with atomic_dir(config.output_dir) as tmp:
         for name, dataset in loaded.items():
             if "image" in dataset.column_names:
@@ -324,6 +377,7 @@ def download(config):
         if names[0] and all(n == names[0] for n in names):
             with open(os.path.join(tmp, CLASS_NAMES_FILE), "w") as f:
                 json.dump(names[0], f)
+        write_json(os.path.join(tmp, DOWNLOAD_CONFIG_FILE), dataclasses.asdict(config))
 
 
 def _materialise_images(dataset, folder, split):

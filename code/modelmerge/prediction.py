@@ -2,20 +2,26 @@
 evaluation, metrics, and `run`, the body of `code/predict.py` (evaluation, or a statistic computed by
 `modelmerge.statistics`)."""
 import dataclasses
+import glob
 import logging
 import os
+import pickle
+import shutil
+import tempfile
 import typing
+from contextlib import contextmanager
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 from transformers import AutoConfig
 
 from modelmerge import families
-from modelmerge.atomic import atomic_dir, write_json, write_jsonl
-from modelmerge.config import ConfigError, default_num_threads
-from modelmerge.data import TASK_TYPES, class_names, load_split, resolve_data_dir
+from modelmerge.atomic import atomic_dir, atomic_file, write_json, write_jsonl
+from modelmerge.config import SHARED_PAPER_KEYS, Alias, ConfigError, Ignored, default_num_threads
+from modelmerge.data import TASK_TYPES, check_labels, class_names, load_split, local_sources, resolve_data_dir
+from modelmerge.outputs import check_output, has_marker, is_json_object_with, remove_stale_temporaries
 from modelmerge.statistics.fisher import compute_fisher, save_fisher
 from modelmerge.statistics.gram import compute_gram, save_gram
 
@@ -23,6 +29,12 @@ logger = logging.getLogger(__name__)
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# Model types whose position ids start after the padding index (so max_position_embeddings overstates the inputs).
+OFFSET_POSITION_MODELS = {"roberta", "xlm-roberta", "camembert", "longformer", "data2vec-text", "xmod", "mpnet",
+                          "roberta-prelayernorm", "ibert"}
+CONFIG_FILE = "predict_config.json"  # the resolved config, saved in output_dir (marks it as predict.py's)
+# Config keys naming a copy of one output file of the evaluation: key -> file in output_dir.
+COPIED_FILES = {"metric_output_file": "metrics.json", "prediction_output_file": "predictions.jsonl"}
 
 
 def is_adapter_folder(path):
@@ -34,6 +46,7 @@ def check_model_path(path, key="model_name_or_path"):
     if os.path.isdir(path):
         if not (os.path.isfile(os.path.join(path, "config.json")) or is_adapter_folder(path)):
             raise ConfigError(f"{key}: folder {path} holds neither config.json nor {ADAPTER_CONFIG}")
+        _check_weight_files(path, key)
         return
     if os.path.exists(path):
         raise ConfigError(f"{key}: {path} is a file, not a model folder")
@@ -41,6 +54,66 @@ def check_model_path(path, key="model_name_or_path"):
         AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as error:
         raise ConfigError(f"{key}: {path} is neither a model folder nor a loadable model id ({error})") from None
+
+
+def _check_weight_files(folder, key):
+    """Raise ConfigError naming the file when a safetensors file of `folder` is corrupt (its header cannot be read)."""
+    for weights in sorted(glob.glob(os.path.join(folder, "*.safetensors"))):
+        try:
+            with safe_open(weights, framework="pt") as f:
+                f.keys()
+        except (SafetensorError, OSError) as error:
+            raise ConfigError(f"{key}: weights file {weights} is corrupt or not a safetensors file ({error})") from None
+
+
+@contextmanager
+def model_loading_errors(path, key="model_name_or_path"):
+    """Turn the errors of loading the model folder `path` (bad files, not a bug of ours) into one-line ConfigErrors."""
+    try:
+        yield
+    except pickle.UnpicklingError as error:
+        pickles = sorted(os.path.basename(p) for p in glob.glob(os.path.join(path, "*.bin"))) or ["its weights"]
+        raise ConfigError(f"{key}: {', '.join(pickles)} in {path} is a pickle checkpoint that torch refuses to load "
+                          f"safely ({str(error).splitlines()[0]}); convert it to safetensors") from None
+    except (OSError, SafetensorError) as error:
+        raise ConfigError(f"{key}: cannot load the model in {path}: {str(error).splitlines()[0]}") from None
+
+
+def max_input_positions(model, tokenizer):
+    """The longest input (in tokens) the model's position embeddings and its tokenizer allow, or None if unbounded."""
+    config = model.config
+    limits = []
+    positions = getattr(config, "max_position_embeddings", None)
+    if isinstance(positions, int) and positions > 0:
+        # RoBERTa-style models number positions from padding_idx + 1: the first pad_token_id + 1 are never used.
+        if config.model_type in OFFSET_POSITION_MODELS and config.pad_token_id is not None:
+            positions -= config.pad_token_id + 1
+        limits.append(positions)
+    if 0 < getattr(tokenizer, "model_max_length", 0) < 10**6:
+        limits.append(tokenizer.model_max_length)
+    return min(limits) if limits else None
+
+
+def check_max_length(model, tokenizer, max_length, path):
+    limit = max_input_positions(model, tokenizer)
+    if limit is not None and max_length > limit:
+        raise ConfigError(f"max_length {max_length} exceeds the {limit} input positions of the model {path}; "
+                          f"set max_length to at most {limit}")
+
+
+def check_device(device, key="device"):
+    """The torch.device the config key `device` names (None: cuda when available, else cpu); ConfigError if unusable."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"{key} {device!r} is not a device; use cpu, cuda or cuda:N") from None
+    if parsed.type not in ("cpu", "cuda"):
+        raise ConfigError(f"{key} {device!r}: only cpu, cuda or cuda:N are supported")
+    if parsed.type == "cuda" and (parsed.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"{key} {device!r}: no such CUDA device (this machine has {torch.cuda.device_count()})")
+    return parsed
 
 
 def load_classifier(path, num_labels=None):
@@ -65,6 +138,16 @@ def load_for_task(path, task_type="sequence_classification", num_labels=None, cl
     base, processor = families.load_model(base_path, task_type, num_labels=num_labels, class_names=class_names,
                                           base_path=path if has_tokenizer else base_path)
     return PeftModel.from_pretrained(base, path), processor
+
+
+def classifier_num_labels(path):
+    """The number of classes of the classification head saved at `path`, or None when it has none (an encoder)."""
+    if is_adapter_folder(path):
+        return _adapter_num_labels(path)
+    config = AutoConfig.from_pretrained(path)
+    if any(name.endswith("ForSequenceClassification") for name in config.architectures or []):
+        return config.num_labels
+    return None
 
 
 def _adapter_num_labels(path):
@@ -127,7 +210,7 @@ class PredictConfig:
     """Keys of `code/predict.py`; `method` selects evaluation or a statistic (docs/programs.md, families.md)."""
 
     model_name_or_path: str
-    output_dir: str
+    output_dir: str | None = None  # required unless metric_output_file or prediction_output_file is given
     dataset_name: str | None = None
     split: str | None = None
     # Several evaluations of the one model in one run: {name: {"dataset_name": ..., "split": ...}}, each
@@ -150,6 +233,20 @@ class PredictConfig:
     seed: int = 0  # labels sampled for the statistics
     empirical: bool = False  # statistics with the gold labels instead of sampled ones
     num_threads: int | None = None  # torch threads; None: the job's CPU allocation
+    device: str | None = None  # cpu, cuda or cuda:N; None: cuda when available
+    overwrite: bool = False  # replace outputs that this program did not write
+    # Copies of metrics.json / predictions.jsonl at these paths (the paper's evaluation config names them).
+    metric_output_file: str | None = None
+    prediction_output_file: str | None = None
+
+    # The paper authors' keys (evaluate_roberta_imdb.json, fisher_roberta_imdb.json); see modelmerge.config.
+    PAPER_KEYS = {
+        **SHARED_PAPER_KEYS,
+        "per_device_eval_batch_size": Alias("batch_size"),
+        "dataset_test_split": Alias("split"),
+        "track_fim": Ignored("the authors' code does not read it either; method "
+                             "sequence_classification_squared_gradients computes the Fisher", bool),
+    }
 
     def __post_init__(self):
         self.data_dir = resolve_data_dir(self.data_dir)
@@ -160,6 +257,16 @@ class PredictConfig:
             value = getattr(self, key)
             if value is not None and value < 1:
                 raise ConfigError(f"{key} must be at least 1, got {value}")
+        check_device(self.device)
+        files = [key for key in COPIED_FILES if getattr(self, key) is not None]
+        if self.output_dir is None and not files:
+            raise ConfigError("missing required key(s) output_dir (or give metric_output_file / prediction_output_file)")
+        if files and (self.method not in EVALUATE or self.evaluations is not None):
+            raise ConfigError(f"{', '.join(files)}: only for method evaluate (or sequence_classification) with one "
+                              "dataset_name and split")
+
+    def output_paths(self):
+        return {key: getattr(self, key) for key in ("output_dir", *COPIED_FILES) if getattr(self, key) is not None}
 
     def _check_datasets(self):
         if self.evaluations is None:
@@ -194,20 +301,51 @@ class PredictConfig:
 
 
 def run(config):
-    """Compute what `config.method` names and write it into `config.output_dir`, atomically as one folder."""
+    """Compute what `config.method` names and write it into `config.output_dir`, atomically as one folder
+    (marked as predict.py's by the resolved config, `predict_config.json`), and the copies the config names.
+
+    Everything is checked (model, data, labels, outputs) before anything is written."""
     torch.set_num_threads(config.num_threads)
     check_model_path(config.model_name_or_path)
     datasets = [(name, _load(config, dataset_name, split)) for name, dataset_name, split in config.datasets()]
     names = config.class_names or class_names(datasets[0][1])
-    model, processor = load_for_task(config.model_name_or_path, config.task_type, class_names=names)
-    model.to("cuda" if torch.cuda.is_available() else "cpu")
-    with atomic_dir(config.output_dir) as tmp:
+    with model_loading_errors(config.model_name_or_path):
+        model, processor = load_for_task(config.model_name_or_path, config.task_type, class_names=names)
+    if config.task_type != "image_classification":
+        check_max_length(model, processor, config.max_length, config.model_name_or_path)
+    if config.task_type == "sequence_classification" and (config.method in EVALUATE or config.empirical):
+        for (_, dataset), (_, dataset_name, split) in zip(datasets, config.datasets()):  # the gold labels are used
+            check_labels(dataset, model.config.num_labels, f"dataset {dataset_name!r}, split {split!r}")
+    _check_outputs(config)
+    model.to(check_device(config.device))
+    with atomic_dir(config.output_dir) if config.output_dir else tempfile.TemporaryDirectory() as tmp:
         for name, dataset in datasets:
             output_dir = tmp if name is None else os.path.join(tmp, name)
             os.makedirs(output_dir, exist_ok=True)
             families.set_classes(model, config.class_names or class_names(dataset))
             METHODS[config.method](model, processor, dataset, config, output_dir)
+        for key, name in COPIED_FILES.items():
+            if getattr(config, key) is not None:
+                with atomic_file(getattr(config, key)) as copy:
+                    shutil.copyfile(os.path.join(tmp, name), copy)
+                logger.info("wrote %s", getattr(config, key))
+        write_json(os.path.join(tmp, CONFIG_FILE), dataclasses.asdict(config))
     logger.info("wrote %s", config.output_dir)
+
+
+def _check_outputs(config):
+    inputs = [config.model_name_or_path] + [path for _, dataset_name, split in config.datasets()
+                                            for path in local_sources(dataset_name, split, config.data_dir)]
+    if config.output_dir is not None:
+        remove_stale_temporaries(config.output_dir)
+        check_output(config.output_dir, "output_dir", "predict.py", inputs=inputs, overwrite=config.overwrite,
+                     is_ours=has_marker(CONFIG_FILE))
+    for key, is_ours in (("metric_output_file", is_json_object_with("num_examples")),
+                         ("prediction_output_file", is_json_object_with("index", "prediction"))):
+        if getattr(config, key) is not None:
+            remove_stale_temporaries(getattr(config, key))
+            check_output(getattr(config, key), key, "predict.py", inputs=inputs, overwrite=config.overwrite,
+                         is_ours=is_ours, folder=False)
 
 
 def _load(config, dataset_name, split):

@@ -4,7 +4,7 @@
 Layout of `output_dir`:
 - `checkpoints/checkpoint-<step>/`: Trainer checkpoints, one per epoch (incremental by nature); a rerun
   of the same config resumes from the last complete one. `checkpoints/train_config.json` records the
-  config they were made with; a rerun with a different one is refused.
+  config they were made with; a rerun with a different one is refused (with `overwrite`: restarted).
 - written atomically at the end: `epoch-<k>/` (model folder of epoch k), `best/` (the epoch that scored
   best on `metric_for_best_model`), `trainer_state.json`, `train_config.json`. Model folders hold the
   tokenizer (or image processor) and load with the task type's Auto class (`AutoModelForSequenceClassification`,
@@ -24,9 +24,10 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 import typing
 
-from modelmerge import atomic, data, families
-from modelmerge.config import ConfigError, default_num_threads, from_dict, to_dict
-from modelmerge.prediction import check_model_path, classification_metrics, load_for_task
+from modelmerge import atomic, data, families, outputs
+from modelmerge.config import SHARED_PAPER_KEYS, Alias, ConfigError, Ignored, default_num_threads, from_dict, to_dict
+from modelmerge.prediction import (check_device, check_max_length, check_model_path, classification_metrics,
+                                   classifier_num_labels, load_for_task, model_loading_errors)
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ METRICS = ("accuracy", "macro_f1", "loss")  # of classifiers; sequence models: l
 PEFT_TASK_TYPES = {"sequence_classification": "SEQ_CLS", "seq2seq": "SEQ_2_SEQ_LM", "causal_lm": "CAUSAL_LM",
                    "image_classification": None}
 # Keys that may change between an interrupted run and its rerun (resources, not results).
-RESUMABLE_CHANGES = {"num_threads"}
+RESUMABLE_CHANGES = {"num_threads", "device", "overwrite"}
 
 
 def offline_model_path():
@@ -125,12 +126,38 @@ class TrainConfig:
     metric_for_best_model: str | None = None  # None: accuracy for classifiers, loss for sequence models
     peft: dict | None = None  # {"type": "lora", ...} or {"type": "ia3", ...}, see LoraSpec / IA3Spec
     logging_steps: int = 50
+    logging_strategy: typing.Literal["steps", "epoch", "no"] = "steps"
+    min_lr: float = 0.0  # > 0: the cosine schedule decays to this learning rate instead of 0
     num_threads: int | None = None  # torch threads; None: the job's CPU allocation
+    device: str | None = None  # cpu or cuda; None: cuda when available
+    overwrite: bool = False  # write into an output_dir that this program did not write
+
+    # The paper authors' keys (finetune_roberta_imdb.json); see modelmerge.config.
+    PAPER_KEYS = {
+        **SHARED_PAPER_KEYS,
+        "dataset_train_split": Alias("train_split"),
+        "dataset_val_split": Alias("validation_split"),
+        "beta1": Alias("adam_beta1"),
+        "beta2": Alias("adam_beta2"),
+        "optimizer_name": Ignored("training always uses AdamW, the authors' only optimizer", str, ("AdamW",)),
+        "evaluation_strategy": Ignored("evaluation runs after every epoch (best/ is chosen so)", str, ("epoch",)),
+        "save_strategy": Ignored("a checkpoint is saved after every epoch (the epoch-<k>/ folders)", str, ("epoch",)),
+        "method": Ignored("the authors' name of task_type sequence_classification", str, ("sequence_classification",)),
+    }
 
     def __post_init__(self):
         self.data_dir = data.resolve_data_dir(self.data_dir)
         if self.num_threads is None:
             self.num_threads = default_num_threads()
+        if self.warmup_steps < 0:
+            raise ConfigError(f"warmup_steps must be at least 0, got {self.warmup_steps}")
+        if not 0 <= self.min_lr < self.learning_rate:
+            raise ConfigError(f"min_lr must be in [0, learning_rate {self.learning_rate}), got {self.min_lr}")
+        if self.min_lr > 0 and self.lr_scheduler_type != "cosine":
+            raise ConfigError(f"min_lr {self.min_lr} needs lr_scheduler_type cosine, not {self.lr_scheduler_type!r}")
+        if self.device is not None and check_device(self.device).index:
+            raise ConfigError(f"device {self.device!r}: train.py uses the first visible GPU; choose one with "
+                              "CUDA_VISIBLE_DEVICES")
         if self.lr_scheduler_type not in {s.value for s in SchedulerType}:
             raise ConfigError(f"lr_scheduler_type {self.lr_scheduler_type!r} is not one of {[s.value for s in SchedulerType]}")
         sequence = families.is_sequence(self.task_type)
@@ -163,19 +190,31 @@ class TrainConfig:
                 "image": self.image_column, "label": self.label_column}
         return {column: name for column, name in keys.items() if name is not None}
 
+    def output_paths(self):
+        return {"output_dir": self.output_dir}
+
 
 def train(config, callbacks=()):
-    """Fine-tune as `config` says and write the folders described in the module docstring."""
+    """Fine-tune as `config` says and write the folders described in the module docstring.
+
+    Everything is checked (model, data, labels, output_dir) before anything is written."""
     torch.set_num_threads(config.num_threads)
     check_model_path(config.model_name_or_path)
     train_data = data.load_split(config.dataset_name, config.train_split, config.data_dir, config.task_type, config.columns())
     eval_data = data.load_split(config.dataset_name, config.validation_split, config.data_dir, config.task_type,
                                 config.columns())
-    checkpoints = os.path.join(config.output_dir, CHECKPOINTS)
-    _check_checkpoint_config(checkpoints, config)
-
+    if config.task_type == "sequence_classification":
+        for split, dataset in ((config.train_split, train_data), (config.validation_split, eval_data)):
+            data.check_labels(dataset, config.num_labels, f"dataset {config.dataset_name!r}, split {split!r}")
+        _check_num_labels(config)
+    outputs.check_output(config.output_dir, "output_dir", "train.py", inputs=_inputs(config),
+                         overwrite=config.overwrite, is_ours=_is_training_output)
     set_seed(config.seed)
     model, processor = _build_model(config, config.class_names or data.class_names(train_data))
+
+    checkpoints = os.path.join(config.output_dir, CHECKPOINTS)
+    _remove_leftovers(config.output_dir)
+    _check_checkpoint_config(checkpoints, config)
     sequence = families.is_sequence(config.task_type)
     trainer_class = Seq2SeqTrainer if config.task_type == "seq2seq" else Trainer
     trainer = trainer_class(
@@ -198,10 +237,43 @@ def train(config, callbacks=()):
     return trainer
 
 
+def _inputs(config):
+    """The local paths the run reads: the model folder and the data files or folders."""
+    return [config.model_name_or_path] + [path for split in (config.train_split, config.validation_split)
+                                          for path in data.local_sources(config.dataset_name, split, config.data_dir)]
+
+
+def _is_training_output(path):
+    """Whether the folder `path` was written by train.py (it holds the config train.py saves)."""
+    return any(os.path.isfile(os.path.join(path, *parts)) for parts in ((CONFIG_FILE,), (CHECKPOINTS, CONFIG_FILE)))
+
+
+def _check_num_labels(config):
+    with model_loading_errors(config.model_name_or_path):
+        head = classifier_num_labels(config.model_name_or_path)
+    if head is not None and head != config.num_labels:
+        raise ConfigError(f"num_labels {config.num_labels} does not match the {head} classes of the classifier "
+                          f"{config.model_name_or_path}; set num_labels to {head}")
+
+
+def _remove_leftovers(output_dir):
+    """Delete what killed runs left in `output_dir`: temporaries of atomic writes, checkpoints cut off mid-write."""
+    checkpoints = os.path.join(output_dir, CHECKPOINTS)
+    outputs.remove_stale_temporaries_in(output_dir)
+    outputs.remove_stale_temporaries_in(checkpoints)
+    for checkpoint in _checkpoint_folders(checkpoints):
+        if _read_state(checkpoint) is None:
+            logger.info("removing %s, a checkpoint an interrupted run did not finish", checkpoint)
+            shutil.rmtree(checkpoint)
+
+
 def _build_model(config, class_names):
     num_labels = len(class_names) if class_names and config.task_type == "image_classification" else config.num_labels
-    model, processor = load_for_task(config.model_name_or_path, config.task_type, num_labels=num_labels,
-                                     class_names=class_names)
+    with model_loading_errors(config.model_name_or_path):
+        model, processor = load_for_task(config.model_name_or_path, config.task_type, num_labels=num_labels,
+                                         class_names=class_names)
+    if config.task_type != "image_classification":
+        check_max_length(model, processor, config.max_length, config.model_name_or_path)
     if config.dropout is not None:
         _set_dropout(model, config.dropout)
     spec = config.peft_spec()
@@ -229,11 +301,14 @@ def _set_dropout(model, probability):
 
 def _training_arguments(config, checkpoints):
     arguments = Seq2SeqTrainingArguments if config.task_type == "seq2seq" else TrainingArguments
+    schedule = {"lr_scheduler_type": config.lr_scheduler_type}
+    if config.min_lr > 0:
+        schedule = {"lr_scheduler_type": "cosine_with_min_lr", "lr_scheduler_kwargs": {"min_lr": config.min_lr}}
     return arguments(
         output_dir=checkpoints,
         learning_rate=config.learning_rate,
         warmup_steps=config.warmup_steps,
-        lr_scheduler_type=config.lr_scheduler_type,
+        **schedule,
         adam_beta1=config.adam_beta1,
         adam_beta2=config.adam_beta2,
         weight_decay=config.weight_decay,
@@ -248,7 +323,9 @@ def _training_arguments(config, checkpoints):
         save_strategy="epoch",
         load_best_model_at_end=True,
         metric_for_best_model=config.metric_for_best_model,
+        logging_strategy=config.logging_strategy,
         logging_steps=config.logging_steps,
+        use_cpu=config.device == "cpu",
         report_to="none",
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
@@ -264,19 +341,27 @@ def _compute_metrics(eval_prediction):
 
 
 def _check_checkpoint_config(checkpoints, config):
-    """Refuse to resume checkpoints that were made with a different config."""
+    """Refuse to resume checkpoints that were made with a different config (with `overwrite`: start afresh).
+
+    A config without a complete checkpoint beside it (a run that failed early) binds nothing."""
     config_path = os.path.join(checkpoints, CONFIG_FILE)
-    if not os.path.isfile(config_path):
+    if not os.path.isfile(config_path) or _last_complete_checkpoint(checkpoints) is None:
         return
     with open(config_path) as f:
         previous = json.load(f)
     resolved = to_dict(config)
+    # A key newer than the saved config counts as unchanged while it keeps its default.
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
     changed = sorted(k for k in set(previous) | set(resolved)
-                     if k not in RESUMABLE_CHANGES and previous.get(k) != resolved.get(k))
-    if changed:
+                     if k not in RESUMABLE_CHANGES and previous.get(k, defaults.get(k)) != resolved.get(k))
+    if changed and config.overwrite:
+        logger.warning("overwrite: deleting %s, checkpoints of a different config (keys %s differ)", checkpoints,
+                       ", ".join(changed))
+        shutil.rmtree(checkpoints)
+    elif changed:
         raise ConfigError(
             f"output_dir: {checkpoints} holds checkpoints of a different config (keys {', '.join(changed)} differ); "
-            "use another output_dir or delete that folder"
+            "use another output_dir, delete that folder or set \"overwrite\": true"
         )
 
 
