@@ -108,7 +108,7 @@ CASES = {
     "alias and key disagree": ("train", {"max_input_length": 64}, {}, "max_input_length (64) and max_length (32) name the same"),
     "unknown dataset configuration": ("predict", {"dataset_config_name": "generation"}, {}, "dataset_config_name must be one of"),
     "copies with a statistic": ("predict", {"method": "sequence_classification_gram", "metric_output_file": "{tmp}/m.json"}, {},
-                                "metric_output_file: only for method sequence_classification"),
+                                "metric_output_file: only for method evaluate"),
     # Regressions: these worked before and must keep working.
     "unknown key": ("train", {"learning_rat": 1}, {}, "unknown key(s) learning_rat"),
     "unknown key, predict": ("predict", {"track_fisher": True}, {}, "unknown key(s) track_fisher"),

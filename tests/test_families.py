@@ -282,7 +282,7 @@ def test_training_lowers_the_loss_and_writes_loadable_models(paths, image_rows, 
     config = TrainConfig(output_dir=str(tmp_path / "run"), dataset_name=data, model_name_or_path=paths[name],
                          task_type=TASK[name], learning_rate=3e-3, warmup_steps=0, num_train_epochs=3,
                          per_device_train_batch_size=4, lr_scheduler_type="constant", logging_steps=1, peft=peft,
-                         num_threads=1)
+                         num_threads=1, max_length=64)  # the tiny GPT-2 has 64 positions
     trainer = train(config)
     losses = [entry["eval_loss"] for entry in trainer.state.log_history if "eval_loss" in entry]
     assert len(losses) == 3 and losses[-1] < losses[0]
