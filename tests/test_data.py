@@ -100,7 +100,7 @@ def test_download_writes_split_files(data_dir, tmp_path):
     download(DownloadConfig("sst2;rotten_tomatoes", ["train[:4];train[:2]", "test[:3];test[:1]"], str(out), data_dir))
     sst2 = lambda s: read_jsonl(os.path.join(data_dir, "sst2", s))  # noqa: E731
     rt = lambda s: read_jsonl(os.path.join(data_dir, "rotten_tomatoes", s))  # noqa: E731
-    assert sorted(os.listdir(out)) == ["download_config.json", "test.jsonl", "train.jsonl"]
+    assert sorted(os.listdir(out)) == [".written-by", "test.jsonl", "train.jsonl"]
     assert read_jsonl(out / "train.jsonl") == sst2("train.jsonl")[:4] + rt("train.jsonl")[:2]
     assert read_jsonl(out / "test.jsonl") == sst2("test.jsonl")[:3] + rt("test.jsonl")[:1]
     assert rows(load_split(str(out), "train")) == read_jsonl(out / "train.jsonl")  # usable as a dataset name

@@ -42,7 +42,7 @@ def test_classification_metrics_known_values():
 def test_metrics_match_a_hand_count_and_predictions_match_single_forward_passes(setup, tmp_path):
     out = tmp_path / "out"
     assert predict_program(tmp_path, **base_keys(setup, out)) == 0
-    assert sorted(os.listdir(out)) == ["metrics.json", "predict_config.json", "predictions.jsonl"]
+    assert sorted(os.listdir(out)) == [".written-by", "metrics.json", "predictions.jsonl"]
     predictions = read_jsonl(out / "predictions.jsonl")
     gold = read_jsonl(os.path.join(setup["data"], "sst2", "validation.jsonl"))
     assert [p["index"] for p in predictions] == list(range(len(gold)))
@@ -101,7 +101,7 @@ def test_fisher_method_writes_the_statistics_library_result(setup, tmp_path):
     out = tmp_path / "out"
     keys = base_keys(setup, out, method="sequence_classification_squared_gradients", num_examples=6, seed=4)
     assert predict_program(tmp_path, **keys) == 0
-    assert sorted(os.listdir(out)) == ["fisher.safetensors", "hessian", "predict_config.json", "stats.json"]
+    assert sorted(os.listdir(out)) == [".written-by", "fisher.safetensors", "hessian", "stats.json"]
     model = AutoModelForSequenceClassification.from_pretrained(setup["model"])
     dataset = load_split("sst2", "validation[:6]", setup["data"])
     direct = compute_fisher(model, AutoTokenizer.from_pretrained(setup["model"]), dataset, batch_size=5, max_length=32, seed=4)
@@ -166,7 +166,7 @@ def test_several_evaluations_in_one_run_equal_separate_runs(setup, tmp_path):
     keys = base_keys(setup, tmp_path / "both", evaluations=evaluations)
     del keys["dataset_name"], keys["split"]
     assert predict_program(tmp_path, **keys) == 0
-    assert sorted(os.listdir(tmp_path / "both")) == ["predict_config.json", "rt", "sst2"]
+    assert sorted(os.listdir(tmp_path / "both")) == [".written-by", "rt", "sst2"]
     for name, spec in evaluations.items():
         single = tmp_path / f"single-{name}"
         assert predict_program(tmp_path, **base_keys(setup, single, **spec)) == 0

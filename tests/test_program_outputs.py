@@ -6,6 +6,8 @@ import multiprocessing
 import os
 import shutil
 import signal
+import socket
+import subprocess
 import time
 
 import pytest
@@ -52,11 +54,18 @@ def hidden_entries(root):
             if name.startswith(".")]
 
 
+def dead_process_tag():
+    """The HOST-PID- part of the temporaries of a process of this host that has ended (modelmerge.atomic)."""
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return f"{socket.gethostname().replace('-', '_')}-{process.pid}-"
+
+
 def test_predict_replaces_its_own_output_and_removes_what_killed_runs_left(setup, tmp_path):
     assert run_with("predict", tmp_path, predict_keys(setup, tmp_path, split="validation[:3]")) == 0
-    (tmp_path / ".out.tmp-killed").mkdir()  # as an atomic write killed mid-way leaves
-    (tmp_path / ".out.tmp-killed" / "metrics.json").write_text("{}")
-    (tmp_path / ".out.tmp-old-killed").mkdir()
+    killed = tmp_path / f".out.tmp-{dead_process_tag()}abcdefgh"  # as an atomic write killed mid-way leaves
+    killed.mkdir()
+    (killed / "metrics.json").write_text("{}")
     (tmp_path / ".other.tmp-x").mkdir()  # another output's temporary: not ours to remove
     assert run_with("predict", tmp_path, predict_keys(setup, tmp_path)) == 0
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["num_examples"] == 6
@@ -69,7 +78,7 @@ def test_overwrite_replaces_a_folder_predict_did_not_write(setup, tmp_path):
     assert run_with("predict", tmp_path, predict_keys(setup, tmp_path)) == 2
     assert (tmp_path / "out" / "mine.txt").read_text() == "mine"
     assert run_with("predict", tmp_path, predict_keys(setup, tmp_path, overwrite_output_dir=True)) == 0
-    assert sorted(os.listdir(tmp_path / "out")) == ["metrics.json", "predict_config.json", "predictions.jsonl"]
+    assert sorted(os.listdir(tmp_path / "out")) == [".written-by", "metrics.json", "predictions.jsonl"]
 
 
 def test_an_empty_folder_is_a_free_output(setup, tmp_path):
@@ -112,7 +121,9 @@ def test_overwrite_restarts_checkpoints_of_a_different_config(setup, tmp_path):
 def test_train_rerun_removes_temporaries_and_unfinished_checkpoints(setup, tmp_path):
     out = tmp_path / "out"
     train(from_dict(TrainConfig, train_keys(setup, tmp_path)))
-    for leftover in (".epoch-1.tmp-abc", ".best.tmp-old-xyz", "checkpoints/.train_config.json.tmp-1"):
+    tag = dead_process_tag()
+    for leftover in (f".epoch-1.tmp-{tag}abcdefgh", f".best.tmp-{tag}old-abcdefgh", ".epoch-2.tmp-abcdefgh",
+                     f"checkpoints/.train_config.json.tmp-{tag}abcdefgh"):
         os.makedirs(out / leftover)
         (out / leftover / "model.safetensors").write_bytes(b"partial")
     os.makedirs(out / "checkpoints" / "checkpoint-18")  # cut off before its trainer_state.json

@@ -130,12 +130,12 @@ def run_program(config_cls, run, description, argv=None):
 
 
 def _check_outputs_spare_the_config(config, config_path):
-    """Refuse an output (the config's `output_paths()`) that is, holds or lies inside the config file itself."""
-    from modelmerge.outputs import overlapping_input
-
+    """Refuse an output (the config's `output_paths()`) that is or holds the config file itself."""
+    config_file = os.path.realpath(config_path)
     for key, path in getattr(config, "output_paths", dict)().items():
-        if path is not None and overlapping_input(path, [config_path]):
-            raise ConfigError(f"{key}: {path} overlaps the config file {config_path}; choose another path")
+        output = os.path.realpath(path)
+        if config_file == output or config_file.startswith(output.rstrip(os.sep) + os.sep):
+            raise ConfigError(f"{key}: {path} holds the config file {config_path}; choose another path")
 
 
 def _translate_paper_keys(data, paper_keys, where):

@@ -26,9 +26,9 @@ import datasets
 import torch
 from transformers import DataCollatorWithPadding
 
-from modelmerge.atomic import atomic_dir, write_json
+from modelmerge.atomic import atomic_dir
 from modelmerge.config import ConfigError
-from modelmerge.outputs import check_output, has_marker, remove_stale_temporaries
+from modelmerge.outputs import claim
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ TASK_TYPES = tuple(TASK_COLUMNS)
 CLASS_NAMES_FILE = "class_names.json"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
 DATA_DIR_ENV = "MERGE_DATA_DIR"
-DOWNLOAD_CONFIG_FILE = "download_config.json"  # the resolved config, saved in download_data.py's output folder
+DOWNLOAD_KIND = "download_data"  # the kind of output download_data.py writes (modelmerge.atomic)
 MIXTURE_SEPARATOR = ";"
 
 
@@ -359,15 +359,12 @@ def output_split_name(split):
 def download(config):
     """Write every split of `config` to `output_dir/<split>.jsonl` (rows with the task type's columns; images as
     files `images/<split>/<index>.<format>` named relative to the folder), `class_names.json` when the labels
-    have names, and the resolved config (`download_config.json`, which marks the folder as this program's);
-    the folder appears atomically."""
+    have names; the folder appears atomically, marked as this program's (`.written-by`, modelmerge.atomic)."""
     loaded = {output_split_name(split): load_split(config.dataset_name, split, config.data_dir, config.task_type,
                                                    config.columns) for split in config.splits}
     inputs = [path for split in config.splits for path in local_sources(config.dataset_name, split, config.data_dir)]
-    remove_stale_temporaries(config.output_dir)
-    check_output(config.output_dir, "output_dir", "download_data.py", inputs=inputs, overwrite=config.overwrite,
-                 is_ours=has_marker(DOWNLOAD_CONFIG_FILE))
-    with atomic_dir(config.output_dir) as tmp:
+    claim(config.output_dir, "output_dir", DOWNLOAD_KIND, inputs=inputs, overwrite=config.overwrite)
+    with atomic_dir(config.output_dir, DOWNLOAD_KIND, inputs=inputs, overwrite=config.overwrite) as tmp:
         for name, dataset in loaded.items():
             if "image" in dataset.column_names:
                 dataset = _materialise_images(dataset, tmp, name)
@@ -377,7 +374,6 @@ def download(config):
         if names[0] and all(n == names[0] for n in names):
             with open(os.path.join(tmp, CLASS_NAMES_FILE), "w") as f:
                 json.dump(names[0], f)
-        write_json(os.path.join(tmp, DOWNLOAD_CONFIG_FILE), dataclasses.asdict(config))
 
 
 def _materialise_images(dataset, folder, split):

@@ -1,109 +1,56 @@
-"""Output paths of the programs under `code/`: what a run may replace, and what killed runs left behind.
-
-A program replaces an existing output only when it wrote it itself before (it carries the program's
-marker: the resolved config it saves there, or content only it writes), when it is an empty folder, or
-when the config says `overwrite: true` (the paper's configs: `overwrite_output_dir`). An output that is,
-holds or lies inside one of the run's inputs (model, data, the config file) is always refused: replacing
-it would destroy what the run reads. Nothing else is ever deleted.
-
-Atomic writes (`modelmerge.atomic`) leave hidden `.NAME.tmp-*` siblings when a run is killed mid-write;
-`remove_stale_temporaries` deletes those of one output, so the next run of that output cleans up.
+"""Output checks of the config-driven programs (train.py, predict.py, download_data.py) over `modelmerge.atomic`:
+the same rules as the merge programs (an existing output is replaced only when this program wrote it, when it
+is an empty folder, or with `overwrite`; an output that is, holds or lies inside an input is always refused),
+with the errors as ConfigErrors naming the config key, so that the program ends with one line and exit 2
+before any work.
 """
 import json
-import logging
 import os
-import shutil
 
+from modelmerge import atomic
 from modelmerge.config import ConfigError
 
-logger = logging.getLogger(__name__)
-
-TEMP_INFIX = ".tmp-"  # atomic.py names temporaries `.NAME.tmp-XXXX` (and `.NAME.tmp-old-XXXX`)
+TEMP_INFIX = ".tmp-"  # atomic's temporaries are `.NAME.tmp-HOST-PID-XXXXXXXX`
 
 
-def overlapping_input(output, inputs):
-    """The first of `inputs` (local paths; others are skipped) that `output` equals, holds or lies inside, else None."""
-    target = os.path.realpath(output)
-    for path in inputs:
-        if not path or not os.path.exists(path):
-            continue
-        source = os.path.realpath(path)
-        if target == source or _inside(target, source) or _inside(source, target):
-            return path
-    return None
-
-
-def check_output(path, key, program, *, inputs=(), overwrite=False, is_ours=None, folder=True):
-    """Raise ConfigError naming `key` unless `program` may write its output at `path`.
-
-    `is_ours(path)` tells whether an existing output was written by `program` before; `folder` says
-    whether the output is a folder (else a file).
-    """
-    source = overlapping_input(path, inputs)
-    if source is not None:
-        raise ConfigError(f"{key}: {path} overlaps the input {source} (same path, or one inside the other); "
-                          "writing there would destroy what the run reads, choose another path")
-    if not os.path.lexists(path):
-        return
-    if folder and not os.path.isdir(path):
+def claim(path, key, kind, *, inputs=(), overwrite=False, folder=True, written_by=None):
+    """Check that the output `path` (config key `key`) may be written as `kind`; remove stale temporaries of it."""
+    if folder and os.path.isfile(path):
         raise ConfigError(f"{key}: {path} is a file, not a folder; choose another path")
     if not folder and os.path.isdir(path):
         raise ConfigError(f"{key}: {path} is a folder, not a file; choose another path")
-    if overwrite or (folder and not os.listdir(path)) or (is_ours is not None and is_ours(path)):
-        return
-    raise ConfigError(f"{key}: {path} exists and was not written by {program}; set \"overwrite\": true to replace it, "
-                      "or choose another path")
+    try:
+        atomic.claim_output(path, kind, inputs=[p for p in inputs if p and os.path.exists(p)], overwrite=overwrite,
+                            written_by=written_by)
+    except atomic.OutputError as error:
+        hint = ' (set "overwrite": true to replace it)' if os.path.lexists(path) and not overwrite else ""
+        raise ConfigError(f"{key}: {error}{hint}") from None
 
 
-def has_marker(marker):
-    """`is_ours` for folders that `program` marks with the file `marker` (e.g. the resolved config it saves)."""
-    return lambda path: os.path.isfile(os.path.join(path, marker))
+def json_kind(kind, *keys):
+    """`written_by` for JSON files of `kind`: the object (or, for JSON lines, the first row) has all of `keys`."""
 
-
-def is_json_object_with(*keys):
-    """`is_ours` for JSON files whose object (or, for JSON lines, first row) has all of `keys`."""
-
-    def check(path):
+    def written_by(path):
         try:
             with open(path) as f:
                 text = f.read(1 << 20)
         except (OSError, UnicodeDecodeError):
-            return False
+            return None
         for candidate in (text, text.split("\n", 1)[0]):
             try:
                 row = json.loads(candidate)
             except json.JSONDecodeError:
                 continue
-            return isinstance(row, dict) and all(key in row for key in keys)
-        return False
+            return kind if isinstance(row, dict) and all(key in row for key in keys) else None
+        return None
 
-    return check
-
-
-def remove_stale_temporaries(target):
-    """Delete the hidden temporaries (`.NAME.tmp-*`) that killed atomic writes of `target` left beside it."""
-    parent, name = os.path.split(os.path.abspath(target))
-    if not os.path.isdir(parent):
-        return
-    prefix = f".{name}{TEMP_INFIX}"
-    for entry in os.listdir(parent):
-        if entry.startswith(prefix):
-            stale = os.path.join(parent, entry)
-            logger.info("removing %s, left by an interrupted run", stale)
-            if os.path.isdir(stale) and not os.path.islink(stale):
-                shutil.rmtree(stale, ignore_errors=True)
-            else:
-                os.remove(stale)
+    return written_by
 
 
 def remove_stale_temporaries_in(folder):
-    """Delete every hidden temporary (`.NAME.tmp-*`) of atomic writes directly inside `folder` (an output of ours)."""
+    """Remove the temporaries of killed atomic writes (`.NAME.tmp-*` of dead processes) directly inside `folder`."""
     if not os.path.isdir(folder):
         return
     for entry in os.listdir(folder):
         if entry.startswith(".") and TEMP_INFIX in entry:
-            remove_stale_temporaries(os.path.join(folder, entry[1:entry.index(TEMP_INFIX)]))
-
-
-def _inside(path, folder):
-    return path.startswith(folder.rstrip(os.sep) + os.sep)
+            atomic.claim_output(os.path.join(folder, entry[1:entry.index(TEMP_INFIX)]))

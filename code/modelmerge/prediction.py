@@ -21,7 +21,7 @@ from modelmerge import families
 from modelmerge.atomic import atomic_dir, atomic_file, write_json, write_jsonl
 from modelmerge.config import SHARED_PAPER_KEYS, Alias, ConfigError, Ignored, default_num_threads
 from modelmerge.data import TASK_TYPES, check_labels, class_names, load_split, local_sources, resolve_data_dir
-from modelmerge.outputs import check_output, has_marker, is_json_object_with, remove_stale_temporaries
+from modelmerge.outputs import claim, json_kind
 from modelmerge.statistics.fisher import compute_fisher, save_fisher
 from modelmerge.statistics.gram import compute_gram, save_gram
 
@@ -32,9 +32,12 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # Model types whose position ids start after the padding index (so max_position_embeddings overstates the inputs).
 OFFSET_POSITION_MODELS = {"roberta", "xlm-roberta", "camembert", "longformer", "data2vec-text", "xmod", "mpnet",
                           "roberta-prelayernorm", "ibert"}
-CONFIG_FILE = "predict_config.json"  # the resolved config, saved in output_dir (marks it as predict.py's)
 # Config keys naming a copy of one output file of the evaluation: key -> file in output_dir.
 COPIED_FILES = {"metric_output_file": "metrics.json", "prediction_output_file": "predictions.jsonl"}
+# The kinds of output predict.py writes (modelmerge.atomic), and how a file tells its kind.
+OUTPUT_KIND = "predict"
+FILE_KINDS = {"metric_output_file": ("metrics", json_kind("metrics", "num_examples")),
+              "prediction_output_file": ("predictions", json_kind("predictions", "index", "prediction"))}
 
 
 def is_adapter_folder(path):
@@ -302,7 +305,7 @@ class PredictConfig:
 
 def run(config):
     """Compute what `config.method` names and write it into `config.output_dir`, atomically as one folder
-    (marked as predict.py's by the resolved config, `predict_config.json`), and the copies the config names.
+    (marked as predict.py's), and the copies the config names.
 
     Everything is checked (model, data, labels, outputs) before anything is written."""
     torch.set_num_threads(config.num_threads)
@@ -316,9 +319,11 @@ def run(config):
     if config.task_type == "sequence_classification" and (config.method in EVALUATE or config.empirical):
         for (_, dataset), (_, dataset_name, split) in zip(datasets, config.datasets()):  # the gold labels are used
             check_labels(dataset, model.config.num_labels, f"dataset {dataset_name!r}, split {split!r}")
-    _check_outputs(config)
+    inputs = _check_outputs(config)
     model.to(check_device(config.device))
-    with atomic_dir(config.output_dir) if config.output_dir else tempfile.TemporaryDirectory() as tmp:
+    output = (atomic_dir(config.output_dir, OUTPUT_KIND, inputs=inputs, overwrite=config.overwrite)
+              if config.output_dir else tempfile.TemporaryDirectory())
+    with output as tmp:
         for name, dataset in datasets:
             output_dir = tmp if name is None else os.path.join(tmp, name)
             os.makedirs(output_dir, exist_ok=True)
@@ -326,26 +331,26 @@ def run(config):
             METHODS[config.method](model, processor, dataset, config, output_dir)
         for key, name in COPIED_FILES.items():
             if getattr(config, key) is not None:
-                with atomic_file(getattr(config, key)) as copy:
+                kind, written_by = FILE_KINDS[key]
+                with atomic_file(getattr(config, key), kind, inputs=inputs, overwrite=config.overwrite,
+                                 written_by=written_by) as copy:
                     shutil.copyfile(os.path.join(tmp, name), copy)
                 logger.info("wrote %s", getattr(config, key))
-        write_json(os.path.join(tmp, CONFIG_FILE), dataclasses.asdict(config))
     logger.info("wrote %s", config.output_dir)
 
 
 def _check_outputs(config):
+    """The inputs of the run (model folder, data files or folders), after checking that no output overlaps them
+    and that every existing output may be replaced."""
     inputs = [config.model_name_or_path] + [path for _, dataset_name, split in config.datasets()
                                             for path in local_sources(dataset_name, split, config.data_dir)]
     if config.output_dir is not None:
-        remove_stale_temporaries(config.output_dir)
-        check_output(config.output_dir, "output_dir", "predict.py", inputs=inputs, overwrite=config.overwrite,
-                     is_ours=has_marker(CONFIG_FILE))
-    for key, is_ours in (("metric_output_file", is_json_object_with("num_examples")),
-                         ("prediction_output_file", is_json_object_with("index", "prediction"))):
+        claim(config.output_dir, "output_dir", OUTPUT_KIND, inputs=inputs, overwrite=config.overwrite)
+    for key, (kind, written_by) in FILE_KINDS.items():
         if getattr(config, key) is not None:
-            remove_stale_temporaries(getattr(config, key))
-            check_output(getattr(config, key), key, "predict.py", inputs=inputs, overwrite=config.overwrite,
-                         is_ours=is_ours, folder=False)
+            claim(getattr(config, key), key, kind, inputs=inputs, overwrite=config.overwrite, folder=False,
+                  written_by=written_by)
+    return inputs
 
 
 def _load(config, dataset_name, split):

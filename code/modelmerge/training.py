@@ -207,8 +207,9 @@ def train(config, callbacks=()):
         for split, dataset in ((config.train_split, train_data), (config.validation_split, eval_data)):
             data.check_labels(dataset, config.num_labels, f"dataset {config.dataset_name!r}, split {split!r}")
         _check_num_labels(config)
-    outputs.check_output(config.output_dir, "output_dir", "train.py", inputs=_inputs(config),
-                         overwrite=config.overwrite, is_ours=_is_training_output)
+    # train.py writes into output_dir entry by entry: a folder holding its config is its own.
+    outputs.claim(config.output_dir, "output_dir", "train", inputs=_inputs(config),
+                  overwrite=config.overwrite or _is_training_output(config.output_dir))
     set_seed(config.seed)
     model, processor = _build_model(config, config.class_names or data.class_names(train_data))
 
