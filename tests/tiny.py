@@ -106,26 +106,28 @@ def word_tokenizer(kind):
                                    unk_token="<unk>")
 
 
-def make_tiny_t5(path, seed=0):
+def make_tiny_t5(path, seed=0, **overrides):
     from transformers import T5Config, T5ForConditionalGeneration
 
     tokenizer = word_tokenizer("t5")
-    config = T5Config(vocab_size=len(tokenizer), d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=2,
-                      relative_attention_num_buckets=8, relative_attention_max_distance=16, dropout_rate=0.0,
-                      pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, feed_forward_proj="gated-gelu",
-                      tie_word_embeddings=False)
+    kwargs = dict(vocab_size=len(tokenizer), d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=2,
+                  relative_attention_num_buckets=8, relative_attention_max_distance=16, dropout_rate=0.0,
+                  pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, feed_forward_proj="gated-gelu",
+                  tie_word_embeddings=False)
+    config = T5Config(**{**kwargs, **overrides})
     torch.manual_seed(seed)
     T5ForConditionalGeneration(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
 
 
-def make_tiny_gpt2(path, seed=0):
+def make_tiny_gpt2(path, seed=0, **overrides):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     tokenizer = word_tokenizer("gpt2")
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=16, n_layer=2, n_head=2, resid_pdrop=0.0,
-                        embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    kwargs = dict(vocab_size=len(tokenizer), n_positions=64, n_embd=16, n_layer=2, n_head=2, resid_pdrop=0.0,
+                  embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    config = GPT2Config(**{**kwargs, **overrides})
     torch.manual_seed(seed)
     GPT2LMHeadModel(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -138,19 +140,19 @@ def image_processor(size=16):
     return ViTImageProcessor(size={"height": size, "width": size}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
 
 
-def make_tiny_vit(path, num_labels=3, seed=0):
+def make_tiny_vit(path, num_labels=3, seed=0, **overrides):
     from transformers import ViTConfig, ViTForImageClassification
 
-    config = ViTConfig(image_size=16, patch_size=8, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                       intermediate_size=32, num_labels=num_labels, hidden_dropout_prob=0.0,
-                       attention_probs_dropout_prob=0.0)
+    kwargs = dict(image_size=16, patch_size=8, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                  intermediate_size=32, num_labels=num_labels, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    config = ViTConfig(**{**kwargs, **overrides})
     torch.manual_seed(seed)
     ViTForImageClassification(config).save_pretrained(path)
-    image_processor().save_pretrained(path)
+    image_processor(config.image_size).save_pretrained(path)
     return str(path)
 
 
-def make_tiny_clip(path, seed=0):
+def make_tiny_clip(path, seed=0, **overrides):
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
     tokenizer = word_tokenizer("clip")
@@ -158,9 +160,12 @@ def make_tiny_clip(path, seed=0):
                 num_attention_heads=2, max_position_embeddings=16, eos_token_id=0, bos_token_id=0, pad_token_id=0)
     vision = dict(image_size=16, patch_size=8, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                   num_attention_heads=2)
+    text.update({k: v for k, v in overrides.items() if k in ("hidden_size", "intermediate_size", "num_hidden_layers")})
+    vision.update(overrides)
     torch.manual_seed(seed)
     CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=8)).save_pretrained(path)
-    images = CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
+    size = vision["image_size"]
+    images = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
     tokenizer.pad_token = "<|endoftext|>"
     CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(path)
     return str(path)

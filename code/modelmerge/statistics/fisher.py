@@ -24,7 +24,8 @@ from safetensors.torch import save_file
 
 from modelmerge.atomic import atomic_dir, atomic_file, write_json
 from modelmerge.statistics.batches import labelled_batches, limit_examples
-from modelmerge.statistics.parameters import gradients_for_statistic_parameters, statistic_parameters
+from modelmerge.statistics.parameters import (checkpoint_names, gradients_for_statistic_parameters,
+                                              statistic_parameters)
 from modelmerge.statistics.per_example import SquaredGradientSums
 
 logger = logging.getLogger(__name__)
@@ -89,7 +90,8 @@ def compute_fisher(
 def save_fisher(result, model, output_dir):
     """Write `fisher.safetensors`, `hessian/` and `stats.json` into `output_dir`, each atomically, stats.json last.
 
-    fisher.safetensors holds the Fisher of every parameter under its checkpoint name. hessian/ is
+    fisher.safetensors holds the Fisher of every parameter under its checkpoint name (zeros for the frozen ones
+    of a full model, such as CLIP's text tower). hessian/ is
     `model.save_pretrained` with the Fisher in place of the weights (zeros for frozen parameters, buffers
     unchanged), so it loads like the model; for a PEFT model it is an adapter folder.
     """
@@ -97,6 +99,7 @@ def save_fisher(result, model, output_dir):
     os.makedirs(output_dir, exist_ok=True)
     with atomic_file(os.path.join(output_dir, "fisher.safetensors")) as tmp:
         tensors = {names[name]: fisher.contiguous() for name, fisher in result.fisher.items()}
+        tensors.update(_frozen_zeros(model, result.fisher))
         save_file(tensors, tmp, metadata={"format": "pt"})
     with atomic_dir(os.path.join(output_dir, "hessian")) as tmp:
         model.save_pretrained(tmp, state_dict=_hessian_state_dict(model, result.fisher), **_save_options(model))
@@ -105,6 +108,16 @@ def save_fisher(result, model, output_dir):
         {"num_examples": result.num_examples, "variant": result.variant, "seed": result.seed},
     )
     logger.info("wrote the Fisher of %d tensors over %d examples to %s", len(names), result.num_examples, output_dir)
+
+
+def _frozen_zeros(model, fisher):
+    """Zeros for the frozen parameters of a full model (CLIP's text tower), so that the file covers the checkpoint
+    as merges expect; a PEFT adapter's statistics cover the adapter only."""
+    if isinstance(model, PeftModel):
+        return {}
+    frozen = [name for name, _ in model.named_parameters() if name not in fisher]
+    parameters = dict(model.named_parameters())
+    return {saved: torch.zeros_like(parameters[name]) for name, saved in checkpoint_names(model, frozen).items()}
 
 
 def _hessian_state_dict(model, fisher):

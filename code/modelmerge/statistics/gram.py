@@ -113,7 +113,9 @@ def _accumulate_grams(model, tokenizer, dataset, layers, empirical, batch_size, 
                     inputs[site.name] += x.T @ x
                     outputs[site.name] += g.T @ g
                     rows[site.name] += len(x)
-    key = {name: f"{name}.weight" for name in layers}
+    # keyed by the weight's named_parameters() name (a tied output layer under its embedding's name)
+    parameter_names = {id(parameter): name for name, parameter in model.named_parameters()}
+    key = {name: parameter_names[id(module.weight)] for name, module in layers.items()}
     return GramResult(
         {key[n]: g for n, g in inputs.items()}, {key[n]: g for n, g in outputs.items()},
         {key[n]: r for n, r in rows.items()}, len(dataset), num_tokens, empirical, seed,

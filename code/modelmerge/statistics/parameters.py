@@ -14,12 +14,26 @@ def statistic_parameters(model):
     name; buffers such as position ids are not parameters).
     """
     if not isinstance(model, PeftModel):
-        return {name: name for name, parameter in model.named_parameters() if parameter.requires_grad}
+        return checkpoint_names(model, [name for name, parameter in model.named_parameters() if parameter.requires_grad])
     state = model.state_dict()
     name_of = {id(tensor): name for name, tensor in state.items()}  # the PEFT function passes the tensors through
     saved = get_peft_model_state_dict(model, state_dict=state, save_embedding_layers=False)
     saved_as = {name_of[id(tensor)]: saved_name for saved_name, tensor in saved.items()}
     return {name: saved_as[name] for name, _ in model.named_parameters() if name in saved_as}
+
+
+def checkpoint_names(model, names):
+    """name → the name `save_pretrained` writes it under: transformers 5 renames some modules on loading (ViT's
+    `attention.attention.query` is `attention.q_proj` in memory) and back on saving. Tensors it would convert
+    (not just rename) keep their in-memory name."""
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:
+        return {name: name for name in names}
+    parameters = dict(model.named_parameters())
+    reverted = revert_weight_conversion(model, {name: parameters[name].detach() for name in names})
+    by_storage = {(t.data_ptr(), tuple(t.shape)): saved for saved, t in reverted.items()}
+    return {name: by_storage.get((parameters[name].data_ptr(), tuple(parameters[name].shape)), name) for name in names}
 
 
 @contextmanager

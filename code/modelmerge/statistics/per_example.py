@@ -36,8 +36,6 @@ CONTAINERS = (nn.ModuleDict, nn.ModuleList, nn.ParameterDict, nn.ParameterList)
 # memory costs more than the products themselves). On a GPU, memory is fast: whole batches at once.
 BLOCK_BYTES = {"cpu": 1 << 20}
 DEFAULT_BLOCK_BYTES = 256 << 20
-# Squares are summed in (at least) float32 over this many examples, then added to the float64 totals.
-EXAMPLES_PER_FOLD = 256
 
 
 @dataclass
@@ -77,6 +75,14 @@ class OuterProductGradients:
 
     def as_rows(self, num_rows):
         return DenseGradients(torch.bmm(self.g.transpose(1, 2), self.x)).as_rows(num_rows)
+
+    def rows_of(self, examples, rows):
+        """Row `rows[e]` of example `examples[e]`'s gradient, for each entry e: Σ_tokens g[:, row] x."""
+        values = self.g.new_empty(len(rows), self.x.shape[2])
+        for b in examples.unique().tolist():
+            entries = (examples == b).nonzero()[:, 0]
+            values[entries] = self.g[b][:, rows[entries]].T @ self.x[b]
+        return values
 
 
 @dataclass
@@ -199,7 +205,7 @@ class SquaredGradientSums:
 
     Use as a context manager (it hooks the model's modules); call `add(loss, sites, batch_size)` after each
     forward pass recorded with `self.capture.recording(batch_size)`, where `loss` is the sum over the batch of
-    the per-example objectives; `named_sums()` gives the float64 sums by `named_parameters()` name.
+    the per-example objectives; `named_sums()` gives the sums by `named_parameters()` name.
     """
 
     def __init__(self, model):
@@ -212,13 +218,9 @@ class SquaredGradientSums:
         if not self.parameters:
             raise ValueError("the model has no trainable parameters (all have requires_grad=False)")
         self.rule_modules, self.functional_modules = _assign_parameters(model, self.parameters)
-        self.sums = {id_: _zeros(p, torch.float64) for id_, p in self.parameters.items()}
-        # The latest examples' sums, in the parameters' precision (at least float32), folded in every so often:
-        # adding them straight to float64 would cost a float64 pass over every parameter per batch.
-        self.recent = {
-            id_: _zeros(p, torch.promote_types(p.dtype, torch.float32)) for id_, p in self.parameters.items()
-        }
-        self.recent_examples = 0
+        # Sums in the parameters' precision, at least float32, as the authors' loop keeps them: one buffer the size
+        # of the model (float64 totals would double it and cost a float64 pass over every parameter per batch).
+        self.sums = {id_: _zeros(p, torch.promote_types(p.dtype, torch.float32)) for id_, p in self.parameters.items()}
         self.capture = ModuleCapture({**self.rule_modules, **{n: m for n, (m, _) in self.functional_modules.items()}})
 
     def __enter__(self):
@@ -245,26 +247,16 @@ class SquaredGradientSums:
             for i, site in enumerate(sites):
                 for parameter, gradients in self._site_gradients(site, grads[i], batch_size):
                     if calls[id(parameter)] == 1:
-                        _add_squares(self.recent[id(parameter)], [gradients])
+                        _add_squares(self.sums[id(parameter)], [gradients])
                     else:
                         pending[id(parameter)].append(gradients)
                 grads[i] = None
             for id_, gradients in pending.items():
-                _add_squares(self.recent[id_], gradients)
-        self.recent_examples += batch_size
-        if self.recent_examples >= EXAMPLES_PER_FOLD:
-            self._fold()
+                _add_squares(self.sums[id_], gradients)
 
     def named_sums(self):
-        """name → Σ of squared per-example gradients, float64, in the parameter's shape."""
-        self._fold()
+        """name → Σ of squared per-example gradients (at least float32), in the parameter's shape."""
         return {self.names[id_]: total.reshape(self.parameters[id_].shape) for id_, total in self.sums.items()}
-
-    def _fold(self):
-        for id_, recent in self.recent.items():
-            self.sums[id_] += recent
-            recent.zero_()
-        self.recent_examples = 0
 
     def _site_parameters(self, site):
         if site.name in self.rule_modules:
@@ -313,9 +305,31 @@ def _add_squares(total, gradients):
         gradients[0].add_squares_to(total)
         return
     rows, rest = total.shape
+    sparse = [g for g in gradients if isinstance(g, RowGradients)]
+    dense = [g for g in gradients if not isinstance(g, RowGradients)]
+    if len(dense) == 1 and isinstance(dense[0], OuterProductGradients):
+        # A tied embedding and output layer: (D + S)² = D² + (2D + S)·S on the few rows S touches, so the dense
+        # part is squared blockwise as usual and never formed per example in full ([batch, vocab, dim]).
+        dense[0].add_squares_to(total)
+        merged = _summed_rows(sparse, rows, rest)
+        values = merged.values.to(total.dtype)
+        d = dense[0].rows_of(merged.examples, merged.rows).to(total.dtype)
+        total.index_add_(0, merged.rows, (2 * d + values) * values)
+        return
     parts = [g.as_rows(rows) for g in gradients]
     keys = torch.cat([part.examples * rows + part.rows for part in parts])
     values = torch.cat([part.values.reshape(-1, rest) for part in parts])
     unique, inverse = torch.unique(keys, return_inverse=True)
     summed = values.new_zeros(len(unique), rest).index_add_(0, inverse, values)
     RowGradients(unique // rows, unique % rows, summed).add_squares_to(total)
+
+
+def _summed_rows(parts, rows, rest):
+    """Row gradients of several calls as one, entries of the same (example, row) added."""
+    if len(parts) == 1:
+        return parts[0]
+    keys = torch.cat([part.examples * rows + part.rows for part in parts])
+    values = torch.cat([part.values.reshape(-1, rest) for part in parts])
+    unique, inverse = torch.unique(keys, return_inverse=True)
+    summed = values.new_zeros(len(unique), rest).index_add_(0, inverse, values)
+    return RowGradients(unique // rows, unique % rows, summed)
