@@ -15,11 +15,14 @@ from dataclasses import dataclass
 import torch
 
 from modelmerge.adamerging import learn_coefficients, merged_state
-from modelmerge.atomic import atomic_dir
+from modelmerge.atomic import atomic_dir, claim_output
 from modelmerge.data import load_split
 from modelmerge.merging import MergeError
 from modelmerge.merging.cli import ArgumentParser, device_argument, run_cli
 from modelmerge.prediction import check_model_path, load_for_task
+
+
+OUTPUT_KIND = "adamerging"
 
 
 @dataclass
@@ -49,6 +52,7 @@ def parse_args(argv):
     parser.add_argument("--device", type=device_argument, default="cpu")
     parser.add_argument("--output", required=True, help="the merged model folder")
     parser.add_argument("--no_progress", action="store_true")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output another program wrote")
     args = parser.parse_args(argv)
     if len(args.split) not in (1, len(args.datasets)):
         parser.error(f"--split: give one split for all data sets or one per data set ({len(args.datasets)})")
@@ -71,6 +75,8 @@ def input_batches(tokenizer, texts, batch_size, max_length, device):
 def main(argv):
     args = parse_args(argv)
     start = time.perf_counter()
+    inputs = [args.ancestor, *args.models, *args.datasets]
+    claim_output(args.output, OUTPUT_KIND, inputs=inputs, overwrite=args.overwrite)  # before any work
     try:
         for path in [args.ancestor, *args.models]:
             check_model_path(path, "--models/--ancestor")
@@ -97,7 +103,7 @@ def main(argv):
         for name, parameter in model.named_parameters():
             parameter.copy_(state[name])
     coefficients = {name: result.coefficients[:, k].tolist() for k, name in enumerate(result.names)}
-    with atomic_dir(args.output) as tmp:
+    with atomic_dir(args.output, OUTPUT_KIND, inputs=inputs, overwrite=args.overwrite) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         with open(os.path.join(tmp, "adamerging.json"), "w") as f:

@@ -35,6 +35,7 @@ def parse_args(argv):
     parser.add_argument("--output", required=True, help="the modulated merge folder, or the task's model folder")
     parser.add_argument("--device", type=device_argument, default="cpu", help="where the arithmetic runs: cpu or cuda")
     parser.add_argument("--no_progress", action="store_true")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output another program wrote")
     rest, params = split_method_parameters(argv)
     args = parser.parse_args(rest)
     if bool(args.merge) == bool(args.materialise):
@@ -51,12 +52,14 @@ def main(argv):
     start = time.perf_counter()
     try:
         if args.materialise:
-            modulated.materialise(args.materialise, args.ancestor, args.task, args.output, args.device)
+            modulated.materialise(args.materialise, args.ancestor, args.task, args.output, args.device,
+                                  overwrite=args.overwrite)
             return Done(f"materialised task {args.task}", time.perf_counter() - start)
         method = load_method(args.merge)
         resolved = resolve_parameters(method, params, len(args.models))
         modulated.write(args.merge, args.models, args.ancestor, args.output, resolved, args.device,
-                        progress=not args.no_progress, check=lambda c: check_same_tensors(c, "models and the ancestor"))
+                        progress=not args.no_progress, check=lambda c: check_same_tensors(c, "models and the ancestor"),
+                        overwrite=args.overwrite)
     except ValueError as error:
         raise MergeError(str(error)) from None
     return Done(f"modulated merge ({args.merge}) of {len(args.models)} models", time.perf_counter() - start)

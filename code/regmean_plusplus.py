@@ -10,12 +10,15 @@ from dataclasses import dataclass
 
 import torch
 
-from modelmerge.atomic import atomic_dir
+from modelmerge.atomic import atomic_dir, claim_output
 from modelmerge.data import load_split
 from modelmerge.merging import MergeError
 from modelmerge.merging.cli import ArgumentParser, run_cli
 from modelmerge.prediction import check_model_path, load_for_task
 from modelmerge.regmean_plusplus import regmean_plusplus
+
+
+OUTPUT_KIND = "regmean_plusplus"
 
 
 @dataclass
@@ -40,6 +43,7 @@ def parse_args(argv):
     parser.add_argument("--task_type", default="sequence_classification")
     parser.add_argument("--output", required=True, help="the merged model folder")
     parser.add_argument("--no_progress", action="store_true")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output another program wrote")
     args = parser.parse_args(argv)
     if len(args.split) not in (1, len(args.datasets)):
         parser.error(f"--split: give one split for all data sets or one per data set ({len(args.datasets)})")
@@ -56,6 +60,8 @@ def parse_args(argv):
 def main(argv):
     args = parse_args(argv)
     start = time.perf_counter()
+    inputs = [*args.models, *args.datasets]
+    claim_output(args.output, OUTPUT_KIND, inputs=inputs, overwrite=args.overwrite)  # before any work
     try:
         for path in args.models:
             check_model_path(path, "--models")
@@ -72,7 +78,7 @@ def main(argv):
     regmean_plusplus(models, tokenizer, datasets, alpha=args.alpha, progress=not args.no_progress,
                      batch_size=args.batch_size, max_length=args.max_length, num_examples=args.num_examples,
                      task_type=args.task_type)
-    with atomic_dir(args.output) as tmp:
+    with atomic_dir(args.output, OUTPUT_KIND, inputs=inputs, overwrite=args.overwrite) as tmp:
         models[0].save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return Done(len(models), time.perf_counter() - start)

@@ -84,3 +84,12 @@ def test_first_step_follows_the_sign_of_the_entropy_gradient(setup, tmp_path):
 def test_the_entropy_falls(setup, tmp_path):
     summary = run(setup, tmp_path / "out", "--iterations", "30", "--learning_rate", "0.01")
     assert summary.last < summary.first
+
+
+def test_an_existing_folder_it_did_not_write_is_refused_before_any_work(setup, tmp_path, capsys):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(SystemExit) as exit_info:
+        run(setup, tmp_path / "mine", "--iterations", "1")
+    assert exit_info.value.code == 2 and "exists and is not an output of this program" in capsys.readouterr().err
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"

@@ -37,7 +37,10 @@ MODULATED_METHODS = ("emr", "tall_masks")
 RELEASE_EVERY = 32  # tensors read before the files' memory maps are closed (their pages stop counting as resident)
 
 
-def write(method_name, models, ancestor, output, params, device="cpu", progress=True, check=None):
+OUTPUT_KIND = "modulated_merge"
+
+
+def write(method_name, models, ancestor, output, params, device="cpu", progress=True, check=None, overwrite=False):
     """Write the unified model, the masks and the rescalers of `models` (paths) about `ancestor` into `output`.
 
     `params` are the method's resolved parameters; `check(checkpoints)` validates the inputs (the merge
@@ -52,7 +55,8 @@ def write(method_name, models, ancestor, output, params, device="cpu", progress=
     names = base.names
     floats = [(n, TensorInfo(base.info(n).shape, torch.bool)) for n in names if base.info(n).dtype.is_floating_point]
     own, kept = torch.zeros(len(models), dtype=torch.float64), torch.zeros(len(models), dtype=torch.float64)
-    with atomic_dir(output) as tmp, ExitStack() as stack:
+    inputs = [*models, ancestor]
+    with atomic_dir(output, OUTPUT_KIND, inputs=inputs, overwrite=overwrite) as tmp, ExitStack() as stack:
         unified = stack.enter_context(open_output(os.path.join(tmp, "unified"), [(n, base.info(n)) for n in names],
                                                   "model", files_from=base.folder))
         masks = [stack.enter_context(open_output(os.path.join(tmp, f"masks_{t + 1}.safetensors"), floats, "file"))
@@ -88,7 +92,7 @@ def write(method_name, models, ancestor, output, params, device="cpu", progress=
     return rescalers
 
 
-def materialise(modulated, ancestor, task, output, device="cpu"):
+def materialise(modulated, ancestor, task, output, device="cpu", overwrite=False):
     """Write task `task`'s model (1-based, in the order of the models) from the modulated merge `modulated`."""
     with open(os.path.join(modulated, "modulators.json")) as f:
         description = json.load(f)
@@ -100,7 +104,8 @@ def materialise(modulated, ancestor, task, output, device="cpu"):
     masks = open_checkpoint(os.path.join(modulated, f"masks_{task}.safetensors"))
     base = open_checkpoint(ancestor)
     entries = [(name, unified.info(name)) for name in unified.names]
-    with open_output(output, entries, "model", files_from=unified.folder) as writer:
+    with open_output(output, entries, "model", files_from=unified.folder, kind=OUTPUT_KIND,
+                     inputs=[modulated, ancestor], overwrite=overwrite) as writer:
         for name in unified.names:
             theta_uni = unified.get(name)
             if name not in masks:
