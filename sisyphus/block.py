@@ -20,6 +20,7 @@ class Block:
         self.name = name
         self.children = []  # jobs and blocks, in creation order
         self.parents = set() if parents is None else set(parents)
+        self._job_ids = set()  # ids of the jobs among the children (membership in constant time)
 
     def __repr__(self):
         return f"<Block {self.name}>"
@@ -30,7 +31,8 @@ class Block:
         return child
 
     def add_job(self, job):
-        if job not in self.children:
+        if job.job_id() not in self._job_ids:
+            self._job_ids.add(job.job_id())
             self.children.append(job)
 
     def add_block(self, block):

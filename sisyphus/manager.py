@@ -384,11 +384,17 @@ def _still_running(usage):
 
 
 def _symlink(target, link):
-    """Point `link` at `target`, replacing an older link atomically."""
+    """Point `link` at `target`, replacing an older link atomically (a link left half-made by a killed manager is
+    removed on the next call for the same name)."""
+    from sisyphus.tools import remove_stale_temporaries, temporary_prefix
+
     if os.path.islink(link) and os.readlink(link) == target:
         return
-    os.makedirs(os.path.dirname(link), exist_ok=True)
-    tmp = f"{link}.{os.getpid()}.tmp"
+    folder = os.path.dirname(link)
+    os.makedirs(folder, exist_ok=True)
+    prefix = "." + os.path.basename(link)
+    remove_stale_temporaries(folder, prefix)
+    tmp = os.path.join(folder, temporary_prefix(prefix) + "link")
     os.symlink(target, tmp)
     os.replace(tmp, link)
 
