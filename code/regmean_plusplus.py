@@ -13,7 +13,7 @@ import torch
 from modelmerge.atomic import atomic_dir, claim_output
 from modelmerge.data import load_split
 from modelmerge.merging import MergeError
-from modelmerge.merging.cli import ArgumentParser, run_cli
+from modelmerge.merging.cli import ArgumentParser, device_argument, run_cli
 from modelmerge.prediction import check_model_path, load_for_task
 from modelmerge.regmean_plusplus import regmean_plusplus
 
@@ -42,6 +42,7 @@ def parse_args(argv):
     parser.add_argument("--data_dir", default=os.environ.get("MERGE_DATA_DIR"), help="where the data sets are (default $MERGE_DATA_DIR)")
     parser.add_argument("--task_type", default="sequence_classification")
     parser.add_argument("--output", required=True, help="the merged model folder")
+    parser.add_argument("--device", type=device_argument, default="cpu", help="where the models run: cpu or cuda")
     parser.add_argument("--no_progress", action="store_true")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output another program wrote")
     args = parser.parse_args(argv)
@@ -69,7 +70,7 @@ def main(argv):
         loaded = [load_for_task(path, args.task_type) for path in args.models]
     except ValueError as error:
         raise MergeError(str(error)) from None
-    models, tokenizer = [model for model, _ in loaded], loaded[0][1]
+    models, tokenizer = [model.to(args.device) for model, _ in loaded], loaded[0][1]
     shapes = [{n: tuple(p.shape) for n, p in m.named_parameters()} for m in models]
     for path, other in zip(args.models[1:], shapes[1:]):
         if other != shapes[0]:

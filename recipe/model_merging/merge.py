@@ -136,7 +136,8 @@ class RegMeanPlusPlusJob(CommandJob):
         return [*self.program_command("regmean_plusplus.py"), "--models", *map(_path, self.models),
                 "--datasets", *map(_path, self.datasets), "--split", *_splits(self.split), "--alpha", str(self.alpha),
                 "--num_examples", str(self.num_examples), "--batch_size", str(self.batch_size),
-                "--max_length", str(self.max_length), "--output", self.out_model.get_path()]
+                "--max_length", str(self.max_length), *(["--device", "cuda"] if self.rqmt["gpu"] > 0 else []),
+                "--output", self.out_model.get_path()]
 
 
 class AdaMergingJob(CommandJob):

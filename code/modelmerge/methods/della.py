@@ -17,16 +17,17 @@ def keep_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> t
     """p = density − ε + 2ε · (rank − 1) / (n − 1), rank of |δ| within its row (ascending; a 1-D tensor is
     one row): the smallest entries are kept with probability density − ε, the largest with density + ε."""
     rows = delta.unsqueeze(0) if delta.dim() < 2 else delta
-    ranks = rows.abs().argsort(dim=1, stable=True).argsort(dim=1).to(upcast_dtype(delta.dtype)) + 1
-    low, high = ranks.min(dim=1, keepdim=True).values, ranks.max(dim=1, keepdim=True).values
-    spread = ((ranks - low) / (high - low)).clamp(0, 1)
+    order = rows.abs().argsort(dim=1, stable=True)
+    n = rows.shape[1]
+    position = torch.empty_like(order).scatter_(1, order, torch.arange(n, device=order.device).expand_as(order))
+    spread = position.to(upcast_dtype(delta.dtype)) / max(n - 1, 1)  # (rank − 1) / (n − 1), one sort only
     return (density - epsilon) + spread * 2 * epsilon
 
 
 def draw(probabilities: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """1 with probability p, else 0; uniform draws from `generator` on the CPU, so a seed gives the same mask
     on every device."""
-    uniform = torch.rand(probabilities.shape, generator=generator, dtype=torch.float64)
+    uniform = torch.rand(probabilities.shape, generator=generator, dtype=probabilities.dtype)
     return (uniform.to(probabilities.device) < probabilities).to(probabilities.dtype)
 
 
