@@ -1,6 +1,6 @@
 """A recipe collection in the reference Sisyphus layout (tests/sis_setups/upstream_layout: recipe/demo_pkg/ imported
-as demo_pkg.x, a settings.py written for upstream), run end to end by `sis m -r`: set_vis_name, join_right,
-DelayedFormat, Variable arithmetic, Job.sh, add_input in update(), tk.block, Task(tries=2),
+as demo_pkg.x, a settings.py written for upstream), run end to end by `sis m -r`: setup_path(__package__) as
+i6_core uses it, set_vis_name, join_right, DelayedFormat, Variable arithmetic, Job.sh, add_input in update(), tk.block, Task(tries=2),
 ALIAS_AND_OUTPUT_SUBDIR keeping two configs apart, and JOB_AUTO_CLEANUP packing finished job folders."""
 import os
 import shutil
@@ -35,6 +35,9 @@ def test_upstream_layout_collection_runs_end_to_end(tmp_path):
     assert (out / "demo" / "description.txt").read_text() == "total=15; number=31; greeting=hello from settings\n"
     assert (out / "demo" / "collected.txt").read_text() == "content 0\ncontent 1\ncontent 2\n"
     assert (out / "demo" / "flaky.txt").read_text() == "second try\n"
+    assert (out / "demo" / "word_count").read_text() == "3\n"
+    words = b"(Path, (tuple, (NoneType), " + s("demo_pkg/data/words.txt") + b"))"  # setup_path: hashed by package
+    assert (work / ("demo_pkg/numbers/CountLines." + hand_hash(dict_bytes({"text": words})))).is_dir()
     assert os.path.realpath(setup / "alias" / "demo" / "numbers") == str(work / numbers_id)
     other_alias = os.path.realpath(setup / "alias" / "other" / "numbers")
     assert other_alias.startswith(str(work / "demo_pkg/numbers/WriteNumbers."))

@@ -1,7 +1,7 @@
 """Builds the demo collection's graph: blocks, aliases and outputs under the 'demo' subfolders."""
 from sisyphus import gs, tk
 
-from demo_pkg.numbers import Collect, Flaky, ListFiles, WriteNumbers, describe
+from demo_pkg.numbers import Collect, Flaky, ListFiles, WriteNumbers, count_words, describe
 
 
 def py():
@@ -14,3 +14,4 @@ def py():
     with tk.block("files"):
         tk.register_output("collected.txt", Collect(ListFiles(3).out_list).out_text)
     tk.register_output("flaky.txt", Flaky("demo").out_text)
+    tk.register_output("word_count", count_words().out_count)

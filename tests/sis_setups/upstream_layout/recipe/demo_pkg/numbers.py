@@ -1,8 +1,11 @@
 """Jobs that write, sum and describe numbers, using the reference Sisyphus API."""
 import os
 
-from sisyphus import Job, Task, tk
+from sisyphus import Job, Task, setup_path, tk
 from sisyphus.delayed_ops import DelayedFormat
+
+# As i6_core/util.py does: paths relative to this package, hashed by package path (not by where the setup is).
+Path = setup_path(__package__)
 
 
 class WriteNumbers(Job):
@@ -103,6 +106,25 @@ class Flaky(Job):
             raise RuntimeError("first try fails")
         with open(self.out_text.get_path(), "w") as f:
             f.write("second try\n")
+
+
+class CountLines(Job):
+    """Counts the lines of a text file into a Variable."""
+
+    def __init__(self, text):
+        self.text = text
+        self.out_count = self.output_var("count")
+
+    def tasks(self):
+        yield Task("run", mini_task=True)
+
+    def run(self):
+        with open(self.text.get_path()) as f:
+            self.out_count.set(sum(1 for _ in f))
+
+
+def count_words():
+    return CountLines(Path("data/words.txt"))
 
 
 def describe(numbers):
