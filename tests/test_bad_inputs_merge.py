@@ -51,6 +51,11 @@ def inputs(tmp_path_factory):
 
     torch.save({"enc.w": torch.zeros(12, 8), "payload": Hostile()}, root / "hostile.pt")
     paths["hostile"] = str(root / "hostile.pt")
+    bad_config = root / "bad_config"
+    bad_config.mkdir()
+    save_file(base, bad_config / "model.safetensors")
+    (bad_config / "config.json").write_text('{"model_type": "bert",')
+    paths["bad_config"] = str(bad_config)
     mine = root / "mine"
     mine.mkdir()
     (mine / "thesis.tex").write_text("the user's own file")
@@ -119,6 +124,8 @@ CASES = [
     ("missing model", M, lambda p, out: ["--merge", "linear", "--models", p["a"], p["a"] + "-nope", "--output", out], "-nope: no such file or folder"),
     ("corrupt weights", M, lambda p, out: ["--merge", "linear", "--models", p["a"], p["corrupt"], "--output", out],
      "corrupt/model.safetensors: not a readable safetensors file"),
+    ("corrupt config.json", M, lambda p, out: ["--merge", "linear", "--models", p["bad_config"], p["b"], "--dtype", "float16",
+                                               "--output", out], "bad_config/config.json: not valid JSON"),
     ("pickle checkpoint", M, lambda p, out: ["--merge", "linear", "--models", p["a"], p["hostile"], "--output", out],
      "hostile.pt: refused: a pickle checkpoint that names posix.system"),
     # outputs

@@ -199,8 +199,7 @@ class Checkpoint:
     def adapter_config(self):
         if self.kind != "adapter":
             return None
-        with open(os.path.join(self.folder, ADAPTER_CONFIG)) as f:
-            return json.load(f)
+        return read_json_object(os.path.join(self.folder, ADAPTER_CONFIG))
 
     def __repr__(self):
         return f"Checkpoint({self.path!r}, kind={self.kind!r})"
@@ -410,7 +409,7 @@ def open_output(target, entries, layout, files_from=None, json_updates=None, max
                 shutil.copy(path, os.path.join(tmp, name))
             writer.write_index()
             for file_name, updates in (json_updates or {}).items():
-                _update_json(os.path.join(tmp, file_name), updates)
+                _update_json(os.path.join(tmp, file_name), updates, os.path.join(files_from or "", file_name))
 
 
 class TensorWriter:
@@ -463,11 +462,20 @@ class TensorWriter:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
 
 
-def _update_json(path, updates):
-    content = {}
-    if os.path.isfile(path):
+def read_json_object(path, shown_as=None):
+    """The JSON object in the file `path`, or a CheckpointError naming it (as `shown_as`, if given)."""
+    try:
         with open(path) as f:
             content = json.load(f)
+    except ValueError as error:
+        raise CheckpointError(f"{shown_as or path}: not valid JSON ({error})") from None
+    if not isinstance(content, dict):
+        raise CheckpointError(f"{shown_as or path}: expected a JSON object, found {type(content).__name__}")
+    return content
+
+
+def _update_json(path, updates, shown_as):
+    content = read_json_object(path, shown_as) if os.path.isfile(path) else {}
     content.update(updates)
     with open(path, "w") as f:
         json.dump(content, f, indent=2)

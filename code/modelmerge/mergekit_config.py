@@ -22,7 +22,6 @@ config's `num_hidden_layers` when present. Tensors before the layers are told fr
 name (embeddings: `embed`, `wte`, `wpe`), where mergekit reads a per-architecture table.
 """
 import atexit
-import json
 import os
 import re
 import shutil
@@ -32,7 +31,7 @@ from typing import Any
 
 import yaml
 
-from modelmerge.checkpoint import CheckpointError, open_checkpoint
+from modelmerge.checkpoint import CheckpointError, open_checkpoint, read_json_object
 from modelmerge.lora_merge import LoraDeltaView
 from modelmerge.merging.execute import run_tasks
 from modelmerge.merging.options import DTYPES, MergeError
@@ -330,8 +329,7 @@ def _config_layers(checkpoint):
     config = os.path.join(checkpoint.folder or "", "config.json")
     if not checkpoint.folder or not os.path.isfile(config):
         return None
-    with open(config) as f:
-        return json.load(f).get("num_hidden_layers")
+    return read_json_object(config).get("num_hidden_layers")
 
 
 class _ParameterScopes:
