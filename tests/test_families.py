@@ -407,7 +407,7 @@ def test_merges_that_need_statistics_run_on_every_family(paths, text_rows, image
         for method in ("squared_gradients", "gram"):
             out = str(tmp_path / f"{os.path.basename(model)}-{method}")
             run(PredictConfig(model_name_or_path=model, output_dir=out, dataset_name=data, split="train",
-                              method=method, task_type=TASK[name], batch_size=4, num_threads=1))
+                              method=method, task_type=TASK[name], batch_size=4, num_threads=1, max_length=64))
             stats[model, method] = out
     fishers = [stats[m, "squared_gradients"] for m in models]
     grams = [stats[m, "gram"] for m in models]
