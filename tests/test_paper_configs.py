@@ -1,11 +1,12 @@
 """The paper authors' three JSON configs (UKPLab/iclr2024-model-merging, scripts/*.json), with only their paths
 filled in, run through train.py and predict.py on a tiny model and write what their keys say."""
 import json
+import math
 import os
 
 import pytest
 
-from modelmerge.config import run_program
+from modelmerge.config import from_dict, run_program
 from modelmerge.prediction import PredictConfig, run
 from modelmerge.training import TrainConfig, train
 from tiny import make_tiny_bert, read_jsonl, tiny_data_dir
@@ -111,8 +112,34 @@ def test_the_three_paper_configs_run_and_write_what_their_keys_say(workdir):
         "roberta-base-imdb-fisher", "roberta_base_imdb.metrics.json", "roberta_base_imdb.search_output.json"])
 
 
+def test_the_keys_the_authors_search_job_adds_are_accepted(workdir):
+    """HuggingfaceSearchJob adds output_dir, metric/prediction files and null config_name / tokenizer_name."""
+    assert run_program(TrainConfig, train, "train", ["finetune_roberta_imdb.json"]) == 0
+    config = json.loads((workdir / "evaluate_roberta_imdb.json").read_text())
+    config.update(output_dir="checkpoints", metric_output_file="metrics.json", prediction_output_file="search_output.json",
+                  config_name=None, tokenizer_name=None)
+    (workdir / "search_config.json").write_text(json.dumps(config))
+    assert run_program(PredictConfig, run, "predict", ["search_config.json"]) == 0
+    assert (workdir / "metrics.json").read_text() == (workdir / "checkpoints" / "metrics.json").read_text()
+    assert (workdir / "search_output.json").read_text() == (workdir / "checkpoints" / "predictions.jsonl").read_text()
+
+
 def test_unknown_keys_are_still_refused(workdir, caplog):
     config = json.loads((workdir / "fisher_roberta_imdb.json").read_text())
     (workdir / "c.json").write_text(json.dumps({**config, "track_fisher": True}))
     assert run_program(PredictConfig, run, "predict", ["c.json"]) == 2
     assert "unknown key(s) track_fisher" in caplog.text and not (workdir / "roberta-base-imdb-fisher").exists()
+
+
+def test_min_lr_floors_the_cosine_schedule_and_logging_strategy_epoch_logs_per_epoch(workdir):
+    config = json.loads((workdir / "finetune_roberta_imdb.json").read_text())
+    config.update(max_input_length=64, per_device_train_batch_size=2, num_train_epochs=2, warmup_steps=0,
+                  learning_rate=1e-3, min_lr=4e-4, logging_strategy="epoch")
+    trainer = train(from_dict(TrainConfig, config))
+    steps = SIZES["train"] // 2
+    rates = [entry["learning_rate"] for entry in trainer.state.log_history if "learning_rate" in entry]
+    assert len(rates) == 2  # one training log per epoch
+    # cosine from 1e-3 down to 4e-4 over 12 steps: lr(step) = min + (max - min) * (1 + cos(pi * step / 12)) / 2,
+    # logged as the rate of each epoch's last step (steps 5 and 11, counted from 0)
+    expected = [4e-4 + 6e-4 * (1 + math.cos(math.pi * step / (2 * steps))) / 2 for step in (steps - 1, 2 * steps - 1)]
+    assert rates == pytest.approx(expected, rel=0.02)

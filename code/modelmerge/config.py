@@ -88,6 +88,9 @@ SHARED_PAPER_KEYS = {
     "max_output_length": Ignored("it bounds the targets of sequence-to-sequence models; a classifier has none", int),
     "dataset_config_name": Ignored("labels are class indices, as the authors' 'classification' configuration gives them",
                                    str | None, ("classification", None)),
+    # The authors' search job sets these to null: the model folder's own config and tokenizer.
+    "config_name": Ignored("the model folder's own config is used", type(None), (None,)),
+    "tokenizer_name": Ignored("the model folder's own tokenizer is used", type(None), (None,)),
 }
 
 

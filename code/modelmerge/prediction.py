@@ -108,15 +108,12 @@ def check_device(device, key="device"):
     """The torch.device the config key `device` names (None: cuda when available, else cpu); ConfigError if unusable."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from modelmerge.merging.options import MergeError, check_device as existing_device
+
     try:
-        parsed = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise ConfigError(f"{key} {device!r} is not a device; use cpu, cuda or cuda:N") from None
-    if parsed.type not in ("cpu", "cuda"):
-        raise ConfigError(f"{key} {device!r}: only cpu, cuda or cuda:N are supported")
-    if parsed.type == "cuda" and (parsed.index or 0) >= torch.cuda.device_count():
-        raise ConfigError(f"{key} {device!r}: no such CUDA device (this machine has {torch.cuda.device_count()})")
-    return parsed
+        return existing_device(device)
+    except MergeError as error:
+        raise ConfigError(f"{key}: {error}") from None
 
 
 def load_classifier(path, num_labels=None):

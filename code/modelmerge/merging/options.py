@@ -83,7 +83,7 @@ def check_device(device) -> torch.device:
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise MergeError(f"device {device}: there are only {torch.cuda.device_count()} CUDA devices")
     if device.type not in ("cpu", "cuda"):
-        raise MergeError(f"device {device}: merges run on cpu or cuda")
+        raise MergeError(f"device {device}: only cpu or cuda devices are supported")
     return device
 
 
