@@ -43,7 +43,10 @@ def split_method_parameters(argv):
 
 def parse_args(argv):
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                            epilog="methods (--merge NAME) and their parameters (--x:NAME VALUE):\n" + methods_help())
+                            epilog="methods (--merge NAME) and their parameters (--x:NAME VALUE):\n" + methods_help()
+                            + "\n\nmerges that run data through the models: code/regmean_plusplus.py (RegMean++), "
+                              "code/adamerging.py (AdaMerging);\nEMR's and TALL's per-task masks and rescalers: "
+                              "code/modulated_merge.py")
     parser.add_argument("--merge", help="merge method (a name from modelmerge.methods, or lora-NAME)")
     parser.add_argument("--models", nargs="+", help="models, adapters or state dicts to merge")
     parser.add_argument("--aux_data", nargs="+", help="statistics of each model, same order as --models")

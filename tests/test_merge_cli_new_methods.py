@@ -29,6 +29,7 @@ def test_help_lists_every_new_method_with_its_parameters(capsys):
         assert f"\n  {name}" in text
     assert "--x:common_space_fraction (float; in [0, 1]; default 0.8)" in text
     assert "--x:iterations (int; in [0, inf); default 300)" in text
+    assert "code/regmean_plusplus.py" in text and "code/adamerging.py" in text and "code/modulated_merge.py" in text
 
 
 @pytest.mark.parametrize("method,parameters,message", [
