@@ -110,14 +110,16 @@ def local_sources(dataset_name, split, data_dir=None):
     return sources
 
 
-def check_labels(dataset, num_classes, what):
-    """Raise DataError unless every label of `dataset` is a class index of a model with `num_classes` classes."""
+def check_labels(dataset, num_classes, what, hint=""):
+    """Raise DataError unless every label of `dataset` is a class index of a model with `num_classes` classes
+    (`hint`, if any, ends the message: what to change)."""
     labels = set(dataset["label"])
     outside = (["null"] if None in labels else []) + [
         str(label) for label in sorted(labels - {None}) if not 0 <= label < num_classes]
     if outside:
         shown = ", ".join(outside[:5]) + (", ..." if len(outside) > 5 else "")
-        raise DataError(f"{what}: labels {shown} are outside the model's {num_classes} classes (0 to {num_classes - 1})")
+        raise DataError(f"{what}: labels {shown} are outside the model's {num_classes} classes (0 to {num_classes - 1})"
+                        + (f"; {hint}" if hint else ""))
 
 
 def _task_of_script(name):

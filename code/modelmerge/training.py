@@ -205,7 +205,8 @@ def train(config, callbacks=()):
                                 config.columns())
     if config.task_type == "sequence_classification":
         for split, dataset in ((config.train_split, train_data), (config.validation_split, eval_data)):
-            data.check_labels(dataset, config.num_labels, f"dataset {config.dataset_name!r}, split {split!r}")
+            data.check_labels(dataset, config.num_labels, f"dataset {config.dataset_name!r}, split {split!r}",
+                              "num_labels sets the classes of a new classifier")
         _check_num_labels(config)
     # train.py writes into output_dir entry by entry: a folder holding its config is its own.
     outputs.claim(config.output_dir, "output_dir", "train", inputs=_inputs(config),
