@@ -47,6 +47,8 @@ def _parser():
                          help="do not ask whether to clear failed jobs")
     manager.add_argument("--http", type=int, metavar="PORT", help="serve a status page on http://127.0.0.1:PORT/")
     manager.add_argument("-i", "--interactive", action="store_true", help="ask before submitting each job")
+    manager.add_argument("--ui", action="store_true",
+                         help="terminal view: state counts, unfinished jobs and the latest log lines, redrawn")
     manager.add_argument("configs", nargs="*", metavar="CONFIG", help="further config files")
     console = commands.add_parser("console", aliases=["c"], help="load the configs and open a Python shell with "
                                   "the graph (tk, gs, graph, jobs, find_job, run_job, cleaner, ...)")
@@ -78,7 +80,7 @@ def _manager(args):
                      len(tk.sis_graph.outputs), time.perf_counter() - start)
         manager = Manager(tk.sis_graph, _engine(), loader, clear_errors=args.clear_errors,
                           clear_interrupts=args.clear_interrupts, ignore_errors=args.ignore_errors,
-                          interactive=args.interactive)
+                          interactive=args.interactive, display=_display() if args.ui else None)
         server = _start_http(manager, args.http) if args.http is not None else None
         try:
             return manager.run(ask=not args.run)
@@ -87,6 +89,12 @@ def _manager(args):
                 server.shutdown()
     finally:
         loader.close()
+
+
+def _display():
+    from sisyphus.manager_ui import TerminalDisplay
+
+    return TerminalDisplay()
 
 
 def _start_http(manager, port):

@@ -43,7 +43,7 @@ KILL_REASONS = {
 
 class Manager:
     def __init__(self, graph, engine, loader, clear_errors=False, clear_interrupts=False, ignore_errors=False,
-                 link_outputs=True, interactive=False):
+                 link_outputs=True, interactive=False, display=None):
         """clear_errors (-co) / clear_interrupts (-cio): run failed jobs again once; ignore_errors (-io): do not
         ask whether to (interactive runs ask when there are failed jobs)."""
         self.graph = graph
@@ -58,6 +58,7 @@ class Manager:
         self.link_outputs = link_outputs
         self.interactive = interactive  # -i: ask before submitting each job
         self.declined = set()  # jobs the user chose not to submit (-i)
+        self.display = display  # --ui: a manager_ui.TerminalDisplay redrawn after each change
         self.linked_outputs = set()
         self.aliased_jobs = set()
         self.report_times = {}  # report name -> time it was last written
@@ -71,6 +72,8 @@ class Manager:
         try:
             self.update()
             self.print_overview(every_job=True)
+            if self.display is not None:
+                self.display.draw(self)
             if ask and not _confirm("Start manager? (y/n) "):
                 logger.info("Manager not started")
                 return 0
@@ -314,6 +317,8 @@ class Manager:
         for job, state in changes:
             _log_state(state, job)
         logger.info("%s", self.summary())
+        if self.display is not None:
+            self.display.draw(self)
 
     def summary(self):
         counts = {}

@@ -62,6 +62,17 @@ def test_interactive_manager_asks_before_each_submission(tmp_path):
     assert (tmp_path / "output" / "joined.txt").read_text() == "a b"
 
 
+def test_ui_redraws_a_terminal_view(tmp_path):
+    setup = make_setup(tmp_path, recipes={"steps": TINY_RECIPE}, configs={"run": CONFIG})
+    result = run_sis(setup, "--config", "config/run.py", "m", "-r", "--ui")
+    assert result.returncode == 0, result.output
+    screens = result.stdout.split("\x1b[H\x1b[2J")[1:]
+    assert len(screens) >= 2 and "submit" not in result.stderr and "submit" in result.stdout  # log in the view
+    assert screens[0].startswith("Sisyphus manager: waiting(1) runnable(2)")
+    assert "runnable  steps/WriteText." in screens[0] and "(Text a)" in screens[0]
+    assert screens[-1].startswith("Sisyphus manager: finished(3)") and "Log:" in screens[-1]
+
+
 def test_log_level_number_hides_info_lines(tmp_path):
     setup = make_setup(tmp_path, recipes={"steps": TINY_RECIPE}, configs={"run": CONFIG})
     quiet = run_sis(setup, "--log_level", "30", "--config", "config/run.py", "m", "-r")
