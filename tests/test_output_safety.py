@@ -280,19 +280,25 @@ def test_a_merge_killed_while_writing_leaves_the_old_or_nothing_and_the_rerun_co
                "--models", a, b, "--output", str(out), "--no_progress"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.path.join(REPO, "code"))
     total = ROWS * COLUMNS * 4 * TENSORS
+    killed_mid_write = 0
     for point in (1, total // 3, 2 * total // 3, total):
-        process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 120
-        while written_bytes(out_dir) < point and process.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.002)
-        running = process.poll() is None
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-        if point < total:  # killed in the middle of the write: its temporary is left for the next run
-            assert running and temporaries(out_dir), point
-        if out.exists():  # only ever a complete output (of a run that got through)
-            weights = load_file(out / "model.safetensors")
-            assert sorted(weights) == [f"layer{j}.weight" for j in range(TENSORS)]
+        for _ in range(3):  # on a busy machine a run may get past the point before it is seen: try again
+            process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            deadline = time.monotonic() + 120
+            while written_bytes(out_dir) < point and process.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.002)
+            running = process.poll() is None
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+            if out.exists():  # only ever a complete output (of a run that got through)
+                weights = load_file(out / "model.safetensors")
+                assert sorted(weights) == [f"layer{j}.weight" for j in range(TENSORS)]
+            if running or point == total:
+                break
+        if running and point < total:  # killed in the middle of the write: its temporary is left behind
+            assert temporaries(out_dir), point
+            killed_mid_write += 1
+    assert killed_mid_write >= 2
     subprocess.run(command, env=env, check=True, capture_output=True)
     assert os.listdir(out_dir) == ["merged"]
     assert sorted(os.listdir(out)) == sorted([MARKER, "model.safetensors"])
