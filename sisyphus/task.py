@@ -133,16 +133,32 @@ class Task:
         return usage
 
     def submissions(self):
-        """Entries of submit_log.<task>: dicts with 'time', 'task_ids', 'rqmt'."""
+        """Entries of submit_log.<task>: dicts with 'time', 'task_ids', 'rqmt' (a line torn by a killed manager
+        is skipped)."""
         try:
             with open(self.file(gs.ENGINE_SUBMIT), encoding="utf-8") as f:
-                return [ast.literal_eval(line) for line in f if line.strip()]
+                lines = [line for line in f if line.strip()]
         except FileNotFoundError:
             return []
+        entries = []
+        for line in lines:
+            try:
+                entry = ast.literal_eval(line)
+            except (SyntaxError, ValueError):
+                continue
+            if isinstance(entry, dict) and {"time", "task_ids"} <= set(entry):
+                entries.append(entry)
+        return entries
 
     def log_submission(self, entry):
-        with open(self.file(gs.ENGINE_SUBMIT), "a", encoding="utf-8") as f:
-            f.write(repr(entry) + "\n")
+        """Append one line to submit_log.<task> (after a newline if a killed manager left a torn line)."""
+        with open(self.file(gs.ENGINE_SUBMIT), "ab+") as f:
+            f.seek(0, os.SEEK_END)
+            torn = False
+            if f.tell():
+                f.seek(-1, os.SEEK_END)
+                torn = f.read(1) != b"\n"
+            f.write((("\n" if torn else "") + repr(entry) + "\n").encode())
 
     def run(self, task_id, resume):
         """Call the task's method (the resume method if `resume`) once per argument entry, in the job's work/."""

@@ -334,6 +334,18 @@ def test_a_broken_engine_setting_is_one_line(tmp_path):
     assert not (tmp_path / "work").exists()
 
 
+def test_a_torn_submit_log_line_is_skipped(setup_dir):
+    job = Score("torn")
+    task = job._sis_tasks()[0]
+    os.makedirs(job._sis_path(abspath=True))
+    task.log_submission({"time": 1.0, "task_ids": [1], "rqmt": {}})
+    with open(task.file(gs.ENGINE_SUBMIT), "a") as f:
+        f.write("{'time': 2.0, 'task_i")  # a manager killed while appending
+    assert task.submissions() == [{"time": 1.0, "task_ids": [1], "rqmt": {}}]
+    task.log_submission({"time": 3.0, "task_ids": [1], "rqmt": {}})
+    assert [e["time"] for e in task.submissions()] == [1.0, 3.0]
+
+
 def test_stale_temporaries_of_dead_writers_are_removed(tmp_path):
     import subprocess
     import sys
