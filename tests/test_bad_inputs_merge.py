@@ -221,3 +221,15 @@ def test_a_state_dict_of_plain_tensors_in_a_pickle_is_read(inputs, tmp_path):
     run_cli(merge_program.main, ["--merge", "linear", "--models", inputs["a"], str(tmp_path / "b.pt"),
                                  "--output", str(tmp_path / "out"), "--no_progress"])
     assert set(load_file(tmp_path / "out" / "model.safetensors")) == set(SHAPES)
+
+
+def test_a_layer_whose_gram_matrices_are_all_zero_is_the_plain_average_with_a_warning(caplog):
+    from modelmerge.methods import TensorGroup, get_method
+
+    generator = torch.Generator().manual_seed(3)
+    weights = [torch.randn(4, 6, generator=generator) for _ in range(3)]
+    group = TensorGroup("enc.w", weights, stats=[{"gram": torch.zeros(6, 6, dtype=torch.float64)} for _ in weights])
+    with caplog.at_level(logging.WARNING):
+        merged = get_method("regmean")().merge(group, alpha=0.5)
+    assert "Gram statistics of tensor enc.w are zero for every model" in caplog.text
+    torch.testing.assert_close(merged, sum(weights) / 3)

@@ -3,10 +3,14 @@
 Jin et al., "Dataless Knowledge Fusion by Merging Weights of Language Models", ICLR 2023
 (https://arxiv.org/abs/2212.09849).
 """
+import logging
+
 import torch
 
 from .base import MergeMethod, Parameter, TensorGroup
 from .common import optional_stats, weighted_mean
+
+logger = logging.getLogger(__name__)
 
 WORK_DTYPE = torch.float64
 
@@ -66,11 +70,13 @@ def solve_on_support(lhs: torch.Tensor, rhs: torch.Tensor, fallback: torch.Tenso
     An input feature that is zero on every model's data (a dimension no example activates) leaves a zero
     row and column in Σ G̃, so the sum is singular although the problem is not: the objective does not
     constrain that feature's weights at all. The system is solved on the non-zero sub-block, and the
-    unconstrained rows keep `fallback` (the plain average; git-theta leaves them 0). A sub-block that is
+    unconstrained rows keep `fallback` (the plain average; git-theta leaves them 0), all of them where every
+    Gram matrix is zero (with a warning: no data reached that layer). A sub-block that is
     still singular (rank-deficient Grams with alpha = 1) cannot be handled and is an error.
     """
     support = (lhs != 0).any(dim=1)
     if not support.any():
+        logger.warning("the Gram statistics of tensor %s are zero for every model: merged as the plain average", name)
         return fallback
     block = lhs[support][:, support]
     # Σ G̃ is positive semi-definite; Cholesky pivots near zero (relative to the largest diagonal entry)
