@@ -295,10 +295,14 @@ class Job(metaclass=JobSingleton):
         yield Task("run")
 
     # Folder and state.
-    def _sis_path(self, name=None, abspath=False):
+    def _sis_path(self, name=None, task_id=None, abspath=False):
+        """The job folder, or `name` inside it (an absolute name is returned as it is), with '.<task_id>' appended
+        if given; relative to the setup directory unless abspath (upstream's signature)."""
         path = os.path.join(gs.WORK_DIR, self._sis_id_cache)
         if name is not None:
             path = os.path.join(path, name)
+        if task_id is not None:
+            path += f".{task_id}"
         return os.path.join(gs.BASE_DIR, path) if abspath else path
 
     def work_path(self):

@@ -121,6 +121,9 @@ def str_to_gb(value):
     raise ValueError(f"memory requirement {value!r} is neither a number of GB nor a size like '500M' or '4G'")
 
 
+str_to_GB = str_to_gb  # upstream's name
+
+
 def str_to_hours(value):
     """Time as hours: a number (hours) or a string 'H:MM:SS' / 'H:MM'."""
     try:
