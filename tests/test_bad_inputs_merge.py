@@ -180,10 +180,14 @@ def test_bad_input_is_one_line_exit_2_no_output_and_inputs_intact(main, argv, me
         assert not [name for name in os.listdir(parent) if ".tmp-" in name]
 
 
-def test_every_range_is_in_the_help(capsys):
+def test_the_help_lists_every_method_with_its_parameters_and_ranges(capsys):
     with pytest.raises(SystemExit):
         merge_program.parse_args(["--help"])
     text = capsys.readouterr().out
+    from modelmerge.methods import MERGE_METHODS
+
+    for cls in set(MERGE_METHODS.values()):
+        assert f"\n  {cls.name}" in text and all(f"--x:{name} (" in text for name in cls.parameters)
     for line in ("  ties  needs θ_0", "--x:density (float, one per model; in (0, 1]; default 1.0)",
                  "--x:dropout_probability (float; in [0, 1); default None)", "  fisher  needs statistic 'fisher'"):
         assert line in text
