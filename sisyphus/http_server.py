@@ -127,6 +127,7 @@ class StatusPage:
         state = self.manager.states.get(job, "")
         attributes = {k: v for k, v in vars(job).items() if not k.startswith("_sis_")}
         info = job.info()
+        fraction = job.completed_fraction()
         tails = "".join(f"<h3>log.{html.escape(log['task'])}</h3><pre>{html.escape(log['tail'])}</pre>"
                         for log in self.log_tails(job))
         return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(job_id)}</title>"
@@ -134,6 +135,7 @@ class StatusPage:
                 f"<h1>{html.escape(job_id)}</h1><p><span class='state {state}'>{state}</span> "
                 f"{html.escape(job.get_vis_name() or '')}</p><p>folder: {html.escape(job._sis_path(abspath=True))}</p>"
                 + (f"<p>info: {html.escape(str(info))}</p>" if info is not None else "")
+                + (f"<p>completed: {100 * fraction:.0f} %</p>" if fraction is not None else "")
                 + f"<h2>Inputs</h2>{object_to_html(sorted(job._sis_inputs))}"
                 f"<h2>Arguments</h2>{object_to_html(job._sis_kwargs)}"
                 f"<h2>Attributes</h2>{object_to_html(attributes)}{tails}</body></html>")
@@ -160,10 +162,12 @@ def start_web_server(manager, port, host="127.0.0.1"):
                 self.reply(200, "text/html", page.overview())
             elif path == "/status.json":
                 self.reply(200, "application/json", json.dumps(page.snapshot()))
-            elif path.startswith("/job/") and page.job_page(path[len("/job/"):]) is not None:
-                self.reply(200, "text/html", page.job_page(path[len("/job/"):]))
             else:
-                self.reply(404, "text/plain", f"not found: {path}")
+                text = page.job_page(path[len("/job/"):]) if path.startswith("/job/") else None
+                if text is None:
+                    self.reply(404, "text/plain", f"not found: {path}")
+                else:
+                    self.reply(200, "text/html", text)
 
         def reply(self, status, content_type, text):
             body = text.encode()
