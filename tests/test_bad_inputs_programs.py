@@ -89,8 +89,11 @@ CASES = {
     # Outputs: never over the user's files, never over an input.
     "train output_dir is a file": ("train", {}, {"out": "my notes"}, "output_dir: {tmp}/out is a file"),
     "predict output_dir is a file": ("predict", {}, {"out": "my notes"}, "output_dir: {tmp}/out is a file"),
-    "train output_dir holds the user's files": ("train", {}, {"out/mine.txt": "mine"}, "output {tmp}/out exists and is not an output of this program"),
-    "predict output_dir holds the user's files": ("predict", {}, {"out/mine.txt": "mine"}, "is not an output of this program; it is only replaced when asked to overwrite it (set \"overwrite\": true"),
+    "train output_dir holds the user's files": ("train", {}, {"out/mine.txt": "mine"},
+                                                "output {tmp}/out exists and is not an output of this program"),
+    "predict output_dir holds the user's files": ("predict", {}, {"out/mine.txt": "mine"},
+                                                  "is not an output of this program; it is only replaced when asked to "
+                                                  "overwrite it (set \"overwrite\": true"),
     "download output_dir holds the user's data": ("download", {}, {"out/train.jsonl": '{"text": "x", "label": 0}\n'},
                                                   "output_dir: output {tmp}/out exists and is not an output"),
     "metric file is the user's": ("predict", {"output_dir": None, "metric_output_file": "{tmp}/m.json"}, {"m.json": '{"a": 1}'},
