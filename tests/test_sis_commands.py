@@ -1,5 +1,6 @@
 """Command line beyond the manager: `sis console`, `--log_level N`, `sis worker ... --force_resume`, and the
 cleanup of job folders (tk.cleaner: unused folders removed after a yes, never a running job's)."""
+import ast
 import fcntl
 import os
 import subprocess
@@ -218,3 +219,54 @@ def test_without_a_config_argument_main_of_the_config_package_runs(tmp_path):
     (tmp_path / "config" / "__init__.py").write_text("")
     missing = run_sis(setup, "m", "-r")
     assert missing.returncode == 2 and missing.stderr.startswith("sis: error: no config given")
+
+
+INTERRUPT_RECIPE = '''
+import os
+
+from sisyphus import Job, Task
+
+
+def more_memory(rqmt, last_usage):
+    """Task(update_rqmt=...): one GB more after each interruption (last_usage is the worker's usage file)."""
+    assert "requested_resources" in last_usage
+    return dict(rqmt, mem=rqmt["mem"] + 1)
+
+
+class Interrupted(Job):
+    """Its first run ends without finishing (the process exits); the resumed run finishes."""
+
+    def __init__(self, name):
+        self.name = name
+        self.out = self.output_path("out.txt")
+
+    def tasks(self):
+        yield Task("run", resume="run", rqmt={"mem": 1, "cpu": 1}, update_rqmt=more_memory)
+
+    def run(self):
+        flag = os.path.join(os.environ["SIS_TEST_SETUP"], "interrupted.flag")
+        if not os.path.exists(flag):
+            open(flag, "w").close()
+            os._exit(3)
+        with open(self.out.get_path(), "w") as f:
+            f.write("resumed")
+'''
+
+INTERRUPT_CONFIG = '''
+from sisyphus import tk
+from interrupt import Interrupted
+
+
+def py():
+    tk.register_output("out.txt", Interrupted("x").out)
+'''
+
+
+def test_update_rqmt_sets_the_requirements_of_a_resumed_task(tmp_path):
+    setup = make_setup(tmp_path, recipes={"interrupt": INTERRUPT_RECIPE}, configs={"run": INTERRUPT_CONFIG})
+    result = run_sis(setup, "--config", "config/run.py", "m", "-r")
+    assert result.returncode == 0, result.output
+    assert (tmp_path / "output" / "out.txt").read_text() == "resumed"
+    (job_dir,) = (tmp_path / "work" / "interrupt").glob("Interrupted.*")
+    entries = [ast.literal_eval(line) for line in (job_dir / "submit_log.run").read_text().splitlines() if line.strip()]
+    assert [entry["rqmt"]["mem"] for entry in entries] == [1.0, 2.0]
