@@ -193,14 +193,15 @@ def migrate(configs, old_data_dir=None, dry_run=False, out=print):
                 os.makedirs(os.path.dirname(os.path.join(work, new_id)), exist_ok=True)
                 os.rename(os.path.join(work, old_id), os.path.join(work, new_id))
                 _remove_if_empty(os.path.dirname(os.path.join(work, old_id)))
-            fix_links(base, moves)
-            fix_text_files(base, moves)
             if not tk.sis_graph.resolve_waiters():
                 break
             loader.step()  # async configs continue with the migrated results
             jobs = {job.job_id(): job for job in tk.sis_graph.jobs()}
     finally:
         loader.close()
+    if done and not dry_run:  # once, with every move: a folder moved late may name one moved early
+        fix_links(base, done)
+        fix_text_files(base, done)
     out(f"{len(done)} job folder(s) {'to move' if dry_run else 'moved'}")
     left = sorted(set(old_layout_folders(work)) - {f"{gs.WORK_DIR}/{old_id}" for old_id, _ in done})
     if left:

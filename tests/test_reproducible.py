@@ -121,10 +121,19 @@ def _finished_job(base, job_id, files):
     return folder
 
 
-def test_migration_moves_finished_work_to_the_new_ids(clone, tmp_path):
+# The same jobs, the training job built only once the data job's output exists (as config/merging_methods.py
+# builds its later jobs): the migration moves the data job, lets the config continue, then moves the rest.
+MINI_ASYNC_CONFIG = MINI_CONFIG.replace("def py():", "async def py():").replace(
+    "    train = HuggingfaceTrainingJob(", "    await tk.async_run(data.out_dir)\n    train = HuggingfaceTrainingJob(")
+
+
+@pytest.mark.parametrize("config_file", ["config/mini.py", "config/mini_async.py"])
+def test_migration_moves_finished_work_to_the_new_ids(clone, tmp_path, config_file):
     base = tmp_path / "setup"
     shutil.copytree(clone, base, symlinks=True)
     (base / "config" / "mini.py").write_text(MINI_CONFIG)
+    (base / "config" / "mini_async.py").write_text(MINI_ASYNC_CONFIG)
+    assert "await tk.async_run(data.out_dir)" in MINI_ASYNC_CONFIG
     new = job_ids(str(base), "config/mini.py")["ids"]
     new_data = next(i for i in new if "DownloadDatasetJob" in i)
     new_train = next(i for i in new if "HuggingfaceTrainingJob" in i)
@@ -151,7 +160,7 @@ def test_migration_moves_finished_work_to_the_new_ids(clone, tmp_path):
     (base / "output" / "mini").mkdir(parents=True)
     os.symlink(f"{base}/work/{old_train}/output/training/best", base / "output" / "mini" / "model")
 
-    command = [sys.executable, "scripts/migrate_job_ids.py", "--old-data-dir", old_data_dir, "config/mini.py"]
+    command = [sys.executable, "scripts/migrate_job_ids.py", "--old-data-dir", old_data_dir, config_file]
     run = subprocess.run(command, cwd=base, env=clean_env(str(base)), capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "2 job folder(s) moved" in run.stdout
@@ -169,7 +178,7 @@ def test_migration_moves_finished_work_to_the_new_ids(clone, tmp_path):
     assert config == {"dataset_name": f"{base}/work/{new_data}/output/data",
                       "output_dir": f"{base}/work/{new_train}/output/training"}
 
-    manager = subprocess.run([sys.executable, "-m", "sisyphus", "--config", "config/mini.py", "m"], cwd=base,
+    manager = subprocess.run([sys.executable, "-m", "sisyphus", "--config", config_file, "m"], cwd=base,
                              env=clean_env(str(base)), input="n\n", capture_output=True, text=True, timeout=300)
     log = manager.stdout + manager.stderr
     assert f"finished: Job<work/{new_train}>" in log and "runnable" not in log.replace("runnable(0)", ""), log[-3000:]
