@@ -8,6 +8,7 @@ A dataset name is
   subfolders (class names: the sorted subfolder names),
 - a task name (`sst2`, `imdb`, ...): the folder `<data_dir>/<task>/` when a data directory is configured,
   else the task's Hugging Face Hub dataset (any other name is then taken as a Hub id).
+A Hub name may name a configuration after a colon (`nyu-mll/glue:sst2`).
 Names joined with `;`, with splits joined the same way, form a mixture (the datasets concatenated in order).
 Split strings use the `datasets` slicing syntax: `train`, `train[:20%]`, `test[100:200]`, `train+validation`.
 Columns are found under their usual Hub names, or named by a column mapping ({"input": "question", ...}).
@@ -144,7 +145,8 @@ def _load_one(name, split, data_dir, task_type, columns):
             raise DataError(f"dataset {name!r}: file {path} is empty")
     try:
         if builder is None:
-            dataset = datasets.load_dataset(source, split=split)
+            hub_id, _, subset = source.partition(":")  # 'nyu-mll/glue:sst2': a data set's configuration
+            dataset = datasets.load_dataset(hub_id, subset or None, split=split)
         elif builder == IMAGE_FOLDER:
             dataset = _image_folder_split(data_files, split)
         else:
@@ -329,6 +331,10 @@ class DownloadConfig:
     data_dir: str | None = None  # None: $MERGE_DATA_DIR, else the Hub
     task_type: str = "sequence_classification"  # which columns are kept (TASK_COLUMNS)
     columns: dict | None = None  # {column of the task type: the data set's name for it}
+    # Text-to-text rows from a classification data set (FusionBench's GLUE format): input = the template
+    # filled with the row's columns, target = class_words[label].
+    input_template: str | None = None
+    class_words: list[str] | None = None
     overwrite: bool = False  # replace an output_dir that this program did not write
 
     def output_paths(self):
@@ -362,8 +368,11 @@ def download(config):
     """Write every split of `config` to `output_dir/<split>.jsonl` (rows with the task type's columns; images as
     files `images/<split>/<index>.<format>` named relative to the folder), `class_names.json` when the labels
     have names; the folder appears atomically, marked as this program's (`.written-by`, modelmerge.atomic)."""
-    loaded = {output_split_name(split): load_split(config.dataset_name, split, config.data_dir, config.task_type,
-                                                   config.columns) for split in config.splits}
+    if config.input_template is not None:
+        loaded = {output_split_name(split): _text_to_text(config, split) for split in config.splits}
+    else:
+        loaded = {output_split_name(split): load_split(config.dataset_name, split, config.data_dir, config.task_type,
+                                                       config.columns) for split in config.splits}
     inputs = [path for split in config.splits for path in local_sources(config.dataset_name, split, config.data_dir)]
     claim(config.output_dir, "output_dir", DOWNLOAD_KIND, inputs=inputs, overwrite=config.overwrite)
     with atomic_dir(config.output_dir, DOWNLOAD_KIND, inputs=inputs, overwrite=config.overwrite) as tmp:
@@ -376,6 +385,28 @@ def download(config):
         if names[0] and all(n == names[0] for n in names):
             with open(os.path.join(tmp, CLASS_NAMES_FILE), "w") as f:
                 json.dump(names[0], f)
+
+
+def _text_to_text(config, split):
+    """{input, target} rows: the input template filled with each row's columns, the label's class word as target."""
+    source, builder, data_files = _locate(config.dataset_name, split, config.data_dir)
+    hub_id, _, subset = source.partition(":")
+    try:
+        if builder is None:
+            raw = datasets.load_dataset(hub_id, subset or None, split=split)
+        else:
+            raw = datasets.load_dataset(builder, data_files=data_files, split=split)
+    except (ValueError, KeyError, FileNotFoundError, OSError) as error:
+        raise DataError(f"dataset {config.dataset_name!r}, split {split!r}: {error}") from error
+    words = config.class_words or []
+
+    def convert(row):
+        try:
+            return {"input": config.input_template.format(**row), "target": words[int(row["label"])]}
+        except (KeyError, IndexError, ValueError) as error:
+            raise DataError(f"input_template / class_words do not fit the row {row}: {error!r}") from None
+
+    return raw.map(convert, remove_columns=raw.column_names, desc="text-to-text")
 
 
 def _materialise_images(dataset, folder, split):

@@ -1,0 +1,199 @@
+"""Small model-merging suites made on the spot, for running the family configs without network:
+
+- `clip_image_tasks`: a small random CLIP (its own word tokenizer and image processor) and eight synthetic
+  image classification tasks standing in for the task-arithmetic suite (SUN397, Cars, RESISC45, EuroSAT,
+  SVHN, GTSRB, MNIST, DTD): coloured noise images whose class is one visual property per task;
+- `t5_text_tasks`: a small random T5 (a word tokenizer over the data) and text-to-text tasks in FusionBench's
+  GLUE format ("<task> sentence: ..." → class word) from the sentiment data shipped with the repository.
+
+    make_suite("clip_image_tasks", "out/", seed=0)   # out/model/, out/data/<task>/{train,validation,test}.jsonl
+"""
+import dataclasses
+import json
+import logging
+import os
+import re
+from collections import Counter
+
+import numpy as np
+import torch
+
+from modelmerge.atomic import atomic_dir
+from modelmerge.config import ConfigError
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SIZE = 32
+# task: class names; an image's class decides one property, the others are random.
+IMAGE_TASKS = {
+    "colour": ["red", "green", "blue"],
+    "brightness": ["dark", "bright"],
+    "stripes": ["horizontal", "vertical"],
+    "quadrant": ["top left", "top right", "bottom left", "bottom right"],
+    "border": ["plain", "framed"],
+    "size": ["small", "large"],
+    "checker": ["smooth", "checkered"],
+    "diagonal": ["rising", "falling"],
+}
+SPLIT_SIZES = {"train": 96, "validation": 32, "test": 48}
+TEXT_TASKS = {"sst2": "sst2", "rotten_tomatoes": "rotten tomatoes", "yelp": "yelp", "amazon": "amazon"}
+SENTIMENT = ["negative", "positive"]
+
+
+def _image(task, label, rng):
+    """An RGB uint8 image of IMAGE_SIZE² whose `task` property is class `label`."""
+    n = IMAGE_SIZE
+    colour = rng.uniform(60, 200, 3)
+    image = np.clip(colour + rng.normal(0, 25, (n, n, 3)), 0, 255)
+    yy, xx = np.mgrid[0:n, 0:n]
+    if task == "colour":
+        image = np.clip(np.eye(3)[label] * 170 + 40 + rng.normal(0, 30, (n, n, 3)), 0, 255)
+    elif task == "brightness":
+        image = np.clip(image * (0.35 if label == 0 else 1.0) + (0 if label == 0 else 60), 0, 255)
+    elif task == "stripes":
+        bands = ((yy if label == 0 else xx) // 4) % 2 == 0
+        image[bands] = 255 - image[bands]
+    elif task == "quadrant":
+        top, left = label in (0, 1), label in (0, 2)
+        mask = ((yy < n // 2) == top) & ((xx < n // 2) == left)
+        image[mask] = [240, 240, 60]
+    elif task == "border" and label == 1:
+        image[:3], image[-3:], image[:, :3], image[:, -3:] = 0, 0, 0, 0
+    elif task == "size":
+        radius = n // 8 if label == 0 else n // 3
+        image[(yy - n // 2) ** 2 + (xx - n // 2) ** 2 < radius**2] = [250, 250, 250]
+    elif task == "checker" and label == 1:
+        cells = ((yy // 4) + (xx // 4)) % 2 == 0
+        image[cells] = image[cells] * 0.3
+    elif task == "diagonal":
+        line = np.abs((yy - (n - 1 - xx)) if label == 0 else (yy - xx)) < 3
+        image[line] = [20, 20, 20]
+    return image.astype("uint8")
+
+
+def write_image_tasks(folder, seed):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for task, classes in IMAGE_TASKS.items():
+        for split, size in SPLIT_SIZES.items():
+            rows = []
+            os.makedirs(os.path.join(folder, task, "images", split))
+            for i in range(size):
+                label = int(rng.integers(len(classes)))
+                name = os.path.join("images", split, f"{i:05d}.png")
+                Image.fromarray(_image(task, label, rng)).save(os.path.join(folder, task, name))
+                rows.append({"image": name, "label": label})
+            _write_jsonl(os.path.join(folder, task, f"{split}.jsonl"), rows)
+        with open(os.path.join(folder, task, "class_names.json"), "w") as f:
+            json.dump(classes, f)
+
+
+def write_text_tasks(folder, sentiment_dir):
+    """FusionBench-style text-to-text rows from `sentiment_dir/<task>/<split>.jsonl` ({text, label})."""
+    for task, prompt in TEXT_TASKS.items():
+        for split, size in SPLIT_SIZES.items():
+            source = os.path.join(sentiment_dir, task, f"{split}.jsonl")
+            if not os.path.isfile(source):
+                raise ConfigError(f"sentiment_dir: {source} does not exist")
+            rows = []
+            with open(source) as f:
+                for line in f:
+                    row = json.loads(line)
+                    words = " ".join(_words(row["text"])[:24])
+                    rows.append({"input": f"{prompt} sentence: {words}", "target": SENTIMENT[int(row["label"])]})
+                    if len(rows) == size:
+                        break
+            _write_jsonl(os.path.join(folder, task, f"{split}.jsonl"), rows)
+
+
+def _words(text):
+    return re.findall(r"\w+|[^\w\s]", text.lower())
+
+
+def _write_jsonl(path, rows):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+
+
+def word_tokenizer(words, kind):
+    """A word-level fast tokenizer made offline: `t5` appends </s>, `clip` appends <|endoftext|> (CLIP pools there)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "</s>", "<unk>"] if kind == "t5" else ["<|endoftext|>", "<unk>"]
+    vocab = {token: i for i, token in enumerate(specials + [w for w in words if w not in specials])}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    end = specials[1] if kind == "t5" else specials[0]
+    tokenizer.post_processor = processors.TemplateProcessing(single=f"$A {end}", special_tokens=[(end, vocab[end])])
+    if kind == "t5":
+        return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=end, bos_token=end, pad_token=end,
+                                   unk_token="<unk>")
+
+
+def write_clip(folder, seed, width=64, layers=2):
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    words = sorted({w for names in IMAGE_TASKS.values() for name in names for w in _words(name)} | {"a", "photo", "of", "."})
+    tokenizer = word_tokenizer(words, "clip")
+    text = dict(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
+                num_attention_heads=4, max_position_embeddings=16, eos_token_id=0, bos_token_id=0, pad_token_id=0)
+    vision = dict(image_size=IMAGE_SIZE, patch_size=8, hidden_size=width, intermediate_size=2 * width,
+                  num_hidden_layers=layers, num_attention_heads=4)
+    torch.manual_seed(seed)
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=width)).save_pretrained(folder)
+    images = CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(folder)
+
+
+def write_t5(folder, seed, data_folder, width=64, layers=2, vocab_size=2000):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    counts = Counter()
+    for task in TEXT_TASKS:
+        with open(os.path.join(data_folder, task, "train.jsonl")) as f:
+            for line in f:
+                row = json.loads(line)
+                counts.update(_words(row["input"]) + _words(row["target"]))
+    tokenizer = word_tokenizer([w for w, _ in counts.most_common(vocab_size)], "t5")
+    config = T5Config(vocab_size=len(tokenizer), d_model=width, d_kv=width // 4, d_ff=2 * width, num_layers=layers,
+                      num_heads=4, relative_attention_num_buckets=16, relative_attention_max_distance=64,
+                      dropout_rate=0.0, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+                      feed_forward_proj="gated-gelu")
+    torch.manual_seed(seed)
+    T5ForConditionalGeneration(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+@dataclasses.dataclass
+class SuiteConfig:
+    """Keys of `code/make_offline_suite.py`."""
+
+    suite: str  # clip_image_tasks or t5_text_tasks
+    output_dir: str
+    seed: int = 0
+    width: int = 64
+    layers: int = 2
+    sentiment_dir: str | None = None  # t5_text_tasks: folder of <task>/<split>.jsonl ({text, label})
+
+    def __post_init__(self):
+        if self.suite not in ("clip_image_tasks", "t5_text_tasks"):
+            raise ConfigError(f"suite must be clip_image_tasks or t5_text_tasks, got {self.suite!r}")
+        if self.suite == "t5_text_tasks" and not self.sentiment_dir:
+            raise ConfigError("sentiment_dir: the t5_text_tasks suite is made from the shipped sentiment data")
+
+
+def make_suite(config):
+    """Write `output_dir/model/` and `output_dir/data/<task>/`, the folder appearing atomically."""
+    with atomic_dir(config.output_dir) as tmp:
+        data = os.path.join(tmp, "data")
+        if config.suite == "clip_image_tasks":
+            write_image_tasks(data, config.seed)
+            write_clip(os.path.join(tmp, "model"), config.seed, config.width, config.layers)
+        else:
+            write_text_tasks(data, config.sentiment_dir)
+            write_t5(os.path.join(tmp, "model"), config.seed, data, config.width, config.layers)
+    logger.info("wrote the %s suite to %s", config.suite, config.output_dir)

@@ -1,0 +1,75 @@
+"""Flan-T5-base fine-tuned on GLUE tasks and merged, as FusionBench's text-to-text suite (Tang et al., 2024):
+each task model answers with the class word ("positive", "entailment", ...), its accuracy is the exact match
+of the greedy decoding; the task models are merged with every method of the library and every model is
+evaluated on every task (report under output/t5_tasks/report/).
+
+Presets (`T5_TASKS_PRESET`, else `offline`):
+- `full`: google/flan-t5-base on eight GLUE tasks from the Hub, a GPU per job;
+- `offline`: a small random T5 with a word tokenizer and four GLUE-format sentiment tasks made by a job
+  from the data shipped in the repository (data/sentiment), on 2 CPU cores.
+
+    sis --config config/t5_tasks.py m
+"""
+import os
+
+from sisyphus import gs, tk
+
+from model_merging.families import OfflineSuiteJob, build_suite
+from model_merging.stable_paths import content_folder
+from config.vit_tasks import CPU, GPU, merge_methods, select
+
+# task: (Hub dataset, input template (the row's columns), class words): FusionBench's GLUE prompts
+GLUE = {
+    "cola": ("nyu-mll/glue:cola", "cola sentence: {sentence}", ["unacceptable", "acceptable"]),
+    "mnli": ("nyu-mll/glue:mnli", "mnli hypothesis: {hypothesis} premise: {premise}", ["entailment", "neutral", "contradiction"]),
+    "mrpc": ("nyu-mll/glue:mrpc", "mrpc sentence1: {sentence1} sentence2: {sentence2}", ["not_equivalent", "equivalent"]),
+    "qnli": ("nyu-mll/glue:qnli", "qnli question: {question} sentence: {sentence}", ["entailment", "not_entailment"]),
+    "qqp": ("nyu-mll/glue:qqp", "qqp question1: {question1} question2: {question2}", ["not_duplicate", "duplicate"]),
+    "rte": ("nyu-mll/glue:rte", "rte sentence1: {sentence1} sentence2: {sentence2}", ["entailment", "not_entailment"]),
+    "sst2": ("nyu-mll/glue:sst2", "sst2 sentence: {sentence}", ["negative", "positive"]),
+    "stsb": ("nyu-mll/glue:stsb", "stsb sentence1: {sentence1} sentence2: {sentence2}", None),
+}
+OFFLINE_TASKS = ("sst2", "rotten_tomatoes", "yelp", "amazon")
+
+
+def full_preset():
+    tasks = {task: {"dataset": hub, "template": template, "class_words": words,
+                    "splits": {"train": "train", "validation": "validation[:50%]", "test": "validation[50%:]",
+                               "statistics": "train[:1024]"}, "dataset_size": 10000}
+             for task, (hub, template, words) in GLUE.items() if words is not None}
+    return {
+        "name": "full", "title": "Flan-T5-base, GLUE: exact match", "task_type": "seq2seq", "model": "google/flan-t5-base",
+        "tasks": tasks, "num_epochs": 1,
+        "training": {"learning_rate": 1e-4, "warmup_steps": 0, "per_device_train_batch_size": 16, "max_length": 256,
+                     "lr_scheduler_type": "constant"},
+        "statistics": {"batch_size": 16, "max_length": 256}, "evaluation": {"batch_size": 64, "max_new_tokens": 8},
+        "methods": merge_methods(0.3, [10000] * len(tasks), 10000),
+        "rqmt": {kind: GPU for kind in ("train", "statistics", "merge", "evaluation")} | {"download": CPU},
+    }
+
+
+def offline_preset():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sentiment = getattr(gs, "DATA_DIR", None) or os.environ.get("MERGE_DATA_DIR") or os.path.join(root, "data", "sentiment")
+    suite = OfflineSuiteJob("t5_text_tasks", OFFLINE_TASKS, sentiment_dir=content_folder(sentiment))
+    splits = {"train": "train", "validation": "validation", "test": "test", "statistics": "train[:32]"}
+    tasks = {task: {"dataset": suite.out_data[task], "splits": splits, "dataset_size": 96} for task in OFFLINE_TASKS}
+    return {
+        "name": "offline", "title": "small T5, 4 GLUE-format sentiment tasks: exact match", "task_type": "seq2seq",
+        "model": suite.out_model, "tasks": tasks, "num_epochs": 2,
+        "training": {"learning_rate": 3e-3, "warmup_steps": 0, "per_device_train_batch_size": 16, "max_length": 48,
+                     "per_device_eval_batch_size": 64, "lr_scheduler_type": "constant", "logging_steps": 10},
+        "statistics": {"batch_size": 16, "max_length": 48}, "evaluation": {"batch_size": 64, "max_length": 48,
+                                                                          "max_new_tokens": 4},
+        "methods": merge_methods(0.3, [96] * len(tasks), 96),
+        "rqmt": {kind: CPU for kind in ("train", "statistics", "merge", "evaluation", "download")},
+    }
+
+
+def py():
+    preset = select("T5_TASKS_PRESET", {"full": full_preset, "offline": offline_preset})
+    results, report = build_suite(preset)
+    for label, by_task in results.items():
+        for task, metrics in by_task.items():
+            tk.register_output(f"t5_tasks/metrics/{label.replace(' ', '_')}/{task}.json", metrics)
+    tk.register_output("t5_tasks/report", report.out_dir)

@@ -1,0 +1,96 @@
+"""CLIP ViT-B/32 on the eight image classification tasks of task arithmetic (Ilharco et al., ICLR 2023):
+SUN397, Stanford Cars, RESISC45, EuroSAT, SVHN, GTSRB, MNIST, DTD. The vision tower is fine-tuned on each
+task (the text tower gives the zero-shot head "a photo of a {class}." and stays frozen), the eight models are
+merged with every method of the library, and every model is evaluated on every task (report under
+output/vit_tasks/report/).
+
+Presets (`VIT_TASKS_PRESET`, else `offline`):
+- `full`: openai/clip-vit-base-patch32 and the Hub copies of the eight data sets FusionBench uses
+  (tanganke/*), a GPU per job. FusionBench's published averages for reference: task arithmetic 68.0,
+  TIES 72.2, TSV-M 83.1 (Tang et al., "FusionBench", 2024; Gargiulo et al., "Task Singular Vectors", CVPR 2025).
+- `offline`: a small random CLIP and eight synthetic image tasks made by a job (no network), on 2 CPU cores.
+
+    sis --config config/vit_tasks.py m
+"""
+import os
+
+from sisyphus import tk
+
+from config.merging_methods import DATA_AWARE, MERGE_GRIDS
+from model_merging.families import OfflineSuiteJob, build_suite
+
+TASK_ARITHMETIC_TASKS = {  # task: Hub dataset (FusionBench's copies: columns image, label)
+    "sun397": "tanganke/sun397", "cars": "tanganke/stanford_cars", "resisc45": "tanganke/resisc45",
+    "eurosat": "tanganke/eurosat", "svhn": "tanganke/svhn", "gtsrb": "tanganke/gtsrb", "mnist": "mnist",
+    "dtd": "tanganke/dtd",
+}
+OFFLINE_TASKS = ("colour", "brightness", "stripes", "quadrant", "border", "size", "checker", "diagonal")
+CPU = {"time_rqmt": 1, "mem_rqmt": 4, "cpu_rqmt": 1, "gpu_rqmt": 0}
+GPU = {"time_rqmt": 8, "mem_rqmt": 32, "cpu_rqmt": 4, "gpu_rqmt": 1}
+
+
+def merge_methods(scaling_factor, dataset_sizes, pretrained_size):
+    """Every method of the merge library that combines the task models, at one setting each: the middle of its
+    grid in config/merging_methods.py, task-arithmetic-like scales at `scaling_factor`."""
+    methods = {}
+    for label, spec in MERGE_GRIDS.items():
+        if spec["method"] in DATA_AWARE:
+            continue
+        parameters = dict(spec.get("fixed", {}))
+        if "sweep" in spec:
+            grid = spec["grid"]
+            parameters[spec["sweep"]] = scaling_factor if grid == "scaling_factors" else grid[len(grid) // 2]
+        if spec["method"] == "uncertainty_based_gradient_matching":
+            parameters.update(scaling_factor_pt=pretrained_size, scaling_factors_ft=dataset_sizes, delta_0=1e-12)
+        methods[label] = {"method": spec["method"], "parameters": parameters, "stats": spec.get("stats"),
+                          "ancestor_stats": spec.get("ancestor_stats", False), "initial": spec.get("initial")}
+    return {"task arithmetic": methods.pop("task arithmetic"), **methods}  # MaTS starts from it
+
+
+def full_preset():
+    tasks = {task: {"dataset": hub, "columns": {"image": "image", "label": "label"},
+                    "splits": {"train": "train", "validation": "test[:10%]", "test": "test", "statistics": "train[:2048]"},
+                    "dataset_size": 10000} for task, hub in TASK_ARITHMETIC_TASKS.items()}
+    return {
+        "name": "full", "title": "CLIP ViT-B/32, 8 tasks: test accuracy", "task_type": "image_classification",
+        "model": "openai/clip-vit-base-patch32", "tasks": tasks, "num_epochs": 2,
+        "training": {"learning_rate": 1e-5, "warmup_steps": 500, "weight_decay": 0.1, "per_device_train_batch_size": 128,
+                     "per_device_eval_batch_size": 256, "lr_scheduler_type": "cosine"},
+        "statistics": {"batch_size": 64}, "evaluation": {"batch_size": 256},
+        "methods": merge_methods(0.3, [10000] * len(tasks), 10000),
+        "rqmt": {kind: GPU for kind in ("train", "statistics", "merge", "evaluation")} | {"download": CPU},
+    }
+
+
+def offline_preset():
+    suite = OfflineSuiteJob("clip_image_tasks", OFFLINE_TASKS)
+    splits = {"train": "train", "validation": "validation", "test": "test", "statistics": "train[:32]"}
+    tasks = {task: {"dataset": suite.out_data[task], "splits": splits, "dataset_size": 96} for task in OFFLINE_TASKS}
+    return {
+        "name": "offline", "title": "small CLIP, 8 synthetic image tasks: test accuracy",
+        "task_type": "image_classification", "model": suite.out_model, "tasks": tasks, "num_epochs": 2,
+        "training": {"learning_rate": 1e-3, "warmup_steps": 0, "per_device_train_batch_size": 16,
+                     "per_device_eval_batch_size": 64, "lr_scheduler_type": "constant", "logging_steps": 10},
+        "statistics": {"batch_size": 16}, "evaluation": {"batch_size": 64},
+        "methods": merge_methods(0.3, [96] * len(tasks), 96),
+        "rqmt": {kind: CPU for kind in ("train", "statistics", "merge", "evaluation", "download")},
+    }
+
+
+PRESETS = {"full": full_preset, "offline": offline_preset}
+
+
+def select(variable="VIT_TASKS_PRESET", presets=PRESETS):
+    name = os.environ.get(variable, "offline")
+    if name not in presets:
+        raise ValueError(f"{variable}={name!r}: expected one of {', '.join(presets)}")
+    return presets[name]()
+
+
+def py():
+    preset = select()
+    results, report = build_suite(preset)
+    for label, by_task in results.items():
+        for task, metrics in by_task.items():
+            tk.register_output(f"vit_tasks/metrics/{label.replace(' ', '_')}/{task}.json", metrics)
+    tk.register_output("vit_tasks/report", report.out_dir)

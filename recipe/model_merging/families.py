@@ -1,0 +1,101 @@
+"""Graph of a merging suite of any model family (`task_type`, docs families.md): one pretrained model θ_0
+fine-tuned on every task, Fisher and Gram statistics of each task model (and the Fisher of θ_0), every merge
+method of the library on the task models, each model evaluated on every task's test split, and a report.
+config/vit_tasks.py and config/t5_tasks.py are its two users.
+
+A suite preset holds: `name`, `task_type`, `model` (θ_0: a model id, a path or a tk.Path), `tasks` ({task:
+{"dataset": name or tk.Path, "columns": {...} or None, "splits": {"train", "validation", "test", "statistics"},
+"dataset_size": int}}), `training`, `statistics`, `evaluation` (program keys), `methods` ({label: {"method",
+"parameters", "stats": None/'fisher'/'gram', "ancestor_stats": bool, "initial": label}}), `rqmt`.
+"""
+from sisyphus import tk
+
+from model_merging.data import DownloadDatasetJob
+from model_merging.merge import MergeJob
+from model_merging.program_job import ProgramJob
+from model_merging.report import ReportJob
+from model_merging.search import MultiTaskSearchJob
+from model_merging.statistics import FisherJob, GramJob
+from model_merging.training import HuggingfaceTrainingJob
+
+
+class OfflineSuiteJob(ProgramJob):
+    """A small random model and synthetic tasks made on the spot (`code/make_offline_suite.py`): `out_model`
+    (a model folder with its tokenizer / image processor) and `out_data[task]` (dataset folders)."""
+
+    program_name = "make_offline_suite.py"
+    config_name = "suite_config.json"
+
+    def __init__(self, suite, tasks, *, seed=0, width=64, layers=2, sentiment_dir=None,
+                 time_rqmt=0.5, mem_rqmt=2, cpu_rqmt=1, gpu_rqmt=0):
+        super().__init__(time_rqmt=time_rqmt, mem_rqmt=mem_rqmt, cpu_rqmt=cpu_rqmt, gpu_rqmt=gpu_rqmt)
+        self.suite, self.seed, self.width, self.layers = suite, seed, width, layers
+        self.sentiment_dir = sentiment_dir
+        self.out_dir = self.output_path("suite")
+        self.out_model = self.output_path("suite/model")
+        self.out_data = {task: self.output_path(f"suite/data/{task}") for task in tasks}
+
+    def config(self):
+        return {"suite": self.suite, "output_dir": self.out_dir, "seed": self.seed, "width": self.width,
+                "layers": self.layers, "sentiment_dir": self.sentiment_dir}
+
+
+def family_keys(preset):
+    return {"task_type": preset["task_type"]}
+
+
+def download(preset):
+    """task → dataset folder: Hub datasets are materialised (images included); folders made by a job are used as they are."""
+    data = {}
+    for task, spec in preset["tasks"].items():
+        if isinstance(spec["dataset"], tk.Path):
+            data[task] = spec["dataset"]
+            continue
+        splits = sorted({spec["splits"][k] for k in ("train", "validation", "test")})
+        data[task] = DownloadDatasetJob(spec["dataset"], splits, task_type=preset["task_type"],
+                                        columns=spec.get("columns"), input_template=spec.get("template"),
+                                        class_words=spec.get("class_words"), **preset["rqmt"]["download"]).out_dir
+    return data
+
+
+def build_suite(preset):
+    """{label: {task: metrics.json}} of θ_0, every task model and every merge; and the report job."""
+    data = download(preset)
+    tasks = list(preset["tasks"])
+    keys = family_keys(preset)
+    pretrained = preset["model"]
+    models, fishers, grams = {}, {}, {}
+    for task in tasks:
+        splits = preset["tasks"][task]["splits"]
+        config = {**preset["training"], **keys, "model_name_or_path": pretrained, "dataset_name": data[task],
+                  "train_split": splits["train"], "validation_split": splits["validation"]}
+        job = HuggingfaceTrainingJob(config, num_epochs=preset["num_epochs"], **preset["rqmt"]["train"])
+        job.add_alias(f"{preset['name']}/models/{task}")
+        models[task] = job.out_best_model
+        statistics = {**preset["statistics"], **keys}
+        fishers[task] = FisherJob(models[task], data[task], splits["statistics"], statistics,
+                                  **preset["rqmt"]["statistics"]).out_dir
+        grams[task] = GramJob(models[task], data[task], splits["statistics"], statistics,
+                              **preset["rqmt"]["statistics"]).out_dir
+    first = tasks[0]  # H_0 of gradient matching: θ_0's Fisher on the first task's statistics split
+    pretrained_fisher = FisherJob(pretrained, data[first], preset["tasks"][first]["splits"]["statistics"],
+                                  {**preset["statistics"], **keys}, **preset["rqmt"]["statistics"]).out_dir
+
+    merged = {}
+    for label, spec in preset["methods"].items():
+        stats = {"fisher": fishers, "gram": grams}.get(spec.get("stats"))
+        merged[label] = MergeJob(
+            spec["method"], [models[t] for t in tasks], ancestor=pretrained,
+            aux_data=[stats[t] for t in tasks] if stats else None,
+            ancestor_aux_data=pretrained_fisher if spec.get("ancestor_stats") else None,
+            initial=merged.get(spec.get("initial")), parameters=spec.get("parameters"), **preset["rqmt"]["merge"],
+        ).out_model
+
+    evaluated = {"pretrained": pretrained, **{f"fine-tuned {t}": models[t] for t in tasks}, **merged}
+    test = {task: (data[task], preset["tasks"][task]["splits"]["test"]) for task in tasks}
+    results = {
+        label: dict(MultiTaskSearchJob(model, test, {**preset["evaluation"], **keys}, **preset["rqmt"]["evaluation"]).out_metric_files)
+        for label, model in evaluated.items()
+    }
+    report = ReportJob(results, title=f"{preset['title']} ({preset['name']} preset)")
+    return results, report
