@@ -7,7 +7,7 @@ Merging with Common and Task-Specific Subspaces", ICML 2025 (https://arxiv.org/a
 import torch
 
 from .base import MergeMethod, Parameter, TensorGroup
-from .task_space import PARAMETERS, is_matrix, mean, polar, result, task_vectors
+from .task_space import PARAMETERS, is_matrix, mean, polar, result, task_vectors, top_singular
 
 
 def isotropic(matrix: torch.Tensor) -> torch.Tensor:
@@ -31,11 +31,11 @@ def common_and_task_specific(taus: list[torch.Tensor], fraction: float) -> torch
     m, n = taus[0].shape
     width = min(m, n)
     k_c, k_t = space_sizes(width, len(taus), fraction)
-    u, s, vh = torch.linalg.svd(sum(taus), full_matrices=False)
+    u, s, vh = top_singular(sum(taus), k_c)
     common_u = u[:, :k_c]
     stacked_u, stacked_s, stacked_vh = taus[0].new_zeros(m, width), taus[0].new_zeros(width), taus[0].new_zeros(width, n)
     for t, tau in enumerate(taus):
-        own_u, own_s, own_vh = torch.linalg.svd(tau - common_u @ (common_u.T @ tau), full_matrices=False)
+        own_u, own_s, own_vh = top_singular(tau - common_u @ (common_u.T @ tau), k_t)
         block = slice(t * k_t, (t + 1) * k_t)
         stacked_u[:, block], stacked_s[block], stacked_vh[block] = own_u[:, :k_t], own_s[:k_t], own_vh[:k_t]
     block = slice(len(taus) * k_t, len(taus) * k_t + k_c)

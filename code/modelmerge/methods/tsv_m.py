@@ -7,7 +7,7 @@ Interference in Model Merging", CVPR 2025 (https://arxiv.org/abs/2412.00081).
 import torch
 
 from .base import MergeMethod, TensorGroup
-from .task_space import PARAMETERS, is_matrix, mean, polar, result, task_vectors
+from .task_space import PARAMETERS, is_matrix, mean, polar, result, task_vectors, top_singular
 
 
 def task_singular_vectors(taus: list[torch.Tensor]) -> torch.Tensor:
@@ -21,7 +21,7 @@ def task_singular_vectors(taus: list[torch.Tensor]) -> torch.Tensor:
     stacked_s = taus[0].new_zeros(width)
     stacked_vh = taus[0].new_zeros(width, n)
     for t, tau in enumerate(taus):
-        u, s, vh = torch.linalg.svd(tau, full_matrices=False)
+        u, s, vh = top_singular(tau, k)
         block = slice(t * k, (t + 1) * k)
         stacked_u[:, block], stacked_s[block], stacked_vh[block] = u[:, :k], s[:k], vh[:k]
     return polar(stacked_u) @ torch.diag(stacked_s) @ polar(stacked_vh)
