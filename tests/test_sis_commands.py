@@ -1,5 +1,7 @@
-"""Command line beyond the manager: `sis console`, `--log_level N`, `sis worker ... --force_resume`, and the
-cleanup of job folders (tk.cleaner: unused folders removed after a yes, never a running job's)."""
+"""Command line and toolkit beyond the basic manager run: `sis console` (-c, stdin, the console helpers tk.run,
+run_job, import_work_directory, remove_job_and_descendants), `sis m -i` and `--ui`, `--log_level N`,
+`sis worker ... --force_resume`, cleanup (tk.cleaner: unused folders removed after a yes, never a running job's;
+finished.tar.gz packing), reports, callbacks and held jobs, the default config (config.main), Task(update_rqmt=)."""
 import ast
 import fcntl
 import os
