@@ -6,7 +6,7 @@ only one model changes whole (RAM+ amplifies those by how much the model shares 
 """
 import torch
 
-from .base import MergeMethod, Parameter, TensorGroup
+from .base import MergeMethod, Parameter, TensorBlocks, TensorGroup
 from .common import base_tensor, upcast_dtype
 from .task_vectors import task_vector
 
@@ -42,23 +42,33 @@ class Ram(MergeMethod):
 
 class RamPlusTensorLocal(MergeMethod):
     """As RAM, but the entries only model t changes are scaled by λ_t = 1 + r · clamp(ρ_t, 0, α), ρ_t the
-    number of entries t shares with another model over the number only t changes (in this tensor)."""
+    number of entries t shares with another model over the number only t changes (in this tensor; counted
+    in `prepare` when the tensor is merged in blocks of rows)."""
 
     name = "ramplus_tl"
     needs_base = True
+    elementwise = True
     parameters = {
         "r": Parameter(0.1, range="[0, inf)", help="strength of the amplification of a model's own entries"),
         "alpha": Parameter(0.2, range="[0, inf)", help="largest shared/own ratio counted"),
         "epsilon": EPSILON,
     }
 
+    def prepare(self, blocks: TensorBlocks, *, r, alpha, epsilon) -> torch.Tensor:
+        shared = own = 0
+        for group in blocks:
+            _, changed, counts = changes(group, epsilon)
+            shared = shared + (changed & (counts > 1)).sum(dim=1)
+            own = own + (changed & (counts == 1)).sum(dim=1)
+        rho = shared / own.clamp(min=epsilon)
+        return 1 + r * rho.clamp(min=0, max=alpha)
+
     def merge(self, group: TensorGroup, *, r, alpha, epsilon) -> torch.Tensor:
         base_tensor(group)
+        scale = group.prepared
+        if scale is None:
+            scale = self.prepare(TensorBlocks.of(group), r=r, alpha=alpha, epsilon=epsilon)
         deltas, changed, counts = changes(group, epsilon)
         unique, overlap = counts == 1, counts > 1
-        shared_counts = (changed & overlap).sum(dim=1)
-        own_counts = (changed & unique).sum(dim=1)
-        rho = shared_counts / own_counts.clamp(min=epsilon)
-        scale = (1 + r * rho.clamp(min=0, max=alpha)).to(deltas.dtype).unsqueeze(-1)
-        merged = deltas * unique * scale + deltas * overlap / counts.clamp(min=1)
+        merged = deltas * unique * scale.to(deltas.dtype).unsqueeze(-1) + deltas * overlap / counts.clamp(min=1)
         return rebuild(group, merged.sum(dim=0))
