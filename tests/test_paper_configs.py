@@ -124,6 +124,25 @@ def test_the_keys_the_authors_search_job_adds_are_accepted(workdir):
     assert (workdir / "search_output.json").read_text() == (workdir / "checkpoints" / "predictions.jsonl").read_text()
 
 
+def test_the_training_config_the_authors_example_passes_to_its_search_jobs_is_accepted(workdir):
+    """Their config/example.py evaluates with `{**training config, **search_data_config}`: the training keys are
+    accepted without effect and the metrics equal those of the plain evaluation config."""
+    assert run_program(TrainConfig, train, "train", ["finetune_roberta_imdb.json"]) == 0
+    finetune = json.loads((workdir / "finetune_roberta_imdb.json").read_text())
+    search = {key: finetune[key] for key in (
+        "model_name_or_path", "per_device_train_batch_size", "per_device_eval_batch_size",
+        "gradient_accumulation_steps", "max_input_length", "max_output_length", "optimizer_name", "warmup_steps",
+        "min_lr", "dropout", "max_grad_norm", "method", "learning_rate")}
+    search.update(beta1=0.9, beta2=0.999, dataset_name=finetune["dataset_name"], dataset_config_name="classification",
+                  dataset_test_split="test", model_name_or_path="roberta-base-imdb/best", output_dir="search")
+    (workdir / "search_config.json").write_text(json.dumps(search))
+    assert run_program(PredictConfig, run, "predict", ["search_config.json"]) == 0
+    assert run_program(PredictConfig, run, "predict", ["evaluate_roberta_imdb.json"]) == 0
+    searched = json.loads((workdir / "search" / "metrics.json").read_text())
+    evaluated = json.loads((workdir / "roberta_base_imdb.metrics.json").read_text())
+    assert searched["num_examples"] == SIZES["test"] and searched == evaluated
+
+
 def test_unknown_keys_are_still_refused(workdir, caplog):
     config = json.loads((workdir / "fisher_roberta_imdb.json").read_text())
     (workdir / "c.json").write_text(json.dumps({**config, "track_fisher": True}))

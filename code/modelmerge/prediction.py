@@ -205,6 +205,14 @@ FISHER = ("squared_gradients", "sequence_classification_squared_gradients")
 GRAM = ("gram", "sequence_classification_gram")
 
 
+# Training keys of the authors' configs, with their types (HuggingfaceSearchJob receives them too).
+TRAINING_ONLY_PAPER_KEYS = {
+    "learning_rate": float, "per_device_train_batch_size": int, "gradient_accumulation_steps": int,
+    "warmup_steps": int, "min_lr": float, "beta1": float, "beta2": float, "dropout": float | None,
+    "max_grad_norm": float, "optimizer_name": str, "num_train_epochs": float,
+}
+
+
 @dataclasses.dataclass
 class PredictConfig:
     """Keys of `code/predict.py`; `method` selects evaluation or a statistic (docs/programs.md, families.md)."""
@@ -246,6 +254,9 @@ class PredictConfig:
         "dataset_test_split": Alias("split"),
         "track_fim": Ignored("the authors' code does not read it either; method "
                              "sequence_classification_squared_gradients computes the Fisher", bool),
+        # The authors' config/example.py passes its whole training config to HuggingfaceSearchJob.
+        **{key: Ignored("a training hyperparameter; evaluation and statistics do not use it", kind)
+           for key, kind in TRAINING_ONLY_PAPER_KEYS.items()},
     }
 
     def __post_init__(self):
