@@ -431,3 +431,14 @@ def test_merges_that_need_statistics_run_on_every_family(paths, text_rows, image
         first, _ = load_for_task(models[0], TASK[name], class_names=CLASSES)
         assert any(not torch.equal(a, b) for a, b in zip(merged.state_dict().values(), first.state_dict().values()))
         assert all(torch.isfinite(t).all() for t in merged.state_dict().values() if t.is_floating_point())
+
+
+def test_della_ranks_a_conv_kernel_within_each_filter():
+    """ViT/CLIP patch embeddings are 4-D [filters, channels, h, w]: DELLA ranks |δ| within each filter."""
+    from modelmerge.methods.della import keep_probabilities
+
+    delta = torch.randn(4, 3, 2, 2, generator=torch.Generator().manual_seed(0))
+    found = keep_probabilities(delta, density=0.5, epsilon=0.1)
+    flat = delta.reshape(4, -1).abs()
+    ranks = flat.argsort(1).argsort(1).double()
+    torch.testing.assert_close(found, (0.4 + ranks / 11 * 0.2).reshape(delta.shape).to(found.dtype))

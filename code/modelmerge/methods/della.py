@@ -16,12 +16,12 @@ from .task_vectors import CONSENSUS_PARAMETERS, combine, combine_parameters, res
 def keep_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
     """p = density − ε + 2ε · (rank − 1) / (n − 1), rank of |δ| within its row (ascending; a 1-D tensor is
     one row): the smallest entries are kept with probability density − ε, the largest with density + ε."""
-    rows = delta.unsqueeze(0) if delta.dim() < 2 else delta
+    rows = delta.unsqueeze(0) if delta.dim() < 2 else delta.reshape(delta.shape[0], -1)  # a conv kernel: per filter
     order = rows.abs().argsort(dim=1, stable=True)
     n = rows.shape[1]
     position = torch.empty_like(order).scatter_(1, order, torch.arange(n, device=order.device).expand_as(order))
     spread = position.to(upcast_dtype(delta.dtype)) / max(n - 1, 1)  # (rank − 1) / (n − 1), one sort only
-    return (density - epsilon) + spread * 2 * epsilon
+    return ((density - epsilon) + spread * 2 * epsilon).reshape(delta.shape)
 
 
 def draw(probabilities: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
