@@ -59,6 +59,8 @@ CASES = [
     ("ties", {"density": 0.3, "rescale": True}),
     ("ties", {"density": [0.0, 1.0, 0.4], "consensus_method": None}),
     ("ram", {"epsilon": 0.05}),
+    ("model_stock", {}),
+    ("model_stock", {"filter_wise": True}),
     ("ramplus_tl", {"epsilon": 0.05, "r": 0.5, "alpha": 1.0}),
     ("nearswap", {"t": 0.05}),
     ("magmax", {"merge_lambda": 0.7}),

@@ -7,7 +7,7 @@ Merging with Common and Task-Specific Subspaces", ICML 2025 (https://arxiv.org/a
 import torch
 
 from .base import MergeMethod, Parameter, TensorGroup
-from .task_space import PARAMETERS, is_matrix, mean, polar, result, task_vectors, top_singular
+from .task_space import PARAMETERS, is_matrix, mean, polar, result, task_vectors, top_singular, total
 
 
 def isotropic(matrix: torch.Tensor) -> torch.Tensor:
@@ -24,16 +24,18 @@ def space_sizes(width: int, tasks: int, fraction: float) -> tuple[int, int]:
     return common, (width - common) // tasks
 
 
-def common_and_task_specific(taus: list[torch.Tensor], fraction: float) -> torch.Tensor:
+def common_and_task_specific(taus, fraction: float) -> torch.Tensor:
     """Iso-CTS: the first k_c singular triplets of Σ_t τ_t, and for each task the first k_t of τ_t with the
     common column space projected out; task blocks (in task order) then the common block are stacked, the
     U and Vᵀ stacks replaced by their polar factors and all singular values by their mean."""
-    m, n = taus[0].shape
+    summed = total(taus)
+    m, n = summed.shape
     width = min(m, n)
     k_c, k_t = space_sizes(width, len(taus), fraction)
-    u, s, vh = top_singular(sum(taus), k_c)
+    u, s, vh = top_singular(summed, k_c)
+    del summed
     common_u = u[:, :k_c]
-    stacked_u, stacked_s, stacked_vh = taus[0].new_zeros(m, width), taus[0].new_zeros(width), taus[0].new_zeros(width, n)
+    stacked_u, stacked_s, stacked_vh = u.new_zeros(m, width), u.new_zeros(width), u.new_zeros(width, n)
     for t, tau in enumerate(taus):
         own_u, own_s, own_vh = top_singular(tau - common_u @ (common_u.T @ tau), k_t)
         block = slice(t * k_t, (t + 1) * k_t)
@@ -54,7 +56,7 @@ class IsoC(MergeMethod):
 
     def merge(self, group: TensorGroup, *, merge_lambda, exclude) -> torch.Tensor:
         taus = task_vectors(group)
-        tau = isotropic(sum(taus)) if is_matrix(group, exclude) else mean(taus)
+        tau = isotropic(total(taus)) if is_matrix(group, exclude) else mean(taus)
         return result(group, tau, merge_lambda)
 
 

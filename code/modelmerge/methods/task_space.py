@@ -14,11 +14,27 @@ PARAMETERS = {
 }
 
 
-def task_vectors(group: TensorGroup) -> list[torch.Tensor]:
-    """τ_t = θ_t − θ_0 in float32 or better."""
-    base = base_tensor(group)
-    dtype = upcast_dtype(base.dtype)
-    return [x.to(dtype) - base.to(dtype) for x in group.tensors]
+class TaskVectors:
+    """τ_t = θ_t − θ_0 in float32 or better, computed when indexed (so a method going through the tasks one
+    at a time holds one task vector, not T)."""
+
+    def __init__(self, group: TensorGroup):
+        self.base = base_tensor(group)
+        self.tensors = group.tensors
+        self.dtype = upcast_dtype(self.base.dtype)
+
+    def __len__(self):
+        return len(self.tensors)
+
+    def __getitem__(self, t) -> torch.Tensor:
+        return self.tensors[t].to(self.dtype) - self.base.to(self.dtype)
+
+    def __iter__(self):
+        return (self[t] for t in range(len(self)))
+
+
+def task_vectors(group: TensorGroup) -> TaskVectors:
+    return TaskVectors(group)
 
 
 def is_matrix(group: TensorGroup, exclude: str | None) -> bool:
@@ -31,8 +47,16 @@ def is_matrix(group: TensorGroup, exclude: str | None) -> bool:
         raise ValueError(f"exclude: not a regular expression: {exclude!r} ({error})") from None
 
 
-def mean(tensors: list[torch.Tensor]) -> torch.Tensor:
-    return sum(tensors) / len(tensors)
+def mean(tensors) -> torch.Tensor:
+    return total(tensors) / len(tensors)
+
+
+def total(tensors) -> torch.Tensor:
+    """Σ_t of a sequence of tensors (a lazy one is taken one at a time), accumulated in one new tensor."""
+    result = None
+    for tensor in tensors:
+        result = tensor.clone() if result is None else result.add_(tensor)
+    return result
 
 
 def polar(matrix: torch.Tensor) -> torch.Tensor:

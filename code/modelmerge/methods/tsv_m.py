@@ -10,18 +10,19 @@ from .base import MergeMethod, TensorGroup
 from .task_space import PARAMETERS, is_matrix, mean, polar, result, task_vectors, top_singular
 
 
-def task_singular_vectors(taus: list[torch.Tensor]) -> torch.Tensor:
+def task_singular_vectors(taus) -> torch.Tensor:
     """Each τ_t = U S Vᵀ keeps its first k = ⌊min(m, n)/T⌋ singular triplets; U's columns, S and Vᵀ's rows
     are stacked in task order (zero-padded to min(m, n)); the U and Vᵀ stacks are replaced by their
-    polar factors: τ = polar(U_st) · diag(S_st) · polar(Vᵀ_st)."""
+    polar factors: τ = polar(U_st) · diag(S_st) · polar(Vᵀ_st). `taus` is a sequence of the T task
+    vectors; each is taken in turn (a lazy one holds one task vector at a time)."""
     m, n = taus[0].shape
     width = min(m, n)
     k = width // len(taus)
     stacked_u = taus[0].new_zeros(m, width)
     stacked_s = taus[0].new_zeros(width)
     stacked_vh = taus[0].new_zeros(width, n)
-    for t, tau in enumerate(taus):
-        u, s, vh = top_singular(tau, k)
+    for t in range(len(taus)):
+        u, s, vh = top_singular(taus[t], k)
         block = slice(t * k, (t + 1) * k)
         stacked_u[:, block], stacked_s[block], stacked_vh[block] = u[:, :k], s[:k], vh[:k]
     return polar(stacked_u) @ torch.diag(stacked_s) @ polar(stacked_vh)
