@@ -161,18 +161,22 @@ def encode(dataset, processor, task_type, max_length):
             return encoded
         return dataset.map(seq2seq, batched=True, remove_columns=dataset.column_names, desc="tokenising")
     if task_type == "causal_lm":
-        return dataset.map(lambda b: causal_lm_example(processor, b["input"], b["target"], max_length),
+        return dataset.map(lambda b: causal_lm_examples(processor, b["input"], b["target"], max_length), batched=True,
                            remove_columns=dataset.column_names, desc="tokenising")
     return dataset
 
 
-def causal_lm_example(tokenizer, prompt, completion, max_length):
+def causal_lm_examples(tokenizer, prompts, completions, max_length):
     """input_ids = prompt + " " completion + eos (truncated to `max_length`); labels only on the completion."""
-    prompt_ids = tokenizer(prompt)["input_ids"]
-    completion_ids = tokenizer(" " + completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    input_ids = (prompt_ids + completion_ids)[:max_length]
-    labels = ([IGNORE] * len(prompt_ids) + completion_ids)[:max_length]
-    return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}
+    rows = {"input_ids": [], "attention_mask": [], "labels": []}
+    completions = tokenizer([" " + c for c in completions], add_special_tokens=False)["input_ids"]
+    for prompt_ids, completion_ids in zip(tokenizer(prompts)["input_ids"], completions):
+        completion_ids = completion_ids + [tokenizer.eos_token_id]
+        input_ids = (prompt_ids + completion_ids)[:max_length]
+        rows["input_ids"].append(input_ids)
+        rows["attention_mask"].append([1] * len(input_ids))
+        rows["labels"].append(([IGNORE] * len(prompt_ids) + completion_ids)[:max_length])
+    return rows
 
 
 def collator(processor, task_type):
