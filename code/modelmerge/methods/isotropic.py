@@ -24,6 +24,22 @@ def space_sizes(width: int, tasks: int, fraction: float) -> tuple[int, int]:
     return common, (width - common) // tasks
 
 
+def leading_outside(tau: torch.Tensor, common_u: torch.Tensor, k: int):
+    """The k leading singular triplets of (I − U_c U_cᵀ) τ without forming it when τ is tall: from its Gram
+    τᵀτ − (U_cᵀτ)ᵀ(U_cᵀτ) (float64), left vectors (τV − U_c(U_cᵀτ)V)/S; a wide τ is projected directly."""
+    if tau.shape[0] < tau.shape[1] or k == 0:
+        return top_singular(tau - common_u @ (common_u.T @ tau), k)
+    t64, u64 = tau.to(torch.float64), common_u.to(torch.float64)
+    inside = u64.T @ t64
+    eigenvalues, vectors = torch.linalg.eigh(t64.T @ t64 - inside.T @ inside)
+    order = eigenvalues.argsort(descending=True)[:k]
+    values = eigenvalues[order].clamp(min=0).sqrt()
+    right = vectors[:, order]
+    left = (t64 @ right - u64 @ (inside @ right)) / torch.where(values > 0, values, 1)
+    left = torch.where(values > 0, left, 0)
+    return left.to(tau.dtype), values.to(tau.dtype), right.T.to(tau.dtype)
+
+
 def common_and_task_specific(taus, fraction: float) -> torch.Tensor:
     """Iso-CTS: the first k_c singular triplets of Σ_t τ_t, and for each task the first k_t of τ_t with the
     common column space projected out; task blocks (in task order) then the common block are stacked, the
@@ -37,7 +53,7 @@ def common_and_task_specific(taus, fraction: float) -> torch.Tensor:
     common_u = u[:, :k_c]
     stacked_u, stacked_s, stacked_vh = u.new_zeros(m, width), u.new_zeros(width), u.new_zeros(width, n)
     for t, tau in enumerate(taus):
-        own_u, own_s, own_vh = top_singular(tau - common_u @ (common_u.T @ tau), k_t)
+        own_u, own_s, own_vh = leading_outside(tau, common_u, k_t)
         block = slice(t * k_t, (t + 1) * k_t)
         stacked_u[:, block], stacked_s[block], stacked_vh[block] = own_u[:, :k_t], own_s[:k_t], own_vh[:k_t]
     block = slice(len(taus) * k_t, len(taus) * k_t + k_c)
