@@ -4,7 +4,7 @@ The per-example gradient of a layer's parameters follows from what the layer saw
 output (`capture.py`), layer by layer, without a backward pass per example:
 - nn.Linear, inputs x and output gradients g of example b ([tokens, in], [tokens, out]):
   ∇W_b = Σ_tokens outer(g, x) = g_bᵀ x_b (one batched matmul), ∇bias_b = Σ_tokens g; GPT-2's Conv1D alike
-  (its weight is [in, out]: x_bᵀ g_b);
+  (its weight is [in, out]: x_bᵀ g_b), and nn.Conv2d on its unfolded patches (ViT/CLIP patch embeddings);
 - nn.Embedding: ∇W_b touches only the rows of the ids example b uses: row v gets Σ of g over b's tokens with
   id v (the padding_idx row gets no gradient, as in `F.embedding`); kept sparse, never [vocab, dim] per example;
 - nn.LayerNorm: ∇weight_b = Σ_tokens g ⊙ x̂ with x̂ the normalised input, ∇bias_b = Σ_tokens g.
@@ -120,6 +120,15 @@ def conv1d_gradients(module, x, g, batch_size):
     return _wanted(module, gradients)
 
 
+def conv2d_gradients(module, x, g, batch_size):
+    """A 2-D convolution is a linear layer on the unfolded patches (ViT/CLIP patch embeddings): ∇W_b = g_bᵀ cols_b."""
+    x = batch_first(x, batch_size, "the input of a Conv2d layer")
+    g = batch_first(g, batch_size, "the output of a Conv2d layer").flatten(2).transpose(1, 2)  # [batch, places, out]
+    cols = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=module.padding, stride=module.stride)
+    gradients = {"weight": lambda: OuterProductGradients(g, cols.transpose(1, 2)), "bias": lambda: DenseGradients(g.sum(1))}
+    return _wanted(module, gradients)
+
+
 def embedding_gradients(module, ids, g, batch_size):
     ids = batch_first(ids, batch_size, "the ids of an embedding").reshape(batch_size, -1)
     g = batch_first(g, batch_size, "the output of an embedding").reshape(-1, module.embedding_dim)
@@ -160,6 +169,9 @@ def layer_rule(module):
         return linear_gradients
     if _has_stock_forward(module, Conv1D):
         return conv1d_gradients
+    if (_has_stock_forward(module, nn.Conv2d) and module.groups == 1 and module.padding_mode == "zeros"
+            and not isinstance(module.padding, str)):
+        return conv2d_gradients
     if _has_stock_forward(module, nn.Embedding) and module.max_norm is None and not module.scale_grad_by_freq:
         return embedding_gradients
     if _has_stock_forward(module, nn.LayerNorm):
