@@ -35,9 +35,8 @@ def largest(values: torch.Tensor, k: int) -> torch.Tensor:
     return torch.cat([above, tied])
 
 
-def energy_weights(deltas: torch.Tensor) -> torch.Tensor:
-    """w_t = mean(τ_t²) / Σ_s mean(τ_s²); uniform when the sum is below 1e-6."""
-    energy = deltas.square().reshape(deltas.shape[0], -1).mean(dim=1)
+def normalised(energy: torch.Tensor) -> torch.Tensor:
+    """w_t = mean(τ_t²) / Σ_s mean(τ_s²) from the energies mean(τ_t²); uniform when the sum is below 1e-6."""
     total = energy.sum().item()
     if abs(total) < 1e-6:
         return torch.ones_like(energy) / energy.shape[0]
@@ -58,11 +57,29 @@ class Sce(MergeMethod):
     def merge(self, group: TensorGroup, *, select_topk, int8_mask) -> torch.Tensor:
         base = base_tensor(group)
         dtype = upcast_dtype(base.dtype)
-        deltas = torch.stack([task_vector(group, t).to(dtype) for t in range(len(group.tensors))])
-        if select_topk < 1:
-            deltas = deltas * select_top_variance(deltas, select_topk).unsqueeze(0)
-        elected = (deltas.sum(dim=0) >= 0).to(dtype) * 2 - 1
-        agree = (deltas.sign() == elected).to(dtype)
-        weights = energy_weights(deltas).view(-1, *([1] * (deltas.dim() - 1))) * agree
-        merged = (deltas * weights).sum(dim=0) / weights.sum(dim=0).clamp(min=1e-6)
-        return (base.to(dtype) + merged).to(base.dtype)
+        count = len(group.tensors)
+        mask = None
+        if select_topk < 1:  # the variance needs every task vector at once; only it is kept
+            mask = select_top_variance(torch.stack([task_vector(group, t).to(dtype) for t in range(count)]), select_topk)
+
+        def selected(t):  # τ'_t, recomputed when needed so that one task vector is held at a time
+            delta = task_vector(group, t).to(dtype)
+            return delta if mask is None else delta.mul_(mask)
+
+        energy = torch.stack([selected(t).square().mean() for t in range(count)])
+        weights = normalised(energy)
+        elected = accumulate(selected(t) for t in range(count)).ge_(0).to(dtype).mul_(2).sub_(1)
+        numerator, denominator = torch.zeros_like(elected), torch.zeros_like(elected)
+        for t in range(count):
+            delta = selected(t)
+            weight = (delta.sign() == elected).to(dtype).mul_(weights[t])
+            numerator.add_(delta.mul_(weight))
+            denominator.add_(weight)
+        return (base.to(dtype) + numerator.div_(denominator.clamp_(min=1e-6))).to(base.dtype)
+
+
+def accumulate(tensors) -> torch.Tensor:
+    result = None
+    for tensor in tensors:
+        result = tensor if result is None else result.add_(tensor)
+    return result
