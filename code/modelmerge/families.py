@@ -17,6 +17,7 @@ in task arithmetic).
 """
 import io
 import os
+import uuid
 
 import numpy as np
 import torch
@@ -153,17 +154,24 @@ def encode(dataset, processor, task_type, max_length):
     """Per-example model inputs with `labels` (a datasets.Dataset; images stay rows, opened per batch)."""
     if task_type == "sequence_classification":
         return dataset.map(lambda b: processor(b["text"], truncation=True, max_length=max_length),
-                           batched=True, remove_columns=["text"], desc="tokenising")
+                           batched=True, remove_columns=["text"], desc="tokenising", new_fingerprint=_fingerprint())
     if task_type == "seq2seq":
         def seq2seq(batch):
             encoded = processor(batch["input"], truncation=True, max_length=max_length)
             encoded["labels"] = processor(text_target=batch["target"], truncation=True, max_length=max_length)["input_ids"]
             return encoded
-        return dataset.map(seq2seq, batched=True, remove_columns=dataset.column_names, desc="tokenising")
+        return dataset.map(seq2seq, batched=True, remove_columns=dataset.column_names, desc="tokenising",
+                           new_fingerprint=_fingerprint())
     if task_type == "causal_lm":
         return dataset.map(lambda b: causal_lm_examples(processor, b["input"], b["target"], max_length), batched=True,
-                           remove_columns=dataset.column_names, desc="tokenising")
+                           remove_columns=dataset.column_names, desc="tokenising", new_fingerprint=_fingerprint())
     return dataset
+
+
+def _fingerprint():
+    """A fresh fingerprint for a `map`: `datasets` would otherwise hash the function, tokenizer included (pickled,
+    a fixed cost of about half a second per call), to name a cache these in-memory datasets never use."""
+    return uuid.uuid4().hex
 
 
 def causal_lm_examples(tokenizer, prompts, completions, max_length):
