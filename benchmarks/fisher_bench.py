@@ -140,12 +140,16 @@ def loop_process(args):
 
 def child(command, env):
     """(seconds, peak resident MiB) of the process `command`."""
-    start = time.perf_counter()
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(process.pid, 0)
-    seconds = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{' '.join(command)} failed: {process.stderr.read()[-2000:]}")
+    import tempfile
+
+    with tempfile.TemporaryFile("w+") as log:  # a file, not a pipe: nobody reads while the child runs
+        start = time.perf_counter()
+        process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=log, text=True)
+        _, status, usage = os.wait4(process.pid, 0)
+        seconds = time.perf_counter() - start
+        if os.waitstatus_to_exitcode(status) != 0:
+            log.seek(0)
+            raise SystemExit(f"{' '.join(command)} failed: {log.read()[-2000:]}")
     return seconds, usage.ru_maxrss / 1024
 
 
