@@ -18,7 +18,8 @@ from modelmerge.adamerging import learn_coefficients, merged_state
 from modelmerge.atomic import atomic_dir, claim_output
 from modelmerge.data import load_split
 from modelmerge.merging import MergeError
-from modelmerge.merging.cli import ArgumentParser, device_argument, run_cli
+from modelmerge.merging.cli import (ArgumentParser, add_task_data_arguments, check_task_data_arguments,
+                                    device_argument, run_cli)
 from modelmerge.prediction import check_model_path, load_for_task
 
 
@@ -40,29 +41,18 @@ def parse_args(argv):
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ancestor", required=True, help="θ_0")
     parser.add_argument("--models", nargs="+", required=True, help="the task models θ_t")
-    parser.add_argument("--datasets", nargs="+", required=True, help="each task's data set (inputs only), same order")
-    parser.add_argument("--split", nargs="+", default=["validation"], help="the split of each data set (one for all, or one per data set)")
-    parser.add_argument("--num_examples", type=int, default=64, help="first examples of each data set used")
+    add_task_data_arguments(parser, split="validation", num_examples=64)
     parser.add_argument("--iterations", type=int, default=100, help="Adam steps (≥ 0)")
     parser.add_argument("--learning_rate", type=float, default=1e-3)
     parser.add_argument("--prior", type=float, default=0.3, help="the initial coefficient of every task and tensor, in [0, 1]")
-    parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--max_length", type=int, default=128)
-    parser.add_argument("--data_dir", default=os.environ.get("MERGE_DATA_DIR"), help="where the data sets are (default $MERGE_DATA_DIR)")
     parser.add_argument("--device", type=device_argument, default="cpu")
     parser.add_argument("--output", required=True, help="the merged model folder")
     parser.add_argument("--no_progress", action="store_true")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output another program wrote")
     args = parser.parse_args(argv)
-    if len(args.split) not in (1, len(args.datasets)):
-        parser.error(f"--split: give one split for all data sets or one per data set ({len(args.datasets)})")
-    args.split = args.split * len(args.datasets) if len(args.split) == 1 else args.split
-    if len(args.datasets) != len(args.models):
-        parser.error(f"--datasets: got {len(args.datasets)} for {len(args.models)} models (one per model, same order)")
+    check_task_data_arguments(parser, args)
     if args.iterations < 0 or not 0 <= args.prior <= 1 or args.learning_rate <= 0:
         parser.error("--iterations must be ≥ 0, --prior in [0, 1] and --learning_rate > 0")
-    if min(args.num_examples, args.batch_size, args.max_length) < 1:
-        parser.error("--num_examples, --batch_size and --max_length must be at least 1")
     return args
 
 

@@ -4,7 +4,6 @@
     python code/regmean_plusplus.py --models A B C --datasets sst2 rotten_tomatoes imdb --split train \
         [--num_examples 256] [--alpha 0.5] [--batch_size 16] [--max_length 128] [--data_dir DIR] --output OUT
 """
-import os
 import time
 from dataclasses import dataclass
 
@@ -13,7 +12,8 @@ import torch
 from modelmerge.atomic import atomic_dir, claim_output
 from modelmerge.data import load_split
 from modelmerge.merging import MergeError
-from modelmerge.merging.cli import ArgumentParser, device_argument, run_cli
+from modelmerge.merging.cli import (ArgumentParser, add_task_data_arguments, check_task_data_arguments,
+                                    device_argument, run_cli)
 from modelmerge.prediction import check_model_path, load_for_task
 from modelmerge.regmean_plusplus import regmean_plusplus
 
@@ -33,28 +33,17 @@ class Done:
 def parse_args(argv):
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", required=True, help="the task models θ_t")
-    parser.add_argument("--datasets", nargs="+", required=True, help="each task model's data set, same order")
-    parser.add_argument("--split", nargs="+", default=["train"], help="the split of each data set (one for all, or one per data set)")
-    parser.add_argument("--num_examples", type=int, default=256, help="first examples of each data set used")
+    add_task_data_arguments(parser, split="train", num_examples=256)
     parser.add_argument("--alpha", type=float, default=0.5, help="α: scale of the Gram matrices' off-diagonal entries, in [0, 1]")
-    parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--max_length", type=int, default=128)
-    parser.add_argument("--data_dir", default=os.environ.get("MERGE_DATA_DIR"), help="where the data sets are (default $MERGE_DATA_DIR)")
     parser.add_argument("--task_type", default="sequence_classification")
     parser.add_argument("--output", required=True, help="the merged model folder")
     parser.add_argument("--device", type=device_argument, default="cpu", help="where the models run: cpu or cuda")
     parser.add_argument("--no_progress", action="store_true")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output another program wrote")
     args = parser.parse_args(argv)
-    if len(args.split) not in (1, len(args.datasets)):
-        parser.error(f"--split: give one split for all data sets or one per data set ({len(args.datasets)})")
-    args.split = args.split * len(args.datasets) if len(args.split) == 1 else args.split
-    if len(args.datasets) != len(args.models):
-        parser.error(f"--datasets: got {len(args.datasets)} for {len(args.models)} models (one per model, same order)")
+    check_task_data_arguments(parser, args)
     if not 0 <= args.alpha <= 1:
         parser.error(f"--alpha must lie in [0, 1], got {args.alpha}")
-    if args.num_examples < 1 or args.batch_size < 1 or args.max_length < 1:
-        parser.error("--num_examples, --batch_size and --max_length must be at least 1")
     return args
 
 

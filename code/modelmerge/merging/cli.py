@@ -1,7 +1,9 @@
 """What the merge programs under code/ share: one-line errors with exit status 2, argument types, the
-paper scripts' common arguments, and the method list for --help."""
+paper scripts' common arguments, the task-data arguments of the data-aware merges, and the method list
+for --help."""
 import argparse
 import logging
+import os
 import sys
 
 from modelmerge.atomic import OutputError
@@ -63,6 +65,29 @@ def paper_script_parser(description):
     parser.add_argument("--device", type=device_argument, default="cpu", help="where the arithmetic runs: cpu or cuda")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output not written by a merge")
     return parser
+
+
+def add_task_data_arguments(parser, *, split, num_examples):
+    """The arguments of the merges that run each task model on its own data set (RegMean++, AdaMerging):
+    --datasets (one per model), --split (one for all, or one per data set), how much of each is used and
+    how it is batched. `check_task_data_arguments` checks them after parsing."""
+    parser.add_argument("--datasets", nargs="+", required=True, help="each task model's data set, same order")
+    parser.add_argument("--split", nargs="+", default=[split], help="the split of each data set (one for all, or one per data set)")
+    parser.add_argument("--num_examples", type=int, default=num_examples, help="first examples of each data set used")
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--max_length", type=int, default=128)
+    parser.add_argument("--data_dir", default=os.environ.get("MERGE_DATA_DIR"), help="where the data sets are (default $MERGE_DATA_DIR)")
+
+
+def check_task_data_arguments(parser, args):
+    """Usage errors for the arguments of `add_task_data_arguments`; one --split becomes one per data set."""
+    if len(args.split) not in (1, len(args.datasets)):
+        parser.error(f"--split: give one split for all data sets or one per data set ({len(args.datasets)})")
+    args.split = args.split * len(args.datasets) if len(args.split) == 1 else args.split
+    if len(args.datasets) != len(args.models):
+        parser.error(f"--datasets: got {len(args.datasets)} for {len(args.models)} models (one per model, same order)")
+    if min(args.num_examples, args.batch_size, args.max_length) < 1:
+        parser.error("--num_examples, --batch_size and --max_length must be at least 1")
 
 
 def methods_help() -> str:

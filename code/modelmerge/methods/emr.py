@@ -11,8 +11,7 @@ rescalers, and each task's model from them, are written by `code/modulated_merge
 import torch
 
 from .base import MergeMethod, TensorGroup
-from .common import base_tensor, upcast_dtype
-from .task_space import PARAMETERS
+from .task_space import PARAMETERS, result, task_vectors
 
 
 def elect(taus: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -36,10 +35,8 @@ class Emr(MergeMethod):
     parameters = {"merge_lambda": PARAMETERS["merge_lambda"]}
 
     def merge(self, group: TensorGroup, *, merge_lambda) -> torch.Tensor:
-        base = base_tensor(group)
-        dtype = upcast_dtype(base.dtype)
-        unified, _ = elect([x.to(dtype) - base.to(dtype) for x in group.tensors])
-        return (base.to(dtype) + merge_lambda * unified).to(base.dtype)
+        unified, _ = elect(list(task_vectors(group)))
+        return result(group, unified, merge_lambda)
 
     @staticmethod
     def masks(taus: list[torch.Tensor], *, merge_lambda) -> list[torch.Tensor]:

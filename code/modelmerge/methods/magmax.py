@@ -6,8 +6,7 @@ Learning", ECCV 2024 (https://arxiv.org/abs/2407.06322).
 import torch
 
 from .base import MergeMethod, TensorGroup
-from .common import base_tensor, upcast_dtype
-from .task_space import PARAMETERS
+from .task_space import PARAMETERS, result, task_vectors
 
 
 class MagMax(MergeMethod):
@@ -19,10 +18,7 @@ class MagMax(MergeMethod):
     parameters = {"merge_lambda": PARAMETERS["merge_lambda"]}
 
     def merge(self, group: TensorGroup, *, merge_lambda) -> torch.Tensor:
-        base = base_tensor(group)
-        dtype = upcast_dtype(base.dtype)
-        chosen = torch.zeros(base.shape, dtype=dtype, device=base.device)
-        for theta in group.tensors:
-            tau = theta.to(dtype) - base.to(dtype)
-            chosen = torch.where(tau.abs() >= chosen.abs(), tau, chosen)
-        return (base.to(dtype) + merge_lambda * chosen).to(base.dtype)
+        chosen = None
+        for tau in task_vectors(group):  # one task vector at a time
+            chosen = tau if chosen is None else torch.where(tau.abs() >= chosen.abs(), tau, chosen)
+        return result(group, chosen, merge_lambda)

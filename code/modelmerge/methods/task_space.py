@@ -1,6 +1,7 @@
-"""What the data-free methods of the current field share (TSV-M, Iso-C, Iso-CTS, WUDI): they treat each
-2-D tensor as a matrix of task vectors τ_t = θ_t − θ_0 and give every other float tensor the mean of
-the τ_t; the result is θ_0 + λ·τ, computed in float32 or better."""
+"""What the data-free methods of the current field share (TSV-M, Iso-C, Iso-CTS, WUDI; EMR and MagMax use
+the task vectors and the result): they treat each 2-D tensor as a matrix of task vectors τ_t = θ_t − θ_0
+and give every other float tensor the mean of the τ_t; the result is θ_0 + λ·τ, computed in float32 or
+better."""
 import re
 
 import torch
