@@ -14,31 +14,10 @@ OUT is replaced only if a merge wrote it (or with --overwrite), never if it is o
 """
 import argparse
 
-from modelmerge.merging import DTYPES, MergeError, MergeOptions, merge
-from modelmerge.merging.cli import ArgumentParser, device_argument, methods_help, run_cli, size_argument
+from modelmerge.merging import DTYPES, MergeOptions, merge
+from modelmerge.merging.cli import (ArgumentParser, device_argument, methods_help, run_cli, size_argument,
+                                    split_method_parameters)
 from modelmerge.mergekit_config import plan_config, read_config
-
-
-def split_method_parameters(argv):
-    """(the other arguments, {NAME: value or list of values}) from `--x:NAME VALUE...` / `--x:NAME=VALUE`."""
-    rest, params, index = [], {}, 0
-    while index < len(argv):
-        token = argv[index]
-        index += 1
-        if not token.startswith("--x:"):
-            rest.append(token)
-            continue
-        name, _, value = token[len("--x:"):].partition("=")
-        values = [value] if value else []
-        while not value and index < len(argv) and not argv[index].startswith("--"):
-            values.append(argv[index])
-            index += 1
-        if not name or not values:
-            raise MergeError(f"{token}: expected --x:NAME VALUE or --x:NAME=VALUE")
-        if name in params:
-            raise MergeError(f"--x:{name} is given more than once")
-        params[name] = values[0] if len(values) == 1 else values
-    return rest, params
 
 
 def parse_args(argv):

@@ -9,10 +9,9 @@ import argparse
 import time
 from dataclasses import dataclass
 
-from merge import split_method_parameters
 from modelmerge import modulated
 from modelmerge.merging import MergeError, check_same_tensors
-from modelmerge.merging.cli import ArgumentParser, device_argument, run_cli
+from modelmerge.merging.cli import ArgumentParser, device_argument, run_cli, split_method_parameters
 from modelmerge.merging.parameters import load_method, resolve_parameters
 
 

@@ -1,6 +1,6 @@
 """What the merge programs under code/ share: one-line errors with exit status 2, argument types, the
-paper scripts' common arguments, the task-data arguments of the data-aware merges, and the method list
-for --help."""
+`--x:NAME VALUE` method parameters, the paper scripts' common arguments, the task-data arguments of the
+data-aware merges, and the method list for --help."""
 import argparse
 import logging
 import os
@@ -46,6 +46,28 @@ def size_argument(text):
         return parse_size(text)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def split_method_parameters(argv):
+    """(the other arguments, {NAME: value or list of values}) from `--x:NAME VALUE...` / `--x:NAME=VALUE`."""
+    rest, params, index = [], {}, 0
+    while index < len(argv):
+        token = argv[index]
+        index += 1
+        if not token.startswith("--x:"):
+            rest.append(token)
+            continue
+        name, _, value = token[len("--x:"):].partition("=")
+        values = [value] if value else []
+        while not value and index < len(argv) and not argv[index].startswith("--"):
+            values.append(argv[index])
+            index += 1
+        if not name or not values:
+            raise MergeError(f"{token}: expected --x:NAME VALUE or --x:NAME=VALUE")
+        if name in params:
+            raise MergeError(f"--x:{name} is given more than once")
+        params[name] = values[0] if len(values) == 1 else values
+    return rest, params
 
 
 def comma_list(text):
