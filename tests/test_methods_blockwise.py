@@ -67,6 +67,9 @@ CASES = [
     ("consensus", {"tall_mask_lambda": [0.4, 0.6, 0.5], "k": 2}),
     ("tall_masks", {"merge_lambda": 0.4}),
     ("emr", {"merge_lambda": 0.9}),
+    ("sce", {"select_topk": 0.3}),
+    ("sce", {"select_topk": 1.0}),
+    ("sce", {"select_topk": 0.0}),
 ]
 
 
@@ -135,3 +138,31 @@ def test_tensor_blocks_sample_spreads_rows_and_reads_small_tensors_whole():
     assert rows == math.ceil(1000 / COLUMNS)
     assert torch.equal(sample.tensors[0][0], group.tensors[0][0]) and torch.equal(sample.tensors[0][-1], group.tensors[0][-1])
     assert blocks.sample(ROWS * COLUMNS) is group
+
+
+def test_sce_in_blocks_takes_the_first_entries_tied_at_the_kth_variance():
+    """Task vectors of -1/0/1 have few distinct variances, so many entries tie at the k-th largest; the
+    selection keeps the first of them in flat order, in blocks as on the whole tensor, and the result is
+    SCE's formula written out with that selection."""
+    generator = torch.Generator().manual_seed(5)
+    base = torch.zeros(ROWS, COLUMNS)
+    thetas = [torch.randint(-1, 2, (ROWS, COLUMNS), generator=generator).float() for _ in range(3)]
+    group = TensorGroup("w", thetas, base=base)
+    method = get_method("sce")()
+    params = {"select_topk": 0.3, "int8_mask": False}
+    whole = method.merge(group, **params)
+    assert torch.equal(merged_in_blocks(method, group, params), whole)
+
+    taus = torch.stack(thetas)
+    variance = taus.var(dim=0, unbiased=False).flatten()
+    k = int(torch.count_nonzero(variance) * 0.3)
+    assert (variance == variance.sort(descending=True).values[k - 1]).sum() > 1  # the case tested: a tie
+    mask = torch.zeros(ROWS * COLUMNS)
+    mask[variance.argsort(descending=True, stable=True)[:k]] = 1
+    selected = taus * mask.view(ROWS, COLUMNS)
+    energy = selected.square().mean(dim=(1, 2))
+    weights = (energy / energy.sum()).view(-1, 1, 1)
+    sign = torch.where(selected.sum(0) >= 0, 1.0, -1.0)
+    agrees = (selected.sign() == sign) * weights
+    expected = (selected * agrees).sum(0) / agrees.sum(0).clamp(min=1e-6)
+    torch.testing.assert_close(whole, expected, rtol=1e-6, atol=1e-7)

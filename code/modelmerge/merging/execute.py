@@ -175,6 +175,7 @@ def _read_group(task, rows, reader, dtype, device):
         base_stats={kind: statistic(kind, source, f"ancestor statistic '{kind}'")
                     for kind, source in task.base_stats.items()},
         initial=working(task.initial, "initial tensor") if task.initial is not None else None,
+        first_row=rows.start if isinstance(rows, slice) else 0,
     )
 
 

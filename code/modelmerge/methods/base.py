@@ -30,9 +30,12 @@ class TensorGroup:
     base_stats: dict[str, torch.Tensor] = field(default_factory=dict)  # statistics of θ_0 (UBGM's H_0)
     initial: torch.Tensor | None = None  # a given starting point (MaTS initialised from another merge)
     prepared: Any = None  # what the method's `prepare` computed from the whole tensor, when this is a block
+    first_row: int = 0  # where this block's rows begin in the whole tensor (0 for a whole tensor)
 
     def rows(self, selection) -> "TensorGroup":
         """The same group restricted to `selection` (a slice or an index tensor) of every tensor's rows."""
+        first_row = self.first_row + (selection.indices(len(self.tensors[0]))[0] if isinstance(selection, slice) else 0)
+
         def pick(tensor):
             return None if tensor is None else tensor[selection]
 
@@ -40,6 +43,7 @@ class TensorGroup:
             self, tensors=[pick(t) for t in self.tensors], base=pick(self.base),
             stats=[{kind: pick(t) for kind, t in stats.items()} for stats in self.stats],
             base_stats={kind: pick(t) for kind, t in self.base_stats.items()}, initial=pick(self.initial),
+            first_row=first_row,
         )
 
 

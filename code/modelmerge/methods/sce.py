@@ -4,35 +4,97 @@ erase entries against the elected sign.
 Wan et al., "FuseChat: Knowledge Fusion of Chat Models", 2024 (https://arxiv.org/abs/2408.07990);
 computed as mergekit 0.1.5's `sce`.
 """
+import math
+from dataclasses import dataclass
+
 import torch
 
-from .base import MergeMethod, Parameter, TensorGroup
+from ..selection import SAMPLE_SIZE, Selection
+from .base import MergeMethod, Parameter, TensorBlocks, TensorGroup
 from .common import base_tensor, upcast_dtype
 from .task_vectors import task_vector
 
 
-def select_top_variance(deltas: torch.Tensor, fraction: float) -> torch.Tensor:
-    """Mask of the ⌊fraction · (entries of non-zero variance)⌋ entries whose variance over the models is
-    largest (all entries with fraction ≥ 1, none with fraction ≤ 0)."""
+@dataclass(frozen=True)
+class ScePlan:
+    """What SCE takes from the whole tensor: the top-variance selection and the energy weights."""
+
+    # Entries whose variance over the models is above `threshold` are selected (None: every entry), and
+    # those equal to it up to flat index `tie_end` (exclusive; None: all of them).
+    threshold: float | None
+    tie_end: int | None
+    weights: torch.Tensor  # w_t, the normalised energies of the selected task vectors
+
+
+def variance(group: TensorGroup) -> torch.Tensor:
+    """Per entry, the variance (biased) of the task vectors τ_t over the models, in the working dtype."""
+    dtype = upcast_dtype(group.base.dtype)
+    return torch.var(torch.stack([task_vector(group, t).to(dtype) for t in range(len(group.tensors))]),
+                     dim=0, unbiased=False)
+
+
+def top_variance_selection(blocks: TensorBlocks, fraction: float) -> tuple[float | None, int | None]:
+    """(threshold, tie_end) selecting the k = ⌊fraction · (entries of non-zero variance)⌋ entries of largest
+    variance (ties at the k-th value: the first ones in flat order), found exactly by a streamed selection
+    of the k-th largest variance (modelmerge.selection) over the blocks; all entries with fraction ≥ 1,
+    none with fraction ≤ 0."""
     if fraction >= 1:
-        return torch.ones_like(deltas[0])
-    mask = torch.zeros_like(deltas[0])
-    if fraction <= 0:
-        return mask
-    variance = torch.var(deltas, dim=0, unbiased=False).view(-1)
-    k = int(torch.count_nonzero(variance) * fraction)
-    if k > 0:
-        mask.view(-1)[largest(variance.abs(), k)] = 1
-    return mask
+        return None, None
+    nonzero = 0 if fraction <= 0 else sum(int(torch.count_nonzero(variance(group))) for group in blocks)
+    k = int(torch.tensor(nonzero) * fraction)  # in float32, as mergekit's count_nonzero(...) * density
+    if k == 0:
+        return math.inf, None
+    selection = Selection(variance(blocks.sample(SAMPLE_SIZE)), k, blocks.numel)
+    while selection.answer is None:
+        for group in blocks:
+            selection.feed(variance(group))
+        selection.finish_pass()
+    threshold = selection.answer
+    above, tied = 0, []
+    for group in blocks:
+        values = variance(group).flatten()
+        above += int((values > threshold).sum())
+        tied.append((values == threshold).nonzero().flatten())
+    needed = k - above
+    if sum(len(t) for t in tied) == needed:
+        return threshold, None
+    offset = 0
+    for group, positions in zip(blocks, tied):  # the first `needed` tied entries in flat order
+        if needed <= len(positions):
+            return threshold, offset + int(positions[needed - 1]) + 1
+        needed -= len(positions)
+        offset += group.base.numel()
+    raise AssertionError("the tied entries counted do not reach k")
 
 
-def largest(values: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of k largest entries of a 1-D tensor (ties at the k-th value: the first ones): what
-    torch.topk selects, from a k-th value selection, which is several times faster for large k."""
-    threshold = torch.kthvalue(values, values.numel() - k + 1).values
-    above = (values > threshold).nonzero().flatten()
-    tied = (values == threshold).nonzero().flatten()[: k - above.numel()]
-    return torch.cat([above, tied])
+def selection_mask(group: TensorGroup, plan: ScePlan) -> torch.Tensor | None:
+    """1 where the block's entries are selected, else 0 (None: all are)."""
+    if plan.threshold is None:
+        return None
+    values = variance(group)
+    mask = values > plan.threshold
+    if plan.tie_end is None:
+        mask |= values == plan.threshold
+    else:
+        row_size = group.base[0].numel() if group.base.dim() else 1
+        flat = torch.arange(values.numel(), device=values.device).view(values.shape) + group.first_row * row_size
+        mask |= (values == plan.threshold) & (flat < plan.tie_end)
+    return mask.to(values.dtype)
+
+
+def selected_task_vectors(group: TensorGroup, mask: torch.Tensor | None):
+    """τ'_t = τ_t ⊙ mask, one at a time, in the working dtype."""
+    dtype = upcast_dtype(group.base.dtype)
+    for t in range(len(group.tensors)):
+        delta = task_vector(group, t).to(dtype)
+        yield delta if mask is None else delta.mul_(mask)
+
+
+def row_energies(group: TensorGroup, mask: torch.Tensor | None) -> torch.Tensor:
+    """[T, rows]: Σ over each row of τ'_t² in float64. Summed row by row, then over the rows of the whole
+    tensor, the energies are the same however the tensor is cut into blocks of rows."""
+    return torch.stack([delta.to(torch.float64).square().reshape(delta.shape[0] if delta.dim() else 1, -1).sum(1)
+                        for delta in selected_task_vectors(group, mask)])
 
 
 def normalised(energy: torch.Tensor) -> torch.Tensor:
@@ -45,36 +107,43 @@ def normalised(energy: torch.Tensor) -> torch.Tensor:
 
 class Sce(MergeMethod):
     """τ'_t = τ_t ⊙ (top-variance mask); s = sign of Σ_t τ'_t (+ where it is 0); m_t = [sign(τ'_t) = s];
-    θ = θ_0 + Σ_t w_t m_t τ'_t / max(Σ_t w_t m_t, 1e-6), w_t the energy weights of the τ'_t."""
+    θ = θ_0 + Σ_t w_t m_t τ'_t / max(Σ_t w_t m_t, 1e-6), w_t the energy weights of the τ'_t.
+
+    Elementwise once `prepare` has found the top-variance threshold and the energies over the whole
+    tensor (reading it block by block: once to count the entries of non-zero variance, usually once to
+    select, once for the energies), so the driver merges in blocks of rows."""
 
     name = "sce"
     needs_base = True
+    elementwise = True
     parameters = {
         "select_topk": Parameter(1.0, range="[0, 1]", help="fraction of entries kept, those of largest variance across models, in [0, 1]"),
         "int8_mask": Parameter(False, type=bool, help="accepted for mergekit configs; a memory option there, no effect here"),
     }
 
+    def prepare(self, blocks: TensorBlocks, *, select_topk, **unused) -> ScePlan:
+        threshold, tie_end = top_variance_selection(blocks, select_topk)
+        plan = ScePlan(threshold, tie_end, None)
+        energies = []
+        for group in blocks:
+            energies.append(row_energies(group, selection_mask(group, plan)))
+            dtype = upcast_dtype(group.base.dtype)
+        mean_square = torch.cat(energies, dim=1).sum(1) / max(blocks.numel, 1)
+        return ScePlan(threshold, tie_end, normalised(mean_square.to(dtype)))
+
     def merge(self, group: TensorGroup, *, select_topk, int8_mask) -> torch.Tensor:
         base = base_tensor(group)
+        plan = group.prepared
+        if plan is None:
+            plan = self.prepare(TensorBlocks.of(group), select_topk=select_topk)
         dtype = upcast_dtype(base.dtype)
-        count = len(group.tensors)
-        mask = None
-        if select_topk < 1:  # the variance needs every task vector at once; only it is kept
-            mask = select_top_variance(torch.stack([task_vector(group, t).to(dtype) for t in range(count)]), select_topk)
-
-        def selected(t):  # τ'_t, recomputed when needed so that one task vector is held at a time
-            delta = task_vector(group, t).to(dtype)
-            return delta if mask is None else delta.mul_(mask)
-
-        energy = torch.stack([selected(t).square().mean() for t in range(count)])
-        weights = normalised(energy)
-        elected = accumulate(selected(t) for t in range(count)).ge_(0).to(dtype).mul_(2).sub_(1)
+        mask = selection_mask(group, plan)
+        elected = accumulate(selected_task_vectors(group, mask)).ge_(0).to(dtype).mul_(2).sub_(1)
         numerator, denominator = torch.zeros_like(elected), torch.zeros_like(elected)
-        for t in range(count):
-            delta = selected(t)
-            weight = (delta.sign() == elected).to(dtype).mul_(weights[t])
-            numerator.add_(delta.mul_(weight))
-            denominator.add_(weight)
+        for delta, weight in zip(selected_task_vectors(group, mask), plan.weights):
+            agrees = (delta.sign() == elected).to(dtype).mul_(weight)
+            numerator.add_(delta.mul_(agrees))
+            denominator.add_(agrees)
         return (base.to(dtype) + numerator.div_(denominator.clamp_(min=1e-6))).to(base.dtype)
 
 
