@@ -30,7 +30,7 @@ import tempfile
 from contextlib import contextmanager
 
 MARKER = ".written-by"  # in folder outputs: {"kind": ...}, what wrote the folder
-_TMP = ".tmp-"
+TEMP_INFIX = ".tmp-"  # temporaries are `.NAME.tmp-HOST-PID-XXXXXXXX`
 
 
 class OutputError(ValueError):
@@ -141,7 +141,7 @@ def _temp_prefix(target):
     """(the folder of `target`, created if missing; the prefix of its temporaries `.NAME.tmp-`)."""
     parent, name = os.path.split(os.path.abspath(target))
     os.makedirs(parent, exist_ok=True)
-    return parent, f".{name}{_TMP}"
+    return parent, f".{name}{TEMP_INFIX}"
 
 
 def _owner_tag():

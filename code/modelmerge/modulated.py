@@ -35,8 +35,6 @@ logger = logging.getLogger(__name__)
 
 MODULATED_METHODS = ("emr", "tall_masks")
 RELEASE_EVERY = 32  # tensors read before the files' memory maps are closed (their pages stop counting as resident)
-
-
 OUTPUT_KIND = "modulated_merge"
 
 

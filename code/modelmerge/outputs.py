@@ -10,8 +10,6 @@ import os
 from modelmerge import atomic
 from modelmerge.config import ConfigError
 
-TEMP_INFIX = ".tmp-"  # atomic's temporaries are `.NAME.tmp-HOST-PID-XXXXXXXX`
-
 
 def claim(path, key, kind, *, inputs=(), overwrite=False, folder=True, written_by=None):
     """Check that the output `path` (config key `key`) may be written as `kind`; remove stale temporaries of it."""
@@ -52,5 +50,5 @@ def remove_stale_temporaries_in(folder):
     if not os.path.isdir(folder):
         return
     for entry in os.listdir(folder):
-        if entry.startswith(".") and TEMP_INFIX in entry:
-            atomic.claim_output(os.path.join(folder, entry[1:entry.index(TEMP_INFIX)]))
+        if entry.startswith(".") and atomic.TEMP_INFIX in entry:
+            atomic.claim_output(os.path.join(folder, entry[1:entry.index(atomic.TEMP_INFIX)]))

@@ -270,7 +270,6 @@ def all_finite(tensor):
     return math.isfinite(total.item()) or bool(torch.isfinite(tensor).all())
 
 
-
 def run_tasks(method, tasks, output, layout, *, files_from=None, extra_files=None, json_updates=None, dtype=None,
               out_dtype=None, device="cpu", max_shard_bytes=5 * 10**9, progress=True, inputs=(), overwrite=False):
     """Execute planned tasks into `output` (see checkpoint.open_output): arithmetic in `dtype` (default:

@@ -1,5 +1,4 @@
 """The whole merge as `MergeOptions` describe it: open the inputs, plan, execute into the output."""
-
 from modelmerge.checkpoint import open_checkpoint, open_statistics
 from modelmerge.lora_merge import output_adapter_config
 from modelmerge.merging.execute import run_tasks
@@ -7,7 +6,6 @@ from modelmerge.merging.lora import lora_inputs, name_lora_outputs
 from modelmerge.merging.options import MergeError, MergeOptions, dtype_name
 from modelmerge.merging.parameters import load_method, resolve_parameters
 from modelmerge.merging.plan import model_count_problem, plan_merge
-
 
 
 def merge(options: MergeOptions):
