@@ -23,9 +23,9 @@ def python_exe():
     return getattr(gs, "PYTHON_EXE", None) or "python3"
 
 
-def program(name):
-    """Absolute path of a program under the project's code/ folder (`gs.CODE_ROOT`)."""
-    return os.path.join(tk.uncached_path(gs.CODE_ROOT), name)
+def program(name, code_root=None):
+    """Absolute path of the program `name` under `code_root` (default: the project's code/ folder, `gs.CODE_ROOT`)."""
+    return os.path.join(tk.uncached_path(gs.CODE_ROOT if code_root is None else code_root), name)
 
 
 def instantiate(obj):

@@ -6,11 +6,7 @@ enter the job id, since where the code lies changes no result. `gpumem` (GB of G
 like every resource it stays out of the id. `dummy`, the authors' way to force a new job, is hashed when
 given.
 """
-import os
-
-from sisyphus import tk
-
-from model_merging.util import python_exe
+from model_merging.util import program, python_exe
 
 NOT_HASHED = ("code_root", "gpumem")
 
@@ -25,7 +21,7 @@ class AuthorsSignature:
         return super().hash(args)
 
     def program_command(self, name):
-        return [python_exe(), os.path.join(tk.uncached_path(self.code_root), name)]
+        return [python_exe(), program(name, self.code_root)]
 
 
 def gpus(gpu_rqmt, gpumem):
