@@ -154,3 +154,23 @@ def test_a_single_task_gives_theta_0_plus_lambda_tau(name, parameters):
     base, thetas = models(1, shape=SHAPE)
     merged = run_method(name, TensorGroup("w", thetas, base=base), merge_lambda=0.6, **parameters)
     torch.testing.assert_close(merged, base + 0.6 * (thetas[0] - base), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(40, 9), (9, 40)])
+@pytest.mark.parametrize("name", ["tsv_m", "iso_c", "iso_cts"])
+def test_svd_methods_accumulate_over_chunks_of_rows(monkeypatch, name, shape):
+    """The Gram matrices and products are accumulated over chunks of rows (7 here, so chunks end inside
+    the matrix) and in place: still the papers' formulas, for tall and wide matrices."""
+    from modelmerge.methods import task_space
+    monkeypatch.setattr(task_space, "CHUNK_ROWS", 7)
+    base, thetas = models(3, shape=shape)
+    taus = np_task_vectors(base, thetas)
+    merged = run_method(name, TensorGroup("w", thetas, base=base))
+    if name == "tsv_m":
+        expected = reference_tsv_m(taus)[0]
+    elif name == "iso_c":
+        u, s, vh = np.linalg.svd(sum(taus), full_matrices=False)
+        expected = u @ vh * s.mean()
+    else:
+        expected = reference_iso_cts(taus, 0.8)[0]
+    np.testing.assert_allclose(as_np(merged), as_np(base) + expected, rtol=1e-4, atol=1e-5)

@@ -7,13 +7,15 @@ Merging with Common and Task-Specific Subspaces", ICML 2025 (https://arxiv.org/a
 import torch
 
 from .base import MergeMethod, Parameter, TensorGroup
-from .task_space import PARAMETERS, is_matrix, mean, polar, result, task_vectors, top_singular, total
+from .task_space import (PARAMETERS, chunks, gram, is_matrix, leading_left, mean, polar, polar_and_singular_values,
+                         result, scaled_product, task_vectors, times, top_singular, total)
 
 
 def isotropic(matrix: torch.Tensor) -> torch.Tensor:
-    """U · (mean of S) · Vᵀ for matrix = U S Vᵀ: the same singular vectors with a flat spectrum."""
-    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
-    return (u * s.mean()) @ vh
+    """U · (mean of S) · Vᵀ for matrix = U S Vᵀ: the same singular vectors with a flat spectrum, i.e. the
+    polar factor U Vᵀ times the mean singular value (computed in place of `matrix`)."""
+    factor, singular_values = polar_and_singular_values(matrix, out=matrix)
+    return factor.mul_(singular_values.mean())
 
 
 def space_sizes(width: int, tasks: int, fraction: float) -> tuple[int, int]:
@@ -26,18 +28,24 @@ def space_sizes(width: int, tasks: int, fraction: float) -> tuple[int, int]:
 
 def leading_outside(tau: torch.Tensor, common_u: torch.Tensor, k: int):
     """The k leading singular triplets of (I − U_c U_cᵀ) τ without forming it when τ is tall: from its Gram
-    τᵀτ − (U_cᵀτ)ᵀ(U_cᵀτ) (float64), left vectors (τV − U_c(U_cᵀτ)V)/S; a wide τ is projected directly."""
+    τᵀτ − (U_cᵀτ)ᵀ(U_cᵀτ) (float64, accumulated over chunks of rows), left vectors (τV − U_c(U_cᵀτ)V)/S;
+    a wide τ is projected directly."""
     if tau.shape[0] < tau.shape[1] or k == 0:
         return top_singular(tau - common_u @ (common_u.T @ tau), k)
-    t64, u64 = tau.to(torch.float64), common_u.to(torch.float64)
-    inside = u64.T @ t64
-    eigenvalues, vectors = torch.linalg.eigh(t64.T @ t64 - inside.T @ inside)
+    inside = torch.zeros(common_u.shape[1], tau.shape[1], dtype=torch.float64, device=tau.device)
+    for rows in chunks(tau.shape[0]):
+        inside.addmm_(common_u[rows].to(torch.float64).T, tau[rows].to(torch.float64))
+    eigenvalues, vectors = torch.linalg.eigh(gram(tau) - inside.T @ inside)
     order = eigenvalues.argsort(descending=True)[:k]
     values = eigenvalues[order].clamp(min=0).sqrt()
     right = vectors[:, order]
-    left = (t64 @ right - u64 @ (inside @ right)) / torch.where(values > 0, values, 1)
-    left = torch.where(values > 0, left, 0)
-    return left.to(tau.dtype), values.to(tau.dtype), right.T.to(tau.dtype)
+    inside_right = inside @ right
+
+    def outside(product, rows):  # τV − U_c(U_cᵀτ)V, then divided by S
+        return leading_left(product - common_u[rows].to(torch.float64) @ inside_right, values)
+
+    left = times(tau, right, tau.new_empty(tau.shape[0], k), outside)
+    return left, values.to(tau.dtype), right.T.to(tau.dtype)
 
 
 def common_and_task_specific(taus, fraction: float) -> torch.Tensor:
@@ -50,15 +58,17 @@ def common_and_task_specific(taus, fraction: float) -> torch.Tensor:
     k_c, k_t = space_sizes(width, len(taus), fraction)
     u, s, vh = top_singular(summed, k_c)
     del summed
-    common_u = u[:, :k_c]
     stacked_u, stacked_s, stacked_vh = u.new_zeros(m, width), u.new_zeros(width), u.new_zeros(width, n)
+    common = slice(len(taus) * k_t, len(taus) * k_t + k_c)
+    stacked_u[:, common], stacked_s[common], stacked_vh[common] = u[:, :k_c], s[:k_c], vh[:k_c]
+    del u
+    common_u = stacked_u[:, common]
     for t, tau in enumerate(taus):
         own_u, own_s, own_vh = leading_outside(tau, common_u, k_t)
         block = slice(t * k_t, (t + 1) * k_t)
         stacked_u[:, block], stacked_s[block], stacked_vh[block] = own_u[:, :k_t], own_s[:k_t], own_vh[:k_t]
-    block = slice(len(taus) * k_t, len(taus) * k_t + k_c)
-    stacked_u[:, block], stacked_s[block], stacked_vh[block] = common_u, s[:k_c], vh[:k_c]
-    return (polar(stacked_u) * stacked_s.mean()) @ polar(stacked_vh)
+    stacked_u, stacked_vh = polar(stacked_u, out=stacked_u), polar(stacked_vh, out=stacked_vh)
+    return scaled_product(stacked_u, stacked_s.mean().expand(width), stacked_vh)
 
 
 class IsoC(MergeMethod):

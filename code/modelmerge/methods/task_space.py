@@ -60,37 +60,93 @@ def total(tensors) -> torch.Tensor:
     return result
 
 
-def polar(matrix: torch.Tensor) -> torch.Tensor:
-    """The orthogonal polar factor P Qᵀ of matrix = P Σ Qᵀ: the closest matrix with orthonormal columns
-    (or rows, when it is wide). Computed as M (MᵀM)^(-1/2) from the eigendecomposition of the small Gram
-    matrix in float64 (several times faster than an SVD of a tall matrix); directions where M is
-    singular (zero-padded blocks) are left out, which changes nothing where the singular values are 0."""
+# Rows of a tall matrix taken to float64 at a time: the Gram matrices and products below are accumulated
+# over such chunks, so no float64 copy of a whole (e.g. 30522 x 768 embedding) matrix is ever made.
+CHUNK_ROWS = 2048
+
+
+def _tall(matrix: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """(the matrix, or its transpose when it is wide, as a view; whether it was wide)."""
     wide = matrix.shape[0] < matrix.shape[1]
-    m = (matrix.T if wide else matrix).to(torch.float64)
-    eigenvalues, vectors = torch.linalg.eigh(m.T @ m)
+    return (matrix.T if wide else matrix), wide
+
+
+def chunks(rows: int):
+    """Slices of CHUNK_ROWS consecutive rows covering `rows`."""
+    return (slice(start, min(start + CHUNK_ROWS, rows)) for start in range(0, rows, CHUNK_ROWS))
+
+
+def gram(tall: torch.Tensor) -> torch.Tensor:
+    """MᵀM in float64, accumulated over chunks of M's rows."""
+    product = torch.zeros(tall.shape[1], tall.shape[1], dtype=torch.float64, device=tall.device)
+    for rows in chunks(tall.shape[0]):
+        chunk = tall[rows].to(torch.float64)
+        product.addmm_(chunk.T, chunk)
+    return product
+
+
+def times(tall: torch.Tensor, right: torch.Tensor, out: torch.Tensor, finish=None) -> torch.Tensor:
+    """out = finish(M @ right) computed in float64 chunk by chunk of M's rows and stored in out's dtype;
+    `out` may be M itself (each chunk is read before it is written)."""
+    for rows in chunks(tall.shape[0]):
+        product = tall[rows].to(torch.float64) @ right
+        out[rows] = product if finish is None else finish(product, rows)
+    return out
+
+
+def polar_and_singular_values(matrix: torch.Tensor, out: torch.Tensor | None = None):
+    """(the orthogonal polar factor P Qᵀ of matrix = P Σ Qᵀ, all min(m, n) singular values Σ).
+
+    The polar factor is the closest matrix with orthonormal columns (or rows, when it is wide), computed
+    as M (MᵀM)^(-1/2) from the eigendecomposition of the small Gram matrix in float64 (several times faster
+    than an SVD of a tall matrix); directions where M is singular (zero-padded blocks) are left out, which
+    changes nothing where the singular values are 0. It is written into `out` (which may be `matrix`)
+    when given."""
+    m, wide = _tall(matrix)
+    eigenvalues, vectors = torch.linalg.eigh(gram(m))
     keep = eigenvalues > eigenvalues.max().clamp(min=0) * m.shape[1] * torch.finfo(torch.float64).eps
     inverse_root = torch.where(keep, eigenvalues.clamp(min=torch.finfo(torch.float64).tiny).rsqrt(), 0)
-    factor = (m @ ((vectors * inverse_root) @ vectors.T)).to(matrix.dtype)
-    return factor.T if wide else factor
+    if out is None:
+        out = torch.empty_like(matrix)
+    times(m, (vectors * inverse_root) @ vectors.T, out.T if wide else out)
+    return out, eigenvalues.clamp(min=0).sqrt().to(matrix.dtype)
+
+
+def polar(matrix: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The orthogonal polar factor of `matrix` (see polar_and_singular_values)."""
+    return polar_and_singular_values(matrix, out)[0]
 
 
 def top_singular(matrix: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(U, S, Vᵀ) of the k largest singular triplets of `matrix` from the eigendecomposition of its small
     Gram matrix in float64: exact enough for the leading triplets, which are all these methods keep, and
     several times faster than a full SVD of a tall matrix. Zero singular values get zero vectors."""
-    wide = matrix.shape[0] < matrix.shape[1]
-    m = (matrix.T if wide else matrix).to(torch.float64)
-    eigenvalues, vectors = torch.linalg.eigh(m.T @ m)
+    m, wide = _tall(matrix)
+    eigenvalues, vectors = torch.linalg.eigh(gram(m))
     order = eigenvalues.argsort(descending=True)[:k]
     values = eigenvalues[order].clamp(min=0).sqrt()
     right = vectors[:, order]
-    left = (m @ right) / torch.where(values > 0, values, 1)
-    left = torch.where(values > 0, left, 0)
+    left = times(m, right, m.new_empty(m.shape[0], len(order)), lambda product, rows: leading_left(product, values))
+    right = right.to(matrix.dtype)
     u, vh = (right, left.T) if wide else (left, right.T)
-    return u.to(matrix.dtype), values.to(matrix.dtype), vh.to(matrix.dtype)
+    return u, values.to(matrix.dtype), vh
+
+
+def scaled_product(left: torch.Tensor, values: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """left · diag(values) · right, chunk by chunk of rows; written into `left` when it has the product's
+    shape (a square `right`), which it is no longer needed for."""
+    out = left if right.shape[0] == right.shape[1] else left.new_empty(left.shape[0], right.shape[1])
+    for rows in chunks(left.shape[0]):
+        out[rows] = (left[rows] * values) @ right
+    return out
+
+
+def leading_left(product: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Left singular vectors M V / S from M V (0 where the singular value is 0)."""
+    return torch.where(values > 0, product / torch.where(values > 0, values, 1), 0)
 
 
 def result(group: TensorGroup, tau: torch.Tensor, merge_lambda: float) -> torch.Tensor:
     """θ_0 + λ·τ in the ancestor's dtype."""
     base = group.base
-    return (base.to(tau.dtype) + merge_lambda * tau).to(base.dtype)
+    return torch.add(base.to(tau.dtype), tau, alpha=merge_lambda).to(base.dtype)

@@ -7,14 +7,15 @@ Interference in Model Merging", CVPR 2025 (https://arxiv.org/abs/2412.00081).
 import torch
 
 from .base import MergeMethod, TensorGroup
-from .task_space import PARAMETERS, is_matrix, mean, polar, result, task_vectors, top_singular
+from .task_space import PARAMETERS, is_matrix, mean, polar, result, scaled_product, task_vectors, top_singular
 
 
 def task_singular_vectors(taus) -> torch.Tensor:
     """Each τ_t = U S Vᵀ keeps its first k = ⌊min(m, n)/T⌋ singular triplets; U's columns, S and Vᵀ's rows
     are stacked in task order (zero-padded to min(m, n)); the U and Vᵀ stacks are replaced by their
     polar factors: τ = polar(U_st) · diag(S_st) · polar(Vᵀ_st). `taus` is a sequence of the T task
-    vectors; each is taken in turn (a lazy one holds one task vector at a time)."""
+    vectors; each is taken in turn (a lazy one holds one task vector at a time), and the polar factors
+    and the product are computed in place where the shapes allow."""
     m, n = taus[0].shape
     width = min(m, n)
     k = width // len(taus)
@@ -25,7 +26,8 @@ def task_singular_vectors(taus) -> torch.Tensor:
         u, s, vh = top_singular(taus[t], k)
         block = slice(t * k, (t + 1) * k)
         stacked_u[:, block], stacked_s[block], stacked_vh[block] = u[:, :k], s[:k], vh[:k]
-    return polar(stacked_u) @ torch.diag(stacked_s) @ polar(stacked_vh)
+    stacked_u, stacked_vh = polar(stacked_u, out=stacked_u), polar(stacked_vh, out=stacked_vh)
+    return scaled_product(stacked_u, stacked_s, stacked_vh)
 
 
 class TsvM(MergeMethod):
