@@ -62,16 +62,16 @@ class OuterProductGradients:
         g, x = self.g.to(total.dtype).transpose(1, 2), self.x.to(total.dtype)
         batch, out, in_ = len(g), g.shape[1], x.shape[2]
         block_bytes = BLOCK_BYTES.get(g.device.type, DEFAULT_BLOCK_BYTES)
-        block = max(1, min(batch, block_bytes // (out * in_ * g.element_size())))
-        if block == 1:
-            product = torch.empty(out, in_, dtype=g.dtype, device=g.device)
-            for g_b, x_b in zip(g.unbind(0), x.unbind(0)):
-                total.addcmul_(torch.mm(g_b, x_b, out=product), product)
-            return
-        products = torch.empty(block, out, in_, dtype=g.dtype, device=g.device)
-        for start in range(0, batch, block):
-            n = min(block, batch - start)
-            total += torch.bmm(g[start : start + n], x[start : start + n], out=products[:n]).square_().sum(0)
+        # Tiles of output rows for the whole batch at once, [batch, rows, in] about the block size: the products and
+        # the tile of `total` they are added to stay in cache, and `total` is passed over once per batch, not once
+        # per example (a per-example [out, in] product of a wide layer would not fit in cache).
+        rows = max(1, min(out, block_bytes // (batch * in_ * g.element_size())))
+        products = torch.empty(batch, rows, in_, dtype=g.dtype, device=g.device)
+        squares = torch.empty(rows, in_, dtype=g.dtype, device=g.device)
+        for start in range(0, out, rows):
+            n = min(rows, out - start)
+            product = torch.bmm(g[:, start : start + n], x, out=products[:, :n])
+            total[start : start + n] += torch.sum(product.square_(), 0, out=squares[:n])
 
     def as_rows(self, num_rows):
         return DenseGradients(torch.bmm(self.g.transpose(1, 2), self.x)).as_rows(num_rows)
