@@ -67,6 +67,9 @@ CASES = [
     ("consensus", {"tall_mask_lambda": [0.4, 0.6, 0.5], "k": 2}),
     ("tall_masks", {"merge_lambda": 0.4}),
     ("emr", {"merge_lambda": 0.9}),
+    ("della", {"density": [0.5, 0.3, 1.0], "epsilon": 0.1}),
+    ("della", {"density": 0.4, "epsilon": 0.2, "rescale": False, "seed": 3}),
+    ("della_linear", {"density": [0.6, 0.0, 0.5], "epsilon": 0.05}),
     ("sce", {"select_topk": 0.3}),
     ("sce", {"select_topk": 1.0}),
     ("sce", {"select_topk": 0.0}),
@@ -166,3 +169,24 @@ def test_sce_in_blocks_takes_the_first_entries_tied_at_the_kth_variance():
     agrees = (selected.sign() == sign) * weights
     expected = (selected * agrees).sum(0) / agrees.sum(0).clamp(min=1e-6)
     torch.testing.assert_close(whole, expected, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("shape", [(ROWS, COLUMNS), (ROWS * COLUMNS,)])
+def test_della_in_blocks_draws_what_one_draw_over_the_whole_tensor_gives(shape):
+    """Each model's keep decisions: one uniform draw over the whole tensor from its generator against the
+    rank-based probabilities (a 1-D tensor ranked as one row, even when merged in blocks), then the L1
+    rescale; della_linear is θ_0 + Σ_t w_t τ'_t."""
+    from modelmerge.methods.della import keep_probabilities
+    from modelmerge.methods.sparsify import tensor_generator
+    method = get_method("della_linear")()
+    group = group_for("della_linear", shape=shape)
+    params = resolved(method, 3, {"density": [0.5, 0.3, 0.7], "epsilon": 0.1, "seed": 4, "weight": [1.0, 0.5, 2.0]})
+    whole = method.merge(group, **params)
+    assert torch.equal(merged_in_blocks(method, group, params, block_rows=ROWS * 7 if len(shape) == 1 else 7), whole)
+    expected = group.base.clone()
+    for t, (theta, density, weight) in enumerate(zip(group.tensors, [0.5, 0.3, 0.7], [1.0, 0.5, 2.0])):
+        tau = theta - group.base
+        uniform = torch.rand(shape, generator=tensor_generator(4, group.name, t))
+        kept = tau * (uniform < keep_probabilities(tau, density, 0.1))
+        expected += weight * kept * (tau.abs().sum() / kept.abs().sum())
+    torch.testing.assert_close(whole, expected, rtol=1e-5, atol=1e-6)

@@ -5,12 +5,23 @@ Deep, Bhardwaj, Majumder & Poria, "DELLA-Merging: Reducing Interference in Model
 Magnitude-Based Sampling", 2024 (https://arxiv.org/abs/2406.11617); computed as mergekit 0.1.5's
 `della` / `della_linear`, with its random draws seeded per tensor name and model as DARE's are here.
 """
+from dataclasses import dataclass
+
 import torch
 
-from .base import MergeMethod, Parameter, TensorGroup
+from .base import MergeMethod, Parameter, TensorBlocks, TensorGroup
 from .common import base_tensor, per_model, upcast_dtype
 from .sparsify import tensor_generator
-from .task_vectors import CONSENSUS_PARAMETERS, combine, combine_parameters, restore_l1_norm, task_vector
+from .task_vectors import CONSENSUS_PARAMETERS, combine, combine_parameters, task_vector
+
+
+@dataclass(frozen=True)
+class DellaPlan:
+    """What DELLA takes from the whole tensor, per model: which entries MagPrune keeps (a flat boolean
+    mask of the whole tensor; None keeps all) and the L1 rescale factor (None: none)."""
+
+    masks: list[torch.Tensor | None]
+    factors: list[torch.Tensor | None]
 
 
 def keep_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
@@ -31,23 +42,55 @@ def draw(probabilities: torch.Tensor, generator: torch.Generator) -> torch.Tenso
     return (uniform.to(probabilities.device) < probabilities).to(probabilities.dtype)
 
 
-def magnitude_prune(delta: torch.Tensor, density: float, epsilon: float, generator: torch.Generator,
-                    rescale: bool) -> torch.Tensor:
-    """DELLA's MagPrune of one task vector, rescaled to its L1 norm with `rescale` (mergekit's choice; the
-    paper divides each kept entry by its probability, equal in expectation)."""
-    if density >= 1:
+def magnitude_prune_plan(blocks: TensorBlocks, densities, epsilons, seed: int, rescale: bool) -> DellaPlan:
+    """DELLA's MagPrune of every task vector, read block by block: the keep masks (drawn from each model's
+    generator in the order of the entries, so the same as for the whole tensor at once) and, with
+    `rescale`, the factors restoring each task vector's L1 norm (mergekit's choice; the paper divides
+    each kept entry by its probability, equal in expectation). A 1-D tensor is one row, ranked whole."""
+    for density, epsilon in zip(densities, epsilons):
+        if 0 < density < 1 and not (0 < density - epsilon and density + epsilon < 1):
+            raise ValueError(f"epsilon must leave density ± epsilon inside (0, 1), got density {density}, epsilon {epsilon}")
+    pruned = [t for t, density in enumerate(densities) if density < 1]
+    generators = {t: tensor_generator(seed, blocks.name, t) for t in pruned}
+    masks, sums = {t: [] for t in pruned}, {t: [] for t in pruned}  # sums: per row, |τ_t| and |τ'_t|
+    for group in (blocks if len(blocks.shape) >= 2 else [blocks.sample(blocks.numel)]):
+        for t in pruned:
+            work = task_vector(group, t).to(upcast_dtype(group.base.dtype))
+            if densities[t] <= 0:
+                mask = torch.zeros_like(work, dtype=torch.bool)
+            else:
+                mask = draw(keep_probabilities(work, densities[t], epsilons[t]), generators[t]).bool()
+            masks[t].append(mask.flatten())
+            if rescale:
+                sums[t].append(torch.stack([row_sums(work.abs()), row_sums(work.abs().mul_(mask))]))
+    factors = {t: l1_factor(torch.cat(sums[t], dim=1).sum(1)) if rescale else None for t in pruned}
+    return DellaPlan([torch.cat(masks[t]) if t in masks else None for t in range(len(densities))],
+                     [factors.get(t) for t in range(len(densities))])
+
+
+def row_sums(values: torch.Tensor) -> torch.Tensor:
+    """Per row (a 1-D tensor: one row), the sum in float64: summed over the rows of the whole tensor, the
+    same however it is cut into blocks of rows."""
+    return values.to(torch.float64).reshape(values.shape[0] if values.dim() >= 2 else 1, -1).sum(1)
+
+
+def l1_factor(norms: torch.Tensor, eps: float = 1e-7) -> torch.Tensor | None:
+    """‖τ‖₁ / ‖τ'‖₁ from (‖τ‖₁, ‖τ'‖₁), or None where either is below `eps` (as mergekit's rescale)."""
+    before, after = norms.tolist()
+    return None if before < eps or after < eps else torch.tensor(before / after)
+
+
+def pruned_task_vector(group: TensorGroup, t: int, plan: DellaPlan) -> torch.Tensor:
+    """τ'_t of this block: τ_t with the plan's mask (the block's part of it) and rescale factor."""
+    delta = task_vector(group, t)
+    mask = plan.masks[t]
+    if mask is None:
         return delta
-    if density <= 0:
-        return torch.zeros_like(delta)
-    if not (0 < density - epsilon and density + epsilon < 1):
-        raise ValueError(f"epsilon must leave density ± epsilon inside (0, 1), got density {density}, epsilon {epsilon}")
-    dtype = upcast_dtype(delta.dtype)
-    work = delta.to(dtype)
-    mask = draw(keep_probabilities(work, density, epsilon), generator)
-    kept = (work.unsqueeze(0) if work.dim() < 2 else work) * mask
-    if rescale:
-        kept = restore_l1_norm(kept, work)
-    return kept.reshape(delta.shape).to(delta.dtype)
+    start = group.first_row * (group.base[0].numel() if group.base.dim() else 1)
+    kept = delta.to(upcast_dtype(delta.dtype)) * mask[start: start + delta.numel()].view(delta.shape)
+    if plan.factors[t] is not None:
+        kept = kept * plan.factors[t].to(kept.dtype)
+    return kept.to(delta.dtype)
 
 
 class DellaLinear(MergeMethod):
@@ -55,6 +98,7 @@ class DellaLinear(MergeMethod):
 
     name = "della_linear"
     needs_base = True
+    elementwise = True  # once `prepare` has drawn the masks and found the rescale factors
     parameters = {
         **combine_parameters(normalize=False),
         "density": Parameter(1.0, per_model=True, range="(0, 1]", help="mean probability of keeping a task-vector entry, in (0, 1]"),
@@ -63,12 +107,19 @@ class DellaLinear(MergeMethod):
         "seed": Parameter(0, type=int, help="seed of the drop masks (combined with the tensor name and model)"),
     }
 
+    def prepare(self, blocks: TensorBlocks, *, density, epsilon, rescale, seed, **unused) -> DellaPlan:
+        row = blocks.sample(1)
+        densities, epsilons = per_model(density, row, "density"), per_model(epsilon, row, "epsilon")
+        return magnitude_prune_plan(blocks, densities, epsilons, seed, rescale)
+
     def merge(self, group: TensorGroup, *, weight, density, epsilon, rescale, seed, merge_lambda, normalize,
               int8_mask, consensus_method=None, global_majority_sign=None) -> torch.Tensor:
         base_tensor(group)
         densities, epsilons = per_model(density, group, "density"), per_model(epsilon, group, "epsilon")
-        deltas = [magnitude_prune(task_vector(group, t), d, e, tensor_generator(seed, group.name, t), rescale)
-                  for t, (d, e) in enumerate(zip(densities, epsilons))]
+        plan = group.prepared
+        if plan is None:
+            plan = magnitude_prune_plan(TensorBlocks.of(group), densities, epsilons, seed, rescale)
+        deltas = [pruned_task_vector(group, t, plan) for t in range(len(group.tensors))]
         return combine(group, deltas, weight, merge_lambda=merge_lambda, normalize=normalize,
                        consensus_method=consensus_method, global_majority_sign=global_majority_sign)
 
