@@ -4,31 +4,58 @@ its task vector (whose rows span the task's input space), by gradient descent wi
 Cheng, Xiong, Zheng, Ren, Zhang & Tao, "Whoever Started the Interference Should End It: Guiding Data-Free
 Model Merging via Task Vectors", ICML 2025 (https://arxiv.org/abs/2503.08099).
 """
+from dataclasses import dataclass
+
 import torch
 
-from .base import MergeMethod, Parameter, TensorGroup
+from .base import MergeMethod, Parameter, TensorBlocks, TensorGroup
 from .task_space import PARAMETERS, is_matrix, mean, result, task_vectors
 
 
-def least_interference(taus: list[torch.Tensor], iterations: int, learning_rate: float) -> torch.Tensor:
+@dataclass(frozen=True)
+class WudiPlan:
+    """What WUDI takes from the whole tensor: G_t = τ_tᵀ τ_t / ‖τ_t‖²_F of each task whose task vector is
+    not 0 (None for those that are), and G = Σ_t G_t."""
+
+    grams: list[torch.Tensor | None]
+    total: torch.Tensor | None
+
+
+def input_grams(blocks: TensorBlocks) -> WudiPlan:
+    """The plan from τ_tᵀ τ_t and ‖τ_t‖²_F accumulated over the blocks of rows."""
+    products, norms, nonzero = None, None, None
+    for group in blocks:
+        taus = list(task_vectors(group))
+        if products is None:
+            products = [tau.new_zeros(tau.shape[1], tau.shape[1]) for tau in taus]
+            norms, nonzero = [0.0] * len(taus), [False] * len(taus)
+        for t, tau in enumerate(taus):
+            products[t].addmm_(tau.T, tau)
+            norms[t] += tau.square().sum()
+            nonzero[t] = nonzero[t] or bool(tau.any())
+    grams = [product.div_(norm) if live else None for product, norm, live in zip(products, norms, nonzero)]
+    live = [gram for gram in grams if gram is not None]
+    return WudiPlan(grams, sum(live) if live else None)
+
+
+def least_interference(taus: list[torch.Tensor], plan: WudiPlan, iterations: int, learning_rate: float) -> torch.Tensor:
     """Minimise L(τ) = Σ_t ‖(τ − τ_t) τ_tᵀ‖²_F / ‖τ_t‖²_F from τ = Σ_t τ_t with Adam (as the authors).
 
     The gradient 2 Σ_t (τ − τ_t) G_t with G_t = τ_tᵀ τ_t / ‖τ_t‖²_F is 2 (τ G − B), G = Σ_t G_t and
-    B = Σ_t τ_t G_t computed once, so an iteration costs one product instead of two per task.
-    Task vectors that are 0 add nothing to L and are left out.
+    B = Σ_t τ_t G_t computed once, so an iteration costs one product instead of two per task. Each row of
+    the gradient depends only on that row of τ and of B, and Adam is elementwise, so given G_t (`plan`,
+    from the whole tensor) the rows `taus` hold are optimised alone. Task vectors that are 0 add nothing
+    to L and are left out.
     """
-    live = [tau for tau in taus if tau.any()]
     merged = torch.nn.Parameter(sum(taus))
-    if not live or iterations == 0:
+    if plan.total is None or iterations == 0:
         return merged.detach()
-    grams = [tau.T @ tau / tau.square().sum() for tau in live]
-    gram = sum(grams)
-    target = sum(tau @ g for tau, g in zip(live, grams))
-    del grams
+    target = sum(tau @ gram for tau, gram in zip(taus, plan.grams) if gram is not None)
+    gradient = torch.empty_like(target)
     optimizer = torch.optim.Adam([merged], lr=learning_rate, weight_decay=0)
     with torch.no_grad():
         for _ in range(iterations):
-            merged.grad = (merged @ gram).sub_(target).mul_(2)
+            merged.grad = torch.matmul(merged, plan.total, out=gradient).sub_(target).mul_(2)
             optimizer.step()
     return merged.detach()
 
@@ -39,16 +66,21 @@ class Wudi(MergeMethod):
     name = "wudi"
     aliases = ("wudi_merging",)
     needs_base = True
+    elementwise = True  # row by row, once `prepare` has the Gram matrices of the whole tensor
     parameters = {
         **PARAMETERS,
         "iterations": Parameter(300, type=int, aliases=("iter_num",), range="[0, inf)", help="Adam steps per 2-D tensor (≥ 0)"),
         "learning_rate": Parameter(1e-5, aliases=("lr",), range="(0, inf)", help="Adam's learning rate (> 0)"),
     }
 
+    def prepare(self, blocks: TensorBlocks, *, exclude, **unused) -> WudiPlan | None:
+        return input_grams(blocks) if is_matrix(blocks.sample(1), exclude) else None
+
     def merge(self, group: TensorGroup, *, merge_lambda, exclude, iterations, learning_rate) -> torch.Tensor:
         taus = task_vectors(group)
         if is_matrix(group, exclude):
-            tau = least_interference(taus, iterations, learning_rate)
+            plan = group.prepared if group.prepared is not None else input_grams(TensorBlocks.of(group))
+            tau = least_interference(list(taus), plan, iterations, learning_rate)
         else:
             tau = mean(taus)
         return result(group, tau, merge_lambda)
