@@ -24,11 +24,16 @@ class DellaPlan:
     factors: list[torch.Tensor | None]
 
 
+_BITS = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+
+
 def keep_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
     """p = density − ε + 2ε · (rank − 1) / (n − 1), rank of |δ| within its row (ascending; a 1-D tensor is
     one row): the smallest entries are kept with probability density − ε, the largest with density + ε."""
     rows = delta.unsqueeze(0) if delta.dim() < 2 else delta.reshape(delta.shape[0], -1)  # a conv kernel: per filter
-    order = rows.abs().argsort(dim=1, stable=True)
+    # Non-negative floats are ordered as their bit patterns: sorting these integers gives the same (stable)
+    # order twice as fast as sorting the floats.
+    order = rows.abs().view(_BITS[rows.dtype]).argsort(dim=1, stable=True)
     n = rows.shape[1]
     position = torch.empty_like(order).scatter_(1, order, torch.arange(n, device=order.device).expand_as(order))
     spread = position.to(upcast_dtype(delta.dtype)) / max(n - 1, 1)  # (rank − 1) / (n − 1), one sort only
@@ -52,7 +57,11 @@ def magnitude_prune_plan(blocks: TensorBlocks, densities, epsilons, seed: int, r
             raise ValueError(f"epsilon must leave density ± epsilon inside (0, 1), got density {density}, epsilon {epsilon}")
     pruned = [t for t, density in enumerate(densities) if density < 1]
     generators = {t: tensor_generator(seed, blocks.name, t) for t in pruned}
-    masks, sums = {t: [] for t in pruned}, {t: [] for t in pruned}  # sums: per row, |τ_t| and |τ'_t|
+    # One flat mask per model, filled block by block (many small masks kept between the blocks'
+    # temporaries would fragment the heap).
+    masks = {}
+    sums = {t: [] for t in pruned}  # per row, |τ_t| and |τ'_t|
+    start = 0
     for group in (blocks if len(blocks.shape) >= 2 else [blocks.sample(blocks.numel)]):
         for t in pruned:
             work = task_vector(group, t).to(upcast_dtype(group.base.dtype))
@@ -60,11 +69,14 @@ def magnitude_prune_plan(blocks: TensorBlocks, densities, epsilons, seed: int, r
                 mask = torch.zeros_like(work, dtype=torch.bool)
             else:
                 mask = draw(keep_probabilities(work, densities[t], epsilons[t]), generators[t]).bool()
-            masks[t].append(mask.flatten())
+            if t not in masks:
+                masks[t] = torch.empty(blocks.numel, dtype=torch.bool, device=mask.device)
+            masks[t][start: start + mask.numel()] = mask.flatten()
             if rescale:
                 sums[t].append(torch.stack([row_sums(work.abs()), row_sums(work.abs().mul_(mask))]))
+        start += group.base.numel()
     factors = {t: l1_factor(torch.cat(sums[t], dim=1).sum(1)) if rescale else None for t in pruned}
-    return DellaPlan([torch.cat(masks[t]) if t in masks else None for t in range(len(densities))],
+    return DellaPlan([masks.get(t) for t in range(len(densities))],
                      [factors.get(t) for t in range(len(densities))])
 
 
