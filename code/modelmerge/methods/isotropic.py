@@ -29,8 +29,9 @@ def space_sizes(width: int, tasks: int, fraction: float) -> tuple[int, int]:
 def leading_outside(tau: torch.Tensor, common_u: torch.Tensor, k: int):
     """The k leading singular triplets of (I − U_c U_cᵀ) τ without forming it when τ is tall: from its Gram
     τᵀτ − (U_cᵀτ)ᵀ(U_cᵀτ) (float64, accumulated over chunks of rows), left vectors (τV − U_c(U_cᵀτ)V)/S;
-    a wide τ is projected directly."""
+    a wide τ is projected directly. `tau` may be a `Difference`, read chunk by chunk."""
     if tau.shape[0] < tau.shape[1] or k == 0:
+        tau = tau[:]  # formed whole: a wide matrix is small
         return top_singular(tau - common_u @ (common_u.T @ tau), k)
     inside = torch.zeros(common_u.shape[1], tau.shape[1], dtype=torch.float64, device=tau.device)
     for rows in chunks(tau.shape[0]):
@@ -52,19 +53,18 @@ def common_and_task_specific(taus, fraction: float) -> torch.Tensor:
     """Iso-CTS: the first k_c singular triplets of Σ_t τ_t, and for each task the first k_t of τ_t with the
     common column space projected out; task blocks (in task order) then the common block are stacked, the
     U and Vᵀ stacks replaced by their polar factors and all singular values by their mean."""
-    summed = total(taus)
-    m, n = summed.shape
+    m, n = taus.shape
     width = min(m, n)
     k_c, k_t = space_sizes(width, len(taus), fraction)
-    u, s, vh = top_singular(summed, k_c)
-    del summed
-    stacked_u, stacked_s, stacked_vh = u.new_zeros(m, width), u.new_zeros(width), u.new_zeros(width, n)
+    stacked_u = torch.zeros(m, width, dtype=taus.dtype, device=taus.base.device)
+    stacked_s, stacked_vh = stacked_u.new_zeros(width), stacked_u.new_zeros(width, n)
     common = slice(len(taus) * k_t, len(taus) * k_t + k_c)
+    u, s, vh = top_singular(taus.lazy_total(), k_c, out=stacked_u[:, common])
     stacked_u[:, common], stacked_s[common], stacked_vh[common] = u[:, :k_c], s[:k_c], vh[:k_c]
     del u
     common_u = stacked_u[:, common]
-    for t, tau in enumerate(taus):
-        own_u, own_s, own_vh = leading_outside(tau, common_u, k_t)
+    for t in range(len(taus)):
+        own_u, own_s, own_vh = leading_outside(taus.lazy(t), common_u, k_t)
         block = slice(t * k_t, (t + 1) * k_t)
         stacked_u[:, block], stacked_s[block], stacked_vh[block] = own_u[:, :k_t], own_s[:k_t], own_vh[:k_t]
     stacked_u, stacked_vh = polar(stacked_u, out=stacked_u), polar(stacked_vh, out=stacked_vh)

@@ -17,12 +17,13 @@ PARAMETERS = {
 
 class TaskVectors:
     """τ_t = θ_t − θ_0 in float32 or better, computed when indexed (so a method going through the tasks one
-    at a time holds one task vector, not T)."""
+    at a time holds one task vector, not T), or chunk by chunk of rows (`lazy`)."""
 
     def __init__(self, group: TensorGroup):
         self.base = base_tensor(group)
         self.tensors = group.tensors
         self.dtype = upcast_dtype(self.base.dtype)
+        self.shape = tuple(self.base.shape)
 
     def __len__(self):
         return len(self.tensors)
@@ -32,6 +33,35 @@ class TaskVectors:
 
     def __iter__(self):
         return (self[t] for t in range(len(self)))
+
+    def lazy(self, t) -> "Difference":
+        """τ_t, read chunk by chunk of rows."""
+        return Difference([self.tensors[t]], self.base, self.dtype)
+
+    def lazy_total(self) -> "Difference":
+        """Σ_t τ_t, read chunk by chunk of rows."""
+        return Difference(self.tensors, self.base, self.dtype)
+
+
+class Difference:
+    """The matrix Σ_i (a_i − b) (in `dtype`; usually one a) that is never formed whole: indexing rows
+    computes those rows, which is all the chunked products below (gram, times) read. `.T` is the
+    transpose, `[:]` the whole matrix."""
+
+    def __init__(self, minuends: list[torch.Tensor], subtrahend: torch.Tensor, dtype: torch.dtype):
+        self.minuends, self.subtrahend, self.dtype = minuends, subtrahend, dtype
+        self.shape, self.device = subtrahend.shape, subtrahend.device
+
+    @property
+    def T(self) -> "Difference":
+        return Difference([a.T for a in self.minuends], self.subtrahend.T, self.dtype)
+
+    def __getitem__(self, rows) -> torch.Tensor:
+        below = self.subtrahend[rows].to(self.dtype)
+        return total(a[rows].to(self.dtype) - below for a in self.minuends)
+
+    def new_empty(self, *size) -> torch.Tensor:
+        return torch.empty(*size, dtype=self.dtype, device=self.device)
 
 
 def task_vectors(group: TensorGroup) -> TaskVectors:
@@ -53,7 +83,13 @@ def mean(tensors) -> torch.Tensor:
 
 
 def total(tensors) -> torch.Tensor:
-    """Σ_t of a sequence of tensors (a lazy one is taken one at a time), accumulated in one new tensor."""
+    """Σ_t of a sequence of tensors, accumulated in one new tensor; `TaskVectors` are summed chunk by chunk
+    of rows (in the same order), so no task vector is formed whole."""
+    if isinstance(tensors, TaskVectors) and tensors.shape:
+        out = torch.empty(tensors.shape, dtype=tensors.dtype, device=tensors.base.device)
+        for rows in chunks(tensors.shape[0]):
+            out[rows] = tensors.lazy_total()[rows]
+        return out
     result = None
     for tensor in tensors:
         result = tensor.clone() if result is None else result.add_(tensor)
@@ -62,7 +98,7 @@ def total(tensors) -> torch.Tensor:
 
 # Rows of a tall matrix taken to float64 at a time: the Gram matrices and products below are accumulated
 # over such chunks, so no float64 copy of a whole (e.g. 30522 x 768 embedding) matrix is ever made.
-CHUNK_ROWS = 2048
+CHUNK_ROWS = 256
 
 
 def _tall(matrix: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -117,16 +153,19 @@ def polar(matrix: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor
     return polar_and_singular_values(matrix, out)[0]
 
 
-def top_singular(matrix: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(U, S, Vᵀ) of the k largest singular triplets of `matrix` from the eigendecomposition of its small
-    Gram matrix in float64: exact enough for the leading triplets, which are all these methods keep, and
-    several times faster than a full SVD of a tall matrix. Zero singular values get zero vectors."""
+def top_singular(matrix, k: int, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(U, S, Vᵀ) of the k largest singular triplets of `matrix` (a tensor or a `Difference`) from the
+    eigendecomposition of its small Gram matrix in float64: exact enough for the leading triplets, which
+    are all these methods keep, and several times faster than a full SVD of a tall matrix. Zero singular
+    values get zero vectors. A tall matrix's U is written into `out` when given."""
     m, wide = _tall(matrix)
     eigenvalues, vectors = torch.linalg.eigh(gram(m))
     order = eigenvalues.argsort(descending=True)[:k]
     values = eigenvalues[order].clamp(min=0).sqrt()
     right = vectors[:, order]
-    left = times(m, right, m.new_empty(m.shape[0], len(order)), lambda product, rows: leading_left(product, values))
+    if out is None or wide:
+        out = m.new_empty(m.shape[0], len(order))
+    left = times(m, right, out, lambda product, rows: leading_left(product, values))
     right = right.to(matrix.dtype)
     u, vh = (right, left.T) if wide else (left, right.T)
     return u, values.to(matrix.dtype), vh
@@ -147,6 +186,6 @@ def leading_left(product: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
 
 
 def result(group: TensorGroup, tau: torch.Tensor, merge_lambda: float) -> torch.Tensor:
-    """θ_0 + λ·τ in the ancestor's dtype."""
+    """θ_0 + λ·τ in the ancestor's dtype, computed in τ (which every caller has made for this)."""
     base = group.base
-    return torch.add(base.to(tau.dtype), tau, alpha=merge_lambda).to(base.dtype)
+    return tau.mul_(merge_lambda).add_(base.to(tau.dtype)).to(base.dtype)

@@ -14,17 +14,17 @@ def task_singular_vectors(taus) -> torch.Tensor:
     """Each τ_t = U S Vᵀ keeps its first k = ⌊min(m, n)/T⌋ singular triplets; U's columns, S and Vᵀ's rows
     are stacked in task order (zero-padded to min(m, n)); the U and Vᵀ stacks are replaced by their
     polar factors: τ = polar(U_st) · diag(S_st) · polar(Vᵀ_st). `taus` is a sequence of the T task
-    vectors; each is taken in turn (a lazy one holds one task vector at a time), and the polar factors
+    vectors (`TaskVectors`), each read chunk by chunk of rows and never formed whole; the polar factors
     and the product are computed in place where the shapes allow."""
-    m, n = taus[0].shape
+    m, n = taus.shape
     width = min(m, n)
     k = width // len(taus)
-    stacked_u = taus[0].new_zeros(m, width)
-    stacked_s = taus[0].new_zeros(width)
-    stacked_vh = taus[0].new_zeros(width, n)
+    stacked_u = torch.zeros(m, width, dtype=taus.dtype, device=taus.base.device)
+    stacked_s = stacked_u.new_zeros(width)
+    stacked_vh = stacked_u.new_zeros(width, n)
     for t in range(len(taus)):
-        u, s, vh = top_singular(taus[t], k)
         block = slice(t * k, (t + 1) * k)
+        u, s, vh = top_singular(taus.lazy(t), k, out=stacked_u[:, block])
         stacked_u[:, block], stacked_s[block], stacked_vh[block] = u[:, :k], s[:k], vh[:k]
     stacked_u, stacked_vh = polar(stacked_u, out=stacked_u), polar(stacked_vh, out=stacked_vh)
     return scaled_product(stacked_u, stacked_s, stacked_vh)
