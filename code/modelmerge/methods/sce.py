@@ -4,12 +4,11 @@ erase entries against the elected sign.
 Wan et al., "FuseChat: Knowledge Fusion of Chat Models", 2024 (https://arxiv.org/abs/2408.07990);
 computed as mergekit 0.1.5's `sce`.
 """
-import math
 from dataclasses import dataclass
 
 import torch
 
-from ..selection import SAMPLE_SIZE, Selection
+from ..selection import kth_largest
 from .base import MergeMethod, Parameter, TensorBlocks, TensorGroup
 from .common import base_tensor, upcast_dtype
 from .task_vectors import task_vector
@@ -19,10 +18,7 @@ from .task_vectors import task_vector
 class ScePlan:
     """What SCE takes from the whole tensor: the top-variance selection and the energy weights."""
 
-    # Entries whose variance over the models is above `threshold` are selected (None: every entry), and
-    # those equal to it up to flat index `tie_end` (exclusive; None: all of them).
-    threshold: float | None
-    tie_end: int | None
+    mask: torch.Tensor | None  # flat, boolean: the selected entries of the whole tensor (None: all)
     weights: torch.Tensor  # w_t, the normalised energies of the selected task vectors
 
 
@@ -39,53 +35,28 @@ def variance(group: TensorGroup) -> torch.Tensor:
     return spread.div_(len(taus))
 
 
-def top_variance_selection(blocks: TensorBlocks, fraction: float) -> tuple[float | None, int | None]:
-    """(threshold, tie_end) selecting the k = ⌊fraction · (entries of non-zero variance)⌋ entries of largest
-    variance (ties at the k-th value: the first ones in flat order), found exactly by a streamed selection
-    of the k-th largest variance (modelmerge.selection) over the blocks; all entries with fraction ≥ 1,
-    none with fraction ≤ 0."""
+def top_variance_mask(blocks: TensorBlocks, fraction: float) -> torch.Tensor | None:
+    """Flat mask of the k = ⌊fraction · (entries of non-zero variance)⌋ entries of largest variance over
+    the models (ties at the k-th value: the first ones in flat order; None: all entries with fraction ≥ 1,
+    none with fraction ≤ 0). The variances of the whole tensor are computed once, block by block, and the
+    k-th largest found by an exact selection (modelmerge.selection)."""
     if fraction >= 1:
-        return None, None
-    nonzero = 0 if fraction <= 0 else sum(int(torch.count_nonzero(variance(group))) for group in blocks)
-    k = int(torch.tensor(nonzero) * fraction)  # in float32, as mergekit's count_nonzero(...) * density
-    if k == 0:
-        return math.inf, None
-    selection = Selection(variance(blocks.sample(SAMPLE_SIZE)), k, blocks.numel)
-    while selection.answer is None:
-        for group in blocks:
-            selection.feed(variance(group))
-        selection.finish_pass()
-    threshold = selection.answer
-    above, tied = 0, []
-    for group in blocks:
-        values = variance(group).flatten()
-        above += int((values > threshold).sum())
-        tied.append((values == threshold).nonzero().flatten())
-    needed = k - above
-    if sum(len(t) for t in tied) == needed:
-        return threshold, None
-    offset = 0
-    for group, positions in zip(blocks, tied):  # the first `needed` tied entries in flat order
-        if needed <= len(positions):
-            return threshold, offset + int(positions[needed - 1]) + 1
-        needed -= len(positions)
-        offset += group.base.numel()
-    raise AssertionError("the tied entries counted do not reach k")
-
-
-def selection_mask(group: TensorGroup, plan: ScePlan) -> torch.Tensor | None:
-    """1 where the block's entries are selected, else 0 (None: all are)."""
-    if plan.threshold is None:
         return None
-    values = variance(group)
-    mask = values > plan.threshold
-    if plan.tie_end is None:
-        mask |= values == plan.threshold
-    else:
-        row_size = group.base[0].numel() if group.base.dim() else 1
-        flat = torch.arange(values.numel(), device=values.device).view(values.shape) + group.first_row * row_size
-        mask |= (values == plan.threshold) & (flat < plan.tie_end)
-    return mask.to(values.dtype)
+    values = None
+    for group in blocks:
+        block = variance(group).flatten()
+        if values is None:
+            values, start = block.new_empty(blocks.numel), 0
+        values[start: start + block.numel()] = block
+        start += block.numel()
+    k = int(torch.count_nonzero(values) * fraction) if fraction > 0 else 0  # in float32, as mergekit
+    if k == 0:
+        return torch.zeros_like(values, dtype=torch.bool)
+    threshold = kth_largest(values, k)
+    mask = values > threshold
+    tied = (values == threshold).nonzero().flatten()
+    mask[tied[: k - int(mask.sum())]] = True
+    return mask
 
 
 def selected_task_vectors(group: TensorGroup, mask: torch.Tensor | None):
@@ -94,6 +65,14 @@ def selected_task_vectors(group: TensorGroup, mask: torch.Tensor | None):
     for t in range(len(group.tensors)):
         delta = task_vector(group, t).to(dtype)
         yield delta if mask is None else delta.mul_(mask)
+
+
+def block_mask(group: TensorGroup, plan_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The part of the flat mask that covers this block of rows, shaped as the block, in its dtype."""
+    if plan_mask is None:
+        return None
+    start = group.first_row * (group.base[0].numel() if group.base.dim() else 1)
+    return plan_mask[start: start + group.base.numel()].view(group.base.shape).to(upcast_dtype(group.base.dtype))
 
 
 def row_energies(group: TensorGroup, mask: torch.Tensor | None) -> torch.Tensor:
@@ -115,9 +94,9 @@ class Sce(MergeMethod):
     """τ'_t = τ_t ⊙ (top-variance mask); s = sign of Σ_t τ'_t (+ where it is 0); m_t = [sign(τ'_t) = s];
     θ = θ_0 + Σ_t w_t m_t τ'_t / max(Σ_t w_t m_t, 1e-6), w_t the energy weights of the τ'_t.
 
-    Elementwise once `prepare` has found the top-variance threshold and the energies over the whole
-    tensor (reading it block by block: once to count the entries of non-zero variance, usually once to
-    select, once for the energies), so the driver merges in blocks of rows."""
+    Elementwise once `prepare` has found the top-variance mask and the energies over the whole tensor
+    (reading it block by block twice: for the variances, then for the energies), so the driver merges in
+    blocks of rows."""
 
     name = "sce"
     needs_base = True
@@ -128,14 +107,13 @@ class Sce(MergeMethod):
     }
 
     def prepare(self, blocks: TensorBlocks, *, select_topk, **unused) -> ScePlan:
-        threshold, tie_end = top_variance_selection(blocks, select_topk)
-        plan = ScePlan(threshold, tie_end, None)
+        mask = top_variance_mask(blocks, select_topk)
         energies = []
         for group in blocks:
-            energies.append(row_energies(group, selection_mask(group, plan)))
+            energies.append(row_energies(group, block_mask(group, mask)))
             dtype = upcast_dtype(group.base.dtype)
         mean_square = torch.cat(energies, dim=1).sum(1) / max(blocks.numel, 1)
-        return ScePlan(threshold, tie_end, normalised(mean_square.to(dtype)))
+        return ScePlan(mask, normalised(mean_square.to(dtype)))
 
     def merge(self, group: TensorGroup, *, select_topk, int8_mask) -> torch.Tensor:
         base = base_tensor(group)
@@ -143,7 +121,7 @@ class Sce(MergeMethod):
         if plan is None:
             plan = self.prepare(TensorBlocks.of(group), select_topk=select_topk)
         dtype = upcast_dtype(base.dtype)
-        mask = selection_mask(group, plan)
+        mask = block_mask(group, plan.mask)
         elected = accumulate(selected_task_vectors(group, mask)).ge_(0).to(dtype).mul_(2).sub_(1)
         numerator, denominator = torch.zeros_like(elected), torch.zeros_like(elected)
         for delta, weight in zip(selected_task_vectors(group, mask), plan.weights):
