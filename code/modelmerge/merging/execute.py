@@ -71,7 +71,8 @@ def execute(method, tasks, writer, entries, dtype=None, device="cpu", progress=T
     Methods that declare `elementwise = True` (each output entry depends only on the same entry of every
     input, and on what their `prepare` computes from the whole tensor) see tensors in blocks of rows of
     about BLOCK_BYTES, so the memory a merge needs does not grow with the largest tensor and the method's
-    temporaries stay in the CPU caches; results are the same as for whole tensors.
+    temporaries stay in the CPU caches; results are the same as for whole tensors (WUDI's to rounding:
+    its Gram matrices are sums over the blocks).
 
     On the CPU the merge runs with one torch thread unless OMP_NUM_THREADS is set: with more, the threads
     meet at the end of every operation, and operations on cache-sized blocks are short, so while other
