@@ -47,8 +47,10 @@ sample_labels = families.sample_tokens
 
 
 def length_sorted_batches(encoded, processor, batch_size, task_type="sequence_classification"):
-    """Yield (indices, inputs): the examples longest first, `batch_size` at a time, right-padded to the batch's longest.
+    """Yield (indices, inputs): the examples longest first, right-padded to the batch's longest.
 
+    A batch holds about `batch_size` × the mean length tokens (padding included): fewer than `batch_size` of the
+    longest examples, up to 4 × `batch_size` of the shortest, so that memory follows the tokens, not the count.
     Sorting by length keeps padding (wasted work) small; longest first makes the peak memory show at once.
     `inputs` holds the model inputs and `labels` (the gold labels or target tokens, -100 where not scored).
     """
@@ -62,8 +64,13 @@ def length_sorted_batches(encoded, processor, batch_size, task_type="sequence_cl
     lengths = families.example_lengths(encoded, task_type)
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     collate = families.collator(processor, task_type)
-    for start in range(0, len(order), batch_size):
-        indices = order[start : start + batch_size]
+    budget = batch_size * max(1.0, sum(lengths) / max(1, len(lengths)))
+    start = 0
+    while start < len(order):
+        longest = max(1, lengths[order[start]])
+        count = int(min(4 * batch_size, max(1, budget // longest), len(order) - start))
+        indices = order[start : start + count]
+        start += count
         inputs = collate([encoded[i] for i in indices])
         if task_type == "seq2seq":
             inputs = _distinct_decoder_length(inputs)
