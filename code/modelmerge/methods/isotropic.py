@@ -26,10 +26,11 @@ def space_sizes(width: int, tasks: int, fraction: float) -> tuple[int, int]:
     return common, (width - common) // tasks
 
 
-def leading_outside(tau: torch.Tensor, common_u: torch.Tensor, k: int):
+def leading_outside(tau: torch.Tensor, common_u: torch.Tensor, k: int, out: torch.Tensor | None = None):
     """The k leading singular triplets of (I − U_c U_cᵀ) τ without forming it when τ is tall: from its Gram
     τᵀτ − (U_cᵀτ)ᵀ(U_cᵀτ) (float64, accumulated over chunks of rows), left vectors (τV − U_c(U_cᵀτ)V)/S;
-    a wide τ is projected directly. `tau` may be a `Difference`, read chunk by chunk."""
+    a wide τ is projected directly. `tau` may be a `Difference`, read chunk by chunk; a tall τ's left
+    vectors are written into `out` when given."""
     if tau.shape[0] < tau.shape[1] or k == 0:
         tau = tau[:]  # formed whole: a wide matrix is small
         return top_singular(tau - common_u @ (common_u.T @ tau), k)
@@ -45,7 +46,7 @@ def leading_outside(tau: torch.Tensor, common_u: torch.Tensor, k: int):
     def outside(product, rows):  # τV − U_c(U_cᵀτ)V, then divided by S
         return leading_left(product - common_u[rows].to(torch.float64) @ inside_right, values)
 
-    left = times(tau, right, tau.new_empty(tau.shape[0], k), outside)
+    left = times(tau, right, out if out is not None else tau.new_empty(tau.shape[0], k), outside)
     return left, values.to(tau.dtype), right.T.to(tau.dtype)
 
 
@@ -64,8 +65,8 @@ def common_and_task_specific(taus, fraction: float) -> torch.Tensor:
     del u
     common_u = stacked_u[:, common]
     for t in range(len(taus)):
-        own_u, own_s, own_vh = leading_outside(taus.lazy(t), common_u, k_t)
         block = slice(t * k_t, (t + 1) * k_t)
+        own_u, own_s, own_vh = leading_outside(taus.lazy(t), common_u, k_t, out=stacked_u[:, block])
         stacked_u[:, block], stacked_s[block], stacked_vh[block] = own_u[:, :k_t], own_s[:k_t], own_vh[:k_t]
     stacked_u, stacked_vh = polar(stacked_u, out=stacked_u), polar(stacked_vh, out=stacked_vh)
     return scaled_product(stacked_u, stacked_s.mean().expand(width), stacked_vh)
