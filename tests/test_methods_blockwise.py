@@ -197,3 +197,21 @@ def test_della_in_blocks_draws_what_one_draw_over_the_whole_tensor_gives(shape):
         kept = tau * (uniform < keep_probabilities(tau, density, 0.1))
         expected += weight * kept * (tau.abs().sum() / kept.abs().sum())
     torch.testing.assert_close(whole, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_wudi_optimises_a_wide_matrix_whole_and_hands_out_its_blocks():
+    """A wide matrix (its blocks would hold few rows) is optimised whole in prepare: in blocks bit for bit
+    what it is whole, and that is Adam on the paper's loss (autograd, as the authors)."""
+    method = get_method("wudi")()
+    group = group_for("wudi", shape=(60, COLUMNS))
+    params = resolved(method, 3, {"iterations": 20, "learning_rate": 1e-3})
+    whole = method.merge(group, **params)
+    assert torch.equal(merged_in_blocks(method, group, params), whole)
+    taus = [(x - group.base).double() for x in group.tensors]
+    merged = torch.nn.Parameter(sum(taus).clone())
+    optimizer = torch.optim.Adam([merged], lr=1e-3)
+    for _ in range(20):
+        optimizer.zero_grad()
+        sum(((merged - t) @ t.T).square().sum() / t.square().sum() for t in taus).backward()
+        optimizer.step()
+    torch.testing.assert_close(whole.double(), group.base.double() + merged.detach(), rtol=1e-4, atol=1e-5)

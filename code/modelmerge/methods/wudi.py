@@ -19,6 +19,7 @@ class WudiPlan:
 
     grams: list[torch.Tensor | None]
     total: torch.Tensor | None
+    merged: torch.Tensor | None = None  # a wide tensor's merged task vector, optimised whole in prepare
 
 
 def input_grams(blocks: TensorBlocks) -> WudiPlan:
@@ -73,14 +74,27 @@ class Wudi(MergeMethod):
         "learning_rate": Parameter(1e-5, aliases=("lr",), range="(0, inf)", help="Adam's learning rate (> 0)"),
     }
 
-    def prepare(self, blocks: TensorBlocks, *, exclude, **unused) -> WudiPlan | None:
-        return input_grams(blocks) if is_matrix(blocks.sample(1), exclude) else None
+    def prepare(self, blocks: TensorBlocks, *, exclude, iterations, learning_rate, **unused) -> WudiPlan | None:
+        if not is_matrix(blocks.sample(1), exclude):
+            return None
+        if blocks.shape[0] >= blocks.shape[1]:
+            return input_grams(blocks)
+        # A wide matrix is optimised whole: its blocks hold few rows each, and a product of a few rows with
+        # the large n x n Gram matrix streams that matrix from memory once per row block and iteration
+        # (twice as slow), while its task vectors are no larger than the Gram matrices held anyway.
+        whole = blocks.sample(blocks.numel)
+        plan = input_grams(TensorBlocks.of(whole))
+        return WudiPlan(plan.grams, plan.total, least_interference(list(task_vectors(whole)), plan, iterations, learning_rate))
 
     def merge(self, group: TensorGroup, *, merge_lambda, exclude, iterations, learning_rate) -> torch.Tensor:
         taus = task_vectors(group)
-        if is_matrix(group, exclude):
-            plan = group.prepared if group.prepared is not None else input_grams(TensorBlocks.of(group))
-            tau = least_interference(list(taus), plan, iterations, learning_rate)
+        if not is_matrix(group, exclude):
+            return result(group, mean(taus), merge_lambda)
+        plan = group.prepared
+        if plan is None:
+            plan = self.prepare(TensorBlocks.of(group), exclude=exclude, iterations=iterations, learning_rate=learning_rate)
+        if plan.merged is not None:
+            tau = plan.merged[group.first_row: group.first_row + group.base.shape[0]].clone()
         else:
-            tau = mean(taus)
+            tau = least_interference(list(taus), plan, iterations, learning_rate)
         return result(group, tau, merge_lambda)
