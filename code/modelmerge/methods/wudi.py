@@ -84,7 +84,8 @@ class Wudi(MergeMethod):
         # (twice as slow), while its task vectors are no larger than the Gram matrices held anyway.
         whole = blocks.sample(blocks.numel)
         plan = input_grams(TensorBlocks.of(whole))
-        return WudiPlan(plan.grams, plan.total, least_interference(list(task_vectors(whole)), plan, iterations, learning_rate))
+        merged = least_interference(list(task_vectors(whole)), plan, iterations, learning_rate)
+        return WudiPlan([None] * len(plan.grams), None, merged)  # the Gram matrices are no longer needed
 
     def merge(self, group: TensorGroup, *, merge_lambda, exclude, iterations, learning_rate) -> torch.Tensor:
         taus = task_vectors(group)
