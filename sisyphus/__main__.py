@@ -113,7 +113,6 @@ def _load_configs(args):
     """settings.py, then every config given; returns the loader."""
     import sisyphus.global_settings as gs
     import sisyphus.toolkit as tk
-    from sisyphus.errors import SisError
     from sisyphus.loader import ConfigLoader
 
     gs.load_settings(os.getcwd())

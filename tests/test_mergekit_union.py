@@ -1,10 +1,7 @@
 """`tokenizer_source: union`: models with different vocabularies merged as mergekit 0.1.5 merges them
 (embedding rows rebuilt for the union vocabulary), the same YAML run by both."""
-import os
-
 import pytest
 import torch
-from safetensors.torch import load_file
 from tiny import make_tiny_bert, perturbed_copy
 from transformers import AutoTokenizer, BertForSequenceClassification, BertTokenizerFast
 

@@ -16,7 +16,6 @@ fine-tuning and statistics cover the vision tower and its projection only (the t
 in task arithmetic).
 """
 import io
-import os
 import uuid
 
 import numpy as np
