@@ -56,6 +56,7 @@ TASK_COLUMNS = {
     "image_classification": {"image": IMAGE_COLUMNS, "label": LABEL_COLUMNS},
 }
 TASK_TYPES = tuple(TASK_COLUMNS)
+COLUMNS = ("text", "input", "target", "image", "label")  # every task type's columns, each renamed by `<column>_column`
 CLASS_NAMES_FILE = "class_names.json"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
 DATA_DIR_ENV = "MERGE_DATA_DIR"
@@ -81,6 +82,12 @@ def split_names(split):
             raise DataError(f"split {split!r}: expected NAME or NAME[slice] (e.g. 'train[:20%]'), joined with '+'")
         names.append(match.group(1))
     return names
+
+
+def column_mapping(config):
+    """The `columns` argument of `load_split` from a program config's `<column>_column` keys (those given)."""
+    names = {column: getattr(config, f"{column}_column") for column in COLUMNS}
+    return {column: name for column, name in names.items() if name is not None}
 
 
 def load_split(dataset_name, split, data_dir=None, task_type="sequence_classification", columns=None):

@@ -20,7 +20,8 @@ from transformers import AutoConfig
 from modelmerge import families
 from modelmerge.atomic import atomic_dir, atomic_file, write_json, write_jsonl
 from modelmerge.config import SHARED_PAPER_KEYS, Alias, ConfigError, Ignored, default_num_threads
-from modelmerge.data import TASK_TYPES, check_labels, class_names, load_split, local_sources, resolve_data_dir
+from modelmerge.data import (TASK_TYPES, check_labels, class_names, column_mapping, load_split, local_sources,
+                             resolve_data_dir)
 from modelmerge.outputs import claim, json_kind
 from modelmerge.statistics.fisher import compute_fisher, save_fisher
 from modelmerge.statistics.gram import compute_gram, save_gram
@@ -305,10 +306,7 @@ class PredictConfig:
         return [(name, spec["dataset_name"], spec["split"]) for name, spec in self.evaluations.items()]
 
     def columns(self):
-        """The column mapping of `data.load_split` from the *_column keys."""
-        keys = {"text": self.text_column, "input": self.input_column, "target": self.target_column,
-                "image": self.image_column, "label": self.label_column}
-        return {column: name for column, name in keys.items() if name is not None}
+        return column_mapping(self)
 
 
 def run(config):

@@ -185,10 +185,7 @@ class TrainConfig:
         return None if self.peft is None else PEFT_SPECS[self.peft["type"]](**self.peft)
 
     def columns(self):
-        """The column mapping of `data.load_split` from the *_column keys."""
-        keys = {"text": self.text_column, "input": self.input_column, "target": self.target_column,
-                "image": self.image_column, "label": self.label_column}
-        return {column: name for column, name in keys.items() if name is not None}
+        return data.column_mapping(self)
 
     def output_paths(self):
         return {"output_dir": self.output_dir}
