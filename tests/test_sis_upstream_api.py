@@ -1,7 +1,6 @@
 """The reference Sisyphus API beyond the basics: delayed operations (and the ids of jobs taking them, computed by
 hand from the hash format), Path/Variable semantics, tags, blocks, job helpers, settings, Variable files as data,
 one-line errors of `sis worker` and of a broken engine(), stale temporaries."""
-import hashlib
 import math
 import os
 
@@ -15,18 +14,7 @@ from sisyphus.delayed_ops import (Delayed, DelayedAdd, DelayedBase, DelayedFallb
 from sisyphus.job_path import AbstractPath, Path, Variable, VariableNotSet, parse_literal
 from sisyphus.tools import remove_stale_temporaries, sh, temporary_prefix, try_get
 from sis_util import make_setup, run_sis
-
-CHARS = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
-
-
-def hand_hash(helper_bytes):
-    """short_hash written out from the contract: SHA-256, big-endian integer, 12 base-62 digits lowest first."""
-    n = int.from_bytes(hashlib.sha256(helper_bytes).digest(), "big")
-    out = ""
-    for _ in range(12):
-        out += CHARS[n % 62]
-        n //= 62
-    return out
+from test_sis_hash import base62_of_sha256  # the short hash written out from the contract
 
 
 def s(text):
@@ -124,11 +112,11 @@ def test_ids_of_jobs_taking_delayed_values_follow_the_hash_format(setup_dir):
     job = Takes(DelayedFormat("{}-x", var))
     fmt = b"(DelayedFormat, " + dict_bytes({"string": s("{}-x"), "args": b"(tuple, " + var_bytes + b")",
                                             "kwargs": b"(dict)"}) + b")"
-    assert job.job_id() == f"{module_path()}/Takes.{hand_hash(dict_bytes({'value': fmt}))}"
+    assert job.job_id() == f"{module_path()}/Takes.{base62_of_sha256(dict_bytes({'value': fmt}))}"
 
     job = Takes(var + 1)
     add = b"(DelayedAdd, " + dict_bytes({"a": var_bytes, "b": b"(int, 1)"}) + b")"
-    assert job.job_id() == f"{module_path()}/Takes.{hand_hash(dict_bytes({'value': add}))}"
+    assert job.job_id() == f"{module_path()}/Takes.{base62_of_sha256(dict_bytes({'value': add}))}"
 
     # tk.Delayed(x) is hashed as x itself.
     assert Takes(Delayed("plain")).job_id() == Takes("plain").job_id()
@@ -140,13 +128,13 @@ def test_join_right_and_copy_append_keep_creator_and_hash_overwrite(setup_dir):
     assert model.creator is job and model.get_path() == job.out_dir.get_path() + "/model.bin"
     assert model is not job.out_dir and job.out_dir.path == "dir"
     expected = job_output(job.job_id(), "dir/model.bin")
-    assert Takes(model).job_id().endswith(hand_hash(dict_bytes({"value": expected})))
+    assert Takes(model).job_id().endswith(base62_of_sha256(dict_bytes({"value": expected})))
 
     data = Path("/data/x", hash_overwrite="pkg/x")
     joined = data.copy_append(".gz")
     assert joined.get_path() == "/data/x.gz" and joined.hash_overwrite == (None, "pkg/x.gz")
     path_bytes = b"(Path, (tuple, (NoneType), " + s("pkg/x.gz") + b"))"
-    assert Takes(joined).job_id().endswith(hand_hash(dict_bytes({"value": path_bytes})))
+    assert Takes(joined).job_id().endswith(base62_of_sha256(dict_bytes({"value": path_bytes})))
 
 
 def test_path_and_variable_semantics(setup_dir, monkeypatch):
