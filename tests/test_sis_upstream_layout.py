@@ -7,7 +7,8 @@ import shutil
 import tarfile
 
 from sis_util import run_sis
-from test_sis_upstream_api import dict_bytes, hand_hash, job_output, s
+from test_sis_hash import base62_of_sha256
+from test_sis_upstream_api import dict_bytes, job_output, s
 
 SETUP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sis_setups", "upstream_layout")
 
@@ -19,13 +20,13 @@ def test_upstream_layout_collection_runs_end_to_end(tmp_path):
                      timeout=300)
     assert result.returncode == 0, result.output
 
-    numbers_id = "demo_pkg/numbers/WriteNumbers." + hand_hash(dict_bytes({"count": b"(int, 5)"}))
+    numbers_id = "demo_pkg/numbers/WriteNumbers." + base62_of_sha256(dict_bytes({"count": b"(int, 5)"}))
     total = job_output(numbers_id, "total")
     text = b"(DelayedFormat, " + dict_bytes({"string": s("total={}"), "args": b"(tuple, " + total + b")",
                                              "kwargs": b"(dict)"}) + b")"
     times_two = b"(DelayedMul, " + dict_bytes({"a": total, "b": b"(int, 2)"}) + b")"
     number = b"(DelayedAdd, " + dict_bytes({"a": times_two, "b": b"(int, 1)"}) + b")"
-    describe_id = "demo_pkg/numbers/Describe." + hand_hash(dict_bytes({"text": text, "number": number}))
+    describe_id = "demo_pkg/numbers/Describe." + base62_of_sha256(dict_bytes({"text": text, "number": number}))
     work = setup / "work"
     assert (work / numbers_id).is_dir() and (work / describe_id).is_dir()
 
@@ -37,7 +38,7 @@ def test_upstream_layout_collection_runs_end_to_end(tmp_path):
     assert (out / "demo" / "flaky.txt").read_text() == "second try\n"
     assert (out / "demo" / "word_count").read_text() == "3\n"
     words = b"(Path, (tuple, (NoneType), " + s("demo_pkg/data/words.txt") + b"))"  # setup_path: hashed by package
-    assert (work / ("demo_pkg/numbers/CountLines." + hand_hash(dict_bytes({"text": words})))).is_dir()
+    assert (work / ("demo_pkg/numbers/CountLines." + base62_of_sha256(dict_bytes({"text": words})))).is_dir()
     assert os.path.realpath(setup / "alias" / "demo" / "numbers") == str(work / numbers_id)
     other_alias = os.path.realpath(setup / "alias" / "other" / "numbers")
     assert other_alias.startswith(str(work / "demo_pkg/numbers/WriteNumbers."))
