@@ -7,15 +7,22 @@ matching are also evaluated on the test splits over the whole α grid: the robus
 (report/sweep.png). The trained models and statistics are those of config/example.py, so running both
 configs trains nothing twice, and adding a method to MERGE_GRIDS computes only that method's jobs.
 
+EMR-Merging and TALL masks are per-task methods: they store a unified model plus one mask (and rescaler) per
+task, and, as in their papers, task t is evaluated on its own model materialised from them (labels end in
+"(per-task)"; T masks are stored besides the model). The pretraining task, which has no mask, is evaluated on
+the unified model.
+
 slerp and nuslerp (two models), nearswap and arcee_fusion (one model into θ_0) and passthrough (layer slices)
 do not combine four task models and are not run here.
 
     sis --config config/merging_methods.py m
 """
+from dataclasses import dataclass
+
 from sisyphus import tk
 
 from model_merging import pipeline, presets
-from model_merging.merge import AdaMergingJob, MergeJob, RegMeanPlusPlusJob
+from model_merging.merge import AdaMergingJob, MergeJob, RegMeanPlusPlusJob, per_task_models
 from model_merging.report import ReportJob
 from model_merging.statistics import GramJob
 
@@ -54,6 +61,9 @@ MERGE_GRIDS = {
     "wudi": dict(method="wudi", fixed={"iterations": 300}),
     "magmax": dict(method="magmax", sweep="merge_lambda", grid="scaling_factors"),
     "consensus (ta)": dict(method="consensus", sweep="k", grid=[1, 2, 3], fixed={"tall_mask_lambda": 0.6}),
+    # per-task (PER_TASK): each task evaluated on its own model, materialised from the T masks they store
+    "tall masks (per-task)": dict(method="tall_masks", sweep="tall_mask_lambda", grid=[0.2, 0.4, 0.6]),
+    "emr (per-task)": dict(method="emr"),
     # data-aware: their own programs (DATA_AWARE), on each task's data
     "regmean++": dict(method="regmean_plusplus", sweep="alpha", grid=[0.1, 0.5, 0.9]),
     "adamerging": dict(method="adamerging", sweep="iterations", grid=[50, 200]),
@@ -98,10 +108,41 @@ def data_aware_merge(experiment, method, value):
 
 
 DATA_AWARE = ("regmean_plusplus", "adamerging")
+PER_TASK = ("emr", "tall_masks")  # a unified model plus each task's own model
+
+
+@dataclass(frozen=True)
+class PerTaskModels:
+    """A per-task method's models: each task evaluated on its own, tasks without one on the unified model."""
+    unified: tk.Path
+    by_task: dict
+
+    def model(self, task):
+        return self.by_task.get(task, self.unified)
+
+
+def evaluate_accuracy(experiment, candidate, splits):
+    """{task: accuracy variable} of a merged model, or of a per-task method with each task on its own model."""
+    if isinstance(candidate, PerTaskModels):
+        return {task: pipeline.evaluate_accuracy(experiment, candidate.model(task), {task: split})[task]
+                for task, split in splits.items()}
+    return pipeline.evaluate_accuracy(experiment, candidate, splits)
+
+
+def evaluate(experiment, candidates, splits):
+    """{label: {task: metrics.json}} of merged models and per-task methods (see evaluate_accuracy)."""
+    results = {}
+    for label, candidate in candidates.items():
+        if isinstance(candidate, PerTaskModels):
+            results[label] = {task: pipeline.evaluate(experiment, {label: candidate.model(task)}, {task: split})[label][task]
+                              for task, split in splits.items()}
+        else:
+            results[label] = pipeline.evaluate(experiment, {label: candidate}, splits)[label]
+    return results
 
 
 def merge(experiment, label, value, initial_models):
-    """The model merged by method `label` with its swept hyperparameter at `value`."""
+    """The model merged by method `label` with its swept hyperparameter at `value` (PerTaskModels for PER_TASK)."""
     spec, preset = MERGE_GRIDS[label], experiment.preset
     if spec["method"] in DATA_AWARE:
         return data_aware_merge(experiment, spec["method"], value)
@@ -112,6 +153,10 @@ def merge(experiment, label, value, initial_models):
     parameters = fixed_parameters(spec, preset)
     if value is not None:
         parameters[spec["sweep"]] = value
+    if spec["method"] in PER_TASK:
+        unified, own = per_task_models(spec["method"], [experiment.models[t] for t in tasks], experiment.pretrained,
+                                       parameters, **preset["rqmt"]["merge"])
+        return PerTaskModels(unified, dict(zip(tasks, own)))
     aux_data = None
     if "stats" in spec:
         aux_data = [statistics(experiment, spec["stats"])[t] for t in tasks]
@@ -139,7 +184,7 @@ async def py():
     initial_models = {"task arithmetic": merge(experiment, "task arithmetic", 1.0, {})}
     candidates = {label: {value: merge(experiment, label, value, initial_models) for value in grid(spec, preset)}
                   for label, spec in MERGE_GRIDS.items()}
-    validation_accuracy = {label: {value: pipeline.evaluate_accuracy(experiment, model, validation)
+    validation_accuracy = {label: {value: evaluate_accuracy(experiment, model, validation)
                                    for value, model in by_value.items()}
                            for label, by_value in candidates.items()}
     await tk.async_run(validation_accuracy)
@@ -154,7 +199,7 @@ async def py():
     models = {"pretrained": experiment.pretrained, "multitask": experiment.multitask}
     for label, value in best.items():
         models[label if value is None else f"{label} ({MERGE_GRIDS[label]['sweep']}={value})"] = candidates[label][value]
-    results = pipeline.evaluate(experiment, models, test)
+    results = evaluate(experiment, models, test)
     sweeps = {label: pipeline.evaluate(experiment, candidates[label], test) for label in ROBUSTNESS}
 
     report = ReportJob(results, sweeps=sweeps, title=f"Merging methods ({preset['name']} preset): test accuracy, "

@@ -16,7 +16,7 @@ import os
 
 from sisyphus import tk
 
-from config.merging_methods import DATA_AWARE, MERGE_GRIDS
+from config.merging_methods import DATA_AWARE, MERGE_GRIDS, PER_TASK
 from model_merging.families import OfflineSuiteJob, build_suite
 
 TASK_ARITHMETIC_TASKS = {  # task: Hub dataset (FusionBench's copies: columns image, label)
@@ -34,7 +34,7 @@ def merge_methods(scaling_factor, dataset_sizes, pretrained_size):
     grid in config/merging_methods.py, task-arithmetic-like scales at `scaling_factor`."""
     methods = {}
     for label, spec in MERGE_GRIDS.items():
-        if spec["method"] in DATA_AWARE:
+        if spec["method"] in DATA_AWARE + PER_TASK:  # data-aware and per-task methods: config/merging_methods.py only
             continue
         parameters = dict(spec.get("fixed", {}))
         if "sweep" in spec:

@@ -15,14 +15,14 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "recipe")]
 def test_graph_of_every_preset(config, preset, monkeypatch):
     import importlib
 
-    from config.merging_methods import DATA_AWARE, MERGE_GRIDS
+    from config.merging_methods import DATA_AWARE, MERGE_GRIDS, PER_TASK
     from model_merging.families import build_suite
 
     module = importlib.import_module(f"config.{config}")
     chosen = getattr(module, f"{preset}_preset")()
     results, report = build_suite(chosen)
     tasks = list(chosen["tasks"])
-    methods = [label for label, spec in MERGE_GRIDS.items() if spec["method"] not in DATA_AWARE]
+    methods = [label for label, spec in MERGE_GRIDS.items() if spec["method"] not in DATA_AWARE + PER_TASK]
     assert set(results) == {"pretrained", *(f"fine-tuned {t}" for t in tasks), *methods}
     assert all(set(by_task) == set(tasks) for by_task in results.values())
     merges = [label for label in chosen["methods"] if isinstance(chosen["methods"][label], dict)]

@@ -1,5 +1,5 @@
-"""Merging (`code/merge.py`, and the paper's own `code/task_arithmetic.py` and
-`code/uncertainty_based_gradient_matching.py` command lines)."""
+"""Merging (`code/merge.py`, the modulated merges of `code/modulated_merge.py`, and the paper's own
+`code/task_arithmetic.py` and `code/uncertainty_based_gradient_matching.py` command lines)."""
 from sisyphus import tk
 
 from model_merging.program_job import CommandJob
@@ -46,10 +46,62 @@ class MergeJob(CommandJob):
         for flag, value in (("--dtype", self.dtype), ("--include", self.include), ("--exclude", self.exclude)):
             if value is not None:
                 cmd += [flag, str(value)]
-        for name, value in sorted(self.parameters.items()):
-            value = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
-            cmd += [f"--x:{name}", value]
-        return cmd + _device_and_output(self)
+        return cmd + _parameter_arguments(self.parameters) + _device_and_output(self)
+
+
+def _parameter_arguments(parameters):
+    arguments = []
+    for name, value in sorted(parameters.items()):
+        value = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+        arguments += [f"--x:{name}", value]
+    return arguments
+
+
+class ModulatedMergeJob(CommandJob):
+    """EMR-Merging or TALL masks (`code/modulated_merge.py --merge`): a unified model plus each task's mask and
+    rescaler, from which MaterialiseTaskJob takes task t's own model.
+
+    method: "emr" or "tall_masks"; models: θ_t (task t is the t-th, from 1); ancestor: θ_0; parameters: the
+    method's parameters (`--x:NAME VALUE`). Outputs: `out_dir` (the modulated merge folder) and `out_unified`
+    (its unified model folder).
+    """
+
+    def __init__(self, method, models, ancestor, *, parameters=None, time_rqmt=1, mem_rqmt=4, cpu_rqmt=1, gpu_rqmt=0):
+        self.method = method
+        self.models = list(models)
+        self.ancestor = ancestor
+        self.parameters = dict(parameters or {})
+        self.rqmt = rqmt(time_rqmt, mem_rqmt, cpu_rqmt, gpu_rqmt)
+        self.out_dir = self.output_path("modulated")
+        self.out_unified = self.output_path("modulated/unified")
+
+    def command(self):
+        return [*self.program_command("modulated_merge.py"), "--merge", self.method, "--models", *map(_path, self.models),
+                "--ancestor", _path(self.ancestor), *_parameter_arguments(self.parameters),
+                *(["--device", "cuda"] if self.rqmt["gpu"] > 0 else []), "--output", self.out_dir.get_path()]
+
+
+class MaterialiseTaskJob(CommandJob):
+    """Task `task`'s own model (1-based, in the order of the merged models) from a modulated merge folder
+    (ModulatedMergeJob.out_dir) and θ_0: `code/modulated_merge.py --materialise`. Output: `out_model`."""
+
+    def __init__(self, modulated, ancestor, task, *, time_rqmt=1, mem_rqmt=4, cpu_rqmt=1, gpu_rqmt=0):
+        self.modulated = modulated
+        self.ancestor = ancestor
+        self.task = task
+        self.rqmt = rqmt(time_rqmt, mem_rqmt, cpu_rqmt, gpu_rqmt)
+        self.out_model = self.output_path("model")
+
+    def command(self):
+        return [*self.program_command("modulated_merge.py"), "--materialise", _path(self.modulated),
+                "--task", str(self.task), "--ancestor", _path(self.ancestor), *_device_and_output(self)]
+
+
+def per_task_models(method, models, ancestor, parameters=None, **rqmt_args):
+    """(unified model, [task t's own model for each of `models`]) of a modulated merge."""
+    merged = ModulatedMergeJob(method, models, ancestor, parameters=parameters, **rqmt_args)
+    return merged.out_unified, [MaterialiseTaskJob(merged.out_dir, ancestor, t, **rqmt_args).out_model
+                                for t in range(1, len(models) + 1)]
 
 
 class TaskArithmeticJob(CommandJob):
