@@ -65,16 +65,39 @@ def test_accuracy_plot_shows_the_differences(tmp_path):
     fig = accuracy_figure(tasks, table, "t")
     ax = fig.axes[0]
     # The axis starts at the multiple of 5 at least one point below the lowest accuracy (76.3 -> 75), not at 0,
-    # and ends above the highest (91.2) with room for the labels.
-    low, high = ax.get_ylim()
-    assert low == 75 and 91.2 < high < 100
-    # Every bar carries its value (one decimal, in %); a task a model was not evaluated on has no label.
-    labels = sorted(t.get_text() for t in ax.texts if t.get_text())
-    expected = [91.2, 76.3, 100 * (0.912 + 0.763) / 2, 85.8, 85.8, 80.0, 90.0, 85.0]
-    assert labels == sorted(f"{v:.1f}" for v in expected)
-    # The legend names every model and stands right of the plotting area, over no bar.
+    # and ends above the highest (91.2).
+    low, high = ax.get_xlim()
+    assert low == 75 and 91.2 < high < 95
+    # One row per model from the top: a bar of its average, a marker per task it was evaluated on.
+    assert [t.get_text() for t in ax.get_yticklabels()] == list(table)
+    averages = [100 * (0.912 + 0.763) / 2, 85.8, 85.0]
+    assert [bar.get_width() for bar in ax.patches] == pytest.approx(averages)
+    assert [bar.get_y() + bar.get_height() / 2 for bar in ax.patches] == pytest.approx([0, 1, 2])
+    assert ax.get_ylim()[0] > ax.get_ylim()[1]  # the first model at the top
+    drawn = {c.get_label(): [x for row in c.get_offsets().tolist() if None not in row for x in row] for c in ax.collections}
+    assert drawn["sst2"] == pytest.approx([91.2, 0, 85.8, 1, 80.0, 2])
+    assert drawn["imdb"] == pytest.approx([76.3, 0, 90.0, 2])  # "merged" was not evaluated on imdb: no marker
+    # The averages stand in figures right of the plot; the legend names every task, right of them.
     fig.canvas.draw()
+    figures = [t for t in ax.texts if t.get_text() != "avg."]
+    assert [t.get_text() for t in figures] == [f"{v:.1f}" for v in averages]
+    assert all(t.get_window_extent().x0 >= ax.get_window_extent().x1 for t in figures)
     legend = ax.get_legend()
-    assert [t.get_text() for t in legend.get_texts()] == list(table)
-    assert legend.get_window_extent().x0 >= ax.get_window_extent().x1
+    assert [t.get_text() for t in legend.get_texts()] == [*tasks, "average"]
+    assert legend.get_window_extent().x0 >= max(t.get_window_extent().x1 for t in figures)
+    __import__("matplotlib.pyplot").pyplot.close(fig)
+
+
+def test_accuracy_plot_stays_readable_with_many_models():
+    sys.path.insert(0, str(ROOT / "code"))
+    from modelmerge.report import accuracy_figure
+
+    tasks = ["sst2", "rotten_tomatoes", "imdb", "yelp", "amazon"]
+    table = {f"method {i} (a parameter=0.{i})": {t: 0.7 + 0.01 * i for t in tasks} for i in range(30)}
+    fig = accuracy_figure(tasks, table, "t")
+    width, height = fig.get_size_inches()
+    assert width <= 8 and height <= 1.4 + 0.3 * 30  # 30 models: a fixed width, a fixed step in height each
+    fig.canvas.draw()
+    labels = [t.get_window_extent() for t in fig.axes[0].get_yticklabels()]
+    assert all(a.y0 >= b.y1 for a, b in zip(labels, labels[1:]))  # the model names do not overlap
     __import__("matplotlib.pyplot").pyplot.close(fig)

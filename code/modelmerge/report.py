@@ -82,8 +82,8 @@ def fitted_range(values, step=5.0, headroom=0.0):
     return low, top + headroom * (top - low)
 
 
-def model_colors(count):
-    """Distinct colours for `count` bars of a group (tab10, tab20 beyond ten, a continuous map beyond twenty)."""
+def task_colors(count):
+    """Distinct colours for `count` tasks (tab10, tab20 beyond ten, a continuous map beyond twenty)."""
     if count <= 10:
         return [plt.get_cmap("tab10")(i) for i in range(count)]
     if count <= 20:
@@ -91,32 +91,36 @@ def model_colors(count):
     return [plt.get_cmap("turbo")(i / (count - 1)) for i in range(count)]
 
 
+TASK_MARKERS = "osD^vP*Xph<>"
+
+
 def accuracy_figure(tasks, table, title=None):
-    """Grouped bars: one group per task (and the average, set apart), one bar per model, each bar labelled with
-    its accuracy; the axis spans the accuracies (not 0-100, so that the differences people compare show) and
-    the legend stands right of the plot."""
-    groups = tasks + ["average"]
+    """One row per model, in the table's order from the top: a bar of its average accuracy, a marker for each
+    task's accuracy, and the average in figures right of the plot. The figure keeps a readable width however
+    many models there are (it grows in height, a fixed step per model); the axis spans the accuracies (not
+    0-100, so that the differences people compare show); the legend of the tasks stands right of the plot."""
     models = list(table)
-    values = {model: [100 * table[model].get(task, math.nan) for task in tasks] + [100 * average(table[model].values())]
-              for model in models}
-    width = 0.85 / max(len(models), 1)
-    bar_inches = 0.26  # wide enough for a vertical label in 7-point type
-    fig, ax = plt.subplots(figsize=(max(7.0, len(groups) * (len(models) * bar_inches + 0.4) + 1.5), 5.0))
-    for i, (model, color) in enumerate(zip(models, model_colors(len(models)))):
-        positions = [g + (i - (len(models) - 1) / 2) * width for g in range(len(groups))]
-        bars = ax.bar(positions, values[model], width, label=model, color=color)
-        ax.bar_label(bars, labels=["" if math.isnan(v) else f"{v:.1f}" for v in values[model]], rotation=90,
-                     padding=2, fontsize=7)
-    low, high = fitted_range([v for row in values.values() for v in row], headroom=0.12)
-    ax.set_ylim(low, high)
-    ax.axvline(len(tasks) - 0.5, color="0.6", linestyle="--", linewidth=0.8)  # the average is not a task
-    ax.set_xticks(range(len(groups)), groups)
-    ax.set_xlim(-0.5, len(groups) - 0.5)
-    ax.set_ylabel("accuracy (%)")
-    ax.yaxis.grid(True, alpha=0.3)
+    averages = [100 * average(table[model].values()) for model in models]
+    rows = range(len(models))
+    fig, ax = plt.subplots(figsize=(8.0, 1.4 + 0.3 * len(models)))
+    ax.barh(rows, averages, height=0.6, color="0.82", label="average", zorder=1)
+    for task, color, marker in zip(tasks, task_colors(len(tasks)), TASK_MARKERS * len(tasks)):
+        values = [100 * table[model].get(task, math.nan) for model in models]
+        ax.scatter(values, rows, color=color, marker=marker, s=34, label=task, zorder=2, edgecolors="white", linewidths=0.4)
+    low, high = fitted_range([v for model in models for v in [100 * a for a in table[model].values()]] + averages)
+    ax.set_xlim(low, high)
+    ax.set_ylim(len(models) - 0.5, -0.5)  # the first model at the top
+    ax.set_yticks(list(rows), models)
+    for row, value in zip(rows, averages):  # the averages as a column of figures right of the plot
+        ax.annotate(f"{value:.1f}", (1.0, row), xycoords=("axes fraction", "data"), xytext=(6, 0),
+                    textcoords="offset points", va="center", fontsize=8)
+    ax.annotate("avg.", (1.0, -0.5), xycoords=("axes fraction", "data"), xytext=(6, 2), textcoords="offset points",
+                va="bottom", fontsize=8, fontweight="bold")
+    ax.set_xlabel("accuracy (%)")
+    ax.xaxis.grid(True, alpha=0.3)
     ax.set_axisbelow(True)
-    ax.set_title(title or "Accuracy per task")
-    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    ax.set_title(title or "Accuracy per task", loc="left")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.07, 1.0), frameon=False)
     return fig
 
 
