@@ -373,64 +373,7 @@ def test_sequence_columns_are_mapped(tmp_path):
     assert list(rows) == [{"input": "copy red", "target": "red"}]
 
 
-# --- merges of every family's statistics ----------------------------------------------------------------------
-
-
-def fine_tune_copy(src, dst, seed):
-    """A copy of the model folder `src` with every floating-point weight moved by seeded noise (a fake fine-tune)."""
-    import shutil
-
-    from safetensors.torch import load_file, save_file
-
-    shutil.copytree(src, dst)
-    generator = torch.Generator().manual_seed(seed)
-    weights = load_file(os.path.join(dst, "model.safetensors"))
-    moved = {n: t + 0.02 * torch.randn(t.shape, generator=generator) if t.is_floating_point() else t
-             for n, t in weights.items()}
-    save_file(moved, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
-    return str(dst)
-
-
-@pytest.mark.parametrize("name", ["seq2seq", "causal_lm", "vit", "clip"])
-def test_merges_that_need_statistics_run_on_every_family(paths, text_rows, image_rows, tmp_path, name):
-    import merge as merge_program
-
-    from modelmerge.merging.cli import run_cli
-
-    rows = rows_of(name, text_rows, image_rows)
-    data = str(tmp_path / "data.jsonl")
-    write_jsonl(data, rows)
-    (tmp_path / "class_names.json").write_text(json.dumps(CLASSES))
-    models = [fine_tune_copy(paths[name], tmp_path / f"ft{i}", seed=i) for i in (1, 2)]
-    stats = {}
-    for model in [paths[name], *models]:
-        for method in ("squared_gradients", "gram"):
-            out = str(tmp_path / f"{os.path.basename(model)}-{method}")
-            run(PredictConfig(model_name_or_path=model, output_dir=out, dataset_name=data, split="train",
-                              method=method, task_type=TASK[name], batch_size=4, num_threads=1, max_length=64))
-            stats[model, method] = out
-    fishers = [stats[m, "squared_gradients"] for m in models]
-    grams = [stats[m, "gram"] for m in models]
-    merges = {
-        "fisher": ["--aux_data", *fishers],
-        "uncertainty_based_gradient_matching": ["--aux_data", *fishers, "--ancestor_aux_data",
-                                                stats[paths[name], "squared_gradients"], "--x:scaling_factor", "0.5"],
-        "mats": ["--aux_data", *fishers, "--x:objective", "fisher"],
-    }
-    if name != "causal_lm":  # GPT-2's Conv1D keeps its weights as [in, out]; the Gram methods expect [out, in]
-        merges["regmean"] = ["--aux_data", *grams]
-        merges["mats"] = ["--aux_data", *grams, "--x:objective", "blockwise_fisher"]
-    for method, arguments in merges.items():
-        out = str(tmp_path / f"merged-{method}")
-        try:
-            run_cli(merge_program.main, ["--merge", method, "--models", *models, "--ancestor", paths[name], *arguments,
-                                         "--output", out, "--no_progress"])
-        except SystemExit as exit_info:
-            assert exit_info.code in (0, None), method
-        merged, _ = load_for_task(out, TASK[name], class_names=CLASSES)
-        first, _ = load_for_task(models[0], TASK[name], class_names=CLASSES)
-        assert any(not torch.equal(a, b) for a, b in zip(merged.state_dict().values(), first.state_dict().values()))
-        assert all(torch.isfinite(t).all() for t in merged.state_dict().values() if t.is_floating_point())
+# --- merges of every family's statistics: tests/test_family_merges.py ----------------------------------------------
 
 
 def test_della_ranks_a_conv_kernel_within_each_filter():

@@ -46,6 +46,9 @@ STATISTIC_FILES = {
     "output_grad_gram": "output_grad_gram.safetensors",
     "trimmed": "trimmed.safetensors",
 }
+# Metadata key of the Gram files: a JSON list of the weights stored [in, out] (GPT-2's Conv1D) rather than as
+# nn.Linear's [out, in]. Files without it (written before the layout was recorded) describe [out, in] weights.
+IN_OUT_WEIGHTS_KEY = "weights_stored_in_out"
 
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -80,6 +83,7 @@ class SafetensorsFile:
         try:
             with safe_open(path, framework="pt") as handle:
                 self.infos = {name: _slice_info(path, name, handle.get_slice(name)) for name in handle.keys()}
+                self.metadata = handle.metadata() or {}
         except CheckpointError:
             raise
         except Exception as error:  # safetensors raises its own error types for corrupt headers
@@ -109,6 +113,7 @@ class TorchFile:
         self.path = path
         self._state = None
         self.infos = {name: TensorInfo(tuple(t.shape), t.dtype) for name, t in self._load().items()}
+        self.metadata = {}
 
     def _load(self):
         if self._state is None:
@@ -172,6 +177,7 @@ class Checkpoint:
         self.folder = folder
         self._files = files
         self._where = {}
+        self._in_out = {}  # file path -> the names its metadata records as stored [in, out]
         for file in files:
             for name in file.infos:
                 if name in self._where:
@@ -190,6 +196,20 @@ class Checkpoint:
 
     def file_of(self, name):
         return self._where[name].path
+
+    def stored_in_out(self, name) -> bool:
+        """Whether the (Gram statistics) file holding `name` records its weight as stored [in, out]."""
+        file = self._where[name]
+        if file.path not in self._in_out:
+            listed = file.metadata.get(IN_OUT_WEIGHTS_KEY, "[]")
+            try:
+                names = json.loads(listed)
+            except ValueError:
+                names = None
+            if not isinstance(names, list):
+                raise CheckpointError(f"{file.path}: metadata {IN_OUT_WEIGHTS_KEY} is not a JSON list of tensor names")
+            self._in_out[file.path] = set(names)
+        return name in self._in_out[file.path]
 
     def release(self):
         for file in self._files:

@@ -61,12 +61,14 @@ def only_trainable(model: nn.Module, names):
             p.requires_grad_(before[name])
 
 
-def stage_grams(model, tokenizer, dataset, stage, gram_options) -> dict[str, torch.Tensor]:
-    """Gram matrices (weight name -> XᵀX) of the linear layers among `stage`'s parameters of `model`."""
+def stage_grams(model, tokenizer, dataset, stage, gram_options) -> tuple[dict[str, torch.Tensor], frozenset]:
+    """Gram matrices (weight name -> XᵀX) of the linear layers among `stage`'s parameters of `model`, and the
+    names of those weights stored [in, out] (GPT-2's Conv1D)."""
     with only_trainable(model, set(stage)):
         if not trainable_linear_layers(model):
-            return {}
-        return compute_gram(model, tokenizer, dataset, **gram_options).input_gram
+            return {}, frozenset()
+        result = compute_gram(model, tokenizer, dataset, **gram_options)
+        return result.input_gram, result.stored_in_out
 
 
 def regmean_plusplus(models, tokenizer, datasets, *, alpha=0.5, progress=True, **gram_options) -> dict[str, torch.Tensor]:
@@ -81,11 +83,12 @@ def regmean_plusplus(models, tokenizer, datasets, *, alpha=0.5, progress=True, *
     parameters = [dict(m.named_parameters()) for m in models]
     merged = {}
     for stage in tqdm(stages(models[0]), desc="RegMean++ stages", disable=not progress):
-        grams = [stage_grams(m, tokenizer, d, stage, gram_options) for m, d in zip(models, datasets)]
+        grams, stored_in_out = zip(*(stage_grams(m, tokenizer, d, stage, gram_options) for m, d in zip(models, datasets)))
         for name in stage:
             tensors = [p[name].detach() for p in parameters]
             stats = [{"gram": g[name].to(tensors[0].device)} if name in g else {} for g in grams]
-            merged[name] = method.merge(TensorGroup(name, tensors, stats=stats), alpha=alpha)
+            group = TensorGroup(name, tensors, stats=stats, stored_in_out=name in stored_in_out[0])
+            merged[name] = method.merge(group, alpha=alpha)
         with torch.no_grad():
             for p in parameters:
                 for name in stage:

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from modelmerge.checkpoint import Checkpoint, TensorInfo, open_output
 from modelmerge.lora_merge import factorize
 from modelmerge.merging.options import MergeError, check_device
-from modelmerge.methods.base import TensorBlocks, TensorGroup
+from modelmerge.methods.base import GRAM_KINDS, TensorBlocks, TensorGroup
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +28,6 @@ RELEASE_EVERY_BYTES = 64 * 2**20
 # method's temporaries stay in the CPU caches, large enough that the work per block dwarfs its overhead.
 BLOCK_BYTES = 512 * 2**10
 NON_NEGATIVE_STATISTICS = ("fisher",)  # diagonal Fisher / squared-gradient Hessian estimates
-GRAM_STATISTICS = ("gram", "output_grad_gram")
 OUTPUT_KIND = "merge"  # what a merge's output folder (or file) records as the program that wrote it
 
 
@@ -177,6 +176,7 @@ def _read_group(task, rows, reader, dtype, device):
                     for kind, source in task.base_stats.items()},
         initial=working(task.initial, "initial tensor") if task.initial is not None else None,
         first_row=rows.start if isinstance(rows, slice) else 0,
+        stored_in_out=task.stored_in_out,
     )
 
 
@@ -185,7 +185,7 @@ def check_statistic(kind, tensor, source, what):
     gradients) anywhere, a Gram matrix (XᵀX) on its diagonal."""
     if kind in NON_NEGATIVE_STATISTICS:
         values = tensor
-    elif kind in GRAM_STATISTICS and tensor.dim() == 2:
+    elif kind in GRAM_KINDS and tensor.dim() == 2:
         values = tensor.diagonal()
     else:
         return

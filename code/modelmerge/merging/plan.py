@@ -10,8 +10,9 @@ from typing import Any
 
 import torch
 
-from modelmerge.checkpoint import TensorInfo
+from modelmerge.checkpoint import CheckpointError, TensorInfo
 from modelmerge.merging.options import MergeError
+from modelmerge.methods.base import GRAM_KINDS
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,7 @@ class TensorTask:
     params: dict[str, Any] = field(default_factory=dict)
     merge: bool = True  # False: copied from the base (else the first model), e.g. excluded by a regex
     lora_output: LoraOutput | None = None
+    stored_in_out: bool = False  # a linear weight stored [in, out] (GPT-2's Conv1D), as its Gram statistics say
 
     def sources(self) -> list[Source]:
         """Every input this task reads."""
@@ -68,12 +70,15 @@ def statistic_kinds(method):
     return tuple(method.stats), tuple(method.optional_stats), (ordered[0] if ordered else None)
 
 
-def expected_statistic_shape(kind, shape):
-    """Shape statistic `kind` has for a tensor of `shape`; None where the kind does not apply."""
-    if kind == "gram":
-        return (shape[1], shape[1]) if len(shape) == 2 else None
-    if kind == "output_grad_gram":
-        return (shape[0], shape[0]) if len(shape) == 2 else None
+def expected_statistic_shape(kind, shape, stored_in_out=False):
+    """Shape statistic `kind` has for a tensor of `shape` (a linear weight [out, in], or [in, out] when
+    `stored_in_out`); None where the kind does not apply."""
+    if kind in GRAM_KINDS:
+        if len(shape) != 2:
+            return None
+        out_features, in_features = shape[::-1] if stored_in_out else shape
+        size = in_features if kind == "gram" else out_features
+        return size, size
     return tuple(shape)
 
 
@@ -140,6 +145,7 @@ def plan_merge(method, params, models, base=None, stats=None, base_stats=None, i
             if stats is not None:
                 task.stats = [_model_statistics(s, name, info.shape, required, optional, primary) for s in stats]
                 _check_optional_consistent(task, optional, stats)
+                task.stored_in_out = _stored_in_out(task)
             if method.base_stats:
                 task.base_stats = _model_statistics(base_stats, name, info.shape, method.base_stats, (), primary)
             if initial is not None:
@@ -164,23 +170,47 @@ def _compile(pattern, what):
 def _model_statistics(statistics, name, shape, required, optional, primary):
     found = {}
     for kind in list(required) + list(optional):
-        expected = expected_statistic_shape(kind, shape)
         checkpoint = statistics.get(kind, primary)
-        present = checkpoint is not None and name in checkpoint and expected is not None
+        present = checkpoint is not None and name in checkpoint and expected_statistic_shape(kind, shape) is not None
         if not present:
             if kind in required:
                 raise MergeError(
                     f"statistics {statistics.path} ({statistics.describe()}) have no '{kind}' for tensor {name}"
                 )
             continue
-        actual = checkpoint.info(name).shape
-        if tuple(actual) != expected:
+        in_out = kind in GRAM_KINDS and _recorded_in_out(checkpoint, name)
+        expected = expected_statistic_shape(kind, shape, in_out)
+        actual = tuple(checkpoint.info(name).shape)
+        if actual != expected:
+            hint = ""
+            if kind in GRAM_KINDS and not in_out and actual == expected_statistic_shape(kind, shape, True):
+                hint = ("; it fits a weight stored [in, out] (GPT-2's Conv1D), which Gram files written before "
+                        "the layout was recorded do not say: compute them again with predict.py")
             raise MergeError(
                 f"statistic '{kind}' of tensor {name} in {checkpoint.file_of(name)} has shape {list(actual)}, "
-                f"expected {list(expected)}"
+                f"expected {list(expected)}{hint}"
             )
         found[kind] = Source(checkpoint, name)
     return found
+
+
+def _recorded_in_out(checkpoint, name):
+    try:
+        return checkpoint.stored_in_out(name)
+    except CheckpointError as error:
+        raise MergeError(str(error)) from None
+
+
+def _stored_in_out(task):
+    """Whether the task's tensor is a weight stored [in, out], as every Gram statistic of it must agree."""
+    layouts = {source.checkpoint.file_of(source.name): source.checkpoint.stored_in_out(source.name)
+               for stats in task.stats for kind, source in stats.items() if kind in GRAM_KINDS}
+    if len(set(layouts.values())) > 1:
+        in_out = [path for path, flag in layouts.items() if flag]
+        out_in = [path for path, flag in layouts.items() if not flag]
+        raise MergeError(f"the Gram statistics of tensor {task.name} disagree on its layout: [in, out] in "
+                         f"{listing(in_out)}, [out, in] in {listing(out_in)}")
+    return any(layouts.values())
 
 
 def _check_optional_consistent(task, optional, stats):

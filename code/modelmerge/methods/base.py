@@ -16,6 +16,8 @@ from typing import Any, Callable, ClassVar, Iterator
 
 import torch
 
+GRAM_KINDS = ("gram", "output_grad_gram")  # the statistics of a linear layer: [in, in] and [out, out]
+
 
 @dataclass
 class TensorGroup:
@@ -31,6 +33,9 @@ class TensorGroup:
     initial: torch.Tensor | None = None  # a given starting point (MaTS initialised from another merge)
     prepared: Any = None  # what the method's `prepare` computed from the whole tensor, when this is a block
     first_row: int = 0  # where this block's rows begin in the whole tensor (0 for a whole tensor)
+    # The tensor is a linear layer's weight stored [in, out] (GPT-2's Conv1D), not [out, in] as nn.Linear's, as
+    # its Gram statistics record; methods that apply Gram matrices transpose it (regmean.weights_out_in).
+    stored_in_out: bool = False
 
     def rows(self, selection) -> "TensorGroup":
         """The same group restricted to `selection` (a slice or an index tensor) of every tensor's rows."""

@@ -10,7 +10,7 @@ import torch
 
 from .base import MergeMethod, Parameter, TensorGroup
 from .common import optional_stats, stat
-from .regmean import WORK_DTYPE, average, check_linear_gram, scale_off_diagonal
+from .regmean import WORK_DTYPE, average, check_linear_gram, scale_off_diagonal, weights_out_in
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +26,8 @@ class Mats(MergeMethod):
     - 'blockwise_fisher': F_t = G_t ⊗ S_t, the matvec W ↦ S_t W G_t ('gram' and 'output_grad_gram').
 
     With 'regmean'/'blockwise_fisher', tensors without a Gram statistic (biases, embeddings, norms) are
-    averaged; `alpha` shrinks the Grams' off-diagonal entries as RegMean does (1: unchanged).
+    averaged; `alpha` shrinks the Grams' off-diagonal entries as RegMean does (1: unchanged); a weight stored
+    [in, out] (GPT-2's Conv1D, as its Gram statistics record) is merged as its transpose.
     CG starts from `group.initial` when the driver gives one, else from the ancestor (git-theta's
     convention: `--ancestor` is MaTS' starting point, e.g. a task-arithmetic merge), else from the
     average. Each tensor's iterations and residuals are logged (INFO: summary, DEBUG: every iteration).
@@ -47,6 +48,9 @@ class Mats(MergeMethod):
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
         if iterations < 0:
             raise ValueError(f"iterations must be >= 0, got {iterations}")
+        if group.stored_in_out and objective in ("regmean", "blockwise_fisher"):
+            return self.merge(weights_out_in(group), objective=objective, iterations=iterations,
+                              tolerance=tolerance, alpha=alpha).T
         system = linear_system(group, objective, alpha)
         if system is None:
             return average(group).to(group.tensors[0].dtype)

@@ -4,10 +4,11 @@ Jin et al., "Dataless Knowledge Fusion by Merging Weights of Language Models", I
 (https://arxiv.org/abs/2212.09849).
 """
 import logging
+from dataclasses import replace
 
 import torch
 
-from .base import MergeMethod, Parameter, TensorGroup
+from .base import GRAM_KINDS, MergeMethod, Parameter, TensorGroup
 from .common import optional_stats, weighted_mean
 
 logger = logging.getLogger(__name__)
@@ -18,6 +19,24 @@ WORK_DTYPE = torch.float64
 def scale_off_diagonal(gram: torch.Tensor, alpha: float) -> torch.Tensor:
     """G̃ = α G + (1 − α) diag(G)."""
     return alpha * gram + (1 - alpha) * torch.diag_embed(gram.diagonal())
+
+
+def weights_out_in(group: TensorGroup) -> TensorGroup:
+    """The group with its weights in nn.Linear's layout [out, in]: transposed where they are stored [in, out]
+    (GPT-2's Conv1D, `group.stored_in_out`); Gram statistics are the same in both layouts, the other
+    statistics (shaped like the weight) are transposed too. Transpose the merged [out, in] result back."""
+    if not group.stored_in_out:
+        return group
+
+    def flip(tensor):
+        return None if tensor is None else tensor.T
+
+    return replace(
+        group, tensors=[t.T for t in group.tensors], base=flip(group.base), initial=flip(group.initial),
+        stats=[{kind: t if kind in GRAM_KINDS else t.T for kind, t in stats.items()} for stats in group.stats],
+        base_stats={kind: t if kind in GRAM_KINDS else t.T for kind, t in group.base_stats.items()},
+        stored_in_out=False,
+    )
 
 
 def check_linear_gram(group: TensorGroup, grams) -> None:
@@ -39,7 +58,8 @@ def average(group: TensorGroup) -> torch.Tensor:
 class RegMean(MergeMethod):
     """W = (Σ_t G̃_t)⁻¹ Σ_t G̃_t W_tᵀ, transposed back; tensors without a Gram statistic are averaged.
 
-    `alpha` (git-theta's `merge_lambda`, default 0.5 as there) shrinks the off-diagonal entries.
+    `alpha` (git-theta's `merge_lambda`, default 0.5 as there) shrinks the off-diagonal entries. A weight
+    stored [in, out] (GPT-2's Conv1D, as its Gram statistics record) is merged as its transpose.
     """
 
     name = "regmean"
@@ -53,6 +73,8 @@ class RegMean(MergeMethod):
         grams = optional_stats(group, "gram")
         if grams is None:
             return average(group).to(group.tensors[0].dtype)
+        if group.stored_in_out:
+            return self.merge(weights_out_in(group), alpha=alpha).T
         check_linear_gram(group, grams)
         lhs = torch.zeros_like(grams[0], dtype=WORK_DTYPE)  # Σ G̃_t           [in, in]
         rhs = torch.zeros(group.tensors[0].shape[::-1], dtype=WORK_DTYPE, device=lhs.device)  # Σ G̃_t W_tᵀ  [in, out]

@@ -16,11 +16,13 @@ weight's checkpoint name. For a LoRA model these are `lora_A` and `lora_B` of ea
 linear modules to save, e.g. the classifier): `...lora_A.weight` has the Gram of the adapted layer's
 inputs (also the input Gram of ΔW = scaling·B·A), `...lora_B.weight` has the Gram of the gradients at
 lora_B's output, which is scaling × the gradient at the adapted layer's output (divide by scaling² for
-ΔW's output-gradient Gram).
+ΔW's output-gradient Gram). GPT-2's `Conv1D` layers count as linear; their weights are stored [in, out],
+not [out, in], and the files' metadata lists them (checkpoint.IN_OUT_WEIGHTS_KEY).
 
     result = compute_gram(model, tokenizer, dataset)
     save_gram(result, model, "out/")   # gram.safetensors, output_grad_gram.safetensors, stats.json
 """
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -31,6 +33,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from modelmerge.atomic import atomic_file, write_json
+from modelmerge.checkpoint import IN_OUT_WEIGHTS_KEY
 from modelmerge.statistics.batches import labelled_batches, limit_examples
 from modelmerge.statistics.capture import ModuleCapture, batch_first, output_gradients
 from modelmerge.statistics.parameters import gradients_for_statistic_parameters, statistic_parameters
@@ -47,6 +50,7 @@ class GramResult:
     num_tokens: int  # non-padding tokens of all examples
     empirical: bool
     seed: int
+    stored_in_out: frozenset = frozenset()  # "<layer>.weight" of the layers whose weight is [in, out] (Conv1D)
 
     @property
     def variant(self):
@@ -119,6 +123,7 @@ def _accumulate_grams(model, tokenizer, dataset, layers, empirical, batch_size, 
     return GramResult(
         {key[n]: g for n, g in inputs.items()}, {key[n]: g for n, g in outputs.items()},
         {key[n]: r for n, r in rows.items()}, len(dataset), num_tokens, empirical, seed,
+        frozenset(key[n] for n, m in layers.items() if isinstance(m, Conv1D)),
     )
 
 
@@ -138,13 +143,15 @@ def _rows(tensor, masks, batch_size, what):
 
 def save_gram(result, model, output_dir):
     """Write `gram.safetensors`, `output_grad_gram.safetensors` and `stats.json` into `output_dir`, each atomically,
-    stats.json last; tensors under the checkpoint names of the layers' weights."""
+    stats.json last; tensors under the checkpoint names of the layers' weights. The safetensors metadata lists the
+    weights stored [in, out] (checkpoint.IN_OUT_WEIGHTS_KEY), so that a merge knows how to apply the Grams."""
     names = statistic_parameters(model)
     os.makedirs(output_dir, exist_ok=True)
     files = {"gram.safetensors": result.input_gram, "output_grad_gram.safetensors": result.output_grad_gram}
+    metadata = {"format": "pt", IN_OUT_WEIGHTS_KEY: json.dumps(sorted(names[name] for name in result.stored_in_out))}
     for filename, grams in files.items():
         with atomic_file(os.path.join(output_dir, filename)) as tmp:
-            save_file({names[name]: gram.contiguous() for name, gram in grams.items()}, tmp, metadata={"format": "pt"})
+            save_file({names[name]: gram.contiguous() for name, gram in grams.items()}, tmp, metadata=metadata)
     stats = {
         "num_examples": result.num_examples,
         "num_tokens": result.num_tokens,
