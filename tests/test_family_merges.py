@@ -173,6 +173,10 @@ def test_regmean_is_its_closed_form_with_conv1d_weights_transposed(family):
         assert transposed <= set(grams[0]) and shapes == {True, False}
     else:
         assert not transposed
+    for model in family["models"]:  # what predict.py records
+        for file in ("gram.safetensors", "output_grad_gram.safetensors"):
+            with safe_open(os.path.join(family["stats"][model, "gram"], file), "pt") as handle:
+                assert json.loads(handle.metadata()["weights_stored_in_out"]) == sorted(transposed)
     away_from_the_average = 0
     for name, theta in thetas[0].items():
         if not theta.is_floating_point():
@@ -312,16 +316,23 @@ def test_gpt2_regmean_plusplus_equals_that_of_the_model_with_linear_layers(famil
 
 
 @pytest.mark.parametrize("family", ["causal_lm"], indirect=True)
-def test_gram_files_without_the_layout_are_refused_for_conv1d_weights(family, tmp_path, capsys):
-    """Gram files written before the layout was recorded describe [out, in] weights: GPT-2's c_attn does not fit."""
+@pytest.mark.parametrize("metadata, only, expected", [
+    # written before the layout was recorded: [out, in] weights, which GPT-2's c_attn [16, 48] does not fit
+    ({"format": "pt"}, None, "it fits a weight stored [in, out]"),
+    # square weights fit both layouts: the statistics of the two models must agree
+    ({"format": "pt"}, "c_proj", "disagree on its layout: [in, out] in"),
+    ({"format": "pt", "weights_stored_in_out": "c_attn"}, None, "metadata weights_stored_in_out is not a JSON list"),
+])
+def test_gram_layouts_that_do_not_fit_are_one_line_errors(family, tmp_path, capsys, metadata, only, expected):
     models, stats = family["models"], [family["stats"][m, "gram"] for m in family["models"]]
-    old = tmp_path / "old"
-    shutil.copytree(stats[0], old)
+    other = tmp_path / "other"
+    shutil.copytree(stats[0], other)
     for file in ("gram.safetensors", "output_grad_gram.safetensors"):
-        save_file(load_file(old / file), str(old / file), metadata={"format": "pt"})
+        save_file(load_file(other / file), str(other / file), metadata=metadata)
     with pytest.raises(SystemExit) as exit_info:
-        run_cli(merge_program.main, ["--merge", "regmean", "--models", *models, "--aux_data", str(old), stats[1],
-                                     "--output", str(tmp_path / "out"), "--no_progress"])
+        run_cli(merge_program.main, ["--merge", "regmean", "--models", *models, "--aux_data", str(other), stats[1],
+                                     *(["--include", only] if only else []), "--output", str(tmp_path / "out"),
+                                     "--no_progress"])
     message = capsys.readouterr().err
-    assert exit_info.value.code == 2 and "[in, out]" in message and len(message.strip().splitlines()) == 1
+    assert exit_info.value.code == 2 and expected in message and len(message.strip().splitlines()) == 1, message
     assert not (tmp_path / "out").exists()
