@@ -7,7 +7,7 @@ import merge as merge_program
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from tiny import make_tiny_bert
 from transformers import BertForSequenceClassification
 
@@ -137,4 +137,24 @@ def test_lora_methods_needing_an_ancestor_refuse_full_tensors_without_one(base, 
     with pytest.raises(SystemExit):
         run(["--merge", "lora-ties", "--models", *adapters, "--output", str(tmp_path / "out")])
     assert "give the base model as ancestor" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_lora_merge_refuses_statistics_that_name_none_of_the_weight_changes(base, tmp_path, capsys):
+    """An adapter's Grams are keyed by its lora_A/lora_B weights, not by the base weights whose changes a
+    lora- merge combines: RegMean would silently average every change; it must refuse instead."""
+    adapters = [make_adapter(base, tmp_path / f"a{i}", seed=40 + i, r=2, alpha=4) for i in range(2)]
+    grams = []
+    for i, adapter in enumerate(adapters):
+        a_names = [n for n in load_file(os.path.join(adapter, "adapter_model.safetensors")) if "lora_A" in n]
+        path = str(tmp_path / f"gram{i}.safetensors")
+        save_file({name: torch.eye(32) for name in a_names}, path)
+        grams.append(path)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        run(["--merge", "lora-regmean", "--models", *adapters, "--aux_data", *grams, "--ancestor", base,
+             "--output", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip()
+    assert "no 'gram' statistic for any merged tensor" in error and len(error.splitlines()) == 1
     assert not (tmp_path / "out").exists()

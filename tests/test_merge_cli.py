@@ -300,8 +300,9 @@ BLOCKWISE_MERGES = {
 def test_elementwise_methods_merged_in_row_blocks_give_the_same_files(method, zoo, tmp_path, monkeypatch):
     from modelmerge.merging import execute
 
-    argv = ["--merge", method, "--models", *zoo["models"], "--ancestor", zoo["base"],
-            "--aux_data", *[p for p, _ in zoo["fishers"]], *BLOCKWISE_MERGES[method]]
+    argv = ["--merge", method, "--models", *zoo["models"], "--ancestor", zoo["base"], *BLOCKWISE_MERGES[method]]
+    if method in ("fisher", "uncertainty_based_gradient_matching"):
+        argv += ["--aux_data", *[p for p, _ in zoo["fishers"]]]
     if method == "uncertainty_based_gradient_matching":
         argv += ["--ancestor_aux_data", zoo["base_fisher"][0]]
     monkeypatch.setattr(execute, "BLOCK_BYTES", 2**40)
@@ -366,3 +367,10 @@ def test_cpu_merges_run_on_one_thread_unless_omp_num_threads_is_set(zoo, tmp_pat
         assert set(seen) == {2}
     finally:
         torch.set_num_threads(threads)
+
+
+def test_statistics_a_method_does_not_use_are_refused(zoo, tmp_path, capsys):
+    """A Fisher given to TIES (which reads only 'trimmed' statistics) would be silently ignored."""
+    assert_fails(["--merge", "ties", "--models", *zoo["models"], "--ancestor", zoo["base"],
+                  "--aux_data", *[p for p, _ in zoo["fishers"]], "--output", str(tmp_path / "out")],
+                 "no 'trimmed' statistic for any merged tensor", capsys, output=str(tmp_path / "out"))

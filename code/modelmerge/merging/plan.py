@@ -155,7 +155,22 @@ def plan_merge(method, params, models, base=None, stats=None, base_stats=None, i
         chosen = " and ".join(f"{what} {pattern!r}" for what, pattern in (("include", include), ("exclude", exclude))
                               if pattern)
         raise MergeError(f"{chosen} select no floating-point tensor of {models[0].path} to merge")
+    if stats is not None and (required or optional):
+        _check_statistics_used(method, tasks, stats, required + optional)
     return tasks
+
+
+def _check_statistics_used(method, tasks, stats, kinds):
+    """MergeError where the statistics give none of the merged tensors a statistic the method uses (e.g. a
+    LoRA adapter's Grams, keyed by its lora_A/lora_B weights, in a lora- merge of the weight changes, or a
+    Fisher given to TIES): merging on would silently fall back to the method's statistic-free rule."""
+    if any(any(task.stats) for task in tasks if task.merge):
+        return
+    merged = [task.name for task in tasks if task.merge]
+    raise MergeError(
+        f"the statistics {stats[0].path} ({stats[0].describe()}) give method {method.name} no "
+        f"{' or '.join(repr(kind) for kind in kinds)} statistic for any merged tensor ({listing(merged)})"
+    )
 
 
 def _compile(pattern, what):
