@@ -13,7 +13,10 @@ their target: a merge loop within 3x task arithmetic's, WUDI's per 100 iteration
 - mergekit (`mergekit-yaml`, when installed) on the same merge: wall time and peak resident memory.
 
 The targets: merge loop within 1.5x the I/O floor, faster than mergekit, peak memory below the size of two
-checkpoints; the table ends with each target, met or not. Inputs are read from the page cache when memory
+checkpoints; the table ends with each target, met or not. A new method whose loop misses 3x task arithmetic's
+gets its arithmetic lower bound printed: the floating-point operations of the exact decompositions and
+products its definition needs (SVDs counted as Golub & Van Loan count them), or the entries it must sort,
+at the rates a quick matmul and a quick sort reach on this machine with the same threads. Inputs are read from the page cache when memory
 allows (every file is read once before the measurements). Our merge runs with each of `--threads` torch
 threads (OMP_NUM_THREADS; default 1, as merge.py itself runs), `--repeats` times, alternating with the
 floor so that other processes on the machine (which make the figures noisy) slow both alike; medians are
@@ -34,6 +37,7 @@ import tempfile
 import time
 from statistics import median
 
+import numpy as np
 import torch
 from safetensors.torch import save_file
 from transformers import BertConfig, BertForSequenceClassification
@@ -236,6 +240,78 @@ def new_method_merges(models, base, reads):
     return merges
 
 
+# Floating-point operations of a thin SVD of an m x n matrix with its singular vectors (Σ, U1, V), the cheaper
+# of Golub-Reinsch's and R-SVD's counts (Golub & Van Loan, Matrix Computations, section 8.6).
+def svd_flops(m, n):
+    a, b = max(m, n), min(m, n)
+    return min(14 * a * b * b + 8 * b ** 3, 6 * a * b * b + 20 * b ** 3)
+
+
+def decomposition_flops(method, m, n, tasks=4, iterations=100, common_space_fraction=0.8):
+    """What the exact definition of `method` (../shared/docs/merging.md) computes on one m x n matrix, at the
+    least: its SVDs (task vectors, sums, and the polar factors of the stacked singular vectors) and the
+    matrix products of its reconstruction; WUDI: one product with an n x n matrix per Adam step."""
+    width = min(m, n)
+    polar = svd_flops(m, width) + svd_flops(width, n)  # of the stacked U (m x width) and Vᵀ (width x n)
+    if method == "iso_c":
+        return svd_flops(m, n) + 2 * m * n * width
+    if method == "tsv_m":
+        return tasks * svd_flops(m, n) + polar + 2 * m * width * n
+    if method == "iso_cts":
+        common = int(common_space_fraction * width)
+        return (tasks + 1) * svd_flops(m, n) + tasks * 4 * m * n * common + polar + 2 * m * width * n
+    if method == "wudi":  # the Gram matrices once, then per step τG (or, if cheaper, (τ − τ_t)τ_tᵀτ_t per task)
+        return tasks * m * n * n + iterations * 2 * m * n * min(n, 2 * tasks * m)
+    return None
+
+
+SORTING = ("della", "della_linear")  # rank every task-vector entry within its row
+
+
+def matmul_rate(threads, size=2048):
+    """Floating-point operations per second of a float32 matmul with `threads` torch threads."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        a = torch.randn(size, size)
+        return 2 * size ** 3 / fastest(lambda: torch.mm(a, a))
+    finally:
+        torch.set_num_threads(previous)
+
+
+def sort_rate(row=768, rows=2048):
+    """Entries per second of sorting the rows of a matrix (NumPy's sort of 64-bit keys, as DELLA ranks)."""
+    keys = np.random.default_rng(0).integers(0, 2 ** 62, size=(rows, row))
+    return keys.size / fastest(lambda: np.sort(keys, axis=1))
+
+
+def fastest(run, repeats=5):
+    """The shortest of `repeats` timed runs (after one untimed): the rate the machine reaches when other
+    processes leave it alone."""
+    run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def lower_bound(method, shapes, threads, tasks):
+    """(seconds, what) of the arithmetic `method` cannot do without on these tensors, or None."""
+    if method in SORTING:
+        entries = tasks * sum(torch.Size(shape).numel() for shape in shapes.values())
+        rate = sort_rate()
+        return entries / rate, f"sorting {entries / 1e6:.0f}M task-vector entries within their rows at {rate / 1e6:.0f}M/s"
+    matrices = [shape for shape in shapes.values() if len(shape) == 2]
+    if decomposition_flops(method, 2, 2) is None:
+        return None
+    flops = sum(decomposition_flops(method, m, n, tasks) for m, n in matrices)
+    rate = matmul_rate(threads)
+    return flops / rate, (f"{flops / 1e9:.0f} GFLOP of exact SVDs and matrix products on {len(matrices)} matrices at "
+                          f"{rate / 1e9:.0f} GFLOP/s (float32 matmul, {threads} thread(s))")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scale", type=float, default=1.0, help="width and vocabulary relative to BERT-base")
@@ -278,7 +354,7 @@ def main():
                            mk_rss=mergekit[1], load=median(loads), floors=floors, loops=[o[0] for o in ours])
                 rows.append(row)
                 print(json.dumps(row))
-        print_table(rows, checkpoint_bytes, max(args.threads))
+        print_table(rows, checkpoint_bytes, max(args.threads), shapes_of(bert_config(args.scale)))
     finally:
         if args.keep:
             print(f"kept {root}")
@@ -290,7 +366,7 @@ def verdict(met):
     return "met" if met else "NOT MET"
 
 
-def print_table(rows, checkpoint_bytes, mergekit_threads):
+def print_table(rows, checkpoint_bytes, mergekit_threads, shapes):
     mib, limit = 2**20, 2 * checkpoint_bytes
     print()
     print(f"{'method':<36} {'thr':>3} {'loop s':>7} {'floor s':>8} {'loop/floor':>10} {'wall s':>7} {'mergekit s':>10} "
@@ -316,6 +392,22 @@ def print_table(rows, checkpoint_bytes, mergekit_threads):
         if r["method"] in NEW_METHODS and r["threads"] in task_arithmetic:
             ratio = r["loop"] / task_arithmetic[r["threads"]]
             print(f"  {r['method']:<52} loop {ratio:.1f}x task arithmetic's (<= 3x): {verdict(ratio <= 3)}")
+            if ratio > 3:
+                print_lower_bound(r, 3 * task_arithmetic[r["threads"]], shapes)
+
+
+def print_lower_bound(row, target, shapes):
+    """Why a method misses 3x task arithmetic: the time its arithmetic takes at this machine's rates."""
+    method, tasks = row["method"], NEW_METHODS[row["method"]][2]
+    if method == "sce":
+        print(f"    {'':<50} reads every input 3 times (variance selection, energies, merge), task arithmetic once")
+        return
+    bound = lower_bound(method, shapes, row["threads"], tasks)
+    if bound is None:
+        print(f"    {'':<50} no arithmetic lower bound above the target known: the loop itself is slow")
+        return
+    seconds, what = bound
+    print(f"    {'':<50} arithmetic lower bound {seconds:.1f} s (3x task arithmetic: {target:.1f} s): {what}")
 
 
 if __name__ == "__main__":

@@ -66,6 +66,16 @@ def test_della_keeps_entries_with_probabilities_rising_with_magnitude():
     assert not torch.equal(again, run_method("della_linear", other, density=0.5, epsilon=0.2, seed=3))
 
 
+def test_della_ranks_entries_within_each_row_ties_in_column_order():
+    """Each entry's position in its row sorted ascending (a stable sort: equal magnitudes in column order),
+    counted by brute force; the CPU's float32 sort of packed keys and torch's argsort (float64) agree."""
+    magnitudes = randn(6, 41, seed=5).abs().mul(4).round().div(4)  # many ties, zeros among them
+    expected = torch.tensor([[float(sum(v < row[j] for v in row) + sum(v == row[j] for v in row[:j])) for j in range(len(row))]
+                             for row in magnitudes.tolist()])
+    assert torch.equal(della.row_positions(magnitudes, torch.float32), expected)
+    assert torch.equal(della.row_positions(magnitudes.double(), torch.float64), expected.double())
+
+
 def test_della_rejects_an_epsilon_leaving_the_unit_interval():
     base, thetas = models(2)
     with pytest.raises(ValueError, match="epsilon must leave density ± epsilon inside"):

@@ -11,6 +11,12 @@ def upcast_dtype(dtype: torch.dtype, minimum: torch.dtype = torch.float32) -> to
     return torch.promote_types(dtype, minimum)
 
 
+def as_numbers(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean mask as 1/0 in `dtype`, converted through its bytes (uint8): on the CPU several times faster
+    than converting the bool tensor itself."""
+    return mask.view(torch.uint8).to(dtype)
+
+
 def per_model(values, group: TensorGroup, name: str) -> list[float]:
     """Check that a per-model parameter holds one number per model of `group` and return them as floats."""
     if len(values) != len(group.tensors):

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from .base import MergeMethod, Parameter, TensorBlocks, TensorGroup
-from .common import base_tensor, per_model, upcast_dtype
+from .common import as_numbers, base_tensor, per_model, upcast_dtype
 from .sparsify import tensor_generator
 from .task_vectors import CONSENSUS_PARAMETERS, combine, combine_parameters, task_vector
 
@@ -27,24 +27,47 @@ class DellaPlan:
 _BITS = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
 
 
+def row_positions(magnitudes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Per row of the 2-D non-negative `magnitudes`, each entry's 0-based position in the row sorted
+    ascending, ties in column order (a stable sort), as `dtype`. Non-negative floats are ordered as their
+    bit patterns. On the CPU a float32 row is sorted as int64 keys (bits, then the column in the low bits):
+    the keys are distinct, so any sort gives the stable order, and NumPy's vectorised sort of values is 6x
+    faster than torch's row-wise argsort. Elsewhere: torch's stable argsort of the bit patterns."""
+    n = magnitudes.shape[1]
+    columns = torch.arange(n, device=magnitudes.device)
+    if magnitudes.device.type == "cpu" and magnitudes.dtype == torch.float32 and n <= 1 << 32:
+        column_bits = max(1, (n - 1).bit_length())
+        keys = magnitudes.view(torch.int32).to(torch.int64).bitwise_left_shift_(column_bits).bitwise_or_(columns)
+        keys.numpy().sort(axis=1)  # in place
+        order = keys.bitwise_and_((1 << column_bits) - 1)
+    else:
+        order = magnitudes.view(_BITS[magnitudes.dtype]).argsort(dim=1, stable=True)
+    if n > 1 << 24:  # positions beyond float32's integers: rounded once, from int64
+        return torch.empty_like(order).scatter_(1, order, columns.expand_as(order)).to(dtype)
+    positions = torch.empty(order.shape, dtype=dtype, device=order.device)
+    return positions.scatter_(1, order, columns.to(dtype).expand_as(order))
+
+
 def keep_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
     """p = density − ε + 2ε · (rank − 1) / (n − 1), rank of |δ| within its row (ascending; a 1-D tensor is
     one row): the smallest entries are kept with probability density − ε, the largest with density + ε."""
-    rows = delta.unsqueeze(0) if delta.dim() < 2 else delta.reshape(delta.shape[0], -1)  # a conv kernel: per filter
-    # Non-negative floats are ordered as their bit patterns: sorting these integers gives the same (stable)
-    # order twice as fast as sorting the floats.
-    order = rows.abs().view(_BITS[rows.dtype]).argsort(dim=1, stable=True)
+    return magnitude_keep_probabilities(delta.abs(), density, epsilon)
+
+
+def magnitude_keep_probabilities(magnitudes: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+    """keep_probabilities from the magnitudes |δ|."""
+    # a 1-D tensor is one row, a conv kernel one row per filter
+    rows = magnitudes.unsqueeze(0) if magnitudes.dim() < 2 else magnitudes.reshape(magnitudes.shape[0], -1)
     n = rows.shape[1]
-    position = torch.empty_like(order).scatter_(1, order, torch.arange(n, device=order.device).expand_as(order))
-    spread = position.to(upcast_dtype(delta.dtype)) / max(n - 1, 1)  # (rank − 1) / (n − 1), one sort only
-    return ((density - epsilon) + spread * 2 * epsilon).reshape(delta.shape)
+    probabilities = row_positions(rows, upcast_dtype(magnitudes.dtype)).div_(max(n - 1, 1))  # (rank − 1) / (n − 1)
+    return probabilities.mul_(2).mul_(epsilon).add_(density - epsilon).reshape(magnitudes.shape)
 
 
 def draw(probabilities: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """1 with probability p, else 0; uniform draws from `generator` on the CPU, so a seed gives the same mask
-    on every device."""
+    """True with probability p, else False; uniform draws from `generator` on the CPU, so a seed gives the
+    same mask on every device."""
     uniform = torch.rand(probabilities.shape, generator=generator, dtype=probabilities.dtype)
-    return (uniform.to(probabilities.device) < probabilities).to(probabilities.dtype)
+    return uniform.to(probabilities.device) < probabilities
 
 
 def magnitude_prune_plan(blocks: TensorBlocks, densities, epsilons, seed: int, rescale: bool) -> DellaPlan:
@@ -64,16 +87,17 @@ def magnitude_prune_plan(blocks: TensorBlocks, densities, epsilons, seed: int, r
     start = 0
     for group in (blocks if len(blocks.shape) >= 2 else [blocks.sample(blocks.numel)]):
         for t in pruned:
-            work = task_vector(group, t).to(upcast_dtype(group.base.dtype))
+            magnitudes = task_vector(group, t).to(upcast_dtype(group.base.dtype)).abs_()  # a new tensor
             if densities[t] <= 0:
-                mask = torch.zeros_like(work, dtype=torch.bool)
+                mask = torch.zeros_like(magnitudes, dtype=torch.bool)
             else:
-                mask = draw(keep_probabilities(work, densities[t], epsilons[t]), generators[t]).bool()
+                mask = draw(magnitude_keep_probabilities(magnitudes, densities[t], epsilons[t]), generators[t]).bool()
             if t not in masks:
                 masks[t] = torch.empty(blocks.numel, dtype=torch.bool, device=mask.device)
             masks[t][start: start + mask.numel()] = mask.flatten()
             if rescale:
-                sums[t].append(torch.stack([row_sums(work.abs()), row_sums(work.abs().mul_(mask))]))
+                before = row_sums(magnitudes)
+                sums[t].append(torch.stack([before, row_sums(magnitudes.mul_(as_numbers(mask, magnitudes.dtype)))]))
         start += group.base.numel()
     factors = {t: l1_factor(torch.cat(sums[t], dim=1).sum(1)) if rescale else None for t in pruned}
     return DellaPlan([masks.get(t) for t in range(len(densities))],
@@ -99,9 +123,10 @@ def pruned_task_vector(group: TensorGroup, t: int, plan: DellaPlan) -> torch.Ten
     if mask is None:
         return delta
     start = group.first_row * (group.base[0].numel() if group.base.dim() else 1)
-    kept = delta.to(upcast_dtype(delta.dtype)) * mask[start: start + delta.numel()].view(delta.shape)
+    dtype = upcast_dtype(delta.dtype)
+    kept = delta.to(dtype).mul_(as_numbers(mask[start: start + delta.numel()].view(delta.shape), dtype))  # delta is new
     if plan.factors[t] is not None:
-        kept = kept * plan.factors[t].to(kept.dtype)
+        kept.mul_(plan.factors[t].to(kept.dtype))
     return kept.to(delta.dtype)
 
 
