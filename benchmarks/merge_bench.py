@@ -15,8 +15,8 @@ their target: a merge loop within 3x task arithmetic's, WUDI's per 100 iteration
 The targets: merge loop within 1.5x the I/O floor, faster than mergekit, peak memory below the size of two
 checkpoints; the table ends with each target, met or not. A new method whose loop misses 3x task arithmetic's
 gets its arithmetic lower bound printed: the floating-point operations of the exact decompositions and
-products its definition needs (SVDs counted as Golub & Van Loan count them), or the entries it must sort,
-at the rates a quick matmul and a quick sort reach on this machine with the same threads. Inputs are read from the page cache when memory
+products its definition needs (SVDs counted as Golub & Van Loan count them), or the entries it must sort
+and draw, at the rates a quick matmul, sort and draw reach on this machine with the same threads. Inputs are read from the page cache when memory
 allows (every file is read once before the measurements). Our merge runs with each of `--threads` torch
 threads (OMP_NUM_THREADS; default 1, as merge.py itself runs), `--repeats` times, alternating with the
 floor so that other processes on the machine (which make the figures noisy) slow both alike; medians are
@@ -265,7 +265,7 @@ def decomposition_flops(method, m, n, tasks=4, iterations=100, common_space_frac
     return None
 
 
-SORTING = ("della", "della_linear")  # rank every task-vector entry within its row
+SORTING = ("della", "della_linear")  # rank every task-vector entry within its row, draw its keep decision
 
 
 def matmul_rate(threads, size=2048):
@@ -299,10 +299,13 @@ def fastest(run, repeats=5):
 
 def lower_bound(method, shapes, threads, tasks):
     """(seconds, what) of the arithmetic `method` cannot do without on these tensors, or None."""
-    if method in SORTING:
+    if method in SORTING:  # and drawing a uniform number for each, from the seeded generator
         entries = tasks * sum(torch.Size(shape).numel() for shape in shapes.values())
-        rate = sort_rate()
-        return entries / rate, f"sorting {entries / 1e6:.0f}M task-vector entries within their rows at {rate / 1e6:.0f}M/s"
+        generator, size = torch.Generator().manual_seed(0), 1 << 22
+        sorted_rate, drawn_rate = sort_rate(), size / fastest(lambda: torch.rand(size, generator=generator))
+        return entries / sorted_rate + entries / drawn_rate, (
+            f"sorting {entries / 1e6:.0f}M task-vector entries within their rows at {sorted_rate / 1e6:.0f}M/s and "
+            f"drawing as many uniform numbers at {drawn_rate / 1e6:.0f}M/s")
     matrices = [shape for shape in shapes.values() if len(shape) == 2]
     if decomposition_flops(method, 2, 2) is None:
         return None
