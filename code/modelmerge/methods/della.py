@@ -27,25 +27,20 @@ class DellaPlan:
 _BITS = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
 
 
-def row_positions(magnitudes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Per row of the 2-D non-negative `magnitudes`, each entry's 0-based position in the row sorted
-    ascending, ties in column order (a stable sort), as `dtype`. Non-negative floats are ordered as their
-    bit patterns. On the CPU a float32 row is sorted as int64 keys (bits, then the column in the low bits):
-    the keys are distinct, so any sort gives the stable order, and NumPy's vectorised sort of values is 6x
-    faster than torch's row-wise argsort. Elsewhere: torch's stable argsort of the bit patterns."""
+def row_order(magnitudes: torch.Tensor) -> torch.Tensor:
+    """Per row of the 2-D non-negative `magnitudes`, the columns in ascending order of magnitude, ties in
+    column order (a stable sort). Non-negative floats are ordered as their bit patterns. On the CPU a float32
+    row is sorted as int64 keys (bits, then the column in the low bits): the keys are distinct, so any sort
+    gives the stable order, and NumPy's vectorised sort of values is 6x faster than torch's row-wise
+    argsort. Elsewhere: torch's stable argsort of the bit patterns."""
     n = magnitudes.shape[1]
-    columns = torch.arange(n, device=magnitudes.device)
     if magnitudes.device.type == "cpu" and magnitudes.dtype == torch.float32 and n <= 1 << 32:
         column_bits = max(1, (n - 1).bit_length())
-        keys = magnitudes.view(torch.int32).to(torch.int64).bitwise_left_shift_(column_bits).bitwise_or_(columns)
+        keys = magnitudes.view(torch.int32).to(torch.int64).bitwise_left_shift_(column_bits)
+        keys.bitwise_or_(torch.arange(n))
         keys.numpy().sort(axis=1)  # in place
-        order = keys.bitwise_and_((1 << column_bits) - 1)
-    else:
-        order = magnitudes.view(_BITS[magnitudes.dtype]).argsort(dim=1, stable=True)
-    if n > 1 << 24:  # positions beyond float32's integers: rounded once, from int64
-        return torch.empty_like(order).scatter_(1, order, columns.expand_as(order)).to(dtype)
-    positions = torch.empty(order.shape, dtype=dtype, device=order.device)
-    return positions.scatter_(1, order, columns.to(dtype).expand_as(order))
+        return keys.bitwise_and_((1 << column_bits) - 1)
+    return magnitudes.view(_BITS[magnitudes.dtype]).argsort(dim=1, stable=True)
 
 
 def keep_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
@@ -55,12 +50,17 @@ def keep_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> t
 
 
 def magnitude_keep_probabilities(magnitudes: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
-    """keep_probabilities from the magnitudes |δ|."""
+    """keep_probabilities from the magnitudes |δ|: the probability of each rank, computed once for a row,
+    put in place of the entries by their order."""
     # a 1-D tensor is one row, a conv kernel one row per filter
     rows = magnitudes.unsqueeze(0) if magnitudes.dim() < 2 else magnitudes.reshape(magnitudes.shape[0], -1)
     n = rows.shape[1]
-    probabilities = row_positions(rows, upcast_dtype(magnitudes.dtype)).div_(max(n - 1, 1))  # (rank − 1) / (n − 1)
-    return probabilities.mul_(2).mul_(epsilon).add_(density - epsilon).reshape(magnitudes.shape)
+    dtype = upcast_dtype(magnitudes.dtype)
+    by_rank = torch.arange(n, device=rows.device).to(dtype).div_(max(n - 1, 1))  # (rank − 1) / (n − 1)
+    by_rank.mul_(2).mul_(epsilon).add_(density - epsilon)
+    order = row_order(rows)
+    probabilities = torch.empty(rows.shape, dtype=dtype, device=rows.device)
+    return probabilities.scatter_(1, order, by_rank.expand_as(order)).reshape(magnitudes.shape)
 
 
 def draw(probabilities: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
