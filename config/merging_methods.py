@@ -9,8 +9,8 @@ configs trains nothing twice, and adding a method to MERGE_GRIDS computes only t
 
 EMR-Merging and TALL masks are per-task methods: they store a unified model plus one mask (and rescaler) per
 task, and, as in their papers, task t is evaluated on its own model materialised from them (labels end in
-"(per-task)"; T masks are stored besides the model). The pretraining task, which has no mask, is evaluated on
-the unified model.
+"(per-task)"; T masks are stored besides the model), and TALL's λ_t is chosen for each task on its validation
+split. The pretraining task, which has no mask, is evaluated on the unified model.
 
 slerp and nuslerp (two models), nearswap and arcee_fusion (one model into θ_0) and passthrough (layer slices)
 do not combine four task models and are not run here.
@@ -168,6 +168,23 @@ def merge(experiment, label, value, initial_models):
     return job.out_model
 
 
+def best_setting(label, by_value, candidates):
+    """(report label, model, average validation accuracy) of method `label` at its setting best on the
+    validation splits: one setting for all tasks, or for a per-task method each task's own (as TALL masks
+    choose each task's λ_t, Wang et al. 2024); `by_value`: {value: {task: accuracy}}, `candidates`: {value: model}."""
+    sweep = MERGE_GRIDS[label].get("sweep")
+    value = max(by_value, key=lambda v: average_accuracy(by_value[v]))
+    if value is None:
+        return label, candidates[value], average_accuracy(by_value[value])
+    if MERGE_GRIDS[label]["method"] not in PER_TASK:
+        return f"{label} ({sweep}={value})", candidates[value], average_accuracy(by_value[value])
+    chosen = {task: max(by_value, key=lambda v: by_value[v][task].get()) for task in by_value[value]}
+    own = candidates[value].by_task  # the tasks with a mask; the others are evaluated on the unified model
+    model = PerTaskModels(candidates[value].unified, {task: candidates[chosen[task]].model(task) for task in own})
+    accuracy = sum(by_value[v][task].get() for task, v in chosen.items()) / len(chosen)
+    return f"{label} ({sweep} per task={'/'.join(str(chosen[task]) for task in own)})", model, accuracy
+
+
 def average_accuracy(variables):
     values = [v.get() for v in variables.values()]
     return sum(values) / len(values)
@@ -189,16 +206,10 @@ async def py():
                            for label, by_value in candidates.items()}
     await tk.async_run(validation_accuracy)
 
-    best = {}
-    for label, by_value in validation_accuracy.items():
-        value = max(by_value, key=lambda v: average_accuracy(by_value[v]))
-        best[label] = value
-        name = label if value is None else f"{label} ({MERGE_GRIDS[label]['sweep']}={value})"
-        print(f"merging_methods: {name}: validation accuracy {100 * average_accuracy(by_value[value]):.1f}")
-
     models = {"pretrained": experiment.pretrained, "multitask": experiment.multitask}
-    for label, value in best.items():
-        models[label if value is None else f"{label} ({MERGE_GRIDS[label]['sweep']}={value})"] = candidates[label][value]
+    for label, by_value in validation_accuracy.items():
+        name, models[name], accuracy = best_setting(label, by_value, candidates[label])
+        print(f"merging_methods: {name}: validation accuracy {100 * accuracy:.1f}")
     results = evaluate(experiment, models, test)
     sweeps = {label: pipeline.evaluate(experiment, candidates[label], test) for label in ROBUSTNESS}
 

@@ -1,6 +1,7 @@
 """config/merging_methods.py's per-task methods (EMR-Merging, TALL masks): the jobs that write a modulated
 merge and materialise each task's model give the models code/modulated_merge.py gives, and the config
-chooses their setting on validation with each task evaluated on its own model, then reports them on test."""
+chooses their setting on validation with each task evaluated on its own model (TALL's λ_t for each task), then
+reports them on test."""
 import asyncio
 import os
 import subprocess
@@ -64,14 +65,19 @@ def test_jobs_materialise_each_task_as_the_program_does(tmp_path, monkeypatch):
     assert not all(torch.equal(got[n], _weights(merged.out_unified.get_path())[n]) for n in got)  # masked, not unified
 
 
+TALL_BEST = {"rotten_tomatoes": 0.4, "imdb": 0.2, "yelp": 0.6, "amazon": 0.4}  # λ_t of the fake accuracies
+
+
 def _fake_accuracy(variable):
-    """Validation/test accuracy of a search job's variable: TALL masks best at λ = 0.4, others 0.5."""
+    """Validation/test accuracy of a search job's variable: TALL masks best at λ_t = TALL_BEST[t] on task t
+    (λ = 0.4 on average), everything else 0.5."""
     model = variable.creator.model
     job = getattr(model, "creator", None)
     if isinstance(job, MaterialiseTaskJob):
         job = job.modulated.creator
-    if isinstance(job, ModulatedMergeJob) and job.method == "tall_masks":
-        return 0.9 - abs(job.parameters["tall_mask_lambda"] - 0.4)
+    task = variable.path.rsplit("accuracy.", 1)[-1]
+    if isinstance(job, ModulatedMergeJob) and job.method == "tall_masks" and task in TALL_BEST:
+        return 0.9 - abs(job.parameters["tall_mask_lambda"] - TALL_BEST[task])
     return 0.5
 
 
@@ -103,22 +109,25 @@ def test_config_chooses_per_task_methods_on_validation_each_task_on_its_own_mode
     validation = awaited[0]
     assert set(validation["tall masks (per-task)"]) == {0.2, 0.4, 0.6}
     (results,) = reports
-    assert "tall masks (per-task) (tall_mask_lambda=0.4)" in results and "emr (per-task)" in results
-    for label, method, parameters in (("tall masks (per-task) (tall_mask_lambda=0.4)", "tall_masks", {"tall_mask_lambda": 0.4}),
-                                      ("emr (per-task)", "emr", {})):
+    assert list(TALL_BEST) == tasks
+    tall = f"tall masks (per-task) (tall_mask_lambda per task={'/'.join(str(v) for v in TALL_BEST.values())})"
+    assert tall in results and "emr (per-task)" in results
+    for label, method, parameters in ((tall, "tall_masks", {"tall_mask_lambda": 0.4}), ("emr (per-task)", "emr", {})):
         assert set(results[label]) == {pretraining, *tasks}
         searches = {task: metrics.creator for task, metrics in results[label].items()}
         assert all(isinstance(s, MultiTaskSearchJob) and list(s.datasets) == [t] for t, s in searches.items())
         assert all(s.datasets[t][1] == preset["test_splits"][t] for t, s in searches.items())
         merged = searches[pretraining].model.creator  # the pretraining task has no mask: the unified model
         assert isinstance(merged, ModulatedMergeJob) and searches[pretraining].model is merged.out_unified
-        assert (merged.method, merged.parameters) == (method, parameters)
-        assert merged.ancestor == experiment.pretrained and merged.models == [experiment.models[t] for t in tasks]
+        assert (merged.method, merged.parameters) == (method, parameters)  # TALL: the best λ on average
         for index, task in enumerate(tasks, start=1):
             materialise = searches[task].model.creator
             assert isinstance(materialise, MaterialiseTaskJob)
-            assert (materialise.modulated, materialise.task) == (merged.out_dir, index)
-            assert materialise.ancestor == experiment.pretrained
+            assert materialise.task == index and materialise.ancestor == experiment.pretrained
+            own = materialise.modulated.creator  # TALL: the merge with task t's best λ_t
+            assert own.parameters == ({"tall_mask_lambda": TALL_BEST[task]} if method == "tall_masks" else {})
+            assert own.method == method and own.ancestor == experiment.pretrained
+            assert own.models == [experiment.models[t] for t in tasks]
     # the merged (not per-task) methods keep one model for every task
     ties = {metrics.creator for metrics in next(v for k, v in results.items() if k.startswith("ties")).values()}
     assert len(ties) == 1 and set(next(iter(ties)).datasets) == {pretraining, *tasks}
