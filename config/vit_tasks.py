@@ -34,7 +34,7 @@ def merge_methods(scaling_factor, dataset_sizes, pretrained_size):
     grid in config/merging_methods.py, task-arithmetic-like scales at `scaling_factor`."""
     methods = {}
     for label, spec in MERGE_GRIDS.items():
-        if spec["method"] in DATA_AWARE + PER_TASK:  # data-aware and per-task methods: config/merging_methods.py only
+        if spec["method"] in DATA_AWARE:
             continue
         parameters = dict(spec.get("fixed", {}))
         if "sweep" in spec:
@@ -43,7 +43,8 @@ def merge_methods(scaling_factor, dataset_sizes, pretrained_size):
         if spec["method"] == "uncertainty_based_gradient_matching":
             parameters.update(scaling_factor_pt=pretrained_size, scaling_factors_ft=dataset_sizes, delta_0=1e-12)
         methods[label] = {"method": spec["method"], "parameters": parameters, "stats": spec.get("stats"),
-                          "ancestor_stats": spec.get("ancestor_stats", False), "initial": spec.get("initial")}
+                          "ancestor_stats": spec.get("ancestor_stats", False), "initial": spec.get("initial"),
+                          "per_task": spec["method"] in PER_TASK}
     return {"task arithmetic": methods.pop("task arithmetic"), **methods}  # MaTS starts from it
 
 

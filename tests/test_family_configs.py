@@ -22,11 +22,17 @@ def test_graph_of_every_preset(config, preset, monkeypatch):
     chosen = getattr(module, f"{preset}_preset")()
     results, report = build_suite(chosen)
     tasks = list(chosen["tasks"])
-    methods = [label for label, spec in MERGE_GRIDS.items() if spec["method"] not in DATA_AWARE + PER_TASK]
+    methods = [label for label, spec in MERGE_GRIDS.items() if spec["method"] not in DATA_AWARE]
     assert set(results) == {"pretrained", *(f"fine-tuned {t}" for t in tasks), *methods}
     assert all(set(by_task) == set(tasks) for by_task in results.values())
     merges = [label for label in chosen["methods"] if isinstance(chosen["methods"][label], dict)]
     assert set(merges) == set(methods)
+    for label, spec in MERGE_GRIDS.items():  # per-task methods: each task on its own model, that task only
+        if spec["method"] in PER_TASK:
+            searches = {task: metrics.creator for task, metrics in results[label].items()}
+            assert all(list(search.datasets) == [task] for task, search in searches.items())
+            assert [search.model.creator.task for search in searches.values()] == list(range(1, len(tasks) + 1))
+            assert len({search.model.creator.modulated for search in searches.values()}) == 1
     assert chosen["task_type"] == ("image_classification" if config == "vit_tasks" else "seq2seq")
     if preset == "full":
         assert len(tasks) >= 7 and not any("offline" in str(spec["dataset"]) for spec in chosen["tasks"].values())

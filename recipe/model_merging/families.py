@@ -6,12 +6,13 @@ config/vit_tasks.py and config/t5_tasks.py are its two users.
 A suite preset holds: `name`, `task_type`, `model` (θ_0: a model id, a path or a tk.Path), `tasks` ({task:
 {"dataset": name or tk.Path, "columns": {...} or None, "splits": {"train", "validation", "test", "statistics"},
 "dataset_size": int}}), `training`, `statistics`, `evaluation` (program keys), `methods` ({label: {"method",
-"parameters", "stats": None/'fisher'/'gram', "ancestor_stats": bool, "initial": label}}), `rqmt`.
+"parameters", "stats": None/'fisher'/'gram', "ancestor_stats": bool, "initial": label, "per_task": bool}}), `rqmt`.
+A per-task method (EMR-Merging, TALL masks) gives each task its own model, evaluated on that task only.
 """
 from sisyphus import tk
 
 from model_merging.data import DownloadDatasetJob
-from model_merging.merge import MergeJob
+from model_merging.merge import MergeJob, per_task_models
 from model_merging.program_job import ProgramJob
 from model_merging.report import ReportJob
 from model_merging.search import MultiTaskSearchJob
@@ -81,8 +82,13 @@ def build_suite(preset):
     pretrained_fisher = FisherJob(pretrained, data[first], preset["tasks"][first]["splits"]["statistics"],
                                   {**preset["statistics"], **keys}, **preset["rqmt"]["statistics"]).out_dir
 
-    merged = {}
+    merged, per_task = {}, {}
     for label, spec in preset["methods"].items():
+        if spec.get("per_task"):
+            _, own = per_task_models(spec["method"], [models[t] for t in tasks], pretrained, spec.get("parameters"),
+                                     **preset["rqmt"]["merge"])
+            per_task[label] = dict(zip(tasks, own))
+            continue
         stats = {"fisher": fishers, "gram": grams}.get(spec.get("stats"))
         merged[label] = MergeJob(
             spec["method"], [models[t] for t in tasks], ancestor=pretrained,
@@ -93,9 +99,11 @@ def build_suite(preset):
 
     evaluated = {"pretrained": pretrained, **{f"fine-tuned {t}": models[t] for t in tasks}, **merged}
     test = {task: (data[task], preset["tasks"][task]["splits"]["test"]) for task in tasks}
-    results = {
-        label: dict(MultiTaskSearchJob(model, test, {**preset["evaluation"], **keys}, **preset["rqmt"]["evaluation"]).out_metric_files)
-        for label, model in evaluated.items()
-    }
+    def search(model, splits):
+        return MultiTaskSearchJob(model, splits, {**preset["evaluation"], **keys}, **preset["rqmt"]["evaluation"])
+
+    results = {label: dict(search(model, test).out_metric_files) for label, model in evaluated.items()}
+    for label, own in per_task.items():
+        results[label] = {task: search(own[task], {task: test[task]}).out_metric_files[task] for task in tasks}
     report = ReportJob(results, title=f"{preset['title']} ({preset['name']} preset)")
     return results, report
