@@ -96,8 +96,8 @@ def magnitude_prune_plan(blocks: TensorBlocks, densities, epsilons, seed: int, r
                 masks[t] = torch.empty(blocks.numel, dtype=torch.bool, device=mask.device)
             masks[t][start: start + mask.numel()] = mask.flatten()
             if rescale:
-                before = row_sums(magnitudes)
-                sums[t].append(torch.stack([before, row_sums(magnitudes.mul_(as_numbers(mask, magnitudes.dtype)))]))
+                wide = magnitudes.to(torch.float64)  # ×1 and ×0 are exact: the kept sum from the same copy
+                sums[t].append(torch.stack([row_sums(wide), row_sums(wide.mul_(as_numbers(mask, torch.float64)))]))
         start += group.base.numel()
     factors = {t: l1_factor(torch.cat(sums[t], dim=1).sum(1)) if rescale else None for t in pruned}
     return DellaPlan([masks.get(t) for t in range(len(densities))],
