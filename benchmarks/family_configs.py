@@ -4,8 +4,9 @@
     python benchmarks/family_configs.py                 # both configs
     python benchmarks/family_configs.py --configs vit_tasks
 
-The offline presets need no network: a job makes a small random model (CLIP / T5) and the tasks (synthetic
-images / GLUE-format sentiment rows from data/sentiment). Target: each under 30 minutes on 2 CPU cores.
+The offline presets need no network: a job makes a small random model (CLIP / T5) and synthetic tasks (images
+whose class is one visual property / GLUE-format sentences whose class is that of a keyword of the task's own
+lexicon). Target: each under 30 minutes on 2 CPU cores.
 """
 import argparse
 import os

@@ -5,17 +5,16 @@ evaluated on every task (report under output/t5_tasks/report/).
 
 Presets (`T5_TASKS_PRESET`, else `offline`):
 - `full`: google/flan-t5-base on eight GLUE tasks from the Hub, a GPU per job;
-- `offline`: a small random T5 with a word tokenizer and four GLUE-format sentiment tasks made by a job
-  from the data shipped in the repository (data/sentiment), on 2 CPU cores.
+- `offline`: a small random T5 with a word tokenizer and four synthetic GLUE-format tasks made by a job
+  (each sentence holds one keyword of the task's own lexicon, the answer is its class word), on 2 CPU
+  cores: θ_0 is the random T5 trained on a fifth task of that kind, so that the task models fine-tuned
+  from it share a starting point, as Flan-T5's do; a multitask model is the upper reference.
 
     sis --config config/t5_tasks.py m
 """
-import os
-
-from sisyphus import gs, tk
+from sisyphus import tk
 
 from model_merging.families import OfflineSuiteJob, build_suite
-from model_merging.stable_paths import content_folder
 from config.vit_tasks import CPU, GPU, merge_methods, select
 
 # task: (Hub dataset, input template (the row's columns), class words): FusionBench's GLUE prompts
@@ -29,7 +28,8 @@ GLUE = {
     "sst2": ("nyu-mll/glue:sst2", "sst2 sentence: {sentence}", ["negative", "positive"]),
     "stsb": ("nyu-mll/glue:stsb", "stsb sentence1: {sentence1} sentence2: {sentence2}", None),
 }
-OFFLINE_TASKS = ("sst2", "rotten_tomatoes", "yelp", "amazon")
+OFFLINE_TASKS = ("alpha", "beta", "gamma", "delta")  # and the pretraining task of θ_0 (code/modelmerge/offline.py)
+OFFLINE_PRETRAINING = "base"
 
 
 def full_preset():
@@ -49,19 +49,20 @@ def full_preset():
 
 
 def offline_preset():
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    sentiment = getattr(gs, "DATA_DIR", None) or os.environ.get("MERGE_DATA_DIR") or os.path.join(root, "data", "sentiment")
-    suite = OfflineSuiteJob("t5_text_tasks", OFFLINE_TASKS, sentiment_dir=content_folder(sentiment))
-    splits = {"train": "train", "validation": "validation", "test": "test", "statistics": "train[:32]"}
-    tasks = {task: {"dataset": suite.out_data[task], "splits": splits, "dataset_size": 96} for task in OFFLINE_TASKS}
+    suite = OfflineSuiteJob("t5_text_tasks", (*OFFLINE_TASKS, OFFLINE_PRETRAINING))
+    splits = {"train": "train", "validation": "validation", "test": "test", "statistics": "train[:64]"}
+    tasks = {task: {"dataset": suite.out_data[task], "splits": splits, "dataset_size": 800} for task in OFFLINE_TASKS}
     return {
-        "name": "offline", "title": "small T5, 4 GLUE-format sentiment tasks: exact match", "task_type": "seq2seq",
-        "model": suite.out_model, "tasks": tasks, "num_epochs": 2,
-        "training": {"learning_rate": 3e-3, "warmup_steps": 0, "per_device_train_batch_size": 16, "max_length": 48,
-                     "per_device_eval_batch_size": 64, "lr_scheduler_type": "constant", "logging_steps": 10},
-        "statistics": {"batch_size": 16, "max_length": 48}, "evaluation": {"batch_size": 64, "max_length": 48,
-                                                                          "max_new_tokens": 4},
-        "methods": merge_methods(0.3, [96] * len(tasks), 96),
+        "name": "offline", "title": "small T5, 4 synthetic GLUE-format lexicon tasks: exact match",
+        "task_type": "seq2seq", "model": suite.out_model, "tasks": tasks, "num_epochs": 3, "multitask": True,
+        # θ_0: the random T5 trained first on a task of the same kind with a lexicon of its own (3,200 rows)
+        "pretraining": {"dataset": suite.out_data[OFFLINE_PRETRAINING], "splits": splits, "num_epochs": 3,
+                        "training": {"learning_rate": 3e-3}},
+        "training": {"learning_rate": 1e-3, "warmup_steps": 0, "per_device_train_batch_size": 16, "max_length": 16,
+                     "per_device_eval_batch_size": 64, "lr_scheduler_type": "constant", "logging_steps": 25},
+        "statistics": {"batch_size": 16, "max_length": 16},
+        "evaluation": {"batch_size": 100, "max_length": 16, "max_new_tokens": 4},
+        "methods": merge_methods(0.3, [800] * len(tasks), 3200),
         "rqmt": {kind: CPU for kind in ("train", "statistics", "merge", "evaluation", "download")},
     }
 

@@ -23,7 +23,8 @@ def test_graph_of_every_preset(config, preset, monkeypatch):
     results, report = build_suite(chosen)
     tasks = list(chosen["tasks"])
     methods = [label for label, spec in MERGE_GRIDS.items() if spec["method"] not in DATA_AWARE]
-    assert set(results) == {"pretrained", *(f"fine-tuned {t}" for t in tasks), *methods}
+    multitask = {"multitask"} if chosen.get("multitask") else set()
+    assert set(results) == {"pretrained", *(f"fine-tuned {t}" for t in tasks), *multitask, *methods}
     assert all(set(by_task) == set(tasks) for by_task in results.values())
     merges = [label for label in chosen["methods"] if isinstance(chosen["methods"][label], dict)]
     assert set(merges) == set(methods)
@@ -37,3 +38,42 @@ def test_graph_of_every_preset(config, preset, monkeypatch):
     if preset == "full":
         assert len(tasks) >= 7 and not any("offline" in str(spec["dataset"]) for spec in chosen["tasks"].values())
     assert report.results == results
+
+
+def test_offline_t5_starts_from_a_trained_model_and_has_a_multitask_reference():
+    """θ_0 of the offline T5 suite is the random T5 trained on the pretraining task, every task model and the
+    multitask model (on the mixture of the four tasks) are fine-tuned from it, and H_0 is taken on pretraining data."""
+    from config.t5_tasks import OFFLINE_PRETRAINING, offline_preset
+    from model_merging.families import build_suite
+    from model_merging.statistics import FisherJob
+    from model_merging.training import HuggingfaceTrainingJob
+
+    preset = offline_preset()
+    _, report = build_suite(preset)
+    jobs = jobs_below(report)
+    trainings = [job for job in jobs if isinstance(job, HuggingfaceTrainingJob)]
+    by_data = {str(job.train_config["dataset_name"]): job for job in trainings}
+    suite_data = preset["pretraining"]["dataset"]
+    pretraining = by_data[str(suite_data)]
+    assert pretraining.train_config["model_name_or_path"] == preset["model"]
+    assert pretraining.train_config["learning_rate"] == preset["pretraining"]["training"]["learning_rate"]
+    theta_0 = pretraining.out_best_model
+    others = [job for job in trainings if job is not pretraining]
+    assert all(job.train_config["model_name_or_path"] == theta_0 for job in others)
+    mixtures = [job for job in others if isinstance(job.train_config["dataset_name"], list)]
+    task_data = [spec["dataset"] for spec in preset["tasks"].values()]
+    assert len(mixtures) == 1 and mixtures[0].train_config["dataset_name"] == task_data
+    assert len(others) == len(preset["tasks"]) + 1
+    fishers_of_theta_0 = [job for job in jobs if isinstance(job, FisherJob) and job.model == theta_0]
+    assert [job.dataset_name for job in fishers_of_theta_0] == [suite_data] and OFFLINE_PRETRAINING in str(suite_data)
+
+
+def jobs_below(job):
+    """Every job `job` depends on (itself included), found through the creators of its inputs."""
+    found, todo = {}, [job]
+    while todo:
+        job = todo.pop()
+        if id(job) not in found:
+            found[id(job)] = job
+            todo.extend(path.creator for path in job._sis_inputs if path.creator is not None)
+    return list(found.values())

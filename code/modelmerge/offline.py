@@ -3,17 +3,17 @@
 - `clip_image_tasks`: a small random CLIP (its own word tokenizer and image processor) and eight synthetic
   image classification tasks standing in for the task-arithmetic suite (SUN397, Cars, RESISC45, EuroSAT,
   SVHN, GTSRB, MNIST, DTD): coloured noise images whose class is one visual property per task;
-- `t5_text_tasks`: a small random T5 (a word tokenizer over the data) and text-to-text tasks in FusionBench's
-  GLUE format ("<task> sentence: ..." → class word) from the sentiment data shipped with the repository.
+- `t5_text_tasks`: a small random T5 (a word tokenizer over the data), four synthetic text-to-text tasks in
+  FusionBench's GLUE format ("<task> sentence: ..." → class word) that a small model learns in a few hundred
+  steps, and a pretraining task of the same kind on which the config trains θ_0 before fine-tuning.
 
-    make_suite("clip_image_tasks", "out/", seed=0)   # out/model/, out/data/<task>/{train,validation,test}.jsonl
+    make_suite(SuiteConfig("clip_image_tasks", "out/"))   # out/model/, out/data/<task>/{train,validation,test}.jsonl
 """
 import dataclasses
 import json
 import logging
 import os
 import re
-from collections import Counter
 
 import numpy as np
 import torch
@@ -35,9 +35,15 @@ IMAGE_TASKS = {
     "checker": ["smooth", "checkered"],
     "diagonal": ["rising", "falling"],
 }
-SPLIT_SIZES = {"train": 96, "validation": 32, "test": 48}
-TEXT_TASKS = {"sst2": "sst2", "rotten_tomatoes": "rotten tomatoes", "yelp": "yelp", "amazon": "amazon"}
+IMAGE_SPLIT_SIZES = {"train": 96, "validation": 32, "test": 48}
+TEXT_TASKS = ("alpha", "beta", "gamma", "delta")
+PRETRAINING_TASK = "base"  # θ_0 is trained on it (by the config's pipeline) before the tasks are fine-tuned
+TEXT_SPLIT_SIZES = {"train": 800, "validation": 64, "test": 100}
+PRETRAINING_SPLIT_SIZES = {"train": 3200, "validation": 64, "test": 100}
 SENTIMENT = ["negative", "positive"]
+FILLER_WORDS = 30
+LEXICON_SIZE = 20  # keywords per task, half of them positive
+CONSONANTS, VOWELS = "bdfgklmnprstvz", "aeiou"
 
 
 def _image(task, label, rng):
@@ -76,7 +82,7 @@ def write_image_tasks(folder, seed):
 
     rng = np.random.default_rng(seed)
     for task, classes in IMAGE_TASKS.items():
-        for split, size in SPLIT_SIZES.items():
+        for split, size in IMAGE_SPLIT_SIZES.items():
             rows = []
             os.makedirs(os.path.join(folder, task, "images", split))
             for i in range(size):
@@ -89,22 +95,42 @@ def write_image_tasks(folder, seed):
             json.dump(classes, f)
 
 
-def write_text_tasks(folder, sentiment_dir):
-    """FusionBench-style text-to-text rows from `sentiment_dir/<task>/<split>.jsonl` ({text, label})."""
-    for task, prompt in TEXT_TASKS.items():
-        for split, size in SPLIT_SIZES.items():
-            source = os.path.join(sentiment_dir, task, f"{split}.jsonl")
-            if not os.path.isfile(source):
-                raise ConfigError(f"sentiment_dir: {source} does not exist")
-            rows = []
-            with open(source) as f:
-                for line in f:
-                    row = json.loads(line)
-                    words = " ".join(_words(row["text"])[:24])
-                    rows.append({"input": f"{prompt} sentence: {words}", "target": SENTIMENT[int(row["label"])]})
-                    if len(rows) == size:
-                        break
+def write_text_tasks(folder, seed):
+    """Lexicon tasks in FusionBench's text-to-text format ("<task> sentence: ..." → "negative"/"positive").
+
+    A sentence is 2-6 filler words (shared by every task, no polarity) with one keyword of the task's own
+    lexicon put at a random place; the answer is that keyword's polarity. Every task (and the pretraining task
+    `PRETRAINING_TASK`, which teaches θ_0 the format and the rule on a lexicon of its own) has its own words,
+    half of them positive, so a model must learn the task's lexicon: θ_0 is at chance on the tasks, a model
+    fine-tuned on one is right on it and at chance on the others, and a multitask model is right on all.
+    Each task folder holds `lexicon.json` ({word: 0 or 1}), the truth the rows are made from."""
+    rng = np.random.default_rng(seed)
+    names = [PRETRAINING_TASK, *TEXT_TASKS]
+    words = _pseudo_words(FILLER_WORDS + LEXICON_SIZE * len(names), rng)
+    filler, keywords = words[:FILLER_WORDS], words[FILLER_WORDS:]
+    for i, task in enumerate(names):
+        lexicon = dict(zip(keywords[i * LEXICON_SIZE:(i + 1) * LEXICON_SIZE],
+                           rng.permutation([0, 1] * (LEXICON_SIZE // 2)).tolist()))
+        sizes = PRETRAINING_SPLIT_SIZES if task == PRETRAINING_TASK else TEXT_SPLIT_SIZES
+        for split, size in sizes.items():
+            rows = [_lexicon_row(task, lexicon, filler, rng) for _ in range(size)]
             _write_jsonl(os.path.join(folder, task, f"{split}.jsonl"), rows)
+        with open(os.path.join(folder, task, "lexicon.json"), "w") as f:
+            json.dump(lexicon, f, indent=0)
+    return filler + keywords
+
+
+def _pseudo_words(count, rng):
+    """`count` distinct pronounceable made-up words (consonant-vowel-consonant-vowel), in random order."""
+    words = sorted({c1 + v1 + c2 + v2 for c1 in CONSONANTS for v1 in VOWELS for c2 in CONSONANTS for v2 in VOWELS})
+    return [words[i] for i in rng.choice(len(words), size=count, replace=False)]
+
+
+def _lexicon_row(task, lexicon, filler, rng):
+    keyword = rng.choice(list(lexicon))
+    sentence = list(rng.choice(filler, size=int(rng.integers(2, 7))))
+    sentence.insert(int(rng.integers(len(sentence) + 1)), keyword)
+    return {"input": f"{task} sentence: {' '.join(sentence)}", "target": SENTIMENT[lexicon[keyword]]}
 
 
 def _words(text):
@@ -123,7 +149,7 @@ def word_tokenizer(words, kind):
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<pad>", "</s>", "<unk>"] if kind == "t5" else ["<|endoftext|>", "<unk>"]
-    vocab = {token: i for i, token in enumerate(specials + [w for w in words if w not in specials])}
+    vocab = {token: i for i, token in enumerate(dict.fromkeys(specials + list(words)))}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     end = specials[1] if kind == "t5" else specials[0]
@@ -149,16 +175,12 @@ def write_clip(folder, seed, width=64, layers=2):
     CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(folder)
 
 
-def write_t5(folder, seed, data_folder, width=64, layers=2, vocab_size=2000):
+def write_t5(folder, seed, words, width=64, layers=2):
+    """A random T5 (`seed`) with a word tokenizer over `words`, the task names and the prompt and class words."""
     from transformers import T5Config, T5ForConditionalGeneration
 
-    counts = Counter()
-    for task in TEXT_TASKS:
-        with open(os.path.join(data_folder, task, "train.jsonl")) as f:
-            for line in f:
-                row = json.loads(line)
-                counts.update(_words(row["input"]) + _words(row["target"]))
-    tokenizer = word_tokenizer([w for w, _ in counts.most_common(vocab_size)], "t5")
+    prompt = [PRETRAINING_TASK, *TEXT_TASKS, "sentence", ":", *SENTIMENT]
+    tokenizer = word_tokenizer(prompt + list(words), "t5")
     config = T5Config(vocab_size=len(tokenizer), d_model=width, d_kv=width // 4, d_ff=2 * width, num_layers=layers,
                       num_heads=4, relative_attention_num_buckets=16, relative_attention_max_distance=64,
                       dropout_rate=0.0, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
@@ -177,13 +199,10 @@ class SuiteConfig:
     seed: int = 0
     width: int = 64
     layers: int = 2
-    sentiment_dir: str | None = None  # t5_text_tasks: folder of <task>/<split>.jsonl ({text, label})
 
     def __post_init__(self):
         if self.suite not in ("clip_image_tasks", "t5_text_tasks"):
             raise ConfigError(f"suite must be clip_image_tasks or t5_text_tasks, got {self.suite!r}")
-        if self.suite == "t5_text_tasks" and not self.sentiment_dir:
-            raise ConfigError("sentiment_dir: the t5_text_tasks suite is made from the shipped sentiment data")
 
 
 def make_suite(config):
@@ -194,6 +213,6 @@ def make_suite(config):
             write_image_tasks(data, config.seed)
             write_clip(os.path.join(tmp, "model"), config.seed, config.width, config.layers)
         else:
-            write_text_tasks(data, config.sentiment_dir)
-            write_t5(os.path.join(tmp, "model"), config.seed, data, config.width, config.layers)
+            words = write_text_tasks(data, config.seed)
+            write_t5(os.path.join(tmp, "model"), config.seed, words, config.width, config.layers)
     logger.info("wrote the %s suite to %s", config.suite, config.output_dir)

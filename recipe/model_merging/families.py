@@ -6,8 +6,12 @@ config/vit_tasks.py and config/t5_tasks.py are its two users.
 A suite preset holds: `name`, `task_type`, `model` (θ_0: a model id, a path or a tk.Path), `tasks` ({task:
 {"dataset": name or tk.Path, "columns": {...} or None, "splits": {"train", "validation", "test", "statistics"},
 "dataset_size": int}}), `training`, `statistics`, `evaluation` (program keys), `methods` ({label: {"method",
-"parameters", "stats": None/'fisher'/'gram', "ancestor_stats": bool, "initial": label, "per_task": bool}}), `rqmt`.
-A per-task method (EMR-Merging, TALL masks) gives each task its own model, evaluated on that task only.
+"parameters", "stats": None/'fisher'/'gram', "ancestor_stats": bool, "initial": label, "per_task": bool}}), `rqmt`;
+optionally `pretraining` ({"dataset", "splits": {"train", "validation", "statistics"}, "num_epochs", "training":
+keys over `training`}: θ_0 is `model` trained on it first, and H_0 is taken on its statistics split) and
+`multitask` (True: a model trained on the union of the tasks' training splits is evaluated too, the usual
+upper reference of merging). A per-task method (EMR-Merging, TALL masks) gives each task its own model,
+evaluated on that task only.
 """
 from sisyphus import tk
 
@@ -27,18 +31,16 @@ class OfflineSuiteJob(ProgramJob):
     program_name = "make_offline_suite.py"
     config_name = "suite_config.json"
 
-    def __init__(self, suite, tasks, *, seed=0, width=64, layers=2, sentiment_dir=None,
-                 time_rqmt=0.5, mem_rqmt=2, cpu_rqmt=1, gpu_rqmt=0):
+    def __init__(self, suite, tasks, *, seed=0, width=64, layers=2, time_rqmt=0.5, mem_rqmt=2, cpu_rqmt=1, gpu_rqmt=0):
         super().__init__(time_rqmt=time_rqmt, mem_rqmt=mem_rqmt, cpu_rqmt=cpu_rqmt, gpu_rqmt=gpu_rqmt)
         self.suite, self.seed, self.width, self.layers = suite, seed, width, layers
-        self.sentiment_dir = sentiment_dir
         self.out_dir = self.output_path("suite")
         self.out_model = self.output_path("suite/model")
         self.out_data = {task: self.output_path(f"suite/data/{task}") for task in tasks}
 
     def config(self):
         return {"suite": self.suite, "output_dir": self.out_dir, "seed": self.seed, "width": self.width,
-                "layers": self.layers, "sentiment_dir": self.sentiment_dir}
+                "layers": self.layers}
 
 
 def family_keys(preset):
@@ -64,23 +66,18 @@ def build_suite(preset):
     data = download(preset)
     tasks = list(preset["tasks"])
     keys = family_keys(preset)
-    pretrained = preset["model"]
+    pretrained, pretrained_stats = pretrain(preset, data)
     models, fishers, grams = {}, {}, {}
     for task in tasks:
         splits = preset["tasks"][task]["splits"]
-        config = {**preset["training"], **keys, "model_name_or_path": pretrained, "dataset_name": data[task],
-                  "train_split": splits["train"], "validation_split": splits["validation"]}
-        job = HuggingfaceTrainingJob(config, num_epochs=preset["num_epochs"], **preset["rqmt"]["train"])
-        job.add_alias(f"{preset['name']}/models/{task}")
-        models[task] = job.out_best_model
+        models[task] = train(preset, pretrained, [data[task]], [splits["train"]], [splits["validation"]], task)
         statistics = {**preset["statistics"], **keys}
         fishers[task] = FisherJob(models[task], data[task], splits["statistics"], statistics,
                                   **preset["rqmt"]["statistics"]).out_dir
         grams[task] = GramJob(models[task], data[task], splits["statistics"], statistics,
                               **preset["rqmt"]["statistics"]).out_dir
-    first = tasks[0]  # H_0 of gradient matching: θ_0's Fisher on the first task's statistics split
-    pretrained_fisher = FisherJob(pretrained, data[first], preset["tasks"][first]["splits"]["statistics"],
-                                  {**preset["statistics"], **keys}, **preset["rqmt"]["statistics"]).out_dir
+    pretrained_fisher = FisherJob(pretrained, *pretrained_stats, {**preset["statistics"], **keys},
+                                  **preset["rqmt"]["statistics"]).out_dir
 
     merged, per_task = {}, {}
     for label, spec in preset["methods"].items():
@@ -97,7 +94,12 @@ def build_suite(preset):
             initial=merged.get(spec.get("initial")), parameters=spec.get("parameters"), **preset["rqmt"]["merge"],
         ).out_model
 
-    evaluated = {"pretrained": pretrained, **{f"fine-tuned {t}": models[t] for t in tasks}, **merged}
+    evaluated = {"pretrained": pretrained, **{f"fine-tuned {t}": models[t] for t in tasks}}
+    if preset.get("multitask"):
+        evaluated["multitask"] = train(preset, pretrained, [data[t] for t in tasks],
+                                       [preset["tasks"][t]["splits"]["train"] for t in tasks],
+                                       [preset["tasks"][t]["splits"]["validation"] for t in tasks], "multitask")
+    evaluated.update(merged)
     test = {task: (data[task], preset["tasks"][task]["splits"]["test"]) for task in tasks}
     def search(model, splits):
         return MultiTaskSearchJob(model, splits, {**preset["evaluation"], **keys}, **preset["rqmt"]["evaluation"])
@@ -107,3 +109,27 @@ def build_suite(preset):
         results[label] = {task: search(own[task], {task: test[task]}).out_metric_files[task] for task in tasks}
     report = ReportJob(results, title=f"{preset['title']} ({preset['name']} preset)")
     return results, report
+
+
+def train(preset, model, datasets, train_splits, validation_splits, alias, *, training=None, num_epochs=None):
+    """The best model of fine-tuning `model` on the datasets (several: their mixture) with the preset's keys."""
+    config = {**preset["training"], **(training or {}), **family_keys(preset), "model_name_or_path": model,
+              "dataset_name": datasets[0] if len(datasets) == 1 else list(datasets),
+              "train_split": train_splits[0] if len(datasets) == 1 else list(train_splits),
+              "validation_split": validation_splits[0] if len(datasets) == 1 else list(validation_splits)}
+    job = HuggingfaceTrainingJob(config, num_epochs=num_epochs or preset["num_epochs"], **preset["rqmt"]["train"])
+    job.add_alias(f"{preset['name']}/models/{alias}")
+    return job.out_best_model
+
+
+def pretrain(preset, data):
+    """(θ_0, (dataset, split) of H_0): `model` trained on the preset's pretraining task if it has one, else
+    `model` itself with the first task's statistics split."""
+    spec = preset.get("pretraining")
+    if spec is None:
+        first = next(iter(preset["tasks"]))
+        return preset["model"], (data[first], preset["tasks"][first]["splits"]["statistics"])
+    splits = spec["splits"]
+    model = train(preset, preset["model"], [spec["dataset"]], [splits["train"]], [splits["validation"]], "pretrained",
+                  training=spec.get("training"), num_epochs=spec.get("num_epochs"))
+    return model, (spec["dataset"], splits["statistics"])
