@@ -7,7 +7,8 @@ output (`capture.py`), layer by layer, without a backward pass per example:
   (its weight is [in, out]: x_bᵀ g_b), and nn.Conv2d on its unfolded patches (ViT/CLIP patch embeddings);
 - nn.Embedding: ∇W_b touches only the rows of the ids example b uses: row v gets Σ of g over b's tokens with
   id v (the padding_idx row gets no gradient, as in `F.embedding`); kept sparse, never [vocab, dim] per example;
-- nn.LayerNorm: ∇weight_b = Σ_tokens g ⊙ x̂ with x̂ the normalised input, ∇bias_b = Σ_tokens g.
+- nn.LayerNorm: ∇weight_b = Σ_tokens g ⊙ x̂ with x̂ the normalised input, ∇bias_b = Σ_tokens g; T5's RMS norm
+  alike (x̂ = x / sqrt(mean(x²) + eps)).
 Every other trainable parameter (PEFT's IA3 vectors, custom layers) is handled generically with
 `torch.func`: the vector-Jacobian product of its module, vmapped over the examples, at each example's
 captured inputs and output gradient. This is the approach of BackPACK (Dangel et al., ICLR 2020) and of
@@ -17,6 +18,7 @@ A parameter used in several calls (a module applied twice, tied weights) has its
 summed over the calls before squaring. Examples must not interact (eval mode, no batch statistics): the
 gradient at an example's outputs then depends on that example alone.
 """
+import sys
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -31,11 +33,21 @@ from modelmerge.statistics.capture import ModuleCapture, batch_first, output_gra
 CONTAINERS = (nn.ModuleDict, nn.ModuleList, nn.ParameterDict, nn.ParameterList)
 
 
-# Per-example weight gradients of a linear layer are formed a few examples at a time, in a block about the size
-# of a CPU core's L2 cache (squaring and summing them there costs little; a [batch, out, in] tensor in main
-# memory costs more than the products themselves). On a GPU, memory is fast: whole batches at once.
-BLOCK_BYTES = {"cpu": 1 << 20}
-DEFAULT_BLOCK_BYTES = 256 << 20
+# How Σ_b (g_bᵀ x_b)² of a linear layer is formed (`OuterProductGradients.add_squares_to`):
+# - when every example has at most PAIRED_POSITIONS positions whose output gradient and input are not zero (a
+#   classifier or pooler on one token, BERT's last layer past its attention keys and values, a language-model head
+#   on the few scored tokens): (Σ_t g_t x_tᵀ)² = Σ_{t,s} (g_t ⊙ g_s)(x_t ⊙ x_s)ᵀ, one matrix product for the whole
+#   batch over the examples' position pairs, with no per-example gradient formed at all;
+# - otherwise on a CPU, a per-example gradient of at least PER_EXAMPLE_BYTES is formed one example at a time, in
+#   tiles of output rows of about TILE_BYTES, each squared and added at once (`addcmul_`) while it is in the
+#   core's L2 cache; smaller ones for the whole batch in tiles of BATCH_TILE_BYTES (fewer, larger operations).
+#   On a GPU, memory is fast and operations are costly to launch: whole batches at once.
+PAIRED_POSITIONS = 4
+PER_EXAMPLE_BYTES = 128 << 10
+TILE_BYTES = 512 << 10
+BATCH_TILE_BYTES = {"cpu": 1 << 20}
+DEFAULT_BATCH_TILE_BYTES = 256 << 20
+PAIRED_CHUNK_BYTES = 32 << 20  # the position-pair products of a chunk of examples
 
 
 @dataclass
@@ -57,21 +69,21 @@ class OuterProductGradients:
 
     g: torch.Tensor
     x: torch.Tensor
+    live: torch.Tensor | None = None  # [batch, tokens], False where the layer's output gradient is zero (None: nowhere)
 
     def add_squares_to(self, total):
-        g, x = self.g.to(total.dtype).transpose(1, 2), self.x.to(total.dtype)
-        batch, out, in_ = len(g), g.shape[1], x.shape[2]
-        block_bytes = BLOCK_BYTES.get(g.device.type, DEFAULT_BLOCK_BYTES)
-        # Tiles of output rows for the whole batch at once, [batch, rows, in] about the block size: the products and
-        # the tile of `total` they are added to stay in cache, and `total` is passed over once per batch, not once
-        # per example (a per-example [out, in] product of a wide layer would not fit in cache).
-        rows = max(1, min(out, block_bytes // (batch * in_ * g.element_size())))
-        products = torch.empty(batch, rows, in_, dtype=g.dtype, device=g.device)
-        squares = torch.empty(rows, in_, dtype=g.dtype, device=g.device)
-        for start in range(0, out, rows):
-            n = min(rows, out - start)
-            product = torch.bmm(g[:, start : start + n], x, out=products[:, :n])
-            total[start : start + n] += torch.sum(product.square_(), 0, out=squares[:n])
+        g, x = self.g.to(total.dtype), self.x.to(total.dtype)
+        live = torch.ones(g.shape[:2], dtype=torch.bool, device=g.device) if self.live is None else self.live
+        most = int(live.sum(1).max())
+        if most == 0:
+            return
+        if most <= PAIRED_POSITIONS:
+            _add_paired_squares(total, *_live_positions(g, x, live, most))
+        elif g.device.type == "cpu" and total.numel() * total.element_size() >= PER_EXAMPLE_BYTES:
+            lengths = (live * torch.arange(1, live.shape[1] + 1)).amax(1).tolist()  # up to the last live position
+            _add_squares_per_example(total, g, x, lengths)
+        else:
+            _add_squares_in_batch_tiles(total, g, x)
 
     def as_rows(self, num_rows):
         return DenseGradients(torch.bmm(self.g.transpose(1, 2), self.x)).as_rows(num_rows)
@@ -83,6 +95,66 @@ class OuterProductGradients:
             entries = (examples == b).nonzero()[:, 0]
             values[entries] = self.g[b][:, rows[entries]].T @ self.x[b]
         return values
+
+
+def nonzero_positions(g):
+    """[batch, tokens]: whether the output gradient g ([batch, tokens, features]) is not zero at the position. Zero
+    positions add nothing to an example's weight gradient: padding, and the positions a layer's output does not reach
+    the loss from (BERT's last layer past its attention keys and values, a language-model head off the scored tokens)."""
+    return g.amax(2).ne(0) | g.amin(2).ne(0)  # two reductions: faster than g.ne(0).any(2)
+
+
+def _live_positions(g, x, live, most):
+    """g and x at each example's first `most` live positions (then positions whose gradient is zero)."""
+    order = torch.argsort(live.to(torch.int8), dim=1, descending=True, stable=True)[:, :most]
+    return (g.gather(1, order[:, :, None].expand(-1, -1, g.shape[2])),
+            x.gather(1, order[:, :, None].expand(-1, -1, x.shape[2])))
+
+
+def _add_paired_squares(total, g, x):
+    """total += Σ_b (g_bᵀ x_b)² as Σ_b Σ_{t<=s} c_ts (g_bt ⊙ g_bs)ᵀ (x_bt ⊙ x_bs), c = 1 on the diagonal, else 2.
+
+    g is scaled by a power of two (exact) to a largest value near 1 first: products of two small gradients would
+    otherwise be subnormal numbers, which CPUs multiply a hundred times slower."""
+    batch, positions, out = g.shape
+    _, exponent = torch.frexp(g.abs().amax())
+    g = torch.ldexp(g, -exponent)
+    first, second = torch.triu_indices(positions, positions, device=g.device)
+    weights = torch.where(first == second, 1.0, 2.0).to(g.dtype)[None, :, None]
+    chunk = max(1, PAIRED_CHUNK_BYTES // (len(first) * (out + x.shape[2]) * g.element_size()))
+    for start in range(0, batch, chunk):
+        g_, x_ = g[start : start + chunk], x[start : start + chunk]
+        gg = (g_[:, first] * g_[:, second] * weights).reshape(-1, out)
+        xx = (x_[:, first] * x_[:, second]).reshape(-1, x.shape[2])
+        total.addmm_(gg.T, xx, alpha=2.0 ** (2 * int(exponent)))
+
+
+def _add_squares_per_example(total, g, x, lengths):
+    """total += Σ_b (g_bᵀ x_b)², each example's product formed and squared in tiles of output rows in cache."""
+    out, in_ = total.shape
+    tiles = -(-total.numel() * total.element_size() // TILE_BYTES)
+    rows = -(-out // tiles)
+    examples = [(g[b, :length].T, x[b, :length]) for b, length in enumerate(lengths) if length]
+    buffer = total.new_empty(min(rows, out), in_)
+    for start in range(0, out, rows):
+        tile, product = total[start : start + rows], buffer[: min(rows, out - start)]
+        for g_b, x_b in examples:
+            tile.addcmul_(torch.mm(g_b[start : start + rows], x_b, out=product), product)
+
+
+def _add_squares_in_batch_tiles(total, g, x):
+    """total += Σ_b (g_bᵀ x_b)² in tiles of output rows for the whole batch: the products [batch, rows, in] and the
+    tile of the sums they are added to stay in cache, and `total` is passed over once per batch."""
+    g = g.transpose(1, 2)
+    batch, out, in_ = len(g), g.shape[1], x.shape[2]
+    block_bytes = BATCH_TILE_BYTES.get(g.device.type, DEFAULT_BATCH_TILE_BYTES)
+    rows = max(1, min(out, block_bytes // (batch * in_ * g.element_size())))
+    products = torch.empty(batch, rows, in_, dtype=g.dtype, device=g.device)
+    squares = torch.empty(rows, in_, dtype=g.dtype, device=g.device)
+    for start in range(0, out, rows):
+        n = min(rows, out - start)
+        product = torch.bmm(g[:, start : start + n], x, out=products[:, :n])
+        total[start : start + n] += torch.sum(product.square_(), 0, out=squares[:n])
 
 
 @dataclass
@@ -107,7 +179,8 @@ def _has_stock_forward(module, cls):
 def linear_gradients(module, x, g, batch_size):
     x = batch_first(x, batch_size, "the input of a linear layer").reshape(batch_size, -1, module.in_features)
     g = batch_first(g, batch_size, "the output of a linear layer").reshape(batch_size, -1, module.out_features)
-    gradients = {"weight": lambda: OuterProductGradients(g, x), "bias": lambda: DenseGradients(g.sum(1))}
+    gradients = {"weight": lambda: OuterProductGradients(g, x, nonzero_positions(g)),
+                 "bias": lambda: DenseGradients(g.sum(1))}
     return _wanted(module, gradients)
 
 
@@ -116,7 +189,8 @@ def conv1d_gradients(module, x, g, batch_size):
     in_, out = module.weight.shape
     x = batch_first(x, batch_size, "the input of a Conv1D layer").reshape(batch_size, -1, in_)
     g = batch_first(g, batch_size, "the output of a Conv1D layer").reshape(batch_size, -1, out)
-    gradients = {"weight": lambda: OuterProductGradients(x, g), "bias": lambda: DenseGradients(g.sum(1))}
+    gradients = {"weight": lambda: OuterProductGradients(x, g, nonzero_positions(g)),
+                 "bias": lambda: DenseGradients(g.sum(1))}
     return _wanted(module, gradients)
 
 
@@ -153,6 +227,20 @@ def layer_norm_gradients(module, x, g, batch_size):
     return _wanted(module, gradients)
 
 
+def t5_layer_norm_gradients(module, x, g, batch_size):
+    """T5's RMS norm, weight ⊙ x / sqrt(mean(x²) + eps) (float32 statistics): ∇weight_b = Σ_tokens g ⊙ x̂."""
+    x = batch_first(x, batch_size, "the input of a T5 layer norm")
+    g = batch_first(g, batch_size, "the output of a T5 layer norm").reshape(batch_size, -1, x.shape[-1])
+    variance = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
+    normalised = (x * torch.rsqrt(variance + module.variance_epsilon)).to(g.dtype).reshape(g.shape)
+    return _wanted(module, {"weight": lambda: DenseGradients((g * normalised).sum(1))})
+
+
+def _is_t5_layer_norm(module):
+    t5 = sys.modules.get("transformers.models.t5.modeling_t5")  # not imported: no T5 model exists
+    return t5 is not None and _has_stock_forward(module, t5.T5LayerNorm)
+
+
 def _wanted(module, gradients):
     """Compute only the gradients of the module's trainable parameters: (parameter, gradients) pairs."""
     wanted = []
@@ -176,6 +264,8 @@ def layer_rule(module):
         return embedding_gradients
     if _has_stock_forward(module, nn.LayerNorm):
         return layer_norm_gradients
+    if _is_t5_layer_norm(module):
+        return t5_layer_norm_gradients
     return None
 
 
