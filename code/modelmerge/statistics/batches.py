@@ -8,6 +8,7 @@ from a seeded generator in dataset order (one per example, or one per scored tok
 do not depend on how the examples are batched: a one-example-at-a-time loop with the same seed and the same
 rule (`sample_labels`) draws exactly the same labels.
 """
+import ctypes
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -25,6 +26,27 @@ class LabelledBatch:
     loss: torch.Tensor  # Σ over the batch of log p(y|x) (a sum: every example keeps its own gradient)
     masks: list  # [batch, tokens] masks, 1 for real tokens, 0 for padding (encoder's and decoder's for seq2seq)
     sites: list  # what the capture recorded during the forward pass
+
+
+def release(batch):
+    """Drop what `batch` recorded (its layers' inputs and outputs, the graph of its loss) once its gradients are
+    used, so that the next batch's forward pass does not run beside them, and hand the freed memory back to the
+    system: the allocator otherwise keeps the freed blocks of every batch size it met (glibc: resident memory +150
+    MiB over 2,048 sentences at batch size 16)."""
+    batch.sites.clear()
+    batch.loss = None
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
+def _malloc_trim():
+    try:
+        return ctypes.CDLL(None).malloc_trim  # glibc's; other C libraries have none
+    except (OSError, AttributeError):
+        return None
+
+
+_MALLOC_TRIM = _malloc_trim()
 
 
 def limit_examples(dataset, num_examples):

@@ -23,7 +23,7 @@ from peft import PeftModel
 from safetensors.torch import save_file
 
 from modelmerge.atomic import atomic_dir, atomic_file, write_json
-from modelmerge.statistics.batches import labelled_batches, limit_examples
+from modelmerge.statistics.batches import labelled_batches, limit_examples, release
 from modelmerge.statistics.parameters import (checkpoint_names, gradients_for_statistic_parameters,
                                               statistic_parameters)
 from modelmerge.statistics.per_example import SquaredGradientSums
@@ -75,6 +75,7 @@ def compute_fisher(
                 sums.add(batch.loss, batch.sites, len(batch.indices))
                 for index, label in zip(batch.indices.tolist(), batch.labels):
                     labels[index] = label
+                release(batch)
             seconds = time.perf_counter() - start
             rate = len(dataset) / seconds
             logger.info("Fisher of %d examples in %.1f s (%.1f examples/s)", len(dataset), seconds, rate)
