@@ -17,7 +17,8 @@ from transformers import (
 
 from modelmerge.statistics import compute_fisher, save_fisher
 from modelmerge.statistics.capture import output_gradients
-from modelmerge.statistics.per_example import SquaredGradientSums
+from modelmerge.statistics import per_example
+from modelmerge.statistics.per_example import OuterProductGradients, SquaredGradientSums, nonzero_positions
 from tiny import SHARED_DATA, make_tiny_bert, read_jsonl
 
 NUM_EXAMPLES = 20
@@ -193,6 +194,52 @@ def test_reused_tied_and_custom_parameters_equal_the_loop():
         for name, p in model.named_parameters():
             expected[name] += p.grad**2
     assert_same_fisher(batched, expected)
+
+
+def outer_product_case(live_counts, dtype=torch.float64, scale=1.0):
+    """g [batch, tokens, 24], x [batch, tokens, 16] whose g is zero off each example's live positions (scattered,
+    not a prefix: the positions a layer's output does not reach the loss from), and Σ_b (g_bᵀ x_b)² summed directly."""
+    generator = torch.Generator().manual_seed(len(live_counts))
+    g = torch.randn(len(live_counts), 7, 24, generator=generator, dtype=torch.float64)
+    x = torch.randn(len(live_counts), 7, 16, generator=generator, dtype=torch.float64)
+    for b, count in enumerate(live_counts):
+        dead = torch.randperm(7, generator=generator)[count:]
+        g[b, dead] = 0
+    g = g * scale
+    expected = torch.zeros(24, 16, dtype=torch.float64)
+    for b in range(len(live_counts)):
+        expected = expected + (g[b].T @ x[b]) ** 2
+    return g.to(dtype), x.to(dtype), expected
+
+
+@pytest.mark.parametrize("route", ["paired", "per_example", "batch_tiles"])
+def test_squared_outer_products_equal_the_direct_sum_on_every_route(monkeypatch, route):
+    """Each way of forming Σ_b (g_bᵀ x_b)² (per_example.OuterProductGradients) against the per-example products
+    squared and summed directly, in tiles of a few rows and with scattered zero-gradient positions."""
+    live_counts = [3, 1, 0, 4, 2] if route == "paired" else [7, 5, 1, 0, 6]
+    g, x, expected = outer_product_case(live_counts)
+    monkeypatch.setattr(per_example, "PER_EXAMPLE_BYTES", 0 if route == "per_example" else 1 << 40)
+    monkeypatch.setattr(per_example, "TILE_BYTES", 5 * 16 * 8)  # 5 rows of 16 float64: tiles of 5, 5, 5, 5, 4 rows
+    monkeypatch.setattr(per_example, "BATCH_TILE_BYTES", {"cpu": 5 * 5 * 16 * 8})
+    calls = []
+    for name in ("_add_paired_squares", "_add_squares_per_example", "_add_squares_in_batch_tiles"):
+        original = getattr(per_example, name)
+        monkeypatch.setattr(per_example, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a))
+    total = torch.zeros(24, 16, dtype=torch.float64)
+    OuterProductGradients(g, x, nonzero_positions(g)).add_squares_to(total)
+    assert calls == [{"paired": "_add_paired_squares", "per_example": "_add_squares_per_example",
+                      "batch_tiles": "_add_squares_in_batch_tiles"}[route]]
+    torch.testing.assert_close(total, expected, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("scale", [1e-15, 1e15])
+def test_paired_squares_undo_their_power_of_two_scaling(scale):
+    """The paired route scales the gradients to a largest value near 1 (products of small gradients would be
+    subnormal numbers, slow to multiply) and must scale the sum back: float32 sums of ~1e-30 and ~1e30."""
+    g, x, expected = outer_product_case([2, 3, 1], dtype=torch.float32, scale=scale)
+    total = torch.zeros(24, 16)
+    OuterProductGradients(g, x, nonzero_positions(g)).add_squares_to(total)
+    torch.testing.assert_close(total.double(), expected, rtol=1e-5, atol=1e-6 * float(expected.max()))
 
 
 def test_output_gradients_refuse_an_output_changed_in_place():
