@@ -45,7 +45,7 @@ CONFIGS = {
 def deterministic_draws(monkeypatch):
     """DELLA's draws replaced by one rule in both programs (see test_methods_mergekit_new)."""
     monkeypatch.setattr(torch, "bernoulli", lambda p, *a, **k: (p >= 0.5).to(p.dtype))
-    monkeypatch.setattr(della, "draw", lambda p, generator: (p >= 0.5).to(p.dtype))
+    monkeypatch.setattr(della, "draw", lambda p, generator, out=None: (p >= 0.5) if out is None else out.copy_(p >= 0.5))
 
 
 @pytest.mark.parametrize("name", CONFIGS)

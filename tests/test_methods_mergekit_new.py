@@ -37,7 +37,7 @@ def deterministic_draws(monkeypatch):
     """Replace the random keep decisions of both implementations by the same rule (keep where p ≥ 0.5) so
     everything else DELLA computes can be compared exactly."""
     monkeypatch.setattr(torch, "bernoulli", lambda p, *a, **k: (p >= 0.5).to(p.dtype))
-    monkeypatch.setattr(della, "draw", lambda p, generator: (p >= 0.5).to(p.dtype))
+    monkeypatch.setattr(della, "draw", lambda p, generator, out=None: (p >= 0.5) if out is None else out.copy_(p >= 0.5))
 
 
 @pytest.mark.parametrize("name", ["della", "della_linear"])

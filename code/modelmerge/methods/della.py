@@ -63,11 +63,11 @@ def magnitude_keep_probabilities(magnitudes: torch.Tensor, density: float, epsil
     return probabilities.scatter_(1, order, by_rank.expand_as(order)).reshape(magnitudes.shape)
 
 
-def draw(probabilities: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """True with probability p, else False; uniform draws from `generator` on the CPU, so a seed gives the
-    same mask on every device."""
+def draw(probabilities: torch.Tensor, generator: torch.Generator, out: torch.Tensor | None = None) -> torch.Tensor:
+    """True with probability p, else False (into the boolean `out` when given); uniform draws from
+    `generator` on the CPU, so a seed gives the same mask on every device."""
     uniform = torch.rand(probabilities.shape, generator=generator, dtype=probabilities.dtype)
-    return uniform.to(probabilities.device) < probabilities
+    return torch.lt(uniform.to(probabilities.device), probabilities, out=out)
 
 
 def magnitude_prune_plan(blocks: TensorBlocks, densities, epsilons, seed: int, rescale: bool) -> DellaPlan:
@@ -88,13 +88,13 @@ def magnitude_prune_plan(blocks: TensorBlocks, densities, epsilons, seed: int, r
     for group in (blocks if len(blocks.shape) >= 2 else [blocks.sample(blocks.numel)]):
         for t in pruned:
             magnitudes = task_vector(group, t).to(upcast_dtype(group.base.dtype)).abs_()  # a new tensor
-            if densities[t] <= 0:
-                mask = torch.zeros_like(magnitudes, dtype=torch.bool)
-            else:
-                mask = draw(magnitude_keep_probabilities(magnitudes, densities[t], epsilons[t]), generators[t]).bool()
             if t not in masks:
-                masks[t] = torch.empty(blocks.numel, dtype=torch.bool, device=mask.device)
-            masks[t][start: start + mask.numel()] = mask.flatten()
+                masks[t] = torch.empty(blocks.numel, dtype=torch.bool, device=magnitudes.device)
+            mask = masks[t][start: start + magnitudes.numel()].view(magnitudes.shape)  # drawn in place
+            if densities[t] <= 0:
+                mask.fill_(False)
+            else:
+                draw(magnitude_keep_probabilities(magnitudes, densities[t], epsilons[t]), generators[t], out=mask)
             if rescale:
                 wide = magnitudes.to(torch.float64)  # ×1 and ×0 are exact: the kept sum from the same copy
                 sums[t].append(torch.stack([row_sums(wide), row_sums(wide.mul_(as_numbers(mask, torch.float64)))]))
