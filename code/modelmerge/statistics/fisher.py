@@ -19,12 +19,11 @@ import time
 from dataclasses import dataclass
 
 import torch
-from peft import PeftModel
 from safetensors.torch import save_file
 
 from modelmerge.atomic import atomic_dir, atomic_file, write_json
 from modelmerge.statistics.batches import labelled_batches, limit_examples, release
-from modelmerge.statistics.parameters import (checkpoint_names, gradients_for_statistic_parameters,
+from modelmerge.statistics.parameters import (checkpoint_names, gradients_for_statistic_parameters, is_peft_model,
                                               statistic_parameters)
 from modelmerge.statistics.per_example import SquaredGradientSums
 
@@ -114,7 +113,7 @@ def save_fisher(result, model, output_dir):
 def _frozen_zeros(model, fisher):
     """Zeros for the frozen parameters of a full model (CLIP's text tower), so that the file covers the checkpoint
     as merges expect; a PEFT adapter's statistics cover the adapter only."""
-    if isinstance(model, PeftModel):
+    if is_peft_model(model):
         return {}
     frozen = [name for name, _ in model.named_parameters() if name not in fisher]
     parameters = dict(model.named_parameters())
@@ -135,4 +134,4 @@ def _hessian_state_dict(model, fisher):
 
 
 def _save_options(model):
-    return {"save_embedding_layers": False} if isinstance(model, PeftModel) else {}
+    return {"save_embedding_layers": False} if is_peft_model(model) else {}

@@ -1,7 +1,13 @@
 """Which parameters statistics describe, and the names they are saved under: those of the model's checkpoint."""
+import sys
 from contextlib import contextmanager
 
-from peft import PeftModel, get_peft_model_state_dict
+
+def is_peft_model(model):
+    """Whether `model` is a PEFT model, without importing peft for it (0.3 s and 9 MiB of every statistics program
+    on a plain model): when peft has not been imported, no PEFT model exists."""
+    peft = sys.modules.get("peft")
+    return peft is not None and isinstance(model, peft.PeftModel)
 
 
 def statistic_parameters(model):
@@ -13,8 +19,10 @@ def statistic_parameters(model):
     For any other model: its trainable parameters, under their own names (tied weights once, under the first
     name; buffers such as position ids are not parameters).
     """
-    if not isinstance(model, PeftModel):
+    if not is_peft_model(model):
         return checkpoint_names(model, [name for name, parameter in model.named_parameters() if parameter.requires_grad])
+    from peft import get_peft_model_state_dict
+
     state = model.state_dict()
     name_of = {id(tensor): name for name, tensor in state.items()}  # the PEFT function passes the tensors through
     saved = get_peft_model_state_dict(model, state_dict=state, save_embedding_layers=False)
