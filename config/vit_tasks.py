@@ -24,7 +24,7 @@ TASK_ARITHMETIC_TASKS = {  # task: Hub dataset (FusionBench's copies: columns im
     "eurosat": "tanganke/eurosat", "svhn": "tanganke/svhn", "gtsrb": "tanganke/gtsrb", "mnist": "mnist",
     "dtd": "tanganke/dtd",
 }
-OFFLINE_TASKS = ("colour", "brightness", "stripes", "quadrant", "border", "size", "checker", "diagonal")
+OFFLINE_TASKS = ("colour", "brightness", "stripes", "shape", "border", "size", "checker", "diagonal")
 CPU = {"time_rqmt": 1, "mem_rqmt": 4, "cpu_rqmt": 1, "gpu_rqmt": 0}
 GPU = {"time_rqmt": 8, "mem_rqmt": 32, "cpu_rqmt": 4, "gpu_rqmt": 1}
 
@@ -65,15 +65,15 @@ def full_preset():
 
 def offline_preset():
     suite = OfflineSuiteJob("clip_image_tasks", OFFLINE_TASKS)
-    splits = {"train": "train", "validation": "validation", "test": "test", "statistics": "train[:32]"}
-    tasks = {task: {"dataset": suite.out_data[task], "splits": splits, "dataset_size": 96} for task in OFFLINE_TASKS}
+    splits = {"train": "train", "validation": "validation", "test": "test", "statistics": "train[:64]"}
+    tasks = {task: {"dataset": suite.out_data[task], "splits": splits, "dataset_size": 256} for task in OFFLINE_TASKS}
     return {
         "name": "offline", "title": "small CLIP, 8 synthetic image tasks: test accuracy",
-        "task_type": "image_classification", "model": suite.out_model, "tasks": tasks, "num_epochs": 2,
+        "task_type": "image_classification", "model": suite.out_model, "tasks": tasks, "num_epochs": 4,
         "training": {"learning_rate": 1e-3, "warmup_steps": 0, "per_device_train_batch_size": 16,
                      "per_device_eval_batch_size": 64, "lr_scheduler_type": "constant", "logging_steps": 10},
         "statistics": {"batch_size": 16}, "evaluation": {"batch_size": 64},
-        "methods": merge_methods(0.3, [96] * len(tasks), 96),
+        "methods": merge_methods(0.3, [256] * len(tasks), 256),
         "rqmt": {kind: CPU for kind in ("train", "statistics", "merge", "evaluation", "download")},
     }
 

@@ -3,8 +3,6 @@ config/t5_tasks.py and config/vit_tasks.py. Every row is checked against the rul
 from the lexicon or the image; the models load with their tokenizer / image processor and know every word."""
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -12,9 +10,8 @@ from PIL import Image
 from transformers import AutoTokenizer, T5ForConditionalGeneration
 
 from modelmerge import offline
+from modelmerge.config import run_program
 from modelmerge.offline import SuiteConfig, make_suite
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def read_jsonl(path):
@@ -83,7 +80,8 @@ def test_the_suite_is_a_function_of_its_seed(t5_suite, tmp_path):
     assert json.loads(text(t5_suite, "alpha", "lexicon.json")) != json.loads(text(other, "alpha", "lexicon.json"))
 
 
-def test_images_show_their_class(tmp_path):
+def test_images_show_their_class(tmp_path, monkeypatch):
+    monkeypatch.setattr(offline, "IMAGE_SPLIT_SIZES", {"train": 8, "validation": 4, "test": 40})
     folder = str(tmp_path / "clip")
     make_suite(SuiteConfig("clip_image_tasks", folder, seed=1))
     for task, classes in offline.IMAGE_TASKS.items():
@@ -92,7 +90,8 @@ def test_images_show_their_class(tmp_path):
         for split, size in offline.IMAGE_SPLIT_SIZES.items():
             rows = read_jsonl(os.path.join(folder, "data", task, f"{split}.jsonl"))
             assert len(rows) == size and {r["label"] for r in rows} <= set(range(len(classes)))
-    # Two properties recomputed from the pixels: the strongest channel of `colour`, the brightness of `brightness`.
+    # Three properties recomputed from the pixels: the strongest channel of `colour`, the brightness of
+    # `brightness`, and for `shape` the centre pixel, inside a disc and in the hole of a ring.
     for row in read_jsonl(os.path.join(folder, "data", "colour", "test.jsonl")):
         image = np.asarray(Image.open(os.path.join(folder, "data", "colour", row["image"])), dtype=float)
         assert image.shape == (offline.IMAGE_SIZE, offline.IMAGE_SIZE, 3)
@@ -100,13 +99,14 @@ def test_images_show_their_class(tmp_path):
     for row in read_jsonl(os.path.join(folder, "data", "brightness", "test.jsonl")):
         image = np.asarray(Image.open(os.path.join(folder, "data", "brightness", row["image"])), dtype=float)
         assert (image.mean() > 95) == (row["label"] == 1)
+    for row in read_jsonl(os.path.join(folder, "data", "shape", "test.jsonl")):
+        image = np.asarray(Image.open(os.path.join(folder, "data", "shape", row["image"])))
+        centre = image[offline.IMAGE_SIZE // 2, offline.IMAGE_SIZE // 2]
+        assert (centre == 20).all() == (row["label"] == 0)
 
 
-def test_unknown_suite_is_one_line_error(tmp_path):
+def test_unknown_suite_is_refused_before_anything_is_written(tmp_path, caplog):
     config = tmp_path / "suite.json"
     config.write_text(json.dumps({"suite": "resnet_tasks", "output_dir": str(tmp_path / "out")}))
-    env = {**os.environ, "PYTHONPATH": os.path.join(ROOT, "code")}
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "code", "make_offline_suite.py"), str(config)],
-                            capture_output=True, text=True, env=env)
-    assert result.returncode == 2 and "resnet_tasks" in result.stderr and "Traceback" not in result.stderr
-    assert not (tmp_path / "out").exists()
+    assert run_program(SuiteConfig, make_suite, "make_offline_suite", [str(config)]) == 2
+    assert "resnet_tasks" in caplog.text and not (tmp_path / "out").exists()
