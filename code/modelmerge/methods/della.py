@@ -80,26 +80,30 @@ def magnitude_prune_plan(blocks: TensorBlocks, densities, epsilons, seed: int, r
             raise ValueError(f"epsilon must leave density ± epsilon inside (0, 1), got density {density}, epsilon {epsilon}")
     pruned = [t for t, density in enumerate(densities) if density < 1]
     generators = {t: tensor_generator(seed, blocks.name, t) for t in pruned}
-    # One flat mask per model, filled block by block (many small masks kept between the blocks'
-    # temporaries would fragment the heap).
-    masks = {}
-    sums = {t: [] for t in pruned}  # per row, |τ_t| and |τ'_t|
-    start = 0
+    # One flat mask and one array of row sums per model, filled block by block (many small arrays kept
+    # between the blocks' temporaries would fragment the heap).
+    masks, sums = {}, {}  # sums: per row, ‖τ_t‖₁ and ‖τ'_t‖₁
+    rows = blocks.shape[0] if len(blocks.shape) >= 2 else 1
+    start, row = 0, 0  # where this block begins: entry, row
     for group in (blocks if len(blocks.shape) >= 2 else [blocks.sample(blocks.numel)]):
+        block_rows = len(group.base) if group.base.dim() >= 2 else 1
         for t in pruned:
             magnitudes = task_vector(group, t).to(upcast_dtype(group.base.dtype)).abs_()  # a new tensor
             if t not in masks:
                 masks[t] = torch.empty(blocks.numel, dtype=torch.bool, device=magnitudes.device)
+                sums[t] = torch.empty(2, rows, dtype=torch.float64, device=magnitudes.device) if rescale else None
             mask = masks[t][start: start + magnitudes.numel()].view(magnitudes.shape)  # drawn in place
             if densities[t] <= 0:
                 mask.fill_(False)
             else:
                 draw(magnitude_keep_probabilities(magnitudes, densities[t], epsilons[t]), generators[t], out=mask)
             if rescale:
+                block_sums = sums[t][:, row: row + block_rows]
                 wide = magnitudes.to(torch.float64)  # ×1 and ×0 are exact: the kept sum from the same copy
-                sums[t].append(torch.stack([row_sums(wide), row_sums(wide.mul_(as_numbers(mask, torch.float64)))]))
-        start += group.base.numel()
-    factors = {t: l1_factor(torch.cat(sums[t], dim=1).sum(1)) if rescale else None for t in pruned}
+                block_sums[0] = row_sums(wide)
+                block_sums[1] = row_sums(wide.mul_(as_numbers(mask, torch.float64)))
+        start, row = start + group.base.numel(), row + block_rows
+    factors = {t: l1_factor(sums[t].sum(1)) if rescale else None for t in pruned}
     return DellaPlan([masks.get(t) for t in range(len(densities))],
                      [factors.get(t) for t in range(len(densities))])
 
