@@ -45,14 +45,15 @@ def top_variance_mask(blocks: TensorBlocks, fraction: float) -> torch.Tensor | N
     k-th largest found by an exact selection (modelmerge.selection)."""
     if fraction >= 1:
         return None
-    values = None
+    values, nonzero = None, 0
     for group in blocks:
         block = variance(group).flatten()
         if values is None:
             values, start = block.new_empty(blocks.numel), 0
         values[start: start + block.numel()] = block
+        nonzero += int(torch.count_nonzero(block))  # while the block is in the caches
         start += block.numel()
-    k = int(torch.count_nonzero(values) * fraction) if fraction > 0 else 0  # in float32, as mergekit
+    k = int(torch.tensor(nonzero) * fraction) if fraction > 0 else 0  # in float32, as mergekit
     if k == 0:
         return torch.zeros_like(values, dtype=torch.bool)
     threshold = kth_largest(values, k)
