@@ -143,10 +143,11 @@ def io_floor(reads, root, output_bytes):
     return seconds
 
 
-def our_merge(arguments, root, name, threads):
-    """(merge loop seconds, whole wall seconds, peak RSS bytes) of code/merge.py."""
+def our_merge(arguments, root, name, threads, device="cpu"):
+    """(merge loop seconds, whole wall seconds, peak RSS bytes) of code/merge.py, its arithmetic on `device`."""
     out = os.path.join(root, f"out-{name}")
-    wall, rss, stdout = measure([sys.executable, MERGE, *arguments, "--output", out, "--no_progress"], REPO, threads)
+    command = [sys.executable, MERGE, *arguments, "--device", device, "--output", out, "--no_progress"]
+    wall, rss, stdout = measure(command, REPO, threads)
     shutil.rmtree(out)
     return float(re.search(r", ([0-9.]+) s, peak RSS", stdout).group(1)), wall, rss
 
@@ -329,6 +330,8 @@ def main():
     parser.add_argument("--methods", nargs="+",
                         choices=["task_arithmetic", "ties", "uncertainty_based_gradient_matching", *NEW_METHODS],
                         help="only these merges (default: all)")
+    parser.add_argument("--device", default="cpu",
+                        help="where our merges do their arithmetic (cpu or cuda); the lower bounds stay the CPU's")
     args = parser.parse_args()
     root = tempfile.mkdtemp(prefix="merge_bench-", dir=args.workdir)
     try:
@@ -351,7 +354,7 @@ def main():
                 floors, ours, loads = [], [], []
                 for _ in range(args.repeats):  # alternately, so that changes in the load hit both alike
                     floors.append(io_floor(reads, root, checkpoint_bytes))
-                    ours.append(our_merge(arguments, root, name, threads))
+                    ours.append(our_merge(arguments, root, name, threads, args.device))
                     loads.append(load())
                 row = dict(method=name, threads=threads, floor=median(floors), loop=median(o[0] for o in ours),
                            wall=median(o[1] for o in ours), rss=max(o[2] for o in ours), mk_wall=mergekit[0],
