@@ -23,7 +23,10 @@ tensor) and the load average of the machine. The batch size is predict.py's defa
 Measured 2026-11-28 on 2 CPU cores shared with three other sessions (1 torch thread; the ratios move by 10-20 %
 with the load, which was 2-4):
   --process --num-examples 2048: loop process 225.6 s (883 MiB), predict.py 29.6 s (856 MiB): 7.6x, memory 0.97
-      (batch size 16: 8.7x and 6.8x in two runs, memory 0.85-0.93)
+      (batch size 16: 8.7x and 6.8x in two runs, memory 0.85-0.93); on the quiet machine (load 0.6-1.0):
+      loop process 190.6 s (908 MiB), predict.py 28.4 s (854 MiB): 6.7x, memory 0.94. predict.py's profile: forward
+      ~6 s, input-gradient backward ~6.5 s, per-example products ~7.6 s, start-up and writing ~4 s, so 8x needs a
+      loop of at least ~230 s.
   --families: T5 4.0x, GPT-2 3.8x, ViT 1.3x, CLIP 1.3x (largest relative differences 2e-5 and below)
 ViT and CLIP fall far short of 4x, and these exact routes cannot close the gap at their sizes: with 65 tokens per image
 the loop is bound by arithmetic, not by its per-example overhead, and the exact squared per-example gradient of a
