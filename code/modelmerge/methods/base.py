@@ -51,6 +51,13 @@ class TensorGroup:
             first_row=first_row,
         )
 
+    def part_of(self, flat: torch.Tensor) -> torch.Tensor:
+        """The entries of `flat` (one per entry of the whole tensor, in flat order) that this block of rows
+        covers, shaped as the block."""
+        block = self.tensors[0]
+        start = self.first_row * (block[0].numel() if block.dim() else 1)
+        return flat[start: start + block.numel()].view(block.shape)
+
 
 class TensorBlocks:
     """One tensor's inputs, readable in consecutive blocks of rows: what `MergeMethod.prepare` sees.

@@ -126,9 +126,8 @@ def pruned_task_vector(group: TensorGroup, t: int, plan: DellaPlan) -> torch.Ten
     mask = plan.masks[t]
     if mask is None:
         return delta
-    start = group.first_row * (group.base[0].numel() if group.base.dim() else 1)
     dtype = upcast_dtype(delta.dtype)
-    kept = delta.to(dtype).mul_(as_numbers(mask[start: start + delta.numel()].view(delta.shape), dtype))  # delta is new
+    kept = delta.to(dtype).mul_(as_numbers(group.part_of(mask), dtype))  # delta is new
     if plan.factors[t] is not None:
         kept.mul_(plan.factors[t].to(kept.dtype))
     return kept.to(delta.dtype)

@@ -28,10 +28,7 @@ def variance(group: TensorGroup) -> torch.Tensor:
     its reduction over the models' dimension)."""
     dtype = upcast_dtype(group.base.dtype)
     taus = [task_vector(group, t).to(dtype) for t in range(len(group.tensors))]  # new tensors
-    mean = taus[0].clone() if len(taus) == 1 else taus[0] + taus[1]
-    for tau in taus[2:]:
-        mean.add_(tau)
-    mean.div_(len(taus))
+    mean = sum_of(taus).div_(len(taus))
     spread = taus[0].sub_(mean).square_()
     for tau in taus[1:]:
         spread.add_(tau.sub_(mean).square_())
@@ -77,8 +74,7 @@ def block_mask(group: TensorGroup, plan_mask: torch.Tensor | None) -> torch.Tens
     """The part of the flat mask that covers this block of rows, shaped as the block, in its dtype."""
     if plan_mask is None:
         return None
-    start = group.first_row * (group.base[0].numel() if group.base.dim() else 1)
-    return as_numbers(plan_mask[start: start + group.base.numel()].view(group.base.shape), upcast_dtype(group.base.dtype))
+    return as_numbers(group.part_of(plan_mask), upcast_dtype(group.base.dtype))
 
 
 def row_energies(group: TensorGroup, mask: torch.Tensor | None) -> torch.Tensor:
