@@ -78,7 +78,7 @@ class ModulatedMergeJob(CommandJob):
     def command(self):
         return [*self.program_command("modulated_merge.py"), "--merge", self.method, "--models", *map(_path, self.models),
                 "--ancestor", _path(self.ancestor), *_parameter_arguments(self.parameters),
-                *(["--device", "cuda"] if self.rqmt["gpu"] > 0 else []), "--output", self.out_dir.get_path()]
+                *_device_and_output(self, self.out_dir)]
 
 
 class MaterialiseTaskJob(CommandJob):
@@ -158,9 +158,11 @@ class UncertaintyBasedGradientMatchingJob(CommandJob):
                 "--out_model_path", self.out_model_path.get_path()]
 
 
-def _device_and_output(job):
-    """The end of a merge command: `--device cuda` when the job asks for a GPU, then the output folder."""
-    return [*(["--device", "cuda"] if job.rqmt["gpu"] > 0 else []), "--output", job.out_model.get_path()]
+def _device_and_output(job, output=None):
+    """The end of a merge command: `--device cuda` when the job asks for a GPU, then the output folder
+    (`output`, default the job's `out_model`)."""
+    output = job.out_model if output is None else output
+    return [*(["--device", "cuda"] if job.rqmt["gpu"] > 0 else []), "--output", output.get_path()]
 
 
 class TaskDataMergeJob(CommandJob):
