@@ -5,7 +5,16 @@ the current values. A job taking one as an argument is hashed by the object's at
 operators, `string`/`args`/`kwargs` for the functions, ...), so the class and attribute names below are the ones
 the reference Sisyphus uses: renaming any of them would change the ids of such jobs.
 """
-from sisyphus.hash import sis_hash_helper
+from sisyphus.hash import HashError, sis_hash_helper
+
+
+class DelayedGetUndefined(NotImplementedError, AssertionError):
+    """get() called on a delayed class that does not define it (an AssertionError too, as in the reference)."""
+
+
+class DelayedLambdaError(HashError, ValueError):
+    """A lambda given to a delayed function: it could not be hashed (ValueError as before, HashError and so
+    AssertionError as in the reference)."""
 
 
 def try_get(value):
@@ -96,7 +105,7 @@ class DelayedBase:
         return DelayedFallback(self, fallback)
 
     def get(self):
-        raise NotImplementedError(f"{type(self).__qualname__} must define get()")
+        raise DelayedGetUndefined(f"{type(self).__qualname__} must define get()")
 
     def __repr__(self):
         return str(self.get())
@@ -198,7 +207,7 @@ class DelayedFunction(DelayedFunctionBase):
 
     def __init__(self, string, func, *args, **kwargs):
         if func.__name__ == "<lambda>":
-            raise ValueError("DelayedFunction: a lambda cannot be hashed; pass a named function")
+            raise DelayedLambdaError("DelayedFunction: a lambda cannot be hashed; pass a named function")
         self.func = func
         super().__init__(string, *args, **kwargs)
 

@@ -3,14 +3,15 @@
 `load_settings` executes `settings.py` and copies every global it defines onto this module, so configs,
 recipes and the manager read them as `gs.NAME` (`import sisyphus.global_settings as gs`).
 """
+import logging
 import os
 import sys
 
 from sisyphus.errors import SisError
 from sisyphus.hash import short_hash
 
-#: Setup directory (where settings.py is); every relative path is relative to it.
-BASE_DIR = os.getcwd()
+# BASE_DIR, the setup directory (where settings.py is): every relative path is relative to it. load_settings
+# sets it; until then (no setup loaded) it is the current working directory, see __getattr__ below.
 SETTINGS_FILE = "settings.py"
 GLOBAL_SETTINGS_FILE_DEFAULT = SETTINGS_FILE
 GLOBAL_SETTINGS_FILE = SETTINGS_FILE
@@ -32,6 +33,8 @@ RECIPE_DIR = "recipe"
 CONFIG_PREFIX = "config"
 CONFIG_FILE_DEFAULT = "config.py"
 CONFIG_FUNCTION_DEFAULT = "config.main"
+#: Folder of the reference Sisyphus's own unit tests, relative to its repository root (they import it as gs.TEST_DIR).
+TEST_DIR = "tests"
 
 #: argv that starts `sis` in a worker; the engines run it with the setup directory as working directory.
 SIS_COMMAND = [sys.executable, "-m", "sisyphus"]
@@ -108,6 +111,9 @@ DELAYED_CHECK_FOR_WORKER = False
 LEGACY_PATH_CONVERSION = False
 #: str()/repr() of a Variable give its value unless this is False (repr: '<Variable rel/path value>').
 LEGACY_VARIABLE_CONVERSION = False
+#: Pickle a Path's creator job with it (into a job.save, tk.dump); by default a Path is pickled as its path
+#: relative to the setup folder, without the job that writes it.
+INCLUDE_CREATOR_STATE = False
 #: Reading an unset Variable without backup raises VariableNotSet instead of returning a placeholder string.
 RAISE_VARIABLE_NOT_SET_EXCEPTION = False
 
@@ -174,6 +180,14 @@ STATE_FINISHED = "finished"
 CMD_WORKER = "worker"
 
 
+def __getattr__(name):
+    """BASE_DIR before a setup is loaded: the working directory at the time of asking, where the reference
+    Sisyphus makes its job folders (relative paths) in that case."""
+    if name == "BASE_DIR":
+        return os.getcwd()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def engine():
     """The engine that runs the tasks; settings.py normally overrides this function."""
     from sisyphus.localengine import LocalEngine
@@ -223,8 +237,12 @@ def on_job_finished(job):
 
 
 def load_settings(setup_dir):
-    """Execute `<setup_dir>/settings.py` and make its globals attributes of this module."""
-    global BASE_DIR
+    """Execute `<setup_dir>/settings.py` and make its globals attributes of this module, then apply the SIS_*
+    environment variables.
+
+    Unlike update_global_settings_from_file, settings.py runs in a namespace of its own, named `settings`
+    with its own `__file__`, so that it can find its folder; only the environment dicts are shared with it."""
+    global BASE_DIR, GLOBAL_SETTINGS_FILE, GLOBAL_SETTINGS_FILE_CONTENT
     path = os.path.join(setup_dir, SETTINGS_FILE)
     if not os.path.isfile(path):
         raise SisError(f"{path}: no {SETTINGS_FILE} here; run sis from the setup directory that holds it")
@@ -242,24 +260,54 @@ def load_settings(setup_dir):
     for key, value in namespace.items():
         if not key.startswith("__"):
             setattr(module, key, value)
-    module.GLOBAL_SETTINGS_FILE, module.GLOBAL_SETTINGS_FILE_CONTENT = path, text
-    _settings_from_environment(module)
+    GLOBAL_SETTINGS_FILE = path
+    GLOBAL_SETTINGS_FILE_CONTENT = _settings_file_record(path, text)
+    update_global_settings_from_env()
     BASE_DIR = os.path.abspath(setup_dir)
     _extend_sys_path()
 
 
-def _settings_from_environment(module):
-    """SIS_NAME=value in the environment sets NAME (as a Python literal if it is one, else as a string)."""
+def _settings_file_record(path, text):
+    return f"##### Settings file: {path} #####\n{text}\n"
+
+
+def update_global_settings_from_file(filename):
+    """Execute a settings file in this module's namespace (the reference's way: its functions belong to this
+    module and pickle by name) and append its text to GLOBAL_SETTINGS_FILE_CONTENT. A missing file is ignored
+    with a warning."""
+    global GLOBAL_SETTINGS_FILE_CONTENT
+    try:
+        with open(filename, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError as e:
+        logging.warning("Settings file %r does not exist, ignoring it (%s).", filename, e)
+        return
+    exec(compile(text, filename, "exec"), globals())
+    GLOBAL_SETTINGS_FILE_CONTENT += _settings_file_record(filename, text)
+
+
+def update_global_settings_from_env():
+    """SIS_NAME=value in the environment sets NAME (as a Python literal if it is one, else as a string;
+    SIS_IMPORT_PATHS as a ':'-separated list); what was set is appended to GLOBAL_SETTINGS_FILE_CONTENT."""
     from sisyphus.job_path import parse_literal
 
+    global GLOBAL_SETTINGS_FILE_CONTENT
+    lines = []
     for key, value in os.environ.items():
-        if key.startswith(ENVIRONMENT_SETTINGS_PREFIX) and len(key) > len(ENVIRONMENT_SETTINGS_PREFIX):
-            ENVIRONMENT_SETTINGS[key] = value
-            try:
-                value = parse_literal(value)
-            except ValueError:
-                pass
-            setattr(module, key[len(ENVIRONMENT_SETTINGS_PREFIX):], value)
+        if not key.startswith(ENVIRONMENT_SETTINGS_PREFIX) or len(key) == len(ENVIRONMENT_SETTINGS_PREFIX):
+            continue
+        ENVIRONMENT_SETTINGS[key] = value
+        try:
+            value = parse_literal(value)
+        except ValueError:
+            pass
+        name = key[len(ENVIRONMENT_SETTINGS_PREFIX):]
+        if name == "IMPORT_PATHS" and isinstance(value, str):
+            value = value.split(":")
+        globals()[name] = value
+        lines.append(f"{name} = {value!r}\n")
+    if lines:
+        GLOBAL_SETTINGS_FILE_CONTENT += "##### Settings from environment #####\n" + "".join(lines)
 
 
 def _extend_sys_path():

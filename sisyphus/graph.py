@@ -7,6 +7,26 @@ from sisyphus.job import Job
 from sisyphus.job_path import AbstractPath
 
 
+class OutputPath:
+    """A registered output (the reference's graph target): `SISGraph.add_target(OutputPath(name, path))` is
+    `add_output(name, path)`."""
+
+    def __init__(self, output_path, sis_path):
+        if not isinstance(sis_path, AbstractPath):
+            raise SisError(f"OutputPath({output_path!r}, ...): needs a tk.Path or tk.Variable, "
+                           f"not {type(sis_path).__name__}")
+        self.name = self._output_path = output_path
+        self._sis_path = sis_path
+
+    @property
+    def required(self):
+        """The paths still missing."""
+        return set() if self._sis_path.available() else {self._sis_path}
+
+    def is_done(self):
+        return not self.required
+
+
 class SISGraph:
     def __init__(self):
         self.outputs = {}  # output name -> Path
@@ -29,6 +49,12 @@ class SISGraph:
                            f"{known.rel_path()} and {path.rel_path()}")
         self.outputs[normalized] = path
         self._jobs = None
+
+    def add_target(self, target):
+        """The reference's way to register an output (an OutputPath)."""
+        if not isinstance(target, OutputPath):
+            raise SisError(f"SISGraph.add_target needs an OutputPath, not {type(target).__name__}")
+        self.add_output(target.name, target._sis_path)
 
     def add_report(self, report):
         self.reports[report["name"]] = report
@@ -73,6 +99,35 @@ class SISGraph:
 
     def id_to_job_dict(self):
         return {job.job_id(): job for job in self.jobs()}
+
+    def job_by_id(self, job_id):
+        """The job of the graph with that id, or None."""
+        return self.id_to_job_dict().get(job_id)
+
+    def jobs_sorted(self):
+        """Every job after the jobs it depends on, in the reference's order: depth first from the jobs without
+        inputs (by id), each job's users by id, a user as soon as its last input was given."""
+        jobs = self.id_to_job_dict()
+        missing = {job_id: {p.creator_id() for p in job._sis_inputs} & jobs.keys() for job_id, job in jobs.items()}
+        users = {job_id: set() for job_id in jobs}
+        for job_id, inputs in missing.items():
+            for input_id in inputs:
+                users[input_id].add(job_id)
+        for start in sorted(job_id for job_id, inputs in missing.items() if not inputs):
+            yield jobs[start]
+            stack = [iter(sorted(users[start]))]  # per job on the path: its users not yet looked at
+            path = [start]
+            while stack:
+                user = next(stack[-1], None)
+                if user is None:
+                    stack.pop()
+                    path.pop()
+                    continue
+                missing[user].discard(path[-1])
+                if not missing[user]:
+                    yield jobs[user]
+                    stack.append(iter(sorted(users[user])))
+                    path.append(user)
 
     def find(self, pattern, mode="all"):
         """Jobs (mode 'job'), paths (mode 'path') or both ('all') whose id or path contains `pattern`."""

@@ -21,8 +21,9 @@ _SETS = (set, frozenset)
 _CONTAINERS = _BASIC + _SEQUENCES + _SETS + (dict,)
 
 
-class HashError(SisError, TypeError):
-    """An object whose value cannot be turned into stable bytes (lambda, object from __main__, ...)."""
+class HashError(SisError, TypeError, AssertionError):
+    """An object whose value cannot be turned into stable bytes (lambda, object from __main__, ...). Also an
+    AssertionError, the type the reference Sisyphus raises (code written for it catches that)."""
 
 
 def short_hash(obj, length=12, chars=HASH_CHARS):

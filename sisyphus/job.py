@@ -18,8 +18,8 @@ from sisyphus.errors import SisError
 from sisyphus.hash import HashError, sis_hash_helper
 from sisyphus.job_path import AbstractPath, NoBackup, Path, Variable
 from sisyphus.task import Task
-from sisyphus.tools import (EnvironmentModifier, extract_paths, remove_stale_temporaries, sh, temporary_prefix,
-                            write_atomically)
+from sisyphus.tools import (EnvironmentModifier, extract_paths, finished_results_cache, remove_stale_temporaries, sh,
+                            temporary_prefix, write_atomically)
 
 #: job id -> Job, so that equal arguments give the same object.
 created_jobs = {}
@@ -343,6 +343,7 @@ class Job(metaclass=JobSingleton):
                 return True
         return False
 
+    @finished_results_cache.caching(get_key=lambda self: ("job", self._sis_path()))
     def _sis_finished(self):
         """True once the job's `finished` marker exists; written here when every task id has finished."""
         if self._sis_finished_cache:

@@ -18,7 +18,7 @@ import pickle
 import sisyphus.global_settings as gs
 from sisyphus.delayed_ops import DelayedBase
 from sisyphus.hash import sis_hash_helper
-from sisyphus.tools import write_atomically
+from sisyphus.tools import finished_results_cache, write_atomically
 
 
 class VariableNotSet(Exception):
@@ -93,16 +93,18 @@ class AbstractPath(DelayedBase):
         self.users.add(user)
 
     def creator_id(self):
-        """The creating job's id, or None (after unpickling in a worker the creator is stored as its id)."""
+        """The creating job's id, or None (a job.save of an older version stores the creator as its id)."""
         if self.creator is None or isinstance(self.creator, str):
             return self.creator
-        return self.creator.job_id()
+        return self.creator._sis_id()
 
     def rel_path(self):
-        creator_id = self.creator_id()
-        if creator_id is None:
+        """The path relative to the setup folder (an absolute one as it is)."""
+        if self.creator is None:
             return self.path
-        return os.path.join(gs.WORK_DIR, creator_id, gs.JOB_OUTPUT, self.path)
+        if isinstance(self.creator, str):
+            return os.path.join(gs.WORK_DIR, self.creator, gs.JOB_OUTPUT, self.path)
+        return os.path.join(self.creator._sis_path(gs.JOB_OUTPUT), self.path)
 
     def get_path(self):
         return os.path.join(gs.BASE_DIR, self.rel_path())
@@ -119,6 +121,7 @@ class AbstractPath(DelayedBase):
         """A delayed value is set once it can be read: a path once it is available."""
         return self.available()
 
+    @finished_results_cache.caching(get_key=lambda self, debug_info=None: ("available", self.rel_path()))
     def available(self, debug_info=None):
         """True once the file can be used: its job says so (by default: it finished), or (graph input) it exists."""
         if getattr(self, "_available", None):
@@ -128,13 +131,16 @@ class AbstractPath(DelayedBase):
         return os.path.exists(self.get_path())
 
     def _sis_hash(self):
+        """A job's output hashes as ('<job id>/output', path); a creator stored as its id (older job.save, the
+        migration) as that job; any other creator object by its value, as in the reference."""
         if self.hash_overwrite is None:
-            creator, path = self.creator_id(), self.path
+            creator, path = self.creator, self.path
+            if isinstance(creator, str):
+                creator = f"{creator}/{gs.JOB_OUTPUT}"
         else:
             creator, path = self.hash_overwrite
         if hasattr(creator, "_sis_id"):
-            creator = creator._sis_id()
-        creator = None if creator is None else f"{creator}/{gs.JOB_OUTPUT}"
+            creator = f"{creator._sis_id()}/{gs.JOB_OUTPUT}"
         return b"(Path, " + sis_hash_helper((creator, path)) + b")"
 
     def _key(self):
@@ -159,11 +165,13 @@ class AbstractPath(DelayedBase):
         return self
 
     def __getstate__(self):
-        """Pickled with the creator's id in place of the creator (so a job.save holds only its own job), and
-        without its users."""
+        """Pickled without its users and, unless gs.INCLUDE_CREATOR_STATE, without its creator (as in the
+        reference): the path becomes the one relative to the setup folder, so a job.save holds only its own
+        job and its folder can move with the setup."""
         state = self.__dict__.copy()
-        state["creator"] = self.creator_id()
         state.pop("users", None)
+        if not gs.INCLUDE_CREATOR_STATE:
+            state["path"], state["creator"] = self.rel_path(), None
         return state
 
     def __setstate__(self, state):

@@ -15,7 +15,7 @@ import psutil
 
 import sisyphus.global_settings as gs
 from sisyphus import engine as engine_states
-from sisyphus.tools import tail
+from sisyphus.tools import finished_results_cache, tail
 
 logger = logging.getLogger("sisyphus.manager")
 
@@ -69,6 +69,9 @@ class Manager:
     def run(self, ask=False):
         """Run until nothing can progress; returns the exit status (0: every output finished)."""
         self.engine.start_engine()
+        if gs.CACHE_FINISHED_RESULTS:
+            finished_results_cache.cache_file = gs.CACHE_FINISHED_RESULTS_PATH
+            finished_results_cache.read_from_file()
         try:
             self.update()
             self.print_overview(every_job=True)
@@ -93,12 +96,16 @@ class Manager:
                 changes = self.update()
                 if changes:
                     self.print_changes(changes)
+                if gs.CACHE_FINISHED_RESULTS:
+                    finished_results_cache.write_to_file()
             self.link_outputs_and_aliases()
             self.write_reports(force=True)
             self.pack_finished_jobs()
             return self.final_report()
         finally:
             self.done = True
+            if gs.CACHE_FINISHED_RESULTS:
+                finished_results_cache.write_to_file()
             self.engine.stop_engine()
 
     # States.

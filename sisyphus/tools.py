@@ -1,9 +1,11 @@
 """Small helpers shared by the manager, the worker, the engines, configs and recipes (`sisyphus.tools`)."""
 import collections
 import enum
+import functools
 import inspect
 import logging
 import os
+import pickle
 import shutil
 import socket
 import subprocess
@@ -97,6 +99,8 @@ def extract_paths(obj):
             todo.extend(item)
         elif isinstance(item, dict):
             todo.extend(v for k, v in item.items() if not (isinstance(k, str) and k.startswith("_sis_")))
+        elif isinstance(item, functools.partial):
+            todo.extend((item.func, item.args, item.keywords))
         elif inspect.isclass(item) or inspect.isroutine(item) or inspect.ismodule(item):
             continue
         elif hasattr(item, "__sis_state__"):
@@ -200,6 +204,91 @@ class cache_result:
             return self.cache[key]
 
         return cached
+
+
+def hardlink_or_copy(src, dst, use_symlink_instead_of_copy=False):
+    """Recreate the folder tree `src` at `dst` (existing folders and files there are kept), each file a hard
+    link to its source, or where linking fails (another file system) a copy, or a symlink if asked."""
+    for folder, _, files in os.walk(src):
+        target = os.path.join(dst, os.path.relpath(folder, src))
+        os.makedirs(target, exist_ok=True)
+        for name in files:
+            source, destination = os.path.join(folder, name), os.path.join(target, name)
+            if os.path.lexists(destination):
+                continue
+            try:
+                os.link(source, destination)
+            except OSError as e:
+                logging.warning("Could not hardlink %s to %s (%s), %s it", source, destination, e.strerror,
+                                "symlink" if use_symlink_instead_of_copy else "copy")
+                if use_symlink_instead_of_copy:
+                    os.symlink(os.path.abspath(source), destination)
+                else:
+                    shutil.copy2(source, destination)
+
+
+class FinishedResultsCache:
+    """Results that stay true once true (a job finished, a path available), remembered while
+    gs.CACHE_FINISHED_RESULTS is set so that a large graph does not look at every finished job's folder on
+    every pass; kept between manager runs in gs.CACHE_FINISHED_RESULTS_PATH."""
+
+    def __init__(self, cache_file):
+        self.cache_file = cache_file
+        self.cache = {}
+        self.changed = False
+
+    def read_from_file(self):
+        try:
+            with open(self.cache_file, "rb") as f:
+                self.cache = pickle.load(f)
+            logging.info("Loaded cached results from %s", self.cache_file)
+        except FileNotFoundError:
+            pass
+        except Exception as e:  # a damaged cache only costs the time to look again
+            logging.warning("Cannot read the cached results in %s (%s); starting with an empty cache",
+                            self.cache_file, e)
+
+    def write_to_file(self):
+        if self.changed:
+            write_atomically(self.cache_file, pickle.dumps(dict(self.cache)))
+            self.changed = False
+
+    def __getitem__(self, key):
+        return self.cache[key]
+
+    def __setitem__(self, key, value):
+        self.cache[key] = value
+        self.changed = True
+
+    def reset(self):
+        self.cache = {}
+        self.changed = True
+
+    def caching(self, get_key=lambda x: x, cache_if=lambda result, *args, **kwargs: result is True):
+        """Decorator: with gs.CACHE_FINISHED_RESULTS, the result for get_key(*args) is kept once cache_if
+        accepts it (default: once it is True)."""
+
+        def decorator(function):
+            @functools.wraps(function)
+            def cached(*args, **kwargs):
+                if not gs.CACHE_FINISHED_RESULTS:
+                    return function(*args, **kwargs)
+                key = get_key(*args, **kwargs)
+                try:
+                    return self[key]
+                except KeyError:
+                    pass
+                result = function(*args, **kwargs)
+                if cache_if(result, *args, **kwargs):
+                    self[key] = result
+                return result
+
+            return cached
+
+        return decorator
+
+
+finished_results_cache = FinishedResultsCache(gs.CACHE_FINISHED_RESULTS_PATH)
 
 
 def sh(command, capture_output=False, pipefail=True, executable=None, except_return_codes=(0,), sis_quiet=False,

@@ -121,7 +121,8 @@ def test_job_save_pickles_only_its_own_job(setup_dir):
     with gzip.open(folder / "job.save") as f:
         loaded = pickle.load(f)
     (path,) = loaded.inputs
-    assert path.creator == a.job_id()  # the creator is stored by id, not as a pickled job
+    # as in the reference (gs.INCLUDE_CREATOR_STATE off): no creator, the path relative to the setup folder
+    assert path.creator is None and path.path == f"work/{a.job_id()}/output/model"
     assert path.get_path() == a.out_model.get_path()
     assert loaded.job_id() == consumer.job_id()
     assert (folder / "input" / a.job_id().replace("/", "_")).resolve() == (setup_dir / "work" / a.job_id())
