@@ -48,6 +48,10 @@ class EngineBase:
         """One of the STATE_* constants above for the task submitted under `name` and `task_id`."""
         raise NotImplementedError
 
+    def held_reason(self, name, task_id):
+        """Why a queued task cannot start with this engine at all (it asks more than the engine has), or None."""
+        return None
+
     def get_task_id(self, task_id):
         """In the worker: the task id to run (engines that pass it in the environment read it here)."""
         return task_id
@@ -125,6 +129,10 @@ class EngineSelector(EngineBase):
             if state != STATE_UNKNOWN:
                 return state
         return STATE_UNKNOWN
+
+    def held_reason(self, name, task_id):
+        reasons = (engine.held_reason(name, task_id) for engine in self._distinct_engines())
+        return next((reason for reason in reasons if reason), None)
 
     def adopt_running_task(self, name, task_id, rqmt, pid):
         self.get_used_engine(self._key(rqmt)).adopt_running_task(name, task_id, rqmt, pid)

@@ -54,6 +54,7 @@ class Manager:
         self.ignore_errors = ignore_errors
         self.states = {}  # job -> state
         self.current = {}  # job -> (task, {task id: state}) of its first unfinished task, once set up
+        self.held = {}  # job -> {task id: why the engine holds it} of its queued ids that can never start
         self.kill_reasons = {}  # (engine name, task id) -> engine state of its last abnormal end
         self.link_outputs = link_outputs
         self.interactive = interactive  # -i: ask before submitting each job
@@ -138,6 +139,7 @@ class Manager:
 
     def job_state(self, job):
         self.current.pop(job, None)
+        self.held.pop(job, None)
         if job._sis_finished():
             return gs.STATE_FINISHED
         if not job._sis_runnable():
@@ -152,6 +154,11 @@ class Manager:
             ids = {i: self.task_id_state(task, i) for i in task.task_ids()}
             if any(state != gs.STATE_FINISHED for state in ids.values()):
                 self.current[job] = (task, ids)
+                held = {i: self.engine.held_reason(task.engine_name(), i)
+                        for i, state in ids.items() if state == gs.STATE_QUEUE}
+                held = {i: reason for i, reason in held.items() if reason}
+                if held:
+                    self.held[job] = held
                 return min(ids.values(), key=WORST_FIRST.index)
         job._sis_finished()  # writes the job's finished marker
         return gs.STATE_FINISHED
@@ -171,7 +178,8 @@ class Manager:
         if engine_state in (engine_states.STATE_QUEUE, engine_states.STATE_RUNNING):
             return engine_state
         usage = task.usage(task_id)
-        history = [entry for entry in task.submissions() if task_id in entry["task_ids"]]
+        # Submissions the engine held (it could never start them) are no attempts.
+        history = [entry for entry in task.submissions() if task_id in entry["task_ids"] and not entry.get("held")]
         if engine_state == engine_states.STATE_UNKNOWN:
             if usage is not None and _still_running(usage):
                 if usage["host"] == HOST:  # started by an earlier manager; let the engine count it
@@ -192,7 +200,13 @@ class Manager:
         return gs.STATE_RETRY_ERROR if len(history) > gs.MAX_SUBMIT_RETRIES else gs.STATE_INTERRUPTED_RESUMABLE
 
     def can_progress(self):
-        return any(state in ACTIVE_STATES and job not in self.declined for job, state in self.states.items())
+        return any(state in ACTIVE_STATES and job not in self.declined and not self.only_held(job)
+                   for job, state in self.states.items())
+
+    def only_held(self, job):
+        """Whether every unfinished task id of the job is held by the engine (it can never start)."""
+        held = self.held.get(job)
+        return bool(held) and all(i in held for i, s in self.current[job][1].items() if s != gs.STATE_FINISHED)
 
     # Actions.
     def submit_runnable(self):
@@ -231,7 +245,7 @@ class Manager:
             history = task.submissions()
             groups = {}  # ids with equal requirements are submitted together
             for i in task_ids:
-                earlier = [e for e in history if i in e["task_ids"]]
+                earlier = [e for e in history if i in e["task_ids"] and not e.get("held")]
                 if earlier and earlier[-1].get("manager") != MANAGER_ID and \
                         time.time() - earlier[-1]["time"] < gs.WAIT_PERIOD_SUBMIT:
                     logger.info("%s task %s.%s was just submitted by another manager", job, task.name(), i)
@@ -241,7 +255,10 @@ class Manager:
             for rqmt, ids in groups.values():
                 logger.info("submit: %s task %s %s", job, task.name(), ids)
                 self.engine.submit_call(call, logpath, rqmt, name, task.name(), ids)
-                task.log_submission({"time": time.time(), "task_ids": ids, "rqmt": rqmt, "manager": MANAGER_ID})
+                entry = {"time": time.time(), "task_ids": ids, "rqmt": rqmt, "manager": MANAGER_ID}
+                if all(self.engine.held_reason(name, i) for i in ids):
+                    entry["held"] = True
+                task.log_submission(entry)
 
     def requirements(self, task, task_id, earlier):
         """The engine's defaults updated by the task's rqmt; time or memory doubled after the engine killed
@@ -317,12 +334,12 @@ class Manager:
         jobs = sorted(self.states.items(), key=lambda item: (STATE_ORDER.index(item[1]), item[0]))
         for job, state in jobs:
             if every_job or state != gs.STATE_FINISHED:
-                _log_state(state, job)
+                self.log_state(state, job)
         logger.info("%s", self.summary())
 
     def print_changes(self, changes):
         for job, state in changes:
-            _log_state(state, job)
+            self.log_state(state, job)
         logger.info("%s", self.summary())
         if self.display is not None:
             self.display.draw(self)
@@ -332,8 +349,23 @@ class Manager:
         for state in self.states.values():
             counts[state] = counts.get(state, 0) + 1
         text = " ".join(f"{state}({counts[state]})" for state in STATE_ORDER if state in counts)
+        if self.held:
+            first = min(self.held)
+            text += f"; held by the engine({len(self.held)}): {first} {self.held_text(first)}" + (" ..." if len(self.held) > 1 else "")
         waiting = self.loader.waiting()
         return text + (f" configs waiting: {' '.join(waiting)}" if waiting else "")
+
+    def held_text(self, job):
+        """Why the engine holds the job: 'task run.1 asks mem=12 (at most 4), more than the local engine has'."""
+        task = self.current[job][0]
+        return "; ".join(f"task {task.name()}.{i} {reason}" for i, reason in sorted(self.held[job].items()))
+
+    def log_state(self, state, job):
+        level = logging.ERROR if state in FAILED_STATES else logging.INFO
+        if job in self.held:
+            logger.warning("%s: %s held by the engine: %s", state, job, self.held_text(job))
+        else:
+            logger.log(level, "%s: %s", state, job)
 
     def final_report(self):
         missing = {name: path for name, path in self.graph.outputs.items() if name not in self.linked_outputs}
@@ -344,6 +376,9 @@ class Manager:
         for job, state in sorted(self.states.items()):
             if state in FAILED_STATES:
                 self.report_failure(job, state)
+        for job in sorted(self.held):
+            logger.error("held by the engine: %s %s; raise the engine's limits in settings.py, or lower the job's requirements "
+                         "(its rqmt, or gs.check_engine_limits), then run the manager again", job, self.held_text(job))
         for name, path in sorted(missing.items()):
             why = "its job finished without writing it" if path.available() else "not computed"
             logger.error("output %s: %s (%s)", name, why, path.rel_path())
@@ -409,11 +444,6 @@ def _symlink(target, link):
     tmp = os.path.join(folder, temporary_prefix(prefix) + "link")
     os.symlink(target, tmp)
     os.replace(tmp, link)
-
-
-def _log_state(state, job):
-    level = logging.ERROR if state in FAILED_STATES else logging.INFO
-    logger.log(level, "%s: %s", state, job)
 
 
 def _indent(text):

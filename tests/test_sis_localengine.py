@@ -1,4 +1,6 @@
-"""LocalEngine: separate processes, never over its limits, in parallel where they fit."""
+"""LocalEngine: separate processes, never over its limits, in parallel where they fit; a task larger than the
+engine is held (the reference's semantics)."""
+import logging
 import os
 import subprocess
 import sys
@@ -7,7 +9,7 @@ import time
 import pytest
 
 from sis_util import wait_for
-from sisyphus.engine import STATE_ENGINE_FAILED, STATE_QUEUE, STATE_RUNNING, STATE_UNKNOWN
+from sisyphus.engine import STATE_ENGINE_FAILED, STATE_QUEUE, STATE_RUNNING, STATE_UNKNOWN, EngineSelector
 from sisyphus.localengine import LocalEngine
 
 # A task that records [start, end) in <folder>/<name>.<id>.span, holding its slot for `seconds`.
@@ -88,15 +90,33 @@ def test_never_over_cpu_and_memory_limits_but_parallel_where_they_fit(engine, tm
     assert max_overlap(small, dict.fromkeys(small, 1)) == 2
 
 
-def test_a_task_larger_than_the_engine_runs_alone(engine, tmp_path):
-    local = engine(cpu=2, mem=2)
-    submit_span(local, tmp_path, "huge", [1], {"cpu": 8, "mem": 64})
+def test_a_task_larger_than_the_engine_is_held_and_the_others_run(engine, tmp_path, caplog):
+    local = engine(cpu=2, mem=4)
+    with caplog.at_level(logging.WARNING):
+        submit_span(local, tmp_path, "huge", [1], {"cpu": 1, "mem": 12})
+    assert "Requested resources are higher than maximal available resources" in caplog.text
     submit_span(local, tmp_path, "small", [1], {"cpu": 1, "mem": 1})
-    wait_ended(local, "huge", [1])
     wait_ended(local, "small", [1])
-    intervals = spans(tmp_path)
-    (hs, he), (ss, se) = intervals["huge.1"], intervals["small.1"]
-    assert he <= ss or se <= hs
+    time.sleep(0.3)
+    assert local.task_state("huge", 1) == STATE_QUEUE and "huge.1" not in spans(tmp_path)
+    assert local.held_reason("huge", 1) == "asks mem=12 (at most 4), more than the local engine has"
+    assert local.held_reason("small", 1) is None
+    selector = EngineSelector(engines={"short": engine(cpu=1), "long": local}, default_engine="long")
+    assert selector.held_reason("huge", 1) == local.held_reason("huge", 1)
+
+
+def test_limits_as_the_reference_spells_them(engine, tmp_path):
+    local = engine(cpus=2, gpus=1, available_gpus="3", disk=10)
+    assert local.limits == {"cpu": 2, "gpu": 1, "disk": 10}  # mem is not limited unless given
+    submit_span(local, tmp_path, "memory", [1], {"cpu": 1, "mem": 500}, seconds=0.1)
+    submit_span(local, tmp_path, "disk", [1], {"cpu": 1, "disk": 11}, seconds=0.1)
+    wait_ended(local, "memory", [1])
+    assert "memory.1" in spans(tmp_path)
+    assert local.held_reason("disk", 1) == "asks disk=11 (at most 10), more than the local engine has"
+    code = "import os; print(os.environ['CUDA_VISIBLE_DEVICES'])"
+    local.submit_call([sys.executable, "-c", code], str(tmp_path / "log.gpu"), {"gpu": 1}, "gpu", "run", [1])
+    wait_ended(local, "gpu", [1])
+    assert open(tmp_path / "log.gpu.1").read().strip() == "3"
 
 
 def test_adopted_task_counts_against_the_limits(engine, tmp_path):
@@ -140,7 +160,8 @@ def test_wait_for_change_returns_when_a_task_ends(engine, tmp_path):
     assert time.monotonic() - start < 20
 
 
-@pytest.mark.parametrize("limits", [dict(cpu=0), dict(cpu=1, mem=0), dict(cpu=1, gpu=-1)])
+@pytest.mark.parametrize("limits", [dict(cpu=0), dict(cpu=1, mem=0), dict(cpu=1, gpu=-1),
+                                    dict(cpu=1, gpu=2, available_gpus="0")])
 def test_bad_limits_are_refused(limits):
     with pytest.raises(ValueError, match="LocalEngine"):
         LocalEngine(**limits)

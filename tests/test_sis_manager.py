@@ -164,6 +164,40 @@ BAD_CONFIGS = {
 }
 
 
+HELD = """
+from sisyphus import tk
+from recipe.steps import Sleep, WriteText
+
+
+def py():
+    tk.register_output("small.txt", WriteText("small", mini=False).out_file)
+    tk.register_output("big.txt", Sleep(0, rqmt={"cpu": 1, "mem": 12}).out_file)
+"""
+
+
+def test_a_task_larger_than_the_engine_is_held_with_the_reason_and_runs_once_the_limit_allows(tmp_path):
+    settings = "MAX_SUBMIT_RETRIES = 0  # a held submission counted as an attempt would be a retry_error\n"
+    make_setup(tmp_path, recipes={"steps": TINY_RECIPE}, configs={"held": HELD}, mem=4)
+    with open(tmp_path / "settings.py", "a") as f:
+        f.write(settings)
+    result = run_sis(str(tmp_path), "--config", "config/held.py", "m", "-r")
+    assert result.returncode == 1, result.output
+    assert "Requested resources are higher than maximal available resources" in result.output
+    held = "task run.1 asks mem=12 (at most 4), more than the local engine has"
+    assert f"queue: Job<work/steps/Sleep." in result.output and f"held by the engine: {held}" in result.output
+    assert "finished(1) queue(1); held by the engine(1): Job<work/steps/Sleep." in result.output  # status line
+    assert "raise the engine's limits in settings.py, or lower the job's requirements" in result.output
+    assert steps(str(tmp_path)) == ["WriteText small"]  # the big task never started
+    assert (tmp_path / "output" / "small.txt").read_text() == "small"
+    make_setup(tmp_path, recipes={"steps": TINY_RECIPE}, configs={"held": HELD}, mem=16)
+    with open(tmp_path / "settings.py", "a") as f:
+        f.write(settings)
+    again = run_sis(str(tmp_path), "--config", "config/held.py", "m", "-r")
+    assert again.returncode == 0, again.output
+    assert steps(str(tmp_path)) == ["WriteText small", "Sleep 0 run " + steps(str(tmp_path))[1].split()[-1]]
+    assert (tmp_path / "output" / "big.txt").read_text() == "run"
+
+
 @pytest.mark.parametrize("name", sorted(BAD_CONFIGS))
 def test_bad_config_gives_one_line_error_and_no_output(tmp_path, name):
     text, expected = BAD_CONFIGS[name]
