@@ -26,7 +26,8 @@ def main(argv=None):
         print(f"sis: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
-        print("sis: interrupted", file=sys.stderr)
+        print("sis: interrupted; run the manager again to go on: tasks stopped with it resume where they can, "
+              "and -cio runs the others (state interrupted_not_resumable) again", file=sys.stderr)
         return 130
 
 

@@ -364,9 +364,9 @@ class Job(metaclass=JobSingleton):
     def _sis_setup_directory(self):
         """Create the job folder (atomically: built under a temporary name, then renamed), and write job.save
         once per manager run so that it holds the current recipe state."""
-        if self._sis_setup_since_start:
-            return
         path = self._sis_path(abspath=True)
+        if self._sis_setup_since_start and os.path.isdir(path):
+            return
         parent = os.path.dirname(path)
         os.makedirs(parent, exist_ok=True)
         remove_stale_temporaries(parent, "." + os.path.basename(path) + ".setup.")

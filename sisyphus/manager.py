@@ -34,6 +34,13 @@ ACTIVE_STATES = {gs.STATE_RUNNABLE, gs.STATE_QUEUE, gs.STATE_RUNNING, gs.STATE_I
 WORST_FIRST = [gs.STATE_ERROR, gs.STATE_RETRY_ERROR, gs.STATE_INTERRUPTED_NOT_RESUMABLE,
                gs.STATE_INTERRUPTED_RESUMABLE, gs.STATE_RUNNABLE, gs.STATE_QUEUE, gs.STATE_RUNNING,
                gs.STATE_FINISHED]
+# What to do about a job in a failed state (every message naming one says it).
+NEXT_STEP = {
+    gs.STATE_ERROR: "fix the cause, then run the manager with -co to clear it and run it again",
+    gs.STATE_RETRY_ERROR: "interrupted too often; run the manager with -cio to clear it and run it again",
+    gs.STATE_INTERRUPTED_NOT_RESUMABLE: "its task cannot resume; run the manager with -cio (-co does not clear "
+                                        "it) to clear it and run it again",
+}
 KILL_REASONS = {
     engine_states.STATE_ENGINE_FAILED: "the engine saw it end abnormally",
     engine_states.STATE_ENGINE_TIMEOUT: "killed at its time limit",
@@ -55,6 +62,9 @@ class Manager:
         self.states = {}  # job -> state
         self.current = {}  # job -> (task, {task id: state}) of its first unfinished task, once set up
         self.held = {}  # job -> {task id: why the engine holds it} of its queued ids that can never start
+        self.set_up = set()  # jobs whose folder this manager has seen
+        self.vanished = set()  # set-up jobs whose folder disappeared while tasks of them still ran
+        self.damaged = {}  # job -> why its folder cannot be used (an error state until -co or a restart)
         self.kill_reasons = {}  # (engine name, task id) -> engine state of its last abnormal end
         self.link_outputs = link_outputs
         self.interactive = interactive  # -i: ask before submitting each job
@@ -138,8 +148,18 @@ class Manager:
         return changes
 
     def job_state(self, job):
+        """The job's state from its folder and the engine; a folder that cannot be read or written makes it
+        an error (the other jobs go on)."""
         self.current.pop(job, None)
         self.held.pop(job, None)
+        if job in self.damaged:
+            return gs.STATE_ERROR
+        try:
+            return self._job_state(job)
+        except OSError as e:
+            return self.damaged_state(job, e)
+
+    def _job_state(self, job):
         if job._sis_finished():
             return gs.STATE_FINISHED
         if not job._sis_runnable():
@@ -147,9 +167,15 @@ class Manager:
         if job._sis_hold_job:
             return gs.STATE_HOLD
         if not job._sis_setup():
+            folder = job._sis_path(abspath=True)
+            if os.path.lexists(folder):
+                raise NotADirectoryError(f"{job._sis_path()} is there but is not a folder")
+            if job in self.set_up:
+                return self.vanished_state(job)
             task = job._sis_tasks()[0]
             self.current[job] = (task, dict.fromkeys(task.task_ids(), gs.STATE_RUNNABLE))
             return gs.STATE_RUNNABLE
+        self.set_up.add(job)
         for task in job._sis_tasks():
             ids = {i: self.task_id_state(task, i) for i in task.task_ids()}
             if any(state != gs.STATE_FINISHED for state in ids.values()):
@@ -162,6 +188,38 @@ class Manager:
                 return min(ids.values(), key=WORST_FIRST.index)
         job._sis_finished()  # writes the job's finished marker
         return gs.STATE_FINISHED
+
+    def vanished_state(self, job):
+        """A job whose folder disappeared while the manager ran (deleted by hand): running while the engine still
+        holds tasks of it (they cannot write into the folder any more), then set up again and run anew."""
+        holding = [(task, i) for task in job._sis_tasks() for i in task.task_ids()
+                   if self.engine.task_state(task.engine_name(), i) in (engine_states.STATE_QUEUE,
+                                                                          engine_states.STATE_RUNNING)]
+        if holding:
+            if job not in self.vanished:
+                self.vanished.add(job)
+                logger.warning("%s: its folder %s disappeared while the manager ran; %s still running without it "
+                               "(it cannot write its outputs), the job is set up again and runs anew once %s",
+                               job, job._sis_path(), ", ".join(f"task {t.name()}.{i}" for t, i in holding),
+                               "it ends" if len(holding) == 1 else "they end")
+            task = holding[0][0]
+            self.current[job] = (task, {i: gs.STATE_RUNNING for t, i in holding if t is task})
+            return gs.STATE_RUNNING
+        logger.warning("%s: its folder %s disappeared while the manager ran; set up again, the job runs anew",
+                       job, job._sis_path())
+        self.set_up.discard(job)
+        self.vanished.discard(job)
+        job._sis_runtime_reset()
+        task = job._sis_tasks()[0]
+        self.current[job] = (task, dict.fromkeys(task.task_ids(), gs.STATE_RUNNABLE))
+        return gs.STATE_RUNNABLE
+
+    def damaged_state(self, job, error):
+        self.current.pop(job, None)
+        self.damaged[job] = f"{type(error).__name__}: {error}"
+        logger.error("%s: its folder %s is damaged (%s); the other jobs go on. Move it aside with -co (or remove "
+                     "it), then run the manager again", job, job._sis_path(), self.damaged[job])
+        return gs.STATE_ERROR
 
     def task_id_state(self, task, task_id):
         if task.finished(task_id):
@@ -227,7 +285,11 @@ class Manager:
             if gs.MAX_PARALLEL:
                 todo = todo[:max(0, gs.MAX_PARALLEL - busy - count)]
             if todo:
-                self.submit(job, task, todo)
+                try:
+                    self.submit(job, task, todo)
+                except OSError as e:
+                    self.states[job] = self.damaged_state(job, e)
+                    continue
                 for i in todo:
                     ids[i] = gs.STATE_QUEUE
                 count += len(todo)
@@ -237,6 +299,7 @@ class Manager:
         """Submit task ids, holding a lock on submit_log.<task> so that of two managers deciding at the same
         time only one submits (the other sees the fresh entry and leaves the ids to it)."""
         job._sis_setup_directory()
+        self.set_up.add(job)
         name = task.engine_name()
         call = gs.worker_wrapper(job, task.name(), list(gs.SIS_COMMAND) + [gs.CMD_WORKER, job._sis_path(), task.name()])
         logpath = job._sis_path(f"{gs.JOB_LOG}.{task.name()}")
@@ -286,11 +349,17 @@ class Manager:
             if state in cleared:
                 path = job._sis_path(abspath=True)
                 n = 1
-                while os.path.exists(f"{path}.cleared.{n:04d}"):
+                while os.path.lexists(f"{path}.cleared.{n:04d}"):
                     n += 1
-                os.rename(path, f"{path}.cleared.{n:04d}")
+                try:
+                    os.rename(path, f"{path}.cleared.{n:04d}")
+                except OSError as e:
+                    logger.error("cannot clear %s: %s (move %s aside by hand)", job, e, job._sis_path())
+                    continue
                 logger.warning("cleared %s: %s moved to %s.cleared.%04d", state, job, job._sis_path(), n)
                 job._sis_runtime_reset()
+                self.damaged.pop(job, None)
+                self.set_up.discard(job)
                 self.states[job] = self.job_state(job)
 
     def link_outputs_and_aliases(self):
@@ -318,7 +387,10 @@ class Manager:
         for job, since in sorted(self.to_pack.items()):
             if time.time() - since >= gs.WAIT_PERIOD_JOB_CLEANUP:
                 del self.to_pack[job]
-                archive_job_folder(job._sis_path(abspath=True))
+                try:
+                    archive_job_folder(job._sis_path(abspath=True))
+                except OSError as e:
+                    logger.warning("%s: not packed (%s); its folder stays as it is", job, e)
 
     def write_reports(self, force=False):
         """Write output/<name> of each tk.register_report whose required paths are computed, again every
@@ -361,11 +433,12 @@ class Manager:
         return "; ".join(f"task {task.name()}.{i} {reason}" for i, reason in sorted(self.held[job].items()))
 
     def log_state(self, state, job):
-        level = logging.ERROR if state in FAILED_STATES else logging.INFO
         if job in self.held:
             logger.warning("%s: %s held by the engine: %s", state, job, self.held_text(job))
+        elif state in FAILED_STATES:
+            logger.error("%s: %s (%s)", state, job, NEXT_STEP[state])
         else:
-            logger.log(level, "%s: %s", state, job)
+            logger.info("%s: %s", state, job)
 
     def final_report(self):
         missing = {name: path for name, path in self.graph.outputs.items() if name not in self.linked_outputs}
@@ -387,14 +460,18 @@ class Manager:
         return 1
 
     def report_failure(self, job, state):
+        if job in self.damaged:
+            logger.error("%s: %s: its folder %s is damaged (%s); move it aside with -co (or remove it), then run "
+                         "the manager again", state, job, job._sis_path(), self.damaged[job])
+            return
         task, ids = self.current[job]
         for task_id, id_state in sorted(ids.items()):
             if id_state not in FAILED_STATES:
                 continue
             reason = KILL_REASONS.get(self.kill_reasons.get((task.engine_name(), task_id)), "")
             log = task.file(gs.JOB_LOG, task_id)
-            logger.error("%s: %s task %s.%s%s; log %s ends:\n%s", id_state, job, task.name(), task_id,
-                         f" ({reason})" if reason else "", os.path.relpath(log, gs.BASE_DIR),
+            logger.error("%s: %s task %s.%s%s; %s; log %s ends:\n%s", id_state, job, task.name(), task_id,
+                         f" ({reason})" if reason else "", NEXT_STEP[id_state], os.path.relpath(log, gs.BASE_DIR),
                          _indent(tail(log, gs.PRINT_ERROR_LINES)))
 
 

@@ -203,11 +203,12 @@ def run_sis(setup, *args, input=None, timeout=120, extra_env=None):
     return SisResult(completed)
 
 
-def start_sis(setup, *args, log_name="manager.out"):
-    """Start `sis ARGS` in the background (output to <setup>/<log_name>); returns the Popen."""
+def start_sis(setup, *args, log_name="manager.out", own_session=False):
+    """Start `sis ARGS` in the background (output to <setup>/<log_name>); returns the Popen. With own_session
+    the manager leads a process group of its own, as in a terminal (os.killpg(p.pid, SIGINT) is a Ctrl-C)."""
     log = open(os.path.join(setup, log_name), "w")
     return subprocess.Popen(sis_command(*args), cwd=setup, env=sis_env(setup), stdout=log, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL)
+                            stdin=subprocess.DEVNULL, start_new_session=own_session)
 
 
 def steps(setup):

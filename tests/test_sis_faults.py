@@ -1,7 +1,11 @@
-"""Faults: tasks and managers killed with signals, two managers on one work folder."""
+"""Faults: tasks and managers killed with signals, Ctrl-C, two managers on one work folder, job folders deleted
+or damaged while the manager runs."""
 import os
+import shutil
 import signal
 import subprocess
+
+import psutil
 
 import pytest
 
@@ -31,10 +35,33 @@ def py():
 """
 
 
+CHAIN = """
+from sisyphus import tk
+from recipe.steps import Concat, Sleep, WriteText
+
+
+def py():
+    first = Sleep(60, release="{setup}/release")
+    tk.register_output("chain.txt", Concat([first.out_file]).out_file)
+    tk.register_output("other.txt", WriteText("other", mini=False).out_file)
+"""
+
+
 @pytest.fixture
 def setup(tmp_path):
     return make_setup(tmp_path, recipes={"steps": TINY_RECIPE},
-                      configs={"sleepers": SLEEPERS.format(setup=tmp_path), "short": SHORT_GRAPH})
+                      configs={"sleepers": SLEEPERS.format(setup=tmp_path), "short": SHORT_GRAPH,
+                               "chain": CHAIN.format(setup=tmp_path)})
+
+
+def job_folder(setup, prefix):
+    work = os.path.join(setup, "work", "steps")
+    (name,) = [n for n in os.listdir(work) if n.startswith(prefix + ".") and ".cleared." not in n]
+    return os.path.join(work, name)
+
+
+def manager_output(setup, name="manager.out"):
+    return open(os.path.join(setup, name)).read()
 
 
 def sleep_pids(setup, how="run"):
@@ -133,3 +160,71 @@ def test_two_managers_on_one_work_folder_run_each_task_once(setup):
     work = os.path.join(setup, "work", "steps")
     for name in os.listdir(work):  # and only one of the two managers submitted it
         assert len(open(os.path.join(work, name, "submit_log.run")).readlines()) == 1
+
+
+def test_a_job_folder_deleted_while_its_task_runs_is_set_up_again(setup):
+    manager = start_sis(setup, "--config", "config/chain.py", "m", "-r")
+    try:
+        wait_for(lambda: sleep_pids(setup), message="the Sleep task to start")
+        (old_worker,) = sleep_pids(setup)
+        shutil.rmtree(job_folder(setup, "Sleep"))
+        wait_for(lambda: "disappeared while the manager ran" in manager_output(setup), message="the report")
+        release(setup)
+        assert manager.wait(timeout=120) == 0, manager_output(setup)
+    finally:
+        if manager.poll() is None:
+            manager.kill()
+    out = manager_output(setup)
+    assert "Traceback" not in out and "set up again, the job runs anew" in out
+    assert not psutil.pid_exists(old_worker)  # the worker in the deleted folder ended (and was reaped)
+    assert len(sleep_pids(setup)) == 2  # the job ran anew in its new folder
+    assert open(os.path.join(setup, "output", "chain.txt")).read() == "run"
+    assert os.path.isfile(os.path.join(job_folder(setup, "Sleep"), "finished"))
+
+
+def test_a_damaged_job_folder_is_an_error_the_others_go_on_and_co_clears_it(setup):
+    manager = start_sis(setup, "--config", "config/chain.py", "m", "-r")
+    try:
+        wait_for(lambda: sleep_pids(setup), message="the Sleep task to start")
+        concat = manager_output(setup).split("waiting: Job<")[1].split(">")[0]
+        with open(os.path.join(setup, concat), "w") as f:  # a file where the Concat job's folder will go
+            f.write("not a job folder")
+        release(setup)
+        assert manager.wait(timeout=120) == 1
+    finally:
+        if manager.poll() is None:
+            manager.kill()
+    out = manager_output(setup)
+    assert "Traceback" not in out
+    assert f"{concat} is there but is not a folder); the other jobs go on. Move it aside with -co" in out
+    assert "output chain.txt: not computed" in out
+    assert open(os.path.join(setup, "output", "other.txt")).read() == "other"
+    assert open(os.path.join(setup, concat)).read() == "not a job folder"  # nothing of the user's removed
+    again = run_sis(setup, "--config", "config/chain.py", "m", "-r", "-co")
+    assert again.returncode == 0, again.output
+    assert open(os.path.join(setup, concat + ".cleared.0001")).read() == "not a job folder"
+    assert open(os.path.join(setup, "output", "chain.txt")).read() == "run"
+
+
+def test_after_ctrl_c_every_message_names_the_way_on(setup):
+    manager = start_sis(setup, "--config", "config/chain.py", "m", "-r", own_session=True)
+    try:
+        wait_for(lambda: sleep_pids(setup), message="the Sleep task to start")
+        os.killpg(manager.pid, signal.SIGINT)  # Ctrl-C in the terminal: the manager and its local tasks
+        assert manager.wait(timeout=60) == 130
+    finally:
+        if manager.poll() is None:
+            manager.kill()
+    assert "sis: interrupted; run the manager again to go on" in manager_output(setup)
+    assert "-cio runs the others (state interrupted_not_resumable) again" in manager_output(setup)
+    wait_for(lambda: not psutil.pid_exists(sleep_pids(setup)[0]), message="the interrupted task to end")
+    release(setup)
+    restart = run_sis(setup, "--config", "config/chain.py", "m", "-r")
+    assert restart.returncode == 1
+    hint = "its task cannot resume; run the manager with -cio (-co does not clear it) to clear it and run it again"
+    assert f"interrupted_not_resumable: Job<work/steps/Sleep." in restart.output and hint in restart.output
+    assert run_sis(setup, "--config", "config/chain.py", "m", "-r", "-co").returncode == 1  # -co leaves it
+    cleared = run_sis(setup, "--config", "config/chain.py", "m", "-r", "-cio")
+    assert cleared.returncode == 0, cleared.output
+    assert open(os.path.join(setup, "output", "chain.txt")).read() == "run"
+    assert len(sleep_pids(setup)) == 2
