@@ -130,6 +130,7 @@ class Manager:
             # Targets changed (an async config went on): forget jobs no longer needed.
             self.states = {job: self.states[job] for job in jobs if job in self.states}
             self.current = {job: self.current[job] for job in jobs if job in self.current}
+            self.held = {job: self.held[job] for job in jobs if job in self.held}
         for job in jobs:
             old = self.states.get(job)
             if old == gs.STATE_FINISHED:
@@ -423,7 +424,8 @@ class Manager:
         text = " ".join(f"{state}({counts[state]})" for state in STATE_ORDER if state in counts)
         if self.held:
             first = min(self.held)
-            text += f"; held by the engine({len(self.held)}): {first} {self.held_text(first)}" + (" ..." if len(self.held) > 1 else "")
+            more = " ..." if len(self.held) > 1 else ""
+            text += f"; held by the engine({len(self.held)}): {first} {self.held_text(first)}{more}"
         waiting = self.loader.waiting()
         return text + (f" configs waiting: {' '.join(waiting)}" if waiting else "")
 
@@ -450,8 +452,9 @@ class Manager:
             if state in FAILED_STATES:
                 self.report_failure(job, state)
         for job in sorted(self.held):
-            logger.error("held by the engine: %s %s; raise the engine's limits in settings.py, or lower the job's requirements "
-                         "(its rqmt, or gs.check_engine_limits), then run the manager again", job, self.held_text(job))
+            logger.error("held by the engine: %s %s; raise the engine's limits in settings.py, or lower the job's "
+                         "requirements (its rqmt, or gs.check_engine_limits), then run the manager again",
+                         job, self.held_text(job))
         for name, path in sorted(missing.items()):
             why = "its job finished without writing it" if path.available() else "not computed"
             logger.error("output %s: %s (%s)", name, why, path.rel_path())
