@@ -67,6 +67,14 @@ def make_tiny_bert(path, seed=0, num_labels=2, vocab_size=400, **config_override
     return str(path)
 
 
+def dtype_copy(src, dst, dtype):
+    """Save the model folder `src` (tokenizer included) with its weights cast to `dtype` (config.json says so)."""
+    model = BertForSequenceClassification.from_pretrained(src, dtype=torch.float32).to(dtype)
+    model.save_pretrained(dst)
+    BertTokenizerFast.from_pretrained(src).save_pretrained(dst)
+    return str(dst)
+
+
 def perturbed_copy(src, dst, seed, scale=0.01):
     """Save a copy of the model at `src` with every floating-point parameter moved by seeded noise (a fake fine-tune)."""
     model = BertForSequenceClassification.from_pretrained(src)

@@ -141,6 +141,19 @@ def load_for_task(path, task_type="sequence_classification", num_labels=None, cl
     return PeftModel.from_pretrained(base, path), processor
 
 
+def to_float32_if_half(model, why):
+    """Cast a float16 / bfloat16 `model` to float32 in place (exact) and return the dtype it had.
+
+    Half precision loses what training and statistics need: float16 squares of gradients below about 2e-4
+    are 0 (89.7 % of a tiny BERT's Fisher was), and AdamW updates of a half-precision weight either round
+    away or, without float32 master weights, blow it up."""
+    dtype = next(model.parameters()).dtype
+    if dtype in (torch.float16, torch.bfloat16):
+        logger.info("the model is %s: loaded in float32 (%s)", str(dtype).removeprefix("torch."), why)
+        model.float()
+    return dtype
+
+
 def classifier_num_labels(path):
     """The number of classes of the classification head saved at `path`, or None when it has none (an encoder)."""
     if is_adapter_folder(path):
@@ -326,6 +339,8 @@ def run(config):
         for (_, dataset), (_, dataset_name, split) in zip(datasets, config.datasets()):  # the gold labels are used
             check_labels(dataset, model.config.num_labels, f"dataset {dataset_name!r}, split {split!r}")
     inputs = _check_outputs(config)
+    if config.method not in EVALUATE:
+        to_float32_if_half(model, "its statistics are computed in float32")
     model.to(check_device(config.device))
     output = (atomic_dir(config.output_dir, OUTPUT_KIND, inputs=inputs, overwrite=config.overwrite)
               if config.output_dir else tempfile.TemporaryDirectory())

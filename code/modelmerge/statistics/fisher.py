@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class FisherResult:
-    fisher: dict  # named_parameters() name → Fisher, the parameter's shape and dtype
+    fisher: dict  # named_parameters() name → Fisher, the parameter's shape, float32 (float64 for float64 parameters)
     num_examples: int
     empirical: bool
     seed: int
@@ -78,8 +78,8 @@ def compute_fisher(
             seconds = time.perf_counter() - start
             rate = len(dataset) / seconds
             logger.info("Fisher of %d examples in %.1f s (%.1f examples/s)", len(dataset), seconds, rate)
-            dtypes = {name: parameter.dtype for name, parameter in model.named_parameters()}
-            fisher = {name: total.div_(len(dataset)).to(dtypes[name]) for name, total in sums.named_sums().items()}
+            # kept in the sums' precision (at least float32): in float16, squared gradients below 6e-8 are zeros
+            fisher = {name: total.div_(len(dataset)) for name, total in sums.named_sums().items()}
     finally:
         model.train(was_training)
     if all(isinstance(label, int) for label in labels):
@@ -117,7 +117,8 @@ def _frozen_zeros(model, fisher):
         return {}
     frozen = [name for name, _ in model.named_parameters() if name not in fisher]
     parameters = dict(model.named_parameters())
-    return {saved: torch.zeros_like(parameters[name]) for name, saved in checkpoint_names(model, frozen).items()}
+    return {saved: torch.zeros(parameters[name].shape, dtype=torch.promote_types(parameters[name].dtype, torch.float32))
+            for name, saved in checkpoint_names(model, frozen).items()}
 
 
 def _hessian_state_dict(model, fisher):

@@ -55,7 +55,8 @@ class DenseGradients:
     values: torch.Tensor  # [batch, *parameter shape]
 
     def add_squares_to(self, total):
-        total += self.values.reshape(len(self.values), *total.shape).square().sum(0)
+        # squared in the sums' precision: squares of half-precision gradients underflow (float16: below 6e-8)
+        total += self.values.reshape(len(self.values), *total.shape).to(total.dtype).square().sum(0)
 
     def as_rows(self, num_rows):
         batch = len(self.values)
@@ -166,7 +167,7 @@ class RowGradients:
     values: torch.Tensor  # [entries, *parameter shape[1:]]
 
     def add_squares_to(self, total):
-        total.index_add_(0, self.rows, self.values.reshape(len(self.rows), -1).square().to(total.dtype))
+        total.index_add_(0, self.rows, self.values.reshape(len(self.rows), -1).to(total.dtype).square())
 
     def as_rows(self, num_rows):
         return self
