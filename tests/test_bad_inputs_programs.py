@@ -38,6 +38,10 @@ def assets(tmp_path_factory):
             (folder / "train.jsonl").write_text(broken)
             (folder / "validation.jsonl").write_text(broken)
         paths[name] = str(folder)
+    for name, convert in (("strlabels", str), ("boollabels", bool)):  # "1"/"0", true/false: not class indices
+        for split in ("train", "validation"):
+            write_jsonl(str(root / name / f"{split}.jsonl"), [{**r, "label": convert(r["label"])} for r in rows[:8]])
+        paths[name] = str(root / name)
     corrupt = shutil.copytree(model, root / "corrupt")
     (corrupt / "model.safetensors").write_bytes(b"\x00garbage" * 100)
     paths["corrupt"] = str(corrupt)
@@ -65,6 +69,8 @@ CASES = {
     "evaluation labels outside the classes": ("predict", {"dataset_name": "{labels3}"}, {}, "labels -1 are outside the model's 2 classes"),
     "empirical Fisher labels outside": ("predict", {"dataset_name": "{labels3}", "empirical": True,
                                                     "method": "sequence_classification_squared_gradients"}, {}, "labels -1"),
+    "string labels, train": ("train", {"dataset_name": "{strlabels}"}, {}, "column 'label' holds string labels ('0', '1')"),
+    "boolean labels, predict": ("predict", {"dataset_name": "{boollabels}"}, {}, "column 'label' holds bool labels (False, True)"),
     # Data files.
     "empty data file": ("train", {"dataset_name": "{empty}"}, {}, "train.jsonl is empty"),
     "malformed data file": ("predict", {"dataset_name": "{malformed}"}, {}, "malformed/validation.jsonl cannot be parsed as json"),

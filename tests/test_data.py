@@ -1,6 +1,7 @@
 """Data loading, the download program and the atomic output helpers, against rows read directly from the files."""
 import json
 import os
+import re
 
 import pandas as pd
 import pytest
@@ -72,6 +73,27 @@ def test_folder_of_splits(tmp_path):
 def test_bad_names_and_splits(data_dir, name, split, message):
     with pytest.raises(DataError, match=message.replace("[", r"\[").replace("]", r"\]")):
         load_split(name, split, data_dir)
+
+
+@pytest.mark.parametrize("labels, message", [
+    (['"1"', '"0"'], "column 'sentiment' holds string labels ('0', '1'), not class indices"),
+    (["true", "false"], "column 'sentiment' holds bool labels (False, True), not class indices"),
+    (['"positive"', '"negative"'], "column 'sentiment' holds string labels ('negative', 'positive')"),
+    (["1.5", "0"], "column 'sentiment': labels must be whole numbers"),
+])
+def test_labels_that_are_not_class_indices_are_refused(tmp_path, labels, message):
+    """Issue 21: "1"/"0" and booleans were cast to 1/0 silently."""
+    lines = [f'{{"text": "t{i}", "sentiment": {label}}}' for i, label in enumerate(labels)]
+    (tmp_path / "x.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=re.escape(message)) as error:
+        load_split(str(tmp_path / "x.jsonl"), "train", columns={"label": "sentiment"})
+    assert "\n" not in str(error.value)
+
+
+def test_integer_and_whole_float_labels_are_class_indices(tmp_path):
+    (tmp_path / "x.jsonl").write_text('{"text": "a", "label": 1.0}\n{"text": "b", "label": 0.0}\n')
+    dataset = load_split(str(tmp_path / "x.jsonl"), "train")
+    assert dataset["label"] == [1, 0] and dataset.features["label"].dtype == "int64"
 
 
 def test_missing_columns_named(tmp_path):

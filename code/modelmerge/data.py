@@ -238,12 +238,25 @@ def _normalise_columns(dataset, what, task_type, mapping):
         dataset = dataset.cast_column("image", datasets.Image(decode=False))  # opened when used, errors named
     if "label" not in dataset.column_names or isinstance(dataset.features["label"], datasets.ClassLabel):
         return dataset
-    if dataset.features["label"] == datasets.Value("int64"):
+    return _integer_labels(dataset, what, found["label"])
+
+
+def _integer_labels(dataset, what, column):
+    """The labels as int64. Labels are class indices (integers, or a ClassLabel), as for datasets and
+    transformers: whole-number floats (a CSV column with a gap) are cast exactly; strings ("1", "positive")
+    and booleans are refused rather than parsed, since which class a string means is not ours to guess."""
+    dtype = getattr(dataset.features["label"], "dtype", None)
+    if dtype == "int64":
         return dataset
+    if dtype is None or not dtype.startswith(("int", "uint", "float")):
+        found = sorted({repr(value) for value in dataset["label"]})
+        shown = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
+        raise DataError(f"{what}: column {column!r} holds {dtype or 'non-scalar'} labels ({shown}), not class "
+                        "indices; give integers 0, 1, ... or a ClassLabel")
     try:
         return dataset.cast_column("label", datasets.Value("int64"))
     except (ValueError, TypeError) as error:
-        raise DataError(f"{what}: labels must be integers ({error})") from error
+        raise DataError(f"{what}: column {column!r}: labels must be whole numbers ({error})") from None
 
 
 IMAGE_FOLDER = "imagefolder"
