@@ -11,7 +11,7 @@ import task_arithmetic as task_arithmetic_program
 import torch
 import uncertainty_based_gradient_matching as ubgm_program
 from safetensors.torch import load_file, save_file
-from tiny import make_tiny_bert, perturbed_copy
+from tiny import dtype_copy, make_tiny_bert, perturbed_copy
 from transformers import BertForSequenceClassification
 
 from modelmerge.merging.cli import run_cli as run_program
@@ -161,6 +161,75 @@ def test_dtype_is_written_into_the_config(zoo, tmp_path):
     run(["--merge", "average", "--models", *zoo["models"][:2], "--dtype", "bfloat16", "--output", str(out)])
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
     assert all(t.dtype == torch.bfloat16 for t in weights(out).values())
+
+
+def config_dtype(folder):
+    return json.loads((folder / "config.json").read_text())["dtype"]
+
+
+def test_mixed_dtype_models_merge_in_the_ancestors_dtype_and_the_config_says_so(zoo, tmp_path):
+    """Issue 21: fp16 + bf16 models with an fp32 ancestor gave fp16 tensors and "dtype": "float32"."""
+    half = dtype_copy(zoo["models"][0], tmp_path / "fp16", torch.float16)
+    brain = dtype_copy(zoo["models"][1], tmp_path / "bf16", torch.bfloat16)
+    base = weights(zoo["base"])
+    for order in ((half, brain), (brain, half)):
+        out = tmp_path / f"merged-{len(os.listdir(tmp_path))}"
+        run(["--merge", "task_arithmetic", "--models", *order, "--ancestor", zoo["base"], "--x:merge_lambda", "0.5",
+             "--output", str(out)])
+        merged, thetas = weights(out), [weights(m) for m in order]
+        assert config_dtype(out) == "float32"
+        for name, theta_0 in base.items():
+            assert merged[name].dtype == torch.float32
+            expected = theta_0 + 0.5 * sum(theta[name].float() - theta_0 for theta in thetas)  # fp32 arithmetic
+            torch.testing.assert_close(merged[name], expected, rtol=1e-6, atol=1e-7)
+    half_base = dtype_copy(zoo["base"], tmp_path / "base16", torch.float16)
+    out = tmp_path / "to-fp16-ancestor"
+    run(["--merge", "task_arithmetic", "--models", *zoo["models"][:2], "--ancestor", half_base, "--output", str(out)])
+    assert config_dtype(out) == "float16" and {t.dtype for t in weights(out).values()} == {torch.float16}
+
+
+def test_without_an_ancestor_the_first_models_dtype_is_the_outputs(zoo, tmp_path):
+    half = dtype_copy(zoo["models"][1], tmp_path / "fp16", torch.float16)
+    outputs = {}
+    for first, models in ((torch.float32, [zoo["models"][0], half]), (torch.float16, [half, zoo["models"][0]])):
+        out = tmp_path / str(first)
+        run(["--merge", "average", "--models", *models, "--output", str(out)])
+        assert config_dtype(out) == str(first)[6:]
+        outputs[first] = weights(out)
+        assert all(t.dtype == first for t in outputs[first].values() if t.is_floating_point())
+    a, b = weights(zoo["models"][0]), weights(half)
+    for name, merged in outputs[torch.float32].items():
+        if merged.is_floating_point():
+            torch.testing.assert_close(merged, (a[name] + b[name].float()) / 2, rtol=1e-6, atol=1e-7)
+            assert torch.equal(outputs[torch.float16][name], merged.half())  # the same fp32 result, rounded once
+
+
+def test_dtype_overrides_the_rule_and_updates_an_older_torch_dtype_key(zoo, tmp_path):
+    base = dtype_copy(zoo["base"], tmp_path / "base", torch.float32)
+    config = json.loads((tmp_path / "base" / "config.json").read_text())
+    config["torch_dtype"] = config.pop("dtype")  # as transformers 4 wrote it
+    (tmp_path / "base" / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    run(["--merge", "task_arithmetic", "--models", *zoo["models"][:2], "--ancestor", base, "--dtype", "bfloat16",
+         "--output", str(out)])
+    written = json.loads((out / "config.json").read_text())
+    assert written["dtype"] == written["torch_dtype"] == "bfloat16"
+    assert BertForSequenceClassification.from_pretrained(out).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("keys, expected", [({}, torch.float32), ({"out_dtype": "bfloat16"}, torch.bfloat16),
+                                            ({"dtype": "float16"}, torch.float16)])
+def test_mergekit_yaml_follows_the_same_dtype_rule(zoo, tmp_path, keys, expected):
+    import yaml
+
+    half = dtype_copy(zoo["models"][0], tmp_path / "fp16", torch.float16)
+    brain = dtype_copy(zoo["models"][1], tmp_path / "bf16", torch.bfloat16)
+    config = {"merge_method": "task_arithmetic", "base_model": zoo["base"],
+              "models": [{"model": m, "parameters": {"weight": 0.5}} for m in (half, brain)], **keys}
+    (tmp_path / "merge.yml").write_text(yaml.safe_dump(config))
+    run(["--config", str(tmp_path / "merge.yml"), str(tmp_path / "out")])
+    assert config_dtype(tmp_path / "out") == str(expected)[6:]
+    assert {t.dtype for t in weights(tmp_path / "out").values() if t.is_floating_point()} == {expected}
 
 
 def test_bin_sharded_and_bare_inputs_give_the_same_merge_and_outputs_shard(zoo, tmp_path):

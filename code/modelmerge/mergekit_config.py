@@ -150,9 +150,7 @@ def plan_config(config):
     json_updates = {}
     if "slices" in config:
         json_updates["config.json"] = {"num_hidden_layers": sum(len(s) for s in slices)}
-    dtype, out_dtype = _dtype(config, "dtype"), _dtype(config, "out_dtype")
-    if out_dtype or dtype:
-        json_updates.setdefault("config.json", {})["dtype"] = config.get("out_dtype") or config.get("dtype")
+    dtype, out_dtype = _dtype(config, "dtype"), _dtype(config, "out_dtype")  # config.json's dtype: run_tasks
     if tokenizer is not None:
         json_updates.setdefault("config.json", {})["vocab_size"] = len(tokenizer)
     tokenizer_from = _tokenizer_source(config.get("tokenizer_source"), references, donor, tokenizer)

@@ -4,6 +4,8 @@ through when every input agrees (or when it is not floating point, or excluded),
 `TensorGroup` to the method, and append the result to the output files. The output appears only when
 every tensor was written (see modelmerge.atomic).
 """
+import collections
+import functools
 import logging
 import math
 import os
@@ -15,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from modelmerge.checkpoint import Checkpoint, TensorInfo, open_output
+from modelmerge.checkpoint import Checkpoint, TensorInfo, open_output, read_json_object
 from modelmerge.lora_merge import factorize
 from modelmerge.merging.options import MergeError, check_device
 from modelmerge.methods.base import GRAM_KINDS, TensorBlocks, TensorGroup
@@ -49,11 +51,15 @@ def peak_rss_bytes():
 
 
 def output_entries(tasks, dtype=None):
-    """(name, TensorInfo) of every output tensor, in writing order; floating-point ones in `dtype` if given."""
+    """(name, TensorInfo) of every output tensor, in writing order. The one rule for floating-point outputs:
+    `dtype` if given, else the ancestor's tensor's dtype, else (no ancestor) the first model's; so the order
+    of the models matters only without an ancestor."""
     entries = []
     for task in tasks:
         info = task.models[0].info()
-        out_dtype = dtype if (dtype is not None and info.dtype.is_floating_point) else info.dtype
+        out_dtype = info.dtype
+        if info.dtype.is_floating_point:
+            out_dtype = dtype or (task.base or task.models[0]).info().dtype
         lora = task.lora_output
         if lora is None:
             entries.append((task.name, TensorInfo(info.shape, out_dtype)))
@@ -155,7 +161,9 @@ def _inputs_identical(task, blocks, reader):
 def _read_group(task, rows, reader, dtype, device):
     """The TensorGroup of rows `rows` (None: all, a slice or an index tensor) of one task's inputs."""
     tensors = [reader.read(source, "tensor", rows) for source in task.models]
-    work_dtype = dtype or torch.promote_types(tensors[0].dtype, torch.float32)
+    # at least float32, and the widest input's precision whatever the order of the inputs
+    inputs = [t.dtype for t in tensors] + ([task.base.info().dtype] if task.base is not None else [])
+    work_dtype = dtype or functools.reduce(torch.promote_types, inputs, torch.float32)
 
     def working(source, what):
         tensor = reader.read(source, what, rows)
@@ -279,6 +287,9 @@ def run_tasks(method, tasks, output, layout, *, files_from=None, extra_files=Non
     `overwrite`), never if it is, holds or lies inside one of the `inputs` paths (modelmerge.atomic)."""
     device = check_device(device)
     entries = output_entries(tasks, out_dtype or dtype)
+    if layout == "model" and files_from and os.path.isfile(os.path.join(files_from, "config.json")):
+        config = (json_updates or {}).get("config.json", {})
+        json_updates = {**(json_updates or {}), "config.json": {**config, **_config_dtype(entries, files_from)}}
     with open_output(output, entries, layout, files_from, json_updates, max_shard_bytes, extra_files,
                      kind=OUTPUT_KIND, inputs=inputs, overwrite=overwrite) as writer:
         if layout == "model" and not (files_from and os.path.isfile(os.path.join(files_from, "config.json"))):
@@ -286,3 +297,17 @@ def run_tasks(method, tasks, output, layout, *, files_from=None, extra_files=Non
         summary = execute(method, tasks, writer, entries, dtype, device, progress)
     logger.info("wrote %s", output)
     return summary
+
+
+def _config_dtype(entries, files_from):
+    """config.json's keys saying the dtype the output's weights have (that of most floating-point values): `dtype`,
+    and the older `torch_dtype` where the copied config.json has it."""
+    sizes = collections.Counter()
+    for _, info in entries:
+        if info.dtype.is_floating_point:
+            sizes[info.dtype] += info.nbytes // info.dtype.itemsize
+    if not sizes:
+        return {}
+    name = str(sizes.most_common(1)[0][0]).removeprefix("torch.")
+    keys = ("dtype", "torch_dtype") if "torch_dtype" in read_json_object(os.path.join(files_from, "config.json")) else ("dtype",)
+    return dict.fromkeys(keys, name)

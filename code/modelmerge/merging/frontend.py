@@ -3,7 +3,7 @@ from modelmerge.checkpoint import open_checkpoint, open_statistics
 from modelmerge.lora_merge import output_adapter_config
 from modelmerge.merging.execute import run_tasks
 from modelmerge.merging.lora import lora_inputs, name_lora_outputs
-from modelmerge.merging.options import MergeError, MergeOptions, dtype_name
+from modelmerge.merging.options import MergeError, MergeOptions
 from modelmerge.merging.parameters import load_method, resolve_parameters
 from modelmerge.merging.plan import model_count_problem, plan_merge
 
@@ -42,8 +42,6 @@ def merge(options: MergeOptions):
                        options.exclude)
     if lora_rank is not None:
         name_lora_outputs(tasks, checkpoints[0], lora_rank)
-    if options.dtype is not None and layout == "model":
-        json_updates["config.json"] = {"dtype": dtype_name(options.dtype)}
     return run_tasks(method, tasks, options.output, layout, files_from=files_from, json_updates=json_updates,
                      dtype=options.dtype, device=options.device, max_shard_bytes=options.max_shard_bytes,
                      progress=options.progress, inputs=options.inputs, overwrite=options.overwrite)

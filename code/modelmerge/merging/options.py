@@ -85,8 +85,3 @@ def check_device(device) -> torch.device:
     if device.type not in ("cpu", "cuda"):
         raise MergeError(f"device {device}: only cpu or cuda devices are supported")
     return device
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return next(name for name, value in DTYPES.items() if value == dtype)
-
