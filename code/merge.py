@@ -2,7 +2,7 @@
 
     python code/merge.py --merge METHOD --models A B C [--aux_data a b c] [--ancestor P]
         [--ancestor_aux_data p] [--initial M] [--x:NAME VALUE ...] [--include REGEX] [--exclude REGEX]
-        [--dtype float32] [--device cuda] --output OUT
+        [--dtype float32] [--device cuda] [--allow_statistics_mismatch] --output OUT
     python code/merge.py --config merge.yml OUT        (mergekit's YAML format)
 
 Method parameters follow git-theta-merge-cli: `--x:merge_lambda 0.3` or `--x:merge_lambda=0.3`; a
@@ -43,6 +43,8 @@ def parse_args(argv):
     parser.add_argument("out", nargs="?", help="output path of a --config merge")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output that a merge did not write")
+    parser.add_argument("--allow_statistics_mismatch", action="store_true",
+                        help="merge statistics that record another model than the one they are paired with")
     rest, params = split_method_parameters(argv)
     args = parser.parse_args(rest)
     args.output = args.output or args.out
@@ -50,7 +52,8 @@ def parse_args(argv):
         parser.error("give the output path (--output OUT, or OUT after --config)")
     if args.config:
         conflicting = [flag for flag in ("merge", "models", "aux_data", "ancestor", "ancestor_aux_data", "initial",
-                                         "include", "exclude", "dtype", "lora_rank") if getattr(args, flag)]
+                                         "include", "exclude", "dtype", "lora_rank", "allow_statistics_mismatch")
+                       if getattr(args, flag)]
         if conflicting or params:
             parser.error(f"--config takes everything from the YAML file; drop --{', --'.join(conflicting) or 'x:...'}")
     elif not (args.merge and args.models):
@@ -68,7 +71,7 @@ def main(argv):
         ancestor_aux_data=args.ancestor_aux_data, initial=args.initial, params=params, include=args.include,
         exclude=args.exclude, dtype=args.dtype and DTYPES[args.dtype], device=args.device,
         max_shard_bytes=args.max_shard_size, lora_rank=args.lora_rank, overwrite=args.overwrite,
-        progress=not args.no_progress,
+        allow_statistics_mismatch=args.allow_statistics_mismatch, progress=not args.no_progress,
     ))
 
 

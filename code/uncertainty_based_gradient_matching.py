@@ -23,6 +23,8 @@ def parse_args(argv):
     parser.add_argument("--scaling_factors_ft", type=comma_list, required=True, help="c_t, comma-separated, same order")
     parser.add_argument("--delta_0", type=float, default=0.0, help="δ_0")
     parser.add_argument("--scaling_factor_pt", type=float, default=1.0, help="c_0")
+    parser.add_argument("--allow_statistics_mismatch", action="store_true",
+                        help="merge Hessians that record another model than the one they are paired with")
     return parser.parse_args(argv)
 
 
@@ -39,7 +41,7 @@ def main(argv):
         ancestor_aux_data=args.pretrained_hessian_path, device=args.device,
         params={"scaling_factors_ft": args.scaling_factors_ft, "scaling_factor_pt": args.scaling_factor_pt,
                 "scaling_factor": args.scaling_factor, "delta_0": args.delta_0},
-        overwrite=args.overwrite,
+        overwrite=args.overwrite, allow_statistics_mismatch=args.allow_statistics_mismatch,
     ))
 
 

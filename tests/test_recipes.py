@@ -100,6 +100,12 @@ def test_merge_job_commands(setup_dir):
                            "--ancestor", "/base", "--x:density", "0.2", "--x:merge_lambda", "1.0",
                            "--output", job.out_model.get_path()]
 
+    assert MergeJob("ties", ["/a", "/b"], ancestor="/base", aux_data=["/fa", "/fb"],
+                    parameters={"density": 0.2, "merge_lambda": 1.0}, allow_statistics_mismatch=False) is job
+    allowed = MergeJob("fisher", ["/a", "/b"], aux_data=["/fb", "/fa"], allow_statistics_mismatch=True)
+    assert "--allow_statistics_mismatch" in _create_files(allowed, setup_dir).split()
+    assert "--allow_statistics_mismatch" not in command
+
     ubgm = UncertaintyBasedGradientMatchingJob("/base", ["/a", "/b"], "/h0", ["/ha", "/hb"], 1e-12,
                                                scaling_factor=0.7, scaling_factor_pretrained=100,
                                                scaling_factors_finetuned=[10, 20])

@@ -211,6 +211,10 @@ class Checkpoint:
             self._in_out[file.path] = set(names)
         return name in self._in_out[file.path]
 
+    def metadata(self) -> dict:
+        """The safetensors metadata of its files (one file for statistics), merged."""
+        return {key: value for file in self._files for key, value in file.metadata.items()}
+
     def release(self):
         for file in self._files:
             file.release()

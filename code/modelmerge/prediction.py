@@ -23,6 +23,7 @@ from modelmerge.config import SHARED_PAPER_KEYS, Alias, ConfigError, Ignored, de
 from modelmerge.data import (TASK_TYPES, check_labels, class_names, column_mapping, load_split, local_sources,
                              resolve_data_dir)
 from modelmerge.outputs import claim, json_kind
+from modelmerge.merging.provenance import model_provenance
 from modelmerge.statistics.fisher import compute_fisher, save_fisher
 from modelmerge.statistics.gram import compute_gram, save_gram
 
@@ -458,13 +459,18 @@ def greedy_completions(model, tokenizer, dataset, task_type, batch_size, max_len
 def _squared_gradients(model, processor, dataset, config, output_dir):
     result = compute_fisher(model, processor, dataset, empirical=config.empirical, batch_size=config.batch_size,
                             max_length=config.max_length, seed=config.seed, task_type=config.task_type)
-    save_fisher(result, model, output_dir)
+    save_fisher(result, model, output_dir, _provenance(config))
 
 
 def _gram(model, processor, dataset, config, output_dir):
     result = compute_gram(model, processor, dataset, empirical=config.empirical, batch_size=config.batch_size,
                           max_length=config.max_length, seed=config.seed, task_type=config.task_type)
-    save_gram(result, model, output_dir)
+    save_gram(result, model, output_dir, _provenance(config))
+
+
+def _provenance(config):
+    """What statistics record about their origin (modelmerge.merging.provenance): the model, the data set and split."""
+    return {**model_provenance(config.model_name_or_path), "dataset": config.dataset_name, "split": config.split}
 
 
 METHODS = {

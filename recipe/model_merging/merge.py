@@ -15,12 +15,16 @@ class MergeJob(CommandJob):
 
     models: the fine-tuned models θ_t; ancestor: θ_0; aux_data: one statistics folder per model (Fisher,
     Gram, trimmed task vector); ancestor_aux_data: statistics of θ_0 (gradient matching's H_0);
-    initial: a model to start from (MaTS); parameters: the method's parameters (`--x:NAME VALUE`).
+    initial: a model to start from (MaTS); parameters: the method's parameters (`--x:NAME VALUE`);
+    allow_statistics_mismatch: merge statistics that record another model than theirs (e.g. one Fisher for all).
     Output: `out_model`, a model folder.
     """
 
+    # added later: at its default it leaves the job ids as they were
+    __sis_hash_exclude__ = {"allow_statistics_mismatch": False}
+
     def __init__(self, method, models, *, ancestor=None, aux_data=None, ancestor_aux_data=None, initial=None,
-                 parameters=None, dtype=None, include=None, exclude=None,
+                 parameters=None, dtype=None, include=None, exclude=None, allow_statistics_mismatch=False,
                  time_rqmt=1, mem_rqmt=4, cpu_rqmt=1, gpu_rqmt=0):
         self.method = method
         self.models = list(models)
@@ -32,6 +36,7 @@ class MergeJob(CommandJob):
         self.dtype = dtype
         self.include = include
         self.exclude = exclude
+        self.allow_statistics_mismatch = allow_statistics_mismatch
         self.rqmt = rqmt(time_rqmt, mem_rqmt, cpu_rqmt, gpu_rqmt)
         self.out_model = self.output_path("model")
 
@@ -46,6 +51,8 @@ class MergeJob(CommandJob):
         for flag, value in (("--dtype", self.dtype), ("--include", self.include), ("--exclude", self.exclude)):
             if value is not None:
                 cmd += [flag, str(value)]
+        if self.allow_statistics_mismatch:
+            cmd.append("--allow_statistics_mismatch")
         return cmd + _parameter_arguments(self.parameters) + _device_and_output(self)
 
 

@@ -7,6 +7,7 @@ By concern:
 - `execute`: the tasks streamed tensor by tensor (elementwise methods in blocks of rows) into the output;
 - `lora`: planning `lora-` merges of PEFT adapters;
 - `frontend`: `merge(options)`, the whole merge;
+- `provenance`: model fingerprints recorded in statistics, and the check that a merge pairs them rightly;
 - `trim`: the trimmed task vector of TIES as a statistic;
 - `cli`: what the programs under code/ share (one-line errors, argument types, --help's method list).
 """

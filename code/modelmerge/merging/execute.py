@@ -309,5 +309,5 @@ def _config_dtype(entries, files_from):
     if not sizes:
         return {}
     name = str(sizes.most_common(1)[0][0]).removeprefix("torch.")
-    keys = ("dtype", "torch_dtype") if "torch_dtype" in read_json_object(os.path.join(files_from, "config.json")) else ("dtype",)
-    return dict.fromkeys(keys, name)
+    older = "torch_dtype" in read_json_object(os.path.join(files_from, "config.json"))
+    return dict.fromkeys(("dtype", "torch_dtype") if older else ("dtype",), name)

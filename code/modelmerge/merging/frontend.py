@@ -6,6 +6,7 @@ from modelmerge.merging.lora import lora_inputs, name_lora_outputs
 from modelmerge.merging.options import MergeError, MergeOptions
 from modelmerge.merging.parameters import load_method, resolve_parameters
 from modelmerge.merging.plan import model_count_problem, plan_merge
+from modelmerge.merging.provenance import check_statistics_pairing
 
 
 def merge(options: MergeOptions):
@@ -26,6 +27,7 @@ def merge(options: MergeOptions):
     stats = [open_statistics(path) for path in options.aux_data] if options.aux_data else None
     base_stats = open_statistics(options.ancestor_aux_data) if options.ancestor_aux_data else None
     start_from = open_checkpoint(options.initial) if options.initial else None
+    check_statistics_pairing(checkpoints, stats, base, base_stats, options.allow_statistics_mismatch)
     files_from = _files_source(base, checkpoints)
     json_updates, lora_rank = {}, None
     if options.lora:

@@ -39,6 +39,7 @@ class MergeOptions:
     max_shard_bytes: int = 5 * 10**9
     lora_rank: int | None = None  # rank of the adapter a lora- merge without ancestor writes (None: largest input)
     overwrite: bool = False  # replace an existing output that a merge did not write
+    allow_statistics_mismatch: bool = False  # merge statistics recording another model than theirs (merging.provenance)
     progress: bool = True
 
     def __post_init__(self):

@@ -20,6 +20,7 @@ from modelmerge.merging.execute import RELEASE_EVERY_BYTES, all_finite, peak_rss
 from modelmerge.merging.options import MergeError, check_device
 from modelmerge.merging.plan import check_same_tensors
 from modelmerge.methods.sparsify import trim_by_magnitude
+from modelmerge.merging.provenance import model_provenance
 
 logger = logging.getLogger(__name__)
 
@@ -50,22 +51,24 @@ def write_trimmed(model: str, ancestor: str, density: float, output: str, device
     theta, theta_0 = open_checkpoint(model), open_checkpoint(ancestor)
     check_same_tensors([theta, theta_0], "model and the ancestor")
     with atomic_dir(output, OUTPUT_KIND, inputs=[model, ancestor], overwrite=overwrite) as tmp:
-        summary = trim_checkpoint(theta, theta_0, density, os.path.join(tmp, OUTPUT_FILE), device, progress)
+        provenance = {**model_provenance(model), **model_provenance(ancestor, "ancestor")}
+        summary = trim_checkpoint(theta, theta_0, density, os.path.join(tmp, OUTPUT_FILE), device, progress, provenance)
         with open(os.path.join(tmp, "stats.json"), "w") as f:
             json.dump({"model": model, "ancestor": ancestor, "density": density, "num_tensors": summary.trimmed},
                       f, indent=2)
     return summary
 
 
-def trim_checkpoint(model, ancestor, density, path, device="cpu", progress=True) -> TrimSummary:
-    """Stream the trimmed task vectors of every floating-point tensor of `model` into the safetensors file `path`."""
+def trim_checkpoint(model, ancestor, density, path, device="cpu", progress=True, provenance=None) -> TrimSummary:
+    """Stream the trimmed task vectors of every floating-point tensor of `model` into the safetensors file `path`,
+    its metadata recording the density and `provenance` (modelmerge.merging.provenance)."""
     summary = TrimSummary()
     start = time.perf_counter()
     names = [name for name in model.names if model.info(name).dtype.is_floating_point]
     summary.skipped = len(model.names) - len(names)
     entries = [(name, TensorInfo(model.info(name).shape, torch.promote_types(model.info(name).dtype, torch.float32)))
                for name in names]
-    writer = SafetensorsStreamWriter(path, entries, metadata={"density": str(density)})
+    writer = SafetensorsStreamWriter(path, entries, metadata={**(provenance or {}), "density": str(density)})
     read_since_release = 0
     try:
         for name, info in tqdm(entries, desc="trimming", unit="tensor", disable=not progress, file=sys.stderr):

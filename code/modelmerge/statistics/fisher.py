@@ -19,7 +19,8 @@ import time
 from dataclasses import dataclass
 
 import torch
-from safetensors.torch import save_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from modelmerge.atomic import atomic_dir, atomic_file, write_json
 from modelmerge.statistics.batches import labelled_batches, limit_examples, release
@@ -87,8 +88,11 @@ def compute_fisher(
     return FisherResult(fisher, len(dataset), empirical, seed, labels)
 
 
-def save_fisher(result, model, output_dir):
+def save_fisher(result, model, output_dir, provenance=None):
     """Write `fisher.safetensors`, `hessian/` and `stats.json` into `output_dir`, each atomically, stats.json last.
+
+    The safetensors files' metadata records `provenance` (modelmerge.merging.provenance: the model, the data) and the
+    variant, seed and number of examples.
 
     fisher.safetensors holds the Fisher of every parameter under its checkpoint name (zeros for the frozen ones
     of a full model, such as CLIP's text tower). hessian/ is
@@ -96,18 +100,32 @@ def save_fisher(result, model, output_dir):
     unchanged), so it loads like the model; for a PEFT model it is an adapter folder.
     """
     names = statistic_parameters(model)
+    metadata = {**(provenance or {}), "variant": result.variant, "seed": str(result.seed),
+                "num_examples": str(result.num_examples)}
     os.makedirs(output_dir, exist_ok=True)
     with atomic_file(os.path.join(output_dir, "fisher.safetensors")) as tmp:
         tensors = {names[name]: fisher.contiguous() for name, fisher in result.fisher.items()}
         tensors.update(_frozen_zeros(model, result.fisher))
-        save_file(tensors, tmp, metadata={"format": "pt"})
+        save_file(tensors, tmp, metadata={"format": "pt", **metadata})
     with atomic_dir(os.path.join(output_dir, "hessian")) as tmp:
         model.save_pretrained(tmp, state_dict=_hessian_state_dict(model, result.fisher), **_save_options(model))
+        _add_metadata(tmp, metadata)
     write_json(
         os.path.join(output_dir, "stats.json"),
         {"num_examples": result.num_examples, "variant": result.variant, "seed": result.seed},
     )
     logger.info("wrote the Fisher of %d tensors over %d examples to %s", len(names), result.num_examples, output_dir)
+
+
+def _add_metadata(folder, metadata):
+    """Add `metadata` to the safetensors files of `folder` (save_pretrained takes none of its own)."""
+    for name in os.listdir(folder):
+        if name.endswith(".safetensors"):
+            path = os.path.join(folder, name)
+            with safe_open(path, framework="pt") as f:
+                existing = f.metadata() or {}
+            save_file(load_file(path), path + ".tmp", metadata={**existing, **metadata})  # beside the mapped file
+            os.replace(path + ".tmp", path)
 
 
 def _frozen_zeros(model, fisher):

@@ -141,14 +141,17 @@ def _rows(tensor, masks, batch_size, what):
     return tensor.reshape(-1, tensor.shape[-1]).double()
 
 
-def save_gram(result, model, output_dir):
+def save_gram(result, model, output_dir, provenance=None):
     """Write `gram.safetensors`, `output_grad_gram.safetensors` and `stats.json` into `output_dir`, each atomically,
     stats.json last; tensors under the checkpoint names of the layers' weights. The safetensors metadata lists the
-    weights stored [in, out] (checkpoint.IN_OUT_WEIGHTS_KEY), so that a merge knows how to apply the Grams."""
+    weights stored [in, out] (checkpoint.IN_OUT_WEIGHTS_KEY), so that a merge knows how to apply the Grams, and
+    records `provenance` (modelmerge.merging.provenance: the model, the data), the variant, seed and number of examples."""
     names = statistic_parameters(model)
     os.makedirs(output_dir, exist_ok=True)
     files = {"gram.safetensors": result.input_gram, "output_grad_gram.safetensors": result.output_grad_gram}
-    metadata = {"format": "pt", IN_OUT_WEIGHTS_KEY: json.dumps(sorted(names[name] for name in result.stored_in_out))}
+    metadata = {"format": "pt", IN_OUT_WEIGHTS_KEY: json.dumps(sorted(names[name] for name in result.stored_in_out)),
+                **(provenance or {}), "variant": result.variant, "seed": str(result.seed),
+                "num_examples": str(result.num_examples)}
     for filename, grams in files.items():
         with atomic_file(os.path.join(output_dir, filename)) as tmp:
             save_file({names[name]: gram.contiguous() for name, gram in grams.items()}, tmp, metadata=metadata)
