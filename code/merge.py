@@ -35,7 +35,8 @@ def parse_args(argv):
     parser.add_argument("--output", help="output folder, or a .safetensors file")
     parser.add_argument("--include", help="merge only tensors whose name matches this regex (re.search)")
     parser.add_argument("--exclude", help="copy tensors whose name matches this regex from the ancestor/first model")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), help="working and output precision (default: the inputs')")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="working and output precision (default: output in the ancestor's dtype, else the first "
+                                                           "model's; arithmetic in the widest input's, at least float32)")
     parser.add_argument("--device", type=device_argument, default="cpu", help="where the arithmetic runs: cpu, cuda or cuda:N")
     parser.add_argument("--max_shard_size", type=size_argument, default="5GB", help="largest output shard, e.g. 2GB")
     parser.add_argument("--lora_rank", type=int, help="rank of the adapter a lora- merge writes (default: largest input rank)")

@@ -34,7 +34,7 @@ class MergeOptions:
     params: Mapping[str, Any] = field(default_factory=dict)  # method parameters by name or alias
     include: str | None = None  # regular expression (re.search): only matching tensors are merged
     exclude: str | None = None  # regular expression: matching tensors are copied from θ_0 (else model 1)
-    dtype: torch.dtype | None = None  # working and output precision (None: each input's own, ≥ float32 to work)
+    dtype: torch.dtype | None = None  # working and output precision (None: execute.output_entries's rule)
     device: torch.device = torch.device("cpu")
     max_shard_bytes: int = 5 * 10**9
     lora_rank: int | None = None  # rank of the adapter a lora- merge without ancestor writes (None: largest input)
