@@ -282,9 +282,10 @@ def all_finite(tensor):
 def run_tasks(method, tasks, output, layout, *, files_from=None, extra_files=None, json_updates=None, dtype=None,
               out_dtype=None, device="cpu", max_shard_bytes=5 * 10**9, progress=True, inputs=(), overwrite=False):
     """Execute planned tasks into `output` (see checkpoint.open_output): arithmetic in `dtype` (default:
-    each tensor's own, at least float32) on `device`, floating-point outputs in `out_dtype` (default `dtype`,
-    else each input's own). An existing `output` is replaced only if a merge wrote it (or with
-    `overwrite`), never if it is, holds or lies inside one of the `inputs` paths (modelmerge.atomic)."""
+    the widest input's, at least float32) on `device`, floating-point outputs in `out_dtype` (default `dtype`,
+    else the ancestor's, else the first model's: output_entries), as config.json then says. An existing
+    `output` is replaced only if a merge wrote it (or with `overwrite`), never if it is, holds or lies inside
+    one of the `inputs` paths (modelmerge.atomic)."""
     device = check_device(device)
     entries = output_entries(tasks, out_dtype or dtype)
     if layout == "model" and files_from and os.path.isfile(os.path.join(files_from, "config.json")):
