@@ -15,6 +15,10 @@ split. The pretraining task, which has no mask, is evaluated on the unified mode
 slerp and nuslerp (two models), nearswap and arcee_fusion (one model into θ_0) and passthrough (layer slices)
 do not combine four task models and are not run here.
 
+Held-in against held-out, as in config/example.py: task arithmetic and gradient matching at their chosen α are
+also merged without the last task's model ("... (without amazon)"), for which that task is held out; the
+fine-tuned models are evaluated too (the same jobs as config/example.py's), for normalized accuracy.
+
     sis --config config/merging_methods.py m
 """
 from dataclasses import dataclass
@@ -68,7 +72,7 @@ MERGE_GRIDS = {
     "regmean++": dict(method="regmean_plusplus", sweep="alpha", grid=[0.1, 0.5, 0.9]),
     "adamerging": dict(method="adamerging", sweep="iterations", grid=[50, 200]),
 }
-ROBUSTNESS = ("task arithmetic", "gradient matching")  # drawn against α on the test data
+ROBUSTNESS = ("task arithmetic", "gradient matching")  # drawn against α on the test data; pipeline.paper_merges' order
 
 
 def grid(spec, preset):
@@ -173,7 +177,7 @@ def best_setting(label, by_value, candidates):
     validation splits: one setting for all tasks, or for a per-task method each task's own (as TALL masks
     choose each task's λ_t, Wang et al. 2024); `by_value`: {value: {task: accuracy}}, `candidates`: {value: model}."""
     sweep = MERGE_GRIDS[label].get("sweep")
-    value = max(by_value, key=lambda v: average_accuracy(by_value[v]))
+    value = best_value(by_value)
     if value is None:
         return label, candidates[value], average_accuracy(by_value[value])
     if MERGE_GRIDS[label]["method"] not in PER_TASK:
@@ -183,6 +187,11 @@ def best_setting(label, by_value, candidates):
     model = PerTaskModels(candidates[value].unified, {task: candidates[chosen[task]].model(task) for task in own})
     accuracy = sum(by_value[v][task].get() for task, v in chosen.items()) / len(chosen)
     return f"{label} ({sweep} per task={'/'.join(str(chosen[task]) for task in own)})", model, accuracy
+
+
+def best_value(by_value):
+    """The setting with the best average validation accuracy; `by_value`: {value: {task: accuracy}}."""
+    return max(by_value, key=lambda v: average_accuracy(by_value[v]))
 
 
 def average_accuracy(variables):
@@ -207,12 +216,21 @@ async def py():
     await tk.async_run(validation_accuracy)
 
     models = {"pretrained": experiment.pretrained, "multitask": experiment.multitask}
+    models.update({f"finetuned {task}": model for task, model in experiment.models.items()})
+    held_in, held_out = {}, pipeline.held_out_task(preset)
+    merged_tasks = pipeline.without(preset, held_out)
     for label, by_value in validation_accuracy.items():
         name, models[name], accuracy = best_setting(label, by_value, candidates[label])
+        held_in[name] = pipeline.held_in(preset, preset["tasks"])
         print(f"merging_methods: {name}: validation accuracy {100 * accuracy:.1f}")
+        if label in ROBUSTNESS:  # at the chosen α, without the held-out task's model
+            without = pipeline.paper_merges(experiment, best_value(by_value), merged_tasks)[ROBUSTNESS.index(label)]
+            models[f"{name} (without {held_out})"] = without
+            held_in[f"{name} (without {held_out})"] = pipeline.held_in(preset, merged_tasks)
     results = evaluate(experiment, models, test)
     sweeps = {label: pipeline.evaluate(experiment, candidates[label], test) for label in ROBUSTNESS}
 
     report = ReportJob(results, sweeps=sweeps, title=f"Merging methods ({preset['name']} preset): test accuracy, "
-                                                     "best setting on validation")
+                                                     "best setting on validation",
+                       own_models=pipeline.own_models(preset, "finetuned {task}"), multitask="multitask", held_in=held_in)
     tk.register_output("merging_methods/report", report.out_dir)

@@ -15,7 +15,8 @@ from tiny import make_tiny_bert, perturbed_copy
 import sisyphus.global_settings as gs
 from sisyphus import tk
 from sisyphus.job_path import Variable
-from model_merging.merge import MaterialiseTaskJob, ModulatedMergeJob, per_task_models
+from model_merging.merge import (MaterialiseTaskJob, ModulatedMergeJob, TaskArithmeticJob,
+                                 UncertaintyBasedGradientMatchingJob, per_task_models)
 from model_merging.search import MultiTaskSearchJob
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -87,14 +88,15 @@ def test_config_chooses_per_task_methods_on_validation_each_task_on_its_own_mode
     monkeypatch.setenv("MERGE_DATA_DIR", os.path.join(ROOT, "data", "sentiment"))
     monkeypatch.delenv("MERGE_PRESET", raising=False)
     monkeypatch.setattr(Variable, "get", _fake_accuracy)
-    awaited, reports = [], []
+    awaited, reports, report_views = [], [], []
 
     async def no_wait(obj):
         awaited.append(obj)
 
     class Report:
-        def __init__(self, results, sweeps=None, title=None):
+        def __init__(self, results, sweeps=None, title=None, **views):
             reports.append(results)
+            report_views.append(views)
             self.out_dir = tk.Path("report")
 
     monkeypatch.setattr(merging_methods.tk, "async_run", no_wait)
@@ -131,3 +133,18 @@ def test_config_chooses_per_task_methods_on_validation_each_task_on_its_own_mode
     # the merged (not per-task) methods keep one model for every task
     ties = {metrics.creator for metrics in next(v for k, v in results.items() if k.startswith("ties")).values()}
     assert len(ties) == 1 and set(next(iter(ties)).datasets) == {pretraining, *tasks}
+    # held-in against held-out: the paper's merges at their chosen α once more without the last task's model
+    (views,) = report_views
+    held_out, merged_tasks = tasks[-1], tasks[:-1]
+    assert views["own_models"] == {pretraining: "pretrained", **{t: f"finetuned {t}" for t in tasks}}
+    assert all(set(results[f"finetuned {t}"]) == {pretraining, *tasks} for t in tasks) and views["multitask"] == "multitask"
+    for label, job_type in (("task arithmetic", TaskArithmeticJob), ("gradient matching", UncertaintyBasedGradientMatchingJob)):
+        (full,) = [name for name in results if name.startswith(label + " (") and "without" not in name]
+        without = f"{full} (without {held_out})"
+        merged = {metrics.creator.model.creator for metrics in results[without].values()}
+        assert len(merged) == 1 and isinstance(next(iter(merged)), job_type)
+        merged = next(iter(merged))
+        assert merged.finetuned_models == [experiment.models[t] for t in merged_tasks]
+        assert views["held_in"][without] == [pretraining, *merged_tasks]
+        assert views["held_in"][full] == [pretraining, *tasks]
+    assert "pretrained" not in views["held_in"] and "multitask" not in views["held_in"]

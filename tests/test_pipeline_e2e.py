@@ -89,7 +89,7 @@ def test_example_config_end_to_end(setup_dir):
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
 
     models = ["pretrained", "finetuned rotten_tomatoes", "finetuned imdb", "multitask", "task arithmetic",
-              "gradient matching"]
+              "gradient matching", "task arithmetic (without imdb)", "gradient matching (without imdb)"]
     for model in models:
         for task in TASKS:
             metrics = json.load(open(setup_dir / "output" / "example" / "metrics" / model.replace(" ", "_") / f"{task}.json"))
@@ -99,13 +99,26 @@ def test_example_config_end_to_end(setup_dir):
 
     report = setup_dir / "output" / "example" / "report"
     rows = list(csv.reader(open(report / "results.csv")))
-    assert rows[0] == ["model", *TASKS, "average"]
+    assert rows[0] == ["model", *TASKS, "average", "held_in_average", "held_out_average", "gap_to_multitask",
+                       "held_out_tasks"]
     assert [row[0] for row in rows[1:]] == models
+    accuracy = {}
     for row in rows[1:]:
         metrics = [json.load(open(setup_dir / "output" / "example" / "metrics" / row[0].replace(" ", "_") / f"{t}.json"))
                    for t in TASKS]
-        assert [float(v) for v in row[1:4]] == pytest.approx([m["accuracy"] for m in metrics])
-    assert (report / "accuracy.png").stat().st_size > 0
+        accuracy[row[0]] = dict(zip(TASKS, [m["accuracy"] for m in metrics]))
+        assert [float(v) for v in row[1:4]] == pytest.approx(list(accuracy[row[0]].values()))
+    # imdb, the preset's last task, is held out for the merges without its model; sst2 (θ_0's task) held in
+    held_out = {row[0]: row[-1] for row in rows[1:]}
+    assert held_out["task arithmetic (without imdb)"] == "imdb" and held_out["task arithmetic"] == ""
+    normalized = {row["model"]: row for row in csv.DictReader(open(report / "normalized.csv"))}
+    merged = accuracy["gradient matching (without imdb)"]
+    assert float(normalized["gradient matching (without imdb)"]["imdb"]) == pytest.approx(
+        merged["imdb"] / accuracy["finetuned imdb"]["imdb"], abs=1e-6)
+    assert float(normalized["gradient matching (without imdb)"]["sst2"]) == pytest.approx(
+        merged["sst2"] / accuracy["pretrained"]["sst2"], abs=1e-6)
+    for png in ("accuracy.png", "normalized.png", "generalization.png"):
+        assert (report / png).stat().st_size > 0
 
     before = finished_markers(setup_dir)
     assert len(before) >= 30

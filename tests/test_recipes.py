@@ -133,6 +133,25 @@ def test_report_job_config(setup_dir):
     assert config["results"] == {"m": {"sst2": search.out_metric_file.get_path()}}
     assert config["sweeps"] == {"ta": {"0.5": {"sst2": search.out_metric_file.get_path()}}}
     assert job.out_sweep_plot.get_path().endswith("report/sweep.png")
+    assert config["own_models"] is None and config["held_in"] is None and config["multitask"] is None
+
+
+def test_report_job_views_of_merging_papers(setup_dir):
+    metrics = HuggingfaceSearchJob("/m", "sst2", "test").out_metric_file
+    results = {"m": {"sst2": metrics}, "ft": {"sst2": metrics}}
+    plain = ReportJob(results, title="t")
+    # reports without the new arguments keep the id they had before them
+    assert plain.job_id() == "model_merging/report/ReportJob." + short_hash({"results": results, "sweeps": None, "title": "t"})
+    job = ReportJob(results, title="t", own_models={"sst2": "ft"}, multitask="ft", held_in={"m": ("sst2",)})
+    assert job.job_id() != plain.job_id()
+    assert ReportJob(results, title="t", own_models={"sst2": "ft"}, multitask="ft", held_in={"m": ("imdb",)}).job_id() != job.job_id()
+    _create_files(job, setup_dir)
+    config = json.load(open(job.out_config_file.get_path()))
+    assert (config["own_models"], config["multitask"], config["held_in"]) == ({"sst2": "ft"}, "ft", {"m": ["sst2"]})
+    assert job.out_normalized_csv.get_path().endswith("report/normalized.csv")
+    assert not hasattr(job, "out_generalization_plot")  # "m" holds sst2 in: no held-out task
+    held_out = ReportJob(results, held_in={"m": []})
+    assert held_out.out_generalization_plot.get_path().endswith("report/generalization.png")
 
 
 def test_multitask_search_job(setup_dir):

@@ -211,4 +211,4 @@ def test_configs_import_through_import_paths_only(tmp_path):
     run = subprocess.run([sys.executable, "-c", UPSTREAM_IMPORTS, str(only_sisyphus), "config/example.py",
                           "config/merging_methods.py"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert int(run.stdout.split()[-1]) == 27
+    assert int(run.stdout.split()[-1]) == 31

@@ -107,7 +107,11 @@ def build_suite(preset):
     results = {label: dict(search(model, test).out_metric_files) for label, model in evaluated.items()}
     for label, own in per_task.items():
         results[label] = {task: search(own[task], {task: test[task]}).out_metric_files[task] for task in tasks}
-    report = ReportJob(results, title=f"{preset['title']} ({preset['name']} preset)")
+    merges = [*merged, *per_task]  # of every task's model: every task held in
+    report = ReportJob(results, title=f"{preset['title']} ({preset['name']} preset)",
+                       own_models={task: f"fine-tuned {task}" for task in tasks},
+                       multitask="multitask" if preset.get("multitask") else None,
+                       held_in={label: list(tasks) for label in merges})
     return results, report
 
 

@@ -68,11 +68,11 @@ def build_experiment(preset):
     return Experiment(preset, data, pretrained, pretrained_fisher, models, fishers, multitask)
 
 
-def paper_merges(experiment, scaling_factor):
-    """Task arithmetic and uncertainty-based gradient matching of the task models, both with α = `scaling_factor`,
-    as the paper's own command lines compute them."""
+def paper_merges(experiment, scaling_factor, tasks=None):
+    """Task arithmetic and uncertainty-based gradient matching of the task models (of `tasks`, else of every
+    task), both with α = `scaling_factor`, as the paper's own command lines compute them."""
     preset = experiment.preset
-    tasks = list(preset["tasks"])
+    tasks = list(tasks or preset["tasks"])
     finetuned = [experiment.models[t] for t in tasks]
     task_arithmetic = TaskArithmeticJob(experiment.pretrained, finetuned, scaling_factor, **preset["rqmt"]["merge"])
     gradient_matching = UncertaintyBasedGradientMatchingJob(
@@ -84,6 +84,28 @@ def paper_merges(experiment, scaling_factor):
         **preset["rqmt"]["merge"],
     )
     return task_arithmetic.out_model_path, gradient_matching.out_model_path
+
+
+def held_out_task(preset):
+    """The task the leave-one-out merges leave out (the preset's last): held out for them, since neither θ_0
+    (trained on the pretraining task) nor any task model that goes into them was trained on it."""
+    return list(preset["tasks"])[-1]
+
+
+def without(preset, task):
+    return [t for t in preset["tasks"] if t != task]
+
+
+def held_in(preset, merged_tasks):
+    """The tasks a merge of θ_0 and the task models of `merged_tasks` has seen in training: θ_0's and theirs."""
+    return [preset["pretraining"]["task"], *merged_tasks]
+
+
+def own_models(preset, finetuned_label):
+    """{task: the label of its own fine-tuned model}: θ_0 ("pretrained") for the pretraining task, for each
+    other task `finetuned_label.format(task=task)`."""
+    return {preset["pretraining"]["task"]: "pretrained",
+            **{task: finetuned_label.format(task=task) for task in preset["tasks"]}}
 
 
 def _search(experiment, model, splits):
