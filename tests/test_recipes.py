@@ -167,3 +167,20 @@ def test_multitask_search_job(setup_dir):
     assert sorted(job.out_accuracies) == ["imdb", "sst2"]
     assert MultiTaskSearchJob("/m", {"sst2": ("sst2", "test"), "imdb": (data, "test[:10]")}, {"batch_size": 4},
                               cpu_rqmt=3) is job
+
+
+def test_lm_eval_job_config(setup_dir):
+    from model_merging.search import LmEvalJob
+
+    task_file = tk.Path("/tasks/sentiment_sst2.yaml")
+    job = LmEvalJob("/merged", [task_file, "hellaswag"], num_fewshot=2, limit=10, batch_size=4, gpu_rqmt=1)
+    assert job.job_id() == LmEvalJob("/merged", [task_file, "hellaswag"], 2, 10, 4).job_id()  # resources left out
+    _create_files(job, setup_dir)
+    config = json.load(open(job.out_config_file.get_path()))
+    assert config == {"model_name_or_path": "/merged", "tasks": ["/tasks/sentiment_sst2.yaml", "hellaswag"],
+                      "num_fewshot": 2, "limit": 10, "batch_size": 4, "output_dir": job.out_dir.get_path()}
+    assert set(job.out_metric_files) == {"sentiment_sst2", "hellaswag"} == set(job.out_accuracies)
+    assert job.out_metric_files["sentiment_sst2"].get_path().endswith("harness_eval/metrics/sentiment_sst2.json")
+    from modelmerge.config import load_config  # the program accepts what the job wrote
+    from modelmerge.harness import HarnessConfig
+    assert load_config(HarnessConfig, job.out_config_file.get_path()).offline is False  # a harness task by name

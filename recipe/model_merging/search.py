@@ -1,5 +1,7 @@
-"""Evaluation of a model on a dataset split (`code/predict.py`)."""
+"""Evaluation of a model on a dataset split (`code/predict.py`), and lm-evaluation-harness tasks on a causal LM
+(`code/harness_eval.py`)."""
 import json
+import os
 
 from model_merging.program_job import ProgramJob
 
@@ -82,6 +84,48 @@ class MultiTaskSearchJob(PredictJob):
                        for name, (dataset_name, split) in self.datasets.items()}
         return {"method": self.method, **self.extra_config, "model_name_or_path": self.model,
                 "evaluations": evaluations, "output_dir": self.out_dir}
+
+    def run(self):
+        super().run()
+        for name, metrics_file in self.out_metric_files.items():
+            set_accuracy(self.out_accuracies[name], metrics_file)
+
+
+class LmEvalJob(ProgramJob):
+    """EleutherAI's lm-evaluation-harness on a causal LM (`code/harness_eval.py`): `tasks` are harness task names
+    (their data from the Hub) or local task YAML files (str or tk.Path; a file's task is named as the file, without
+    `.yaml`); the run is offline when every task is a file.
+
+    Outputs: `out_dir`, `out_harness_dir` (the harness's results_<date>.json, as its --output_path writes it),
+    `out_metric_file` (metrics.json: the mean accuracy over the tasks), per task `out_metric_files[task]`
+    (metrics.json with `accuracy`, as predict.py's, for ReportJob) and the variable `out_accuracies[task]`.
+    """
+
+    program_name = "harness_eval.py"
+    config_name = "harness_config.json"
+
+    def __init__(self, model, tasks, num_fewshot=None, limit=None, batch_size=8, *, time_rqmt=1, mem_rqmt=4,
+                 cpu_rqmt=1, gpu_rqmt=0):
+        super().__init__(time_rqmt=time_rqmt, mem_rqmt=mem_rqmt, cpu_rqmt=cpu_rqmt, gpu_rqmt=gpu_rqmt)
+        self.model, self.tasks = model, list(tasks)
+        self.num_fewshot, self.limit, self.batch_size = num_fewshot, limit, batch_size
+        self.out_dir = self.output_path("harness_eval")
+        self.out_harness_dir = self.output_path("harness_eval/harness")
+        self.out_metric_file = self.output_path("harness_eval/metrics.json")
+        names = [self.task_name(task) for task in self.tasks]
+        self.out_metric_files = {name: self.output_path(f"harness_eval/metrics/{name}.json") for name in names}
+        self.out_accuracies = {name: self.output_var(f"accuracy.{name}") for name in names}
+
+    @staticmethod
+    def task_name(task):
+        """A harness task's name: a task file's name without .yaml, else the name itself."""
+        path = task if isinstance(task, str) else task.get_path()
+        name = os.path.basename(path)
+        return os.path.splitext(name)[0] if name.endswith((".yaml", ".yml")) else path
+
+    def config(self):
+        return {"model_name_or_path": self.model, "tasks": self.tasks, "num_fewshot": self.num_fewshot,
+                "limit": self.limit, "batch_size": self.batch_size, "output_dir": self.out_dir}
 
     def run(self):
         super().run()
