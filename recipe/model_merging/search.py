@@ -107,12 +107,12 @@ class LmEvalJob(ProgramJob):
     def __init__(self, model, tasks, num_fewshot=None, limit=None, batch_size=8, *, time_rqmt=1, mem_rqmt=4,
                  cpu_rqmt=1, gpu_rqmt=0):
         super().__init__(time_rqmt=time_rqmt, mem_rqmt=mem_rqmt, cpu_rqmt=cpu_rqmt, gpu_rqmt=gpu_rqmt)
-        self.model, self.tasks = model, list(tasks)
+        self.model, self.harness_tasks = model, list(tasks)  # not `tasks`: Job.tasks() lists the job's steps
         self.num_fewshot, self.limit, self.batch_size = num_fewshot, limit, batch_size
         self.out_dir = self.output_path("harness_eval")
         self.out_harness_dir = self.output_path("harness_eval/harness")
         self.out_metric_file = self.output_path("harness_eval/metrics.json")
-        names = [self.task_name(task) for task in self.tasks]
+        names = [self.task_name(task) for task in self.harness_tasks]
         self.out_metric_files = {name: self.output_path(f"harness_eval/metrics/{name}.json") for name in names}
         self.out_accuracies = {name: self.output_var(f"accuracy.{name}") for name in names}
 
@@ -124,7 +124,7 @@ class LmEvalJob(ProgramJob):
         return os.path.splitext(name)[0] if name.endswith((".yaml", ".yml")) else path
 
     def config(self):
-        return {"model_name_or_path": self.model, "tasks": self.tasks, "num_fewshot": self.num_fewshot,
+        return {"model_name_or_path": self.model, "tasks": self.harness_tasks, "num_fewshot": self.num_fewshot,
                 "limit": self.limit, "batch_size": self.batch_size, "output_dir": self.out_dir}
 
     def run(self):
