@@ -5,6 +5,7 @@ Adding a method is one module in this folder and one entry in `_CLASSES`.
 from .base import MergeMethod, Parameter, TensorGroup
 from .arcee_fusion import ArceeFusion
 from .breadcrumbs import Breadcrumbs, BreadcrumbsTies
+from .cart import Cart
 from .consensus import Consensus, TallMasks
 from .dare import DareLinear, DareTies
 from .emr import Emr
@@ -37,7 +38,7 @@ _CLASSES: tuple[type[MergeMethod], ...] = (
     # mergekit 0.1.5's newer methods
     ModelStock, Della, DellaLinear, Sce, NuSlerp, MultiSlerp, Karcher, NearSwap, ArceeFusion, Ram, RamPlusTensorLocal,
     # data-free methods of the current field
-    TsvM, IsoC, IsoCts, Wudi, MagMax, Consensus, TallMasks, Emr,
+    TsvM, IsoC, IsoCts, Wudi, MagMax, Consensus, TallMasks, Emr, Cart,
 )
 
 

@@ -1,0 +1,109 @@
+"""Methods of issue 19 (CART): each against a dense reference written here from its
+paper's formula and its authors' code (NumPy, float64), and the properties the papers state."""
+import numpy as np
+import pytest
+import torch
+
+from modelmerge.methods import TensorGroup
+from test_methods import as_np, models, run_method
+
+SHAPE = (12, 9)
+
+
+# --- CART ------------------------------------------------------------------------------------------
+
+def reference_cart(thetas, rank_ratio, merge_lambda):
+    """θ̄ + λ Σ_t SVD_k(θ_t − θ̄), k = max(1, ⌊r·min(m, n)⌋), from full SVDs."""
+    thetas = [as_np(x) for x in thetas]
+    average = np.mean(thetas, axis=0)
+    k = max(1, int(rank_ratio * min(average.shape)))
+    low_rank = np.zeros_like(average)
+    for theta in thetas:
+        u, s, vh = np.linalg.svd(theta - average, full_matrices=False)
+        low_rank += (u[:, :k] * s[:k]) @ vh[:k]
+    return average + merge_lambda * low_rank
+
+
+@pytest.mark.parametrize("shape", [SHAPE, (5, 11)])
+@pytest.mark.parametrize("rank_ratio", [0.12, 0.3, 0.5])
+def test_cart_follows_the_paper(shape, rank_ratio):
+    base, thetas = models(4, shape=shape)
+    merged = run_method("cart", TensorGroup("w", thetas, base=base), rank_ratio=rank_ratio, merge_lambda=1.7)
+    np.testing.assert_allclose(as_np(merged), reference_cart(thetas, rank_ratio, 1.7), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("rank_ratio", [0.0, 1.0])
+def test_cart_at_rank_zero_and_full_rank_is_weight_averaging(rank_ratio):
+    base, thetas = models(3, shape=SHAPE)
+    merged = run_method("cart", TensorGroup("w", thetas, base=base), rank_ratio=rank_ratio, merge_lambda=2.0)
+    np.testing.assert_allclose(as_np(merged), np.mean([as_np(x) for x in thetas], axis=0), rtol=1e-6, atol=1e-6)
+
+
+def test_cart_keeps_one_direction_at_least():
+    base, thetas = models(3, shape=SHAPE)
+    merged = run_method("cart", TensorGroup("w", thetas, base=base), rank_ratio=0.01, merge_lambda=1.0)
+    average = np.mean([as_np(x) for x in thetas], axis=0)
+    np.testing.assert_allclose(as_np(merged), reference_cart(thetas, 0.01, 1.0), rtol=1e-5, atol=1e-6)
+    assert 1 <= np.linalg.matrix_rank(as_np(merged) - average, tol=1e-5) <= 3
+
+
+def test_cart_gives_other_and_excluded_tensors_the_average():
+    base, thetas = models(3, shape=(7,))
+    np.testing.assert_allclose(as_np(run_method("cart", TensorGroup("b", thetas, base=base))),
+                               np.mean([as_np(x) for x in thetas], axis=0), rtol=1e-6)
+    base, thetas = models(3, shape=SHAPE)
+    merged = run_method("cart", TensorGroup("embeddings.word", thetas, base=base), exclude="^embed")
+    np.testing.assert_allclose(as_np(merged), np.mean([as_np(x) for x in thetas], axis=0), rtol=1e-6)
+
+
+def test_cart_needs_no_ancestor_and_accumulates_over_chunks(monkeypatch):
+    from modelmerge.methods import task_space
+    monkeypatch.setattr(task_space, "CHUNK_ROWS", 7)
+    for shape in [(40, 9), (9, 40)]:
+        _, thetas = models(3, shape=shape)
+        merged = run_method("cart", TensorGroup("w", thetas), rank_ratio=0.3, merge_lambda=2.0)
+        np.testing.assert_allclose(as_np(merged), reference_cart(thetas, 0.3, 2.0), rtol=1e-5, atol=1e-6)
+
+
+
+# --- through code/merge.py -------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    from tiny import make_tiny_bert, perturbed_copy
+    root = tmp_path_factory.mktemp("recent")
+    base = make_tiny_bert(str(root / "base"), seed=0)
+    return base, [perturbed_copy(base, str(root / f"ft{i}"), seed=i, scale=0.05) for i in (1, 2, 3)]
+
+
+def merged_tensors(folder):
+    from safetensors.torch import load_file
+    import glob
+    return {k: v for path in sorted(glob.glob(f"{folder}/*.safetensors")) for k, v in load_file(path).items()}
+
+
+@pytest.mark.parametrize("method,parameters", [("cart", ["--x:rank_ratio", "0.25", "--x:prior", "1.5"])])
+def test_merge_program_writes_the_method_tensor_by_tensor(zoo, tmp_path, method, parameters):
+    import merge as merge_program
+    from modelmerge.merging.cli import run_cli
+    base, models_ = zoo
+    run_cli(merge_program.main, ["--merge", method, "--models", *models_, "--ancestor", base, *parameters,
+                                 "--output", str(tmp_path / "out"), "--no_progress"])
+    out, inputs, ancestor = merged_tensors(tmp_path / "out"), [merged_tensors(m) for m in models_], merged_tensors(base)
+    params = dict(zip(parameters[::2], parameters[1::2]))
+    for name, tensor in out.items():
+        group = TensorGroup(name, [m[name] for m in inputs], base=ancestor[name])
+        if not tensor.is_floating_point() or all(torch.equal(m[name], ancestor[name]) for m in inputs):
+            continue
+        expected = run_method(method, group, **{k[len("--x:"):].replace("prior", "merge_lambda"): float(v)
+                                                 for k, v in params.items()})
+        torch.testing.assert_close(tensor, expected.to(tensor.dtype), rtol=1e-5, atol=1e-6)
+
+
+def test_help_lists_the_methods(capsys):
+    import merge as merge_program
+    with pytest.raises(SystemExit):
+        merge_program.parse_args(["--help"])
+    text = capsys.readouterr().out
+    assert "\n  cart (also centered_task_arithmetic)" in text
+    assert "--x:rank_ratio (float; in [0, 1]; default 0.12)" in text
