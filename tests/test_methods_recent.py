@@ -1,4 +1,4 @@
-"""Methods of issue 19 (CART): each against a dense reference written here from its
+"""Methods of issue 19 (CART, PCB-merging): each against a dense reference written here from its
 paper's formula and its authors' code (NumPy, float64), and the properties the papers state."""
 import numpy as np
 import pytest
@@ -66,6 +66,58 @@ def test_cart_needs_no_ancestor_and_accumulates_over_chunks(monkeypatch):
 
 
 
+# --- PCB-merging -----------------------------------------------------------------------------------
+
+def reference_pcb(base, thetas, ratio, clamp_ratio, merge_lambda):
+    """The authors' pcb-merging.py on one tensor, with sorted copies for the quantiles (NumPy, float64)."""
+    taus = np.stack([(as_np(x) - as_np(base)).ravel() for x in thetas])
+    n, d = taus.shape
+
+    def normalize(x):
+        low, high = x.min(axis=1, keepdims=True), x.max(axis=1, keepdims=True)
+        return np.where(high > low, (x - low) / np.where(high > low, high - low, 1), 0.0)
+
+    ordered = np.sort(np.abs(taus), axis=1)
+    magnitude = np.clip(np.abs(taus), ordered[:, [int(d * clamp_ratio)]], ordered[:, [int(d * (1 - clamp_ratio)) - 1]])
+    clamped = np.sign(taus) * magnitude
+    balance = np.exp(n * normalize(magnitude) ** 2) * np.tanh(taus * taus.sum(axis=0))
+    floor = np.sort(balance, axis=1)[:, [int(d * (1 - ratio))]]
+    scale = normalize(np.maximum(balance, floor))
+    merged = (clamped * scale).sum(axis=0) / np.maximum(scale.sum(axis=0), 1e-12)
+    return as_np(base) + merge_lambda * merged.reshape(base.shape)
+
+
+@pytest.mark.parametrize("shape,ratio,clamp_ratio", [(SHAPE, 0.1, 0.0001), (SHAPE, 0.3, 0.05), ((7,), 0.5, 0.0), ((40, 9), 0.05, 0.01)])
+def test_pcb_follows_the_authors_definition(shape, ratio, clamp_ratio):
+    base, thetas = models(4, shape=shape)
+    merged = run_method("pcb", TensorGroup("w", thetas, base=base), pcb_ratio=ratio, clamp_ratio=clamp_ratio,
+                        merge_lambda=1.2)
+    np.testing.assert_allclose(as_np(merged), reference_pcb(base, thetas, ratio, clamp_ratio, 1.2), rtol=1e-5, atol=1e-6)
+
+
+def test_pcb_keeps_the_top_ratio_of_each_task_and_averages_within_the_range_of_the_kept_values():
+    base, thetas = models(3, shape=(20, 10))
+    taus = [x - base for x in thetas]
+    merged = run_method("pcb", TensorGroup("w", thetas, base=base), pcb_ratio=0.2, clamp_ratio=0.0) - base
+    # each task contributes at most its 0.2·200 − 1 = 39 entries strictly above its threshold
+    assert 0 < int((merged != 0).sum()) <= 3 * 39
+    # a weighted mean of the tasks' values at every entry: between their smallest and largest
+    stacked = torch.stack(taus)
+    kept = merged != 0
+    assert bool((merged[kept] <= stacked.max(0).values[kept] + 1e-6).all())
+    assert bool((merged[kept] >= stacked.min(0).values[kept] - 1e-6).all())
+
+
+def test_pcb_of_identical_task_vectors_keeps_the_top_ratio_of_their_balance():
+    """All tasks equal: the weights cancel in the weighted mean, so the kept entries are τ itself."""
+    base, (theta,) = models(1, shape=(10, 10))
+    merged = run_method("pcb", TensorGroup("w", [theta] * 3, base=base), pcb_ratio=0.3, clamp_ratio=0.0) - base
+    tau = theta - base
+    kept = merged != 0
+    assert int(kept.sum()) == 29  # the entries strictly above the 70th of 100 ordered balancing weights
+    torch.testing.assert_close(merged[kept], tau[kept])
+
+
 # --- through code/merge.py -------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -82,7 +134,8 @@ def merged_tensors(folder):
     return {k: v for path in sorted(glob.glob(f"{folder}/*.safetensors")) for k, v in load_file(path).items()}
 
 
-@pytest.mark.parametrize("method,parameters", [("cart", ["--x:rank_ratio", "0.25", "--x:prior", "1.5"])])
+@pytest.mark.parametrize("method,parameters", [("cart", ["--x:rank_ratio", "0.25", "--x:prior", "1.5"]),
+                                               ("pcb", ["--x:pcb_ratio", "0.2", "--x:merge_lambda", "1.2"])])
 def test_merge_program_writes_the_method_tensor_by_tensor(zoo, tmp_path, method, parameters):
     import merge as merge_program
     from modelmerge.merging.cli import run_cli
@@ -107,3 +160,5 @@ def test_help_lists_the_methods(capsys):
     text = capsys.readouterr().out
     assert "\n  cart (also centered_task_arithmetic)" in text
     assert "--x:rank_ratio (float; in [0, 1]; default 0.12)" in text
+    assert "\n  pcb (also pcb_merging, pcb-merging)  needs θ_0" in text
+    assert "--x:pcb_ratio (float; in (0, 1]; default 0.1)" in text

@@ -22,6 +22,7 @@ from .multislerp import MultiSlerp
 from .nearswap import NearSwap
 from .nuslerp import NuSlerp
 from .passthrough import Passthrough
+from .pcb import Pcb
 from .ram import Ram, RamPlusTensorLocal
 from .regmean import RegMean
 from .sce import Sce
@@ -38,7 +39,7 @@ _CLASSES: tuple[type[MergeMethod], ...] = (
     # mergekit 0.1.5's newer methods
     ModelStock, Della, DellaLinear, Sce, NuSlerp, MultiSlerp, Karcher, NearSwap, ArceeFusion, Ram, RamPlusTensorLocal,
     # data-free methods of the current field
-    TsvM, IsoC, IsoCts, Wudi, MagMax, Consensus, TallMasks, Emr, Cart,
+    TsvM, IsoC, IsoCts, Wudi, MagMax, Consensus, TallMasks, Emr, Cart, Pcb,
 )
 
 
