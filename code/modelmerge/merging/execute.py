@@ -21,6 +21,7 @@ from modelmerge.checkpoint import Checkpoint, TensorInfo, open_output, read_json
 from modelmerge.lora_merge import factorize
 from modelmerge.merging.options import MergeError, check_device
 from modelmerge.methods.base import GRAM_KINDS, TensorBlocks, TensorGroup
+from modelmerge.methods.lines import scaled_task_vector
 
 logger = logging.getLogger(__name__)
 
@@ -123,6 +124,8 @@ def _execute_task(method, task, reader, writer, planned, dtype, device):
         if tuple(result.shape) != tuple(group.tensors[0].shape):
             raise MergeError(f"{method.name} returned shape {list(result.shape)} for tensor {task.name} "
                              f"of shape {list(group.tensors[0].shape)}")
+        if task.task_vector_scale is not None:
+            result = scaled_task_vector(group.base, result, task.task_vector_scale)
         if not all_finite(result):
             raise MergeError(f"{method.name} produced NaN or infinite values for tensor {task.name}")
         _write(writer, task, planned, result)

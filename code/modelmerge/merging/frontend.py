@@ -1,12 +1,13 @@
 """The whole merge as `MergeOptions` describe it: open the inputs, plan, execute into the output."""
 from modelmerge.checkpoint import open_checkpoint, open_statistics
 from modelmerge.lora_merge import output_adapter_config
-from modelmerge.merging.execute import run_tasks
+from modelmerge.merging.execute import execute, output_entries, run_tasks
 from modelmerge.merging.lora import lora_inputs, name_lora_outputs
 from modelmerge.merging.options import MergeError, MergeOptions
-from modelmerge.merging.parameters import load_method, resolve_parameters
+from modelmerge.merging.parameters import load_method, resolve_parameters, split_lines_parameters
 from modelmerge.merging.plan import model_count_problem, plan_merge
 from modelmerge.merging.provenance import check_statistics_pairing
+from modelmerge.methods.lines import l1_norms, layer_scales
 
 
 def merge(options: MergeOptions):
@@ -21,7 +22,8 @@ def merge(options: MergeOptions):
     """
     method = load_method(options.method_name)
     check_counts(method, options)
-    params = resolve_parameters(method, options.params, len(options.models))
+    supplied, lines = split_lines_parameters(method, options.params)
+    params = resolve_parameters(method, supplied, len(options.models))
     checkpoints = [open_checkpoint(path) for path in options.models]
     base = open_checkpoint(options.ancestor) if options.ancestor else None
     stats = [open_statistics(path) for path in options.aux_data] if options.aux_data else None
@@ -44,6 +46,8 @@ def merge(options: MergeOptions):
                        options.exclude)
     if lora_rank is not None:
         name_lora_outputs(tasks, checkpoints[0], lora_rank)
+    if lines["lines_beta"] is not None:
+        scale_layers(method, tasks, options, lines["lines_alpha"], lines["lines_beta"])
     return run_tasks(method, tasks, options.output, layout, files_from=files_from, json_updates=json_updates,
                      dtype=options.dtype, device=options.device, max_shard_bytes=options.max_shard_bytes,
                      progress=options.progress, inputs=options.inputs, overwrite=options.overwrite)
@@ -63,6 +67,44 @@ def check_counts(method, options: MergeOptions):
         raise MergeError(f"method {method.name} needs statistics ({', '.join(method.stats)}) of every model")
     if method.base_stats and not options.ancestor_aux_data:
         raise MergeError(f"method {method.name} needs statistics ({', '.join(method.base_stats)}) of the ancestor")
+
+
+def scale_layers(method, tasks, options: MergeOptions, alpha, beta):
+    """LiNeS: every merged tensor's task vector scaled by α + β · (its layer's depth) (methods/lines.py); α None:
+    the paper's ‖Σ_t τ_t‖₁ / (T·‖τ‖₁), from one merge of every tensor that is not written."""
+    if options.ancestor is None or options.lora:
+        raise MergeError("LiNeS (lines_beta) scales task vectors θ − θ_0: it needs an --ancestor and no lora- merge")
+    if alpha is None:
+        norms = _L1Norms(tasks)
+        execute(method, tasks, norms, output_entries(tasks, options.dtype), options.dtype, options.device, options.progress)
+        if norms.merged == 0:
+            raise MergeError("LiNeS: the merged task vector is zero, so the paper's α is undefined; give lines_alpha")
+        alpha = norms.summed / (len(options.models) * norms.merged)
+    scales = layer_scales([task.name for task in tasks], alpha, beta)
+    for task in tasks:
+        if task.merge:
+            task.task_vector_scale = scales[task.name]
+
+
+class _L1Norms:
+    """A writer that keeps only ‖Σ_t τ_t‖₁ and ‖θ − θ_0‖₁ of the merged tensors written to it (blocks of rows
+    arrive in order)."""
+
+    def __init__(self, tasks):
+        self.tasks = {task.name: task for task in tasks}
+        self.next_row = {}
+        self.summed = self.merged = 0.0
+
+    def write(self, name, tensor):
+        task = self.tasks[name]
+        if not task.merge:
+            return
+        start = self.next_row.get(name, 0)
+        rows = None if tensor.dim() == 0 else slice(start, start + tensor.shape[0])
+        self.next_row[name] = start + (tensor.shape[0] if tensor.dim() else 1)
+        summed, merged = l1_norms(task, tensor, rows)
+        self.summed += summed
+        self.merged += merged
 
 
 def _files_source(base, checkpoints):

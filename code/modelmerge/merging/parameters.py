@@ -2,6 +2,7 @@
 per-model values made one per model, and every value checked against its declared range or choices."""
 from modelmerge.merging.options import MergeError
 from modelmerge.methods import get_method
+from modelmerge.methods.lines import PARAMETERS as LINES_PARAMETERS
 
 
 def load_method(name):
@@ -28,6 +29,17 @@ def resolve_parameters(method, supplied, num_models):
         else:
             resolved[name] = parameter.default
     return resolved
+
+
+def split_lines_parameters(method, supplied):
+    """(`supplied` without LiNeS's parameters, {lines_alpha, lines_beta} converted and checked): LiNeS is an
+    option of every method with an ancestor, taken by the merge driver (methods/lines.py)."""
+    rest = {key: value for key, value in supplied.items() if key not in LINES_PARAMETERS}
+    lines = {name: _checked(method, name, parameter, supplied.get(name, parameter.default))
+             for name, parameter in LINES_PARAMETERS.items()}
+    if lines["lines_alpha"] is not None and lines["lines_beta"] is None:
+        raise MergeError("parameter 'lines_alpha' is LiNeS's α: give lines_beta too")
+    return rest, lines
 
 
 def _canonical(method, supplied):

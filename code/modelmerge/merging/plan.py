@@ -56,6 +56,7 @@ class TensorTask:
     merge: bool = True  # False: copied from the base (else the first model), e.g. excluded by a regex
     lora_output: LoraOutput | None = None
     stored_in_out: bool = False  # a linear weight stored [in, out] (GPT-2's Conv1D), as its Gram statistics say
+    task_vector_scale: float | None = None  # LiNeS: the merged θ becomes θ_0 + scale·(θ − θ_0) (methods/lines.py)
 
     def sources(self) -> list[Source]:
         """Every input this task reads."""
