@@ -1,5 +1,5 @@
 """The data-free methods against FusionBench 0.2.33's own functions (the reference code the field's
-tables come from): TSV-M, Iso-C, Iso-CTS, WUDI, MagMax, EMR, TALL masks. FusionBench runs in a subprocess
+tables come from): TSV-M, Iso-C, Iso-CTS, WUDI, MagMax, EMR, TALL masks, TATR. FusionBench runs in a subprocess
 with its folder (.ci/install.sh, $FUSION_BENCH_DIR) on the path, so its pins never meet the project's."""
 import os
 import subprocess
@@ -94,3 +94,61 @@ def test_tall_masks_are_fusion_benchs(case):
     for key in SHAPES:
         masks = tall_masks([t[key] for t in taus], [0.6] * 3)
         assert all(torch.equal(m, r) for m, r in zip(masks, reference["tall"][key]))
+
+
+TRUST_REGION = r"""
+import sys, torch
+from torch import nn
+from fusion_bench.method.trust_region.clip_task_arithmetic import TaskArithmeticWithTrustRegionForCLIP
+inputs = torch.load(sys.argv[1])
+base, taus = inputs["base"], inputs["taus"]
+
+
+class Pool:  # what the algorithm reads of a model pool: θ_0 and the fine-tuned models
+    def __init__(self, key):
+        self.key = key
+
+    def load_pretrained_model(self):
+        return module(base[self.key])
+
+    def named_models(self):
+        return [(f"task{t}", module(base[self.key] + tau[self.key])) for t, tau in enumerate(taus)]
+
+
+def module(tensor):
+    holder = nn.Module()
+    holder.register_parameter("w", nn.Parameter(tensor.clone()))
+    return holder
+
+
+out = {}
+for quantile in map(float, sys.argv[3].split(",")):
+    algorithm = TaskArithmeticWithTrustRegionForCLIP(scaling_factor=0.3, threshold_quantile=quantile, max_samples=1,
+                                                     batch_size=1, zero_shot=True)
+    out[quantile] = {key: algorithm.run(Pool(key)).w.detach() for key in base}  # one tensor per model: our per-tensor rule
+torch.save(out, sys.argv[2])
+"""
+QUANTILES = (0.99, 0.7, 0.0)
+
+
+@pytest.fixture(scope="module")
+def trust_region(case, tmp_path_factory):
+    base, taus, _ = case
+    root = tmp_path_factory.mktemp("trust_region")
+    torch.save({"base": base, "taus": taus}, root / "inputs.pt")
+    done = subprocess.run([sys.executable, "-c", TRUST_REGION, str(root / "inputs.pt"), str(root / "out.pt"),
+                           ",".join(map(str, QUANTILES))],
+                          env=dict(os.environ, PYTHONPATH=FUSION_BENCH), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return torch.load(root / "out.pt")
+
+
+@pytest.mark.parametrize("quantile", QUANTILES)
+@pytest.mark.parametrize("key", list(SHAPES))
+def test_tatr_is_fusion_benchs_data_free_trust_region(case, trust_region, quantile, key):
+    base, taus, _ = case
+    merged = run_method("tatr", TensorGroup(key, [base[key] + t[key] for t in taus], base=base[key]),
+                        threshold_quantile=quantile)
+    torch.testing.assert_close(merged, trust_region[quantile][key], rtol=0, atol=1e-7)
+    kept = (merged - base[key]) != 0
+    assert int(kept.sum()) == int(kept.numel() * quantile)  # the entries below the ⌊q·n⌋-th smallest conflict

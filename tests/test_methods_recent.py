@@ -1,4 +1,4 @@
-"""Methods of issue 19 (CART, PCB-merging): each against a dense reference written here from its
+"""Methods of issue 19 (CART, PCB-merging, TATR): each against a dense reference written here from its
 paper's formula and its authors' code (NumPy, float64), and the properties the papers state."""
 import numpy as np
 import pytest
@@ -118,6 +118,25 @@ def test_pcb_of_identical_task_vectors_keeps_the_top_ratio_of_their_balance():
     torch.testing.assert_close(merged[kept], tau[kept])
 
 
+
+# --- TATR (its tensors are FusionBench's: tests/test_methods_fusion_bench.py) ----------------------
+
+@pytest.mark.parametrize("quantile", [0.99, 0.5])
+def test_tatr_masks_the_most_conflicting_entries(quantile):
+    base, thetas = models(3, shape=SHAPE)
+    taus = np.stack([as_np(x) - as_np(base) for x in thetas])
+    omega = np.abs(taus).sum(axis=0) ** 2 - (taus ** 2).sum(axis=0)  # Σ_i Σ_(j≠i) |τ_i||τ_j|
+    threshold = np.sort(omega.ravel())[int(omega.size * quantile)]
+    expected = as_np(base) + 0.4 * taus.sum(axis=0) * (omega < threshold)
+    merged = run_method("tatr", TensorGroup("w", thetas, base=base), threshold_quantile=quantile, merge_lambda=0.4)
+    np.testing.assert_allclose(as_np(merged), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_tatr_of_one_task_has_no_conflict_to_keep():
+    base, thetas = models(1, shape=SHAPE)
+    torch.testing.assert_close(run_method("tatr", TensorGroup("w", thetas, base=base)), base)
+
+
 # --- through code/merge.py -------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -135,7 +154,8 @@ def merged_tensors(folder):
 
 
 @pytest.mark.parametrize("method,parameters", [("cart", ["--x:rank_ratio", "0.25", "--x:prior", "1.5"]),
-                                               ("pcb", ["--x:pcb_ratio", "0.2", "--x:merge_lambda", "1.2"])])
+                                               ("pcb", ["--x:pcb_ratio", "0.2", "--x:merge_lambda", "1.2"]),
+                                               ("tatr", ["--x:threshold_quantile", "0.9"])])
 def test_merge_program_writes_the_method_tensor_by_tensor(zoo, tmp_path, method, parameters):
     import merge as merge_program
     from modelmerge.merging.cli import run_cli
@@ -162,3 +182,4 @@ def test_help_lists_the_methods(capsys):
     assert "--x:rank_ratio (float; in [0, 1]; default 0.12)" in text
     assert "\n  pcb (also pcb_merging, pcb-merging)  needs θ_0" in text
     assert "--x:pcb_ratio (float; in (0, 1]; default 0.1)" in text
+    assert "\n  tatr (also trust_region, task_arithmetic_trust_region)  needs θ_0" in text

@@ -28,6 +28,7 @@ from .regmean import RegMean
 from .sce import Sce
 from .slerp import Slerp
 from .task_arithmetic import TaskArithmetic
+from .trust_region import TrustRegion
 from .tsv_m import TsvM
 from .ties import Ties
 from .uncertainty_based_gradient_matching import UncertaintyBasedGradientMatching
@@ -39,7 +40,7 @@ _CLASSES: tuple[type[MergeMethod], ...] = (
     # mergekit 0.1.5's newer methods
     ModelStock, Della, DellaLinear, Sce, NuSlerp, MultiSlerp, Karcher, NearSwap, ArceeFusion, Ram, RamPlusTensorLocal,
     # data-free methods of the current field
-    TsvM, IsoC, IsoCts, Wudi, MagMax, Consensus, TallMasks, Emr, Cart, Pcb,
+    TsvM, IsoC, IsoCts, Wudi, MagMax, Consensus, TallMasks, Emr, Cart, Pcb, TrustRegion,
 )
 
 
