@@ -73,6 +73,8 @@ MERGE_GRIDS = {
     "ties + lines": dict(method="ties", sweep="lines_beta", grid=[0.2, 0.4, 0.6, 1.0], fixed={"density": 0.2, "merge_lambda": 1.0}),
     "consensus + lines": dict(method="consensus", sweep="lines_beta", grid=[0.2, 0.4, 0.6, 1.0],
                               fixed={"k": 2, "tall_mask_lambda": 0.6}),
+    # KnOTS: TIES on the coordinates of the task vectors in their shared SVD basis (every 2-D tensor)
+    "ties + knots": dict(method="ties", sweep="density", grid=[0.1, 0.2, 0.3, 0.5], fixed={"merge_lambda": 1.0, "knots": True}),
     # per-task (PER_TASK): each task evaluated on its own model, materialised from the T masks they store
     "tall masks (per-task)": dict(method="tall_masks", sweep="tall_mask_lambda", grid=[0.2, 0.4, 0.6]),
     "emr (per-task)": dict(method="emr"),

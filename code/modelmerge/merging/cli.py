@@ -10,6 +10,7 @@ from modelmerge.atomic import OutputError
 from modelmerge.checkpoint import CheckpointError, parse_size
 from modelmerge.merging.options import MergeError, check_device
 from modelmerge.methods import MERGE_METHODS
+from modelmerge.methods.knots import PARAMETERS as KNOTS_PARAMETERS
 from modelmerge.methods.lines import PARAMETERS as LINES_PARAMETERS
 
 
@@ -126,6 +127,9 @@ def methods_help() -> str:
             lines.append(f"      --x:{name} ({_parameter_detail(parameter)}): {parameter.help}")
     lines.append("  LiNeS (Wang et al., ICLR 2025), with any method given θ_0: task vectors scaled by layer depth")
     for name, parameter in LINES_PARAMETERS.items():
+        lines.append(f"      --x:{name} ({_parameter_detail(parameter)}): {parameter.help}")
+    lines.append("  KnOTS (Stoica et al., ICLR 2025), with any method given θ_0 or in a lora- merge: a shared SVD basis")
+    for name, parameter in KNOTS_PARAMETERS.items():
         lines.append(f"      --x:{name} ({_parameter_detail(parameter)}): {parameter.help}")
     return "\n".join(lines)
 

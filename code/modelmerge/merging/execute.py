@@ -21,6 +21,7 @@ from modelmerge.checkpoint import Checkpoint, TensorInfo, open_output, read_json
 from modelmerge.lora_merge import factorize
 from modelmerge.merging.options import MergeError, check_device
 from modelmerge.methods.base import GRAM_KINDS, TensorBlocks, TensorGroup
+from modelmerge.methods.knots import merge_in_shared_basis
 from modelmerge.methods.lines import scaled_task_vector
 
 logger = logging.getLogger(__name__)
@@ -120,7 +121,7 @@ def _execute_task(method, task, reader, writer, planned, dtype, device):
     prepared = _run_method(method, task, None, method.prepare, tensor) if len(blocks) > 1 else None
     for rows, group in zip(blocks, tensor):
         group.prepared = prepared
-        result = _run_method(method, task, rows, method.merge, group)
+        result = _run_method(method, task, rows, _in_shared_basis(method) if task.shared_basis else method.merge, group)
         if tuple(result.shape) != tuple(group.tensors[0].shape):
             raise MergeError(f"{method.name} returned shape {list(result.shape)} for tensor {task.name} "
                              f"of shape {list(group.tensors[0].shape)}")
@@ -132,6 +133,13 @@ def _execute_task(method, task, reader, writer, planned, dtype, device):
     return True
 
 
+def _in_shared_basis(method):
+    """The method's merge applied to the coordinates of a group's task updates in their shared basis (KnOTS)."""
+    def merge(group, **params):
+        return merge_in_shared_basis(group, lambda coordinates: method.merge(coordinates, **params))
+    return merge
+
+
 def _row_blocks(method, task):
     """[None] (the whole tensor at once) or the row ranges (slices) of about BLOCK_BYTES each to merge in turn.
 
@@ -140,7 +148,7 @@ def _row_blocks(method, task):
     info = task.models[0].info()
     sources = task.sources()
     blockwise = (
-        (not task.merge or method.elementwise) and task.lora_output is None
+        (not task.merge or method.elementwise) and task.lora_output is None and not task.shared_basis
         and all(isinstance(source.checkpoint, Checkpoint) for source in sources)
         and all(source.info().shape == info.shape for source in sources)
     )

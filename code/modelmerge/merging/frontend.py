@@ -4,7 +4,7 @@ from modelmerge.lora_merge import output_adapter_config
 from modelmerge.merging.execute import execute, output_entries, run_tasks
 from modelmerge.merging.lora import lora_inputs, name_lora_outputs
 from modelmerge.merging.options import MergeError, MergeOptions
-from modelmerge.merging.parameters import load_method, resolve_parameters, split_lines_parameters
+from modelmerge.merging.parameters import load_method, resolve_parameters, split_driver_options
 from modelmerge.merging.plan import model_count_problem, plan_merge
 from modelmerge.merging.provenance import check_statistics_pairing
 from modelmerge.methods.lines import l1_norms, layer_scales
@@ -22,7 +22,8 @@ def merge(options: MergeOptions):
     """
     method = load_method(options.method_name)
     check_counts(method, options)
-    supplied, lines = split_lines_parameters(method, options.params)
+    supplied, wrappers = split_driver_options(method, options.params)
+    check_wrappers(options, wrappers)
     params = resolve_parameters(method, supplied, len(options.models))
     checkpoints = [open_checkpoint(path) for path in options.models]
     base = open_checkpoint(options.ancestor) if options.ancestor else None
@@ -46,8 +47,10 @@ def merge(options: MergeOptions):
                        options.exclude)
     if lora_rank is not None:
         name_lora_outputs(tasks, checkpoints[0], lora_rank)
-    if lines["lines_beta"] is not None:
-        scale_layers(method, tasks, options, lines["lines_alpha"], lines["lines_beta"])
+    if wrappers["knots"]:
+        use_shared_basis(tasks)
+    if wrappers["lines_beta"] is not None:
+        scale_layers(method, tasks, options, wrappers["lines_alpha"], wrappers["lines_beta"])
     return run_tasks(method, tasks, options.output, layout, files_from=files_from, json_updates=json_updates,
                      dtype=options.dtype, device=options.device, max_shard_bytes=options.max_shard_bytes,
                      progress=options.progress, inputs=options.inputs, overwrite=options.overwrite)
@@ -69,11 +72,27 @@ def check_counts(method, options: MergeOptions):
         raise MergeError(f"method {method.name} needs statistics ({', '.join(method.base_stats)}) of the ancestor")
 
 
+def check_wrappers(options: MergeOptions, wrappers):
+    """A MergeError where KnOTS or LiNeS (split_driver_options) cannot wrap the merge asked for."""
+    if wrappers["knots"]:
+        if options.ancestor is None and not options.lora:
+            raise MergeError("KnOTS (knots) merges task updates θ_t − θ_0: it needs an --ancestor or a lora- merge")
+        if options.aux_data or options.ancestor_aux_data or options.initial:
+            raise MergeError("KnOTS (knots) merges coordinates in a new basis: statistics and --initial describe the weights")
+    if wrappers["lines_beta"] is not None and (options.ancestor is None or options.lora):
+        raise MergeError("LiNeS (lines_beta) scales task vectors θ − θ_0: it needs an --ancestor and no lora- merge")
+
+
+def use_shared_basis(tasks):
+    """KnOTS: every merged 2-D tensor merged in the shared SVD basis of its task updates (methods/knots.py)."""
+    for task in tasks:
+        if task.merge and len(task.models[0].info().shape) == 2:
+            task.shared_basis = True
+
+
 def scale_layers(method, tasks, options: MergeOptions, alpha, beta):
     """LiNeS: every merged tensor's task vector scaled by α + β · (its layer's depth) (methods/lines.py); α None:
     the paper's ‖Σ_t τ_t‖₁ / (T·‖τ‖₁), from one merge of every tensor that is not written."""
-    if options.ancestor is None or options.lora:
-        raise MergeError("LiNeS (lines_beta) scales task vectors θ − θ_0: it needs an --ancestor and no lora- merge")
     if alpha is None:
         norms = _L1Norms(tasks)
         execute(method, tasks, norms, output_entries(tasks, options.dtype), options.dtype, options.device, options.progress)

@@ -2,6 +2,7 @@
 per-model values made one per model, and every value checked against its declared range or choices."""
 from modelmerge.merging.options import MergeError
 from modelmerge.methods import get_method
+from modelmerge.methods.knots import PARAMETERS as KNOTS_PARAMETERS
 from modelmerge.methods.lines import PARAMETERS as LINES_PARAMETERS
 
 
@@ -31,15 +32,17 @@ def resolve_parameters(method, supplied, num_models):
     return resolved
 
 
-def split_lines_parameters(method, supplied):
-    """(`supplied` without LiNeS's parameters, {lines_alpha, lines_beta} converted and checked): LiNeS is an
-    option of every method with an ancestor, taken by the merge driver (methods/lines.py)."""
-    rest = {key: value for key, value in supplied.items() if key not in LINES_PARAMETERS}
-    lines = {name: _checked(method, name, parameter, supplied.get(name, parameter.default))
-             for name, parameter in LINES_PARAMETERS.items()}
-    if lines["lines_alpha"] is not None and lines["lines_beta"] is None:
+def split_driver_options(method, supplied):
+    """(`supplied` without the options every method takes, {lines_alpha, lines_beta, knots} converted and checked):
+    LiNeS and KnOTS wrap any method with an ancestor, so the merge driver takes them (methods/lines.py,
+    methods/knots.py)."""
+    declared = {**LINES_PARAMETERS, **KNOTS_PARAMETERS}
+    rest = {key: value for key, value in supplied.items() if key not in declared}
+    options = {name: _checked(method, name, parameter, supplied.get(name, parameter.default))
+               for name, parameter in declared.items()}
+    if options["lines_alpha"] is not None and options["lines_beta"] is None:
         raise MergeError("parameter 'lines_alpha' is LiNeS's α: give lines_beta too")
-    return rest, lines
+    return rest, options
 
 
 def _canonical(method, supplied):

@@ -57,6 +57,7 @@ class TensorTask:
     lora_output: LoraOutput | None = None
     stored_in_out: bool = False  # a linear weight stored [in, out] (GPT-2's Conv1D), as its Gram statistics say
     task_vector_scale: float | None = None  # LiNeS: the merged θ becomes θ_0 + scale·(θ − θ_0) (methods/lines.py)
+    shared_basis: bool = False  # KnOTS: merged in the shared SVD basis of the task updates (methods/knots.py)
 
     def sources(self) -> list[Source]:
         """Every input this task reads."""
