@@ -2,7 +2,7 @@
 
 Writes into a temporary folder (a few GB at full size) an ancestor and four fine-tuned checkpoints with
 BERT-base shapes (~110M parameters, float32 safetensors, random values) and a diagonal Fisher for each,
-then for task arithmetic, TIES, uncertainty-based gradient matching and the methods of issue 9 (NEW_METHODS;
+then for task arithmetic, TIES, uncertainty-based gradient matching and the methods of issues 9 and 19 (NEW_METHODS;
 their target: a merge loop within 3x task arithmetic's, WUDI's per 100 iterations) measures
 
 - our merge: `python code/merge.py ...` in a fresh process; the time of its merge loop (from its summary
@@ -222,6 +222,10 @@ NEW_METHODS = {
     "wudi": (["--x:iterations", "100"], None, 4),
     "magmax": ([], None, 4),
     "consensus": ([], None, 4),
+    # issue 19 (FusionBench has none of these as a plain merge; its TATR needs CLIP and a model pool)
+    "cart": ([], None, 4),
+    "pcb": ([], None, 4),
+    "tatr": ([], None, 4),
 }
 NO_BASE = ("karcher",)  # mergekit merges a base model as one more input there
 
