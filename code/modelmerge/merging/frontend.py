@@ -1,4 +1,6 @@
 """The whole merge as `MergeOptions` describe it: open the inputs, plan, execute into the output."""
+import torch
+
 from modelmerge.checkpoint import open_checkpoint, open_statistics
 from modelmerge.lora_merge import output_adapter_config
 from modelmerge.merging.execute import execute, output_entries, run_tasks
@@ -7,7 +9,7 @@ from modelmerge.merging.options import MergeError, MergeOptions
 from modelmerge.merging.parameters import load_method, resolve_parameters, split_driver_options
 from modelmerge.merging.plan import model_count_problem, plan_merge
 from modelmerge.merging.provenance import check_statistics_pairing
-from modelmerge.methods.lines import l1_norms, layer_scales
+from modelmerge.methods.lines import layer_scales
 
 
 def merge(options: MergeOptions):
@@ -121,9 +123,13 @@ class _L1Norms:
         start = self.next_row.get(name, 0)
         rows = None if tensor.dim() == 0 else slice(start, start + tensor.shape[0])
         self.next_row[name] = start + (tensor.shape[0] if tensor.dim() else 1)
-        summed, merged = l1_norms(task, tensor, rows)
-        self.summed += summed
-        self.merged += merged
+        def read(source):
+            whole = source.read()
+            return (whole if rows is None else whole[rows]).to(torch.float64)
+
+        base = read(task.base)
+        self.summed += float(sum(read(model) - base for model in task.models).abs().sum())
+        self.merged += float((tensor.to(torch.float64) - base).abs().sum())
 
 
 def _files_source(base, checkpoints):

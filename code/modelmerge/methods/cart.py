@@ -18,7 +18,7 @@ import torch
 
 from .base import MergeMethod, Parameter, TensorGroup
 from .common import upcast_dtype
-from .task_space import PARAMETERS, Difference, _tall, chunks, gram, is_matrix
+from .task_space import PARAMETERS, Difference, chunks, gram, is_matrix
 
 
 def kept_rank(width: int, rank_ratio: float) -> int:
@@ -31,8 +31,8 @@ def add_low_rank(deviation, k: int, out: torch.Tensor) -> torch.Tensor:
 
     For a tall M = U S Vᵀ that is M V_k V_kᵀ: the projection onto the top-k eigenvectors of the small
     Gram matrix MᵀM (float64, accumulated over chunks of rows); a wide M is handled as its transpose."""
-    matrix, wide = _tall(deviation)
-    target = out.T if wide else out
+    wide = deviation.shape[0] < deviation.shape[1]
+    matrix, target = (deviation.T, out.T) if wide else (deviation, out)
     if k >= matrix.shape[1]:  # full rank: the deviation itself
         for rows in chunks(matrix.shape[0]):
             target[rows] += matrix[rows]

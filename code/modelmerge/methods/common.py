@@ -1,4 +1,5 @@
-"""Helpers the merge methods share: working precision, per-model values, statistics lookup, weighted mean."""
+"""Helpers the merge methods share: working precision, per-model values, statistics lookup, weighted mean,
+order statistics."""
 import torch
 
 from .base import TensorGroup
@@ -60,3 +61,9 @@ def optional_stats(group: TensorGroup, kind: str) -> list[torch.Tensor] | None:
         missing = [str(i + 1) for i, p in enumerate(present) if not p]
         raise ValueError(f"statistic '{kind}' is missing for tensor {group.name} in model(s) {', '.join(missing)}")
     return [group.stats[index][kind] for index in range(len(group.tensors))]
+
+
+def order_statistic(values: torch.Tensor, index: int) -> torch.Tensor:
+    """The `index`-th smallest entry of `values` (from 0; negative counts from the largest, as Python's)."""
+    flat = values.flatten()
+    return flat.kthvalue(index % flat.numel() + 1).values

@@ -60,14 +60,3 @@ def scaled_task_vector(base: torch.Tensor, merged: torch.Tensor, scale: float) -
     base = base.to(dtype)
     return (merged.to(dtype) - base).mul_(scale).add_(base).to(merged.dtype)
 
-
-def l1_norms(task, merged: torch.Tensor, rows) -> tuple[float, float]:
-    """(‖Σ_t τ_t‖₁, ‖θ − θ_0‖₁) over rows `rows` (None: all) of one planned task (merging/plan.TensorTask)
-    whose merge gave `merged` there: the two sums of the paper's α."""
-    def read(source):
-        tensor = source.read()
-        return (tensor if rows is None else tensor[rows]).to(torch.float64)
-
-    base = read(task.base)
-    summed = sum(read(model) - base for model in task.models)
-    return float(summed.abs().sum()), float((merged.to(torch.float64) - base).abs().sum())

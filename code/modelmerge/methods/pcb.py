@@ -22,14 +22,8 @@ that task (the reference divides 0 by 0 there).
 import torch
 
 from .base import MergeMethod, Parameter, TensorGroup
-from .common import base_tensor, upcast_dtype
+from .common import base_tensor, order_statistic, upcast_dtype
 from .task_space import PARAMETERS
-
-
-def order_statistic(values: torch.Tensor, index: int) -> torch.Tensor:
-    """The `index`-th smallest entry of `values` (from 0; negative counts from the largest, as Python's)."""
-    flat = values.flatten()
-    return flat.kthvalue(index % flat.numel() + 1).values
 
 
 def min_max(values: torch.Tensor) -> torch.Tensor:

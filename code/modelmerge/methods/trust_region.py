@@ -14,8 +14,7 @@ with q = `threshold_quantile` (0.99) and λ = `merge_lambda` (0.3), FusionBench'
 import torch
 
 from .base import MergeMethod, Parameter, TensorGroup
-from .common import base_tensor, upcast_dtype
-from .pcb import order_statistic
+from .common import base_tensor, order_statistic, upcast_dtype
 
 
 def conflict(taus: list[torch.Tensor]) -> torch.Tensor:
