@@ -50,6 +50,19 @@ def test_layer_depths_count_each_stack_of_layers_on_its_own():
     assert scales["decoder.block.1.w"] == pytest.approx(0.8)
 
 
+@pytest.mark.parametrize("family,stacks", [
+    ("make_tiny_t5", {"encoder.block.", "decoder.block."}), ("make_tiny_gpt2", {"transformer.h."}),
+    ("make_tiny_vit", {"vit.encoder.layer."}), ("make_tiny_clip", {"vision_model.encoder.layers.", "text_model.encoder.layers."}),
+])
+def test_every_familys_layers_are_found(tmp_path, family, stacks):
+    import tiny
+    names = list(tensors(getattr(tiny, family)(str(tmp_path / family))))
+    depths = layer_depths(names)
+    assert {re.match(r"^(.*?\.)\d+\.", name).group(1) for name in depths} == stacks
+    assert set(depths.values()) == {0.0, 1.0}  # two layers per stack in the tiny models
+    assert all(not re.search(r"\.\d+\.", name) for name in set(names) - set(depths))  # the rest: embeddings, heads
+
+
 @pytest.mark.parametrize("blocks", [False, True])
 def test_task_arithmetic_with_lines_scales_each_layer_by_the_papers_factor(zoo, tmp_path, monkeypatch, blocks):
     if blocks:  # elementwise methods then see blocks of rows, and the α pass sums the norms over them
