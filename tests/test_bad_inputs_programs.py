@@ -116,8 +116,10 @@ CASES = {
     "per-step evaluation": ("train", {"evaluation_strategy": "steps"}, {}, "evaluation_strategy must be one of 'epoch'"),
     "alias and key disagree": ("train", {"max_input_length": 64}, {}, "max_input_length (64) and max_length (32) name the same"),
     "unknown dataset configuration": ("predict", {"dataset_config_name": "generation"}, {}, "dataset_config_name must be one of"),
-    "copies with a statistic": ("predict", {"method": "sequence_classification_gram", "metric_output_file": "{tmp}/m.json"}, {},
-                                "metric_output_file: only for method evaluate"),
+    "predictions of the Gram": ("predict", {"method": "sequence_classification_gram", "prediction_output_file": "{tmp}/p.json"},
+                                {}, "prediction_output_file: method sequence_classification_gram has no per-example rows"),
+    "statistic without output_dir": ("predict", {"method": "sequence_classification_squared_gradients", "output_dir": None,
+                                                 "metric_output_file": "{tmp}/m.json"}, {}, "missing required key(s) output_dir"),
     # Regressions: these worked before and must keep working.
     "unknown key": ("train", {"learning_rat": 1}, {}, "unknown key(s) learning_rat"),
     "unknown key, predict": ("predict", {"track_fisher": True}, {}, "unknown key(s) track_fisher"),

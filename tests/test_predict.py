@@ -99,7 +99,10 @@ def test_fisher_method_writes_the_statistics_library_result(setup, tmp_path):
     from modelmerge.statistics.fisher import compute_fisher
 
     out = tmp_path / "out"
-    keys = base_keys(setup, out, method="sequence_classification_squared_gradients", num_examples=6, seed=4)
+    # The paper authors' search job names a metrics and a predictions file in every mode.
+    keys = base_keys(setup, out, method="sequence_classification_squared_gradients", num_examples=6, seed=4,
+                     metric_output_file=str(tmp_path / "metrics.json"),
+                     prediction_output_file=str(tmp_path / "search_output.json"))
     assert predict_program(tmp_path, **keys) == 0
     assert sorted(os.listdir(out)) == [".written-by", "fisher.safetensors", "hessian", "stats.json"]
     model = AutoModelForSequenceClassification.from_pretrained(setup["model"])
@@ -111,6 +114,9 @@ def test_fisher_method_writes_the_statistics_library_result(setup, tmp_path):
         torch.testing.assert_close(written[name], value)
     assert json.loads((out / "stats.json").read_text())["num_examples"] == 6
     assert load_file(out / "hessian" / "model.safetensors").keys() >= written.keys()
+    assert json.loads((tmp_path / "metrics.json").read_text()) == json.loads((out / "stats.json").read_text())
+    rows = read_jsonl(tmp_path / "search_output.json")
+    assert rows == [{"index": i, "prediction": label, "variant": "sampled"} for i, label in enumerate(direct.labels.tolist())]
 
 
 def test_gram_method_writes_every_linear_layer(setup, tmp_path):
@@ -159,7 +165,7 @@ def test_statistics_of_a_float16_model_are_the_float32_computation_of_its_weight
     ({"spilt": "test"}, "unknown key(s) spilt"),
     ({"split": None}, "missing required key(s) split"),
     ({"model_name_or_path": None}, "missing required key(s) model_name_or_path"),
-    ({"output_dir": None}, "missing required key(s) output_dir (or give metric_output_file"),
+    ({"output_dir": None}, "missing required key(s) output_dir (an evaluation may give metric_output_file"),
     ({"batch_size": "8"}, "batch_size must be an integer, got '8'"),
     ({"empirical": 1}, "empirical must be true or false"),
     ({"num_examples": 0}, "num_examples must be at least 1"),

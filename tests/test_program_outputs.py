@@ -20,7 +20,8 @@ from modelmerge.prediction import PredictConfig, run
 from modelmerge.training import TrainConfig, train
 from tiny import make_tiny_bert, read_jsonl, tiny_data_dir
 
-TRAIN_OUTPUT = ["best", "checkpoints", "epoch-1", "epoch-2", "train_config.json", "trainer_state.json"]
+TRAIN_OUTPUT = ["best", "checkpoint-12", "checkpoint-6", "epoch-1", "epoch-2", "train_config.json", "train_results.txt",
+                "trainer_state.json"]
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +116,7 @@ def test_overwrite_restarts_checkpoints_of_a_different_config(setup, tmp_path):
     assert run_with("train", tmp_path, train_keys(setup, tmp_path, num_train_epochs=1, learning_rate=2e-3)) == 2
     assert run_with("train", tmp_path, train_keys(setup, tmp_path, num_train_epochs=1, learning_rate=2e-3,
                                                   overwrite=True)) == 0
-    assert json.loads((tmp_path / "out" / "checkpoints" / "train_config.json").read_text())["learning_rate"] == 2e-3
+    assert json.loads((tmp_path / "out" / "train_config.json").read_text())["learning_rate"] == 2e-3
 
 
 def test_train_rerun_removes_temporaries_and_unfinished_checkpoints(setup, tmp_path):
@@ -123,14 +124,13 @@ def test_train_rerun_removes_temporaries_and_unfinished_checkpoints(setup, tmp_p
     train(from_dict(TrainConfig, train_keys(setup, tmp_path)))
     tag = dead_process_tag()
     for leftover in (f".epoch-1.tmp-{tag}abcdefgh", f".best.tmp-{tag}old-abcdefgh", ".epoch-2.tmp-abcdefgh",
-                     f"checkpoints/.train_config.json.tmp-{tag}abcdefgh"):
+                     f".train_config.json.tmp-{tag}abcdefgh"):
         os.makedirs(out / leftover)
         (out / leftover / "model.safetensors").write_bytes(b"partial")
-    os.makedirs(out / "checkpoints" / "checkpoint-18")  # cut off before its trainer_state.json
-    (out / "checkpoints" / "checkpoint-18" / "model.safetensors").write_bytes(b"partial")
+    os.makedirs(out / "checkpoint-18")  # cut off before its trainer_state.json
+    (out / "checkpoint-18" / "model.safetensors").write_bytes(b"partial")
     train(from_dict(TrainConfig, train_keys(setup, tmp_path)))
     assert sorted(os.listdir(out)) == TRAIN_OUTPUT
-    assert sorted(os.listdir(out / "checkpoints")) == ["checkpoint-12", "checkpoint-6", "train_config.json"]
     assert hidden_entries(out) == []
 
 
@@ -183,9 +183,9 @@ def test_train_killed_at_several_points_while_writing_then_rerun_is_complete_and
             return process.exitcode
         return _kill_when(process, condition)
 
-    assert run_until(exists("checkpoints", "train_config.json"))
-    assert run_until(exists("checkpoints", "checkpoint-6"))
-    assert run_until(exists("checkpoints", "checkpoint-12"))
+    assert run_until(exists("train_config.json"))
+    assert run_until(exists("checkpoint-6"))
+    assert run_until(exists("checkpoint-12"))
     assert run_until(new_temporary(".epoch-1."), slow_exports=True)
     assert run_until(new_temporary(".epoch-2."), slow_exports=True)
     assert run_until(new_temporary(".best."), slow_exports=True)
@@ -195,7 +195,6 @@ def test_train_killed_at_several_points_while_writing_then_rerun_is_complete_and
     assert run_until() == 0
 
     assert sorted(os.listdir(out)) == TRAIN_OUTPUT
-    assert sorted(os.listdir(out / "checkpoints")) == ["checkpoint-12", "checkpoint-6", "train_config.json"]
     assert hidden_entries(out) == [] and [n for n in os.listdir(tmp_path) if n.startswith(".")] == []
     straight = tmp_path / "straight"
     train(from_dict(TrainConfig, train_keys(setup, tmp_path, output_dir=str(straight))))

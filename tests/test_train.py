@@ -56,7 +56,9 @@ def test_full_fine_tuning_lowers_loss_and_writes_loadable_folders(setup, tmp_pat
     after = mean_loss(AutoModelForSequenceClassification.from_pretrained(out / "epoch-3"), tokenizer, rows)
     assert after < before - 0.05
 
-    assert sorted(os.listdir(out)) == ["best", "checkpoints", "epoch-1", "epoch-2", "epoch-3", "train_config.json", "trainer_state.json"]
+    # Hugging Face's layout: the Trainer's checkpoints and trainer_state.json in output_dir, the exports beside them
+    assert sorted(os.listdir(out)) == ["best", "checkpoint-12", "checkpoint-18", "checkpoint-6", "epoch-1", "epoch-2",
+                                       "epoch-3", "train_config.json", "train_results.txt", "trainer_state.json"]
     state = read_state(out)
     assert state["global_step"] == 3 * 6  # 48 examples / batch 8, three epochs
     evals = [entry for entry in state["log_history"] if "eval_accuracy" in entry]
@@ -86,14 +88,13 @@ def test_resume_continues_from_the_last_checkpoint(setup, tmp_path):
     interrupted, straight = tmp_path / "interrupted", tmp_path / "straight"
     with pytest.raises(KeyboardInterrupt):
         train(from_dict(TrainConfig, make_config(setup, interrupted)), callbacks=[StopAfterFirstSave()])
-    assert sorted(os.listdir(interrupted)) == ["checkpoints"]  # nothing that looks finished
-    assert sorted(os.listdir(interrupted / "checkpoints")) == ["checkpoint-6", "train_config.json"]
+    assert sorted(os.listdir(interrupted)) == ["checkpoint-6", "train_config.json"]  # nothing that looks finished
 
     counter = CountSteps()
     train(from_dict(TrainConfig, make_config(setup, interrupted)), callbacks=[counter])
     assert counter.steps == 6  # only the second epoch ran
     assert read_state(interrupted)["global_step"] == 12
-    assert sorted(os.listdir(interrupted / "checkpoints")) == ["checkpoint-12", "checkpoint-6", "train_config.json"]
+    assert {"checkpoint-12", "checkpoint-6"} <= set(os.listdir(interrupted))
 
     train(from_dict(TrainConfig, make_config(setup, straight)))
     resumed = load_file(interrupted / "epoch-2" / "model.safetensors")
@@ -120,8 +121,22 @@ def test_a_half_precision_model_trains_in_float32_and_is_saved_in_its_dtype(setu
             assert torch.equal(trained[key], value.to(trained[key].dtype)), key  # the fp32 run, rounded once
         assert json.loads((tmp_path / "out_half" / folder / "config.json").read_text())["dtype"] == str(dtype)[6:]
         assert float(trained[name].float().abs().max()) < float(start) + 12 * 1e-3  # Adam moves ≤ lr per step
-    assert load_file(tmp_path / "out_half" / "checkpoints" / "checkpoint-12" / "model.safetensors")[name].dtype == torch.float32
+    assert load_file(tmp_path / "out_half" / "checkpoint-12" / "model.safetensors")[name].dtype == torch.float32
     assert AutoModelForSequenceClassification.from_pretrained(tmp_path / "out_half" / "best").dtype == dtype
+
+
+def test_interrupted_run_of_the_old_layout_resumes(setup, tmp_path):
+    """Checkpoints lay in output_dir/checkpoints/ before output_dir took Hugging Face's layout."""
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        train(from_dict(TrainConfig, make_config(setup, out)), callbacks=[StopAfterFirstSave()])
+    (out / "checkpoints").mkdir()
+    for name in ("checkpoint-6", "train_config.json"):
+        os.rename(out / name, out / "checkpoints" / name)
+    counter = CountSteps()
+    train(from_dict(TrainConfig, make_config(setup, out)), callbacks=[counter])
+    assert counter.steps == 6  # only the second epoch ran
+    assert not os.path.exists(out / "checkpoints") and {"checkpoint-6", "checkpoint-12"} <= set(os.listdir(out))
 
 
 def test_rerun_with_a_different_config_is_refused(setup, tmp_path, caplog):

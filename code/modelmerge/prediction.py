@@ -3,10 +3,10 @@ evaluation, metrics, and `run`, the body of `code/predict.py` (evaluation, or a 
 `modelmerge.statistics`)."""
 import dataclasses
 import glob
+import json
 import logging
 import os
 import pickle
-import shutil
 import tempfile
 import typing
 from contextlib import contextmanager
@@ -34,8 +34,9 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # Model types whose position ids start after the padding index (so max_position_embeddings overstates the inputs).
 OFFSET_POSITION_MODELS = {"roberta", "xlm-roberta", "camembert", "longformer", "data2vec-text", "xmod", "mpnet",
                           "roberta-prelayernorm", "ibert"}
-# Config keys naming a copy of one output file of the evaluation: key -> file in output_dir.
-COPIED_FILES = {"metric_output_file": "metrics.json", "prediction_output_file": "predictions.jsonl"}
+# Config keys naming a file beside output_dir with the run's summary (metrics.json of an evaluation,
+# stats.json of a statistic) and its per-example rows (predictions; a Fisher's labels y_i).
+SUMMARY_FILES = ("metric_output_file", "prediction_output_file")
 # The kinds of output predict.py writes (modelmerge.atomic), and how a file tells its kind.
 OUTPUT_KIND = "predict"
 FILE_KINDS = {"metric_output_file": ("metrics", json_kind("metrics", "num_examples")),
@@ -284,15 +285,18 @@ class PredictConfig:
             if value is not None and value < 1:
                 raise ConfigError(f"{key} must be at least 1, got {value}")
         check_device(self.device)
-        files = [key for key in COPIED_FILES if getattr(self, key) is not None]
-        if self.output_dir is None and not files:
-            raise ConfigError("missing required key(s) output_dir (or give metric_output_file / prediction_output_file)")
-        if files and (self.method not in EVALUATE or self.evaluations is not None):
-            raise ConfigError(f"{', '.join(files)}: only for method evaluate (or sequence_classification) with one "
-                              "dataset_name and split")
+        files = [key for key in SUMMARY_FILES if getattr(self, key) is not None]
+        if self.output_dir is None and (self.method not in EVALUATE or not files):
+            raise ConfigError("missing required key(s) output_dir (an evaluation may give metric_output_file / "
+                              "prediction_output_file instead)")
+        if files and self.evaluations is not None:
+            raise ConfigError(f"{', '.join(files)}: only with one dataset_name and split, not with evaluations")
+        if self.prediction_output_file is not None and self.method in GRAM:
+            raise ConfigError(f"prediction_output_file: method {self.method} has no per-example rows to write "
+                              "(metric_output_file takes its stats.json)")
 
     def output_paths(self):
-        return {key: getattr(self, key) for key in ("output_dir", *COPIED_FILES) if getattr(self, key) is not None}
+        return {key: getattr(self, key) for key in ("output_dir", *SUMMARY_FILES) if getattr(self, key) is not None}
 
     def _check_datasets(self):
         if self.evaluations is None:
@@ -350,13 +354,13 @@ def run(config):
             output_dir = tmp if name is None else os.path.join(tmp, name)
             os.makedirs(output_dir, exist_ok=True)
             families.set_classes(model, config.class_names or class_names(dataset))
-            METHODS[config.method](model, processor, dataset, config, output_dir)
-        for key, name in COPIED_FILES.items():
+            summary = METHODS[config.method](model, processor, dataset, config, output_dir)
+        for key, write in zip(SUMMARY_FILES, (write_json, write_jsonl)):
             if getattr(config, key) is not None:
                 kind, written_by = FILE_KINDS[key]
                 with atomic_file(getattr(config, key), kind, inputs=inputs, overwrite=config.overwrite,
                                  written_by=written_by) as copy:
-                    shutil.copyfile(os.path.join(tmp, name), copy)
+                    write(copy, summary[key])
                 logger.info("wrote %s", getattr(config, key))
     logger.info("wrote %s", config.output_dir)
 
@@ -397,6 +401,7 @@ def _evaluate(model, processor, dataset, config, output_dir):
     logger.info("metrics: %s", metrics)
     write_jsonl(os.path.join(output_dir, "predictions.jsonl"), rows)
     write_json(os.path.join(output_dir, "metrics.json"), metrics)
+    return {"metric_output_file": metrics, "prediction_output_file": rows}
 
 
 @torch.no_grad()
@@ -460,12 +465,22 @@ def _squared_gradients(model, processor, dataset, config, output_dir):
     result = compute_fisher(model, processor, dataset, empirical=config.empirical, batch_size=config.batch_size,
                             max_length=config.max_length, seed=config.seed, task_type=config.task_type)
     save_fisher(result, model, output_dir, _provenance(config))
+    labels = result.labels.tolist() if isinstance(result.labels, torch.Tensor) else result.labels
+    return {"metric_output_file": _read_json(os.path.join(output_dir, "stats.json")),
+            "prediction_output_file": [{"index": i, "prediction": label, "variant": result.variant}
+                                       for i, label in enumerate(labels)]}
 
 
 def _gram(model, processor, dataset, config, output_dir):
     result = compute_gram(model, processor, dataset, empirical=config.empirical, batch_size=config.batch_size,
                           max_length=config.max_length, seed=config.seed, task_type=config.task_type)
     save_gram(result, model, output_dir, _provenance(config))
+    return {"metric_output_file": _read_json(os.path.join(output_dir, "stats.json"))}
+
+
+def _read_json(path):
+    with open(path) as f:
+        return json.load(f)
 
 
 def _provenance(config):

@@ -1,12 +1,14 @@
 """Fine-tuning of every model family (`task_type`, modelmerge.families) with the Hugging Face Trainer
 (Seq2SeqTrainer for seq2seq): full fine-tuning, LoRA or IA3 (PEFT).
 
-Layout of `output_dir`:
-- `checkpoints/checkpoint-<step>/`: Trainer checkpoints, one per epoch (incremental by nature); a rerun
-  of the same config resumes from the last complete one. `checkpoints/train_config.json` records the
-  config they were made with; a rerun with a different one is refused (with `overwrite`: restarted).
+Layout of `output_dir`, Hugging Face's (the Trainer's own `output_dir`, as the paper authors' Jobs read it):
+- `checkpoint-<step>/`: Trainer checkpoints, one per epoch (incremental by nature); a rerun of the same
+  config resumes from the last complete one. `train_config.json`, written before training starts, records
+  the config they were made with; a rerun with a different one is refused (with `overwrite`: restarted).
 - written atomically at the end: `epoch-<k>/` (model folder of epoch k), `best/` (the epoch that scored
-  best on `metric_for_best_model`), `trainer_state.json`, `train_config.json`. Model folders hold the
+  best on `metric_for_best_model`), `trainer_state.json` (its `log_history` names each epoch's step, so
+  `checkpoint-<step>` of any epoch is found from it), `train_results.txt` (the Trainer's `key = value`
+  summary of the run), `train_config.json` again (with the resources of the run that finished). Model folders hold the
   tokenizer (or image processor) and load with the task type's Auto class (`AutoModelForSequenceClassification`,
   `AutoModelForSeq2SeqLM`, ...; CLIP as `CLIPModel`) after full fine-tuning, or as a PEFT adapter folder
   (`PeftModel`, base model named inside).
@@ -34,9 +36,10 @@ from modelmerge.prediction import (check_device, check_max_length, check_model_p
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINTS = "checkpoints"
+OLD_CHECKPOINTS = "checkpoints"  # where checkpoints lay before output_dir took Hugging Face's layout
 CONFIG_FILE = "train_config.json"
 STATE_FILE = "trainer_state.json"
+RESULTS_FILE = "train_results.txt"
 # Files of a Trainer checkpoint that belong to the optimisation state, not to the model folder.
 TRAINER_FILES = {"optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state.pth", "trainer_state.json", "training_args.bin"}
 METRICS = ("accuracy", "macro_f1", "loss")  # of classifiers; sequence models: loss
@@ -217,14 +220,14 @@ def train(config, callbacks=()):
     # checkpoints stay float32 for resuming, the model folders are saved in the model's own dtype
     saved_dtype = to_float32_if_half(model, "trained with float32 weights, saved in its own dtype")
 
-    checkpoints = os.path.join(config.output_dir, CHECKPOINTS)
+    _move_old_layout(config.output_dir)
     _remove_leftovers(config.output_dir)
-    _check_checkpoint_config(checkpoints, config)
+    _check_checkpoint_config(config.output_dir, config)
     sequence = families.is_sequence(config.task_type)
     trainer_class = Seq2SeqTrainer if config.task_type == "seq2seq" else Trainer
     trainer = trainer_class(
         model=model,
-        args=_training_arguments(config, checkpoints),
+        args=_training_arguments(config),
         train_dataset=families.encode(train_data, processor, config.task_type, config.max_length),
         eval_dataset=families.encode(eval_data, processor, config.task_type, config.max_length),
         processing_class=processor,
@@ -232,13 +235,13 @@ def train(config, callbacks=()):
         compute_metrics=None if sequence else _compute_metrics,
         callbacks=list(callbacks),
     )
-    resume_from = _last_complete_checkpoint(checkpoints)
+    resume_from = _last_complete_checkpoint(config.output_dir)
     if resume_from:
         logger.info("resuming from %s", resume_from)
     else:
-        atomic.write_json(os.path.join(checkpoints, CONFIG_FILE), to_dict(config))
-    trainer.train(resume_from_checkpoint=resume_from)
-    _write_outputs(trainer, config, saved_dtype)
+        atomic.write_json(os.path.join(config.output_dir, CONFIG_FILE), to_dict(config))
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    _write_outputs(trainer, result, config, saved_dtype)
     return trainer
 
 
@@ -250,7 +253,7 @@ def _inputs(config):
 
 def _is_training_output(path):
     """Whether the folder `path` was written by train.py (it holds the config train.py saves)."""
-    return any(os.path.isfile(os.path.join(path, *parts)) for parts in ((CONFIG_FILE,), (CHECKPOINTS, CONFIG_FILE)))
+    return any(os.path.isfile(os.path.join(path, *parts)) for parts in ((CONFIG_FILE,), (OLD_CHECKPOINTS, CONFIG_FILE)))
 
 
 def _check_num_labels(config):
@@ -261,12 +264,27 @@ def _check_num_labels(config):
                           f"{config.model_name_or_path}; set num_labels to {head}")
 
 
+def _move_old_layout(output_dir):
+    """Move the checkpoints and their config from `output_dir/checkpoints/` (the layout before Hugging Face's)
+    into `output_dir`, so that an interrupted run of the old layout resumes."""
+    old = os.path.join(output_dir, OLD_CHECKPOINTS)
+    if not os.path.isfile(os.path.join(old, CONFIG_FILE)):
+        return
+    outputs.remove_stale_temporaries_in(old)
+    for name in os.listdir(old):
+        if name == CONFIG_FILE or name.startswith(PREFIX_CHECKPOINT_DIR + "-"):
+            os.replace(os.path.join(old, name), os.path.join(output_dir, name))
+    logger.info("moved the checkpoints of %s into %s (Hugging Face's layout)", old, output_dir)
+    try:
+        os.rmdir(old)
+    except OSError:  # something else lies there: left as it is
+        pass
+
+
 def _remove_leftovers(output_dir):
     """Delete what killed runs left in `output_dir`: temporaries of atomic writes, checkpoints cut off mid-write."""
-    checkpoints = os.path.join(output_dir, CHECKPOINTS)
     outputs.remove_stale_temporaries_in(output_dir)
-    outputs.remove_stale_temporaries_in(checkpoints)
-    for checkpoint in _checkpoint_folders(checkpoints):
+    for checkpoint in _checkpoint_folders(output_dir):
         if _read_state(checkpoint) is None:
             logger.info("removing %s, a checkpoint an interrupted run did not finish", checkpoint)
             shutil.rmtree(checkpoint)
@@ -304,13 +322,13 @@ def _set_dropout(model, probability):
             module.p = probability
 
 
-def _training_arguments(config, checkpoints):
+def _training_arguments(config):
     arguments = Seq2SeqTrainingArguments if config.task_type == "seq2seq" else TrainingArguments
     schedule = {"lr_scheduler_type": config.lr_scheduler_type}
     if config.min_lr > 0:
         schedule = {"lr_scheduler_type": "cosine_with_min_lr", "lr_scheduler_kwargs": {"min_lr": config.min_lr}}
     return arguments(
-        output_dir=checkpoints,
+        output_dir=config.output_dir,
         learning_rate=config.learning_rate,
         warmup_steps=config.warmup_steps,
         **schedule,
@@ -345,12 +363,12 @@ def _compute_metrics(eval_prediction):
     return {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"]}
 
 
-def _check_checkpoint_config(checkpoints, config):
+def _check_checkpoint_config(output_dir, config):
     """Refuse to resume checkpoints that were made with a different config (with `overwrite`: start afresh).
 
     A config without a complete checkpoint beside it (a run that failed early) binds nothing."""
-    config_path = os.path.join(checkpoints, CONFIG_FILE)
-    if not os.path.isfile(config_path) or _last_complete_checkpoint(checkpoints) is None:
+    config_path = os.path.join(output_dir, CONFIG_FILE)
+    if not os.path.isfile(config_path) or _last_complete_checkpoint(output_dir) is None:
         return
     with open(config_path) as f:
         previous = json.load(f)
@@ -360,28 +378,30 @@ def _check_checkpoint_config(checkpoints, config):
     changed = sorted(k for k in set(previous) | set(resolved)
                      if k not in RESUMABLE_CHANGES and previous.get(k, defaults.get(k)) != resolved.get(k))
     if changed and config.overwrite:
-        logger.warning("overwrite: deleting %s, checkpoints of a different config (keys %s differ)", checkpoints,
-                       ", ".join(changed))
-        shutil.rmtree(checkpoints)
+        logger.warning("overwrite: deleting the checkpoints in %s, made with a different config (keys %s differ)",
+                       output_dir, ", ".join(changed))
+        for checkpoint in _checkpoint_folders(output_dir):
+            shutil.rmtree(checkpoint)
+        os.remove(config_path)
     elif changed:
         raise ConfigError(
-            f"output_dir: {checkpoints} holds checkpoints of a different config (keys {', '.join(changed)} differ); "
+            f"output_dir: {output_dir} holds checkpoints of a different config (keys {', '.join(changed)} differ); "
             "use another output_dir, delete that folder or set \"overwrite\": true"
         )
 
 
-def _last_complete_checkpoint(checkpoints):
-    complete = [path for path in _checkpoint_folders(checkpoints) if _read_state(path) is not None]
+def _last_complete_checkpoint(folder):
+    complete = [path for path in _checkpoint_folders(folder) if _read_state(path) is not None]
     return complete[-1] if complete else None
 
 
-def _checkpoint_folders(checkpoints):
-    """Checkpoint folders under `checkpoints`, by step."""
-    if not os.path.isdir(checkpoints):
+def _checkpoint_folders(folder):
+    """The Trainer checkpoint folders (`checkpoint-<step>`) in `folder`, by step."""
+    if not os.path.isdir(folder):
         return []
     prefix = PREFIX_CHECKPOINT_DIR + "-"
-    names = [n for n in os.listdir(checkpoints) if n.startswith(prefix) and n[len(prefix):].isdigit()]
-    return [os.path.join(checkpoints, n) for n in sorted(names, key=lambda n: int(n[len(prefix):]))]
+    names = [n for n in os.listdir(folder) if n.startswith(prefix) and n[len(prefix):].isdigit()]
+    return [os.path.join(folder, n) for n in sorted(names, key=lambda n: int(n[len(prefix):]))]
 
 
 def _read_state(checkpoint):
@@ -393,8 +413,8 @@ def _read_state(checkpoint):
         return None
 
 
-def _write_outputs(trainer, config, dtype):
-    for checkpoint in _checkpoint_folders(os.path.join(config.output_dir, CHECKPOINTS)):
+def _write_outputs(trainer, result, config, dtype):
+    for checkpoint in _checkpoint_folders(config.output_dir):
         state = _read_state(checkpoint)
         if state is not None:
             epoch = max(1, math.ceil(state["epoch"] - 1e-6))
@@ -406,6 +426,8 @@ def _write_outputs(trainer, config, dtype):
     _export_model_folder(best, os.path.join(config.output_dir, "best"), dtype)
     with atomic.atomic_file(os.path.join(config.output_dir, STATE_FILE)) as tmp:
         trainer.state.save_to_json(tmp)
+    with atomic.atomic_file(os.path.join(config.output_dir, RESULTS_FILE)) as tmp, open(tmp, "w") as f:
+        f.writelines(f"{key} = {value}\n" for key, value in sorted(result.metrics.items()))
     atomic.write_json(os.path.join(config.output_dir, CONFIG_FILE), to_dict(config))
 
 

@@ -9,9 +9,10 @@ class HuggingfaceTrainingJob(ProgramJob):
     """Fine-tunes `config['model_name_or_path']` for sequence classification.
 
     `config` holds the keys of `code/train.py` (docs/programs.md): model, data, hyperparameters, `peft`;
-    the job adds `output_dir` and `num_train_epochs`. Outputs: `out_checkpoints` (Trainer checkpoints, so an
-    interrupted run resumes), `out_models[k]` (model folder after epoch k), `out_best_model` (the epoch
-    best on the validation metric), `out_trainer_state`.
+    the job adds `output_dir` and `num_train_epochs`. Outputs: `out_checkpoints` (the folder of the Trainer's
+    `checkpoint-<step>` folders, so an interrupted run resumes: `out_dir` itself, Hugging Face's layout),
+    `out_models[k]` (model folder after epoch k), `out_best_model` (the epoch best on the validation
+    metric), `out_trainer_state`.
     """
 
     program_name = "train.py"
@@ -22,7 +23,7 @@ class HuggingfaceTrainingJob(ProgramJob):
         self.train_config = dict(config)
         self.num_epochs = num_epochs
         self.out_dir = self.output_path("training")
-        self.out_checkpoints = self.output_path("training/checkpoints")
+        self.out_checkpoints = self.out_dir
         self.out_models = {k: self.output_path(f"training/epoch-{k}") for k in range(1, num_epochs + 1)}
         self.out_best_model = self.output_path("training/best")
         self.out_trainer_state = self.output_path("training/trainer_state.json")
