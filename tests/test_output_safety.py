@@ -172,6 +172,7 @@ def test_stale_temporaries_of_dead_runs_are_removed_and_live_or_foreign_ones_kep
         (tmp_path / name).mkdir()
         (tmp_path / name / "shard").write_text("x")
     claim_output(str(tmp_path / "out"), "merge")
+    atomic.release_output(str(tmp_path / "out"))  # the claim holds the output's lock until then
     assert sorted(os.listdir(tmp_path)) == sorted(name for name, kept in names.items() if kept)
 
 

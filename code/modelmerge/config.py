@@ -18,6 +18,8 @@ import os
 import types
 import typing
 
+from modelmerge.atomic import OutputError, release_outputs
+
 logger = logging.getLogger(__name__)
 
 
@@ -126,9 +128,11 @@ def run_program(config_cls, run, description, argv=None):
         _check_outputs_spare_the_config(config, args.config)
         log_config(config)
         run(config)
-    except ConfigError as error:
+    except (ConfigError, OutputError) as error:  # OutputError: another process writes the output, a full disk
         logger.error("%s: %s", args.config, error)
         return 2
+    finally:
+        release_outputs()
     return 0
 
 

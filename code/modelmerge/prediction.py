@@ -18,7 +18,7 @@ from tqdm import tqdm
 from transformers import AutoConfig
 
 from modelmerge import families
-from modelmerge.atomic import atomic_dir, atomic_file, write_json, write_jsonl
+from modelmerge.atomic import atomic_dir, atomic_file, releasing_outputs, write_json, write_jsonl
 from modelmerge.config import SHARED_PAPER_KEYS, Alias, ConfigError, Ignored, default_num_threads
 from modelmerge.data import (TASK_TYPES, check_labels, class_names, column_mapping, load_split, local_sources,
                              resolve_data_dir)
@@ -327,6 +327,7 @@ class PredictConfig:
         return column_mapping(self)
 
 
+@releasing_outputs
 def run(config):
     """Compute what `config.method` names and write it into `config.output_dir`, atomically as one folder
     (marked as predict.py's), and the copies the config names.

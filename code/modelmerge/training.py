@@ -4,7 +4,10 @@
 Layout of `output_dir`, Hugging Face's (the Trainer's own `output_dir`, as the paper authors' Jobs read it):
 - `checkpoint-<step>/`: Trainer checkpoints, one per epoch (incremental by nature); a rerun of the same
   config resumes from the last complete one. `train_config.json`, written before training starts, records
-  the config they were made with; a rerun with a different one is refused (with `overwrite`: restarted).
+  the config they were made with; a rerun with a different one is refused, and with `overwrite` it replaces
+  the whole previous run: every entry train.py writes (`_is_own_entry`) is removed once the new run has
+  loaded its model and data, the user's other files are kept. A folder train.py did not write that holds
+  entries of those names is refused even with `overwrite`.
 - written atomically at the end: `epoch-<k>/` (model folder of epoch k), `best/` (the epoch that scored
   best on `metric_for_best_model`), `trainer_state.json` (its `log_history` names each epoch's step, so
   `checkpoint-<step>` of any epoch is found from it), `train_results.txt` (the Trainer's `key = value`
@@ -18,6 +21,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 
 import torch
@@ -197,6 +201,7 @@ class TrainConfig:
         return {"output_dir": self.output_dir}
 
 
+@atomic.releasing_outputs
 def train(config, callbacks=()):
     """Fine-tune as `config` says and write the folders described in the module docstring.
 
@@ -214,6 +219,7 @@ def train(config, callbacks=()):
     # train.py writes into output_dir entry by entry: a folder holding its config is its own.
     outputs.claim(config.output_dir, "output_dir", "train", inputs=_inputs(config),
                   overwrite=config.overwrite or _is_training_output(config.output_dir))
+    _check_no_lookalikes(config.output_dir)
     set_seed(config.seed)
     model, processor = _build_model(config, config.class_names or data.class_names(train_data))
     # float32 master weights (pure float16 AdamW blew a tiny BERT's embeddings from 0.07 to 203 in 13 steps);
@@ -222,7 +228,7 @@ def train(config, callbacks=()):
 
     _move_old_layout(config.output_dir)
     _remove_leftovers(config.output_dir)
-    _check_checkpoint_config(config.output_dir, config)
+    _check_previous_run(config)
     sequence = families.is_sequence(config.task_type)
     trainer_class = Seq2SeqTrainer if config.task_type == "seq2seq" else Trainer
     trainer = trainer_class(
@@ -240,7 +246,8 @@ def train(config, callbacks=()):
         logger.info("resuming from %s", resume_from)
     else:
         atomic.write_json(os.path.join(config.output_dir, CONFIG_FILE), to_dict(config))
-    result = trainer.train(resume_from_checkpoint=resume_from)
+    with atomic.naming_a_full_disk(config.output_dir):
+        result = trainer.train(resume_from_checkpoint=resume_from)
     _write_outputs(trainer, result, config, saved_dtype)
     return trainer
 
@@ -254,6 +261,23 @@ def _inputs(config):
 def _is_training_output(path):
     """Whether the folder `path` was written by train.py (it holds the config train.py saves)."""
     return any(os.path.isfile(os.path.join(path, *parts)) for parts in ((CONFIG_FILE,), (OLD_CHECKPOINTS, CONFIG_FILE)))
+
+
+def _is_own_entry(name):
+    """Whether an entry of output_dir named `name` is one that train.py (or its Trainer) writes."""
+    return (name in ("best", STATE_FILE, CONFIG_FILE, RESULTS_FILE)
+            or re.fullmatch(rf"(epoch|{PREFIX_CHECKPOINT_DIR})-\d+", name) is not None)
+
+
+def _check_no_lookalikes(output_dir):
+    """Refuse a folder train.py did not write that holds entries named as train.py's (it would replace them)."""
+    if _is_training_output(output_dir) or not os.path.isdir(output_dir):
+        return
+    clashing = sorted(name for name in os.listdir(output_dir) if _is_own_entry(name))
+    if clashing:
+        raise ConfigError(f"output_dir: {output_dir} holds {', '.join(clashing)} but was not written by train.py "
+                          f"(it has no {CONFIG_FILE}); train.py would replace them: move them or choose another "
+                          "output_dir")
 
 
 def _check_num_labels(config):
@@ -363,12 +387,15 @@ def _compute_metrics(eval_prediction):
     return {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"]}
 
 
-def _check_checkpoint_config(output_dir, config):
-    """Refuse to resume checkpoints that were made with a different config (with `overwrite`: start afresh).
+def _check_previous_run(config):
+    """Go on from a previous run of the same config in output_dir; refuse one of a different config, or with
+    `overwrite` remove all of it (every entry train.py writes) before this run starts.
 
-    A config without a complete checkpoint beside it (a run that failed early) binds nothing."""
+    A run without a checkpoint or an exported result (one that failed early) binds nothing."""
+    output_dir = config.output_dir
     config_path = os.path.join(output_dir, CONFIG_FILE)
-    if not os.path.isfile(config_path) or _last_complete_checkpoint(output_dir) is None:
+    own = sorted(name for name in os.listdir(output_dir) if _is_own_entry(name)) if os.path.isdir(output_dir) else []
+    if not os.path.isfile(config_path) or own == [CONFIG_FILE]:  # unfinished checkpoints are gone already
         return
     with open(config_path) as f:
         previous = json.load(f)
@@ -377,17 +404,21 @@ def _check_checkpoint_config(output_dir, config):
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
     changed = sorted(k for k in set(previous) | set(resolved)
                      if k not in RESUMABLE_CHANGES and previous.get(k, defaults.get(k)) != resolved.get(k))
-    if changed and config.overwrite:
-        logger.warning("overwrite: deleting the checkpoints in %s, made with a different config (keys %s differ)",
-                       output_dir, ", ".join(changed))
-        for checkpoint in _checkpoint_folders(output_dir):
-            shutil.rmtree(checkpoint)
-        os.remove(config_path)
-    elif changed:
+    if not changed:
+        return
+    if not config.overwrite:
         raise ConfigError(
-            f"output_dir: {output_dir} holds checkpoints of a different config (keys {', '.join(changed)} differ); "
+            f"output_dir: {output_dir} holds a run of a different config (keys {', '.join(changed)} differ); "
             "use another output_dir, delete that folder or set \"overwrite\": true"
         )
+    logger.warning("overwrite: removing the run of a different config (keys %s differ) from %s: %s", ", ".join(changed),
+                   output_dir, ", ".join(own))
+    for name in own:
+        path = os.path.join(output_dir, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
 
 
 def _last_complete_checkpoint(folder):

@@ -6,7 +6,7 @@ import logging
 import os
 import sys
 
-from modelmerge.atomic import OutputError
+from modelmerge.atomic import OutputError, release_outputs
 from modelmerge.checkpoint import CheckpointError, parse_size
 from modelmerge.merging.options import MergeError, check_device
 from modelmerge.methods import MERGE_METHODS
@@ -30,6 +30,8 @@ def run_cli(main, argv=None):
     except (MergeError, CheckpointError, OutputError, OSError) as error:  # OSError: e.g. an output folder that cannot be written
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        release_outputs()
     print(summary.line())
     return summary
 
