@@ -119,6 +119,56 @@ def test_overwrite_restarts_checkpoints_of_a_different_config(setup, tmp_path):
     assert json.loads((tmp_path / "out" / "train_config.json").read_text())["learning_rate"] == 2e-3
 
 
+def checksums(root):
+    return {os.path.relpath(os.path.join(folder, name), root): open(os.path.join(folder, name), "rb").read()
+            for folder, _, files in os.walk(root) for name in files}
+
+
+def test_overwrite_replaces_the_whole_previous_run_and_keeps_the_users_files(setup, tmp_path):
+    """Issue 21: 2 epochs into out, then another model for 1 epoch with overwrite: nothing of the first run stays."""
+    out = tmp_path / "out"
+    assert run_with("train", tmp_path, train_keys(setup, tmp_path, num_train_epochs=2)) == 0
+    (out / "notes.txt").write_text("mine")
+    other = make_tiny_bert(tmp_path / "other", seed=5)
+    assert run_with("train", tmp_path, train_keys(setup, tmp_path, model_name_or_path=other, num_train_epochs=1,
+                                                  learning_rate=2e-3, seed=4, overwrite=True)) == 0
+    assert sorted(os.listdir(out)) == sorted(["best", "checkpoints", "epoch-1", "notes.txt", "train_config.json",
+                                              "trainer_state.json"])
+    assert sorted(os.listdir(out / "checkpoints")) == ["checkpoint-6", "train_config.json"]
+    assert (out / "notes.txt").read_text() == "mine"
+    for config in (out / "train_config.json", out / "checkpoints" / "train_config.json"):
+        saved = json.loads(config.read_text())
+        assert (saved["model_name_or_path"], saved["num_train_epochs"], saved["seed"]) == (other, 1, 4)
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 6
+    exported = load_file(out / "epoch-1" / "model.safetensors")
+    trained = load_file(out / "checkpoints" / "checkpoint-6" / "model.safetensors")
+    assert exported.keys() == trained.keys() and all(torch.equal(exported[k], trained[k]) for k in trained)
+    assert torch.equal(load_file(out / "best" / "model.safetensors")["classifier.weight"], trained["classifier.weight"])
+    assert [n for n in os.listdir(tmp_path) if n.startswith(".")] == []
+
+
+def test_a_run_of_another_config_is_refused_without_overwrite_even_when_its_checkpoints_are_gone(setup, tmp_path):
+    out = tmp_path / "out"
+    assert run_with("train", tmp_path, train_keys(setup, tmp_path, num_train_epochs=1)) == 0
+    shutil.rmtree(out / "checkpoints")  # e.g. deleted to save space: epoch-1/, best/ and the config remain
+    before = checksums(out)
+    assert run_with("train", tmp_path, train_keys(setup, tmp_path, num_train_epochs=1, learning_rate=2e-3)) == 2
+    assert checksums(out) == before
+
+
+def test_entries_named_as_train_py_s_in_a_folder_it_did_not_write_are_refused_even_with_overwrite(setup, tmp_path,
+                                                                                                  caplog):
+    out = tmp_path / "out"
+    (out / "best").mkdir(parents=True)
+    (out / "best" / "model.safetensors").write_bytes(b"the user's own model")
+    (out / "epoch-3").mkdir()
+    before = checksums(out)
+    assert run_with("train", tmp_path, train_keys(setup, tmp_path, num_train_epochs=1, overwrite=True)) == 2
+    assert checksums(out) == before and sorted(os.listdir(out)) == ["best", "epoch-3"]
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and f"output_dir: {out} holds best, epoch-3 but was not written by train.py" in errors[0]
+
+
 def test_train_rerun_removes_temporaries_and_unfinished_checkpoints(setup, tmp_path):
     out = tmp_path / "out"
     train(from_dict(TrainConfig, train_keys(setup, tmp_path)))

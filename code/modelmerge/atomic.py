@@ -50,6 +50,10 @@ class OutputError(ValueError):
     """An output path that may not be written; the message names it and the reason."""
 
 
+class OutputInUseError(OutputError):
+    """An output that another live process is writing; the message names that process."""
+
+
 @contextmanager
 def atomic_dir(target, kind=None, *, inputs=(), overwrite=False):
     """Yield a fresh temporary folder; on success it replaces `target` (see the module doc)."""
@@ -139,7 +143,7 @@ def lock_output(target):
         except BlockingIOError:
             holder = _describe_holder(fd)
             os.close(fd)
-            raise OutputError(f"output {target} is being written by another process ({holder}); wait for it to "
+            raise OutputInUseError(f"output {target} is being written by another process ({holder}); wait for it to "
                               "end, or choose another output") from None
         if _is_file_at(fd, path):
             break

@@ -21,7 +21,8 @@ def claim(path, key, kind, *, inputs=(), overwrite=False, folder=True, written_b
         atomic.claim_output(path, kind, inputs=[p for p in inputs if p and os.path.exists(p)], overwrite=overwrite,
                             written_by=written_by)
     except atomic.OutputError as error:
-        hint = ' (set "overwrite": true to replace it)' if os.path.lexists(path) and not overwrite else ""
+        replaceable = os.path.lexists(path) and not overwrite and not isinstance(error, atomic.OutputInUseError)
+        hint = ' (set "overwrite": true to replace it)' if replaceable else ""
         raise ConfigError(f"{key}: {error}{hint}") from None
 
 

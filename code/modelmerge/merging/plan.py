@@ -130,7 +130,8 @@ def plan_merge(method, params, models, base=None, stats=None, base_stats=None, i
     are regular expressions (re.search) choosing which tensors are merged; the others are copied from
     `base`, else from the first model. A selection that merges no tensor is an error.
     """
-    check_same_tensors(list(models) + ([base] if base is not None else []), "models and the ancestor")
+    check_same_tensors(list(models) + ([base] if base is not None else []),
+                       "models" if base is None else "models and the ancestor")
     if initial is not None:
         check_same_tensors([models[0], initial], "models and the initial model")
     required, optional, primary = statistic_kinds(method)
