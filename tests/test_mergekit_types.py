@@ -12,6 +12,7 @@ import merge as merge_program
 from modelmerge.merging.cli import run_cli
 from modelmerge.merging.options import MergeError
 from modelmerge.mergekit_config import check_types
+from tiny import make_tiny_bert
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = {"merge_method": "ties", "base_model": "base", "models": [{"model": "a"}, {"model": "b"}]}
@@ -139,6 +140,16 @@ def test_the_checks_name_the_first_bad_key_in_document_order():
     config = changed(changed(MODELS, ("models", 0, "parameters"), 1), ("models", 1, "parameters"), 2)
     with pytest.raises(MergeError, match=r"^models\[0\]\.parameters must be"):
         check_types(config)
+
+
+def test_a_boolean_for_a_numeric_parameter_is_refused_not_read_as_1(tmp_path, capsys):
+    base, other = make_tiny_bert(tmp_path / "base"), make_tiny_bert(tmp_path / "other", seed=1)
+    config = {"merge_method": "ties", "base_model": base, "models": [{"model": other}], "parameters": {"density": True}}
+    (tmp_path / "merge.yml").write_text(yaml.safe_dump(config))
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(merge_program.main, ["--config", str(tmp_path / "merge.yml"), str(tmp_path / "out"), "--no_progress"])
+    assert exit_.value.code == 2 and "parameter 'density' of method ties: cannot read True as float" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_the_program_prints_no_traceback(tmp_path):

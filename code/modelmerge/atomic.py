@@ -54,6 +54,16 @@ class OutputInUseError(OutputError):
     """An output that another live process is writing; the message names that process."""
 
 
+class DiskFullError(OutputError):
+    """No space left on the device while writing an output; the message names it, its folder and the cause."""
+
+    def __init__(self, target, cause):
+        self.target, self.cause = target, cause
+        folder = os.path.dirname(os.path.abspath(target))
+        super().__init__(f"no space left on the device of {folder} while writing {target} "
+                         f"({_first_line(cause)}); free some space or choose another output")
+
+
 @contextmanager
 def atomic_dir(target, kind=None, *, inputs=(), overwrite=False):
     """Yield a fresh temporary folder; on success it replaces `target` (see the module doc)."""
@@ -143,8 +153,8 @@ def lock_output(target):
         except BlockingIOError:
             holder = _describe_holder(fd)
             os.close(fd)
-            raise OutputInUseError(f"output {target} is being written by another process ({holder}); wait for it to "
-                              "end, or choose another output") from None
+            raise OutputInUseError(f"output {target} is being written by another process ({holder}); wait for it "
+                                   "to end, or choose another output") from None
         if _is_file_at(fd, path):
             break
         os.close(fd)  # its holder removed that lock file as we opened it: take the one at the path now
@@ -204,14 +214,6 @@ def naming_a_full_disk(target):
         if not _is_out_of_space(error, target):
             raise
         raise DiskFullError(target, error) from error
-
-
-class DiskFullError(OutputError):
-    def __init__(self, target, cause):
-        self.target, self.cause = target, cause
-        folder = os.path.dirname(os.path.abspath(target))
-        super().__init__(f"no space left on the device of {folder} while writing {target} "
-                         f"({_first_line(cause)}); free some space or choose another output")
 
 
 def _is_out_of_space(error, target):

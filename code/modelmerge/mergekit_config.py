@@ -17,6 +17,9 @@ same tensors here for the methods both projects have. What is read:
   or `model:PATH` / `PATH` (vocabularies are not permuted then, so the models' vocabularies must agree).
 - Model references `PATH` or `PATH+LORA_PATH` (the LoRA adapter folded into the model, W + s·B·A).
 
+Every key's value is checked before any model is opened (`check_types`: the types mergekit's own schema
+allows), a wrong one refused with its full path, e.g. `models[1].parameters must be a mapping ...`.
+
 Layers are found by name: the tensors `<prefix>.<i>.<rest>` whose prefix has indices 0..n−1, n from the
 config's `num_hidden_layers` when present. Tensors before the layers are told from those after them by
 name (embeddings: `embed`, `wte`, `wpe`), where mergekit reads a per-architecture table.

@@ -95,6 +95,8 @@ def _scalar(method, name, kind, value):
                     raise ValueError(value)
                 return value.lower() in ("true", "1", "yes")
             return bool(value)
+        if kind in (int, float) and isinstance(value, bool):
+            raise ValueError(value)  # YAML's true is no number: float(True) would silently be 1.0
         if kind is int and isinstance(value, float):
             if not value.is_integer():
                 raise ValueError(value)
