@@ -5,6 +5,7 @@ disk names the output, and a layer-count mismatch without an ancestor does not s
 import errno
 import hashlib
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -13,6 +14,7 @@ import time
 import types
 
 import pytest
+from transformers import TrainerCallback
 
 import merge as merge_program
 import trim as trim_program
@@ -144,29 +146,46 @@ def test_a_killed_writer_never_blocks_the_rerun_and_no_lock_file_stays(assets, t
     assert sorted(os.listdir(tmp_path)) == ["out"]
 
 
+class WaitFor(TrainerCallback):
+    """Holds training at its first step until the file `go` exists (the other run has been tried meanwhile)."""
+
+    def __init__(self, go):
+        self.go = go
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        while not os.path.exists(self.go):
+            time.sleep(0.01)
+
+
+def _first_train_program(config_path, go):
+    os._exit(run_program(TrainConfig, lambda config: train(config, callbacks=[WaitFor(go)]), "train", [config_path]))
+
+
 def test_a_second_train_py_beside_a_running_one_is_refused_and_the_first_finishes_alone(assets, tmp_path, caplog):
-    out = tmp_path / "out"
+    """Issue 21: two train.py runs into one output_dir with different configs (seed, lr)."""
+    out, go = tmp_path / "out", tmp_path / "go"
     first_config = {"model_name_or_path": assets["base"], "dataset_name": "sst2", "data_dir": assets["data"],
-                    "max_length": 32, "num_threads": 1, "output_dir": str(out), "num_train_epochs": 2,
-                    "per_device_train_batch_size": 2, "warmup_steps": 0, "learning_rate": 1e-3, "seed": 1}
+                    "max_length": 32, "num_threads": 1, "output_dir": str(out), "num_train_epochs": 1,
+                    "per_device_train_batch_size": 8, "warmup_steps": 0, "learning_rate": 1e-3, "seed": 1}
     (tmp_path / "first.json").write_text(json.dumps(first_config))
-    first = subprocess.Popen([sys.executable, os.path.join(REPO, "code", "train.py"), str(tmp_path / "first.json")],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                             env={**os.environ, "PYTHONPATH": os.path.join(REPO, "code"), "OMP_NUM_THREADS": "1"})
+    first = multiprocessing.get_context("fork").Process(target=_first_train_program, args=(str(tmp_path / "first.json"), str(go)))
+    first.start()
     try:
         deadline = time.monotonic() + 120
-        while not os.path.exists(tmp_path / ".out.lock") or b"pid" not in (tmp_path / ".out.lock").read_bytes():
-            assert first.poll() is None and time.monotonic() < deadline, "the first run did not start writing"
-            time.sleep(0.05)
+        while not (out / "checkpoints" / "train_config.json").exists():  # it is training (held at its first step)
+            assert first.is_alive() and time.monotonic() < deadline, "the first run did not start training"
+            time.sleep(0.02)
         assert config_program("train", assets, tmp_path, out, seed=2, learning_rate=2e-3) == 2
     finally:
-        _, err = first.communicate(timeout=300)
-    assert first.returncode == 0, err
-    message = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"][0]
-    assert f"(pid {first.pid} on " in message and f"train.py {tmp_path / 'first.json'}" in message
+        go.touch()
+        first.join(300)
+    assert first.exitcode == 0
+    message = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(message) == 1 and f"output {out} is being written by another process (pid {first.pid} on " in message[0]
     saved = json.loads((out / "train_config.json").read_text())
     assert saved["seed"] == 1 and saved["learning_rate"] == 1e-3  # the first run's, alone
-    assert not [name for name in os.listdir(tmp_path) if name.startswith(".")]
+    assert json.loads((out / "checkpoints" / "train_config.json").read_text()) == saved
+    assert [name for name in os.listdir(tmp_path) if name.startswith(".")] == []
 
 
 def test_the_lock_is_taken_once_per_process_and_given_back_with_its_file(tmp_path):
