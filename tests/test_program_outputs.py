@@ -132,16 +132,14 @@ def test_overwrite_replaces_the_whole_previous_run_and_keeps_the_users_files(set
     other = make_tiny_bert(tmp_path / "other", seed=5)
     assert run_with("train", tmp_path, train_keys(setup, tmp_path, model_name_or_path=other, num_train_epochs=1,
                                                   learning_rate=2e-3, seed=4, overwrite=True)) == 0
-    assert sorted(os.listdir(out)) == sorted(["best", "checkpoints", "epoch-1", "notes.txt", "train_config.json",
-                                              "trainer_state.json"])
-    assert sorted(os.listdir(out / "checkpoints")) == ["checkpoint-6", "train_config.json"]
+    assert sorted(os.listdir(out)) == sorted(["best", "checkpoint-6", "epoch-1", "notes.txt", "train_config.json",
+                                              "train_results.txt", "trainer_state.json"])
     assert (out / "notes.txt").read_text() == "mine"
-    for config in (out / "train_config.json", out / "checkpoints" / "train_config.json"):
-        saved = json.loads(config.read_text())
-        assert (saved["model_name_or_path"], saved["num_train_epochs"], saved["seed"]) == (other, 1, 4)
+    saved = json.loads((out / "train_config.json").read_text())
+    assert (saved["model_name_or_path"], saved["num_train_epochs"], saved["seed"]) == (other, 1, 4)
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 6
     exported = load_file(out / "epoch-1" / "model.safetensors")
-    trained = load_file(out / "checkpoints" / "checkpoint-6" / "model.safetensors")
+    trained = load_file(out / "checkpoint-6" / "model.safetensors")
     assert exported.keys() == trained.keys() and all(torch.equal(exported[k], trained[k]) for k in trained)
     assert torch.equal(load_file(out / "best" / "model.safetensors")["classifier.weight"], trained["classifier.weight"])
     assert [n for n in os.listdir(tmp_path) if n.startswith(".")] == []
@@ -150,7 +148,7 @@ def test_overwrite_replaces_the_whole_previous_run_and_keeps_the_users_files(set
 def test_a_run_of_another_config_is_refused_without_overwrite_even_when_its_checkpoints_are_gone(setup, tmp_path):
     out = tmp_path / "out"
     assert run_with("train", tmp_path, train_keys(setup, tmp_path, num_train_epochs=1)) == 0
-    shutil.rmtree(out / "checkpoints")  # e.g. deleted to save space: epoch-1/, best/ and the config remain
+    shutil.rmtree(out / "checkpoint-6")  # e.g. deleted to save space: epoch-1/, best/ and the config remain
     before = checksums(out)
     assert run_with("train", tmp_path, train_keys(setup, tmp_path, num_train_epochs=1, learning_rate=2e-3)) == 2
     assert checksums(out) == before
