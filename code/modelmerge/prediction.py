@@ -3,7 +3,6 @@ evaluation, metrics, and `run`, the body of `code/predict.py` (evaluation, or a 
 `modelmerge.statistics`)."""
 import dataclasses
 import glob
-import json
 import logging
 import os
 import pickle
@@ -488,9 +487,9 @@ def generated_positions(model):
 def _squared_gradients(model, processor, dataset, config, output_dir):
     result = compute_fisher(model, processor, dataset, empirical=config.empirical, batch_size=config.batch_size,
                             max_length=config.max_length, seed=config.seed, task_type=config.task_type)
-    save_fisher(result, model, output_dir, _provenance(config))
+    stats = save_fisher(result, model, output_dir, _provenance(config))
     labels = result.labels.tolist() if isinstance(result.labels, torch.Tensor) else result.labels
-    return {"metric_output_file": _read_json(os.path.join(output_dir, "stats.json")),
+    return {"metric_output_file": stats,
             "prediction_output_file": [{"index": i, "prediction": label, "variant": result.variant}
                                        for i, label in enumerate(labels)]}
 
@@ -498,13 +497,7 @@ def _squared_gradients(model, processor, dataset, config, output_dir):
 def _gram(model, processor, dataset, config, output_dir):
     result = compute_gram(model, processor, dataset, empirical=config.empirical, batch_size=config.batch_size,
                           max_length=config.max_length, seed=config.seed, task_type=config.task_type)
-    save_gram(result, model, output_dir, _provenance(config))
-    return {"metric_output_file": _read_json(os.path.join(output_dir, "stats.json"))}
-
-
-def _read_json(path):
-    with open(path) as f:
-        return json.load(f)
+    return {"metric_output_file": save_gram(result, model, output_dir, _provenance(config))}
 
 
 def _provenance(config):

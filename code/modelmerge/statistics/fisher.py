@@ -89,7 +89,8 @@ def compute_fisher(
 
 
 def save_fisher(result, model, output_dir, provenance=None):
-    """Write `fisher.safetensors`, `hessian/` and `stats.json` into `output_dir`, each atomically, stats.json last.
+    """Write `fisher.safetensors`, `hessian/` and `stats.json` into `output_dir`, each atomically, stats.json last;
+    return what stats.json holds.
 
     The safetensors files' metadata records `provenance` (modelmerge.merging.provenance: the model, the data) and the
     variant, seed and number of examples.
@@ -110,11 +111,10 @@ def save_fisher(result, model, output_dir, provenance=None):
     with atomic_dir(os.path.join(output_dir, "hessian")) as tmp:
         model.save_pretrained(tmp, state_dict=_hessian_state_dict(model, result.fisher), **_save_options(model))
         _add_metadata(tmp, metadata)
-    write_json(
-        os.path.join(output_dir, "stats.json"),
-        {"num_examples": result.num_examples, "variant": result.variant, "seed": result.seed},
-    )
+    stats = {"num_examples": result.num_examples, "variant": result.variant, "seed": result.seed}
+    write_json(os.path.join(output_dir, "stats.json"), stats)
     logger.info("wrote the Fisher of %d tensors over %d examples to %s", len(names), result.num_examples, output_dir)
+    return stats
 
 
 def _add_metadata(folder, metadata):

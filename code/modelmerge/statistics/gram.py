@@ -143,7 +143,7 @@ def _rows(tensor, masks, batch_size, what):
 
 def save_gram(result, model, output_dir, provenance=None):
     """Write `gram.safetensors`, `output_grad_gram.safetensors` and `stats.json` into `output_dir`, each atomically,
-    stats.json last; tensors under the checkpoint names of the layers' weights. The safetensors metadata lists the
+    stats.json last (returning what it holds); tensors under the checkpoint names of the layers' weights. The safetensors metadata lists the
     weights stored [in, out] (checkpoint.IN_OUT_WEIGHTS_KEY), so that a merge knows how to apply the Grams, and
     records `provenance` (modelmerge.merging.provenance: the model, the data), the variant, seed and number of examples."""
     names = statistic_parameters(model)
@@ -164,3 +164,4 @@ def save_gram(result, model, output_dir, provenance=None):
     }
     write_json(os.path.join(output_dir, "stats.json"), stats)
     logger.info("wrote the Gram matrices of %d layers to %s", len(result.rows), output_dir)
+    return stats
