@@ -67,23 +67,18 @@ class DiskFullError(OutputError):
 @contextmanager
 def atomic_dir(target, kind=None, *, inputs=(), overwrite=False):
     """Yield a fresh temporary folder; on success it replaces `target` (see the module doc)."""
-    claim_output(target, kind, inputs=inputs, overwrite=overwrite)
-    parent, prefix = _temp_prefix(target)
-    try:
-        with naming_a_full_disk(target):
-            tmp = tempfile.mkdtemp(prefix=prefix + _owner_tag(), dir=parent)
-            try:
-                yield tmp
-                if kind is not None:
-                    with open(os.path.join(tmp, MARKER), "w") as f:
-                        json.dump({"kind": kind}, f)
-                os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700 folders; give the usual permissions
-                _put_in_place(tmp, target)
-            except BaseException:
-                _remove(tmp)
-                raise
-    finally:
-        release_output(target)
+    with _writing(target, kind, inputs=inputs, overwrite=overwrite) as (parent, prefix):
+        tmp = tempfile.mkdtemp(prefix=prefix + _owner_tag(), dir=parent)
+        try:
+            yield tmp
+            if kind is not None:
+                with open(os.path.join(tmp, MARKER), "w") as f:
+                    json.dump({"kind": kind}, f)
+            os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700 folders; give the usual permissions
+            _put_in_place(tmp, target)
+        except BaseException:
+            _remove(tmp)
+            raise
 
 
 @contextmanager
@@ -92,19 +87,26 @@ def atomic_file(target, kind=None, *, inputs=(), overwrite=False, written_by=Non
 
     `written_by(path)` tells the kind that wrote an existing file (None: unknown); without it an existing
     file counts as the user's."""
-    claim_output(target, kind, inputs=inputs, overwrite=overwrite, written_by=written_by)
-    parent, prefix = _temp_prefix(target)
+    with _writing(target, kind, inputs=inputs, overwrite=overwrite, written_by=written_by) as (parent, prefix):
+        fd, tmp = tempfile.mkstemp(prefix=prefix + _owner_tag(), dir=parent)
+        os.close(fd)
+        try:
+            yield tmp
+            os.chmod(tmp, 0o666 & ~_umask())
+            _put_in_place(tmp, target)
+        except BaseException:
+            _remove(tmp)
+            raise
+
+
+@contextmanager
+def _writing(target, kind, **claim):
+    """Claim `target` (claim_output), name a full disk while the body writes it, give its lock back at the end;
+    yields the folder and name prefix of its temporaries."""
+    claim_output(target, kind, **claim)
     try:
         with naming_a_full_disk(target):
-            fd, tmp = tempfile.mkstemp(prefix=prefix + _owner_tag(), dir=parent)
-            os.close(fd)
-            try:
-                yield tmp
-                os.chmod(tmp, 0o666 & ~_umask())
-                _put_in_place(tmp, target)
-            except BaseException:
-                _remove(tmp)
-                raise
+            yield _temp_prefix(target)
     finally:
         release_output(target)
 
