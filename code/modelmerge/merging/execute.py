@@ -299,12 +299,13 @@ def run_tasks(method, tasks, output, layout, *, files_from=None, extra_files=Non
     one of the `inputs` paths (modelmerge.atomic)."""
     device = check_device(device)
     entries = output_entries(tasks, out_dtype or dtype)
-    if layout == "model" and files_from and os.path.isfile(os.path.join(files_from, "config.json")):
+    copies_config = bool(files_from) and os.path.isfile(os.path.join(files_from, "config.json"))
+    if layout == "model" and copies_config:
         config = (json_updates or {}).get("config.json", {})
         json_updates = {**(json_updates or {}), "config.json": {**config, **_config_dtype(entries, files_from)}}
     with open_output(output, entries, layout, files_from, json_updates, max_shard_bytes, extra_files,
                      kind=OUTPUT_KIND, inputs=inputs, overwrite=overwrite) as writer:
-        if layout == "model" and not (files_from and os.path.isfile(os.path.join(files_from, "config.json"))):
+        if layout == "model" and not copies_config:
             logger.warning("no input folder with a config.json: %s will hold weights only", output)
         summary = execute(method, tasks, writer, entries, dtype, device, progress)
     logger.info("wrote %s", output)
