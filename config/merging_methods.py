@@ -68,6 +68,8 @@ MERGE_GRIDS = {
     "cart": dict(method="cart", sweep="rank_ratio", grid=[0.04, 0.08, 0.16, 0.32], fixed={"merge_lambda": 2.0}),
     "pcb": dict(method="pcb", sweep="pcb_ratio", grid=[0.05, 0.1, 0.2, 0.3], fixed={"merge_lambda": 1.2}),
     "tatr": dict(method="tatr", sweep="merge_lambda", grid="scaling_factors", fixed={"threshold_quantile": 0.99}),
+    # LOT Merging: the least-squares task vector of every linear layer on each task's Gram statistics (no hyperparameter)
+    "lot": dict(method="lot", stats="gram"),
     # LiNeS: the task vector of layer ℓ of L scaled by α + β·ℓ/(L−1), α the paper's ‖Σ τ_t‖₁ / (T·‖τ‖₁)
     "task arithmetic + lines": dict(method="task_arithmetic", sweep="lines_beta", grid=[0.2, 0.4, 0.6, 1.0]),
     "ties + lines": dict(method="ties", sweep="lines_beta", grid=[0.2, 0.4, 0.6, 1.0], fixed={"density": 0.2, "merge_lambda": 1.0}),

@@ -37,6 +37,7 @@ MERGES = {  # output name -> (method, the statistics given, extra arguments)
     "fisher": ("fisher", "fisher", []),
     "ubgm": ("uncertainty_based_gradient_matching", "fisher", ["--x:scaling_factor", str(UBGM_SCALE)]),
     "regmean": ("regmean", "gram", ["--x:alpha", str(ALPHA)]),
+    "lot": ("lot", "gram", []),
     # in float64: CG's iterates are then compared to the test's own to float64 rounding
     "mats_regmean": ("mats", "gram", ["--x:objective", "regmean", "--x:alpha", str(ALPHA), "--x:iterations", "300",
                                       "--dtype", "float64"]),
@@ -189,6 +190,26 @@ def test_regmean_is_its_closed_form_with_conv1d_weights_transposed(family):
             away_from_the_average += not torch.allclose(expected, average, rtol=1e-3, atol=1e-5)
         assert_close(merged[name], expected, name)
     assert away_from_the_average >= 2  # the Grams matter
+
+
+def test_lot_is_the_minimum_norm_task_vector_of_the_gram_system(family):
+    """W_0 + τ, τᵀ the minimum-norm solution of (Σ_t G_t) τᵀ = Σ_t G_t τ_tᵀ (NumPy's lstsq), on every weight with a
+    Gram statistic (transposed where stored [in, out]); the mean task vector elsewhere."""
+    base, thetas = weights(family["base"]), [weights(m) for m in family["models"]]
+    grams = [statistic(family, m, "gram", "gram.safetensors") for m in family["models"]]
+    merged = weights(family["merged"]["lot"])
+    transposed = in_out_weights(family)
+    for name, theta in base.items():
+        if not theta.is_floating_point():
+            continue
+        if name not in grams[0]:
+            assert_close(merged[name], sum(t[name] for t in thetas) / len(thetas), name)
+            continue
+        w0 = out_in(theta, name, transposed)
+        lhs = sum(g[name] for g in grams).numpy()
+        rhs = sum(g[name] @ (out_in(t[name], name, transposed) - w0).T for g, t in zip(grams, thetas)).numpy()
+        tau_t, *_ = np.linalg.lstsq(lhs, rhs, rcond=None)
+        assert_close(merged[name], out_in(w0 + torch.from_numpy(tau_t).T, name, transposed), name, rtol=1e-4, atol=1e-6)
 
 
 def test_mats_regmean_converges_to_the_regmean_solution(family):

@@ -183,3 +183,5 @@ def test_help_lists_the_methods(capsys):
     assert "\n  pcb (also pcb_merging, pcb-merging)  needs θ_0" in text
     assert "--x:pcb_ratio (float; in (0, 1]; default 0.1)" in text
     assert "\n  tatr (also trust_region, task_arithmetic_trust_region)  needs θ_0" in text
+    assert "\n  lot (also lot_merging, lot-merging)  needs θ_0" in text
+    assert "--x:rcond (float; in [0, 1); default None)" in text

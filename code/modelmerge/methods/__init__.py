@@ -14,6 +14,7 @@ from .fisher import Fisher
 from .isotropic import IsoC, IsoCts
 from .karcher import Karcher
 from .linear import Linear
+from .lot import Lot
 from .magmax import MagMax
 from .mats import Mats
 from .mlerp import Mlerp
@@ -41,6 +42,8 @@ _CLASSES: tuple[type[MergeMethod], ...] = (
     ModelStock, Della, DellaLinear, Sce, NuSlerp, MultiSlerp, Karcher, NearSwap, ArceeFusion, Ram, RamPlusTensorLocal,
     # data-free methods of the current field
     TsvM, IsoC, IsoCts, Wudi, MagMax, Consensus, TallMasks, Emr, Cart, Pcb, TrustRegion,
+    # data-aware closed forms of the current field
+    Lot,
 )
 
 
