@@ -72,3 +72,54 @@ def test_the_command_line_gives_what_the_yaml_gives(zoo, tmp_path, deterministic
     run_program(merge_program.main, ["--merge", name, "--models", *[zoo[m] for m in models], "--ancestor", zoo["base"],
                                      *parameters, "--output", str(out), "--no_progress"])
     assert_same(theirs, load_file(out))
+
+
+# --- LiNeS and KnOTS, options of the whole merge (not mergekit's): the YAML's top-level parameters -----------
+
+WRAPPED = {  # label: method, YAML top-level parameters, the same on the command line, the method's own among them
+    "task_arithmetic + lines": ("task_arithmetic", {"lines_beta": 0.6}, ["--x:lines_beta", "0.6"], []),
+    "ties + lines at a given alpha": ("ties", {"density": 0.5, "lines_alpha": 0.4, "lines_beta": 0.3},
+                                      ["--x:density", "0.5", "--x:lines_alpha", "0.4", "--x:lines_beta", "0.3"],
+                                      ["--x:density", "0.5"]),
+    "ties + knots": ("ties", {"density": 0.5, "knots": True}, ["--x:density", "0.5", "--x:knots", "true"],
+                     ["--x:density", "0.5"]),
+    "breadcrumbs + knots + lines": ("breadcrumbs", {"density": 0.7, "knots": True, "lines_beta": 0.5},
+                                    ["--x:density", "0.7", "--x:knots", "true", "--x:lines_beta", "0.5"],
+                                    ["--x:density", "0.7"]),
+}
+
+
+@pytest.mark.parametrize("label", WRAPPED)
+def test_lines_and_knots_from_yaml_are_the_command_lines(zoo, tmp_path, label):  # noqa: F811
+    from test_mergekit import write_config
+    method, parameters, arguments, plain = WRAPPED[label]
+    config = {"merge_method": method, "base_model": "@base@", "parameters": parameters,
+              "models": [{"model": "@ft1@"}, {"model": "@ft2@"}, {"model": "@ft3@"}]}
+    yaml_out, cli_out, plain_out = (tmp_path / name for name in ("yaml.safetensors", "cli.safetensors", "plain.safetensors"))
+    run_program(merge_program.main, ["--config", write_config(tmp_path, config, zoo), str(yaml_out), "--no_progress"])
+    inputs = ["--models", *[zoo[m] for m in ("ft1", "ft2", "ft3")], "--ancestor", zoo["base"], "--no_progress"]
+    run_program(merge_program.main, ["--merge", method, *inputs, *arguments, "--output", str(cli_out)])
+    run_program(merge_program.main, ["--merge", method, *inputs, *plain, "--output", str(plain_out)])
+    ours, cli, without = load_file(yaml_out), load_file(cli_out), load_file(plain_out)
+    assert_same(cli, ours)
+    assert any(not torch.allclose(ours[n], without[n]) for n in ours)  # the options did act
+
+
+@pytest.mark.parametrize("config,message", [
+    ({"merge_method": "ties", "base_model": "@base@", "models": [{"model": "@ft1@", "parameters": {"knots": True}}]},
+     "models[0].parameters: 'knots' is an option of the whole merge (LiNeS / KnOTS): give it in the top-level parameters"),
+    ({"merge_method": "linear", "models": [{"model": "@ft1@"}, {"model": "@ft2@"}], "parameters": {"lines_beta": 0.5}},
+     "merge_method linear: KnOTS (knots) and LiNeS (lines_beta) act on task vectors θ_t − θ_0: they need base_model"),
+    ({"merge_method": "ties", "base_model": "@base@", "models": [{"model": "@ft1@"}], "parameters": {"lines_beta": [0.1, 0.5]}},
+     "parameter 'lines_beta' of method ties: cannot read [0.1, 0.5] as float"),
+    ({"merge_method": "ties", "base_model": "@base@", "models": [{"model": "@ft1@"}], "parameters": {"lines_alpha": 0.5}},
+     "parameter 'lines_alpha' is LiNeS's α: give lines_beta too"),
+])
+def test_lines_and_knots_in_yaml_refused_where_they_cannot_act(zoo, tmp_path, capsys, config, message):  # noqa: F811
+    from test_mergekit import write_config
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        run_program(merge_program.main, ["--config", write_config(tmp_path, config, zoo), str(out), "--no_progress"])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()

@@ -12,6 +12,9 @@ same tensors here for the methods both projects have. What is read:
   is a scalar, a gradient (a list interpolated over the layers of the slice: t = i / (n − 1) for layer i
   of n, t = 0 outside the layers) or a list of `{filter, value}` where the first entry whose `filter` is a
   substring of the tensor name (or `*`) applies.
+- LiNeS's `lines_beta` / `lines_alpha` and KnOTS's `knots` (methods/lines.py, methods/knots.py; not mergekit's)
+  in the top-level `parameters` only, as single values: they act on the whole merge of any method with a
+  `base_model`, as `--x:lines_beta` and `--x:knots` do on the command line.
 - `dtype` (working and output precision), `out_dtype`, `tokenizer_source`: `union` (the union vocabulary,
   every model's embedding / LM-head rows rebuilt for it as mergekit does: modelmerge.vocabulary), or `base`
   or `model:PATH` / `PATH` (vocabularies are not permuted then, so the models' vocabularies must agree).
@@ -37,8 +40,9 @@ import yaml
 from modelmerge.checkpoint import CheckpointError, open_checkpoint, read_json_object
 from modelmerge.lora_merge import LoraDeltaView
 from modelmerge.merging.execute import run_tasks
+from modelmerge.merging.frontend import scale_layers, use_shared_basis
 from modelmerge.merging.options import DTYPES, MergeError
-from modelmerge.merging.parameters import load_method, resolve_parameters
+from modelmerge.merging.parameters import DRIVER_PARAMETERS, load_method, resolve_parameters, split_driver_options
 from modelmerge.merging.plan import Source, TensorTask, check_same_tensors, model_count_problem
 from modelmerge.vocabulary import unify
 
@@ -103,8 +107,12 @@ class MergePlan:
     out_dtype: Any
 
     inputs: list = field(default_factory=list)  # every path the merge reads
+    lines: tuple | None = None  # LiNeS's (α, β) when asked for (methods/lines.py): applied once the device is known
 
     def run(self, output, device="cpu", progress=True, overwrite=False, max_shard_bytes=5 * 10**9):
+        if self.lines is not None:
+            scale_layers(self.method, self.tasks, len(self.tasks[0].models), *self.lines, dtype=self.dtype,
+                         device=device, progress=progress)
         layout = "file" if output.endswith(".safetensors") else "model"
         return run_tasks(self.method, self.tasks, output, layout, files_from=self.files_from,
                          extra_files=self.extra_files, json_updates=self.json_updates, dtype=self.dtype,
@@ -237,7 +245,14 @@ def plan_config(config):
         tokenizer = references.unify(_model_references(config), base_ref)
     slices = _slices(config, references, base_ref)
     scopes = _ParameterScopes(method, mapping)
-    tasks = _plan_tasks(method, mapping, slices, scopes, config)
+    top, wrappers = _driver_options(method, config)
+    tasks = _plan_tasks(method, mapping, slices, scopes, {**config, "parameters": top})
+    if (wrappers["knots"] or wrappers["lines_beta"] is not None) and any(t.merge and t.base is None for t in tasks):
+        raise MergeError(f"merge_method {name}: KnOTS (knots) and LiNeS (lines_beta) act on task vectors θ_t − θ_0: "
+                         "they need base_model as the ancestor")
+    if wrappers["knots"]:
+        use_shared_basis(tasks)
+    lines = None if wrappers["lines_beta"] is None else (wrappers["lines_alpha"], wrappers["lines_beta"])
     donor = references.get(base_ref) if base_ref else slices[0].sources[0].checkpoint
     json_updates = {}
     if "slices" in config:
@@ -251,7 +266,23 @@ def plan_config(config):
         extra_files = {name: os.path.join(tokenizer_from, name) for name in TOKENIZER_FILES
                        if os.path.isfile(os.path.join(tokenizer_from, name))}
     return MergePlan(method, tasks, donor.folder, extra_files, json_updates, dtype, out_dtype or dtype,
-                     references.paths() + ([tokenizer_from] if tokenizer_from else []))
+                     references.paths() + ([tokenizer_from] if tokenizer_from else []), lines)
+
+
+def _driver_options(method, config):
+    """(the top-level parameters without LiNeS's and KnOTS's options, those options checked): they act on the
+    whole merge (merging.frontend), so they are read from the top-level parameters only, as single values."""
+    scopes = [(f"models[{i}].parameters", entry.get("parameters")) for i, entry in enumerate(config.get("models") or [])]
+    for i, entry in enumerate(config.get("slices") or []):
+        scopes.append((f"slices[{i}].parameters", entry.get("parameters")))
+        scopes += [(f"slices[{i}].sources[{j}].parameters", source.get("parameters"))
+                   for j, source in enumerate(entry.get("sources") or [])]
+    for where, settings in scopes:
+        found = sorted(set(settings or {}) & set(DRIVER_PARAMETERS))
+        if found:
+            raise MergeError(f"{where}: '{found[0]}' is an option of the whole merge (LiNeS / KnOTS): "
+                             "give it in the top-level parameters")
+    return split_driver_options(method, config.get("parameters") or {})
 
 
 class _References:

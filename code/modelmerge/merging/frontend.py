@@ -52,7 +52,8 @@ def merge(options: MergeOptions):
     if wrappers["knots"]:
         use_shared_basis(tasks)
     if wrappers["lines_beta"] is not None:
-        scale_layers(method, tasks, options, wrappers["lines_alpha"], wrappers["lines_beta"])
+        scale_layers(method, tasks, len(options.models), wrappers["lines_alpha"], wrappers["lines_beta"],
+                     dtype=options.dtype, device=options.device, progress=options.progress)
     return run_tasks(method, tasks, options.output, layout, files_from=files_from, json_updates=json_updates,
                      dtype=options.dtype, device=options.device, max_shard_bytes=options.max_shard_bytes,
                      progress=options.progress, inputs=options.inputs, overwrite=options.overwrite)
@@ -92,15 +93,15 @@ def use_shared_basis(tasks):
             task.shared_basis = True
 
 
-def scale_layers(method, tasks, options: MergeOptions, alpha, beta):
+def scale_layers(method, tasks, num_models, alpha, beta, *, dtype, device, progress):
     """LiNeS: every merged tensor's task vector scaled by α + β · (its layer's depth) (methods/lines.py); α None:
-    the paper's ‖Σ_t τ_t‖₁ / (T·‖τ‖₁), from one merge of every tensor that is not written."""
+    the paper's ‖Σ_t τ_t‖₁ / (T·‖τ‖₁) of the `num_models` models, from one merge of every tensor that is not written."""
     if alpha is None:
         norms = _L1Norms(tasks)
-        execute(method, tasks, norms, output_entries(tasks, options.dtype), options.dtype, options.device, options.progress)
+        execute(method, tasks, norms, output_entries(tasks, dtype), dtype, device, progress)
         if norms.merged == 0:
             raise MergeError("LiNeS: the merged task vector is zero, so the paper's α is undefined; give lines_alpha")
-        alpha = norms.summed / (len(options.models) * norms.merged)
+        alpha = norms.summed / (num_models * norms.merged)
     scales = layer_scales([task.name for task in tasks], alpha, beta)
     for task in tasks:
         if task.merge:

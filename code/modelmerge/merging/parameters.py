@@ -5,6 +5,8 @@ from modelmerge.methods import get_method
 from modelmerge.methods.knots import PARAMETERS as KNOTS_PARAMETERS
 from modelmerge.methods.lines import PARAMETERS as LINES_PARAMETERS
 
+DRIVER_PARAMETERS = {**LINES_PARAMETERS, **KNOTS_PARAMETERS}  # options of the whole merge (split_driver_options)
+
 
 def load_method(name):
     """The method registered under `name`, or a MergeError listing the known names."""
@@ -36,10 +38,9 @@ def split_driver_options(method, supplied):
     """(`supplied` without the options every method takes, {lines_alpha, lines_beta, knots} converted and checked):
     LiNeS and KnOTS wrap any method with an ancestor, so the merge driver takes them (methods/lines.py,
     methods/knots.py)."""
-    declared = {**LINES_PARAMETERS, **KNOTS_PARAMETERS}
-    rest = {key: value for key, value in supplied.items() if key not in declared}
+    rest = {key: value for key, value in supplied.items() if key not in DRIVER_PARAMETERS}
     options = {name: _checked(method, name, parameter, supplied.get(name, parameter.default))
-               for name, parameter in declared.items()}
+               for name, parameter in DRIVER_PARAMETERS.items()}
     if options["lines_alpha"] is not None and options["lines_beta"] is None:
         raise MergeError("parameter 'lines_alpha' is LiNeS's α: give lines_beta too")
     return rest, options
