@@ -10,6 +10,13 @@ task's gradient magnitude by |τ_i|), per tensor rather than over the flattened 
     θ = θ_0 + λ · Σ_t m ⊙ τ_t
 
 with q = `threshold_quantile` (0.99) and λ = `merge_lambda` (0.3), FusionBench's defaults.
+
+FusionBench's default configuration (`zero_shot: false`) estimates the gradients instead from exemplars: Ω from
+each task's mean |∇_θ L| of per-example cross-entropy at θ_0 (128 per task) times the other tasks' |τ_j|. As
+0.2.33 ships it, those means are stored under the last parameter's name rather than the task's, so one entry
+remains, Ω ≡ 0, nothing is kept and the merge is θ_0 whatever the inputs (run on a linear classifier with
+three tasks). That form is not reproduced here: it would need a statistic the project does not compute (the
+mean absolute per-example gradient at θ_0; the Fisher is the mean square at θ_t).
 """
 import torch
 
