@@ -12,7 +12,7 @@ RegMean uses too. Unlike RegMean it solves for the task vector: input directions
 θ_0's weights (the task vector is 0 there) instead of a regularised average, and no off-diagonal shrinkage
 is applied. Tensors that are not linear weights with a Gram statistic (biases, normalisation layers,
 embeddings) get the mean of the task vectors, θ_0 + (1/T) Σ_t τ_t, the minimiser of the same drift for a
-bias. The paper's closed form for a normalisation layer's scale (each dimension's task vectors weighted by
+bias when every task has as many exemplar rows. The paper's closed form for a normalisation layer's scale (each dimension's task vectors weighted by
 Σ x̂² of that dimension's normalised inputs) needs a statistic the project's Gram job does not compute; such
 scales are averaged too.
 """
