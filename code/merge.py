@@ -2,21 +2,25 @@
 
     python code/merge.py --merge METHOD --models A B C [--aux_data a b c] [--ancestor P]
         [--ancestor_aux_data p] [--initial M] [--x:NAME VALUE ...] [--include REGEX] [--exclude REGEX]
-        [--dtype float32] [--device cuda] [--allow_statistics_mismatch] --output OUT
+        [--dtype float32] [--device cuda] [--threads N] [--allow_statistics_mismatch] --output OUT
     python code/merge.py --config merge.yml OUT        (mergekit's YAML format)
+    python code/merge.py --merge METHOD ... --shard I/N --output PART_I    (part I of N, for I = 1..N)
+    python code/merge.py --join PART_1 ... PART_N --output OUT   (the parts joined: the same OUT as unsharded)
 
 Method parameters follow git-theta-merge-cli: `--x:merge_lambda 0.3` or `--x:merge_lambda=0.3`; a
 per-model parameter takes one value per model (`--x:weight 0.2 0.8` or `--x:weight 0.2,0.8`) or one for all.
 `--merge lora-METHOD` merges LoRA adapters as weight changes B·A (see modelmerge.merging.frontend).
 OUT ending in .safetensors is written as one bare file, else as a model (or adapter) folder. An existing
-OUT is replaced only if a merge wrote it (or with --overwrite), never if it is or holds an input. See
-../shared/docs/merging.md for the methods and docs/programs.md for the files.
+OUT is replaced only if a merge wrote it (or with --overwrite), never if it is or holds an input. A sharded
+merge (modelmerge.merging.shards) splits the tensors into N parts balanced by the method's cost, each merged by
+its own process into a part file; the join writes the checkpoint the unsharded merge writes, byte for byte.
+See ../shared/docs/merging.md for the methods and docs/programs.md for the files.
 """
 import argparse
 
-from modelmerge.merging import DTYPES, MergeOptions, merge
-from modelmerge.merging.cli import (ArgumentParser, device_argument, methods_help, run_cli, size_argument,
-                                    split_method_parameters)
+from modelmerge.merging import DTYPES, MergeOptions, join_parts, merge
+from modelmerge.merging.cli import (ArgumentParser, device_argument, methods_help, run_cli, shard_argument,
+                                    size_argument, split_method_parameters)
 from modelmerge.mergekit_config import plan_config, read_config
 
 
@@ -38,6 +42,11 @@ def parse_args(argv):
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="working and output precision (default: output in the ancestor's dtype, else the first "
                                                            "model's; arithmetic in the widest input's, at least float32)")
     parser.add_argument("--device", type=device_argument, default="cpu", help="where the arithmetic runs: cpu, cuda or cuda:N")
+    parser.add_argument("--threads", type=int, help="torch threads on the CPU, e.g. the cores the job was given "
+                                                    "(default: one, or $OMP_NUM_THREADS where set)")
+    parser.add_argument("--shard", type=shard_argument, metavar="I/N",
+                        help="merge only part I of N of the tensors (balanced by the method's cost) into the part file --output")
+    parser.add_argument("--join", nargs="+", metavar="PART", help="join the part files of a sharded merge into --output")
     parser.add_argument("--max_shard_size", type=size_argument, default="5GB", help="largest output shard, e.g. 2GB")
     parser.add_argument("--lora_rank", type=int, help="rank of the adapter a lora- merge writes (default: largest input rank)")
     parser.add_argument("--config", help="a mergekit YAML configuration (then give OUT as the positional argument)")
@@ -51,9 +60,16 @@ def parse_args(argv):
     args.output = args.output or args.out
     if not args.output:
         parser.error("give the output path (--output OUT, or OUT after --config)")
-    if args.config:
+    if args.join:
         conflicting = [flag for flag in ("merge", "models", "aux_data", "ancestor", "ancestor_aux_data", "initial",
-                                         "include", "exclude", "dtype", "lora_rank", "allow_statistics_mismatch")
+                                         "include", "exclude", "dtype", "lora_rank", "config", "shard")
+                       if getattr(args, flag)]
+        if conflicting or params:
+            parser.error(f"--join takes everything from the parts; drop --{', --'.join(conflicting) or 'x:...'}")
+    elif args.config:
+        conflicting = [flag for flag in ("merge", "models", "aux_data", "ancestor", "ancestor_aux_data", "initial",
+                                         "include", "exclude", "dtype", "lora_rank", "allow_statistics_mismatch",
+                                         "shard")
                        if getattr(args, flag)]
         if conflicting or params:
             parser.error(f"--config takes everything from the YAML file; drop --{', --'.join(conflicting) or 'x:...'}")
@@ -64,6 +80,8 @@ def parse_args(argv):
 
 def main(argv):
     args, params = parse_args(argv)
+    if args.join:
+        return join_parts(args.join, args.output, overwrite=args.overwrite)
     if args.config:
         return plan_config(read_config(args.config)).run(args.output, device=args.device, progress=not args.no_progress,
                                                          overwrite=args.overwrite, max_shard_bytes=args.max_shard_size)
@@ -72,7 +90,8 @@ def main(argv):
         ancestor_aux_data=args.ancestor_aux_data, initial=args.initial, params=params, include=args.include,
         exclude=args.exclude, dtype=args.dtype and DTYPES[args.dtype], device=args.device,
         max_shard_bytes=args.max_shard_size, lora_rank=args.lora_rank, overwrite=args.overwrite,
-        allow_statistics_mismatch=args.allow_statistics_mismatch, progress=not args.no_progress,
+        allow_statistics_mismatch=args.allow_statistics_mismatch, progress=not args.no_progress, shard=args.shard,
+        threads=args.threads,
     ))
 
 

@@ -401,7 +401,7 @@ def parse_size(text):
 
 @contextmanager
 def open_output(target, entries, layout, files_from=None, json_updates=None, max_shard_bytes=5 * 10**9,
-                extra_files=None, *, kind=None, inputs=(), overwrite=False):
+                extra_files=None, *, kind=None, inputs=(), overwrite=False, metadata=None):
     """Yield a `TensorWriter` for the merge result at `target`; it appears there only if the block ends
     without error and every tensor of `entries` (name, TensorInfo), in that order, was written.
 
@@ -413,14 +413,15 @@ def open_output(target, entries, layout, files_from=None, json_updates=None, max
     {"config.json": {"num_hidden_layers": 6}}).
 
     `kind`, `inputs` and `overwrite` say which existing `target` may be replaced (see modelmerge.atomic);
-    a bare file records its kind in the safetensors metadata (`written_by`).
+    a bare file records its kind in the safetensors metadata (`written_by`); `metadata` (str -> str) is added
+    to every file's.
     """
     if layout not in ("model", "adapter", "file"):
         raise ValueError(f"unknown output layout {layout!r}")
     guard = dict(kind=kind, inputs=inputs, overwrite=overwrite)
     with (atomic_file(target, written_by=safetensors_written_by, **guard) if layout == "file"
           else atomic_dir(target, **guard)) as tmp:
-        writer = TensorWriter(tmp, entries, layout, max_shard_bytes, kind if layout == "file" else None)
+        writer = TensorWriter(tmp, entries, layout, max_shard_bytes, kind if layout == "file" else None, metadata)
         try:
             yield writer
         finally:
@@ -439,7 +440,7 @@ def open_output(target, entries, layout, files_from=None, json_updates=None, max
 class TensorWriter:
     """The files of one output: tensors are appended in the planned order, one shard file open at a time."""
 
-    def __init__(self, tmp, entries, layout, max_shard_bytes, written_by=None):
+    def __init__(self, tmp, entries, layout, max_shard_bytes, written_by=None, metadata=None):
         if layout == "file":
             self.shards = [(tmp, list(entries))]
         elif layout == "adapter":
@@ -453,7 +454,7 @@ class TensorWriter:
         self.folder = None if layout == "file" else tmp
         self._shard_of = {name: i for i, (_, group) in enumerate(self.shards) for name, _ in group}
         self._open_index, self._open, self._finished = None, None, 0
-        self.metadata = {"format": "pt", **({"written_by": written_by} if written_by else {})}
+        self.metadata = {"format": "pt", **({"written_by": written_by} if written_by else {}), **(metadata or {})}
 
     def write(self, name, tensor):
         """Append `tensor`, already cast to its planned dtype, to its file."""
@@ -472,6 +473,10 @@ class TensorWriter:
 
     def close(self):
         self._close_open()
+        for path, group in self.shards:
+            if not group:  # nothing to write (an empty part of a sharded merge): the header alone
+                SafetensorsStreamWriter(path, group, self.metadata).close()
+                self._finished += 1
 
     def check_complete(self):
         if self._finished != len(self.shards):

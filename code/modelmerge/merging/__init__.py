@@ -6,14 +6,17 @@ By concern:
 - `plan`: one `TensorTask` per output tensor, from file headers only (inconsistent inputs fail first);
 - `execute`: the tasks streamed tensor by tensor (elementwise methods in blocks of rows) into the output;
 - `lora`: planning `lora-` merges of PEFT adapters;
-- `frontend`: `merge(options)`, the whole merge;
+- `frontend`: `merge(options)`, the whole merge (or one part of it);
+- `shards`: a merge split into parts that separate processes merge, and the join of the parts;
 - `provenance`: model fingerprints recorded in statistics, and the check that a merge pairs them rightly;
 - `trim`: the trimmed task vector of TIES as a statistic;
 - `cli`: what the programs under code/ share (one-line errors, argument types, --help's method list).
 """
 from modelmerge.merging.execute import Summary, run_tasks
 from modelmerge.merging.frontend import merge
-from modelmerge.merging.options import DTYPES, MergeError, MergeOptions
+from modelmerge.merging.options import DTYPES, MergeError, MergeOptions, Shard
 from modelmerge.merging.plan import check_same_tensors
+from modelmerge.merging.shards import join_parts
 
-__all__ = ["DTYPES", "MergeError", "MergeOptions", "Summary", "check_same_tensors", "merge", "run_tasks"]
+__all__ = ["DTYPES", "MergeError", "MergeOptions", "Shard", "Summary", "check_same_tensors", "join_parts", "merge",
+           "run_tasks"]

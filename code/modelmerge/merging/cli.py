@@ -8,7 +8,7 @@ import sys
 
 from modelmerge.atomic import OutputError, release_outputs
 from modelmerge.checkpoint import CheckpointError, parse_size
-from modelmerge.merging.options import MergeError, check_device
+from modelmerge.merging.options import MergeError, Shard, check_device
 from modelmerge.methods import MERGE_METHODS
 from modelmerge.methods.knots import PARAMETERS as KNOTS_PARAMETERS
 from modelmerge.methods.lines import PARAMETERS as LINES_PARAMETERS
@@ -40,6 +40,14 @@ def device_argument(text):
     """An argparse type: a torch device that exists here (cpu, cuda, cuda:N)."""
     try:
         return check_device(text)
+    except MergeError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def shard_argument(text):
+    """An argparse type: part I of N of a sharded merge, 'I/N'."""
+    try:
+        return Shard.parse(text)
     except MergeError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
 

@@ -72,7 +72,7 @@ def output_entries(tasks, dtype=None):
     return entries
 
 
-def execute(method, tasks, writer, entries, dtype=None, device="cpu", progress=True):
+def execute(method, tasks, writer, entries, dtype=None, device="cpu", progress=True, threads=None):
     """Run `tasks` in order, writing every result through `writer` as planned in `entries`.
 
     Methods that declare `elementwise = True` (each output entry depends only on the same entry of every
@@ -81,7 +81,8 @@ def execute(method, tasks, writer, entries, dtype=None, device="cpu", progress=T
     temporaries stay in the CPU caches; results are the same as for whole tensors (WUDI's to rounding:
     its Gram matrices are sums over the blocks).
 
-    On the CPU the merge runs with one torch thread unless OMP_NUM_THREADS is set: with more, the threads
+    On the CPU the merge runs with `threads` torch threads; by default (None) with one unless OMP_NUM_THREADS
+    is set (as a job's cpu requirement sets it: the SVDs and eigendecompositions use them): with more, the threads
     meet at the end of every operation, and operations on cache-sized blocks are short, so while other
     processes keep the cores busy most of the time goes to waiting for a descheduled thread (task
     arithmetic of four BERT-base checkpoints, benchmarks/merge_bench.py, load 2.5 on 2 cores: 1.3 s with
@@ -93,8 +94,8 @@ def execute(method, tasks, writer, entries, dtype=None, device="cpu", progress=T
     start = time.perf_counter()
     reader = _Reader(tasks)
     threads = torch.get_num_threads()
-    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(1)
+    if device.type == "cpu" and (threads or "OMP_NUM_THREADS" not in os.environ):
+        torch.set_num_threads(threads or 1)
     try:
         for task in tqdm(tasks, desc=f"merging ({method.name})", unit="tensor", disable=not progress, file=sys.stderr):
             merged = _execute_task(method, task, reader, writer, planned, dtype, device)
@@ -291,7 +292,8 @@ def all_finite(tensor):
 
 
 def run_tasks(method, tasks, output, layout, *, files_from=None, extra_files=None, json_updates=None, dtype=None,
-              out_dtype=None, device="cpu", max_shard_bytes=5 * 10**9, progress=True, inputs=(), overwrite=False):
+              out_dtype=None, device="cpu", max_shard_bytes=5 * 10**9, progress=True, inputs=(), overwrite=False,
+              threads=None):
     """Execute planned tasks into `output` (see checkpoint.open_output): arithmetic in `dtype` (default:
     the widest input's, at least float32) on `device`, floating-point outputs in `out_dtype` (default `dtype`,
     else the ancestor's, else the first model's: output_entries), as config.json then says. An existing
@@ -299,17 +301,27 @@ def run_tasks(method, tasks, output, layout, *, files_from=None, extra_files=Non
     one of the `inputs` paths (modelmerge.atomic)."""
     device = check_device(device)
     entries = output_entries(tasks, out_dtype or dtype)
-    copies_config = bool(files_from) and os.path.isfile(os.path.join(files_from, "config.json"))
-    if layout == "model" and copies_config:
-        config = (json_updates or {}).get("config.json", {})
-        json_updates = {**(json_updates or {}), "config.json": {**config, **_config_dtype(entries, files_from)}}
+    json_updates = output_json_updates(entries, layout, files_from, json_updates)
     with open_output(output, entries, layout, files_from, json_updates, max_shard_bytes, extra_files,
                      kind=OUTPUT_KIND, inputs=inputs, overwrite=overwrite) as writer:
-        if layout == "model" and not copies_config:
+        if layout == "model" and not _copies_config(files_from):
             logger.warning("no input folder with a config.json: %s will hold weights only", output)
-        summary = execute(method, tasks, writer, entries, dtype, device, progress)
+        summary = execute(method, tasks, writer, entries, dtype, device, progress, threads)
     logger.info("wrote %s", output)
     return summary
+
+
+def output_json_updates(entries, layout, files_from, json_updates):
+    """`json_updates` (file name -> keys to set) with config.json's dtype keys as `entries` say, where a model
+    folder copies a config.json."""
+    if layout != "model" or not _copies_config(files_from):
+        return json_updates
+    config = (json_updates or {}).get("config.json", {})
+    return {**(json_updates or {}), "config.json": {**config, **_config_dtype(entries, files_from)}}
+
+
+def _copies_config(files_from):
+    return bool(files_from) and os.path.isfile(os.path.join(files_from, "config.json"))
 
 
 def _config_dtype(entries, files_from):

@@ -1,4 +1,6 @@
 """The whole merge as `MergeOptions` describe it: open the inputs, plan, execute into the output."""
+import os
+
 import torch
 
 from modelmerge.checkpoint import open_checkpoint, open_statistics
@@ -9,6 +11,7 @@ from modelmerge.merging.options import MergeError, MergeOptions
 from modelmerge.merging.parameters import load_method, resolve_parameters, split_driver_options
 from modelmerge.merging.plan import model_count_problem, plan_merge
 from modelmerge.merging.provenance import check_statistics_pairing
+from modelmerge.merging.shards import assign_parts, whole_merge_reason, write_part
 from modelmerge.methods.lines import layer_scales
 
 
@@ -43,7 +46,7 @@ def merge(options: MergeOptions):
             json_updates["adapter_config.json"] = output_adapter_config(lora_rank)
     else:
         layout = "adapter" if checkpoints[0].kind == "adapter" else "model"
-    if options.output.endswith(".safetensors"):
+    if options.output.endswith(".safetensors") and options.shard is None:  # a part: the join's output decides
         layout = "file"
     tasks = plan_merge(method, params, checkpoints, base, stats, base_stats, start_from, options.include,
                        options.exclude)
@@ -51,12 +54,32 @@ def merge(options: MergeOptions):
         name_lora_outputs(tasks, checkpoints[0], lora_rank)
     if wrappers["knots"]:
         use_shared_basis(tasks)
-    if wrappers["lines_beta"] is not None:
+    if options.shard is not None:
+        whole = whole_merge_reason(method, wrappers["lines_beta"] is not None and wrappers["lines_alpha"] is None)
+        parts = assign_parts(method, params, tasks, options.shard.count, whole)
+    if wrappers["lines_beta"] is not None and (options.shard is None or options.shard.index in parts):
         scale_layers(method, tasks, len(options.models), wrappers["lines_alpha"], wrappers["lines_beta"],
-                     dtype=options.dtype, device=options.device, progress=options.progress)
+                     dtype=options.dtype, device=options.device, progress=options.progress, threads=options.threads)
+    if options.shard is not None:
+        return write_part(method, tasks, parts, options.shard, options.output, layout, _identity(options, params),
+                          files_from=files_from and os.path.abspath(files_from), json_updates=json_updates,
+                          max_shard_bytes=options.max_shard_bytes, whole_reason=whole, dtype=options.dtype,
+                          device=options.device, progress=options.progress, overwrite=options.overwrite,
+                          threads=options.threads)
     return run_tasks(method, tasks, options.output, layout, files_from=files_from, json_updates=json_updates,
                      dtype=options.dtype, device=options.device, max_shard_bytes=options.max_shard_bytes,
-                     progress=options.progress, inputs=options.inputs, overwrite=options.overwrite)
+                     progress=options.progress, inputs=options.inputs, overwrite=options.overwrite,
+                     threads=options.threads)
+
+
+def _identity(options: MergeOptions, params):
+    """The merge asked for, as a sharded merge's parts record it (JSON-ready; every part must agree on it)."""
+    return {"method": options.method, "params": {name: repr(value) for name, value in sorted(params.items())},
+            "models": list(options.models), "aux_data": options.aux_data and list(options.aux_data),
+            "ancestor": options.ancestor, "ancestor_aux_data": options.ancestor_aux_data, "initial": options.initial,
+            "include": options.include, "exclude": options.exclude, "dtype": str(options.dtype),
+            "device": str(options.device), "lora_rank": options.lora_rank,
+            "inputs": [os.path.abspath(path) for path in options.inputs]}
 
 
 def check_counts(method, options: MergeOptions):
@@ -93,12 +116,12 @@ def use_shared_basis(tasks):
             task.shared_basis = True
 
 
-def scale_layers(method, tasks, num_models, alpha, beta, *, dtype, device, progress):
+def scale_layers(method, tasks, num_models, alpha, beta, *, dtype, device, progress, threads=None):
     """LiNeS: every merged tensor's task vector scaled by α + β · (its layer's depth) (methods/lines.py); α None:
     the paper's ‖Σ_t τ_t‖₁ / (T·‖τ‖₁) of the `num_models` models, from one merge of every tensor that is not written."""
     if alpha is None:
         norms = _L1Norms(tasks)
-        execute(method, tasks, norms, output_entries(tasks, dtype), dtype, device, progress)
+        execute(method, tasks, norms, output_entries(tasks, dtype), dtype, device, progress, threads)
         if norms.merged == 0:
             raise MergeError("LiNeS: the merged task vector is zero, so the paper's α is undefined; give lines_alpha")
         alpha = norms.summed / (num_models * norms.merged)

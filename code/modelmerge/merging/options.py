@@ -5,6 +5,7 @@ The fields hold parsed values: paths as strings, `dtype` a torch dtype, `device`
 bytes. Method parameters (`params`) stay as given (strings from a command line, numbers from YAML):
 the method's declared parameters convert and check them (merging/parameters.py).
 """
+import re
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Mapping
@@ -17,6 +18,22 @@ LORA_PREFIX = "lora-"
 
 class MergeError(ValueError):
     """A merge that cannot be done as asked; the message names the input, file, tensor or value and the cause."""
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Part `index` (1-based) of `count`."""
+
+    index: int
+    count: int
+
+    @classmethod
+    def parse(cls, text):
+        """'I/N' -> Shard(I, N); a MergeError unless 1 ≤ I ≤ N."""
+        match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(text))
+        if not match or not 1 <= int(match.group(1)) <= int(match.group(2)):
+            raise MergeError(f"--shard takes I/N with 1 ≤ I ≤ N (part I of N), got {text!r}")
+        return cls(int(match.group(1)), int(match.group(2)))
 
 
 @dataclass(frozen=True)
@@ -41,6 +58,8 @@ class MergeOptions:
     overwrite: bool = False  # replace an existing output that a merge did not write
     allow_statistics_mismatch: bool = False  # merge statistics recording another model than theirs (merging.provenance)
     progress: bool = True
+    shard: Shard | None = None  # merge only this part of the tensors into a part file (merging/shards.py)
+    threads: int | None = None  # torch threads on the CPU (None: one, or OMP_NUM_THREADS where set)
 
     def __post_init__(self):
         def set_(name, value):
@@ -54,6 +73,8 @@ class MergeOptions:
             raise MergeError(f"dtype {self.dtype} is not one of {', '.join(DTYPES)}")
         if not isinstance(self.max_shard_bytes, int) or self.max_shard_bytes < 1:
             raise MergeError(f"the largest output shard must be a positive number of bytes, got {self.max_shard_bytes!r}")
+        if self.threads is not None and self.threads < 1:
+            raise MergeError(f"the number of threads must be at least 1, got {self.threads}")
         if self.lora_rank is not None and self.lora_rank < 1:
             raise MergeError(f"the LoRA rank must be at least 1, got {self.lora_rank}")
 

@@ -18,7 +18,7 @@ import torch
 
 from .base import MergeMethod, Parameter, TensorGroup
 from .common import upcast_dtype
-from .task_space import PARAMETERS, Difference, chunks, gram, is_matrix
+from .task_space import PARAMETERS, Difference, chunks, gram, is_matrix, matrix_rule_cost
 
 
 def kept_rank(width: int, rank_ratio: float) -> int:
@@ -56,6 +56,9 @@ class Cart(MergeMethod):
         "rank_ratio": Parameter(0.12, range="[0, 1]", help="share of min(m, n) singular directions kept of each deviation"),
         "exclude": PARAMETERS["exclude"],
     }
+
+    def cost(self, name, shape, models, params):  # one eigendecomposition per model's deviation
+        return matrix_rule_cost(name, shape, models, params["exclude"], models if params["rank_ratio"] else 0)
 
     def merge(self, group: TensorGroup, *, merge_lambda, rank_ratio, exclude) -> torch.Tensor:
         out_dtype = (group.tensors[0] if group.base is None else group.base).dtype

@@ -7,8 +7,8 @@ Merging with Common and Task-Specific Subspaces", ICML 2025 (https://arxiv.org/a
 import torch
 
 from .base import MergeMethod, Parameter, TensorGroup
-from .task_space import (PARAMETERS, chunks, gram, is_matrix, leading_left, mean, polar, polar_and_singular_values,
-                         result, scaled_product, task_vectors, times, top_singular, total)
+from .task_space import (PARAMETERS, chunks, gram, is_matrix, leading_left, matrix_rule_cost, mean, polar,
+                         polar_and_singular_values, result, scaled_product, task_vectors, times, top_singular, total)
 
 
 def isotropic(matrix: torch.Tensor) -> torch.Tensor:
@@ -81,6 +81,9 @@ class IsoC(MergeMethod):
     needs_base = True
     parameters = PARAMETERS
 
+    def cost(self, name, shape, models, params):
+        return matrix_rule_cost(name, shape, models + 1, params["exclude"], 1)  # the polar factor of the sum
+
     def merge(self, group: TensorGroup, *, merge_lambda, exclude) -> torch.Tensor:
         taus = task_vectors(group)
         tau = isotropic(total(taus)) if is_matrix(group, exclude) else mean(taus)
@@ -97,6 +100,9 @@ class IsoCts(MergeMethod):
         **PARAMETERS,
         "common_space_fraction": Parameter(0.8, range="[0, 1]", help="f: share of the directions taken from the common space, in [0, 1]"),
     }
+
+    def cost(self, name, shape, models, params):  # the sum's SVD, one per task, two polar factors
+        return matrix_rule_cost(name, shape, models + 1, params["exclude"], models + 3)
 
     def merge(self, group: TensorGroup, *, merge_lambda, exclude, common_space_fraction) -> torch.Tensor:
         taus = task_vectors(group)

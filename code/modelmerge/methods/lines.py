@@ -31,6 +31,9 @@ PARAMETERS = {
                             help="LiNeS β: the last layer's task vector is scaled by α + β (any method with θ_0)"),
 }
 _LAYER = re.compile(r"^(.*?\.)(\d+)\.")
+# Why a merge with the paper's α cannot be split into parts that merge tensors on their own (merging/shards.py).
+GLOBAL_ALPHA = ("LiNeS without lines_alpha takes the paper's α = ‖Σ_t τ_t‖₁ / (T·‖τ‖₁) from every tensor of the model "
+                "(give lines_alpha to shard it)")
 
 
 def layer_depths(names) -> dict[str, float]:

@@ -6,7 +6,7 @@ import re
 
 import torch
 
-from .base import Parameter, TensorGroup
+from .base import Parameter, TensorGroup, decomposition_cost, entries_cost
 from .common import base_tensor, upcast_dtype
 
 PARAMETERS = {
@@ -70,12 +70,25 @@ def task_vectors(group: TensorGroup) -> TaskVectors:
 
 def is_matrix(group: TensorGroup, exclude: str | None) -> bool:
     """Whether the tensor gets the method's matrix rule: 2-D and not matched by `exclude`."""
-    if group.tensors[0].dim() != 2:
+    return gets_matrix_rule(group.name, tuple(group.tensors[0].shape), exclude)
+
+
+def gets_matrix_rule(name: str, shape: tuple[int, ...], exclude: str | None) -> bool:
+    """Whether tensor `name` of `shape` gets the method's matrix rule: 2-D and not matched by `exclude`."""
+    if len(shape) != 2:
         return False
     try:
-        return not (exclude and re.search(exclude, group.name))
+        return not (exclude and re.search(exclude, name))
     except re.error as error:
         raise ValueError(f"exclude: not a regular expression: {exclude!r} ({error})") from None
+
+
+def matrix_rule_cost(name, shape, inputs, exclude, decompositions) -> float:
+    """MergeMethod.cost of a method that makes `decompositions` SVDs of each matrix it merges by its rule."""
+    cost = entries_cost(shape, inputs)
+    if gets_matrix_rule(name, shape, exclude):
+        cost += decompositions * decomposition_cost(shape)
+    return cost
 
 
 def mean(tensors) -> torch.Tensor:

@@ -7,7 +7,8 @@ Interference in Model Merging", CVPR 2025 (https://arxiv.org/abs/2412.00081).
 import torch
 
 from .base import MergeMethod, TensorGroup
-from .task_space import PARAMETERS, is_matrix, mean, polar, result, scaled_product, task_vectors, top_singular
+from .task_space import (PARAMETERS, is_matrix, matrix_rule_cost, mean, polar, result, scaled_product, task_vectors,
+                         top_singular)
 
 
 def task_singular_vectors(taus) -> torch.Tensor:
@@ -37,6 +38,9 @@ class TsvM(MergeMethod):
     aliases = ("tsvm", "tsv-m")
     needs_base = True
     parameters = PARAMETERS
+
+    def cost(self, name, shape, models, params):
+        return matrix_rule_cost(name, shape, models + 1, params["exclude"], models + 2)  # T SVDs, two polar factors
 
     def merge(self, group: TensorGroup, *, merge_lambda, exclude) -> torch.Tensor:
         taus = task_vectors(group)

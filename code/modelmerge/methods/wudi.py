@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import MergeMethod, Parameter, TensorBlocks, TensorGroup
-from .task_space import PARAMETERS, is_matrix, mean, result, task_vectors
+from .base import MergeMethod, Parameter, TensorBlocks, TensorGroup, entries_cost, product_cost
+from .task_space import PARAMETERS, gets_matrix_rule, is_matrix, mean, result, task_vectors
 
 
 @dataclass(frozen=True)
@@ -73,6 +73,13 @@ class Wudi(MergeMethod):
         "iterations": Parameter(300, type=int, aliases=("iter_num",), range="[0, inf)", help="Adam steps per 2-D tensor (≥ 0)"),
         "learning_rate": Parameter(1e-5, aliases=("lr",), range="(0, inf)", help="Adam's learning rate (> 0)"),
     }
+
+    def cost(self, name, shape, models, params):  # the Gram matrices, then one product with them per Adam step
+        cost = entries_cost(shape, models + 1)
+        if gets_matrix_rule(name, shape, params["exclude"]):
+            m, n = shape
+            cost += product_cost(models * m * n * n + params["iterations"] * 2 * m * n * min(n, 2 * models * m))
+        return cost
 
     def prepare(self, blocks: TensorBlocks, *, exclude, iterations, learning_rate, **unused) -> WudiPlan | None:
         if not is_matrix(blocks.sample(1), exclude):
