@@ -97,7 +97,7 @@ def test_merge_job_commands(setup_dir):
                    parameters={"density": 0.2, "merge_lambda": 1.0})
     command = _create_files(job, setup_dir).split()
     assert command[1:] == ["/project/code/merge.py", "--merge", "ties", "--models", "/a", "/b", "--aux_data", "/fa", "/fb",
-                           "--ancestor", "/base", "--x:density", "0.2", "--x:merge_lambda", "1.0",
+                           "--ancestor", "/base", "--x:density", "0.2", "--x:merge_lambda", "1.0", "--threads", "1",
                            "--output", job.out_model.get_path()]
 
     assert MergeJob("ties", ["/a", "/b"], ancestor="/base", aux_data=["/fa", "/fb"],

@@ -1,9 +1,9 @@
 """Merging (`code/merge.py`, the modulated merges of `code/modulated_merge.py`, and the paper's own
 `code/task_arithmetic.py` and `code/uncertainty_based_gradient_matching.py` command lines)."""
-from sisyphus import tk
+from sisyphus import Task, tk
 
 from model_merging.program_job import CommandJob
-from model_merging.util import rqmt
+from model_merging.util import rqmt, run_command, write_run_script
 
 
 def _path(p):
@@ -16,16 +16,20 @@ class MergeJob(CommandJob):
     models: the fine-tuned models θ_t; ancestor: θ_0; aux_data: one statistics folder per model (Fisher,
     Gram, trimmed task vector); ancestor_aux_data: statistics of θ_0 (gradient matching's H_0);
     initial: a model to start from (MaTS); parameters: the method's parameters (`--x:NAME VALUE`);
-    allow_statistics_mismatch: merge statistics that record another model than theirs (e.g. one Fisher for all).
+    allow_statistics_mismatch: merge statistics that record another model than theirs (e.g. one Fisher for all);
+    shards: N > 1 merges the tensors in N parts, the N parallel task ids of task `run_part` (one SLURM array),
+    each with the job's resources, into `work/part-I-of-N.safetensors`, then task `join` writes the same
+    `out_model` as one process would (`code/merge.py --shard`, `--join`); a merge whose tensors depend on each
+    other runs whole in part 1 (its log says so). A killed part reruns alone.
     Output: `out_model`, a model folder.
     """
 
-    # added later: at its default it leaves the job ids as they were
-    __sis_hash_exclude__ = {"allow_statistics_mismatch": False}
+    # added later: at their defaults they leave the job ids as they were
+    __sis_hash_exclude__ = {"allow_statistics_mismatch": False, "shards": 1}
 
     def __init__(self, method, models, *, ancestor=None, aux_data=None, ancestor_aux_data=None, initial=None,
                  parameters=None, dtype=None, include=None, exclude=None, allow_statistics_mismatch=False,
-                 time_rqmt=1, mem_rqmt=4, cpu_rqmt=1, gpu_rqmt=0):
+                 shards=1, time_rqmt=1, mem_rqmt=4, cpu_rqmt=1, gpu_rqmt=0):
         self.method = method
         self.models = list(models)
         self.ancestor = ancestor
@@ -37,8 +41,42 @@ class MergeJob(CommandJob):
         self.include = include
         self.exclude = exclude
         self.allow_statistics_mismatch = allow_statistics_mismatch
+        if not isinstance(shards, int) or shards < 1:
+            raise ValueError(f"MergeJob: shards must be a positive int, got {shards!r}")
+        self.shards = shards
         self.rqmt = rqmt(time_rqmt, mem_rqmt, cpu_rqmt, gpu_rqmt)
         self.out_model = self.output_path("model")
+
+    def tasks(self):
+        if self.shards == 1:
+            yield from super().tasks()
+            return
+        yield Task("create_files", mini_task=True)
+        yield Task("run_part", resume="run_part", rqmt=self.rqmt, args=range(1, self.shards + 1))
+        yield Task("join", resume="join", rqmt={**self.rqmt, "cpu": 1, "gpu": 0})
+
+    def create_files(self):
+        if self.shards == 1:
+            return super().create_files()
+        write_run_script(*(self.part_command(index) for index in range(1, self.shards + 1)), self.join_command())
+
+    def run_part(self, index):
+        run_command(self.part_command(index), cpu=self.rqmt["cpu"])
+
+    def join(self):
+        run_command(self.join_command())
+
+    def part_file(self, index):
+        """Part `index` of a sharded merge, in the job's work/ folder (where its tasks run)."""
+        return f"part-{index}-of-{self.shards}.safetensors"
+
+    def part_command(self, index):
+        command = self.command()
+        return command[:-1] + [self.part_file(index), "--shard", f"{index}/{self.shards}", "--no_progress"]
+
+    def join_command(self):
+        return [*self.program_command("merge.py"), "--join", *map(self.part_file, range(1, self.shards + 1)),
+                "--output", self.out_model.get_path()]
 
     def command(self):
         cmd = [*self.program_command("merge.py"), "--merge", self.method, "--models", *map(_path, self.models)]
@@ -53,7 +91,7 @@ class MergeJob(CommandJob):
                 cmd += [flag, str(value)]
         if self.allow_statistics_mismatch:
             cmd.append("--allow_statistics_mismatch")
-        return cmd + _parameter_arguments(self.parameters) + _device_and_output(self)
+        return cmd + _parameter_arguments(self.parameters) + ["--threads", str(self.rqmt["cpu"])] + _device_and_output(self)
 
 
 def _parameter_arguments(parameters):

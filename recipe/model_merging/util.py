@@ -49,11 +49,12 @@ def write_json(path, obj):
     os.replace(path + ".tmp", path)
 
 
-def write_run_script(cmd, path="run.sh"):
-    """Write `cmd` as an executable shell script (in the task's cwd, the job's work/ folder), so that
-    anyone can rerun the step by hand."""
+def write_run_script(*commands, path="run.sh"):
+    """Write `commands` (each a list of arguments), one line each, as an executable shell script (in the task's
+    cwd, the job's work/ folder), so that anyone can rerun the step by hand."""
     with open(path, "w") as f:
-        f.write("#!/usr/bin/env bash\nset -euo pipefail\n" + " ".join(shlex.quote(c) for c in cmd) + "\n")
+        f.write("#!/usr/bin/env bash\nset -euo pipefail\n"
+                + "".join(" ".join(shlex.quote(c) for c in cmd) + "\n" for cmd in commands))
     os.chmod(path, 0o755)
 
 

@@ -93,7 +93,7 @@ def execute(method, tasks, writer, entries, dtype=None, device="cpu", progress=T
     summary = Summary()
     start = time.perf_counter()
     reader = _Reader(tasks)
-    threads = torch.get_num_threads()
+    previous_threads = torch.get_num_threads()
     if device.type == "cpu" and (threads or "OMP_NUM_THREADS" not in os.environ):
         torch.set_num_threads(threads or 1)
     try:
@@ -102,7 +102,7 @@ def execute(method, tasks, writer, entries, dtype=None, device="cpu", progress=T
             summary.merged += merged
             summary.copied += not merged
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(previous_threads)
     summary.seconds = time.perf_counter() - start
     summary.peak_rss_bytes = peak_rss_bytes()
     return summary
