@@ -108,6 +108,10 @@ CASES = [
     ("yaml density", M, lambda p, out: ["--config", p["bad_density.yml"], out], "must lie in (0, 1], got -0.3"),
     # statistics
     ("negative fisher", M, fisher(stats=("fa", "negative_fisher")), "statistic 'fisher' enc.w in"),
+    ("statistics a method does not use", M, lambda p, out: merge("task_arithmetic")(p, out) + ["--aux_data", p["fa"], p["fb"]],
+     "method task_arithmetic uses no statistics of the models; drop --aux_data"),
+    ("ancestor statistics a method does not use", M, merge("fisher", "--aux_data", "FA", "FB", "--ancestor_aux_data", "FA"),
+     "method fisher uses no statistics of the ancestor; drop --ancestor_aux_data"),
     # tensor selection
     ("include matches nothing", M, merge("task_arithmetic", "--include", "decoder"), "include 'decoder' select no floating-point tensor"),
     ("exclude everything", M, merge("task_arithmetic", "--exclude", "."), "exclude '.' select no floating-point tensor"),

@@ -112,7 +112,7 @@ CASES = {
                                         {"mine/validation.jsonl": '{"text": "x", "label": 0}\n'}, "is the input"),
     "predict output_dir holds the config": ("predict", {"output_dir": "{tmp}"}, {}, "holds the config file"),
     # The paper's keys.
-    "optimizer other than AdamW": ("train", {"optimizer_name": "SGD"}, {}, "optimizer_name must be one of 'AdamW', got 'SGD'"),
+    "optimizer other than AdamW": ("train", {"optimizer_name": "SGD"}, {}, "optimizer_name must be one of 'AdamW', 'IVON', got 'SGD'"),
     "per-step evaluation": ("train", {"evaluation_strategy": "steps"}, {}, "evaluation_strategy must be one of 'epoch'"),
     "alias and key disagree": ("train", {"max_input_length": 64}, {}, "max_input_length (64) and max_length (32) name the same"),
     "unknown dataset configuration": ("predict", {"dataset_config_name": "generation"}, {}, "dataset_config_name must be one of"),

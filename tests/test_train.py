@@ -183,6 +183,13 @@ def test_peft_training_writes_adapter_folders(setup, tmp_path, peft, adapted):
     ({"peft": {"type": "lora", "rank": 4}}, "peft: unknown key(s) rank"),
     ({"peft": {"type": "prefix"}}, "peft.type must be one of"),
     ({"peft": {"type": "lora", "target_modules": ["nosuchlayer"]}}, "peft:"),
+    ({"ivon": {"hess_init": 0.1}}, "ivon: IVON's keys given with optimizer_name AdamW"),
+    ({"optimizer_name": "IVON", "ivon": {"hess_int": 0.1}}, "ivon: unknown key(s) hess_int"),
+    ({"optimizer_name": "IVON", "ivon": {"hess_init": 0}}, "ivon.hess_init must be positive, got 0"),
+    ({"optimizer_name": "IVON", "ivon": {"beta2": 1.0}}, "ivon.beta2 must be in [0, 1), got 1.0"),
+    ({"optimizer_name": "IVON", "adam_beta2": 0.99}, "adam_beta2 is AdamW's, not used with optimizer_name IVON"),
+    ({"optimizer_name": "IVON", "gradient_accumulation_steps": 2}, "gradient_accumulation_steps must be 1 with"),
+    ({"optimizer_name": "IVON", "task_type": "seq2seq", "ivon": {"eval_samples": 2}}, "ivon.eval_samples averages"),
 ])
 def test_bad_configs_exit_with_a_message_and_leave_no_output(setup, tmp_path, caplog, change, message):
     config = make_config(setup, tmp_path / "out")

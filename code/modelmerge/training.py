@@ -14,7 +14,8 @@ Layout of `output_dir`, Hugging Face's (the Trainer's own `output_dir`, as the p
   summary of the run), `train_config.json` again (with the resources of the run that finished). Model folders hold the
   tokenizer (or image processor) and load with the task type's Auto class (`AutoModelForSequenceClassification`,
   `AutoModelForSeq2SeqLM`, ...; CLIP as `CLIPModel`) after full fine-tuning, or as a PEFT adapter folder
-  (`PeftModel`, base model named inside).
+  (`PeftModel`, base model named inside). With `optimizer_name: "IVON"` also `posterior/`, the variational
+  posterior whose mean is best/: its precision in a Fisher statistics folder (modelmerge.variational).
 """
 import dataclasses
 import json
@@ -32,7 +33,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 import typing
 
-from modelmerge import atomic, data, families, outputs
+from modelmerge import atomic, data, families, outputs, variational
 from modelmerge.checkpoint import SAFE_INDEX, open_checkpoint
 from modelmerge.config import SHARED_PAPER_KEYS, Alias, ConfigError, Ignored, default_num_threads, from_dict, to_dict
 from modelmerge.prediction import (check_device, check_max_length, check_model_path, classification_metrics,
@@ -118,6 +119,9 @@ class TrainConfig:
     validation_split: str = "validation"
     data_dir: str | None = None  # None: $MERGE_DATA_DIR, else the Hub
     num_labels: int = 2
+    optimizer_name: typing.Literal["AdamW", "IVON"] = "AdamW"
+    # IVON's keys (modelmerge.variational.IvonSpec) with optimizer_name IVON; None: its defaults
+    ivon: dict | None = None
     learning_rate: float = 1e-5
     warmup_steps: int = 100
     lr_scheduler_type: str = "cosine"
@@ -149,7 +153,6 @@ class TrainConfig:
         "dataset_val_split": Alias("validation_split"),
         "beta1": Alias("adam_beta1"),
         "beta2": Alias("adam_beta2"),
-        "optimizer_name": Ignored("training always uses AdamW, the authors' only optimizer", str, ("AdamW",)),
         "evaluation_strategy": Ignored("evaluation runs after every epoch (best/ is chosen so)", str, ("epoch",)),
         "save_strategy": Ignored("a checkpoint is saved after every epoch (the epoch-<k>/ folders)", str, ("epoch",)),
         "method": Ignored("the authors' name of task_type sequence_classification", str, ("sequence_classification",)),
@@ -190,6 +193,12 @@ class TrainConfig:
             if kind not in PEFT_SPECS:
                 raise ConfigError(f"peft.type must be one of {sorted(PEFT_SPECS)}, got {kind!r}")
             self.peft = dataclasses.asdict(from_dict(PEFT_SPECS[kind], self.peft, where="peft"))
+        if self.optimizer_name == "IVON":
+            self.ivon = dataclasses.asdict(from_dict(variational.IvonSpec, self.ivon or {}, where="ivon"))
+        variational.check_training_config(self, _defaults())
+
+    def ivon_spec(self):
+        return None if self.ivon is None else variational.IvonSpec(**self.ivon)
 
     def peft_spec(self):
         return None if self.peft is None else PEFT_SPECS[self.peft["type"]](**self.peft)
@@ -230,7 +239,11 @@ def train(config, callbacks=()):
     _remove_leftovers(config.output_dir)
     _check_previous_run(config)
     sequence = families.is_sequence(config.task_type)
-    trainer_class = Seq2SeqTrainer if config.task_type == "seq2seq" else Trainer
+    trainer_class, ivon_arguments = Seq2SeqTrainer if config.task_type == "seq2seq" else Trainer, {}
+    if config.optimizer_name == "IVON":
+        trainer_class = variational.IvonSeq2SeqTrainer if config.task_type == "seq2seq" else variational.IvonTrainer
+        spec = config.ivon_spec()
+        ivon_arguments = {"ivon_spec": spec, "ess": spec.ess or len(train_data)}
     trainer = trainer_class(
         model=model,
         args=_training_arguments(config),
@@ -240,6 +253,7 @@ def train(config, callbacks=()):
         data_collator=families.collator(processor, config.task_type),
         compute_metrics=None if sequence else _compute_metrics,
         callbacks=list(callbacks),
+        **ivon_arguments,
     )
     resume_from = _last_complete_checkpoint(config.output_dir)
     if resume_from:
@@ -265,7 +279,7 @@ def _is_training_output(path):
 
 def _is_own_entry(name):
     """Whether an entry of output_dir named `name` is one that train.py (or its Trainer) writes."""
-    return (name in ("best", STATE_FILE, CONFIG_FILE, RESULTS_FILE)
+    return (name in ("best", variational.POSTERIOR, STATE_FILE, CONFIG_FILE, RESULTS_FILE)
             or re.fullmatch(rf"(epoch|{PREFIX_CHECKPOINT_DIR})-\d+", name) is not None)
 
 
@@ -359,7 +373,8 @@ def _training_arguments(config):
         adam_beta1=config.adam_beta1,
         adam_beta2=config.adam_beta2,
         weight_decay=config.weight_decay,
-        max_grad_norm=config.max_grad_norm,
+        # IVON has averaged the gradients of its draws before the Trainer would clip them (it clips with clip_radius)
+        max_grad_norm=0.0 if config.optimizer_name == "IVON" else config.max_grad_norm,
         per_device_train_batch_size=config.per_device_train_batch_size,
         per_device_eval_batch_size=config.per_device_eval_batch_size,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
@@ -400,8 +415,7 @@ def _check_previous_run(config):
     with open(config_path) as f:
         previous = json.load(f)
     resolved = to_dict(config)
-    # A key newer than the saved config counts as unchanged while it keeps its default.
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
+    defaults = _defaults()  # a key newer than the saved config counts as unchanged while it keeps its default
     changed = sorted(k for k in set(previous) | set(resolved)
                      if k not in RESUMABLE_CHANGES and previous.get(k, defaults.get(k)) != resolved.get(k))
     if not changed:
@@ -419,6 +433,10 @@ def _check_previous_run(config):
             shutil.rmtree(path)
         else:
             os.remove(path)
+
+
+def _defaults():
+    return {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
 
 
 def _last_complete_checkpoint(folder):
@@ -455,6 +473,10 @@ def _write_outputs(trainer, result, config, dtype):
         raise RuntimeError(f"training in {config.output_dir} ended without an evaluated checkpoint")
     logger.info("best checkpoint %s (%s = %s)", best, config.metric_for_best_model, trainer.state.best_metric)
     _export_model_folder(best, os.path.join(config.output_dir, "best"), dtype)
+    if config.optimizer_name == "IVON":
+        variational.write_posterior(trainer.model, best, os.path.join(config.output_dir, "best"),
+                                    os.path.join(config.output_dir, variational.POSTERIOR),
+                                    {"dataset": config.dataset_name, "split": config.train_split}, config.seed)
     with atomic.atomic_file(os.path.join(config.output_dir, STATE_FILE)) as tmp:
         trainer.state.save_to_json(tmp)
     with atomic.atomic_file(os.path.join(config.output_dir, RESULTS_FILE)) as tmp, open(tmp, "w") as f:

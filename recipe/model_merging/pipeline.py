@@ -17,9 +17,9 @@ class Experiment:
     preset: dict
     data: dict  # task -> dataset folder (tk.Path)
     pretrained: tk.Path  # θ_0
-    pretrained_fisher: tk.Path  # H_0 (statistics folder)
+    pretrained_fisher: tk.Path  # H_0 (statistics folder: a FisherJob's, or θ_0's IVON posterior)
     models: dict  # task -> θ_t
-    fishers: dict  # task -> H_t
+    fishers: dict  # task -> H_t (as H_0)
     multitask: tk.Path
 
 
@@ -31,13 +31,20 @@ def download_data(preset):
     return {task: DownloadDatasetJob(task, data_dir=preset["data_dir"]).out_dir for task in all_tasks(preset)}
 
 
-def train(preset, model, datasets, train_splits, validation_splits, learning_rate, alias):
-    """Fine-tune `model` on the mixture of `datasets` (one entry: a single task)."""
-    config = {**preset["training"], "model_name_or_path": model, "learning_rate": learning_rate,
+def train(preset, model, datasets, train_splits, validation_splits, learning_rate, alias, training=None):
+    """The best model of `training_job`."""
+    return training_job(preset, model, datasets, train_splits, validation_splits, learning_rate, alias,
+                        training).out_best_model
+
+
+def training_job(preset, model, datasets, train_splits, validation_splits, learning_rate, alias, training=None):
+    """Fine-tune `model` on the mixture of `datasets` (one entry: a single task) with the preset's training keys,
+    `training` (e.g. another optimizer's) over them."""
+    config = {**preset["training"], **(training or {}), "model_name_or_path": model, "learning_rate": learning_rate,
               "dataset_name": datasets, "train_split": train_splits, "validation_split": validation_splits}
     job = HuggingfaceTrainingJob(config, num_epochs=preset["num_epochs"], **preset["rqmt"]["train"])
     job.add_alias(alias)
-    return job.out_best_model
+    return job
 
 
 def fisher(preset, model, dataset, split, alias):
@@ -48,24 +55,46 @@ def fisher(preset, model, dataset, split, alias):
 
 def build_experiment(preset):
     """θ_0 and H_0 on the pretraining task; θ_t (fine-tuned from θ_0) and H_t per task; the multitask model."""
+    return _build(preset, None)
+
+
+def build_variational_experiment(preset):
+    """As build_experiment, with every model trained by IVON (modelmerge.variational) as `preset["ivon"]` says
+    (`training`: train.py's keys over the preset's; `pretraining_learning_rate`, `finetuning_learning_rate`),
+    and each model's own posterior as its Hessian H_0 or H_t: no Fisher job."""
+    return _build(preset, preset["ivon"])
+
+
+def _build(preset, ivon):
     data = download_data(preset)
     pre = preset["pretraining"]
-    task = pre["task"]
-    pretrained = train(preset, preset["model"], [data[task]], [pre["train_split"]], [pre["validation_split"]],
-                       pre["learning_rate"], "models/pretrained")
-    pretrained_fisher = fisher(preset, pretrained, data[task], pre["fisher_split"], "fishers/pretrained")
-
-    lr = preset["finetuning_learning_rate"]
     validation = preset["validation_splits"]
-    models, fishers = {}, {}
-    for task, spec in preset["tasks"].items():
-        models[task] = train(preset, pretrained, [data[task]], [spec["train_split"]], [validation[task]], lr, f"models/{task}")
-        fishers[task] = fisher(preset, models[task], data[task], spec["fisher_split"], f"fishers/{task}")
+    if ivon is None:
+        learning_rates, training, prefix = (pre["learning_rate"], preset["finetuning_learning_rate"]), None, ""
+    else:
+        learning_rates = (ivon["pretraining_learning_rate"], ivon["finetuning_learning_rate"])
+        training, prefix = ivon["training"], "ivon/"
 
+    def model_and_hessian(model, tasks, train_splits, validation_splits, learning_rate, name, fisher_split=None):
+        job = training_job(preset, model, [data[t] for t in tasks], train_splits, validation_splits, learning_rate,
+                           f"{prefix}models/{name}", training)
+        if fisher_split is None:
+            return job.out_best_model, None
+        if ivon is not None:
+            return job.out_best_model, job.out_posterior
+        return job.out_best_model, fisher(preset, job.out_best_model, data[tasks[0]], fisher_split, f"fishers/{name}")
+
+    pretrained, pretrained_hessian = model_and_hessian(preset["model"], [pre["task"]], [pre["train_split"]],
+                                                       [pre["validation_split"]], learning_rates[0], "pretrained",
+                                                       pre["fisher_split"])
+    models, hessians = {}, {}
+    for task, spec in preset["tasks"].items():
+        models[task], hessians[task] = model_and_hessian(pretrained, [task], [spec["train_split"]], [validation[task]],
+                                                         learning_rates[1], task, spec["fisher_split"])
     tasks = list(preset["tasks"])
-    multitask = train(preset, pretrained, [data[t] for t in tasks], [preset["tasks"][t]["train_split"] for t in tasks],
-                      [validation[t] for t in tasks], lr, "models/multitask")
-    return Experiment(preset, data, pretrained, pretrained_fisher, models, fishers, multitask)
+    multitask, _ = model_and_hessian(pretrained, tasks, [preset["tasks"][t]["train_split"] for t in tasks],
+                                     [validation[t] for t in tasks], learning_rates[1], "multitask")
+    return Experiment(preset, data, pretrained, pretrained_hessian, models, hessians, multitask)
 
 
 def paper_merges(experiment, scaling_factor, tasks=None):

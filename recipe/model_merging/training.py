@@ -12,7 +12,9 @@ class HuggingfaceTrainingJob(ProgramJob):
     the job adds `output_dir` and `num_train_epochs`. Outputs: `out_checkpoints` (the folder of the Trainer's
     `checkpoint-<step>` folders, so an interrupted run resumes: `out_dir` itself, Hugging Face's layout),
     `out_models[k]` (model folder after epoch k), `out_best_model` (the epoch best on the validation
-    metric), `out_trainer_state`.
+    metric), `out_trainer_state`; with `optimizer_name: "IVON"` also `out_posterior`, the posterior of
+    out_best_model as a Fisher statistics folder (modelmerge.variational): a merge takes it where it takes a
+    FisherJob's `out_dir`.
     """
 
     program_name = "train.py"
@@ -27,6 +29,8 @@ class HuggingfaceTrainingJob(ProgramJob):
         self.out_models = {k: self.output_path(f"training/epoch-{k}") for k in range(1, num_epochs + 1)}
         self.out_best_model = self.output_path("training/best")
         self.out_trainer_state = self.output_path("training/trainer_state.json")
+        if config.get("optimizer_name") == "IVON":
+            self.out_posterior = self.output_path("training/posterior")
 
     def config(self):
         config = {**self.train_config, "output_dir": self.out_dir, "num_train_epochs": self.num_epochs}

@@ -96,6 +96,11 @@ def check_counts(method, options: MergeOptions):
         raise MergeError(f"method {method.name} needs statistics ({', '.join(method.stats)}) of every model")
     if method.base_stats and not options.ancestor_aux_data:
         raise MergeError(f"method {method.name} needs statistics ({', '.join(method.base_stats)}) of the ancestor")
+    # statistics a method does not read would be ignored without a word: a mix-up (another method meant)
+    if options.aux_data and not (method.stats or method.optional_stats):
+        raise MergeError(f"method {method.name} uses no statistics of the models; drop --aux_data")
+    if options.ancestor_aux_data and not method.base_stats:
+        raise MergeError(f"method {method.name} uses no statistics of the ancestor; drop --ancestor_aux_data")
 
 
 def check_wrappers(options: MergeOptions, wrappers):
