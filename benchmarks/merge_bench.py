@@ -1,4 +1,4 @@
-"""Merge speed and memory on BERT-base-sized checkpoints, against the I/O floor and mergekit.
+"""Merge speed and memory on BERT-base-sized checkpoints, against the I/O floor, FusionBench and mergekit.
 
 Writes into a temporary folder (a few GB at full size) an ancestor and four fine-tuned checkpoints with
 BERT-base shapes (~110M parameters, float32 safetensors, random values) and a diagonal Fisher for each,
@@ -10,7 +10,15 @@ their target: a merge loop within 3x task arithmetic's, WUDI's per 100 iteration
   imports and planning), and its peak resident memory;
 - the I/O floor: reading every input file the merge reads (plain sequential reads) and writing a file the
   size of the output (also in a fresh process, so both run with the same cache state);
+- FusionBench 0.2.33's own algorithm class for the same method (benchmarks/fusion_bench_merge.py: a program that
+  loads every model into its model pool as FusionBench's configurations do, runs the algorithm and saves the
+  result; FusionBench's folder on its path): wall time and peak resident memory, and the largest absolute
+  difference of its merged tensors from ours where the definitions match;
 - mergekit (`mergekit-yaml`, when installed) on the same merge: wall time and peak resident memory.
+
+Ours, FusionBench's and mergekit's processes run interleaved (floor, ours, FusionBench, mergekit, floor, ...).
+The peers' targets (issue 18): our whole process at most 0.5x FusionBench's time and 1/3 of its peak memory,
+and at most mergekit's time.
 
 The targets: merge loop within 1.5x the I/O floor, faster than mergekit, peak memory below the size of two
 checkpoints; the table ends with each target, met or not. A new method whose loop misses 3x task arithmetic's
@@ -21,11 +29,12 @@ rates a quick matmul, sort and draw reach on this machine with the same threads.
 page cache when memory allows (every file is read once before the measurements). Our merge runs with each of `--threads` torch
 threads (OMP_NUM_THREADS; default 1, as merge.py itself runs), `--repeats` times, alternating with the
 floor so that other processes on the machine (which make the figures noisy) slow both alike; medians are
-reported. mergekit runs once, with the largest thread count.
+reported. mergekit runs with the largest thread count; FusionBench with each.
 
     python benchmarks/merge_bench.py              # full size (~110M parameters per checkpoint), ~8 min
     python benchmarks/merge_bench.py --threads 1 2 --repeats 1 --no_mergekit   # one thread against two
     python benchmarks/merge_bench.py --scale 0.25 --repeats 1 --no_mergekit  # a quick small run
+    python benchmarks/merge_bench.py --methods tsv_m iso_c --device cuda  # all three on the GPU
 """
 import argparse
 import json
@@ -45,6 +54,9 @@ from transformers import BertConfig, BertForSequenceClassification
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MERGE = os.path.join(REPO, "code", "merge.py")
+MODULATED_MERGE = os.path.join(REPO, "code", "modulated_merge.py")
+FUSION_BENCH_DRIVER = os.path.join(REPO, "benchmarks", "fusion_bench_merge.py")
+FUSION_BENCH = os.environ.get("FUSION_BENCH_DIR", os.path.expanduser("~/.cache/modelmerge/fusion_bench-0.2.33"))
 TIES_DENSITY = 0.2
 
 
@@ -124,9 +136,9 @@ sys.exit(done.returncode)
 """
 
 
-def measure(command, cwd, threads):
+def measure(command, cwd, threads, pythonpath=None):
     """(wall seconds, peak RSS bytes, stdout) of `command` run alone under a small parent process."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), **({"PYTHONPATH": pythonpath} if pythonpath else {}))
     done = subprocess.run([sys.executable, "-c", PEAK_RSS, *command], cwd=cwd, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
@@ -143,24 +155,62 @@ def io_floor(reads, root, output_bytes):
     return seconds
 
 
-def our_merge(arguments, root, name, threads, device="cpu"):
-    """(merge loop seconds, whole wall seconds, peak RSS bytes) of code/merge.py, its arithmetic on `device`."""
+def our_merge(arguments, root, name, threads, device="cpu", keep=False):
+    """(merge loop seconds, whole wall seconds, peak RSS bytes, output folder or None) of code/merge.py (the
+    modulated methods: code/modulated_merge.py), its arithmetic on `device`; the output is kept if `keep`."""
     out = os.path.join(root, f"out-{name}")
-    command = [sys.executable, MERGE, *arguments, "--device", device, "--output", out, "--no_progress"]
+    program = MODULATED_MERGE if arguments[1] in MODULATED else MERGE
+    command = [sys.executable, program, *arguments, "--device", device, "--output", out, "--no_progress"]
     wall, rss, stdout = measure(command, REPO, threads)
-    shutil.rmtree(out)
-    return float(re.search(r", ([0-9.]+) s, peak RSS", stdout).group(1)), wall, rss
+    loop = float(re.search(r"^(?:merged|modulated merge) .*, ([0-9.]+) s", stdout, re.MULTILINE).group(1))
+    if not keep:
+        shutil.rmtree(out)
+    return loop, wall, rss, out if keep else None
 
 
-def mergekit_merge(yaml_text, root, name, threads):
+def fusion_bench_merge(method, root, name, threads, device="cpu", keep=False):
+    """(wall seconds, peak RSS bytes, output folder or None) of FusionBench's algorithm for `method` as a program
+    (fusion_bench_merge.py, FusionBench's folder on the path), or None if it fails (the reason printed)."""
+    out = os.path.join(root, f"fusion_bench-{name}")
+    command = [sys.executable, FUSION_BENCH_DRIVER, method, "--pretrained", os.path.join(root, "base"),
+               "--models", *[os.path.join(root, f"ft{t}") for t in range(1, 5)], "--output", out, "--device", device]
+    try:
+        wall, rss, _ = measure(command, REPO, threads, pythonpath=FUSION_BENCH)
+    except RuntimeError as error:
+        print(f"FusionBench {method} fails: {str(error).strip().splitlines()[-1]}")
+        return None
+    finally:
+        if not keep:
+            shutil.rmtree(out, ignore_errors=True)
+    return wall, rss, out if keep else None
+
+
+def mergekit_merge(yaml_text, root, name, threads, device="cpu"):
     """(wall seconds, peak RSS bytes) of mergekit-yaml on the same merge."""
     config = os.path.join(root, f"{name}.yml")
     with open(config, "w") as f:
         f.write(yaml_text)
     out = os.path.join(root, f"mergekit-{name}")
-    wall, rss, _ = measure(["mergekit-yaml", config, out, "--quiet"], REPO, threads)
+    wall, rss, _ = measure(["mergekit-yaml", config, out, "--quiet", *(["--cuda"] if device == "cuda" else [])],
+                           REPO, threads)
     shutil.rmtree(out)
     return wall, rss
+
+
+def max_abs_difference(ours, theirs, method):
+    """max |ours − FusionBench's| over the merged tensors (EMR: the unified model θ_0 + τ_uni and the rescalers)."""
+    from safetensors.torch import load_file
+
+    if method == "emr":
+        mine = load_file(os.path.join(ours, "unified", "model.safetensors"))
+        their = load_file(os.path.join(theirs, "model.safetensors"))
+        worst = max(float((mine[k] - (their[f"backbone.{k}"] + their[f"unified_task_vector.{k}"])).abs().max())
+                    for k in mine)
+        with open(os.path.join(ours, "modulators.json")) as f:
+            rescalers = json.load(f)["rescalers"]
+        return max(worst, *(abs(r - float(their[f"modulators.model_{t + 1}.rescaler"])) for t, r in enumerate(rescalers)))
+    mine, their = load_file(os.path.join(ours, "model.safetensors")), load_file(os.path.join(theirs, "model.safetensors"))
+    return max(float((mine[k].double() - their[k].double()).abs().max()) for k in mine)
 
 
 def load():
@@ -202,13 +252,16 @@ def merges(root):
     }
 
 
-# The methods of issue 9: (our --x: parameters, mergekit's top-level parameters or None where mergekit
+# The methods of issues 9 and 19: (our --x: parameters, mergekit's top-level parameters or None where mergekit
 # lacks the method, how many of the four models it merges). WUDI runs 100 iterations: its target is per 100.
+# FusionBench's algorithm for a method is benchmarks/fusion_bench_merge.py's ALGORITHMS entry of that name,
+# with the same definition's parameters (task arithmetic λ 0.5, TIES 20 %, DARE p 0.5, the rest their defaults).
 NEW_METHODS = {
     "model_stock": ([], {}, 4),
     "della": (["--x:density", "0.5", "--x:epsilon", "0.1"], {"density": 0.5, "epsilon": 0.1}, 4),
     "della_linear": (["--x:density", "0.5", "--x:epsilon", "0.1"], {"density": 0.5, "epsilon": 0.1}, 4),
     "sce": (["--x:select_topk", "0.5"], {"select_topk": 0.5}, 4),
+    "dare_linear": (["--x:density", "0.5"], {"density": 0.5}, 4),
     "nuslerp": ([], {}, 2),
     "multislerp": ([], {}, 4),
     "karcher": ([], {}, 4),
@@ -222,11 +275,23 @@ NEW_METHODS = {
     "wudi": (["--x:iterations", "100"], None, 4),
     "magmax": ([], None, 4),
     "consensus": ([], None, 4),
-    # issue 19 (FusionBench has none of these as a plain merge; its TATR needs CLIP and a model pool)
+    "emr": ([], None, 4),  # modulated merges: code/modulated_merge.py (unified model, masks, rescalers)
+    "tall_masks": ([], None, 4),
+    # issue 19 (FusionBench has none of these as a plain merge: its TATR is CLIP's, with data; its KnOTS only an
+    # alignment function for LoRA adapters, which these full checkpoints are not)
     "cart": ([], None, 4),
     "pcb": ([], None, 4),
     "tatr": ([], None, 4),
+    "lines_task_arithmetic": (["--x:lines_beta", "0.5"], None, 4),  # task arithmetic with LiNeS' layer scaling
 }
+MODULATED = ("emr", "tall_masks")
+# FusionBench's algorithm (fusion_bench_merge.py) where it computes the same merge; the max abs difference of the
+# results is checked where the definitions match (TIES: FusionBench trims each task vector over the whole
+# model at once, we per tensor as the paper and mergekit; DARE draws its own random masks)
+FUSION_BENCH_METHODS = {"task_arithmetic": "task_arithmetic", "ties": "ties", "dare_linear": "dare", "tsv_m": "tsv_m",
+                        "iso_c": "iso_c", "iso_cts": "iso_cts", "wudi": "wudi", "magmax": "magmax",
+                        "model_stock": "model_stock", "emr": "emr", "tall_masks": "tall_masks"}
+DEFINITIONS_DIFFER = {"ties": "FB trims globally", "dare_linear": "random masks"}
 NO_BASE = ("karcher",)  # mergekit merges a base model as one more input there
 
 
@@ -235,10 +300,12 @@ def new_method_merges(models, base, reads):
     for name, (parameters, mergekit_parameters, count) in NEW_METHODS.items():
         chosen = models[:count]
         ancestor = [] if name in NO_BASE else ["--ancestor", base]
-        arguments = ["--merge", name, "--models", *chosen, *ancestor, *parameters]
+        method = "task_arithmetic" if name == "lines_task_arithmetic" else name
+        arguments = ["--merge", method, "--models", *chosen, *ancestor, *parameters]
         yaml_text = None
         if mergekit_parameters is not None:
-            weight = "\n    parameters: {weight: 1.0}" if name in ("della", "della_linear", "nuslerp", "multislerp") else ""
+            weight = ("\n    parameters: {weight: 1.0}"
+                      if name in ("della", "della_linear", "dare_linear", "nuslerp", "multislerp") else "")
             yaml_text = (f"merge_method: {name}\n" + ("" if name in NO_BASE else f"base_model: {base}\n")
                          + f"parameters: {json.dumps(mergekit_parameters)}\nmodels:\n"
                          + "".join(f"  - model: {m}{weight}\n" for m in chosen))
@@ -327,6 +394,7 @@ def main():
     parser.add_argument("--workdir", default=None, help="where to write the checkpoints (default: a temp folder)")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints")
     parser.add_argument("--no_mergekit", action="store_true")
+    parser.add_argument("--no_fusion_bench", action="store_true", help="leave out FusionBench's algorithms")
     parser.add_argument("--threads", type=int, nargs="+", default=[1],
                         help="torch thread counts (OMP_NUM_THREADS) to measure our merge with; mergekit runs with the largest")
     parser.add_argument("--repeats", type=int, default=3,
@@ -335,7 +403,8 @@ def main():
                         choices=["task_arithmetic", "ties", "uncertainty_based_gradient_matching", *NEW_METHODS],
                         help="only these merges (default: all)")
     parser.add_argument("--device", default="cpu",
-                        help="where our merges do their arithmetic (cpu or cuda); the lower bounds stay the CPU's")
+                        help="where the merges do their arithmetic (cpu or cuda), ours, FusionBench's (models loaded "
+                             "there, its Lightning Fabric on it) and mergekit's (--cuda); the lower bounds stay the CPU's")
     args = parser.parse_args()
     root = tempfile.mkdtemp(prefix="merge_bench-", dir=args.workdir)
     try:
@@ -346,26 +415,44 @@ def main():
               f"({checkpoint_bytes / 2**20:.0f} MiB each), written in {time.perf_counter() - start:.0f} s to {root}")
         print(f"{os.cpu_count()} CPUs, load average {load():.1f} before the measurements")
         have_mergekit = shutil.which("mergekit-yaml") is not None and not args.no_mergekit
+        have_fusion_bench = os.path.isdir(os.path.join(FUSION_BENCH, "fusion_bench")) and not args.no_fusion_bench
         rows = []
         for name, (arguments, reads, yaml_text) in merges(root).items():
             if args.methods and name not in args.methods:
                 continue
             warm(reads)
-            mergekit = (None, None)
-            if have_mergekit and yaml_text:
-                mergekit = mergekit_merge(yaml_text, root, name, max(args.threads))
+            fusion_bench = FUSION_BENCH_METHODS.get(name) if have_fusion_bench else None
             for threads in args.threads:
-                floors, ours, loads = [], [], []
-                for _ in range(args.repeats):  # alternately, so that changes in the load hit both alike
+                floors, ours, theirs, mergekit, loads, difference = [], [], [], [], [], None
+                for repeat in range(args.repeats):  # alternately, so that changes in the load hit all alike
                     floors.append(io_floor(reads, root, checkpoint_bytes))
-                    ours.append(our_merge(arguments, root, name, threads, args.device))
+                    ours.append(our_merge(arguments, root, name, threads, args.device, keep=fusion_bench and repeat == 0))
+                    if fusion_bench:
+                        theirs.append(fusion_bench_merge(fusion_bench, root, name, threads, args.device, keep=repeat == 0))
+                        if repeat == 0 and theirs[0] is not None and name not in DEFINITIONS_DIFFER:
+                            difference = max_abs_difference(ours[0][3], theirs[0][2], name)
+                        shutil.rmtree(ours[-1][3] or "-", ignore_errors=True)
+                        if theirs[-1] is None:  # it fails: once is enough
+                            fusion_bench = None
+                        else:
+                            shutil.rmtree(theirs[-1][2] or "-", ignore_errors=True)
+                    if have_mergekit and yaml_text and threads == max(args.threads):
+                        mergekit.append(mergekit_merge(yaml_text, root, name, threads, args.device))
                     loads.append(load())
+                theirs = [t for t in theirs if t is not None]
                 row = dict(method=name, threads=threads, floor=median(floors), loop=median(o[0] for o in ours),
-                           wall=median(o[1] for o in ours), rss=max(o[2] for o in ours), mk_wall=mergekit[0],
-                           mk_rss=mergekit[1], load=median(loads), floors=floors, loops=[o[0] for o in ours])
+                           wall=median(o[1] for o in ours), rss=max(o[2] for o in ours),
+                           fb_wall=median(t[0] for t in theirs) if theirs else None,
+                           fb_rss=max(t[1] for t in theirs) if theirs else None,
+                           fb_failed=FUSION_BENCH_METHODS.get(name) is not None and have_fusion_bench and not theirs,
+                           mk_wall=median(m[0] for m in mergekit) if mergekit else None,
+                           mk_rss=max(m[1] for m in mergekit) if mergekit else None, difference=difference,
+                           load=median(loads), floors=floors, loops=[o[0] for o in ours], walls=[o[1] for o in ours],
+                           fb_walls=[t[0] for t in theirs], mk_walls=[m[0] for m in mergekit])
                 rows.append(row)
                 print(json.dumps(row))
         print_table(rows, checkpoint_bytes, max(args.threads), shapes_of(bert_config(args.scale)))
+        print_peer_table(rows)
     finally:
         if args.keep:
             print(f"kept {root}")
@@ -389,7 +476,7 @@ def print_table(rows, checkpoint_bytes, mergekit_threads, shapes):
               f"{r['wall']:>7.1f} {mk_wall:>10} {r['rss'] / mib:>8.0f} {mk_rss:>12} {r['load']:>5.1f}")
     print(f"\nloop: our merge loop (read, check, merge, write every tensor); wall: the whole program, start-up and "
           f"imports included;\nfloor: reading the same inputs and writing an output-sized file; medians of alternate "
-          f"runs; RSS: the largest;\nmergekit: one run with {mergekit_threads} thread(s); load: the 1-minute load average "
+          f"runs; RSS: the largest;\nmergekit: with {mergekit_threads} thread(s); load: the 1-minute load average "
           f"(other processes share the CPUs).\n")
     print("targets:")
     for r in rows:
@@ -407,6 +494,43 @@ def print_table(rows, checkpoint_bytes, mergekit_threads, shapes):
                   f"  whole program {wall_ratio:.1f}x task arithmetic's (<= 3x): {verdict(wall_ratio <= 3)}")
             if ratio > 3:
                 print_lower_bound(r, reference["loop"], shapes)
+
+
+def shown(value, digits, missing="n/a"):
+    return missing if value is None else f"{value:.{digits}f}"
+
+
+def ratio(numerator, denominator):
+    return f"{numerator / denominator:.2f}" if numerator and denominator else "n/a"
+
+
+def print_peer_table(rows):
+    """Ours against FusionBench's algorithm and mergekit, whole processes; with the targets of issue 18."""
+    mib = 2**20
+    print(f"\n{'method':<24} {'thr':>3} {'ours s':>7} {'FB s':>7} {'ratio':>6} {'ours MiB':>8} {'FB MiB':>7} {'ratio':>6} "
+          f"{'mergekit s':>10} {'mk MiB':>7} {'max |diff|':>17} {'load':>5}")
+    for r in rows:
+        fb = "fails" if r["fb_failed"] else "n/a"
+        difference = (f"{r['difference']:.1e}" if r["difference"] is not None
+                      else DEFINITIONS_DIFFER.get(r["method"], "n/a") if r["fb_wall"] else "n/a")
+        fb_wall = shown(r["fb_wall"], 1, fb)
+        fb_rss, mk_rss = shown(r["fb_rss"] and r["fb_rss"] / mib, 0, fb), shown(r["mk_rss"] and r["mk_rss"] / mib, 0)
+        print(f"{r['method']:<24} {r['threads']:>3} {r['wall']:>7.1f} {fb_wall:>7} {ratio(r['wall'], r['fb_wall']):>6} "
+              f"{r['rss'] / mib:>8.0f} {fb_rss:>7} {ratio(r['rss'], r['fb_rss']):>6} {shown(r['mk_wall'], 1):>10} "
+              f"{mk_rss:>7} {difference:>17} {r['load']:>5.1f}")
+    print("\nwhole processes (start-up, loading, merging, writing), medians of interleaved runs (ours, FusionBench, "
+          "mergekit, ...);\nMiB: peak resident memory (the child's rusage); max |diff|: the largest absolute "
+          "difference of our merged tensors and FusionBench's.\ntargets: ours <= 0.5x FusionBench's time and <= 1/3 of "
+          "its peak memory; ours <= mergekit's time")
+    for r in rows:
+        verdicts = []
+        if r["fb_wall"]:
+            verdicts += [f"time {r['wall'] / r['fb_wall']:.2f}x FB (<= 0.5x): {verdict(r['wall'] <= 0.5 * r['fb_wall'])}",
+                         f"memory {r['rss'] / r['fb_rss']:.2f}x FB (<= 0.33x): {verdict(3 * r['rss'] <= r['fb_rss'])}"]
+        if r["mk_wall"]:
+            verdicts.append(f"time {r['wall'] / r['mk_wall']:.2f}x mergekit (<= 1x): {verdict(r['wall'] <= r['mk_wall'])}")
+        if verdicts:
+            print(f"  {r['method']:<24} " + "; ".join(verdicts))
 
 
 def print_lower_bound(row, task_arithmetic_loop, shapes):
