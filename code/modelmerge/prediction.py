@@ -2,6 +2,7 @@
 evaluation, metrics, and `run`, the body of `code/predict.py` (evaluation, or a statistic computed by
 `modelmerge.statistics`)."""
 import dataclasses
+import json
 import glob
 import logging
 import os
@@ -23,8 +24,9 @@ from modelmerge.data import (TASK_TYPES, check_labels, class_names, column_mappi
                              resolve_data_dir)
 from modelmerge.outputs import claim, json_kind
 from modelmerge.merging.provenance import model_provenance
-from modelmerge.statistics.fisher import compute_fisher, save_fisher
-from modelmerge.statistics.gram import compute_gram, save_gram
+from modelmerge import shards
+from modelmerge.statistics.fisher import FisherResult, combine_fisher, compute_fisher, save_fisher
+from modelmerge.statistics.gram import GramResult, combine_gram, compute_gram, save_gram
 
 logger = logging.getLogger(__name__)
 
@@ -261,6 +263,10 @@ class PredictConfig:
     # Copies of metrics.json / predictions.jsonl at these paths (the paper's evaluation config names them).
     metric_output_file: str | None = None
     prediction_output_file: str | None = None
+    # A sharded run (modelmerge.shards): "I/N" computes the I-th of N consecutive slices of the examples and writes a
+    # part into output_dir; `join` (the N part folders, in order) writes from them what the unsharded run writes.
+    shard: str | None = None
+    join: list[str] | None = None
 
     # The paper authors' keys (evaluate_roberta_imdb.json, fisher_roberta_imdb.json); see modelmerge.config.
     PAPER_KEYS = {
@@ -293,6 +299,31 @@ class PredictConfig:
         if self.prediction_output_file is not None and self.method in GRAM:
             raise ConfigError(f"prediction_output_file: method {self.method} has no per-example rows to write "
                               "(metric_output_file takes its stats.json)")
+        self._check_sharding(files)
+
+    def _check_sharding(self, files):
+        if self.shard is not None and self.join is not None:
+            raise ConfigError("give shard (compute one part) or join (join the parts), not both")
+        if self.shard is not None:
+            try:
+                shards.parse_shard(self.shard)
+            except ValueError as error:
+                raise ConfigError(str(error)) from None
+            if files:
+                raise ConfigError(f"{', '.join(files)}: not with shard (a part has no summary; the join writes it)")
+        if self.join is not None and (not self.join or not all(isinstance(p, str) and p for p in self.join)):
+            raise ConfigError("join must be a non-empty list of the part folders of a sharded run")
+
+    def examples(self, name, dataset):
+        """The positions of `dataset` (the evaluation `name`'s) this run computes: a shard's slice, else all."""
+        if self.shard is None:
+            return range(len(dataset))
+        index, count = shards.parse_shard(self.shard)
+        examples = shards.shard_range(len(dataset), index, count)
+        if not examples:
+            raise ConfigError(f"shard {self.shard}: the {len(dataset)} examples{f' of {name}' if name else ''} "
+                              f"leave shard {index} none; use at most {len(dataset)} shards")
+        return examples
 
     def output_paths(self):
         return {key: getattr(self, key) for key in ("output_dir", *SUMMARY_FILES) if getattr(self, key) is not None}
@@ -349,12 +380,21 @@ def run(config):
     model.to(check_device(config.device))
     output = (atomic_dir(config.output_dir, OUTPUT_KIND, inputs=inputs, overwrite=config.overwrite)
               if config.output_dir else tempfile.TemporaryDirectory())
+    parts = _read_parts(config, datasets)
     with output as tmp:
+        slices = {}
         for name, dataset in datasets:
             output_dir = tmp if name is None else os.path.join(tmp, name)
             os.makedirs(output_dir, exist_ok=True)
             families.set_classes(model, config.class_names or class_names(dataset))
-            summary = METHODS[config.method](model, processor, dataset, config, output_dir)
+            if parts is not None:
+                summary = JOINS[config.method](model, [os.path.join(p, name or "") for p in parts], config, output_dir)
+                continue
+            examples = config.examples(name, dataset)
+            slices[name or ""] = shards.slice_info(examples, len(dataset))
+            summary = METHODS[config.method](model, processor, dataset, config, output_dir, examples)
+        if config.shard is not None:
+            shards.write_part_info(tmp, shards.parse_shard(config.shard), shards.identity(config), slices)
         for key, write in zip(SUMMARY_FILES, (write_json, write_jsonl)):
             if getattr(config, key) is not None:
                 kind, written_by = FILE_KINDS[key]
@@ -365,11 +405,23 @@ def run(config):
     logger.info("wrote %s", config.output_dir)
 
 
+def _read_parts(config, datasets):
+    """The part folders of a join (None unless `config.join`), checked against the config and the data."""
+    if config.join is None:
+        return None
+    totals = {name or "": len(dataset) for name, dataset in datasets}
+    try:
+        shards.read_parts(config.join, shards.identity(config), totals)
+    except (ValueError, OSError, KeyError) as error:
+        raise ConfigError(f"join: {error}") from None
+    return config.join
+
+
 def _check_outputs(config):
     """The inputs of the run (model folder, data files or folders), after checking that no output overlaps them
     and that every existing output may be replaced."""
-    inputs = [config.model_name_or_path] + [path for _, dataset_name, split in config.datasets()
-                                            for path in local_sources(dataset_name, split, config.data_dir)]
+    inputs = [config.model_name_or_path, *(config.join or [])] + [
+        path for _, dataset_name, split in config.datasets() for path in local_sources(dataset_name, split, config.data_dir)]
     if config.output_dir is not None:
         claim(config.output_dir, "output_dir", OUTPUT_KIND, inputs=inputs, overwrite=config.overwrite)
     for key, (kind, written_by) in FILE_KINDS.items():
@@ -386,18 +438,38 @@ def _load(config, dataset_name, split):
     return dataset
 
 
-def _evaluate(model, processor, dataset, config, output_dir):
+def _evaluate(model, processor, dataset, config, output_dir, examples):
+    """Evaluate on the `examples` (a range of positions) of `dataset`; rows keep their positions as `index`."""
+    dataset = dataset if len(examples) == len(dataset) else dataset.select(examples)
     if families.is_sequence(config.task_type):
-        metrics, rows = evaluate_sequences(model, processor, dataset, config.task_type, config.batch_size,
-                                           config.max_length, config.max_new_tokens)
+        _, rows = evaluate_sequences(model, processor, dataset, config.task_type, config.batch_size,
+                                     config.max_length, config.max_new_tokens)
     else:
         loader = torch.utils.data.DataLoader(
             families.encode(dataset, processor, config.task_type, config.max_length), batch_size=config.batch_size,
             collate_fn=families.collator(processor, config.task_type),
         )
-        labels, predictions, probabilities = predict(model, loader)
-        metrics = classification_metrics(labels, predictions)
-        rows = prediction_rows(labels, predictions, probabilities)
+        rows = prediction_rows(*predict(model, loader))
+    for row in rows:
+        row["index"] += examples.start
+    if config.shard is not None:
+        write_jsonl(os.path.join(output_dir, "predictions.jsonl"), rows)
+        return {}
+    return _write_evaluation(rows, config, output_dir)
+
+
+def _join_evaluations(model, parts, config, output_dir):
+    """The predictions of the parts, concatenated in order, and the metrics of them all."""
+    rows = []
+    for part in parts:
+        with open(os.path.join(part, "predictions.jsonl")) as f:
+            rows += [json.loads(line) for line in f if line.strip()]
+    return _write_evaluation(rows, config, output_dir)
+
+
+def _write_evaluation(rows, config, output_dir):
+    metrics = sequence_metrics(rows) if families.is_sequence(config.task_type) else classification_metrics(
+        [row["label"] for row in rows], [row["prediction"] for row in rows])
     logger.info("metrics: %s", metrics)
     write_jsonl(os.path.join(output_dir, "predictions.jsonl"), rows)
     write_json(os.path.join(output_dir, "metrics.json"), metrics)
@@ -421,14 +493,19 @@ def evaluate_sequences(model, tokenizer, dataset, task_type, batch_size, max_len
         counts += (labels != families.IGNORE).sum(1).tolist()
     predictions = greedy_completions(model, tokenizer, dataset, task_type, batch_size, max_length, max_new_tokens)
     correct = [families.exact_match(p, t) for p, t in zip(predictions, dataset["target"])]
-    loss = float(np.sum(nll) / max(1, np.sum(counts)))
-    # `accuracy` is the exact match again, under the name reports and searches read for every family
-    metrics = {"exact_match": families.summary(correct), "accuracy": families.summary(correct), "loss": loss,
-               "perplexity": float(np.exp(loss)),
-               "num_examples": len(dataset), "num_tokens": int(np.sum(counts))}
     rows = [{"index": i, "target": t, "prediction": p, "exact_match": c, "nll": n, "num_tokens": k}
             for i, (t, p, c, n, k) in enumerate(zip(dataset["target"], predictions, correct, nll, counts))]
-    return metrics, rows
+    return sequence_metrics(rows), rows
+
+
+def sequence_metrics(rows):
+    """The metrics of `evaluate_sequences` from its per-example rows."""
+    correct = [row["exact_match"] for row in rows]
+    counts = [row["num_tokens"] for row in rows]
+    loss = float(np.sum([row["nll"] for row in rows]) / max(1, np.sum(counts)))
+    # `accuracy` is the exact match again, under the name reports and searches read for every family
+    return {"exact_match": families.summary(correct), "accuracy": families.summary(correct), "loss": loss,
+            "perplexity": float(np.exp(loss)), "num_examples": len(rows), "num_tokens": int(np.sum(counts))}
 
 
 def greedy_completions(model, tokenizer, dataset, task_type, batch_size, max_length, max_new_tokens):
@@ -484,9 +561,22 @@ def generated_positions(model):
     return positions if isinstance(positions, int) and positions > 0 else None
 
 
-def _squared_gradients(model, processor, dataset, config, output_dir):
+def _squared_gradients(model, processor, dataset, config, output_dir, examples):
     result = compute_fisher(model, processor, dataset, empirical=config.empirical, batch_size=config.batch_size,
-                            max_length=config.max_length, seed=config.seed, task_type=config.task_type)
+                            max_length=config.max_length, seed=config.seed, task_type=config.task_type,
+                            examples=examples)
+    if config.shard is not None:
+        shards.save_result(result, output_dir)
+        return {}
+    return _write_fisher(result, model, config, output_dir)
+
+
+def _join_fisher(model, parts, config, output_dir):
+    return _write_fisher(combine_fisher([shards.load_result(FisherResult, part) for part in parts]), model, config,
+                         output_dir)
+
+
+def _write_fisher(result, model, config, output_dir):
     stats = save_fisher(result, model, output_dir, _provenance(config))
     labels = result.labels.tolist() if isinstance(result.labels, torch.Tensor) else result.labels
     return {"metric_output_file": stats,
@@ -494,9 +584,18 @@ def _squared_gradients(model, processor, dataset, config, output_dir):
                                        for i, label in enumerate(labels)]}
 
 
-def _gram(model, processor, dataset, config, output_dir):
+def _gram(model, processor, dataset, config, output_dir, examples):
     result = compute_gram(model, processor, dataset, empirical=config.empirical, batch_size=config.batch_size,
-                          max_length=config.max_length, seed=config.seed, task_type=config.task_type)
+                          max_length=config.max_length, seed=config.seed, task_type=config.task_type,
+                          examples=examples)
+    if config.shard is not None:
+        shards.save_result(result, output_dir)
+        return {}
+    return {"metric_output_file": save_gram(result, model, output_dir, _provenance(config))}
+
+
+def _join_gram(model, parts, config, output_dir):
+    result = combine_gram([shards.load_result(GramResult, part) for part in parts])
     return {"metric_output_file": save_gram(result, model, output_dir, _provenance(config))}
 
 
@@ -509,4 +608,9 @@ METHODS = {
     **dict.fromkeys(EVALUATE, _evaluate),
     **dict.fromkeys(FISHER, _squared_gradients),
     **dict.fromkeys(GRAM, _gram),
+}
+JOINS = {
+    **dict.fromkeys(EVALUATE, _join_evaluations),
+    **dict.fromkeys(FISHER, _join_fisher),
+    **dict.fromkeys(GRAM, _join_gram),
 }

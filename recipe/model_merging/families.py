@@ -10,7 +10,8 @@ A suite preset holds: `name`, `task_type`, `model` (θ_0: a model id, a path or 
 optionally `pretraining` ({"dataset", "splits": {"train", "validation", "statistics"}, "num_epochs", "training":
 keys over `training`}: θ_0 is `model` trained on it first, and H_0 is taken on its statistics split) and
 `multitask` (True: a model trained on the union of the tasks' training splits is evaluated too, the usual
-upper reference of merging). A per-task method (EMR-Merging, TALL masks) gives each task its own model,
+upper reference of merging) and `shards` ({"statistics": N, "evaluation": N}: each Fisher / Gram or evaluation job
+split into N parallel shards over its examples, joined into the same outputs; default 1). A per-task method (EMR-Merging, TALL masks) gives each task its own model,
 evaluated on that task only.
 """
 from sisyphus import tk
@@ -67,17 +68,17 @@ def build_suite(preset):
     tasks = list(preset["tasks"])
     keys = family_keys(preset)
     pretrained, pretrained_stats = pretrain(preset, data)
+    shards = preset.get("shards", {})
+    statistics_options = {"shards": shards.get("statistics", 1), **preset["rqmt"]["statistics"]}
     models, fishers, grams = {}, {}, {}
     for task in tasks:
         splits = preset["tasks"][task]["splits"]
         models[task] = train(preset, pretrained, [data[task]], [splits["train"]], [splits["validation"]], task)
         statistics = {**preset["statistics"], **keys}
-        fishers[task] = FisherJob(models[task], data[task], splits["statistics"], statistics,
-                                  **preset["rqmt"]["statistics"]).out_dir
-        grams[task] = GramJob(models[task], data[task], splits["statistics"], statistics,
-                              **preset["rqmt"]["statistics"]).out_dir
+        fishers[task] = FisherJob(models[task], data[task], splits["statistics"], statistics, **statistics_options).out_dir
+        grams[task] = GramJob(models[task], data[task], splits["statistics"], statistics, **statistics_options).out_dir
     pretrained_fisher = FisherJob(pretrained, *pretrained_stats, {**preset["statistics"], **keys},
-                                  **preset["rqmt"]["statistics"]).out_dir
+                                  **statistics_options).out_dir
 
     merged, per_task = {}, {}
     for label, spec in preset["methods"].items():
@@ -102,7 +103,8 @@ def build_suite(preset):
     evaluated.update(merged)
     test = {task: (data[task], preset["tasks"][task]["splits"]["test"]) for task in tasks}
     def search(model, splits):
-        return MultiTaskSearchJob(model, splits, {**preset["evaluation"], **keys}, **preset["rqmt"]["evaluation"])
+        return MultiTaskSearchJob(model, splits, {**preset["evaluation"], **keys}, shards=shards.get("evaluation", 1),
+                                  **preset["rqmt"]["evaluation"])
 
     results = {label: dict(search(model, test).out_metric_files) for label, model in evaluated.items()}
     for label, own in per_task.items():

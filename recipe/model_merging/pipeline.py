@@ -1,6 +1,7 @@
 """Graph pieces the configs share: data, the pretrained model θ_0 and the task models θ_t with their
 Fishers, the multitask model, and evaluation. Calling them twice builds the same jobs (Sisyphus job
-singletons), so configs compose freely and a sweep reuses every earlier job."""
+singletons), so configs compose freely and a sweep reuses every earlier job. A preset's optional `shards`
+({"statistics": N, "evaluation": N}, default 1) runs each Fisher or evaluation job as N shards over its examples."""
 from dataclasses import dataclass
 
 from sisyphus import tk
@@ -48,7 +49,8 @@ def training_job(preset, model, datasets, train_splits, validation_splits, learn
 
 
 def fisher(preset, model, dataset, split, alias):
-    job = FisherJob(model, dataset, split, preset["fisher"], **preset["rqmt"]["statistics"])
+    job = FisherJob(model, dataset, split, preset["fisher"], shards=preset.get("shards", {}).get("statistics", 1),
+                    **preset["rqmt"]["statistics"])
     job.add_alias(alias)
     return job.out_dir
 
@@ -140,7 +142,8 @@ def own_models(preset, finetuned_label):
 def _search(experiment, model, splits):
     preset = experiment.preset
     datasets = {task: (experiment.data[task], split) for task, split in splits.items()}
-    return MultiTaskSearchJob(model, datasets, preset["evaluation"], **preset["rqmt"]["evaluation"])
+    return MultiTaskSearchJob(model, datasets, preset["evaluation"], shards=preset.get("shards", {}).get("evaluation", 1),
+                              **preset["rqmt"]["evaluation"])
 
 
 def evaluate(experiment, models, splits):

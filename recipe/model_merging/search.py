@@ -3,7 +3,10 @@
 import json
 import os
 
+from sisyphus import Task, gs
+
 from model_merging.program_job import ProgramJob
+from model_merging.util import run_command, write_json, write_run_script
 
 
 def set_accuracy(variable, metrics_file):
@@ -13,19 +16,63 @@ def set_accuracy(variable, metrics_file):
 
 
 class PredictJob(ProgramJob):
-    """Runs `code/predict.py` with `method` on one model and one dataset split."""
+    """Runs `code/predict.py` with `method` on one model and one dataset split.
+
+    With `shards=N` (> 1) the examples are split into N consecutive slices, run as the N parallel task ids of the
+    task `run_shard` (one array job on SLURM), each writing its part into work/part.<I>; the task `run` then joins
+    the parts into the outputs the unsharded job writes (modelmerge.shards). A killed shard reruns alone.
+    `shards` enters the job id only when it is not 1, so the ids of unsharded jobs stay as they were.
+    """
 
     program_name = "predict.py"
     method = None
+    __sis_hash_exclude__ = {"shards": 1}
 
-    def __init__(self, model, dataset_name, split, config=None, *, time_rqmt=1, mem_rqmt=4, cpu_rqmt=1, gpu_rqmt=0):
+    def __init__(self, model, dataset_name, split, config=None, *, shards=1, time_rqmt=1, mem_rqmt=4, cpu_rqmt=1,
+                 gpu_rqmt=0):
         super().__init__(time_rqmt=time_rqmt, mem_rqmt=mem_rqmt, cpu_rqmt=cpu_rqmt, gpu_rqmt=gpu_rqmt)
+        if not isinstance(shards, int) or isinstance(shards, bool) or shards < 1:
+            raise ValueError(f"shards must be a positive int, got {shards!r}")
         self.model = model
         self.dataset_name = dataset_name
         self.split = split
         self.extra_config = dict(config or {})
+        self.shards = shards
         self.out_dir = self.output_path(self.output_name)
         self.declare_outputs()
+
+    def tasks(self):
+        if self.shards == 1:
+            yield from super().tasks()
+            return
+        yield Task("create_files", mini_task=True)
+        yield Task("run_shard", resume="run_shard", rqmt=self.rqmt, args=list(range(1, self.shards + 1)))
+        yield Task("run", resume="run", rqmt=self.rqmt)
+
+    def part_dir(self, index):
+        return self._sis_path(os.path.join(gs.JOB_WORK_DIR, f"part.{index}"), abspath=True)
+
+    def shard_config_file(self, index):
+        return self._sis_path(os.path.join(gs.JOB_WORK_DIR, f"shard.{index}.json"), abspath=True)
+
+    def shard_command(self, index):
+        return [*self.program_command(self.program_name), self.shard_config_file(index)]
+
+    def create_files(self):
+        """Unsharded: the config and run.sh. Sharded: each shard's config (work/shard.<I>.json), as
+        output/<config_name> the join of their parts, and run.sh running the shards, then the join."""
+        if self.shards == 1:
+            super().create_files()
+            return
+        parts = [self.part_dir(index) for index in range(1, self.shards + 1)]
+        for index, part in enumerate(parts, 1):
+            write_json(self.shard_config_file(index), {**self.config(), "output_dir": part,
+                                                       "shard": f"{index}/{self.shards}"})
+        write_json(self.out_config_file, {**self.config(), "join": parts})
+        write_run_script(*(self.shard_command(index) for index in range(1, self.shards + 1)), self.command())
+
+    def run_shard(self, index):
+        run_command(self.shard_command(index), cpu=self.rqmt["cpu"])
 
     def declare_outputs(self):
         """Subclasses declare their outputs besides `out_dir` here (keeping `__init__`, and so the hash
@@ -69,10 +116,10 @@ class MultiTaskSearchJob(PredictJob):
     output_name = "search"
     method = "sequence_classification"
 
-    def __init__(self, model, datasets, config=None, *, time_rqmt=1, mem_rqmt=4, cpu_rqmt=1, gpu_rqmt=0):
+    def __init__(self, model, datasets, config=None, *, shards=1, time_rqmt=1, mem_rqmt=4, cpu_rqmt=1, gpu_rqmt=0):
         self.datasets = {name: tuple(spec) for name, spec in datasets.items()}
-        super().__init__(model, None, None, config, time_rqmt=time_rqmt, mem_rqmt=mem_rqmt, cpu_rqmt=cpu_rqmt,
-                         gpu_rqmt=gpu_rqmt)
+        super().__init__(model, None, None, config, shards=shards, time_rqmt=time_rqmt, mem_rqmt=mem_rqmt,
+                         cpu_rqmt=cpu_rqmt, gpu_rqmt=gpu_rqmt)
 
     def declare_outputs(self):
         self.out_metric_files = {name: self.output_path(f"search/{name}/metrics.json") for name in self.datasets}

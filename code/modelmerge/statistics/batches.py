@@ -5,8 +5,9 @@ gold label (the "empirical" variant) or a label sampled from the model's own pre
 sequences (seq2seq, causal LM) log p(y|x) is the sum over the scored tokens, each token drawn from the
 teacher-forced distribution at its position. Sampling is by inverse CDF with uniform numbers drawn up front
 from a seeded generator in dataset order (one per example, or one per scored token), so an example's labels
-do not depend on how the examples are batched: a one-example-at-a-time loop with the same seed and the same
-rule (`sample_labels`) draws exactly the same labels.
+do not depend on how the examples are batched, nor on which slice of the examples a run takes (`examples`: a
+shard of a sharded statistic draws the whole dataset's numbers and uses its slice's): a one-example-at-a-time
+loop with the same seed and the same rule (`sample_labels`) draws exactly the same labels.
 """
 import ctypes
 from contextlib import contextmanager
@@ -47,6 +48,17 @@ def _malloc_trim():
 
 
 _MALLOC_TRIM = _malloc_trim()
+
+
+def check_examples(examples, dataset):
+    """`examples` (a range of positions in `dataset`, None: all of them) as a range; ValueError unless it is a
+    non-empty contiguous slice of the dataset."""
+    if examples is None:
+        return range(len(dataset))
+    if not isinstance(examples, range) or examples.step != 1 or not 0 <= examples.start < examples.stop <= len(dataset):
+        raise ValueError(f"examples must be a non-empty range of positions within the {len(dataset)} examples, "
+                         f"got {examples!r}")
+    return examples
 
 
 def limit_examples(dataset, num_examples):
@@ -120,19 +132,26 @@ def padding_masks(inputs, task_type):
 
 
 def labelled_batches(model, processor, dataset, capture, *, empirical, batch_size, max_length, seed, desc,
-                     task_type="sequence_classification"):
-    """Run `model` over `dataset` in length-sorted batches, recording `capture`'s sites; yield a `LabelledBatch` each.
+                     task_type="sequence_classification", examples=None):
+    """Run `model` over the `examples` (a range of positions; None: all) of `dataset` in length-sorted batches,
+    recording `capture`'s sites; yield a `LabelledBatch` each, its `indices` positions in `dataset`.
 
     The caller takes gradients of `loss` before asking for the next batch. The model must be in eval mode.
     """
     num_labels = None
     sequence = families.is_sequence(task_type)
-    encoded = families.encode(dataset, processor, task_type, max_length)
+    examples = check_examples(examples, dataset)
+    whole = len(examples) == len(dataset)
+    encoded = families.encode(dataset if whole else dataset.select(examples), processor, task_type, max_length)
     uniforms = None
-    if not empirical:
-        uniforms = sequence_uniforms(encoded, task_type, seed) if sequence else sampling_uniforms(len(dataset), seed)
+    if not empirical:  # the whole dataset's numbers, so that a slice draws what the whole run draws for it
+        if sequence:
+            everything = encoded if whole else families.encode(dataset, processor, task_type, max_length)
+            uniforms = sequence_uniforms(everything, task_type, seed)[examples.start : examples.stop]
+        else:
+            uniforms = sampling_uniforms(len(dataset), seed)[examples.start : examples.stop]
     device = next(model.parameters()).device
-    with torch.enable_grad(), tqdm(total=len(dataset), desc=desc, unit="ex") as progress:
+    with torch.enable_grad(), tqdm(total=len(examples), desc=desc, unit="ex") as progress:
         for indices, inputs in length_sorted_batches(encoded, processor, batch_size, task_type):
             masks = padding_masks(inputs, task_type)
             gold = inputs["labels"] if sequence else inputs.pop("labels")
@@ -149,12 +168,12 @@ def labelled_batches(model, processor, dataset, capture, *, empirical, batch_siz
                 if num_labels is None:
                     num_labels = _check_logits(logits, len(indices))
                 if empirical:
-                    labels = _check_gold(gold, num_labels, indices).to(device)
+                    labels = _check_gold(gold, num_labels, indices + examples.start).to(device)
                 else:
                     labels = sample_labels(logits, uniforms[indices])
                 loss = logits.log_softmax(-1).gather(1, labels[:, None]).sum()
                 labels = labels.cpu().tolist()
-            yield LabelledBatch(indices, labels, loss, [m.to(device) for m in masks], sites)
+            yield LabelledBatch(indices + examples.start, labels, loss, [m.to(device) for m in masks], sites)
             progress.update(len(indices))
 
 

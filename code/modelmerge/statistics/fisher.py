@@ -23,7 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from modelmerge.atomic import atomic_dir, atomic_file, write_json
-from modelmerge.statistics.batches import labelled_batches, limit_examples, release
+from modelmerge.statistics.batches import check_examples, labelled_batches, limit_examples, release
 from modelmerge.statistics.parameters import (checkpoint_names, gradients_for_statistic_parameters, is_peft_model,
                                               statistic_parameters)
 from modelmerge.statistics.per_example import SquaredGradientSums
@@ -46,46 +46,64 @@ class FisherResult:
 
 def compute_fisher(
     model, tokenizer, dataset, *, empirical=False, batch_size=16, max_length=None, num_examples=None, seed=0,
-    task_type="sequence_classification",
+    task_type="sequence_classification", examples=None,
 ):
     """The diagonal Fisher of `model` (a sequence classifier, plain transformers or PEFT) over `dataset`.
 
     `dataset`: a `datasets.Dataset` with the columns of `task_type` (`text`/`label` by default; `tokenizer`
     is the model's processor: tokenizer or image processor); its first `num_examples`
-    examples are used (all when None). Texts are truncated to `max_length` tokens (the tokenizer's limit when
+    examples are used (all when None), of those the `examples` (a range of positions, one shard's; None: all,
+    their labels drawn as in the whole run: `combine_fisher` of the shards is the Fisher of the whole). Texts are truncated to `max_length` tokens (the tokenizer's limit when
     None). `seed` fixes the sampled labels (the same labels whatever the batch size). The model is run in eval
     mode (no dropout) and restored to its mode afterwards. Returns a `FisherResult`.
     """
     dataset = limit_examples(dataset, num_examples)
+    examples = check_examples(examples, dataset)
     was_training = model.training
     model.eval()
     try:
         with gradients_for_statistic_parameters(model), SquaredGradientSums(model) as sums:
             logger.info(
                 "Fisher (%s labels) over %d examples, batch size %d: %s",
-                "gold" if empirical else "sampled", len(dataset), batch_size, sums.describe(),
+                "gold" if empirical else "sampled", len(examples), batch_size, sums.describe(),
             )
-            labels = [None] * len(dataset)
+            labels = [None] * len(examples)
             batches = labelled_batches(
                 model, tokenizer, dataset, sums.capture, empirical=empirical, batch_size=batch_size,
-                max_length=max_length, seed=seed, desc="Fisher", task_type=task_type,
+                max_length=max_length, seed=seed, desc="Fisher", task_type=task_type, examples=examples,
             )
             start = time.perf_counter()
             for batch in batches:
                 sums.add(batch.loss, batch.sites, len(batch.indices))
                 for index, label in zip(batch.indices.tolist(), batch.labels):
-                    labels[index] = label
+                    labels[index - examples.start] = label
                 release(batch)
             seconds = time.perf_counter() - start
-            rate = len(dataset) / seconds
-            logger.info("Fisher of %d examples in %.1f s (%.1f examples/s)", len(dataset), seconds, rate)
+            rate = len(examples) / seconds
+            logger.info("Fisher of %d examples in %.1f s (%.1f examples/s)", len(examples), seconds, rate)
             # kept in the sums' precision (at least float32): in float16, squared gradients below 6e-8 are zeros
-            fisher = {name: total.div_(len(dataset)) for name, total in sums.named_sums().items()}
+            fisher = {name: total.div_(len(examples)) for name, total in sums.named_sums().items()}
     finally:
         model.train(was_training)
-    if all(isinstance(label, int) for label in labels):
-        labels = torch.tensor(labels, dtype=torch.long)
-    return FisherResult(fisher, len(dataset), empirical, seed, labels)
+    return FisherResult(fisher, len(examples), empirical, seed, _as_tensor_if_classes(labels))
+
+
+def _as_tensor_if_classes(labels):
+    """Class labels as a long tensor; sequences' token lists stay lists."""
+    return torch.tensor(labels, dtype=torch.long) if all(isinstance(label, int) for label in labels) else labels
+
+
+def combine_fisher(parts):
+    """The Fisher over the union of the examples of `parts` (FisherResults of consecutive slices, in order, of one
+    run's examples): their means weighted by their example counts, summed in float64; labels concatenated."""
+    total = sum(part.num_examples for part in parts)
+    fisher = {}
+    for name, value in parts[0].fisher.items():
+        weighted = sum(part.fisher[name].double() * part.num_examples for part in parts)
+        fisher[name] = (weighted / total).to(value.dtype)
+    labels = [label for part in parts for label in
+              (part.labels.tolist() if isinstance(part.labels, torch.Tensor) else part.labels)]
+    return FisherResult(fisher, total, parts[0].empirical, parts[0].seed, _as_tensor_if_classes(labels))
 
 
 def save_fisher(result, model, output_dir, provenance=None):

@@ -34,7 +34,7 @@ from transformers.pytorch_utils import Conv1D
 
 from modelmerge.atomic import atomic_file, write_json
 from modelmerge.checkpoint import IN_OUT_WEIGHTS_KEY
-from modelmerge.statistics.batches import labelled_batches, limit_examples
+from modelmerge.statistics.batches import check_examples, labelled_batches, limit_examples
 from modelmerge.statistics.capture import ModuleCapture, batch_first, output_gradients
 from modelmerge.statistics.parameters import gradients_for_statistic_parameters, statistic_parameters
 
@@ -75,14 +75,16 @@ def linear_shape(module):
 
 def compute_gram(
     model, tokenizer, dataset, *, empirical=False, batch_size=16, max_length=None, num_examples=None, seed=0,
-    task_type="sequence_classification",
+    task_type="sequence_classification", examples=None,
 ):
     """Input and output-gradient Gram matrices of the trainable linear layers of `model` over `dataset`.
 
     Arguments as for `compute_fisher`: a `datasets.Dataset` of `text`/`label`, its first `num_examples`
-    examples, texts truncated to `max_length` tokens, labels sampled with `seed` unless `empirical`.
+    examples (of those the range `examples`, one shard's: `combine_gram` of the shards is the Gram of the whole),
+    texts truncated to `max_length` tokens, labels sampled with `seed` unless `empirical`.
     """
     dataset = limit_examples(dataset, num_examples)
+    examples = check_examples(examples, dataset)
     was_training = model.training
     model.eval()
     try:
@@ -90,13 +92,14 @@ def compute_gram(
             layers = trainable_linear_layers(model)
             if not layers:
                 raise ValueError("the model has no linear layer with a trainable weight")
-            return _accumulate_grams(model, tokenizer, dataset, layers, empirical, batch_size, max_length, seed, task_type)
+            return _accumulate_grams(model, tokenizer, dataset, layers, empirical, batch_size, max_length, seed, task_type,
+                                     examples)
     finally:
         model.train(was_training)
 
 
-def _accumulate_grams(model, tokenizer, dataset, layers, empirical, batch_size, max_length, seed, task_type):
-    logger.info("Gram matrices of %d linear layers, %d examples, batch size %d", len(layers), len(dataset), batch_size)
+def _accumulate_grams(model, tokenizer, dataset, layers, empirical, batch_size, max_length, seed, task_type, examples):
+    logger.info("Gram matrices of %d linear layers, %d examples, batch size %d", len(layers), len(examples), batch_size)
     device = next(model.parameters()).device
     inputs = {n: _zeros(linear_shape(m)[1], device) for n, m in layers.items()}
     outputs = {n: _zeros(linear_shape(m)[0], device) for n, m in layers.items()}
@@ -105,7 +108,7 @@ def _accumulate_grams(model, tokenizer, dataset, layers, empirical, batch_size, 
     with ModuleCapture(layers) as capture:
         batches = labelled_batches(
             model, tokenizer, dataset, capture, empirical=empirical, batch_size=batch_size,
-            max_length=max_length, seed=seed, desc="Gram", task_type=task_type,
+            max_length=max_length, seed=seed, desc="Gram", task_type=task_type, examples=examples,
         )
         for batch in batches:
             num_tokens += int(sum(mask.sum() for mask in batch.masks))
@@ -122,8 +125,21 @@ def _accumulate_grams(model, tokenizer, dataset, layers, empirical, batch_size, 
     key = {name: parameter_names[id(module.weight)] for name, module in layers.items()}
     return GramResult(
         {key[n]: g for n, g in inputs.items()}, {key[n]: g for n, g in outputs.items()},
-        {key[n]: r for n, r in rows.items()}, len(dataset), num_tokens, empirical, seed,
+        {key[n]: r for n, r in rows.items()}, len(examples), num_tokens, empirical, seed,
         frozenset(key[n] for n, m in layers.items() if isinstance(m, Conv1D)),
+    )
+
+
+def combine_gram(parts):
+    """The Gram matrices over the union of the examples of `parts` (GramResults of slices of one run's examples):
+    the sums of their sums and counts."""
+    first = parts[0]
+    return GramResult(
+        {name: sum(part.input_gram[name] for part in parts) for name in first.input_gram},
+        {name: sum(part.output_grad_gram[name] for part in parts) for name in first.output_grad_gram},
+        {name: sum(part.rows[name] for part in parts) for name in first.rows},
+        sum(part.num_examples for part in parts), sum(part.num_tokens for part in parts), first.empirical, first.seed,
+        frozenset(first.stored_in_out),
     )
 
 

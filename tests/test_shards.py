@@ -1,0 +1,238 @@
+"""Sharded statistics and evaluation (modelmerge.shards): predict.py's `shard` parts joined with `join` write what the
+unsharded run writes, for every family, to float32 rounding (the same sampled labels exactly); a part killed
+mid-write is never joined and reruns alone; PredictJob(shards=N) as one Sisyphus job of N parallel task ids."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from modelmerge.config import run_program
+from modelmerge.prediction import PredictConfig, run
+from modelmerge.shards import shard_range
+from modelmerge.statistics import compute_fisher
+from test_families import CLASSES
+from tiny import (colour_images, make_tiny_bert, make_tiny_clip, make_tiny_gpt2, make_tiny_t5, make_tiny_vit,
+                  read_jsonl, tiny_data_dir, word_tasks, write_jsonl)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FISHER, GRAM, EVALUATE = "squared_gradients", "gram", "evaluate"
+TASK_TYPES = {"classifier": "sequence_classification", "seq2seq": "seq2seq", "causal_lm": "causal_lm",
+              "vit": "image_classification", "clip": "image_classification"}
+
+
+@pytest.fixture(scope="module")
+def families(tmp_path_factory):
+    """family → the config keys of its tiny model and a 10-example split (images: 9)."""
+    root = tmp_path_factory.mktemp("shards")
+    words = root / "words"
+    write_jsonl(str(words / "validation.jsonl"), word_tasks(10, seed=3, kind="reverse"))
+    images = root / "images"
+    colour_images(str(images / "validation"), per_class=3, seed=3)
+    text = {"dataset_name": str(words), "max_length": 64}  # the tiny GPT-2 has 64 positions
+    image = {"dataset_name": str(images), "class_names": CLASSES}
+    return {
+        "classifier": {"model_name_or_path": make_tiny_bert(str(root / "bert"), seed=1), "dataset_name": "sst2",
+                       "data_dir": tiny_data_dir(root / "data", sizes={"validation": 10}), "max_length": 32},
+        "seq2seq": {"model_name_or_path": make_tiny_t5(str(root / "t5"), seed=2), **text},
+        "causal_lm": {"model_name_or_path": make_tiny_gpt2(str(root / "gpt2"), seed=2), **text},
+        "vit": {"model_name_or_path": make_tiny_vit(str(root / "vit"), seed=2), **image},
+        "clip": {"model_name_or_path": make_tiny_clip(str(root / "clip"), seed=2), **image},
+    }
+
+
+def keys(families, family, method, output_dir, **overrides):
+    return {**families[family], "task_type": TASK_TYPES[family], "method": method, "split": "validation",
+            "output_dir": str(output_dir), "batch_size": 3, "num_threads": 1, "max_new_tokens": 4, **overrides}
+
+
+def predict(**config):
+    run(PredictConfig(**config))
+
+
+def sharded_run(tmp_path, config, count):
+    """Run the `count` shards of `config` and join them into tmp_path/joined; returns the part folders."""
+    parts = [str(tmp_path / f"part.{index}") for index in range(1, count + 1)]
+    for index, part in enumerate(parts, 1):
+        predict(**{**config, "output_dir": part, "shard": f"{index}/{count}"})
+    predict(**{**config, "output_dir": str(tmp_path / "joined"), "join": parts})
+    return parts
+
+
+def close(a, b, where):
+    """JSON values equal, floats to float32 rounding (per-example losses of other batches: other padding)."""
+    if isinstance(a, float) or isinstance(b, float):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-7), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            close(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, list):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            close(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+def assert_same_outputs(expected, joined):
+    """Every file of the unsharded output folder `expected` in `joined` too, with the same contents: JSON equal
+    (floats to rounding), safetensors with the same names, dtypes and metadata and values to float32 rounding."""
+    files = sorted(os.path.relpath(os.path.join(d, f), expected) for d, _, names in os.walk(expected) for f in names)
+    assert files == sorted(os.path.relpath(os.path.join(d, f), joined) for d, _, names in os.walk(joined) for f in names)
+    for name in files:
+        a, b = os.path.join(expected, name), os.path.join(joined, name)
+        if name.endswith(".safetensors"):
+            with safe_open(a, "pt") as f, safe_open(b, "pt") as g:
+                assert f.metadata() == g.metadata(), name
+            first, second = load_file(a), load_file(b)
+            assert first.keys() == second.keys(), name
+            # key biases have an exactly zero gradient: their values are rounding noise far below the others'
+            scale = max(float(t.abs().max()) for t in first.values() if t.is_floating_point())
+            for key, value in first.items():
+                assert second[key].dtype == value.dtype, key
+                torch.testing.assert_close(second[key], value, rtol=1e-5, atol=1e-6 * scale,
+                                           msg=lambda m: f"{name} {key}: {m}")
+        elif name.endswith(".jsonl"):
+            close(read_jsonl(a), read_jsonl(b), name)
+        elif name.endswith(".json") or name == ".written-by":
+            close(json.load(open(a)), json.load(open(b)), name)
+        else:
+            assert open(a, "rb").read() == open(b, "rb").read(), name
+
+
+def test_shard_ranges_are_consecutive_and_balanced():
+    assert [list(shard_range(10, i, 3)) for i in (1, 2, 3)] == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
+    assert [len(shard_range(2048, i, 64)) for i in range(1, 65)] == [32] * 64
+
+
+@pytest.mark.parametrize("family, method, empirical", [
+    ("classifier", FISHER, False), ("classifier", FISHER, True), ("classifier", GRAM, False),
+    ("seq2seq", FISHER, False), ("seq2seq", FISHER, True), ("seq2seq", GRAM, False),
+    ("causal_lm", FISHER, False), ("causal_lm", GRAM, False),
+    ("vit", FISHER, False), ("vit", GRAM, False), ("clip", FISHER, False),
+])
+def test_joined_shards_write_the_unsharded_statistic(families, tmp_path, family, method, empirical):
+    config = keys(families, family, method, tmp_path / "whole", empirical=empirical, seed=7)
+    predict(**config, **({} if method == GRAM else {"prediction_output_file": str(tmp_path / "labels.jsonl")}))
+    sharded_run(tmp_path, config, 3)
+    assert_same_outputs(tmp_path / "whole", tmp_path / "joined")
+    assert json.load(open(tmp_path / "joined" / "stats.json"))["num_examples"] == (9 if family in ("vit", "clip") else 10)
+    if method == FISHER:  # the join's labels y_i: the unsharded run's, exactly
+        predict(**{**config, "output_dir": str(tmp_path / "again"), "join": [str(tmp_path / f"part.{i}") for i in (1, 2, 3)],
+                   "prediction_output_file": str(tmp_path / "joined_labels.jsonl")})
+        assert read_jsonl(tmp_path / "joined_labels.jsonl") == read_jsonl(tmp_path / "labels.jsonl")
+
+
+@pytest.mark.parametrize("family, task_type", [("classifier", "sequence_classification"), ("seq2seq", "seq2seq")])
+def test_a_shard_draws_the_labels_the_whole_run_draws_for_its_examples(families, family, task_type):
+    from modelmerge.data import load_split
+    from modelmerge.prediction import load_for_task
+
+    spec = families[family]
+    model, processor = load_for_task(spec["model_name_or_path"], task_type)
+    dataset = load_split(spec["dataset_name"], "validation", spec.get("data_dir"), task_type)
+    whole = compute_fisher(model, processor, dataset, batch_size=3, seed=5, task_type=task_type)
+    labels = whole.labels.tolist() if family == "classifier" else whole.labels
+    parts = [compute_fisher(model, processor, dataset, batch_size=2, seed=5, task_type=task_type, examples=examples)
+             for examples in (range(0, 4), range(4, 10))]
+    assert [label for part in parts for label in
+            (part.labels.tolist() if family == "classifier" else part.labels)] == labels
+    other = compute_fisher(model, processor, dataset, batch_size=3, seed=6, task_type=task_type).labels
+    assert (other.tolist() if family == "classifier" else other) != labels  # the labels follow the seed
+
+
+@pytest.mark.parametrize("family", ["classifier", "seq2seq", "causal_lm", "vit"])
+def test_joined_evaluation_shards_write_the_unsharded_predictions_and_metrics(families, tmp_path, family):
+    config = keys(families, family, EVALUATE, tmp_path / "whole")
+    predict(**config)
+    sharded_run(tmp_path, config, 3)
+    assert_same_outputs(tmp_path / "whole", tmp_path / "joined")
+    rows = read_jsonl(tmp_path / "joined" / "predictions.jsonl")
+    assert [row["index"] for row in rows] == list(range(len(rows)))
+
+
+def test_sharded_evaluations_of_several_datasets(families, tmp_path):
+    spec = families["classifier"]
+    config = {**keys(families, "classifier", EVALUATE, tmp_path / "whole"), "dataset_name": None, "split": None,
+              "evaluations": {"a": {"dataset_name": "sst2", "split": "validation"},
+                              "b": {"dataset_name": "rotten_tomatoes", "split": "validation[:5]"}}}
+    assert spec["data_dir"]
+    predict(**config)
+    sharded_run(tmp_path, config, 2)
+    assert_same_outputs(tmp_path / "whole", tmp_path / "joined")
+
+
+def program(tmp_path, config):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    return run_program(PredictConfig, run, "predict", [str(path)])
+
+
+def test_a_join_refuses_missing_foreign_and_misordered_parts(families, tmp_path, caplog):
+    config = keys(families, "classifier", FISHER, tmp_path / "x")
+    parts = [str(tmp_path / f"part.{index}") for index in (1, 2)]
+    for index, part in enumerate(parts, 1):
+        predict(**{**config, "output_dir": part, "shard": f"{index}/2"})
+    predict(**{**config, "seed": 3, "output_dir": str(tmp_path / "other.2"), "shard": "2/2"})
+    cases = [([parts[0], str(tmp_path / "missing")], "is not a finished part of a sharded run"),
+             ([parts[1], parts[0]], "is shard 2/2, expected shard 1/2"),
+             ([parts[0]], "is shard 1/2, expected shard 1/1"),
+             ([parts[0], str(tmp_path / "other.2")], "is a part of another computation: its seed is 3, not 0")]
+    for join, message in cases:
+        caplog.clear()
+        assert program(tmp_path, {**config, "join": join}) == 2
+        assert message in caplog.text and not os.path.exists(tmp_path / "x")
+    caplog.clear()
+    assert program(tmp_path, {**config, "num_examples": 9, "join": parts}) == 2  # another count: another computation
+    assert "its num_examples is None, not 9" in caplog.text
+    for change, message in [({"shard": "3/2"}, "shard must be 'I/N' with 1 <= I <= N"),
+                            ({"shard": "1/2", "join": parts}, "give shard (compute one part) or join"),
+                            ({"shard": "11/11"}, "leave shard 11 none; use at most 10 shards"),
+                            ({"shard": "1/2", "metric_output_file": str(tmp_path / "m.json")}, "not with shard")]:
+        caplog.clear()
+        assert program(tmp_path, {**config, **change}) == 2
+        assert message in caplog.text and not os.path.exists(tmp_path / "x")
+
+
+def test_a_shard_killed_mid_write_leaves_no_part_and_reruns_alone(families, tmp_path):
+    """The shard is killed while it writes its part (its safetensors file held at its first write): no part
+    appears, the join refuses, and the rerun of that shard alone makes the join equal the unsharded run."""
+    config = keys(families, "classifier", FISHER, tmp_path / "whole")
+    predict(**config)
+    parts = [str(tmp_path / f"part.{index}") for index in (1, 2)]
+    predict(**{**config, "output_dir": parts[0], "shard": "1/2"})
+    first_part = os.stat(os.path.join(parts[0], "part.safetensors")).st_mtime_ns
+    (tmp_path / "shard2.json").write_text(json.dumps({**config, "output_dir": parts[1], "shard": "2/2"}))
+    held = tmp_path / "held"
+    hold = (f"import sys, time, safetensors.torch as st; sys.argv = ['predict.py', {str(tmp_path / 'shard2.json')!r}]\n"
+            "save = st.save_file\n"
+            f"def stalled(*a, **k):\n    open({str(held)!r}, 'w').close(); time.sleep(600)\n"
+            "st.save_file = stalled\n"
+            f"exec(open({os.path.join(ROOT, 'code', 'predict.py')!r}).read())")
+    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "code"), OMP_NUM_THREADS="1")
+    shard = subprocess.Popen([sys.executable, "-c", hold], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not held.exists():
+            assert shard.poll() is None and time.monotonic() < deadline, "the shard ended before it wrote its part"
+            time.sleep(0.1)
+        os.kill(shard.pid, signal.SIGKILL)
+        shard.wait(timeout=30)
+    finally:
+        if shard.poll() is None:
+            shard.kill()
+    assert not os.path.exists(parts[1])  # only a temporary folder beside it, which the rerun removes
+    with pytest.raises(Exception, match="is not a finished part"):
+        predict(**{**config, "output_dir": str(tmp_path / "joined"), "join": parts})
+    predict(**{**config, "output_dir": parts[1], "shard": "2/2"})
+    predict(**{**config, "output_dir": str(tmp_path / "joined"), "join": parts})
+    assert_same_outputs(tmp_path / "whole", tmp_path / "joined")
+    assert os.stat(os.path.join(parts[0], "part.safetensors")).st_mtime_ns == first_part  # shard 1 not rerun
+    assert not [name for name in os.listdir(tmp_path) if ".tmp-" in name]
