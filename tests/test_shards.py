@@ -236,3 +236,177 @@ def test_a_shard_killed_mid_write_leaves_no_part_and_reruns_alone(families, tmp_
     assert_same_outputs(tmp_path / "whole", tmp_path / "joined")
     assert os.stat(os.path.join(parts[0], "part.safetensors")).st_mtime_ns == first_part  # shard 1 not rerun
     assert not [name for name in os.listdir(tmp_path) if ".tmp-" in name]
+
+
+# --- PredictJob(shards=N) under the Sisyphus manager --------------------------------------------------------------
+
+SIS_SETTINGS = """
+import sys
+WORK_DIR = "work"
+IMPORT_PATHS = ["config", "recipe/"]
+PYTHON_EXE = sys.executable
+CODE_ROOT = {code!r}
+WAIT_PERIOD_BETWEEN_CHECKS = 0.5
+WAIT_PERIOD_JOB_FS_SYNC = 0
+PLOGGING_UPDATE_FILE_PERIOD = 1
+CLEANUP_ENVIRONMENT = False  # tasks keep the caller's environment
+JOB_AUTO_CLEANUP = False  # job folders stay unpacked for inspection
+
+
+def engine():
+    from sisyphus.engine import EngineSelector
+{engine}
+    return EngineSelector(engines={{"short": short, "long": long}}, default_engine="long")
+"""
+LOCAL_ENGINES = """    from sisyphus.localengine import LocalEngine
+    short, long = LocalEngine(cpu=1, mem=1), LocalEngine(cpu=2, mem=8)"""
+SLURM_ENGINES = """    from sisyphus.simple_linux_utility_for_resource_management_engine import (
+        SimpleLinuxUtilityForResourceManagementEngine,
+    )
+    short = long = SimpleLinuxUtilityForResourceManagementEngine(default_rqmt={"cpu": 1, "mem": 1, "time": 0.2})"""
+SHARDED_GRAPH = """
+from sisyphus import tk
+from model_merging.search import HuggingfaceSearchJob
+from model_merging.statistics import FisherJob
+
+KEYS = {keys!r}
+
+
+def py():
+    rqmt = {{"cpu_rqmt": 1, "mem_rqmt": 1.5, "time_rqmt": 0.2}}
+    fisher = FisherJob({model!r}, "sst2", "validation", KEYS, shards=2, **rqmt)
+    tk.register_output("fisher", fisher.out_dir)
+    if {evaluate!r}:
+        search = HuggingfaceSearchJob({model!r}, "sst2", "validation", KEYS, shards=2, **rqmt)
+        tk.register_output("search", search.out_dir)
+"""
+
+
+def sis_setup(root, families, engines, evaluate):
+    spec = families["classifier"]
+    keys_ = {"data_dir": spec["data_dir"], "max_length": 32, "batch_size": 3}
+    (root / "config").mkdir(parents=True)
+    (root / "config" / "__init__.py").write_text("")
+    (root / "config" / "sharded.py").write_text(SHARDED_GRAPH.format(keys=keys_, model=spec["model_name_or_path"],
+                                                                     evaluate=evaluate))
+    (root / "settings.py").write_text(SIS_SETTINGS.format(code=os.path.join(ROOT, "code"), engine=engines))
+    os.symlink(os.path.join(ROOT, "recipe"), root / "recipe")
+    return root
+
+
+def sis_command(setup):
+    env = dict(os.environ, PYTHONPATH=ROOT, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    return [sys.executable, "-m", "sisyphus", "--config", "config/sharded.py", "m", "-r"], {"cwd": setup, "env": env}
+
+
+def job_folder(setup, module, name):
+    folder = setup / "work" / "model_merging" / module
+    (job,) = [entry for entry in os.listdir(folder) if entry.startswith(name + ".")]
+    return folder / job
+
+
+def submitted_ids(folder, task):
+    from ast import literal_eval
+
+    return [literal_eval(line)["task_ids"] for line in open(folder / f"submit_log.{task}") if line.strip()]
+
+
+def test_sharded_jobs_ids_tasks_and_configs(tmp_path, monkeypatch):
+    import sisyphus.global_settings as gs
+    from sisyphus.hash import short_hash
+    from model_merging.statistics import FisherJob, GramJob
+
+    monkeypatch.setattr(gs, "BASE_DIR", str(tmp_path))
+    monkeypatch.setattr(gs, "CODE_ROOT", "/project/code", raising=False)
+    monkeypatch.setattr(gs, "PYTHON_EXE", "/usr/bin/python3", raising=False)
+    unsharded = FisherJob("/m", "sst2", "train", {"max_length": 32})
+    assert FisherJob("/m", "sst2", "train", {"max_length": 32}, shards=1) is unsharded  # shards=1: the id of before
+    assert unsharded.job_id() == "model_merging/statistics/FisherJob." + short_hash(
+        {"model": "/m", "dataset_name": "sst2", "split": "train", "config": {"max_length": 32}})
+    assert [t.name() for t in unsharded.tasks()] == ["create_files", "run"]
+    sharded = GramJob("/m", "sst2", "train", {"max_length": 32}, shards=3)
+    assert sharded.job_id() != GramJob("/m", "sst2", "train", {"max_length": 32}).job_id()
+    create, shards, join = sharded.tasks()
+    assert (create.name(), shards.name(), join.name()) == ("create_files", "run_shard", "run")
+    assert shards.task_ids() == [1, 2, 3] and [shards.args_for_task_id(i) for i in (1, 2, 3)] == [[1], [2], [3]]
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="shards must be a positive int"):
+            FisherJob("/m", "sst2", "train", shards=bad)
+
+    work = tmp_path / "work" / sharded.job_id() / "work"
+    os.makedirs(work)
+    os.makedirs(tmp_path / "work" / sharded.job_id() / "output")
+    monkeypatch.chdir(work)
+    sharded.create_files()
+    parts = [str(work / f"part.{i}") for i in (1, 2, 3)]
+    base = {"method": "sequence_classification_gram", "max_length": 32, "model_name_or_path": "/m",
+            "dataset_name": "sst2", "split": "train"}
+    assert json.load(open(sharded.out_config_file.get_path())) == {**base, "output_dir": sharded.out_dir.get_path(),
+                                                                   "join": parts}
+    for index, part in enumerate(parts, 1):
+        assert json.load(open(work / f"shard.{index}.json")) == {**base, "output_dir": part, "shard": f"{index}/3"}
+    assert open(work / "run.sh").read().splitlines()[2:] == [
+        *(f"/usr/bin/python3 /project/code/predict.py {work}/shard.{index}.json" for index in (1, 2, 3)),
+        f"/usr/bin/python3 /project/code/predict.py {sharded.out_config_file.get_path()}"]
+
+
+def unsharded_reference(families, tmp_path, method, **overrides):
+    spec = families["classifier"]
+    config = {"model_name_or_path": spec["model_name_or_path"], "dataset_name": "sst2", "split": "validation",
+              "data_dir": spec["data_dir"], "max_length": 32, "batch_size": 3, "num_threads": 1, "method": method,
+              "output_dir": str(tmp_path / f"reference.{method}"), **overrides}
+    predict(**config)
+    return config["output_dir"]
+
+
+@pytest.mark.slow
+def test_sharded_jobs_under_the_manager_and_a_killed_shard_resumed_alone(families, tmp_path):
+    """`sis m -r`: a Fisher and an evaluation job of 2 shards each; shard 2 of the Fisher is killed (its worker and
+    predict.py) while it runs, the manager resumes that task id alone, and both outputs equal the unsharded runs."""
+    import psutil
+
+    setup = sis_setup(tmp_path / "setup", families, LOCAL_ENGINES, evaluate=True)
+    command, options = sis_command(setup)
+    with open(setup / "manager.out", "w") as log:
+        manager = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, **options)
+    try:
+        usage = setup / "work" / "model_merging" / "statistics"
+        deadline = time.monotonic() + 120
+        victims = []
+        while not victims:
+            assert manager.poll() is None and time.monotonic() < deadline, open(setup / "manager.out").read()
+            time.sleep(0.1)
+            found = list(usage.glob("FisherJob.*/usage.run_shard.2")) if usage.is_dir() else []
+            if found:
+                from ast import literal_eval
+                try:
+                    worker = psutil.Process(literal_eval(found[0].read_text())["pid"])
+                    victims = [worker, *worker.children(recursive=True)]
+                except (SyntaxError, ValueError, psutil.NoSuchProcess):
+                    continue
+                if len(victims) < 2:  # predict.py not started yet
+                    victims = []
+        for process in victims:
+            process.kill()
+        assert manager.wait(timeout=300) == 0, open(setup / "manager.out").read()[-3000:]
+    finally:
+        if manager.poll() is None:
+            manager.kill()
+    fisher = job_folder(setup, "statistics", "FisherJob")
+    assert submitted_ids(fisher, "run_shard") == [[1, 2], [2]]  # one submission of both, then shard 2 alone
+    assert_same_outputs(unsharded_reference(families, tmp_path, FISHER), setup / "output" / "fisher")
+    search = job_folder(setup, "search", "HuggingfaceSearchJob")
+    assert submitted_ids(search, "run_shard") == [[1, 2]]
+    assert_same_outputs(unsharded_reference(families, tmp_path, EVALUATE), setup / "output" / "search")
+
+
+@pytest.mark.slurm
+def test_a_sharded_fisher_runs_as_one_slurm_array(families, tmp_path):
+    setup = sis_setup(tmp_path / "setup", families, SLURM_ENGINES, evaluate=False)
+    command, options = sis_command(setup)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=400, **options)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    fisher = job_folder(setup, "statistics", "FisherJob")
+    assert submitted_ids(fisher, "run_shard") == [[1, 2]]  # one sbatch --array=1-2
+    assert {"log.run_shard.1.exit", "log.run_shard.2.exit"} <= set(os.listdir(fisher / "engine"))  # SLURM ran both
+    assert_same_outputs(unsharded_reference(families, tmp_path, FISHER), setup / "output" / "fisher")
