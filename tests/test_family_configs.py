@@ -77,3 +77,21 @@ def jobs_below(job):
             found[id(job)] = job
             todo.extend(path.creator for path in job._sis_inputs if path.creator is not None)
     return list(found.values())
+
+
+def test_a_suite_preset_shards_its_statistics_and_evaluations():
+    """`shards` of a suite preset reaches every Fisher / Gram and evaluation job; without it the ids are unchanged."""
+    from config.t5_tasks import offline_preset
+    from model_merging.families import build_suite
+    from model_merging.search import PredictJob
+
+    def predict_jobs(preset):
+        return [job for job in jobs_below(build_suite(preset)[1]) if isinstance(job, PredictJob)]
+
+    plain = predict_jobs(offline_preset())
+    assert plain and all(job.shards == 1 for job in plain)
+    sharded = predict_jobs({**offline_preset(), "shards": {"statistics": 2, "evaluation": 3}})
+    assert sorted({(job.method, job.shards) for job in sharded}) == [
+        ("sequence_classification", 3), ("sequence_classification_gram", 2),
+        ("sequence_classification_squared_gradients", 2)]
+    assert not {job.job_id() for job in plain} & {job.job_id() for job in sharded}

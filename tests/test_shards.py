@@ -56,13 +56,12 @@ def predict(**config):
     run(PredictConfig(**config))
 
 
-def sharded_run(tmp_path, config, count):
-    """Run the `count` shards of `config` and join them into tmp_path/joined; returns the part folders."""
+def sharded_run(tmp_path, config, count, **join_keys):
+    """Run the `count` shards of `config` and join them (with `join_keys`) into tmp_path/joined."""
     parts = [str(tmp_path / f"part.{index}") for index in range(1, count + 1)]
     for index, part in enumerate(parts, 1):
         predict(**{**config, "output_dir": part, "shard": f"{index}/{count}"})
-    predict(**{**config, "output_dir": str(tmp_path / "joined"), "join": parts})
-    return parts
+    predict(**{**config, **join_keys, "output_dir": str(tmp_path / "joined"), "join": parts})
 
 
 def close(a, b, where):
@@ -84,8 +83,11 @@ def close(a, b, where):
 def assert_same_outputs(expected, joined):
     """Every file of the unsharded output folder `expected` in `joined` too, with the same contents: JSON equal
     (floats to rounding), safetensors with the same names, dtypes and metadata and values to float32 rounding."""
-    files = sorted(os.path.relpath(os.path.join(d, f), expected) for d, _, names in os.walk(expected) for f in names)
-    assert files == sorted(os.path.relpath(os.path.join(d, f), joined) for d, _, names in os.walk(joined) for f in names)
+    def files_of(folder):
+        return sorted(os.path.relpath(os.path.join(d, f), folder) for d, _, names in os.walk(folder) for f in names)
+
+    files = files_of(expected)
+    assert files == files_of(joined)
     for name in files:
         a, b = os.path.join(expected, name), os.path.join(joined, name)
         if name.endswith(".safetensors"):
@@ -120,14 +122,16 @@ def test_shard_ranges_are_consecutive_and_balanced():
 ])
 def test_joined_shards_write_the_unsharded_statistic(families, tmp_path, family, method, empirical):
     config = keys(families, family, method, tmp_path / "whole", empirical=empirical, seed=7)
-    predict(**config, **({} if method == GRAM else {"prediction_output_file": str(tmp_path / "labels.jsonl")}))
-    sharded_run(tmp_path, config, 3)
+    def labels(name):
+        return {} if method == GRAM else {"prediction_output_file": str(tmp_path / name)}
+
+    predict(**config, **labels("labels.jsonl"))
+    sharded_run(tmp_path, config, 3, **labels("joined.jsonl"))
     assert_same_outputs(tmp_path / "whole", tmp_path / "joined")
-    assert json.load(open(tmp_path / "joined" / "stats.json"))["num_examples"] == (9 if family in ("vit", "clip") else 10)
+    examples = 9 if family in ("vit", "clip") else 10
+    assert json.load(open(tmp_path / "joined" / "stats.json"))["num_examples"] == examples
     if method == FISHER:  # the join's labels y_i: the unsharded run's, exactly
-        predict(**{**config, "output_dir": str(tmp_path / "again"), "join": [str(tmp_path / f"part.{i}") for i in (1, 2, 3)],
-                   "prediction_output_file": str(tmp_path / "joined_labels.jsonl")})
-        assert read_jsonl(tmp_path / "joined_labels.jsonl") == read_jsonl(tmp_path / "labels.jsonl")
+        assert read_jsonl(tmp_path / "joined.jsonl") == read_jsonl(tmp_path / "labels.jsonl")
 
 
 @pytest.mark.parametrize("family, task_type", [("classifier", "sequence_classification"), ("seq2seq", "seq2seq")])
@@ -217,7 +221,8 @@ def test_a_shard_killed_mid_write_leaves_no_part_and_reruns_alone(families, tmp_
             "st.save_file = stalled\n"
             f"exec(open({os.path.join(ROOT, 'code', 'predict.py')!r}).read())")
     env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "code"), OMP_NUM_THREADS="1")
-    shard = subprocess.Popen([sys.executable, "-c", hold], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    shard = subprocess.Popen([sys.executable, "-c", hold], env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 120
         while not held.exists():

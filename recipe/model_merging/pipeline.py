@@ -142,8 +142,8 @@ def own_models(preset, finetuned_label):
 def _search(experiment, model, splits):
     preset = experiment.preset
     datasets = {task: (experiment.data[task], split) for task, split in splits.items()}
-    return MultiTaskSearchJob(model, datasets, preset["evaluation"], shards=preset.get("shards", {}).get("evaluation", 1),
-                              **preset["rqmt"]["evaluation"])
+    shards = preset.get("shards", {}).get("evaluation", 1)
+    return MultiTaskSearchJob(model, datasets, preset["evaluation"], shards=shards, **preset["rqmt"]["evaluation"])
 
 
 def evaluate(experiment, models, splits):

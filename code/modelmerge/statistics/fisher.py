@@ -99,8 +99,10 @@ def combine_fisher(parts):
     total = sum(part.num_examples for part in parts)
     fisher = {}
     for name, value in parts[0].fisher.items():
-        weighted = sum(part.fisher[name].double() * part.num_examples for part in parts)
-        fisher[name] = (weighted / total).to(value.dtype)
+        weighted = torch.zeros(value.shape, dtype=torch.float64)
+        for part in parts:
+            weighted.add_(part.fisher[name], alpha=part.num_examples)
+        fisher[name] = weighted.div_(total).to(value.dtype)
     labels = [label for part in parts for label in
               (part.labels.tolist() if isinstance(part.labels, torch.Tensor) else part.labels)]
     return FisherResult(fisher, total, parts[0].empirical, parts[0].seed, _as_tensor_if_classes(labels))
