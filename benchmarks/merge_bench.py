@@ -95,15 +95,17 @@ def write_checkpoint(folder, config, shapes, seed, like=None, fisher=False):
     return tensors
 
 
-def make_inputs(root, scale):
+def make_inputs(root, scale, fishers=True):
+    """θ_0 (`base`), four fine-tunes (`ft1`..`ft4`) and, with `fishers`, a Fisher of each (`fisher0`..`fisher4`);
+    returns the tensors' shapes."""
     config = bert_config(scale)
     shapes = shapes_of(config)
     base = write_checkpoint(os.path.join(root, "base"), config, shapes, seed=0)
     for t in range(1, 5):
         write_checkpoint(os.path.join(root, f"ft{t}"), config, shapes, seed=t, like=base)
-    for t in range(5):
+    for t in range(5 if fishers else 0):
         write_checkpoint(os.path.join(root, f"fisher{t}"), config, shapes, seed=100 + t, fisher=True)
-    return sum(torch.Size(s).numel() for s in shapes.values())
+    return shapes
 
 
 IO_FLOOR = r"""
@@ -409,7 +411,8 @@ def main():
     root = tempfile.mkdtemp(prefix="merge_bench-", dir=args.workdir)
     try:
         start = time.perf_counter()
-        parameters = make_inputs(root, args.scale)
+        shapes = make_inputs(root, args.scale)
+        parameters = sum(torch.Size(s).numel() for s in shapes.values())
         checkpoint_bytes = os.path.getsize(os.path.join(root, "base", "model.safetensors"))
         print(f"inputs: 5 checkpoints + 5 Fishers of {parameters / 1e6:.1f}M parameters "
               f"({checkpoint_bytes / 2**20:.0f} MiB each), written in {time.perf_counter() - start:.0f} s to {root}")
@@ -451,7 +454,7 @@ def main():
                            fb_walls=[t[0] for t in theirs], mk_walls=[m[0] for m in mergekit])
                 rows.append(row)
                 print(json.dumps(row))
-        print_table(rows, checkpoint_bytes, max(args.threads), shapes_of(bert_config(args.scale)))
+        print_table(rows, checkpoint_bytes, max(args.threads), shapes)
         print_peer_table(rows)
     finally:
         if args.keep:

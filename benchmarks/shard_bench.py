@@ -26,6 +26,7 @@ writing the checkpoint: I/O, independent of N). The figure for 64 nodes is read 
 import argparse
 import filecmp
 import json
+import math
 import os
 import re
 import shutil
@@ -40,17 +41,7 @@ sys.path[:0] = [os.path.join(REPO, "code"), os.path.join(REPO, "benchmarks")]
 MERGE = os.path.join(REPO, "code", "merge.py")
 NODES = (1, 2, 4, 8, 16, 32, 64)
 
-from merge_bench import bert_config, shapes_of, write_checkpoint  # noqa: E402  (the same checkpoints)
-
-
-def make_inputs(root, scale):
-    """θ_0 and four fine-tunes (no statistics: TSV-M and the other data-free methods need none)."""
-    config = bert_config(scale)
-    shapes = shapes_of(config)
-    base = write_checkpoint(os.path.join(root, "base"), config, shapes, seed=0)
-    for t in range(1, 5):
-        write_checkpoint(os.path.join(root, f"ft{t}"), config, shapes, seed=t, like=base)
-    return shapes
+from merge_bench import make_inputs  # noqa: E402  (the same checkpoints)
 
 
 def load():
@@ -145,8 +136,8 @@ def main():
     root = tempfile.mkdtemp(prefix="shard_bench-", dir=args.workdir)
     try:
         begin = time.perf_counter()
-        shapes = make_inputs(root, args.scale)
-        parameters = sum(torch_numel(s) for s in shapes.values())
+        shapes = make_inputs(root, args.scale, fishers=False)  # TSV-M and the other data-free methods need none
+        parameters = sum(math.prod(s) for s in shapes.values())
         print(f"inputs: θ_0 + 4 fine-tunes of {parameters / 1e6:.1f}M parameters, written in "
               f"{time.perf_counter() - begin:.0f} s to {root}")
         print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()} before the measurements")
@@ -157,13 +148,6 @@ def main():
         report(rounds, args, shapes)
     finally:
         shutil.rmtree(root, ignore_errors=True)
-
-
-def torch_numel(shape):
-    count = 1
-    for size in shape:
-        count *= size
-    return count
 
 
 def report(rounds, args, shapes):

@@ -13,6 +13,7 @@ one: a folder without part.json is refused.
 import dataclasses
 import json
 import os
+import re
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -27,10 +28,8 @@ IDENTITY_KEYS = ("method", "task_type", "model_name_or_path", "dataset_name", "s
 
 def parse_shard(text):
     """(I, N) of a shard spelled "I/N", 1 <= I <= N; ValueError otherwise."""
-    try:
-        index, count = (int(part) for part in str(text).split("/"))
-    except ValueError:
-        index = count = 0
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(text))
+    index, count = (int(match.group(1)), int(match.group(2))) if match else (0, 0)
     if not 1 <= index <= count:
         raise ValueError(f"shard must be 'I/N' with 1 <= I <= N (e.g. '1/4'), got {text!r}")
     return index, count

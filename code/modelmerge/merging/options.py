@@ -5,12 +5,13 @@ The fields hold parsed values: paths as strings, `dtype` a torch dtype, `device`
 bytes. Method parameters (`params`) stay as given (strings from a command line, numbers from YAML):
 the method's declared parameters convert and check them (merging/parameters.py).
 """
-import re
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Mapping
 
 import torch
+
+from ..shards import parse_shard
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 LORA_PREFIX = "lora-"
@@ -30,10 +31,10 @@ class Shard:
     @classmethod
     def parse(cls, text):
         """'I/N' -> Shard(I, N); a MergeError unless 1 ≤ I ≤ N."""
-        match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(text))
-        if not match or not 1 <= int(match.group(1)) <= int(match.group(2)):
-            raise MergeError(f"--shard takes I/N with 1 ≤ I ≤ N (part I of N), got {text!r}")
-        return cls(int(match.group(1)), int(match.group(2)))
+        try:
+            return cls(*parse_shard(text))
+        except ValueError:
+            raise MergeError(f"--shard takes I/N with 1 ≤ I ≤ N (part I of N), got {text!r}") from None
 
 
 @dataclass(frozen=True)
