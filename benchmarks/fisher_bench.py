@@ -215,13 +215,14 @@ def process_main(args):
 
 
 def families_main(args):
-    """Batched Fisher vs the one-example loop of tests/test_families.py on small models of each family."""
+    """Batched Fisher vs the one-example loop of tests/statistics/test_family_statistics.py on small models of each
+    family."""
     import tempfile
 
     tests = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests")
-    sys.path.insert(0, tests)
+    sys.path[:0] = [tests, os.path.join(tests, "statistics")]
     import tiny
-    from test_families import loop_fisher as family_loop
+    from test_family_statistics import loop_fisher as family_loop
 
     from modelmerge.prediction import load_for_task
 

@@ -41,3 +41,29 @@ def pytest_collection_modifyitems(config, items):
     reason = _why_no_slurm() if slurm_tests else None
     for item in slurm_tests if reason else []:
         item.add_marker(pytest.mark.skip(reason=reason))
+
+
+# --- the tiny model of every family and rows of their tasks (tests/programs/test_families.py and
+# tests/statistics/test_family_statistics.py) ---
+
+
+@pytest.fixture(scope="module")
+def family_paths(tmp_path_factory):
+    from tiny import FAMILY_MODELS
+
+    root = tmp_path_factory.mktemp("families")
+    return {name: make(str(root / name), seed=2) for name, make in FAMILY_MODELS.items()}
+
+
+@pytest.fixture(scope="module")
+def text_rows():
+    from tiny import word_tasks
+
+    return word_tasks(10, seed=1, kind="reverse")
+
+
+@pytest.fixture(scope="module")
+def image_rows(tmp_path_factory):
+    from tiny import colour_images
+
+    return colour_images(str(tmp_path_factory.mktemp("images") / "train"), per_class=3)

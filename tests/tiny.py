@@ -210,3 +210,50 @@ def word_tasks(n=24, seed=0, kind="copy"):
         else:
             rows.append({"input": f"reverse {pair[0]} {pair[1]}", "target": f"{pair[1]} {pair[0]}"})
     return rows
+
+
+# --- one tiny model of each family (families.md): the family tests' fixtures are in conftest.py ---------------------
+
+CLASSES = list(COLOURS)  # the class names of colour_images
+FAMILY_TASKS = {"seq2seq": "seq2seq", "causal_lm": "causal_lm", "vit": "image_classification",
+                "clip": "image_classification"}
+FAMILY_MODELS = {"seq2seq": make_tiny_t5, "causal_lm": make_tiny_gpt2, "vit": make_tiny_vit, "clip": make_tiny_clip}
+
+
+def load_family_model(family_paths, name, peft=None):
+    """The model of family `name` in float64 for evaluation, with LoRA adapters moved off the identity if `peft`."""
+    from peft import LoraConfig, get_peft_model
+
+    from modelmerge.prediction import load_for_task
+
+    model, processor = load_for_task(family_paths[name], FAMILY_TASKS[name], class_names=CLASSES)
+    if peft:
+        targets = {"seq2seq": ["q", "v"], "causal_lm": ["c_attn"], "vit": ["q_proj", "v_proj"], "clip": r".*vision_model.*\.(q_proj|v_proj)"}
+        task = {"seq2seq": "SEQ_2_SEQ_LM", "causal_lm": "CAUSAL_LM"}.get(name)
+        model = get_peft_model(model, LoraConfig(task_type=task, r=2, lora_alpha=4, target_modules=targets[name]))
+        generator = torch.Generator().manual_seed(1)
+        with torch.no_grad():  # LoRA starts as the identity (B = 0): move it so that gradients are generic
+            for parameter in model.parameters():
+                if parameter.requires_grad:
+                    parameter.add_(0.3 * torch.randn(parameter.shape, generator=generator))
+    return model.double().eval(), processor
+
+
+def example_inputs(name, processor, row):
+    """(model inputs of one example, [positions], scored token ids or None for classifiers)."""
+    if FAMILY_TASKS[name] == "image_classification":
+        from PIL import Image
+
+        image = Image.open(row["image"]).convert("RGB")
+        pixels = processor(images=[image], return_tensors="pt")["pixel_values"].double()
+        return {"pixel_values": pixels}, None, None
+    if name == "seq2seq":
+        ids = processor(row["input"])["input_ids"]
+        target = processor(text_target=row["target"])["input_ids"]
+        inputs = {"input_ids": torch.tensor([ids]), "labels": torch.tensor([target])}
+        return inputs, list(range(len(target))), target
+    prompt = processor(row["input"])["input_ids"]
+    completion = processor(" " + row["target"], add_special_tokens=False)["input_ids"] + [processor.eos_token_id]
+    inputs = {"input_ids": torch.tensor([prompt + completion])}
+    # the logits at position t predict token t + 1
+    return inputs, list(range(len(prompt) - 1, len(prompt) + len(completion) - 1)), completion

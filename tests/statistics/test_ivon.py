@@ -20,7 +20,7 @@ from modelmerge.merging.provenance import fingerprint
 from modelmerge.training import TrainConfig, train
 from uncertainty_based_gradient_matching import main as gradient_matching
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from sis_util import REPO
 WEIGHT_DECAY = 1e-3
 
 
@@ -182,14 +182,14 @@ def test_a_posterior_of_another_model_or_with_other_tensors_is_refused(trained, 
 
 
 def test_variational_config_merges_with_posteriors_and_has_no_fisher_job(monkeypatch):
-    sys.path[:0] = [ROOT, os.path.join(ROOT, "recipe")]
+    sys.path[:0] = [REPO, os.path.join(REPO, "recipe")]
     from config.variational import build
     from model_merging import presets
     from model_merging.merge import UncertaintyBasedGradientMatchingJob
     from model_merging.statistics import FisherJob
     from model_merging.training import HuggingfaceTrainingJob
 
-    monkeypatch.setenv("MERGE_DATA_DIR", os.path.join(ROOT, "data", "sentiment"))
+    monkeypatch.setenv("MERGE_DATA_DIR", os.path.join(REPO, "data", "sentiment"))
     results, report = build(presets.select("offline"))
 
     def jobs(label):

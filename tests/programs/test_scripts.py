@@ -14,8 +14,8 @@ from modelmerge.prediction import PredictConfig
 from modelmerge.training import TrainConfig
 from tiny import SHARED_DATA, make_tiny_bert, perturbed_copy, read_jsonl
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = os.path.join(ROOT, "scripts")
+from sis_util import REPO
+SCRIPTS = os.path.join(REPO, "scripts")
 
 
 def test_shell_scripts_parse():

@@ -78,6 +78,15 @@ def test_della_ranks_entries_within_each_row_ties_in_column_order():
         assert torch.equal(positions.float(), expected)
 
 
+def test_della_ranks_a_conv_kernel_within_each_filter():
+    """ViT/CLIP patch embeddings are 4-D [filters, channels, h, w]: DELLA ranks |δ| within each filter."""
+    delta = torch.randn(4, 3, 2, 2, generator=torch.Generator().manual_seed(0))
+    found = della.keep_probabilities(delta, density=0.5, epsilon=0.1)
+    flat = delta.reshape(4, -1).abs()
+    ranks = flat.argsort(1).argsort(1).double()
+    torch.testing.assert_close(found, (0.4 + ranks / 11 * 0.2).reshape(delta.shape).to(found.dtype))
+
+
 def test_della_rejects_an_epsilon_leaving_the_unit_interval():
     base, thetas = models(2)
     with pytest.raises(ValueError, match="epsilon must leave density ± epsilon inside"):

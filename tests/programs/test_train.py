@@ -14,7 +14,7 @@ from modelmerge.prediction import load_classifier
 from modelmerge.training import TrainConfig, train
 from tiny import dtype_copy, make_tiny_bert, read_jsonl, tiny_data_dir
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from sis_util import REPO
 
 
 @pytest.fixture(scope="module")
@@ -203,7 +203,7 @@ def test_bad_configs_exit_with_a_message_and_leave_no_output(setup, tmp_path, ca
 
 def test_program_exit_status(tmp_path):
     (tmp_path / "c.json").write_text(json.dumps({"output_dir": str(tmp_path / "out")}))
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "code", "train.py"), str(tmp_path / "c.json")],
+    result = subprocess.run([sys.executable, os.path.join(REPO, "code", "train.py"), str(tmp_path / "c.json")],
                             capture_output=True, text=True)
     assert result.returncode == 2
     assert "missing required key(s) dataset_name" in result.stderr

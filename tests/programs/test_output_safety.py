@@ -17,7 +17,7 @@ from modelmerge import atomic
 from modelmerge.atomic import MARKER, OutputError, atomic_dir, atomic_file, claim_output
 from modelmerge.merging.cli import run_cli
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from sis_util import REPO
 
 
 def tree(folder):

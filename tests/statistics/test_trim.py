@@ -15,7 +15,7 @@ from modelmerge.methods import TensorGroup
 from test_methods import run_method
 from tiny import tiny_bert_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from sis_util import REPO
 
 
 @pytest.fixture(scope="module")
@@ -94,9 +94,9 @@ def test_bad_inputs_end_with_an_error_naming_the_tensor_and_leave_no_output(pair
 
 def test_command_line_prints_the_summary_and_rejects_a_bad_density(pair, tmp_path):
     root, _, tuned = pair
-    command = [sys.executable, os.path.join(ROOT, "code", "trim.py"), "--model", str(root / "tuned.safetensors"),
+    command = [sys.executable, os.path.join(REPO, "code", "trim.py"), "--model", str(root / "tuned.safetensors"),
                "--ancestor", str(root / "ancestor"), "--output", str(tmp_path / "out")]
-    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "code"))
+    env = dict(os.environ, PYTHONPATH=os.path.join(REPO, "code"))
     done = subprocess.run(command + ["--density", "0.1"], capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr
     floats = sum(t.is_floating_point() for t in tuned.values())

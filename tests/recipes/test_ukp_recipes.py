@@ -14,7 +14,7 @@ from ukp.huggingface.search import HuggingfaceSearchJob
 from ukp.huggingface.task_arithmetic import TaskArithmeticJob, UncertaintyBasedGradientMatchingJob
 from ukp.huggingface.training import HuggingfaceTrainingJob
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from sis_util import REPO
 
 # A config in the style of the authors' released example (their call signatures and key names), two tasks.
 AUTHORS_CONFIG = '''
@@ -100,7 +100,7 @@ print(json.dumps(jobs))
 
 
 def describe(setup, config):
-    env = dict(os.environ, PYTHONPATH=ROOT)
+    env = dict(os.environ, PYTHONPATH=REPO)
     run = subprocess.run([sys.executable, "-c", DESCRIBE, config], cwd=setup, env=env, capture_output=True,
                          text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -113,7 +113,7 @@ def make_setup(root, code_root):
     (root / "config").mkdir()
     (root / "config" / "__init__.py").write_text("")
     (root / "config" / "authors.py").write_text(AUTHORS_CONFIG)
-    os.symlink(os.path.join(ROOT, "recipe"), root / "recipe")
+    os.symlink(os.path.join(REPO, "recipe"), root / "recipe")
     return str(root)
 
 
@@ -204,11 +204,11 @@ print(len(tk.sis_graph.jobs()))
 def test_configs_import_through_import_paths_only(tmp_path):
     only_sisyphus = tmp_path / "sis"
     only_sisyphus.mkdir()
-    os.symlink(os.path.join(ROOT, "sisyphus"), only_sisyphus / "sisyphus")
-    env = dict(os.environ, MERGE_DATA_DIR=os.path.join(ROOT, "data", "sentiment"))
+    os.symlink(os.path.join(REPO, "sisyphus"), only_sisyphus / "sisyphus")
+    env = dict(os.environ, MERGE_DATA_DIR=os.path.join(REPO, "data", "sentiment"))
     env.pop("PYTHONPATH", None)
     env.pop("MERGE_PRESET", None)
     run = subprocess.run([sys.executable, "-c", UPSTREAM_IMPORTS, str(only_sisyphus), "config/example.py",
-                          "config/merging_methods.py"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+                          "config/merging_methods.py"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert int(run.stdout.split()[-1]) == 31

@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "recipe")]
+from sis_util import REPO
+sys.path[:0] = [REPO, os.path.join(REPO, "recipe")]
 
 
 @pytest.mark.parametrize("config, preset", [("vit_tasks", "offline"), ("vit_tasks", "full"), ("t5_tasks", "offline"),

@@ -12,7 +12,7 @@ import pytest
 
 from tiny import make_tiny_bert, tiny_data_dir
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from sis_util import REPO
 TASKS = ("sst2", "rotten_tomatoes", "imdb")
 
 
@@ -67,14 +67,14 @@ def setup_dir(tmp_path_factory):
     data = tiny_data_dir(root / "data", tasks=TASKS, sizes={"train": 48, "validation": 16, "test": 16})
     preset = root / "tiny_preset.json"
     preset.write_text(json.dumps(tiny_preset(model, data)))
-    (root / "settings.py").write_text(SETTINGS.format(code=os.path.join(ROOT, "code"), preset=str(preset)))
+    (root / "settings.py").write_text(SETTINGS.format(code=os.path.join(REPO, "code"), preset=str(preset)))
     for folder in ("config", "recipe"):
-        os.symlink(os.path.join(ROOT, folder), root / folder)
+        os.symlink(os.path.join(REPO, folder), root / folder)
     return root
 
 
 def sis(setup_dir, *args, timeout=900):
-    env = dict(os.environ, PYTHONPATH=ROOT, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    env = dict(os.environ, PYTHONPATH=REPO, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     env.pop("MERGE_PRESET", None)
     return subprocess.run([sys.executable, "-m", "sisyphus", *args], cwd=setup_dir, env=env, capture_output=True,
                           text=True, timeout=timeout)

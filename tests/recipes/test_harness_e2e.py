@@ -11,7 +11,7 @@ import sys
 import pytest
 from tiny import WORDS, make_tiny_gpt2, write_jsonl
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from sis_util import REPO
 CHOICES = WORDS[:10]
 TASKS = {"next": ("is", 1), "third": ("the", 3)}  # task: (prompt word, offset in CHOICES of the answer)
 
@@ -94,14 +94,14 @@ def make_setup(root):
                     [{"input": i, "label": CHOICES.index(t)} for i, t in (example(task, w) for w in CHOICES * 2)])
         (root / "tasks" / f"{task}_choice.yaml").write_text(TASK_YAML.format(task=task, choices=json.dumps(CHOICES)))
     (root / "harness_merge.py").write_text(CONFIG.format(setup=str(root), tasks=list(TASKS)))
-    (root / "settings.py").write_text(SETTINGS.format(code=os.path.join(ROOT, "code")))
-    os.symlink(os.path.join(ROOT, "recipe"), root / "recipe")
+    (root / "settings.py").write_text(SETTINGS.format(code=os.path.join(REPO, "code")))
+    os.symlink(os.path.join(REPO, "recipe"), root / "recipe")
 
 
 @pytest.mark.slow
 def test_gpt2_merge_evaluated_by_the_harness_through_sis(tmp_path):
     make_setup(tmp_path)
-    env = dict(os.environ, PYTHONPATH=ROOT)
+    env = dict(os.environ, PYTHONPATH=REPO)
     run = subprocess.run([sys.executable, "-m", "sisyphus", "--config", "harness_merge.py", "m", "-r"],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]

@@ -16,7 +16,7 @@ from transformers import BertForSequenceClassification
 
 from modelmerge.merging.cli import run_cli as run_program
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from sis_util import REPO
 
 
 def weights(folder):

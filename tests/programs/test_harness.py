@@ -11,8 +11,8 @@ import pytest
 import torch
 from tiny import WORDS, make_tiny_bert, make_tiny_gpt2, write_jsonl
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHIPPED_TASKS = os.path.join(ROOT, "data", "lm_eval_tasks")
+from sis_util import REPO
+SHIPPED_TASKS = os.path.join(REPO, "data", "lm_eval_tasks")
 CHOICES = ["yes", "no", "cat"]
 TASK_YAML = """task: word_choice
 dataset_path: json
@@ -35,7 +35,7 @@ def harness(tmp_path, **config):
     env = dict(os.environ)
     for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
         env.pop(name, None)  # the program itself must go offline for local tasks
-    return subprocess.run([sys.executable, os.path.join(ROOT, "code", "harness_eval.py"), str(path)],
+    return subprocess.run([sys.executable, os.path.join(REPO, "code", "harness_eval.py"), str(path)],
                           capture_output=True, text=True, env=env)
 
 
@@ -102,7 +102,7 @@ def test_harness_accuracy_is_the_argmax_of_summed_log_likelihoods(tmp_path, gpt2
     assert results["results"]["word_choice"]["acc,none"] == pytest.approx(expected)
     assert results["lm_eval_version"] == "0.4.13"
 
-    sys.path.insert(0, os.path.join(ROOT, "code"))
+    sys.path.insert(0, os.path.join(REPO, "code"))
     from modelmerge.report import read_accuracy
     assert read_accuracy(out / "metrics" / "word_choice.json") == pytest.approx(expected)  # as any other metric
 

@@ -1,11 +1,14 @@
 import csv
 import json
+import pathlib
 import subprocess
 import sys
 
 import pytest
 
-ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+from sis_util import REPO
+
+ROOT = pathlib.Path(REPO)
 
 
 def _metrics(tmp_path, name, accuracy):

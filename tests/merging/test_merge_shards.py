@@ -22,7 +22,7 @@ from modelmerge.merging.plan import Source, TensorTask
 from modelmerge.checkpoint import TensorInfo
 from modelmerge.methods import MERGE_METHODS, get_method
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from sis_util import REPO
 METHODS = sorted({cls.name for cls in MERGE_METHODS.values()})
 # Parameters that make a method do real work on tiny models (the others' defaults do).
 PARAMETERS = {"ties": ["--x:density", "0.4"], "dare_linear": ["--x:density", "0.5"], "dare_ties": ["--x:density", "0.5"],

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from tiny import make_tiny_bert, read_jsonl, tiny_data_dir
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from sis_util import REPO
 TASKS = ("sst2", "rotten_tomatoes")
 SIZES = {"train": 24, "validation": 8, "test": 12}
 
@@ -149,12 +149,12 @@ def make_setup(root):
     setup = root / "setup"
     (setup / "config").mkdir(parents=True)
     (setup / "recipe").mkdir()
-    (setup / "settings.py").write_text(SETTINGS.format(code=os.path.join(ROOT, "code")))
+    (setup / "settings.py").write_text(SETTINGS.format(code=os.path.join(REPO, "code")))
     (setup / "config" / "__init__.py").write_text("")
     (setup / "config" / "authors.py").write_text(CONFIG.replace("TINY_MODEL", repr(model)))
     (setup / "recipe" / "authors_style.py").write_text(AUTHORS_STYLE)
     for package in ("ukp", "model_merging"):
-        os.symlink(os.path.join(ROOT, "recipe", package), setup / "recipe" / package)
+        os.symlink(os.path.join(REPO, "recipe", package), setup / "recipe" / package)
     return setup, data
 
 
@@ -169,7 +169,7 @@ def same_weights(a, b):
 
 def test_authors_contract_runs_end_to_end(tmp_path):
     setup, data = make_setup(tmp_path)
-    env = dict(os.environ, PYTHONPATH=ROOT, MERGE_DATA_DIR=str(data), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    env = dict(os.environ, PYTHONPATH=REPO, MERGE_DATA_DIR=str(data), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     env.pop("MERGE_PRESET", None)
     run = subprocess.run([sys.executable, "-m", "sisyphus", "--config", "config/authors.py", "m", "-r"], cwd=setup,
                          env=env, capture_output=True, text=True, timeout=900)

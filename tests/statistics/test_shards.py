@@ -17,11 +17,10 @@ from modelmerge.config import run_program
 from modelmerge.prediction import PredictConfig, run
 from modelmerge.shards import shard_range
 from modelmerge.statistics import compute_fisher
-from test_families import CLASSES
-from tiny import (colour_images, make_tiny_bert, make_tiny_clip, make_tiny_gpt2, make_tiny_t5, make_tiny_vit,
+from tiny import (CLASSES, colour_images, make_tiny_bert, make_tiny_clip, make_tiny_gpt2, make_tiny_t5, make_tiny_vit,
                   read_jsonl, tiny_data_dir, word_tasks, write_jsonl)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from sis_util import REPO
 FISHER, GRAM, EVALUATE = "squared_gradients", "gram", "evaluate"
 TASK_TYPES = {"classifier": "sequence_classification", "seq2seq": "seq2seq", "causal_lm": "causal_lm",
               "vit": "image_classification", "clip": "image_classification"}
@@ -219,8 +218,8 @@ def test_a_shard_killed_mid_write_leaves_no_part_and_reruns_alone(families, tmp_
             "save = st.save_file\n"
             f"def stalled(*a, **k):\n    open({str(held)!r}, 'w').close(); time.sleep(600)\n"
             "st.save_file = stalled\n"
-            f"exec(open({os.path.join(ROOT, 'code', 'predict.py')!r}).read())")
-    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "code"), OMP_NUM_THREADS="1")
+            f"exec(open({os.path.join(REPO, 'code', 'predict.py')!r}).read())")
+    env = dict(os.environ, PYTHONPATH=os.path.join(REPO, "code"), OMP_NUM_THREADS="1")
     shard = subprocess.Popen([sys.executable, "-c", hold], env=env, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
     try:
@@ -294,13 +293,13 @@ def sis_setup(root, families, engines, evaluate):
     (root / "config" / "__init__.py").write_text("")
     (root / "config" / "sharded.py").write_text(SHARDED_GRAPH.format(keys=keys_, model=spec["model_name_or_path"],
                                                                      evaluate=evaluate))
-    (root / "settings.py").write_text(SIS_SETTINGS.format(code=os.path.join(ROOT, "code"), engine=engines))
-    os.symlink(os.path.join(ROOT, "recipe"), root / "recipe")
+    (root / "settings.py").write_text(SIS_SETTINGS.format(code=os.path.join(REPO, "code"), engine=engines))
+    os.symlink(os.path.join(REPO, "recipe"), root / "recipe")
     return root
 
 
 def sis_command(setup):
-    env = dict(os.environ, PYTHONPATH=ROOT, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    env = dict(os.environ, PYTHONPATH=REPO, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     return [sys.executable, "-m", "sisyphus", "--config", "config/sharded.py", "m", "-r"], {"cwd": setup, "env": env}
 
 

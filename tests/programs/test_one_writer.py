@@ -27,7 +27,7 @@ from modelmerge.prediction import PredictConfig, run
 from modelmerge.training import TrainConfig, train
 from tiny import make_tiny_bert, perturbed_copy, tiny_data_dir
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from sis_util import REPO
 HOLDER = """
 import sys, time
 from modelmerge import atomic
