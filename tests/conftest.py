@@ -67,3 +67,15 @@ def image_rows(tmp_path_factory):
     from tiny import colour_images
 
     return colour_images(str(tmp_path_factory.mktemp("images") / "train"), per_class=3)
+
+
+@pytest.fixture
+def deterministic_draws(monkeypatch):
+    """Replace DELLA's random keep decisions, ours and mergekit's, by the same rule (keep where p ≥ 0.5) so that
+    everything else DELLA computes can be compared exactly."""
+    import torch
+
+    from modelmerge.methods import della
+
+    monkeypatch.setattr(torch, "bernoulli", lambda p, *a, **k: (p >= 0.5).to(p.dtype))
+    monkeypatch.setattr(della, "draw", lambda p, generator, out=None: (p >= 0.5) if out is None else out.copy_(p >= 0.5))

@@ -86,7 +86,7 @@ def test_emr_unified_vector_masks_and_rescalers_are_fusion_benchs(case):
         assert all(torch.equal(m, r) for m, r in zip(our_masks, masks[key]))
         own += torch.stack([t[key].abs().mean() for t in taus])
         kept += torch.stack([(tau_uni * m).abs().mean() for m in our_masks])
-    torch.testing.assert_close(own / kept, rescalers)  # what modelmerge.modulated writes (tests/test_modulated_merge.py)
+    torch.testing.assert_close(own / kept, rescalers)  # what modelmerge.modulated writes (tests/methods/test_modulated_merge.py)
 
 
 def test_tall_masks_are_fusion_benchs(case):

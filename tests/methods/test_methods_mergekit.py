@@ -1,8 +1,10 @@
-"""The methods mergekit also has give mergekit's result (its tensor functions, called directly, are the expectation)."""
+"""The methods mergekit also has give mergekit's result (its tensor functions, called directly, are the expectation):
+the classic ones and mergekit 0.1.5's newer ones (model_stock, della, della_linear, sce, nuslerp, multislerp,
+karcher, nearswap, arcee_fusion, ram, ramplus_tl), plus the properties each newer method's definition promises."""
 import pytest
 import torch
 
-from modelmerge.methods import TensorGroup
+from modelmerge.methods import TensorGroup, della
 from test_methods import models, randn, run_method
 
 registry = pytest.importorskip("mergekit.merge_methods.registry")
@@ -82,3 +84,173 @@ def test_ties_in_bfloat16_computes_in_bfloat16_as_mergekit():
     expected = mergekit("ties", [base, *thetas], base_index=0, weight=[1.0, 0.5, 0.7])
     assert ours.dtype == expected.dtype == torch.bfloat16
     torch.testing.assert_close(ours, expected, rtol=0, atol=0)
+
+
+# --- mergekit 0.1.5's newer methods -----------------------------------------------------------------------------
+
+
+def close(ours, theirs):
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("filter_wise", [False, True])
+@pytest.mark.parametrize("shape", [(16, 12), (12,)])
+def test_model_stock(filter_wise, shape):
+    base, thetas = models(3, shape=shape)
+    ours = run_method("model_stock", TensorGroup("x", thetas, base=base), filter_wise=filter_wise)
+    close(ours, mergekit("model_stock", [base, *thetas], base_index=0, filter_wise=filter_wise))
+
+
+def test_model_stock_of_two_follows_the_paper():
+    """T = 2: t = 2 cos / (1 + cos) between θ_0 and the average (Jang et al., eq. 7)."""
+    base, thetas = models(2)
+    a, b = (x - base for x in thetas)
+    cos = (a * b).sum() / (a.norm() * b.norm())
+    t = 2 * cos / (1 + cos)
+    close(run_method("model_stock", TensorGroup("x", thetas, base=base)), t * (thetas[0] + thetas[1]) / 2 + (1 - t) * base)
+
+
+@pytest.mark.parametrize("name", ["della", "della_linear"])
+@pytest.mark.parametrize("rescale", [True, False])
+@pytest.mark.parametrize("shape", [(16, 12), (12,)])
+def test_della(deterministic_draws, name, rescale, shape):
+    base, thetas = models(3, shape=shape)
+    parameters = dict(weight=[1.0, 0.5, 0.8], density=[0.5, 0.7, 0.4], epsilon=[0.1, 0.2, 0.05], rescale=rescale)
+    ours = run_method(name, TensorGroup("x", thetas, base=base), merge_lambda=0.9, **parameters)
+    close(ours, mergekit(name, [base, *thetas], base_index=0, **{"lambda": 0.9}, **parameters))
+
+
+def test_della_keeps_entries_with_probabilities_rising_with_magnitude():
+    """Within a row the smallest entry is kept with probability density − ε, the largest with density + ε
+    (frequencies over many seeds); the draws are reproducible per (seed, tensor name, model)."""
+    delta = torch.arange(1.0, 11.0).repeat(3, 1)
+    probabilities = della.keep_probabilities(delta, 0.5, 0.2)
+    torch.testing.assert_close(probabilities[0], torch.linspace(0.3, 0.7, 10))
+    group = TensorGroup("x", [delta], base=torch.zeros_like(delta))
+    kept = torch.stack([run_method("della_linear", group, density=0.5, epsilon=0.2, rescale=False, seed=s) != 0
+                        for s in range(400)]).double().mean(dim=(0, 1))
+    torch.testing.assert_close(kept, torch.linspace(0.3, 0.7, 10, dtype=torch.float64), atol=0.06, rtol=0)
+    again = run_method("della_linear", group, density=0.5, epsilon=0.2, seed=3)
+    assert torch.equal(again, run_method("della_linear", group, density=0.5, epsilon=0.2, seed=3))
+    other = TensorGroup("y", [delta], base=torch.zeros_like(delta))
+    assert not torch.equal(again, run_method("della_linear", other, density=0.5, epsilon=0.2, seed=3))
+
+
+def test_della_ranks_entries_within_each_row_ties_in_column_order():
+    """Each entry's position in its row sorted ascending (a stable sort: equal magnitudes in column order),
+    counted by brute force; the CPU's float32 sort of packed keys and torch's argsort (float64) agree."""
+    magnitudes = randn(6, 41, seed=5).abs().mul(4).round().div(4)  # many ties, zeros among them
+    expected = torch.tensor([[float(sum(v < row[j] for v in row) + sum(v == row[j] for v in row[:j])) for j in range(len(row))]
+                             for row in magnitudes.tolist()])
+    for values in (magnitudes, magnitudes.double()):
+        order = della.row_order(values)
+        positions = torch.empty_like(order).scatter_(1, order, torch.arange(41).expand_as(order))
+        assert torch.equal(positions.float(), expected)
+
+
+def test_della_ranks_a_conv_kernel_within_each_filter():
+    """ViT/CLIP patch embeddings are 4-D [filters, channels, h, w]: DELLA ranks |δ| within each filter."""
+    delta = torch.randn(4, 3, 2, 2, generator=torch.Generator().manual_seed(0))
+    found = della.keep_probabilities(delta, density=0.5, epsilon=0.1)
+    flat = delta.reshape(4, -1).abs()
+    ranks = flat.argsort(1).argsort(1).double()
+    torch.testing.assert_close(found, (0.4 + ranks / 11 * 0.2).reshape(delta.shape).to(found.dtype))
+
+
+def test_della_rejects_an_epsilon_leaving_the_unit_interval():
+    base, thetas = models(2)
+    with pytest.raises(ValueError, match="epsilon must leave density ± epsilon inside"):
+        run_method("della", TensorGroup("x", thetas, base=base), density=0.2, epsilon=0.3)
+
+
+@pytest.mark.parametrize("select_topk", [1.0, 0.3, 0.0])
+def test_sce(select_topk):
+    base, thetas = models(3, shape=(16, 12))
+    ours = run_method("sce", TensorGroup("x", thetas, base=base), select_topk=select_topk)
+    close(ours, mergekit("sce", [base, *thetas], base_index=0, select_topk=select_topk))
+
+
+@pytest.mark.parametrize("with_base", [False, True])
+@pytest.mark.parametrize("row_wise,flatten", [(False, True), (True, False), (False, False)])
+def test_nuslerp(with_base, row_wise, flatten):
+    base, thetas = models(2, shape=(16, 12))
+    w = [0.3, 0.9]
+    ours = run_method("nuslerp", TensorGroup("x", thetas, base=base if with_base else None), weight=w,
+                      nuslerp_row_wise=row_wise, nuslerp_flatten=flatten)
+    inputs, index = ([base, *thetas], 0) if with_base else (thetas, None)
+    close(ours, mergekit("nuslerp", inputs, base_index=index, weight=w, nuslerp_row_wise=row_wise,
+                         nuslerp_flatten=flatten))
+
+
+def test_nuslerp_equal_weights_is_the_slerp_midpoint():
+    _, (a, b) = models(2, shape=(16, 12))
+    close(run_method("nuslerp", TensorGroup("x", [a, b])), run_method("slerp", TensorGroup("x", [a, b]), t=0.5))
+
+
+@pytest.mark.parametrize("with_base", [False, True])
+@pytest.mark.parametrize("normalize_weights", [True, False])
+def test_multislerp(with_base, normalize_weights):
+    base, thetas = models(3, shape=(16, 12))
+    w = [0.2, 0.5, 0.3]
+    ours = run_method("multislerp", TensorGroup("x", thetas, base=base if with_base else None), weight=w,
+                      normalize_weights=normalize_weights)
+    inputs, index = ([base, *thetas], 0) if with_base else (thetas, None)
+    close(ours, mergekit("multislerp", inputs, base_index=index, weight=w, normalize_weights=normalize_weights))
+
+
+def test_multislerp_of_opposite_models_with_balancing_weights():
+    """Two: no mean direction, so the weighted sum (here 0); three: an error asking for other weights."""
+    a = randn(4, 3, seed=5)
+    close(run_method("multislerp", TensorGroup("x", [a, -a]), weight=[1.0, 1.0]), torch.zeros(4, 3))
+    with pytest.raises(ValueError, match="weighted mean direction of the models is zero"):
+        run_method("multislerp", TensorGroup("x", [a, -a, a]), weight=[1.0, 2.0, 1.0])
+
+
+@pytest.mark.parametrize("count", [2, 3])
+def test_karcher(count):
+    _, thetas = models(count, shape=(16, 12))
+    close(run_method("karcher", TensorGroup("x", thetas), max_iter=20), mergekit("karcher", thetas, max_iter=20))
+
+
+def test_karcher_of_two_is_their_slerp_midpoint_scaled_to_the_mean_norm():
+    a, b = randn(8, seed=1), randn(8, seed=2)
+    ua, ub = a / a.norm(), b / b.norm()
+    angle = torch.arccos((ua * ub).sum())
+    midpoint = (torch.sin(angle / 2) * (ua + ub)) / torch.sin(angle)
+    close(run_method("karcher", TensorGroup("x", [a, b]), max_iter=50), midpoint * (a.norm() + b.norm()) / 2)
+
+
+@pytest.mark.parametrize("t", [0.0, 0.05, 1.0])
+def test_nearswap(t):
+    base, (theta,) = models(1, shape=(16, 12))
+    ours = run_method("nearswap", TensorGroup("x", [theta], base=base), t=t)
+    close(ours, mergekit("nearswap", [base, theta], base_index=0, t=t))
+
+
+def test_arcee_fusion():
+    base, (theta,) = models(1, shape=(16, 12))
+    theta = theta.clone()
+    theta[3] += 2.0  # one row whose distribution moves a lot: its changes pass the threshold
+    ours = run_method("arcee_fusion", TensorGroup("x", [theta], base=base))
+    close(ours, mergekit("arcee_fusion", [base, theta], base_index=0))
+    assert torch.equal(ours[3], theta[3]) and torch.equal(ours[0], base[0])
+
+
+def sparse_models(count=3, shape=(16, 12)):
+    """Task vectors that change overlapping random halves of the entries, as RAM assumes."""
+    base, thetas = models(count, shape=shape)
+    masks = [randn(*shape, seed=50 + t) > 0 for t in range(count)]
+    return base, [torch.where(m, x, base) for m, x in zip(masks, thetas)]
+
+
+@pytest.mark.parametrize("name,parameters", [("ram", {}), ("ramplus_tl", {}), ("ramplus_tl", {"r": 0.5, "alpha": 1.0})])
+def test_ram(name, parameters):
+    base, thetas = sparse_models()
+    ours = run_method(name, TensorGroup("x", thetas, base=base), **parameters)
+    close(ours, mergekit(name, [base, *thetas], base_index=0, **parameters))
+
+
+def test_ram_takes_unique_changes_whole_and_averages_shared_ones():
+    base = torch.zeros(4)
+    a, b = torch.tensor([1.0, 2.0, 0.0, 0.0]), torch.tensor([3.0, 0.0, 5.0, 0.0])
+    close(run_method("ram", TensorGroup("x", [a, b], base=base)), torch.tensor([2.0, 2.0, 5.0, 0.0]))

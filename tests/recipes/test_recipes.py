@@ -10,7 +10,8 @@ import sisyphus.global_settings as gs
 from sisyphus import tk
 from sisyphus.hash import short_hash
 from model_merging.data import DownloadDatasetJob
-from model_merging.merge import MergeJob, TaskArithmeticJob, UncertaintyBasedGradientMatchingJob
+from model_merging.merge import (AdaMergingJob, MergeJob, RegMeanPlusPlusJob, TaskArithmeticJob,
+                                  UncertaintyBasedGradientMatchingJob)
 from model_merging.report import ReportJob
 from model_merging.search import HuggingfaceSearchJob, MultiTaskSearchJob
 from model_merging.statistics import FisherJob, GramJob, TrimmedModelJob, TrimmedTaskVectorJob
@@ -123,6 +124,23 @@ def test_merge_job_commands(setup_dir):
         {"model": "/a", "ancestor": "/base", "density": 0.2})
     assert _create_files(trim, setup_dir).split()[1:] == [
         "/project/code/trim.py", "--model", "/a", "--ancestor", "/base", "--density", "0.2", "--output", trim.out_dir.get_path()]
+
+
+def test_regmean_plusplus_job_command(setup_dir):
+    job = RegMeanPlusPlusJob(["/a", "/b"], ["/da", "/db"], "train", alpha=0.9, num_examples=32)
+    assert _create_files(job, setup_dir).split()[1:] == [
+        "/project/code/regmean_plusplus.py", "--models", "/a", "/b", "--datasets", "/da", "/db", "--split", "train",
+        "--num_examples", "32", "--batch_size", "16", "--max_length", "128", "--alpha", "0.9",
+        "--output", job.out_model.get_path()]
+
+
+def test_adamerging_job_command(setup_dir):
+    job = AdaMergingJob("/base", ["/a", "/b"], ["/da", "/db"], iterations=50, gpu_rqmt=1)
+    command = _create_files(job, setup_dir).split()
+    assert command[1:4] == ["/project/code/adamerging.py", "--ancestor", "/base"]
+    assert command[-4:] == ["--device", "cuda", "--output", job.out_model.get_path()]
+    assert "--iterations" in command and command[command.index("--iterations") + 1] == "50"
+    assert AdaMergingJob("/base", ["/a", "/b"], ["/da", "/db"], iterations=50, gpu_rqmt=0) is job  # resources not hashed
 
 
 def test_report_job_config(setup_dir):
