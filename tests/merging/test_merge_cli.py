@@ -15,7 +15,6 @@ from tiny import dtype_copy, make_tiny_bert, perturbed_copy
 from transformers import BertForSequenceClassification
 
 from modelmerge.merging.cli import run_cli as run_program
-
 from sis_util import REPO
 
 

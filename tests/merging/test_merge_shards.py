@@ -21,8 +21,8 @@ from modelmerge.merging.cli import run_cli
 from modelmerge.merging.plan import Source, TensorTask
 from modelmerge.checkpoint import TensorInfo
 from modelmerge.methods import MERGE_METHODS, get_method
-
 from sis_util import REPO
+
 METHODS = sorted({cls.name for cls in MERGE_METHODS.values()})
 # Parameters that make a method do real work on tiny models (the others' defaults do).
 PARAMETERS = {"ties": ["--x:density", "0.4"], "dare_linear": ["--x:density", "0.5"], "dare_ties": ["--x:density", "0.5"],
@@ -313,6 +313,7 @@ def sis_merge(zoo, setup, engine):
     return job, str(setup / "whole")
 
 
+@pytest.mark.slow
 def test_merge_job_with_two_shards_runs_its_parts_as_two_task_ids_and_joins_them(zoo, tmp_path):
     job, whole = sis_merge(zoo, tmp_path / "setup", LOCAL_ENGINE)
     assert files(os.path.join(job, "output", "model")) == files(whole)

@@ -12,9 +12,9 @@ import merge as merge_program
 from modelmerge.merging.cli import run_cli
 from modelmerge.merging.options import MergeError
 from modelmerge.mergekit_config import check_types
+from sis_util import REPO
 from tiny import make_tiny_bert
 
-from sis_util import REPO
 MODELS = {"merge_method": "ties", "base_model": "base", "models": [{"model": "a"}, {"model": "b"}]}
 SLICES = {"merge_method": "slerp", "slices": [{"sources": [{"model": "a", "layer_range": [0, 2]},
                                                            {"model": "b", "layer_range": [0, 2]}]}]}

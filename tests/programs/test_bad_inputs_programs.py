@@ -16,9 +16,9 @@ from modelmerge.config import from_dict, run_program
 from modelmerge.data import DownloadConfig, download
 from modelmerge.prediction import PredictConfig, run
 from modelmerge.training import TrainConfig, train
+from sis_util import REPO
 from tiny import make_tiny_bert, read_jsonl, tiny_data_dir, write_jsonl
 
-from sis_util import REPO
 PROGRAMS = {"train": (TrainConfig, train), "predict": (PredictConfig, run), "download": (DownloadConfig, download)}
 
 

@@ -9,9 +9,9 @@ import sys
 
 import pytest
 import torch
+from sis_util import REPO
 from tiny import WORDS, make_tiny_bert, make_tiny_gpt2, write_jsonl
 
-from sis_util import REPO
 SHIPPED_TASKS = os.path.join(REPO, "data", "lm_eval_tasks")
 CHOICES = ["yes", "no", "cat"]
 TASK_YAML = """task: word_choice

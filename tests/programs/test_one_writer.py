@@ -25,9 +25,9 @@ from modelmerge.data import DownloadConfig, download
 from modelmerge.merging.cli import run_cli
 from modelmerge.prediction import PredictConfig, run
 from modelmerge.training import TrainConfig, train
+from sis_util import REPO
 from tiny import make_tiny_bert, perturbed_copy, tiny_data_dir
 
-from sis_util import REPO
 HOLDER = """
 import sys, time
 from modelmerge import atomic

@@ -16,7 +16,6 @@ import trim as trim_program
 from modelmerge import atomic
 from modelmerge.atomic import MARKER, OutputError, atomic_dir, atomic_file, claim_output
 from modelmerge.merging.cli import run_cli
-
 from sis_util import REPO
 
 

@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-
 from sis_util import REPO
 
 ROOT = pathlib.Path(REPO)

@@ -12,9 +12,8 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trai
 from modelmerge.config import from_dict, run_program
 from modelmerge.prediction import load_classifier
 from modelmerge.training import TrainConfig, train
-from tiny import dtype_copy, make_tiny_bert, read_jsonl, tiny_data_dir
-
 from sis_util import REPO
+from tiny import dtype_copy, make_tiny_bert, read_jsonl, tiny_data_dir
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,8 @@ import os
 import sys
 
 import pytest
-
 from sis_util import REPO
+
 sys.path[:0] = [REPO, os.path.join(REPO, "recipe")]
 
 

@@ -9,9 +9,9 @@ import subprocess
 import sys
 
 import pytest
+from sis_util import REPO
 from tiny import WORDS, make_tiny_gpt2, write_jsonl
 
-from sis_util import REPO
 CHOICES = WORDS[:10]
 TASKS = {"next": ("is", 1), "third": ("the", 3)}  # task: (prompt word, offset in CHOICES of the answer)
 

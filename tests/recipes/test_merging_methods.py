@@ -18,8 +18,8 @@ from sisyphus.job_path import Variable
 from model_merging.merge import (MaterialiseTaskJob, ModulatedMergeJob, TaskArithmeticJob,
                                  UncertaintyBasedGradientMatchingJob, per_task_models)
 from model_merging.search import MultiTaskSearchJob
-
 from sis_util import REPO
+
 sys.path[:0] = [REPO, os.path.join(REPO, "recipe")]
 
 

@@ -10,9 +10,9 @@ import sys
 
 import pytest
 
+from sis_util import REPO
 from tiny import make_tiny_bert, tiny_data_dir
 
-from sis_util import REPO
 TASKS = ("sst2", "rotten_tomatoes", "imdb")
 
 
@@ -84,6 +84,7 @@ def finished_markers(setup_dir):
     return {path: os.stat(path).st_mtime_ns for path in glob.glob(str(setup_dir / "work" / "**" / "finished"), recursive=True)}
 
 
+@pytest.mark.slow
 def test_example_config_end_to_end(setup_dir):
     run = sis(setup_dir, "--config", "config/example.py", "m", "-r")
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]

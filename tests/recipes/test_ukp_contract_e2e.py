@@ -9,12 +9,13 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
+from sis_util import REPO
 from tiny import make_tiny_bert, read_jsonl, tiny_data_dir
 
-from sis_util import REPO
 TASKS = ("sst2", "rotten_tomatoes")
 SIZES = {"train": 24, "validation": 8, "test": 12}
 
@@ -167,6 +168,7 @@ def same_weights(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_authors_contract_runs_end_to_end(tmp_path):
     setup, data = make_setup(tmp_path)
     env = dict(os.environ, PYTHONPATH=REPO, MERGE_DATA_DIR=str(data), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")

@@ -13,7 +13,6 @@ from sisyphus.hash import short_hash
 from ukp.huggingface.search import HuggingfaceSearchJob
 from ukp.huggingface.task_arithmetic import TaskArithmeticJob, UncertaintyBasedGradientMatchingJob
 from ukp.huggingface.training import HuggingfaceTrainingJob
-
 from sis_util import REPO
 
 # A config in the style of the authors' released example (their call signatures and key names), two tasks.

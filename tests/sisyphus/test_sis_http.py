@@ -66,6 +66,7 @@ def wait_for(condition, timeout=60):
     return False
 
 
+@pytest.mark.slow
 def test_status_page_in_headless_chromium(tmp_path):
     assert CHROMIUM, "chromium is missing in CI: .ci/run installs the Debian package `chromium`"
     setup = make_setup(tmp_path, recipes={"steps": TINY_RECIPE}, configs={"page": CONFIG})

@@ -1,4 +1,4 @@
-"""A recipe collection in the reference Sisyphus layout (tests/sis_setups/upstream_layout: recipe/demo_pkg/ imported
+"""A recipe collection in the reference Sisyphus layout (tests/sisyphus/sis_setups/upstream_layout: recipe/demo_pkg/ imported
 as demo_pkg.x, a settings.py written for upstream), run end to end by `sis m -r`: setup_path(__package__) as
 i6_core uses it, set_vis_name, join_right, DelayedFormat, Variable arithmetic, Job.sh, add_input in update(), tk.block, Task(tries=2),
 ALIAS_AND_OUTPUT_SUBDIR keeping two configs apart, and JOB_AUTO_CLEANUP packing finished job folders."""

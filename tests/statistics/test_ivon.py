@@ -19,8 +19,8 @@ from modelmerge.merging import MergeError
 from modelmerge.merging.provenance import fingerprint
 from modelmerge.training import TrainConfig, train
 from uncertainty_based_gradient_matching import main as gradient_matching
-
 from sis_util import REPO
+
 WEIGHT_DECAY = 1e-3
 
 

@@ -17,10 +17,10 @@ from modelmerge.config import run_program
 from modelmerge.prediction import PredictConfig, run
 from modelmerge.shards import shard_range
 from modelmerge.statistics import compute_fisher
+from sis_util import REPO
 from tiny import (CLASSES, colour_images, make_tiny_bert, make_tiny_clip, make_tiny_gpt2, make_tiny_t5, make_tiny_vit,
                   read_jsonl, tiny_data_dir, word_tasks, write_jsonl)
 
-from sis_util import REPO
 FISHER, GRAM, EVALUATE = "squared_gradients", "gram", "evaluate"
 TASK_TYPES = {"classifier": "sequence_classification", "seq2seq": "seq2seq", "causal_lm": "causal_lm",
               "vit": "image_classification", "clip": "image_classification"}

@@ -13,9 +13,8 @@ from transformers import BertForSequenceClassification
 import trim
 from modelmerge.methods import TensorGroup
 from test_methods import run_method
-from tiny import tiny_bert_config
-
 from sis_util import REPO
+from tiny import tiny_bert_config
 
 
 @pytest.fixture(scope="module")
