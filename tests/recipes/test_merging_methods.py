@@ -41,6 +41,7 @@ def _weights(folder):
     return load_file(os.path.join(str(folder), "model.safetensors"))
 
 
+@pytest.mark.slow
 def test_jobs_materialise_each_task_as_the_program_does(tmp_path, monkeypatch):
     monkeypatch.setattr(gs, "BASE_DIR", str(tmp_path / "setup"))
     monkeypatch.setattr(gs, "CODE_ROOT", os.path.join(REPO, "code"), raising=False)
