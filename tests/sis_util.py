@@ -4,9 +4,9 @@
     result = run_sis(setup, "--config", "config/run.py", "m", "-r")
     assert result.returncode == 0, result.output
 
-`settings` selects the engine: LOCAL_SETTINGS (default) or any settings.py text of your own, e.g. one whose
-engine() returns the SLURM engine. The recipe package is `recipe`, so jobs of `recipe/steps.py` get ids
-`steps/<Class>.<hash>`.
+`settings` selects the engine: the local one (default, of `cpu` CPUs and `mem` GB), sis_settings("slurm") or any
+settings.py text of your own. The recipe package is `recipe`, so jobs of `recipe/steps.py` get ids
+`steps/<Class>.<hash>`; with project_recipes=True the project's Jobs (model_merging, ukp) are there too.
 """
 import os
 import signal
@@ -17,25 +17,42 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-LOCAL_SETTINGS = '''
+SETTINGS = '''
+import sys
 WORK_DIR = "work"
 IMPORT_PATHS = ["config", "recipe/"]
+PYTHON_EXE = sys.executable  # the interpreter the project's Jobs run its programs with
+CODE_ROOT = {code!r}  # the project's programs, for its Jobs (recipe/model_merging)
 WAIT_PERIOD_BETWEEN_CHECKS = 0.5
 WAIT_PERIOD_JOB_FS_SYNC = 0
 PLOGGING_UPDATE_FILE_PERIOD = 2
 CLEANUP_ENVIRONMENT = False  # tasks keep the caller's environment
 JOB_AUTO_CLEANUP = False  # job folders stay unpacked for inspection
-LOCAL_CPU = {cpu}
-LOCAL_MEM = {mem}
 
 
 def engine():
     from sisyphus.engine import EngineSelector
-    from sisyphus.localengine import LocalEngine
-
-    return EngineSelector(engines={{"short": LocalEngine(cpu=1, mem=1), "long": LocalEngine(cpu=LOCAL_CPU, mem=LOCAL_MEM)}},
-                          default_engine="long")
+{engines}
+    return EngineSelector(engines={{"short": short, "long": long}}, default_engine="long")
 '''
+LOCAL_ENGINES = '''    from sisyphus.localengine import LocalEngine
+
+    short, long = LocalEngine(cpu=1, mem=1), LocalEngine(cpu={cpu}, mem={mem})'''
+SLURM_ENGINES = '''    from sisyphus.simple_linux_utility_for_resource_management_engine import (
+        SimpleLinuxUtilityForResourceManagementEngine,
+    )
+
+    short = long = SimpleLinuxUtilityForResourceManagementEngine(default_rqmt={{"cpu": 1, "mem": {mem}, "time": {time}}})'''
+
+
+def sis_settings(engine="local", cpu=2, mem=4, time=0.1):
+    """settings.py text: mini tasks on a LocalEngine of 1 CPU and 1 GB, the others on one of `cpu` CPUs and `mem`
+    GB; or with engine="slurm", every task on SLURM (`mem` GB and `time` hours for tasks that ask for none)."""
+    engines = LOCAL_ENGINES.format(cpu=cpu, mem=mem) if engine == "local" else SLURM_ENGINES.format(mem=mem, time=time)
+    return SETTINGS.format(code=os.path.join(REPO, "code"), engines=engines)
+
+
+LOCAL_SETTINGS = sis_settings()
 
 # Tiny jobs whose tasks only touch files; a step log (work/steps.log in the setup) records every task start.
 TINY_RECIPE = '''
@@ -169,10 +186,11 @@ class SisResult:
         self.output = completed.stdout + completed.stderr
 
 
-def make_setup(root, recipes=None, configs=None, settings=None, cpu=2, mem=4):
-    """Write settings.py, recipe/<name>.py and config/<name>.py under `root`; returns root as str."""
+def make_setup(root, recipes=None, configs=None, settings=None, cpu=2, mem=4, project_recipes=False):
+    """Write settings.py, recipe/<name>.py and config/<name>.py under `root`; returns root as str. With
+    project_recipes, recipe/ also links the project's recipe packages (model_merging, ukp)."""
     root = str(root)
-    files = {"settings.py": settings if settings is not None else LOCAL_SETTINGS.format(cpu=cpu, mem=mem),
+    files = {"settings.py": settings if settings is not None else sis_settings(cpu=cpu, mem=mem),
              "recipe/__init__.py": "", "config/__init__.py": ""}
     files.update({f"recipe/{name}.py": text for name, text in (recipes or {}).items()})
     files.update({f"config/{name}.py": text for name, text in (configs or {}).items()})
@@ -181,6 +199,8 @@ def make_setup(root, recipes=None, configs=None, settings=None, cpu=2, mem=4):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "w") as f:
             f.write(textwrap.dedent(text))
+    for package in os.listdir(os.path.join(REPO, "recipe")) if project_recipes else []:
+        os.symlink(os.path.join(REPO, "recipe", package), os.path.join(root, "recipe", package))
     return root
 
 

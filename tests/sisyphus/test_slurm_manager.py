@@ -4,30 +4,12 @@ import os
 import uuid
 
 import pytest
-from sis_util import TINY_RECIPE, kill, make_setup, run_sis, start_sis, steps, wait_for
+from sis_util import TINY_RECIPE, kill, make_setup, run_sis, sis_settings, start_sis, steps, wait_for
 
 pytestmark = pytest.mark.slurm
 
 # Every task goes to SLURM, mini tasks too (both selector keys name the same engine).
-SLURM_SETTINGS = '''
-WORK_DIR = "work"
-IMPORT_PATHS = ["config", "recipe/"]
-WAIT_PERIOD_BETWEEN_CHECKS = 0.5
-WAIT_PERIOD_JOB_FS_SYNC = 0
-PLOGGING_UPDATE_FILE_PERIOD = 2
-CLEANUP_ENVIRONMENT = False  # tasks keep the caller's environment
-JOB_AUTO_CLEANUP = False  # job folders stay unpacked for inspection
-
-
-def engine():
-    from sisyphus.engine import EngineSelector
-    from sisyphus.simple_linux_utility_for_resource_management_engine import (
-        SimpleLinuxUtilityForResourceManagementEngine,
-    )
-
-    slurm = SimpleLinuxUtilityForResourceManagementEngine(default_rqmt={"cpu": 1, "mem": 0.25, "time": 0.1})
-    return EngineSelector(engines={"short": slurm, "long": slurm}, default_engine="long")
-'''
+SLURM_SETTINGS = sis_settings("slurm", mem=0.25)
 
 CALC_RECIPE = '''
 import os
