@@ -199,8 +199,10 @@ def make_setup(root, recipes=None, configs=None, settings=None, cpu=2, mem=4, pr
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "w") as f:
             f.write(textwrap.dedent(text))
-    for package in os.listdir(os.path.join(REPO, "recipe")) if project_recipes else []:
-        os.symlink(os.path.join(REPO, "recipe", package), os.path.join(root, "recipe", package))
+    recipes_dir = os.path.join(REPO, "recipe")
+    for package in sorted(os.listdir(recipes_dir)) if project_recipes else []:
+        if os.path.isfile(os.path.join(recipes_dir, package, "__init__.py")):
+            os.symlink(os.path.join(recipes_dir, package), os.path.join(root, "recipe", package))
     return root
 
 

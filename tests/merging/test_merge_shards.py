@@ -21,7 +21,7 @@ from modelmerge.merging.cli import run_cli
 from modelmerge.merging.plan import Source, TensorTask
 from modelmerge.checkpoint import TensorInfo
 from modelmerge.methods import MERGE_METHODS, get_method
-from sis_util import REPO
+from sis_util import REPO, make_setup, run_sis, sis_settings
 
 METHODS = sorted({cls.name for cls in MERGE_METHODS.values()})
 # Parameters that make a method do real work on tiny models (the others' defaults do).
@@ -270,43 +270,15 @@ def py():
                    time_rqmt=0.1)
     tk.register_output("merged", job.out_model)
 '''
-SIS_SETTINGS = '''
-import sys
-WORK_DIR = "work"
-IMPORT_PATHS = ["recipe/"]
-PYTHON_EXE = sys.executable
-CODE_ROOT = {code!r}
-WAIT_PERIOD_BETWEEN_CHECKS = 0.5
-WAIT_PERIOD_JOB_FS_SYNC = 0
-PLOGGING_UPDATE_FILE_PERIOD = 2
-CLEANUP_ENVIRONMENT = False
-JOB_AUTO_CLEANUP = False
-
-
-def engine():
-{engine}
-'''
-LOCAL_ENGINE = '''    from sisyphus.localengine import LocalEngine
-    return LocalEngine(cpu=2, mem=4)'''
-SLURM_ENGINE = '''    from sisyphus.engine import EngineSelector
-    from sisyphus.simple_linux_utility_for_resource_management_engine import (
-        SimpleLinuxUtilityForResourceManagementEngine,
-    )
-    slurm = SimpleLinuxUtilityForResourceManagementEngine(default_rqmt={"cpu": 1, "mem": 1, "time": 0.1})
-    return EngineSelector(engines={"short": slurm, "long": slurm}, default_engine="long")'''
-
-
-def sis_merge(zoo, setup, engine):
+def sis_merge(zoo, setup, settings):
     """MergeJob("tsv_m", shards=2) under `sis m -r` in a new setup; returns (its job folder, the unsharded merge)."""
     setup.mkdir()
-    os.symlink(os.path.join(REPO, "recipe"), setup / "recipe")
     # a fresh copy of the inputs: a new job id each run, so SLURM job names never meet those of an earlier run
     base = str(setup / f"base-{uuid.uuid4().hex[:8]}")
     shutil.copytree(zoo["base"], base)
-    (setup / "merge.py").write_text(SIS_CONFIG.format(models=zoo["models"], base=base))
-    (setup / "settings.py").write_text(SIS_SETTINGS.format(code=os.path.join(REPO, "code"), engine=engine))
-    done = subprocess.run([sys.executable, "-m", "sisyphus", "--config", "merge.py", "m", "-r"], cwd=setup,
-                          env=dict(os.environ, PYTHONPATH=REPO), capture_output=True, text=True, timeout=300)
+    make_setup(setup, configs={"merge": SIS_CONFIG.format(models=zoo["models"], base=base)}, settings=settings,
+               project_recipes=True)
+    done = run_sis(setup, "--config", "config/merge.py", "m", "-r", timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     job = os.path.dirname(os.path.dirname(os.path.realpath(os.path.join(setup, "output", "merged"))))
     run(["--merge", "tsv_m", "--models", *zoo["models"], "--ancestor", base, "--output", str(setup / "whole")])
@@ -315,7 +287,7 @@ def sis_merge(zoo, setup, engine):
 
 @pytest.mark.slow
 def test_merge_job_with_two_shards_runs_its_parts_as_two_task_ids_and_joins_them(zoo, tmp_path):
-    job, whole = sis_merge(zoo, tmp_path / "setup", LOCAL_ENGINE)
+    job, whole = sis_merge(zoo, tmp_path / "setup", sis_settings(cpu=2, mem=4))
     assert files(os.path.join(job, "output", "model")) == files(whole)
     names = os.listdir(job)
     assert {"finished.run_part.1", "finished.run_part.2", "finished.join.1"} <= set(names), names
@@ -327,7 +299,7 @@ def test_merge_job_with_two_shards_runs_its_parts_as_two_task_ids_and_joins_them
 
 @pytest.mark.slurm
 def test_merge_job_with_two_shards_runs_as_one_slurm_array(zoo, tmp_path):
-    job, whole = sis_merge(zoo, tmp_path / "setup", SLURM_ENGINE)
+    job, whole = sis_merge(zoo, tmp_path / "setup", sis_settings("slurm", mem=1, time=0.1))
     assert files(os.path.join(job, "output", "model")) == files(whole)
     engine = sorted(os.listdir(os.path.join(job, "engine")))
     assert {"log.run_part.1.exit", "log.run_part.2.exit", "log.join.1.exit"} <= set(engine), engine

@@ -17,7 +17,7 @@ from modelmerge.config import run_program
 from modelmerge.prediction import PredictConfig, run
 from modelmerge.shards import shard_range
 from modelmerge.statistics import compute_fisher
-from sis_util import REPO
+from sis_util import REPO, make_setup, sis_command, sis_env, sis_settings
 from tiny import (CLASSES, colour_images, make_tiny_bert, make_tiny_clip, make_tiny_gpt2, make_tiny_t5, make_tiny_vit,
                   read_jsonl, tiny_data_dir, word_tasks, write_jsonl)
 
@@ -244,30 +244,6 @@ def test_a_shard_killed_mid_write_leaves_no_part_and_reruns_alone(families, tmp_
 
 # --- PredictJob(shards=N) under the Sisyphus manager --------------------------------------------------------------
 
-SIS_SETTINGS = """
-import sys
-WORK_DIR = "work"
-IMPORT_PATHS = ["config", "recipe/"]
-PYTHON_EXE = sys.executable
-CODE_ROOT = {code!r}
-WAIT_PERIOD_BETWEEN_CHECKS = 0.5
-WAIT_PERIOD_JOB_FS_SYNC = 0
-PLOGGING_UPDATE_FILE_PERIOD = 1
-CLEANUP_ENVIRONMENT = False  # tasks keep the caller's environment
-JOB_AUTO_CLEANUP = False  # job folders stay unpacked for inspection
-
-
-def engine():
-    from sisyphus.engine import EngineSelector
-{engine}
-    return EngineSelector(engines={{"short": short, "long": long}}, default_engine="long")
-"""
-LOCAL_ENGINES = """    from sisyphus.localengine import LocalEngine
-    short, long = LocalEngine(cpu=1, mem=1), LocalEngine(cpu=2, mem=8)"""
-SLURM_ENGINES = """    from sisyphus.simple_linux_utility_for_resource_management_engine import (
-        SimpleLinuxUtilityForResourceManagementEngine,
-    )
-    short = long = SimpleLinuxUtilityForResourceManagementEngine(default_rqmt={"cpu": 1, "mem": 1, "time": 0.2})"""
 SHARDED_GRAPH = """
 from sisyphus import tk
 from model_merging.search import HuggingfaceSearchJob
@@ -286,21 +262,16 @@ def py():
 """
 
 
-def sis_setup(root, families, engines, evaluate):
+def sis_setup(root, families, settings, evaluate):
     spec = families["classifier"]
     keys_ = {"data_dir": spec["data_dir"], "max_length": 32, "batch_size": 3}
-    (root / "config").mkdir(parents=True)
-    (root / "config" / "__init__.py").write_text("")
-    (root / "config" / "sharded.py").write_text(SHARDED_GRAPH.format(keys=keys_, model=spec["model_name_or_path"],
-                                                                     evaluate=evaluate))
-    (root / "settings.py").write_text(SIS_SETTINGS.format(code=os.path.join(REPO, "code"), engine=engines))
-    os.symlink(os.path.join(REPO, "recipe"), root / "recipe")
+    graph = SHARDED_GRAPH.format(keys=keys_, model=spec["model_name_or_path"], evaluate=evaluate)
+    make_setup(root, configs={"sharded": graph}, settings=settings, project_recipes=True)
     return root
 
 
-def sis_command(setup):
-    env = dict(os.environ, PYTHONPATH=REPO, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    return [sys.executable, "-m", "sisyphus", "--config", "config/sharded.py", "m", "-r"], {"cwd": setup, "env": env}
+def manager_command(setup):
+    return sis_command("--config", "config/sharded.py", "m", "-r"), {"cwd": setup, "env": sis_env(setup)}
 
 
 def job_folder(setup, module, name):
@@ -369,8 +340,8 @@ def test_sharded_jobs_under_the_manager_and_a_killed_shard_resumed_alone(familie
     predict.py) while it runs, the manager resumes that task id alone, and both outputs equal the unsharded runs."""
     import psutil
 
-    setup = sis_setup(tmp_path / "setup", families, LOCAL_ENGINES, evaluate=True)
-    command, options = sis_command(setup)
+    setup = sis_setup(tmp_path / "setup", families, sis_settings(cpu=2, mem=8), evaluate=True)
+    command, options = manager_command(setup)
     with open(setup / "manager.out", "w") as log:
         manager = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, **options)
     try:
@@ -406,8 +377,8 @@ def test_sharded_jobs_under_the_manager_and_a_killed_shard_resumed_alone(familie
 
 @pytest.mark.slurm
 def test_a_sharded_fisher_runs_as_one_slurm_array(families, tmp_path):
-    setup = sis_setup(tmp_path / "setup", families, SLURM_ENGINES, evaluate=False)
-    command, options = sis_command(setup)
+    setup = sis_setup(tmp_path / "setup", families, sis_settings("slurm", mem=1, time=0.2), evaluate=False)
+    command, options = manager_command(setup)
     result = subprocess.run(command, capture_output=True, text=True, timeout=400, **options)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     fisher = job_folder(setup, "statistics", "FisherJob")
