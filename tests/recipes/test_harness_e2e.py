@@ -3,13 +3,10 @@ word-lookup tasks ("is w" -> the next word of a list after w, "the w" -> the thi
 on a local multiple-choice task of each, and a ReportJob over the harness's metrics."""
 import csv
 import json
-import os
 import random
-import subprocess
-import sys
 
 import pytest
-from sis_util import REPO
+from sis_util import make_setup, run_sis
 from tiny import WORDS, make_tiny_gpt2, write_jsonl
 
 CHOICES = WORDS[:10]
@@ -65,25 +62,9 @@ doc_to_target: label
 metric_list:
   - metric: acc
 """
-SETTINGS = """
-import sys
-WORK_DIR = "work"
-IMPORT_PATHS = ["recipe/"]
-PYTHON_EXE = sys.executable
-CODE_ROOT = {code!r}
-WAIT_PERIOD_BETWEEN_CHECKS = 0.5
-WAIT_PERIOD_JOB_FS_SYNC = 0
-CLEANUP_ENVIRONMENT = False
-JOB_AUTO_CLEANUP = False
 
 
-def engine():
-    from sisyphus.localengine import LocalEngine
-    return LocalEngine(cpu=2, mem=4)
-"""
-
-
-def make_setup(root):
+def write_setup(root):
     make_tiny_gpt2(str(root / "base"), seed=0, n_embd=32)
     rng = random.Random(0)
     for task in TASKS:
@@ -93,17 +74,14 @@ def make_setup(root):
         write_jsonl(str(root / "tasks" / f"{task}_choice.jsonl"),
                     [{"input": i, "label": CHOICES.index(t)} for i, t in (example(task, w) for w in CHOICES * 2)])
         (root / "tasks" / f"{task}_choice.yaml").write_text(TASK_YAML.format(task=task, choices=json.dumps(CHOICES)))
-    (root / "harness_merge.py").write_text(CONFIG.format(setup=str(root), tasks=list(TASKS)))
-    (root / "settings.py").write_text(SETTINGS.format(code=os.path.join(REPO, "code")))
-    os.symlink(os.path.join(REPO, "recipe"), root / "recipe")
+    make_setup(root, configs={"harness_merge": CONFIG.format(setup=str(root), tasks=list(TASKS))}, cpu=2, mem=4,
+               project_recipes=True)
 
 
 @pytest.mark.slow
 def test_gpt2_merge_evaluated_by_the_harness_through_sis(tmp_path):
-    make_setup(tmp_path)
-    env = dict(os.environ, PYTHONPATH=REPO)
-    run = subprocess.run([sys.executable, "-m", "sisyphus", "--config", "harness_merge.py", "m", "-r"],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    write_setup(tmp_path)
+    run = run_sis(tmp_path, "--config", "config/harness_merge.py", "m", "-r", timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
 
     report = tmp_path / "output" / "harness" / "report"

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sis_util import REPO
+from sis_util import REPO, make_setup
 from tiny import make_tiny_bert, read_jsonl, tiny_data_dir
 
 TASKS = ("sst2", "rotten_tomatoes")
@@ -126,36 +126,13 @@ async def py():
             tk.register_output(f"example/{task}_{name}.search_output.json", search.out_search_file)
 '''.replace("TASKS", repr(TASKS))
 
-SETTINGS = """
-import sys
-WORK_DIR = "work"
-IMPORT_PATHS = ["config", "recipe/"]
-PYTHON_EXE = sys.executable
-CODE_ROOT = {code!r}
-WAIT_PERIOD_BETWEEN_CHECKS = 0.5
-WAIT_PERIOD_JOB_FS_SYNC = 0
-CLEANUP_ENVIRONMENT = False  # tasks keep the caller's environment (MERGE_DATA_DIR)
-JOB_AUTO_CLEANUP = False
-
-
-def engine():
-    from sisyphus.localengine import LocalEngine
-    return LocalEngine(cpu=2, mem=8)
-"""
-
-
-def make_setup(root):
+def write_setup(root):
     model = make_tiny_bert(str(root / "tiny-model"))
     data = tiny_data_dir(root / "data", tasks=TASKS, sizes=SIZES)
     setup = root / "setup"
-    (setup / "config").mkdir(parents=True)
-    (setup / "recipe").mkdir()
-    (setup / "settings.py").write_text(SETTINGS.format(code=os.path.join(REPO, "code")))
-    (setup / "config" / "__init__.py").write_text("")
-    (setup / "config" / "authors.py").write_text(CONFIG.replace("TINY_MODEL", repr(model)))
-    (setup / "recipe" / "authors_style.py").write_text(AUTHORS_STYLE)
-    for package in ("ukp", "model_merging"):
-        os.symlink(os.path.join(REPO, "recipe", package), setup / "recipe" / package)
+    # tasks keep the caller's environment (MERGE_DATA_DIR)
+    make_setup(setup, recipes={"authors_style": AUTHORS_STYLE},
+               configs={"authors": CONFIG.replace("TINY_MODEL", repr(model))}, cpu=2, mem=8, project_recipes=True)
     return setup, data
 
 
@@ -170,7 +147,7 @@ def same_weights(a, b):
 
 @pytest.mark.slow
 def test_authors_contract_runs_end_to_end(tmp_path):
-    setup, data = make_setup(tmp_path)
+    setup, data = write_setup(tmp_path)
     env = dict(os.environ, PYTHONPATH=REPO, MERGE_DATA_DIR=str(data), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     env.pop("MERGE_PRESET", None)
     run = subprocess.run([sys.executable, "-m", "sisyphus", "--config", "config/authors.py", "m", "-r"], cwd=setup,
