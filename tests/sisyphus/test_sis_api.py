@@ -14,13 +14,6 @@ from sisyphus.graph import SISGraph
 from sisyphus.tools import extract_paths, str_to_gb, str_to_hours
 
 
-@pytest.fixture
-def setup_dir(tmp_path, monkeypatch):
-    monkeypatch.setattr(gs, "BASE_DIR", str(tmp_path))
-    monkeypatch.setattr(gs, "WORK_DIR", "work")
-    return tmp_path
-
-
 class Producer(Job):
     def __init__(self, name, options=None):
         self.name = name

@@ -31,13 +31,6 @@ def dict_bytes(items):
     return b"(dict, " + b", ".join(parts) + b")"
 
 
-@pytest.fixture
-def setup_dir(tmp_path, monkeypatch):
-    monkeypatch.setattr(gs, "BASE_DIR", str(tmp_path))
-    monkeypatch.setattr(gs, "WORK_DIR", "work")
-    return tmp_path
-
-
 class Score(Job):
     def __init__(self, name):
         self.name = name

@@ -20,13 +20,6 @@ from sisyphus.job_path import Path, Variable
 from sisyphus.tools import FinishedResultsCache, extract_paths, finished_results_cache, hardlink_or_copy
 
 
-@pytest.fixture
-def setup_dir(tmp_path, monkeypatch):
-    monkeypatch.setattr(gs, "BASE_DIR", str(tmp_path))
-    monkeypatch.setattr(gs, "WORK_DIR", "work")
-    return tmp_path
-
-
 class Leaf(Job):
     def __init__(self, name):
         self.name = name

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from modelmerge.statistics import compute_fisher, compute_gram
-from test_fisher import assert_same_fisher
+from test_fisher import assert_same_fisher, sampled_label
 from tiny import FAMILY_TASKS, example_inputs, load_family_model
 
 
@@ -16,15 +16,6 @@ def rows_of(name, text_rows, image_rows):
 
 
 # --- the definitions of families.md, written out one example at a time ------------------------------------------
-
-
-def inverse_cdf(logits, uniform):
-    cumulative = 0.0
-    for token, probability in enumerate(torch.softmax(logits.double(), -1).tolist()):
-        cumulative += probability
-        if cumulative >= uniform:
-            return token
-    return len(logits) - 1
 
 
 def loop_fisher(name, model, processor, rows, empirical, seed=0):
@@ -42,11 +33,11 @@ def loop_fisher(name, model, processor, rows, empirical, seed=0):
         model.zero_grad()
         logits = model(**inputs).logits[0]
         if tokens is None:
-            label = row["label"] if empirical else inverse_cdf(logits.detach(), uniforms[i, 0])
+            label = row["label"] if empirical else sampled_label(logits.detach(), uniforms[i, 0])
             log_likelihood = logits.log_softmax(-1)[label]
             labels.append(label)
         else:
-            chosen = [t if empirical else inverse_cdf(logits[p].detach(), uniforms[i, j])
+            chosen = [t if empirical else sampled_label(logits[p].detach(), uniforms[i, j])
                       for j, (p, t) in enumerate(zip(positions, tokens))]
             log_likelihood = sum(logits[p].log_softmax(-1)[t] for p, t in zip(positions, chosen))
             labels.append(chosen)
