@@ -178,27 +178,6 @@ def test_sce_in_blocks_takes_the_first_entries_tied_at_the_kth_variance():
     torch.testing.assert_close(whole, expected, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("shape", [(ROWS, COLUMNS), (ROWS * COLUMNS,)])
-def test_della_in_blocks_draws_what_one_draw_over_the_whole_tensor_gives(shape):
-    """Each model's keep decisions: one uniform draw over the whole tensor from its generator against the
-    rank-based probabilities (a 1-D tensor ranked as one row, even when merged in blocks), then the L1
-    rescale; della_linear is θ_0 + Σ_t w_t τ'_t."""
-    from modelmerge.methods.della import keep_probabilities
-    from modelmerge.methods.sparsify import tensor_generator
-    method = get_method("della_linear")()
-    group = group_for("della_linear", shape=shape)
-    params = resolved(method, 3, {"density": [0.5, 0.3, 0.7], "epsilon": 0.1, "seed": 4, "weight": [1.0, 0.5, 2.0]})
-    whole = method.merge(group, **params)
-    assert torch.equal(merged_in_blocks(method, group, params, block_rows=ROWS * 7 if len(shape) == 1 else 7), whole)
-    expected = group.base.clone()
-    for t, (theta, density, weight) in enumerate(zip(group.tensors, [0.5, 0.3, 0.7], [1.0, 0.5, 2.0])):
-        tau = theta - group.base
-        uniform = torch.rand(shape, generator=tensor_generator(4, group.name, t))
-        kept = tau * (uniform < keep_probabilities(tau, density, 0.1))
-        expected += weight * kept * (tau.abs().sum() / kept.abs().sum())
-    torch.testing.assert_close(whole, expected, rtol=1e-5, atol=1e-6)
-
-
 def test_wudi_optimises_a_wide_matrix_whole_and_hands_out_its_blocks():
     """A wide matrix (its blocks would hold few rows) is optimised whole in prepare: in blocks bit for bit
     what it is whole, and that is Adam on the paper's loss (autograd, as the authors)."""

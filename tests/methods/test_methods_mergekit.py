@@ -1,10 +1,10 @@
 """The methods mergekit also has give mergekit's result (its tensor functions, called directly, are the expectation):
-the classic ones and mergekit 0.1.5's newer ones (model_stock, della, della_linear, sce, nuslerp, multislerp,
-karcher, nearswap, arcee_fusion, ram, ramplus_tl), plus the properties each newer method's definition promises."""
+the classic ones and mergekit 0.1.5's newer ones (model_stock, sce, nuslerp, multislerp, karcher, nearswap,
+arcee_fusion, ram, ramplus_tl; DELLA's: test_della.py), plus the properties each newer method's definition promises."""
 import pytest
 import torch
 
-from modelmerge.methods import TensorGroup, della
+from modelmerge.methods import TensorGroup
 from test_methods import models, randn, run_method
 
 registry = pytest.importorskip("mergekit.merge_methods.registry")
@@ -108,59 +108,6 @@ def test_model_stock_of_two_follows_the_paper():
     cos = (a * b).sum() / (a.norm() * b.norm())
     t = 2 * cos / (1 + cos)
     close(run_method("model_stock", TensorGroup("x", thetas, base=base)), t * (thetas[0] + thetas[1]) / 2 + (1 - t) * base)
-
-
-@pytest.mark.parametrize("name", ["della", "della_linear"])
-@pytest.mark.parametrize("rescale", [True, False])
-@pytest.mark.parametrize("shape", [(16, 12), (12,)])
-def test_della(deterministic_draws, name, rescale, shape):
-    base, thetas = models(3, shape=shape)
-    parameters = dict(weight=[1.0, 0.5, 0.8], density=[0.5, 0.7, 0.4], epsilon=[0.1, 0.2, 0.05], rescale=rescale)
-    ours = run_method(name, TensorGroup("x", thetas, base=base), merge_lambda=0.9, **parameters)
-    close(ours, mergekit(name, [base, *thetas], base_index=0, **{"lambda": 0.9}, **parameters))
-
-
-def test_della_keeps_entries_with_probabilities_rising_with_magnitude():
-    """Within a row the smallest entry is kept with probability density − ε, the largest with density + ε
-    (frequencies over many seeds); the draws are reproducible per (seed, tensor name, model)."""
-    delta = torch.arange(1.0, 11.0).repeat(3, 1)
-    probabilities = della.keep_probabilities(delta, 0.5, 0.2)
-    torch.testing.assert_close(probabilities[0], torch.linspace(0.3, 0.7, 10))
-    group = TensorGroup("x", [delta], base=torch.zeros_like(delta))
-    kept = torch.stack([run_method("della_linear", group, density=0.5, epsilon=0.2, rescale=False, seed=s) != 0
-                        for s in range(400)]).double().mean(dim=(0, 1))
-    torch.testing.assert_close(kept, torch.linspace(0.3, 0.7, 10, dtype=torch.float64), atol=0.06, rtol=0)
-    again = run_method("della_linear", group, density=0.5, epsilon=0.2, seed=3)
-    assert torch.equal(again, run_method("della_linear", group, density=0.5, epsilon=0.2, seed=3))
-    other = TensorGroup("y", [delta], base=torch.zeros_like(delta))
-    assert not torch.equal(again, run_method("della_linear", other, density=0.5, epsilon=0.2, seed=3))
-
-
-def test_della_ranks_entries_within_each_row_ties_in_column_order():
-    """Each entry's position in its row sorted ascending (a stable sort: equal magnitudes in column order),
-    counted by brute force; the CPU's float32 sort of packed keys and torch's argsort (float64) agree."""
-    magnitudes = randn(6, 41, seed=5).abs().mul(4).round().div(4)  # many ties, zeros among them
-    expected = torch.tensor([[float(sum(v < row[j] for v in row) + sum(v == row[j] for v in row[:j])) for j in range(len(row))]
-                             for row in magnitudes.tolist()])
-    for values in (magnitudes, magnitudes.double()):
-        order = della.row_order(values)
-        positions = torch.empty_like(order).scatter_(1, order, torch.arange(41).expand_as(order))
-        assert torch.equal(positions.float(), expected)
-
-
-def test_della_ranks_a_conv_kernel_within_each_filter():
-    """ViT/CLIP patch embeddings are 4-D [filters, channels, h, w]: DELLA ranks |δ| within each filter."""
-    delta = torch.randn(4, 3, 2, 2, generator=torch.Generator().manual_seed(0))
-    found = della.keep_probabilities(delta, density=0.5, epsilon=0.1)
-    flat = delta.reshape(4, -1).abs()
-    ranks = flat.argsort(1).argsort(1).double()
-    torch.testing.assert_close(found, (0.4 + ranks / 11 * 0.2).reshape(delta.shape).to(found.dtype))
-
-
-def test_della_rejects_an_epsilon_leaving_the_unit_interval():
-    base, thetas = models(2)
-    with pytest.raises(ValueError, match="epsilon must leave density ± epsilon inside"):
-        run_method("della", TensorGroup("x", thetas, base=base), density=0.2, epsilon=0.3)
 
 
 @pytest.mark.parametrize("select_topk", [1.0, 0.3, 0.0])
