@@ -79,3 +79,13 @@ def deterministic_draws(monkeypatch):
 
     monkeypatch.setattr(torch, "bernoulli", lambda p, *a, **k: (p >= 0.5).to(p.dtype))
     monkeypatch.setattr(della, "draw", lambda p, generator, out=None: (p >= 0.5) if out is None else out.copy_(p >= 0.5))
+
+
+@pytest.fixture
+def merge_help(capsys):
+    """What `code/merge.py --help` prints."""
+    import merge as merge_program
+
+    with pytest.raises(SystemExit):
+        merge_program.parse_args(["--help"])
+    return capsys.readouterr().out

@@ -105,7 +105,5 @@ def test_bad_knots_input_is_one_line_and_writes_nothing(lora, tmp_path, capsys, 
     assert not (tmp_path / "out").exists()
 
 
-def test_help_lists_knots(capsys):
-    with pytest.raises(SystemExit):
-        merge_program.parse_args(["--help"])
-    assert "--x:knots (bool; default False)" in capsys.readouterr().out
+def test_help_lists_knots(merge_help):
+    assert "--x:knots (bool; default False)" in merge_help
