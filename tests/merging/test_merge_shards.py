@@ -241,24 +241,6 @@ def test_bad_shard_arguments_are_one_line(zoo, tmp_path, capsys, argv, message):
     assert refused.value.code == 2 and message in err and len(err.splitlines()) == 1, err
 
 
-def test_threads_sets_the_merges_torch_threads(zoo, tmp_path, monkeypatch):
-    from modelmerge.merging import frontend
-    from modelmerge.methods.tsv_m import TsvM
-
-    seen = []
-
-    class Recording(TsvM):
-        def merge(self, group, **params):
-            seen.append(torch.get_num_threads())
-            return super().merge(group, **params)
-
-    monkeypatch.setattr(frontend, "load_method", lambda name: Recording())
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    threads = torch.get_num_threads()
-    run(merge_arguments("tsv_m", zoo) + ["--threads", "2", "--output", str(tmp_path / "out")])
-    assert set(seen) == {2} and torch.get_num_threads() == threads
-
-
 SIS_CONFIG = '''
 from sisyphus import tk
 
