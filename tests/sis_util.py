@@ -8,6 +8,7 @@
 settings.py text of your own. The recipe package is `recipe`, so jobs of `recipe/steps.py` get ids
 `steps/<Class>.<hash>`; with project_recipes=True the project's Jobs (model_merging, ukp) are there too.
 """
+import contextlib
 import os
 import signal
 import subprocess
@@ -256,3 +257,14 @@ def kill(process_or_pid, sig=signal.SIGKILL):
     os.kill(pid, sig)
     if hasattr(process_or_pid, "wait"):
         process_or_pid.wait(timeout=30)
+
+
+@contextlib.contextmanager
+def killed_on_exit(*processes):
+    """Runs the block; then kills each of `processes` (Popen) that still runs, so that a failed test leaves none."""
+    try:
+        yield
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()

@@ -9,7 +9,8 @@ import psutil
 
 import pytest
 
-from sis_util import TINY_RECIPE, kill, make_setup, run_sis, sis_command, sis_env, start_sis, steps, wait_for
+from sis_util import (TINY_RECIPE, kill, killed_on_exit, make_setup, run_sis, sis_command, sis_env, start_sis, steps,
+                      wait_for)
 
 SLEEPERS = """
 from sisyphus import tk
@@ -75,16 +76,13 @@ def release(setup):
 
 def test_killed_tasks_resume_or_are_reported(setup):
     manager = start_sis(setup, "--config", "config/sleepers.py", "m", "-r")
-    try:
+    with killed_on_exit(manager):
         wait_for(lambda: len(sleep_pids(setup)) == 2, message="both Sleep tasks to start")
         for pid in sleep_pids(setup):
             kill(pid, signal.SIGKILL)
         wait_for(lambda: sleep_pids(setup, "resume"), message="the resumable task to be resumed")
         release(setup)
         assert manager.wait(timeout=120) == 1
-    finally:
-        if manager.poll() is None:
-            manager.kill()
     out = open(os.path.join(setup, "manager.out")).read()
     assert "interrupted_resumable: Job<work/steps/Sleep." in out
     assert "interrupted_not_resumable: Job<work/steps/Sleep." in out and "end abnormally" in out
@@ -126,14 +124,11 @@ def test_restarted_manager_picks_up_without_submitting_twice(setup):
     assert again.returncode == 0 and "is being run by another worker" in again.stderr
 
     second = start_sis(setup, "--config", "config/sleepers.py", "m", "-r", log_name="second.out")
-    try:
+    with killed_on_exit(second):
         wait_for(lambda: "running(2)" in open(os.path.join(setup, "second.out")).read(),
                  message="the restarted manager to see both tasks running")
         release(setup)
         assert second.wait(timeout=120) == 0
-    finally:
-        if second.poll() is None:
-            second.kill()
     out = open(os.path.join(setup, "second.out")).read()
     assert "submit: Job<work/steps/Sleep." not in out and "still runs as process" in out
     assert len(sleep_pids(setup)) == 2 and not sleep_pids(setup, "resume")  # each task ran exactly once
@@ -149,12 +144,8 @@ def test_restarted_manager_picks_up_without_submitting_twice(setup):
 
 def test_two_managers_on_one_work_folder_run_each_task_once(setup):
     managers = [start_sis(setup, "--config", "config/short.py", "m", "-r", log_name=f"manager{i}.out") for i in (1, 2)]
-    try:
+    with killed_on_exit(*managers):
         assert [m.wait(timeout=180) for m in managers] == [0, 0]
-    finally:
-        for m in managers:
-            if m.poll() is None:
-                m.kill()
     assert sorted(line.split()[1] for line in steps(setup) if line.startswith("Sleep")) == ["0.3", "0.6", "0.9"]
     assert steps(setup).count("Concat") == 1
     work = os.path.join(setup, "work", "steps")
@@ -164,16 +155,13 @@ def test_two_managers_on_one_work_folder_run_each_task_once(setup):
 
 def test_a_job_folder_deleted_while_its_task_runs_is_set_up_again(setup):
     manager = start_sis(setup, "--config", "config/chain.py", "m", "-r")
-    try:
+    with killed_on_exit(manager):
         wait_for(lambda: sleep_pids(setup), message="the Sleep task to start")
         (old_worker,) = sleep_pids(setup)
         shutil.rmtree(job_folder(setup, "Sleep"))
         wait_for(lambda: "disappeared while the manager ran" in manager_output(setup), message="the report")
         release(setup)
         assert manager.wait(timeout=120) == 0, manager_output(setup)
-    finally:
-        if manager.poll() is None:
-            manager.kill()
     out = manager_output(setup)
     assert "Traceback" not in out and "set up again, the job runs anew" in out
     assert not psutil.pid_exists(old_worker)  # the worker in the deleted folder ended (and was reaped)
@@ -184,16 +172,13 @@ def test_a_job_folder_deleted_while_its_task_runs_is_set_up_again(setup):
 
 def test_a_damaged_job_folder_is_an_error_the_others_go_on_and_co_clears_it(setup):
     manager = start_sis(setup, "--config", "config/chain.py", "m", "-r")
-    try:
+    with killed_on_exit(manager):
         wait_for(lambda: sleep_pids(setup), message="the Sleep task to start")
         concat = manager_output(setup).split("waiting: Job<")[1].split(">")[0]
         with open(os.path.join(setup, concat), "w") as f:  # a file where the Concat job's folder will go
             f.write("not a job folder")
         release(setup)
         assert manager.wait(timeout=120) == 1
-    finally:
-        if manager.poll() is None:
-            manager.kill()
     out = manager_output(setup)
     assert "Traceback" not in out
     assert f"{concat} is there but is not a folder); the other jobs go on. Move it aside with -co" in out
@@ -208,13 +193,10 @@ def test_a_damaged_job_folder_is_an_error_the_others_go_on_and_co_clears_it(setu
 
 def test_after_ctrl_c_every_message_names_the_way_on(setup):
     manager = start_sis(setup, "--config", "config/chain.py", "m", "-r", own_session=True)
-    try:
+    with killed_on_exit(manager):
         wait_for(lambda: sleep_pids(setup), message="the Sleep task to start")
         os.killpg(manager.pid, signal.SIGINT)  # Ctrl-C in the terminal: the manager and its local tasks
         assert manager.wait(timeout=60) == 130
-    finally:
-        if manager.poll() is None:
-            manager.kill()
     assert "sis: interrupted; run the manager again to go on" in manager_output(setup)
     assert "-cio runs the others (state interrupted_not_resumable) again" in manager_output(setup)
     wait_for(lambda: not psutil.pid_exists(sleep_pids(setup)[0]), message="the interrupted task to end")

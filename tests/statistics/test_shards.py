@@ -17,7 +17,7 @@ from modelmerge.config import run_program
 from modelmerge.prediction import PredictConfig, run
 from modelmerge.shards import shard_range
 from modelmerge.statistics import compute_fisher
-from sis_util import REPO, make_setup, sis_command, sis_env, sis_settings
+from sis_util import REPO, killed_on_exit, make_setup, sis_command, sis_env, sis_settings
 from tiny import (CLASSES, colour_images, make_tiny_bert, make_tiny_clip, make_tiny_gpt2, make_tiny_t5, make_tiny_vit,
                   read_jsonl, tiny_data_dir, word_tasks, write_jsonl)
 
@@ -222,16 +222,13 @@ def test_a_shard_killed_mid_write_leaves_no_part_and_reruns_alone(families, tmp_
     env = dict(os.environ, PYTHONPATH=os.path.join(REPO, "code"), OMP_NUM_THREADS="1")
     shard = subprocess.Popen([sys.executable, "-c", hold], env=env, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
-    try:
+    with killed_on_exit(shard):
         deadline = time.monotonic() + 120
         while not held.exists():
             assert shard.poll() is None and time.monotonic() < deadline, "the shard ended before it wrote its part"
             time.sleep(0.1)
         os.kill(shard.pid, signal.SIGKILL)
         shard.wait(timeout=30)
-    finally:
-        if shard.poll() is None:
-            shard.kill()
     assert not os.path.exists(parts[1])  # only a temporary folder beside it, which the rerun removes
     with pytest.raises(Exception, match="is not a finished part"):
         predict(**{**config, "output_dir": str(tmp_path / "joined"), "join": parts})
@@ -344,7 +341,7 @@ def test_sharded_jobs_under_the_manager_and_a_killed_shard_resumed_alone(familie
     command, options = manager_command(setup)
     with open(setup / "manager.out", "w") as log:
         manager = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, **options)
-    try:
+    with killed_on_exit(manager):
         usage = setup / "work" / "model_merging" / "statistics"
         deadline = time.monotonic() + 120
         victims = []
@@ -364,9 +361,6 @@ def test_sharded_jobs_under_the_manager_and_a_killed_shard_resumed_alone(familie
         for process in victims:
             process.kill()
         assert manager.wait(timeout=300) == 0, open(setup / "manager.out").read()[-3000:]
-    finally:
-        if manager.poll() is None:
-            manager.kill()
     fisher = job_folder(setup, "statistics", "FisherJob")
     assert submitted_ids(fisher, "run_shard") == [[1, 2], [2]]  # one submission of both, then shard 2 alone
     assert_same_outputs(unsharded_reference(families, tmp_path, FISHER), setup / "output" / "fisher")
