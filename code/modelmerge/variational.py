@@ -9,9 +9,10 @@ averages their gradients and the reparameterisation estimate of the Hessian, and
 The posterior of a run is written to `output_dir/posterior/` in the layout of a Fisher statistics folder
 (`save_fisher`: fisher.safetensors, hessian/, stats.json), so that the merges take it wherever they take a
 Fisher. It holds the precision divided by ess, h + δ: the Fisher files hold the squared gradients averaged over
-the examples, and gradient matching multiplies each H_t by c_t, the data size. With c_t = ess (by default the
-number of training examples, the presets' `dataset_size`), c_t H_t is the posterior's precision ess · (h + δ),
-as c_t F_t is the Fisher summed over the data.
+the examples, and gradient matching multiplies each H_t by c_t, the data size: c_t H_t is the precision of the
+posterior with ess = c_t, as c_t F_t is the Fisher summed over the data. An ess above the data size (the presets'
+1e9, as the authors' recipes for transformers) tempers the posterior, whose noise 1/sqrt(ess · (h + δ)) would
+otherwise wreck a pretrained transformer; h + δ stays a per-example precision, so c_t stays the data size.
 """
 import dataclasses
 import os
