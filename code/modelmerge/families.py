@@ -288,9 +288,15 @@ def sequence_log_likelihood(logits, labels, uniforms=None):
         rank = (mask.cumsum(1) - 1).clamp(min=0)
         u = uniforms.to(logits.device).gather(1, rank)
         chosen[mask] = sample_tokens(logits[mask], u[mask])
+    return scored_log_likelihood(logits, chosen), [row[m].tolist() for row, m in zip(chosen.cpu(), mask.cpu())]
+
+
+def scored_log_likelihood(logits, labels):
+    """Σ over the labelled positions (label ≠ -100) of log p(label), per example: [batch, positions, vocabulary]
+    logits → [batch] (no data-dependent steps, so that torch.func can vmap it)."""
     log_probs = logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1)
-    log_probs = log_probs.gather(-1, chosen.clamp(min=0)[..., None])[..., 0]
-    return (log_probs * mask).sum(1), [row[m].tolist() for row, m in zip(chosen.cpu(), mask.cpu())]
+    log_probs = log_probs.gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+    return (log_probs * (labels != IGNORE)).sum(1)
 
 
 # --- evaluation helpers ---------------------------------------------------------------------------------------------
