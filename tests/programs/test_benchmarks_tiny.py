@@ -1,0 +1,103 @@
+"""The benchmarks in a tiny mode, so that they cannot rot unseen, and the Fisher's parity with the peer libraries a
+user would otherwise pick: BackPACK, Opacus and torch.func compute the same empirical Fisher as `compute_fisher`
+(to float32 rounding) on every tensor they handle correctly; the tensors where a library is known to go wrong (a
+position embedding broadcast over the batch: its gradient reaches the layer summed over the examples) are named."""
+import importlib.util
+import os
+import sys
+
+import datasets
+import pytest
+import torch
+
+from modelmerge.statistics import compute_fisher
+from tiny import COLOURS, colour_images, make_tiny_bert, make_tiny_gpt2, make_tiny_t5, make_tiny_vit, tiny_data_dir, word_tasks
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import fisher_bench  # noqa: E402
+import fisher_peers  # noqa: E402
+
+LIBRARIES = {"BackPACK": "backpack", "Opacus": "opacus", "torch.func": "torch"}
+TASK = {"bert": "sequence_classification", "t5": "seq2seq", "gpt2": "causal_lm", "vit": "image_classification"}
+# Where a library's result is known to differ from the per-example gradients' (tensors by name).
+KNOWN_WRONG = {
+    ("BackPACK", "bert"): {"bert.embeddings.position_embeddings.weight"},  # [1, tokens] ids broadcast over the batch
+    ("Opacus", "bert"): {"bert.embeddings.position_embeddings.weight"},
+    ("BackPACK", "gpt2"): {"transformer.wpe.weight", "transformer.wte.weight"},  # and tied to the LM head: each call
+    ("Opacus", "gpt2"): {"transformer.wpe.weight"},  # squared on its own, the second overwriting the first
+    ("BackPACK", "t5"): {"encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",  # [1, heads, q, k]
+                         "decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+                         "shared.weight"},  # the encoder's and the decoder's embedding
+    ("Opacus", "t5"): {"encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+                       "decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"},
+}
+
+
+def need(peer):
+    if importlib.util.find_spec(LIBRARIES.get(peer, "torch")) is None:
+        pytest.skip(f"{peer} is not installed (pip install --no-deps -r .ci/fisher_peers.txt)")
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """name → (model, processor, dataset) of a tiny model of each family and a few examples."""
+    from modelmerge.data import load_split
+    from modelmerge.prediction import load_for_task
+
+    root = tmp_path_factory.mktemp("peers")
+    paths = {"bert": make_tiny_bert(str(root / "bert"), seed=1), "t5": make_tiny_t5(str(root / "t5"), seed=1),
+             "gpt2": make_tiny_gpt2(str(root / "gpt2"), seed=1), "vit": make_tiny_vit(str(root / "vit"), seed=1)}
+    text = datasets.Dataset.from_list(word_tasks(5, seed=2, kind="reverse"))
+    data = {"bert": load_split("sst2", "train[:5]", tiny_data_dir(str(root / "data"))), "t5": text, "gpt2": text,
+            "vit": datasets.Dataset.from_list(colour_images(str(root / "images"), per_class=2)[:5])}
+    loaded = {}
+    for name, path in paths.items():
+        model, processor = load_for_task(path, TASK[name], class_names=list(COLOURS))
+        loaded[name] = (model.eval(), processor, data[name])
+    return loaded
+
+
+@pytest.mark.parametrize("family", list(TASK))
+@pytest.mark.parametrize("peer", list(fisher_peers.PEERS))
+def test_peer_fisher_equals_ours(models, family, peer):
+    need(peer)
+    model, processor, dataset = models[family]
+    ours = compute_fisher(model, processor, dataset, empirical=True, batch_size=2, task_type=TASK[family]).fisher
+    found = fisher_peers.PEERS[peer](model, processor, dataset, TASK[family], 2, 64)
+    assert not any(p.requires_grad is False for p in model.parameters()) and not model.training  # left as found
+    covered, _, wrong = fisher_bench.compare(found, ours)
+    assert {name for name, _ in wrong} == KNOWN_WRONG.get((peer, family), set())
+    if peer == "BackPACK":  # its layers only: no LayerNorm, no GPT-2 Conv1D, no embedding with a padding index
+        assert 0 < covered < len(ours)
+    else:
+        assert covered == len(ours)
+    assert all(torch.isfinite(value).all() for value in found.values())
+
+
+def test_peer_mode_runs_and_agrees(capsys):
+    """fisher_bench --peers --tiny: every side's Fisher next to ours; torch.func and the authors' loop exact."""
+    tables = fisher_bench.main(["--peers", "--tiny", "--models", "t5", "gpt2", "vit", "--family-examples", "4",
+                                "--rounds", "1", "--batch-size", "2"])
+    assert set(tables) == {"t5", "gpt2", "vit"}
+    for name, (_, examples, results) in tables.items():
+        assert examples == 4 and set(results) == {"ours", *fisher_peers.PEERS}
+        ours = results["ours"]["fisher"]
+        for side in ("authors' loop", "torch.func"):
+            covered, difference, wrong = fisher_bench.compare(results[side]["fisher"], ours)
+            assert (covered, wrong) == (len(ours), []) and difference < fisher_bench.EXACT
+        assert all(result["seconds"] and result["error"] is None for result in results.values())
+    table = capsys.readouterr().out
+    assert table.count("| ours |") == 3 and "fastest exact peer library" in table
+
+
+@pytest.mark.slow
+def test_peer_processes_write_predict_format():
+    """fisher_bench --peers --process: predict.py and a peer program, each a process writing fisher.safetensors."""
+    need("Opacus")
+    tables = fisher_bench.main(["--peers", "opacus", "--process", "--tiny", "--models", "vit", "--family-examples",
+                                "3", "--rounds", "1", "--batch-size", "2"])
+    _, _, results = tables["vit"]
+    covered, difference, wrong = fisher_bench.compare(results["Opacus"]["fisher"], results["ours"]["fisher"])
+    assert (covered, wrong) == (len(results["ours"]["fisher"]), []) and difference < fisher_bench.EXACT
+    assert all(result["mib"][0] > 50 for result in results.values())  # peak RSS of a process that imports torch
