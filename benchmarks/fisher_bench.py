@@ -9,6 +9,8 @@ time of each is compared (the machine is shared, so the best round is the least 
     python benchmarks/fisher_bench.py --num-examples 64 --rounds 1
     python benchmarks/fisher_bench.py --process --num-examples 2048   # whole processes (target >= 8x)
     python benchmarks/fisher_bench.py --families            # small T5, GPT-2, ViT, CLIP (target >= 4x each)
+    python benchmarks/fisher_bench.py --peers --num-examples 128    # beside BackPACK, Opacus, torch.func, the loop
+    python benchmarks/fisher_bench.py --peers --process --models minilm --num-examples 128   # as whole programs
 
 `--process` runs `python code/predict.py fisher.json` (model load and tokenisation included) and the authors'
 loop as a process of its own (`--loop-process`), one after the other, `--rounds` times; it reports wall time
@@ -35,6 +37,41 @@ gradient; expanding the square into position pairs costs tokens²/2 × out × in
 loop's three matrix passes (forward, input gradients, per-example weight gradients) and saves only its per-example
 overhead. At 17 tokens (64 px images, patch 16) it measured 2.3x. The text families have 5-9 tokens per example,
 where the loop is mostly overhead.
+
+`--peers [PEER ...]` (benchmarks/fisher_peers.py) puts the empirical Fisher (gold labels, the same for every side) of
+MiniLM (on sst2) and of the T5, GPT-2 and ViT models of --families beside BackPACK's SumGradSquared, Opacus's
+GradSampleModule, torch.func (vmap of grad, --func-chunk examples per vmap) and the authors' loop, on the same batches;
+rounds interleaved (reversed every other round), best time and least peak memory of the rounds; a peer's Fisher is
+compared with ours tensor by tensor ("exact": every tensor covered and within 1e-4 of ours, relative to the tensor's
+largest value). With --process each side is a whole program (model and data loading, writing predict.py's
+fisher.safetensors/hessian/stats.json): `code/predict.py fisher.json` against `benchmarks/fisher_peers.py PEER
+fisher.json`, peak RSS per process. `--tiny` runs on tests/tiny.py's models (the test tests/programs/test_benchmarks_tiny.py).
+
+Measured 2026-12-07 (load average 5-9 on the 2 shared cores; 1 thread, batch size 32, 128 examples each):
+  in process (best s, peak MiB added; "x": ours faster by; exact peers only unless marked):
+    MiniLM  ours 5.47 s 212 MiB | loop 21.0 s 3.8x | torch.func 20.5 s 1305 MiB 3.75x, memory 0.16 | Opacus 39.2 s
+            5927 MiB, position embeddings wrong (2.5) | BackPACK 15.8 s, 78/105 tensors, position embeddings wrong
+    T5      ours 0.70 s 27 MiB  | loop 3.65 s 5.2x | torch.func 1.65 s 55 MiB 2.35x, memory 0.50 | Opacus 1.51 s and
+            BackPACK 1.58 s: relative attention biases wrong (5.1; BackPACK also the shared embedding), BackPACK 39/51
+    GPT-2   ours 0.44 s 28 MiB  | loop 1.69 s 3.9x | torch.func 0.96 s 41 MiB 2.19x, memory 0.69 | Opacus 1.08 s: wpe
+            wrong (30) | BackPACK 0.23 s but covers 2/52 tensors (no GPT-2 Conv1D), both wrong (wpe, tied wte)
+    ViT     ours 1.66 s 149 MiB | loop 3.16 s 1.9x | torch.func 2.00 s 82 MiB 1.21x, memory 1.82 | Opacus 2.24 s 244
+            MiB exact 1.35x, memory 0.61 | BackPACK 2.33 s, 52/72 tensors (no LayerNorm)
+    (ViT with --func-chunk 32, the whole batch per vmap as ours: torch.func 2.55 s 281 MiB, ours 1.01x, memory 0.52)
+  whole processes, MiniLM: ours 13.8 s 790 MiB | loop 36.1 s 891 MiB 2.6x | torch.func 29.9 s 1882 MiB 2.16x, memory
+    0.42 | BackPACK 25.9 s 1545 MiB (78/105 tensors) | Opacus 47.0 s 6542 MiB (position embeddings wrong)
+What fails in the peers: BackPACK has no extension for LayerNorm, T5's RMS norm or GPT-2's Conv1D, refuses an
+Embedding with padding_idx, and `extend(model)` of a transformers model fails (its hook sets `module.output`, a child
+module of BERT's layers), so only its leaf layers are extended; a weight used in two calls (tied embeddings) keeps the
+second call's square. BackPACK and Opacus square the gradient of a position embedding whose ids are one [1, tokens]
+row broadcast over the batch (BERT, GPT-2 positions; T5's [1, heads, q, k] relative bias) summed over the examples,
+so those Fishers are wrong. Opacus records activations only of modules in training mode (the modules with parameters
+are put in training mode, the rest stays in eval mode) and forms a [batch, vocabulary, dim] gradient per embedding
+(5.9 GiB for MiniLM at batch 32). torch.func needs the padding mask passed as a 4-D additive mask (transformers'
+mask code branches on the mask's values, which vmap refuses) and holds a model-sized gradient per example in a vmap.
+torch.func is the fastest exact peer on every model; the target (ours >= 1.3x faster at no more memory) holds for
+MiniLM, T5 and GPT-2 and not for ViT (1.0-1.2x, at 65 tokens per image both sides are bound by the same matrix
+products: forward, input gradients, per-example weight gradients; torch.func's lower memory is its 8-example chunks).
 """
 import argparse
 import json
