@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from modelmerge.statistics import compute_fisher
+from sis_util import REPO
 from tiny import COLOURS, colour_images, make_tiny_bert, make_tiny_gpt2, make_tiny_t5, make_tiny_vit, tiny_data_dir, word_tasks
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 import fisher_bench  # noqa: E402
 import fisher_peers  # noqa: E402
 
