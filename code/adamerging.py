@@ -18,9 +18,10 @@ from modelmerge.adamerging import learn_coefficients, merged_state
 from modelmerge.atomic import atomic_dir, claim_output
 from modelmerge.data import load_split
 from modelmerge.merging import MergeError
-from modelmerge.merging.cli import (ArgumentParser, add_task_data_arguments, check_task_data_arguments,
-                                    device_argument, run_cli)
+from modelmerge.merging.cli import (TORCH_DEFAULT_THREADS, ArgumentParser, add_task_data_arguments,
+                                    add_threads_argument, check_task_data_arguments, device_argument, run_cli)
 from modelmerge.prediction import check_model_path, load_for_task
+from modelmerge.threads import set_torch_threads
 
 
 OUTPUT_KIND = "adamerging"
@@ -49,6 +50,7 @@ def parse_args(argv):
     parser.add_argument("--output", required=True, help="the merged model folder")
     parser.add_argument("--no_progress", action="store_true")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output another program wrote")
+    add_threads_argument(parser, TORCH_DEFAULT_THREADS)
     args = parser.parse_args(argv)
     check_task_data_arguments(parser, args)
     if args.iterations < 0 or not 0 <= args.prior <= 1 or args.learning_rate <= 0:
@@ -64,6 +66,7 @@ def input_batches(tokenizer, texts, batch_size, max_length, device):
 
 def main(argv):
     args = parse_args(argv)
+    set_torch_threads(args.threads)
     start = time.perf_counter()
     inputs = [args.ancestor, *args.models, *args.datasets]
     claim_output(args.output, OUTPUT_KIND, inputs=inputs, overwrite=args.overwrite)  # before any work

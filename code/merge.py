@@ -19,8 +19,8 @@ See ../shared/docs/merging.md for the methods and docs/programs.md for the files
 import argparse
 
 from modelmerge.merging import DTYPES, MergeOptions, join_parts, merge
-from modelmerge.merging.cli import (ArgumentParser, device_argument, methods_help, run_cli, shard_argument,
-                                    size_argument, split_method_parameters)
+from modelmerge.merging.cli import (MERGE_DEFAULT_THREADS, ArgumentParser, add_threads_argument, device_argument,
+                                    methods_help, run_cli, shard_argument, size_argument, split_method_parameters)
 from modelmerge.mergekit_config import plan_config, read_config
 
 
@@ -42,8 +42,7 @@ def parse_args(argv):
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="working and output precision (default: output in the ancestor's dtype, else the first "
                                                            "model's; arithmetic in the widest input's, at least float32)")
     parser.add_argument("--device", type=device_argument, default="cpu", help="where the arithmetic runs: cpu, cuda or cuda:N")
-    parser.add_argument("--threads", type=int, help="torch threads on the CPU, e.g. the cores the job was given "
-                                                    "(default: one, or $OMP_NUM_THREADS where set)")
+    add_threads_argument(parser, MERGE_DEFAULT_THREADS)
     parser.add_argument("--shard", type=shard_argument, metavar="I/N",
                         help="merge only part I of N of the tensors (balanced by the method's cost) into the part file --output")
     parser.add_argument("--join", nargs="+", metavar="PART", help="join the part files of a sharded merge into --output")
@@ -84,7 +83,8 @@ def main(argv):
         return join_parts(args.join, args.output, overwrite=args.overwrite)
     if args.config:
         return plan_config(read_config(args.config)).run(args.output, device=args.device, progress=not args.no_progress,
-                                                         overwrite=args.overwrite, max_shard_bytes=args.max_shard_size)
+                                                         overwrite=args.overwrite, max_shard_bytes=args.max_shard_size,
+                                                         threads=args.threads)
     return merge(MergeOptions(
         args.merge, args.models, args.output, aux_data=args.aux_data, ancestor=args.ancestor,
         ancestor_aux_data=args.ancestor_aux_data, initial=args.initial, params=params, include=args.include,

@@ -11,8 +11,10 @@ from dataclasses import dataclass
 
 from modelmerge import modulated
 from modelmerge.merging import MergeError, check_same_tensors
-from modelmerge.merging.cli import ArgumentParser, device_argument, run_cli, split_method_parameters
+from modelmerge.merging.cli import (TORCH_DEFAULT_THREADS, ArgumentParser, add_threads_argument, device_argument,
+                                    run_cli, split_method_parameters)
 from modelmerge.merging.parameters import load_method, resolve_parameters
+from modelmerge.threads import set_torch_threads
 
 
 @dataclass
@@ -35,6 +37,7 @@ def parse_args(argv):
     parser.add_argument("--device", type=device_argument, default="cpu", help="where the arithmetic runs: cpu or cuda")
     parser.add_argument("--no_progress", action="store_true")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output another program wrote")
+    add_threads_argument(parser, TORCH_DEFAULT_THREADS)
     rest, params = split_method_parameters(argv)
     args = parser.parse_args(rest)
     if bool(args.merge) == bool(args.materialise):
@@ -48,6 +51,7 @@ def parse_args(argv):
 
 def main(argv):
     args, params = parse_args(argv)
+    set_torch_threads(args.threads)
     start = time.perf_counter()
     try:
         if args.materialise:

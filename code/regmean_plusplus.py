@@ -12,10 +12,11 @@ import torch
 from modelmerge.atomic import atomic_dir, claim_output
 from modelmerge.data import load_split
 from modelmerge.merging import MergeError
-from modelmerge.merging.cli import (ArgumentParser, add_task_data_arguments, check_task_data_arguments,
-                                    device_argument, run_cli)
+from modelmerge.merging.cli import (TORCH_DEFAULT_THREADS, ArgumentParser, add_task_data_arguments,
+                                    add_threads_argument, check_task_data_arguments, device_argument, run_cli)
 from modelmerge.prediction import check_model_path, load_for_task
 from modelmerge.regmean_plusplus import regmean_plusplus
+from modelmerge.threads import set_torch_threads
 
 
 OUTPUT_KIND = "regmean_plusplus"
@@ -40,6 +41,7 @@ def parse_args(argv):
     parser.add_argument("--device", type=device_argument, default="cpu", help="where the models run: cpu or cuda")
     parser.add_argument("--no_progress", action="store_true")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output another program wrote")
+    add_threads_argument(parser, TORCH_DEFAULT_THREADS)
     args = parser.parse_args(argv)
     check_task_data_arguments(parser, args)
     if not 0 <= args.alpha <= 1:
@@ -49,6 +51,7 @@ def parse_args(argv):
 
 def main(argv):
     args = parse_args(argv)
+    set_torch_threads(args.threads)
     start = time.perf_counter()
     inputs = [*args.models, *args.datasets]
     claim_output(args.output, OUTPUT_KIND, inputs=inputs, overwrite=args.overwrite)  # before any work

@@ -20,7 +20,8 @@ def main(argv):
     args = parse_args(argv)
     return merge(MergeOptions("task_arithmetic", args.ft_model_name_or_paths, args.out_model_path,
                               ancestor=args.pretrained_model_name_or_path, device=args.device,
-                              params={"merge_lambda": args.scaling_factor}, overwrite=args.overwrite))
+                              params={"merge_lambda": args.scaling_factor}, overwrite=args.overwrite,
+                              threads=args.threads))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """The trimmed task vector of TIES (Yadav et al., "TIES-Merging", NeurIPS 2023) as a statistic:
 
-    python code/trim.py --model M --ancestor P --density D --output OUT [--overwrite]
+    python code/trim.py --model M --ancestor P --density D --output OUT [--device cuda] [--threads N] [--overwrite]
 
 writes OUT/trimmed.safetensors with the model's tensor names: for every floating-point tensor,
 τ = θ − θ_0 with all but its top-`density` fraction of entries by magnitude set to 0 (ties at the
@@ -11,8 +11,9 @@ OUT appears only once complete (see modelmerge.merging.trim).
 """
 import argparse
 
-from modelmerge.merging.cli import ArgumentParser, device_argument, run_cli
+from modelmerge.merging.cli import TORCH_DEFAULT_THREADS, ArgumentParser, add_threads_argument, device_argument, run_cli
 from modelmerge.merging.trim import DENSITY_RANGE, write_trimmed
+from modelmerge.threads import set_torch_threads
 
 
 def density_fraction(text):
@@ -33,11 +34,13 @@ def parse_args(argv):
     parser.add_argument("--output", required=True, help="output folder")
     parser.add_argument("--device", type=device_argument, default="cpu", help="where the arithmetic runs: cpu or cuda")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output not written by this program")
+    add_threads_argument(parser, TORCH_DEFAULT_THREADS)
     return parser.parse_args(argv)
 
 
 def main(argv):
     args = parse_args(argv)
+    set_torch_threads(args.threads)
     return write_trimmed(args.model, args.ancestor, args.density, args.output, args.device, args.overwrite)
 
 

@@ -41,7 +41,7 @@ def main(argv):
         ancestor_aux_data=args.pretrained_hessian_path, device=args.device,
         params={"scaling_factors_ft": args.scaling_factors_ft, "scaling_factor_pt": args.scaling_factor_pt,
                 "scaling_factor": args.scaling_factor, "delta_0": args.delta_0},
-        overwrite=args.overwrite, allow_statistics_mismatch=args.allow_statistics_mismatch,
+        overwrite=args.overwrite, allow_statistics_mismatch=args.allow_statistics_mismatch, threads=args.threads,
     ))
 
 

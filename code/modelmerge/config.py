@@ -105,15 +105,6 @@ def log_config(config):
     logger.info("resolved %s:\n%s", type(config).__name__, json.dumps(to_dict(config), indent=2))
 
 
-def default_num_threads():
-    """Torch threads for a job: its CPU allocation ($SLURM_CPUS_PER_TASK, $OMP_NUM_THREADS), else all cores."""
-    for name in ("SLURM_CPUS_PER_TASK", "OMP_NUM_THREADS"):
-        value = os.environ.get(name, "")
-        if value.isdigit() and int(value) > 0:
-            return int(value)
-    return os.cpu_count() or 1
-
-
 def run_program(config_cls, run, description, argv=None):
     """`main` of a program: `PROGRAM CONFIG.json` → load and check the config, log it, call `run(config)`.
 

@@ -18,8 +18,9 @@ import logging
 import os
 
 from modelmerge.atomic import atomic_dir, write_json
-from modelmerge.config import ConfigError, default_num_threads
+from modelmerge.config import ConfigError
 from modelmerge.outputs import claim
+from modelmerge.threads import default_threads, set_torch_threads
 
 logger = logging.getLogger(__name__)
 
@@ -47,13 +48,13 @@ class HarnessConfig:
     def __post_init__(self):
         if not self.tasks:
             raise ConfigError("tasks: name at least one harness task or task YAML file")
-        for key in ("batch_size", "limit"):
+        for key in ("batch_size", "limit", "num_threads"):
             if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be at least 1, got {getattr(self, key)}")
         if self.num_fewshot is not None and self.num_fewshot < 0:
             raise ConfigError(f"num_fewshot must be at least 0, got {self.num_fewshot}")
         if self.num_threads is None:
-            self.num_threads = default_num_threads()
+            self.num_threads = default_threads()
         if self.offline is None:
             self.offline = all(is_task_file(task) for task in self.tasks)
 
@@ -174,11 +175,9 @@ def run(config):
     """Check the model, the tasks and the output; run the harness; write its results and the metrics."""
     if config.offline:
         os.environ.update({name: "1" for name in OFFLINE_VARIABLES})  # before datasets and the hub are imported
-    import torch
-
     from modelmerge.prediction import check_device
 
-    torch.set_num_threads(config.num_threads)
+    set_torch_threads(config.num_threads)
     device = check_device(config.device)
     check_causal_lm(config.model_name_or_path)
     tasks, manager = resolve_tasks(config.tasks)

@@ -109,15 +109,15 @@ class MergePlan:
     inputs: list = field(default_factory=list)  # every path the merge reads
     lines: tuple | None = None  # LiNeS's (α, β) when asked for (methods/lines.py): applied once the device is known
 
-    def run(self, output, device="cpu", progress=True, overwrite=False, max_shard_bytes=5 * 10**9):
+    def run(self, output, device="cpu", progress=True, overwrite=False, max_shard_bytes=5 * 10**9, threads=None):
         if self.lines is not None:
             scale_layers(self.method, self.tasks, len(self.tasks[0].models), *self.lines, dtype=self.dtype,
-                         device=device, progress=progress)
+                         device=device, progress=progress, threads=threads)
         layout = "file" if output.endswith(".safetensors") else "model"
         return run_tasks(self.method, self.tasks, output, layout, files_from=self.files_from,
                          extra_files=self.extra_files, json_updates=self.json_updates, dtype=self.dtype,
                          out_dtype=self.out_dtype, device=device, max_shard_bytes=max_shard_bytes,
-                         progress=progress, inputs=self.inputs, overwrite=overwrite)
+                         progress=progress, inputs=self.inputs, overwrite=overwrite, threads=threads)
 
 
 def read_config(path):

@@ -19,7 +19,7 @@ from transformers import AutoConfig
 
 from modelmerge import families
 from modelmerge.atomic import atomic_dir, atomic_file, releasing_outputs, write_json, write_jsonl
-from modelmerge.config import SHARED_PAPER_KEYS, Alias, ConfigError, Ignored, default_num_threads
+from modelmerge.config import SHARED_PAPER_KEYS, Alias, ConfigError, Ignored
 from modelmerge.data import (TASK_TYPES, check_labels, class_names, column_mapping, load_split, local_sources,
                              resolve_data_dir)
 from modelmerge.outputs import claim, json_kind
@@ -27,6 +27,7 @@ from modelmerge.merging.provenance import model_provenance
 from modelmerge import shards
 from modelmerge.statistics.fisher import FisherResult, combine_fisher, compute_fisher, save_fisher
 from modelmerge.statistics.gram import GramResult, combine_gram, compute_gram, save_gram
+from modelmerge.threads import default_threads, set_torch_threads
 
 logger = logging.getLogger(__name__)
 
@@ -284,7 +285,7 @@ class PredictConfig:
         self.data_dir = resolve_data_dir(self.data_dir)
         self._check_datasets()
         if self.num_threads is None:
-            self.num_threads = default_num_threads()
+            self.num_threads = default_threads()
         for key in ("max_length", "batch_size", "num_threads", "num_examples", "max_new_tokens"):
             value = getattr(self, key)
             if value is not None and value < 1:
@@ -363,7 +364,7 @@ def run(config):
     (marked as predict.py's), and the copies the config names.
 
     Everything is checked (model, data, labels, outputs) before anything is written."""
-    torch.set_num_threads(config.num_threads)
+    set_torch_threads(config.num_threads)
     check_model_path(config.model_name_or_path)
     datasets = [(name, _load(config, dataset_name, split)) for name, dataset_name, split in config.datasets()]
     names = config.class_names or class_names(datasets[0][1])

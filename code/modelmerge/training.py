@@ -35,9 +35,10 @@ import typing
 
 from modelmerge import atomic, data, families, outputs, variational
 from modelmerge.checkpoint import SAFE_INDEX, open_checkpoint
-from modelmerge.config import SHARED_PAPER_KEYS, Alias, ConfigError, Ignored, default_num_threads, from_dict, to_dict
+from modelmerge.config import SHARED_PAPER_KEYS, Alias, ConfigError, Ignored, from_dict, to_dict
 from modelmerge.prediction import (check_device, check_max_length, check_model_path, classification_metrics,
                                    classifier_num_labels, load_for_task, model_loading_errors, to_float32_if_half)
+from modelmerge.threads import default_threads, set_torch_threads
 
 logger = logging.getLogger(__name__)
 
@@ -161,7 +162,7 @@ class TrainConfig:
     def __post_init__(self):
         self.data_dir = data.resolve_data_dir(self.data_dir)
         if self.num_threads is None:
-            self.num_threads = default_num_threads()
+            self.num_threads = default_threads()
         if self.warmup_steps < 0:
             raise ConfigError(f"warmup_steps must be at least 0, got {self.warmup_steps}")
         if not 0 <= self.min_lr < self.learning_rate:
@@ -215,7 +216,7 @@ def train(config, callbacks=()):
     """Fine-tune as `config` says and write the folders described in the module docstring.
 
     Everything is checked (model, data, labels, output_dir) before anything is written."""
-    torch.set_num_threads(config.num_threads)
+    set_torch_threads(config.num_threads)
     check_model_path(config.model_name_or_path)
     train_data = data.load_split(config.dataset_name, config.train_split, config.data_dir, config.task_type, config.columns())
     eval_data = data.load_split(config.dataset_name, config.validation_split, config.data_dir, config.task_type,

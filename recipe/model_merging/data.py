@@ -17,6 +17,7 @@ class DownloadDatasetJob(ProgramJob):
 
     program_name = "download_data.py"
     config_name = "download_config.json"
+    threads_key = None  # writes rows and copies images: no torch arithmetic
 
     def __init__(self, dataset_name, splits=("train", "validation", "test"), data_dir=None, *,
                  task_type="sequence_classification", columns=None, input_template=None, class_words=None,

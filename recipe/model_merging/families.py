@@ -31,6 +31,7 @@ class OfflineSuiteJob(ProgramJob):
 
     program_name = "make_offline_suite.py"
     config_name = "suite_config.json"
+    threads_key = None  # a random initialisation and text rows: nothing worth threads
 
     def __init__(self, suite, tasks, *, seed=0, width=64, layers=2, time_rqmt=0.5, mem_rqmt=2, cpu_rqmt=1, gpu_rqmt=0):
         super().__init__(time_rqmt=time_rqmt, mem_rqmt=mem_rqmt, cpu_rqmt=cpu_rqmt, gpu_rqmt=gpu_rqmt)

@@ -91,7 +91,7 @@ class MergeJob(CommandJob):
                 cmd += [flag, str(value)]
         if self.allow_statistics_mismatch:
             cmd.append("--allow_statistics_mismatch")
-        return cmd + _parameter_arguments(self.parameters) + ["--threads", str(self.rqmt["cpu"])] + _device_and_output(self)
+        return cmd + _parameter_arguments(self.parameters) + _device_and_output(self)
 
 
 def _parameter_arguments(parameters):

@@ -20,6 +20,7 @@ class ReportJob(ProgramJob):
 
     program_name = "report.py"
     config_name = "report_config.json"
+    threads_key = None  # tables and plots: no torch arithmetic
 
     def __init__(self, results, sweeps=None, title=None, *, own_models=None, multitask=None, held_in=None,
                  time_rqmt=0.1, mem_rqmt=1, cpu_rqmt=1, gpu_rqmt=0):

@@ -66,9 +66,9 @@ class PredictJob(ProgramJob):
             return
         parts = [self.part_dir(index) for index in range(1, self.shards + 1)]
         for index, part in enumerate(parts, 1):
-            write_json(self.shard_config_file(index), {**self.config(), "output_dir": part,
+            write_json(self.shard_config_file(index), {**self.program_config(), "output_dir": part,
                                                        "shard": f"{index}/{self.shards}"})
-        write_json(self.out_config_file, {**self.config(), "join": parts})
+        write_json(self.out_config_file, {**self.program_config(), "join": parts})
         write_run_script(*(self.shard_command(index) for index in range(1, self.shards + 1)), self.command())
 
     def run_shard(self, index):

@@ -66,8 +66,8 @@ def test_offline_configs_are_the_jobs_own_steps(tmp_path):
     assert read_jsonl(os.path.join(data, "output", "data", "train.jsonl")) == \
         read_jsonl(os.path.join(SHARED_DATA, "sst2", "train.jsonl"))
     # The hand-written examples for scripts/train.sh & co. are the offline preset's sst2 steps (paths aside), so
-    # the preset stays the one home of those values.
-    paths = ("model_name_or_path", "dataset_name", "output_dir")
+    # the preset stays the one home of those values. num_threads is the job's cpu_rqmt, a resource.
+    paths = ("model_name_or_path", "dataset_name", "output_dir", "num_threads")
 
     def without_paths(c):
         return {k: v for k, v in c.items() if k not in paths}

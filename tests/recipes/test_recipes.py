@@ -87,7 +87,8 @@ def test_predict_jobs_write_their_method(setup_dir):
         _create_files(job, setup_dir)
         config = json.load(open(job.out_config_file.get_path()))
         assert config == {"method": method, "max_length": 32, "model_name_or_path": model.get_path(),
-                          "dataset_name": "sst2", "split": "train[:8]", "output_dir": job.out_dir.get_path()}
+                          "dataset_name": "sst2", "split": "train[:8]", "output_dir": job.out_dir.get_path(),
+                          "num_threads": 1}  # the job's cpu_rqmt
         assert job.out_dir.get_path().endswith(os.path.join("output", out))
     fisher = FisherJob(model, "sst2", "train[:8]", {"max_length": 32})
     assert fisher.out_hessian.get_path() == os.path.join(fisher.out_dir.get_path(), "hessian")
@@ -97,9 +98,9 @@ def test_merge_job_commands(setup_dir):
     job = MergeJob("ties", ["/a", "/b"], ancestor="/base", aux_data=["/fa", "/fb"],
                    parameters={"density": 0.2, "merge_lambda": 1.0})
     command = _create_files(job, setup_dir).split()
-    assert command[1:] == ["/project/code/merge.py", "--merge", "ties", "--models", "/a", "/b", "--aux_data", "/fa", "/fb",
-                           "--ancestor", "/base", "--x:density", "0.2", "--x:merge_lambda", "1.0", "--threads", "1",
-                           "--output", job.out_model.get_path()]
+    assert command[1:] == ["/project/code/merge.py", "--threads", "1", "--merge", "ties", "--models", "/a", "/b",
+                           "--aux_data", "/fa", "/fb", "--ancestor", "/base", "--x:density", "0.2", "--x:merge_lambda",
+                           "1.0", "--output", job.out_model.get_path()]
 
     assert MergeJob("ties", ["/a", "/b"], ancestor="/base", aux_data=["/fa", "/fb"],
                     parameters={"density": 0.2, "merge_lambda": 1.0}, allow_statistics_mismatch=False) is job
@@ -116,20 +117,21 @@ def test_merge_job_commands(setup_dir):
     assert args == {"--pretrained_model_name_or_path": "/base", "--pretrained_hessian_path": "/h0",
                     "--ft_model_name_or_paths": "/a,/b", "--ft_hessian_paths": "/ha,/hb", "--delta_0": "1e-12",
                     "--scaling_factor": "0.7", "--scaling_factor_pt": "100", "--scaling_factors_ft": "10,20",
-                    "--task_type": "SEQ_CLS", "--out_model_path": ubgm.out_model_path.get_path()}
+                    "--task_type": "SEQ_CLS", "--out_model_path": ubgm.out_model_path.get_path(), "--threads": "1"}
 
     trim = TrimmedTaskVectorJob("/a", "/base", 0.2)
     assert TrimmedModelJob("/a", "/base", 0.2) is trim  # the old name builds the same job
     assert trim.job_id() == "model_merging/statistics/TrimmedTaskVectorJob." + short_hash(
         {"model": "/a", "ancestor": "/base", "density": 0.2})
     assert _create_files(trim, setup_dir).split()[1:] == [
-        "/project/code/trim.py", "--model", "/a", "--ancestor", "/base", "--density", "0.2", "--output", trim.out_dir.get_path()]
+        "/project/code/trim.py", "--threads", "1", "--model", "/a", "--ancestor", "/base", "--density", "0.2", "--output",
+        trim.out_dir.get_path()]
 
 
 def test_regmean_plusplus_job_command(setup_dir):
     job = RegMeanPlusPlusJob(["/a", "/b"], ["/da", "/db"], "train", alpha=0.9, num_examples=32)
     assert _create_files(job, setup_dir).split()[1:] == [
-        "/project/code/regmean_plusplus.py", "--models", "/a", "/b", "--datasets", "/da", "/db", "--split", "train",
+        "/project/code/regmean_plusplus.py", "--threads", "1", "--models", "/a", "/b", "--datasets", "/da", "/db", "--split", "train",
         "--num_examples", "32", "--batch_size", "16", "--max_length", "128", "--alpha", "0.9",
         "--output", job.out_model.get_path()]
 
@@ -137,7 +139,7 @@ def test_regmean_plusplus_job_command(setup_dir):
 def test_adamerging_job_command(setup_dir):
     job = AdaMergingJob("/base", ["/a", "/b"], ["/da", "/db"], iterations=50, gpu_rqmt=1)
     command = _create_files(job, setup_dir).split()
-    assert command[1:4] == ["/project/code/adamerging.py", "--ancestor", "/base"]
+    assert command[1:6] == ["/project/code/adamerging.py", "--threads", "1", "--ancestor", "/base"]
     assert command[-4:] == ["--device", "cuda", "--output", job.out_model.get_path()]
     assert "--iterations" in command and command[command.index("--iterations") + 1] == "50"
     assert AdaMergingJob("/base", ["/a", "/b"], ["/da", "/db"], iterations=50, gpu_rqmt=0) is job  # resources not hashed
@@ -180,7 +182,7 @@ def test_multitask_search_job(setup_dir):
     assert config == {"method": "sequence_classification", "batch_size": 4, "model_name_or_path": "/m",
                       "evaluations": {"sst2": {"dataset_name": "sst2", "split": "test"},
                                       "imdb": {"dataset_name": data.get_path(), "split": "test[:10]"}},
-                      "output_dir": job.out_dir.get_path()}
+                      "output_dir": job.out_dir.get_path(), "num_threads": 1}
     assert job.out_metric_files["imdb"].get_path() == os.path.join(job.out_dir.get_path(), "imdb", "metrics.json")
     assert sorted(job.out_accuracies) == ["imdb", "sst2"]
     assert MultiTaskSearchJob("/m", {"sst2": ("sst2", "test"), "imdb": (data, "test[:10]")}, {"batch_size": 4},
@@ -196,7 +198,7 @@ def test_lm_eval_job_config(setup_dir):
     _create_files(job, setup_dir)
     config = json.load(open(job.out_config_file.get_path()))
     assert config == {"model_name_or_path": "/merged", "tasks": ["/tasks/sentiment_sst2.yaml", "hellaswag"],
-                      "num_fewshot": 2, "limit": 10, "batch_size": 4, "output_dir": job.out_dir.get_path()}
+                      "num_fewshot": 2, "limit": 10, "batch_size": 4, "output_dir": job.out_dir.get_path(), "num_threads": 1}
     assert set(job.out_metric_files) == {"sentiment_sst2", "hellaswag"} == set(job.out_accuracies)
     assert job.out_metric_files["sentiment_sst2"].get_path().endswith("harness_eval/metrics/sentiment_sst2.json")
     from modelmerge.config import load_config  # the program accepts what the job wrote

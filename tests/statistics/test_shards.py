@@ -312,7 +312,7 @@ def test_sharded_jobs_ids_tasks_and_configs(tmp_path, monkeypatch):
     sharded.create_files()
     parts = [str(work / f"part.{i}") for i in (1, 2, 3)]
     base = {"method": "sequence_classification_gram", "max_length": 32, "model_name_or_path": "/m",
-            "dataset_name": "sst2", "split": "train"}
+            "dataset_name": "sst2", "split": "train", "num_threads": 1}  # the job's cpu_rqmt
     assert json.load(open(sharded.out_config_file.get_path())) == {**base, "output_dir": sharded.out_dir.get_path(),
                                                                    "join": parts}
     for index, part in enumerate(parts, 1):

@@ -1,6 +1,6 @@
 """What the merge programs under code/ share: one-line errors with exit status 2, argument types, the
-`--x:NAME VALUE` method parameters, the paper scripts' common arguments, the task-data arguments of the
-data-aware merges, and the method list for --help."""
+`--threads` argument, the `--x:NAME VALUE` method parameters, the paper scripts' common arguments, the
+task-data arguments of the data-aware merges, and the method list for --help."""
 import argparse
 import logging
 import os
@@ -12,6 +12,7 @@ from modelmerge.merging.options import MergeError, Shard, check_device
 from modelmerge.methods import MERGE_METHODS
 from modelmerge.methods.knots import PARAMETERS as KNOTS_PARAMETERS
 from modelmerge.methods.lines import PARAMETERS as LINES_PARAMETERS
+from modelmerge.threads import check_threads
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -50,6 +51,26 @@ def shard_argument(text):
         return Shard.parse(text)
     except MergeError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def threads_argument(text):
+    """An argparse type: a number of torch threads, a whole number of at least 1."""
+    try:
+        return check_threads(int(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a whole number of at least 1, got {text!r}") from None
+
+
+# The default of --threads where the program leaves torch's own: OpenMP's, which reads $OMP_NUM_THREADS.
+TORCH_DEFAULT_THREADS = "$OMP_NUM_THREADS (as the Jobs set it), else one per core"
+# The default of --threads in the programs that merge through modelmerge.merging.execute.
+MERGE_DEFAULT_THREADS = "one, or $OMP_NUM_THREADS where set"
+
+
+def add_threads_argument(parser, default):
+    """--threads N: the torch threads on the CPU (modelmerge.threads); `default` says what None means."""
+    parser.add_argument("--threads", type=threads_argument, metavar="N",
+                        help=f"torch threads on the CPU, e.g. the cores the job was given (default: {default})")
 
 
 def size_argument(text):
@@ -98,6 +119,7 @@ def paper_script_parser(description):
     parser.add_argument("--task_type", default="SEQ_CLS", choices=("SEQ_CLS",))
     parser.add_argument("--device", type=device_argument, default="cpu", help="where the arithmetic runs: cpu or cuda")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output not written by a merge")
+    add_threads_argument(parser, MERGE_DEFAULT_THREADS)
     return parser
 
 

@@ -23,6 +23,7 @@ from modelmerge.merging.options import MergeError, check_device
 from modelmerge.methods.base import GRAM_KINDS, TensorBlocks, TensorGroup
 from modelmerge.methods.knots import merge_in_shared_basis
 from modelmerge.methods.lines import scaled_task_vector
+from modelmerge.threads import torch_threads
 
 logger = logging.getLogger(__name__)
 
@@ -93,16 +94,12 @@ def execute(method, tasks, writer, entries, dtype=None, device="cpu", progress=T
     summary = Summary()
     start = time.perf_counter()
     reader = _Reader(tasks)
-    previous_threads = torch.get_num_threads()
-    if device.type == "cpu" and (threads or "OMP_NUM_THREADS" not in os.environ):
-        torch.set_num_threads(threads or 1)
-    try:
+    cpu_threads = threads or (None if "OMP_NUM_THREADS" in os.environ else 1)
+    with torch_threads(cpu_threads if device.type == "cpu" else None):
         for task in tqdm(tasks, desc=f"merging ({method.name})", unit="tensor", disable=not progress, file=sys.stderr):
             merged = _execute_task(method, task, reader, writer, planned, dtype, device)
             summary.merged += merged
             summary.copied += not merged
-    finally:
-        torch.set_num_threads(previous_threads)
     summary.seconds = time.perf_counter() - start
     summary.peak_rss_bytes = peak_rss_bytes()
     return summary

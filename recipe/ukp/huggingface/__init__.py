@@ -6,7 +6,7 @@ enter the job id, since where the code lies changes no result. `gpumem` (GB of G
 like every resource it stays out of the id. `dummy`, the authors' way to force a new job, is hashed when
 given.
 """
-from model_merging.util import program, python_exe
+from model_merging.util import program
 
 NOT_HASHED = ("code_root", "gpumem")
 
@@ -20,8 +20,8 @@ class AuthorsSignature:
                 if key not in NOT_HASHED and not (key == "dummy" and value is None)}
         return super().hash(args)
 
-    def program_command(self, name):
-        return [python_exe(), program(name, self.code_root)]
+    def program_path(self, name):
+        return program(name, self.code_root)
 
 
 def gpus(gpu_rqmt, gpumem):
