@@ -2,7 +2,7 @@
 unlabelled inputs of each task, then write the merged model and the coefficients (modelmerge.adamerging).
 
     python code/adamerging.py --ancestor P --models A B C --datasets sst2 rotten_tomatoes imdb --split validation \
-        [--num_examples 64] [--iterations 100] [--learning_rate 1e-3] [--prior 0.3] [--batch_size 16] --output OUT
+        [--num_examples 64] [--iterations 100] [--learning_rate 1e-3] [--prior 0.3] [--batch_size 16] [--threads N] --output OUT
 
 OUT is a model folder (θ(λ)) with adamerging.json: the coefficients per task and tensor, the entropy per step.
 Labels of the data are not read. Sequence classification models.

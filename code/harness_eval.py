@@ -1,7 +1,7 @@
 """Run EleutherAI's lm-evaluation-harness on a causal language model: `python code/harness_eval.py CONFIG.json`.
 
 Keys: `model_name_or_path`, `tasks` (harness task names or local task YAML files), `output_dir`, `num_fewshot`,
-`limit`, `batch_size`, `offline`, `log_samples`, `seed`, `num_threads`, `device`, `overwrite`
+`limit`, `batch_size`, `offline`, `log_samples`, `seed`, `num_threads` (torch threads), `device`, `overwrite`
 (docs/programs.md, modelmerge.harness.HarnessConfig). Writes the harness's results file and metrics.json.
 """
 import sys

@@ -1,8 +1,10 @@
 """Evaluate a model folder on a split, or compute a statistic of it: `python code/predict.py CONFIG.json`.
 
-`method`: `sequence_classification` (metrics.json, predictions.jsonl), `sequence_classification_squared_gradients`
-(diagonal Fisher: fisher.safetensors, hessian/, stats.json), `sequence_classification_gram` (gram.safetensors,
-output_grad_gram.safetensors, stats.json). Keys: docs/programs.md, modelmerge.prediction.PredictConfig.
+For every model family (`task_type`, modelmerge.families). `method`: `evaluate` (= `sequence_classification`:
+metrics.json, predictions.jsonl), `squared_gradients` (= `sequence_classification_squared_gradients`, the diagonal
+Fisher: fisher.safetensors, hessian/, stats.json), `gram` (= `sequence_classification_gram`: gram.safetensors,
+output_grad_gram.safetensors, stats.json); `shard` / `join` split the examples over processes (modelmerge.shards).
+Keys, among them `num_threads`: docs/programs.md, modelmerge.prediction.PredictConfig.
 """
 import sys
 

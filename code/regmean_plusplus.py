@@ -2,7 +2,8 @@
 (modelmerge.regmean_plusplus), running each task's data through the model as it merges.
 
     python code/regmean_plusplus.py --models A B C --datasets sst2 rotten_tomatoes imdb --split train \
-        [--num_examples 256] [--alpha 0.5] [--batch_size 16] [--max_length 128] [--data_dir DIR] --output OUT
+        [--num_examples 256] [--alpha 0.5] [--batch_size 16] [--max_length 128] [--data_dir DIR] \
+        [--task_type T] [--threads N] --output OUT
 """
 import time
 from dataclasses import dataclass

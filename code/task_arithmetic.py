@@ -2,7 +2,7 @@
 of the released script of Daheim et al. (ICLR 2024):
 
     python code/task_arithmetic.py --pretrained_model_name_or_path P --ft_model_name_or_paths A,B \
-        --scaling_factor 1.0 --task_type SEQ_CLS --out_model_path OUT
+        --scaling_factor 1.0 --task_type SEQ_CLS --out_model_path OUT [--threads N]
 
     θ = θ_0 + α Σ_t (θ_t − θ_0)
 

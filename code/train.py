@@ -1,4 +1,6 @@
-"""Fine-tune a sequence classifier: `python code/train.py CONFIG.json` (keys: docs/programs.md, modelmerge.training.TrainConfig)."""
+"""Fine-tune a model of any family (`task_type`: sequence classifier, seq2seq, causal LM, image classifier;
+full, LoRA or IA3; AdamW or IVON): `python code/train.py CONFIG.json` (keys, among them `num_threads`:
+docs/programs.md, modelmerge.training.TrainConfig)."""
 import sys
 
 from modelmerge.config import run_program

@@ -4,7 +4,7 @@ Matching", ICLR 2024) with the command line of the authors' released script:
     python code/uncertainty_based_gradient_matching.py --pretrained_model_name_or_path P \
         --pretrained_hessian_path H0 --ft_model_name_or_paths A,B --ft_hessian_paths HA,HB \
         --scaling_factors_ft 112000,8530 --scaling_factor_pt 25000 --scaling_factor 1.0 --delta_0 1e-12 \
-        --task_type SEQ_CLS --out_model_path OUT
+        --task_type SEQ_CLS --out_model_path OUT [--threads N]
 
     θ = θ_0 + α Σ_t P ⊙ (c_t H_t + δ_0 + c_0 H_0) ⊙ (θ_t − θ_0),  P = 1 / (Σ_t α c_t H_t + c_0 H_0 + δ_0)
 

@@ -59,7 +59,8 @@ def write_run_script(*commands, path="run.sh"):
 
 
 def run_command(cmd, cpu=1):
-    """Run a program with its thread count set from the task's CPU requirement (on a busy machine one
-    thread per core asked for is faster than torch's default of one per core present)."""
+    """Run a program with OpenMP's and MKL's thread counts set from the task's CPU requirement, for every library
+    it loads (on a busy machine one thread per core asked for is faster than one per core present); its torch
+    threads it is also given on its command line or in its config (program_job.py)."""
     env = dict(os.environ, OMP_NUM_THREADS=str(cpu), MKL_NUM_THREADS=str(cpu), TOKENIZERS_PARALLELISM="false")
     subprocess.check_call(cmd, env=env)
