@@ -54,6 +54,14 @@ def test_torch_threads_sets_the_count_for_the_block_then_restores_it(restore_thr
 
 # --- bad counts -------------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("bad", (0, -1, 1.5, True))
+def test_the_merge_library_refuses_a_bad_thread_count(bad):
+    from modelmerge.merging import MergeError, MergeOptions
+
+    with pytest.raises(MergeError, match=f"the number of threads must be a whole number of at least 1, got {bad!r}"):
+        MergeOptions("task_arithmetic", ["/a", "/b"], "/out", ancestor="/base", threads=bad)
+
+
 @pytest.mark.parametrize("name", COMMAND_LINE_PROGRAMS)
 @pytest.mark.parametrize("bad", BAD_COUNTS)
 def test_command_line_programs_refuse_a_bad_thread_count(name, bad, tmp_path, capsys):

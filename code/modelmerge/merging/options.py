@@ -12,6 +12,7 @@ from typing import Any, Mapping
 import torch
 
 from ..shards import parse_shard
+from ..threads import check_threads
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 LORA_PREFIX = "lora-"
@@ -74,8 +75,11 @@ class MergeOptions:
             raise MergeError(f"dtype {self.dtype} is not one of {', '.join(DTYPES)}")
         if not isinstance(self.max_shard_bytes, int) or self.max_shard_bytes < 1:
             raise MergeError(f"the largest output shard must be a positive number of bytes, got {self.max_shard_bytes!r}")
-        if self.threads is not None and self.threads < 1:
-            raise MergeError(f"the number of threads must be at least 1, got {self.threads}")
+        if self.threads is not None:
+            try:
+                check_threads(self.threads, "the number of threads")
+            except ValueError as error:
+                raise MergeError(str(error)) from None
         if self.lora_rank is not None and self.lora_rank < 1:
             raise MergeError(f"the LoRA rank must be at least 1, got {self.lora_rank}")
 
