@@ -89,3 +89,25 @@ def merge_help(capsys):
     with pytest.raises(SystemExit):
         merge_program.parse_args(["--help"])
     return capsys.readouterr().out
+
+
+@pytest.fixture
+def record_threads(monkeypatch):
+    """record(method_class): the merge programs merge with `method_class`, noting torch's thread count at each
+    merge in the list record returns."""
+    import torch
+
+    from modelmerge.merging import frontend
+
+    def record(method_class):
+        seen = []
+
+        class Recording(method_class):
+            def merge(self, group, **params):
+                seen.append(torch.get_num_threads())
+                return super().merge(group, **params)
+
+        monkeypatch.setattr(frontend, "load_method", lambda name: Recording())
+        return seen
+
+    return record

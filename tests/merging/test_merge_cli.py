@@ -410,25 +410,10 @@ def test_bad_values_in_a_late_block_are_found_and_named(zoo, tmp_path, monkeypat
     assert "bert.embeddings.word_embeddings.weight (rows 0-6)" in err and "(224 entries)" in err  # 7 rows of 32
 
 
-def record_threads(monkeypatch, method_class):
-    """merge.py merges with `method_class`, noting torch's thread count at each merge in the list returned."""
-    from modelmerge.merging import frontend
-
-    seen = []
-
-    class Recording(method_class):
-        def merge(self, group, **params):
-            seen.append(torch.get_num_threads())
-            return super().merge(group, **params)
-
-    monkeypatch.setattr(frontend, "load_method", lambda name: Recording())
-    return seen
-
-
-def test_cpu_merges_run_on_one_thread_unless_omp_num_threads_is_set(zoo, tmp_path, monkeypatch):
+def test_cpu_merges_run_on_one_thread_unless_omp_num_threads_is_set(zoo, tmp_path, monkeypatch, record_threads):
     from modelmerge.methods.task_arithmetic import TaskArithmetic
 
-    seen = record_threads(monkeypatch, TaskArithmetic)
+    seen = record_threads(TaskArithmetic)
     argv = ["--merge", "task_arithmetic", "--models", *zoo["models"], "--ancestor", zoo["base"]]
     threads = torch.get_num_threads()
     try:
@@ -444,10 +429,10 @@ def test_cpu_merges_run_on_one_thread_unless_omp_num_threads_is_set(zoo, tmp_pat
         torch.set_num_threads(threads)
 
 
-def test_threads_sets_the_merges_torch_threads(zoo, tmp_path, monkeypatch):
+def test_threads_sets_the_merges_torch_threads(zoo, tmp_path, monkeypatch, record_threads):
     from modelmerge.methods.tsv_m import TsvM
 
-    seen = record_threads(monkeypatch, TsvM)
+    seen = record_threads(TsvM)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     threads = torch.get_num_threads()
     run(["--merge", "tsv_m", "--models", *zoo["models"], "--ancestor", zoo["base"], "--threads", "2",

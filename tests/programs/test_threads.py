@@ -149,19 +149,11 @@ def test_regmean_plusplus_runs_with_threads(zoo, tmp_path, monkeypatch, restore_
     assert seen == [2]
 
 
-def test_task_arithmetic_merges_with_threads(zoo, tmp_path, monkeypatch, restore_threads):
+def test_task_arithmetic_merges_with_threads(zoo, tmp_path, record_threads, restore_threads):
     import task_arithmetic
-    from modelmerge.merging import frontend
     from modelmerge.methods.task_arithmetic import TaskArithmetic
 
-    seen = []
-
-    class Recording(TaskArithmetic):
-        def merge(self, group, **params):
-            seen.append(torch.get_num_threads())
-            return super().merge(group, **params)
-
-    monkeypatch.setattr(frontend, "load_method", lambda name: Recording())
+    seen = record_threads(TaskArithmetic)
     torch.set_num_threads(1)
     run_cli(task_arithmetic.main, ["--pretrained_model_name_or_path", zoo["base"], "--ft_model_name_or_paths",
                                    ",".join(zoo["models"]), "--threads", "2", "--out_model_path", str(tmp_path / "out")])
