@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from modelmerge.checkpoint import open_checkpoint  # noqa: E402
+from modelmerge.io.reading import open_checkpoint  # noqa: E402
 from modelmerge.merging.provenance import fingerprint  # noqa: E402
 from modelmerge.training import offline_model_path  # noqa: E402
 

@@ -103,7 +103,7 @@ def largest_part_share(method_name, shapes, nodes):
     """L(N): the costliest part's share of the total cost, as the planner splits BERT-base's tensors for N parts."""
     from modelmerge.merging.parameters import load_method, resolve_parameters
     from modelmerge.merging.shards import assign_parts
-    from modelmerge.checkpoint import TensorInfo
+    from modelmerge.io.formats import TensorInfo
     from modelmerge.merging.plan import Source, TensorTask
     import torch
 

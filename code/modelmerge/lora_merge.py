@@ -13,7 +13,7 @@ import re
 
 import torch
 
-from modelmerge.checkpoint import CheckpointError, TensorInfo
+from modelmerge.io.formats import CheckpointError, TensorInfo
 
 ADAPTER_PREFIX = "base_model.model."
 _PAIR = re.compile(r"(.*)\.lora_([AB])\.weight")

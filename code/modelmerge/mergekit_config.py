@@ -37,7 +37,9 @@ from typing import Any
 
 import yaml
 
-from modelmerge.checkpoint import CheckpointError, open_checkpoint, read_json_object
+from modelmerge.io.formats import CheckpointError
+from modelmerge.io.json_files import read_json_object
+from modelmerge.io.reading import open_checkpoint
 from modelmerge.lora_merge import LoraDeltaView
 from modelmerge.merging.execute import run_tasks
 from modelmerge.merging.frontend import scale_layers, use_shared_basis

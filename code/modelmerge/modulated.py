@@ -26,7 +26,9 @@ import torch
 from tqdm import tqdm
 
 from modelmerge.atomic import atomic_dir
-from modelmerge.checkpoint import TensorInfo, open_checkpoint, open_output
+from modelmerge.io.formats import TensorInfo
+from modelmerge.io.reading import open_checkpoint
+from modelmerge.io.writing import open_output
 from modelmerge.methods import get_method
 from modelmerge.methods.base import TensorGroup
 from modelmerge.methods.common import upcast_dtype

@@ -19,7 +19,7 @@ import tempfile
 
 import torch
 
-from modelmerge.checkpoint import TensorInfo
+from modelmerge.io.formats import TensorInfo
 
 VOCABULARY_TENSOR = re.compile(r"(^|\.)(word_embeddings|embed_tokens|wte|lm_head)\.weight$")
 

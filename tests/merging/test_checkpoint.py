@@ -1,4 +1,4 @@
-"""Reading every checkpoint layout lazily and writing safetensors incrementally (modelmerge.checkpoint)."""
+"""Reading every checkpoint layout lazily and writing safetensors incrementally (modelmerge.io)."""
 import json
 import os
 
@@ -7,14 +7,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from modelmerge.checkpoint import (
-    CheckpointError,
-    TensorInfo,
-    open_checkpoint,
-    open_output,
-    open_statistics,
-    parse_size,
-)
+from modelmerge.io.formats import CheckpointError, TensorInfo
+from modelmerge.io.reading import open_checkpoint, open_statistics
+from modelmerge.io.shards import parse_size
+from modelmerge.io.writing import open_output
 
 
 def _tensors(seed=0):

@@ -19,7 +19,7 @@ from tiny import make_tiny_bert, perturbed_copy
 from modelmerge.merging import shards
 from modelmerge.merging.cli import run_cli
 from modelmerge.merging.plan import Source, TensorTask
-from modelmerge.checkpoint import TensorInfo
+from modelmerge.io.formats import TensorInfo
 from modelmerge.methods import MERGE_METHODS, get_method
 from sis_util import REPO, make_setup, run_sis, sis_settings
 
@@ -142,10 +142,10 @@ def test_a_part_killed_mid_write_leaves_no_part_and_reruns_alone(zoo, tmp_path):
     run(argv + ["--shard", "1/2", "--output", parts[0]])
     first = os.stat(parts[0]).st_mtime_ns
     killed = ("import os, signal, sys; sys.argv[0] = 'merge.py'; import merge; "
-              "from modelmerge import checkpoint; write = checkpoint.SafetensorsStreamWriter.write\n"
+              "from modelmerge.io import writing; write = writing.SafetensorsStreamWriter.write\n"
               "def dying(self, name, tensor):\n    write(self, name, tensor); self._file.flush()\n"
               "    if self._next > 2: os.kill(os.getpid(), signal.SIGKILL)\n"
-              "checkpoint.SafetensorsStreamWriter.write = dying\n"
+              "writing.SafetensorsStreamWriter.write = dying\n"
               "from modelmerge.merging.cli import run_cli; run_cli(merge.main, sys.argv[1:])")
     done = subprocess.run([sys.executable, "-c", killed, *argv, "--shard", "2/2", "--output", parts[1], "--no_progress"],
                           cwd=os.path.join(REPO, "code"), capture_output=True, text=True)

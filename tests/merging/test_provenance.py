@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from tiny import make_tiny_bert, perturbed_copy, tiny_data_dir
 from transformers import BertForSequenceClassification
 
-from modelmerge.checkpoint import open_checkpoint
+from modelmerge.io.reading import open_checkpoint
 from modelmerge.config import run_program
 from modelmerge.merging.cli import run_cli
 from modelmerge.merging.provenance import fingerprint

@@ -19,7 +19,7 @@ from transformers import TrainerCallback
 import merge as merge_program
 import trim as trim_program
 from modelmerge import atomic
-from modelmerge.checkpoint import SafetensorsStreamWriter
+from modelmerge.io.writing import SafetensorsStreamWriter
 from modelmerge.config import run_program
 from modelmerge.data import DownloadConfig, download
 from modelmerge.merging.cli import run_cli

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from tiny import make_tiny_bert, read_jsonl, tiny_data_dir
 from transformers import AutoTokenizer, TrainerCallback
 
-from modelmerge.checkpoint import open_checkpoint
+from modelmerge.io.reading import open_checkpoint
 from modelmerge.config import from_dict
 from modelmerge.merging import MergeError
 from modelmerge.merging.provenance import fingerprint

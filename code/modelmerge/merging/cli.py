@@ -7,7 +7,8 @@ import os
 import sys
 
 from modelmerge.atomic import OutputError, release_outputs
-from modelmerge.checkpoint import CheckpointError, parse_size
+from modelmerge.io.formats import CheckpointError
+from modelmerge.io.shards import parse_size
 from modelmerge.merging.options import MergeError, Shard, check_device
 from modelmerge.methods import MERGE_METHODS
 from modelmerge.methods.knots import PARAMETERS as KNOTS_PARAMETERS

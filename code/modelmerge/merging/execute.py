@@ -17,7 +17,10 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from modelmerge.checkpoint import Checkpoint, TensorInfo, open_output, read_json_object
+from modelmerge.io.formats import TensorInfo
+from modelmerge.io.json_files import read_json_object
+from modelmerge.io.reading import Checkpoint
+from modelmerge.io.writing import open_output
 from modelmerge.lora_merge import factorize
 from modelmerge.merging.options import MergeError, check_device
 from modelmerge.methods.base import GRAM_KINDS, TensorBlocks, TensorGroup

@@ -3,7 +3,7 @@ import os
 
 import torch
 
-from modelmerge.checkpoint import open_checkpoint, open_statistics
+from modelmerge.io.reading import open_checkpoint, open_statistics
 from modelmerge.lora_merge import output_adapter_config
 from modelmerge.merging.execute import execute, output_entries, run_tasks
 from modelmerge.merging.lora import lora_inputs, name_lora_outputs

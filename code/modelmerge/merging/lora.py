@@ -1,5 +1,5 @@
 """Planning a `lora-` merge: PEFT LoRA adapters merged as weight changes s·B·A (see modelmerge.lora_merge)."""
-from modelmerge.checkpoint import CheckpointError
+from modelmerge.io.formats import CheckpointError
 from modelmerge.lora_merge import LoraDeltaView, ZeroView, adapter_name
 from modelmerge.merging.options import MergeError
 from modelmerge.merging.plan import LoraOutput, listing

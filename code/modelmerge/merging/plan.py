@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from modelmerge.checkpoint import CheckpointError, TensorInfo
+from modelmerge.io.formats import CheckpointError, TensorInfo
 from modelmerge.merging.options import MergeError
 from modelmerge.methods.base import GRAM_KINDS
 

@@ -12,7 +12,8 @@ import os
 
 import torch
 
-from modelmerge.checkpoint import CheckpointError, open_checkpoint
+from modelmerge.io.formats import CheckpointError
+from modelmerge.io.reading import open_checkpoint
 from modelmerge.merging.options import MergeError
 
 logger = logging.getLogger(__name__)
@@ -29,7 +30,7 @@ ALLOW_HINT = "set allow_statistics_mismatch (--allow_statistics_mismatch) to mer
 
 
 def fingerprint(checkpoint):
-    """The fingerprint (hex SHA-256) of an open checkpoint (modelmerge.checkpoint)."""
+    """The fingerprint (hex SHA-256) of an open checkpoint (modelmerge.io.reading)."""
     digest = hashlib.sha256()
     for name in checkpoint.names:
         info = checkpoint.info(name)

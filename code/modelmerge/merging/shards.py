@@ -23,8 +23,9 @@ import logging
 import os
 import time
 
-from modelmerge.checkpoint import (SAFETENSORS_DTYPE_NAMES, CheckpointError, TensorInfo, open_checkpoint,
-                                   open_output)
+from modelmerge.io.formats import SAFETENSORS_DTYPE_NAMES, CheckpointError, TensorInfo
+from modelmerge.io.reading import open_checkpoint
+from modelmerge.io.writing import open_output
 from modelmerge.merging.execute import (OUTPUT_KIND, RELEASE_EVERY_BYTES, Summary, execute, output_entries,
                                        output_json_updates, peak_rss_bytes)
 from modelmerge.merging.options import MergeError, check_device

@@ -15,7 +15,9 @@ import torch
 from tqdm import tqdm
 
 from modelmerge.atomic import atomic_dir
-from modelmerge.checkpoint import SafetensorsStreamWriter, TensorInfo, open_checkpoint
+from modelmerge.io.formats import TensorInfo
+from modelmerge.io.reading import open_checkpoint
+from modelmerge.io.writing import SafetensorsStreamWriter
 from modelmerge.merging.execute import RELEASE_EVERY_BYTES, all_finite, peak_rss_bytes
 from modelmerge.merging.options import MergeError, check_device
 from modelmerge.merging.plan import check_same_tensors

@@ -33,7 +33,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from modelmerge.atomic import atomic_file, write_json
-from modelmerge.checkpoint import IN_OUT_WEIGHTS_KEY
+from modelmerge.io.formats import IN_OUT_WEIGHTS_KEY
 from modelmerge.statistics.batches import check_examples, labelled_batches, limit_examples
 from modelmerge.statistics.capture import ModuleCapture, batch_first, output_gradients
 from modelmerge.statistics.parameters import gradients_for_statistic_parameters, statistic_parameters
