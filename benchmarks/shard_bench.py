@@ -117,7 +117,7 @@ def largest_part_share(method_name, shapes, nodes):
         def info(self, _):
             return TensorInfo(self.shape, torch.float32)
 
-    tasks = [TensorTask(name, [Source(Header(shape), name)] * 4, base=Source(Header(shape), name), params=params)
+    tasks = [TensorTask(name, [Source(Header(shape), name)] * 4, ancestor=Source(Header(shape), name), params=params)
              for name, shape in shapes.items()]
     costs = [method.cost(task.name, tuple(shapes[task.name]), 4, params) for task in tasks]
     parts = assign_parts(method, params, tasks, nodes)

@@ -86,8 +86,8 @@ def main(argv):
                                                          overwrite=args.overwrite, max_shard_bytes=args.max_shard_size,
                                                          threads=args.threads)
     return merge(MergeOptions(
-        args.merge, args.models, args.output, aux_data=args.aux_data, ancestor=args.ancestor,
-        ancestor_aux_data=args.ancestor_aux_data, initial=args.initial, params=params, include=args.include,
+        args.merge, args.models, args.output, statistics=args.aux_data, ancestor=args.ancestor,
+        ancestor_statistics=args.ancestor_aux_data, initial=args.initial, params=params, include=args.include,
         exclude=args.exclude, dtype=args.dtype and DTYPES[args.dtype], device=args.device,
         max_shard_bytes=args.max_shard_size, lora_rank=args.lora_rank, overwrite=args.overwrite,
         allow_statistics_mismatch=args.allow_statistics_mismatch, progress=not args.no_progress, shard=args.shard,

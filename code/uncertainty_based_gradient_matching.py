@@ -37,8 +37,8 @@ def main(argv):
         raise MergeError(f"--scaling_factors_ft: {len(args.scaling_factors_ft)} values for {count} models in --ft_model_name_or_paths")
     return merge(MergeOptions(
         "uncertainty_based_gradient_matching", args.ft_model_name_or_paths, args.out_model_path,
-        aux_data=args.ft_hessian_paths, ancestor=args.pretrained_model_name_or_path,
-        ancestor_aux_data=args.pretrained_hessian_path, device=args.device,
+        statistics=args.ft_hessian_paths, ancestor=args.pretrained_model_name_or_path,
+        ancestor_statistics=args.pretrained_hessian_path, device=args.device,
         params={"scaling_factors_ft": args.scaling_factors_ft, "scaling_factor_pt": args.scaling_factor_pt,
                 "scaling_factor": args.scaling_factor, "delta_0": args.delta_0},
         overwrite=args.overwrite, allow_statistics_mismatch=args.allow_statistics_mismatch, threads=args.threads,

@@ -249,7 +249,7 @@ def plan_config(config):
     scopes = _ParameterScopes(method, mapping)
     top, wrappers = _driver_options(method, config)
     tasks = _plan_tasks(method, mapping, slices, scopes, {**config, "parameters": top})
-    if (wrappers["knots"] or wrappers["lines_beta"] is not None) and any(t.merge and t.base is None for t in tasks):
+    if (wrappers["knots"] or wrappers["lines_beta"] is not None) and any(t.merge and t.ancestor is None for t in tasks):
         raise MergeError(f"merge_method {name}: KnOTS (knots) and LiNeS (lines_beta) act on task vectors θ_t − θ_0: "
                          "they need base_model as the ancestor")
     if wrappers["knots"]:
@@ -599,7 +599,7 @@ def _task(method, mapping, slice_, in_names, out_name, t, scopes, top):
     shapes = {tuple(src.info().shape) for _, src in inputs + ([base] if base else [])}
     if len(shapes) > 1:
         raise MergeError(f"tensor {out_name}: its sources have different shapes {sorted(shapes)}")
-    return TensorTask(out_name, [src for _, src in inputs], base=base[1] if base else None, params=params,
+    return TensorTask(out_name, [src for _, src in inputs], ancestor=base[1] if base else None, params=params,
                       merge=inputs[0][1].info().dtype.is_floating_point)
 
 

@@ -68,11 +68,11 @@ def write(method_name, models, ancestor, output, params, device="cpu", progress=
                 unified.write(name, theta_0)
                 continue
             dtype = upcast_dtype(theta_0.dtype)
-            group = TensorGroup(name, [c.get(name).to(device, dtype) for c in checkpoints], base=theta_0.to(device, dtype))
+            group = TensorGroup(name, [c.get(name).to(device, dtype) for c in checkpoints], ancestor=theta_0.to(device, dtype))
             merged = method.merge(group, **params)
-            taus = [x - group.base for x in group.tensors]
+            taus = [x - group.ancestor for x in group.tensors]
             task_masks = method.masks(taus, **params)
-            change = merged - group.base
+            change = merged - group.ancestor
             for t, (tau, mask) in enumerate(zip(taus, task_masks)):
                 masks[t].write(name, mask.cpu())
                 own[t] += tau.abs().mean(dtype=torch.float64).item()

@@ -87,7 +87,7 @@ def regmean_plusplus(models, tokenizer, datasets, *, alpha=0.5, progress=True, *
         for name in stage:
             tensors = [p[name].detach() for p in parameters]
             stats = [{"gram": g[name].to(tensors[0].device)} if name in g else {} for g in grams]
-            group = TensorGroup(name, tensors, stats=stats, stored_in_out=name in stored_in_out[0])
+            group = TensorGroup(name, tensors, statistics=stats, stored_in_out=name in stored_in_out[0])
             merged[name] = method.merge(group, alpha=alpha)
         with torch.no_grad():
             for p in parameters:

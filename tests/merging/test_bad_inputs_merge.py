@@ -234,7 +234,7 @@ def test_a_layer_whose_gram_matrices_are_all_zero_is_the_plain_average_with_a_wa
 
     generator = torch.Generator().manual_seed(3)
     weights = [torch.randn(4, 6, generator=generator) for _ in range(3)]
-    group = TensorGroup("enc.w", weights, stats=[{"gram": torch.zeros(6, 6, dtype=torch.float64)} for _ in weights])
+    group = TensorGroup("enc.w", weights, statistics=[{"gram": torch.zeros(6, 6, dtype=torch.float64)} for _ in weights])
     with caplog.at_level(logging.WARNING):
         merged = get_method("regmean")().merge(group, alpha=0.5)
     assert "Gram statistics of tensor enc.w are zero for every model" in caplog.text

@@ -116,7 +116,7 @@ def fake_task(name, shape, merge=True):
         def info(self, _):
             return TensorInfo(shape, torch.float32)
 
-    return TensorTask(name, [Source(Header(), name)] * 4, base=Source(Header(), name), merge=merge)
+    return TensorTask(name, [Source(Header(), name)] * 4, ancestor=Source(Header(), name), merge=merge)
 
 
 def test_parts_are_balanced_by_the_methods_cost_not_by_bytes():

@@ -17,7 +17,7 @@ from test_methods_mergekit import close, mergekit
 def test_della(deterministic_draws, name, rescale, shape):
     base, thetas = models(3, shape=shape)
     parameters = dict(weight=[1.0, 0.5, 0.8], density=[0.5, 0.7, 0.4], epsilon=[0.1, 0.2, 0.05], rescale=rescale)
-    ours = run_method(name, TensorGroup("x", thetas, base=base), merge_lambda=0.9, **parameters)
+    ours = run_method(name, TensorGroup("x", thetas, ancestor=base), merge_lambda=0.9, **parameters)
     close(ours, mergekit(name, [base, *thetas], base_index=0, **{"lambda": 0.9}, **parameters))
 
 
@@ -27,13 +27,13 @@ def test_della_keeps_entries_with_probabilities_rising_with_magnitude():
     delta = torch.arange(1.0, 11.0).repeat(3, 1)
     probabilities = della.keep_probabilities(delta, 0.5, 0.2)
     torch.testing.assert_close(probabilities[0], torch.linspace(0.3, 0.7, 10))
-    group = TensorGroup("x", [delta], base=torch.zeros_like(delta))
+    group = TensorGroup("x", [delta], ancestor=torch.zeros_like(delta))
     kept = torch.stack([run_method("della_linear", group, density=0.5, epsilon=0.2, rescale=False, seed=s) != 0
                         for s in range(400)]).double().mean(dim=(0, 1))
     torch.testing.assert_close(kept, torch.linspace(0.3, 0.7, 10, dtype=torch.float64), atol=0.06, rtol=0)
     again = run_method("della_linear", group, density=0.5, epsilon=0.2, seed=3)
     assert torch.equal(again, run_method("della_linear", group, density=0.5, epsilon=0.2, seed=3))
-    other = TensorGroup("y", [delta], base=torch.zeros_like(delta))
+    other = TensorGroup("y", [delta], ancestor=torch.zeros_like(delta))
     assert not torch.equal(again, run_method("della_linear", other, density=0.5, epsilon=0.2, seed=3))
 
 
@@ -61,7 +61,7 @@ def test_della_ranks_a_conv_kernel_within_each_filter():
 def test_della_rejects_an_epsilon_leaving_the_unit_interval():
     base, thetas = models(2)
     with pytest.raises(ValueError, match="epsilon must leave density ± epsilon inside"):
-        run_method("della", TensorGroup("x", thetas, base=base), density=0.2, epsilon=0.3)
+        run_method("della", TensorGroup("x", thetas, ancestor=base), density=0.2, epsilon=0.3)
 
 
 @pytest.mark.parametrize("shape", [(ROWS, COLUMNS), (ROWS * COLUMNS,)])
@@ -76,9 +76,9 @@ def test_della_in_blocks_draws_what_one_draw_over_the_whole_tensor_gives(shape):
     params = resolved(method, 3, {"density": [0.5, 0.3, 0.7], "epsilon": 0.1, "seed": 4, "weight": [1.0, 0.5, 2.0]})
     whole = method.merge(group, **params)
     assert torch.equal(merged_in_blocks(method, group, params, block_rows=ROWS * 7 if len(shape) == 1 else 7), whole)
-    expected = group.base.clone()
+    expected = group.ancestor.clone()
     for t, (theta, density, weight) in enumerate(zip(group.tensors, [0.5, 0.3, 0.7], [1.0, 0.5, 2.0])):
-        tau = theta - group.base
+        tau = theta - group.ancestor
         uniform = torch.rand(shape, generator=tensor_generator(4, group.name, t))
         kept = tau * (uniform < keep_probabilities(tau, density, 0.1))
         expected += weight * kept * (tau.abs().sum() / kept.abs().sum())

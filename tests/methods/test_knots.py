@@ -81,10 +81,10 @@ def test_lora_ties_with_knots_trims_the_aligned_coordinates(lora, tmp_path):
         u, s, vh = np.linalg.svd(np.concatenate(taus, axis=1), full_matrices=False)
         u, s, vh = u[:, s > 1e-4], s[s > 1e-4], vh[s > 1e-4]
         coordinates = [torch.from_numpy(v).float() for v in np.split(vh, len(taus), axis=1)]
-        merged = run_method("ties", TensorGroup(name, coordinates, base=torch.zeros_like(coordinates[0])), density=0.5)
+        merged = run_method("ties", TensorGroup(name, coordinates, ancestor=torch.zeros_like(coordinates[0])), density=0.5)
         expected = w0.double().numpy() + (u * s) @ merged.double().numpy()
         np.testing.assert_allclose(out[name].double().numpy(), expected, rtol=1e-4, atol=1e-5)
-        plain_ties = run_method("ties", TensorGroup(name, [w0 + c[name] for c in changes], base=w0), density=0.5)
+        plain_ties = run_method("ties", TensorGroup(name, [w0 + c[name] for c in changes], ancestor=w0), density=0.5)
         assert not torch.allclose(out[name], plain_ties, atol=1e-4)  # not TIES on the weights
 
 

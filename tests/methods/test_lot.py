@@ -21,7 +21,7 @@ def features(count, rows, seed, zero_columns=()):
 
 
 def group_of(base, thetas, xs, name="layer.0.dense.weight"):
-    return TensorGroup(name, thetas, base=base, stats=[{"gram": x.T @ x} for x in xs])
+    return TensorGroup(name, thetas, ancestor=base, statistics=[{"gram": x.T @ x} for x in xs])
 
 
 def least_squares_reference(base, thetas, xs):
@@ -79,7 +79,7 @@ def test_lot_with_full_rank_grams_is_regmean_without_shrinkage():
 
 def test_lot_averages_the_task_vectors_of_tensors_without_gram():
     base, thetas = models(3, shape=(OUT,))
-    merged = run_method("lot", TensorGroup("layer.0.dense.bias", thetas, base=base))
+    merged = run_method("lot", TensorGroup("layer.0.dense.bias", thetas, ancestor=base))
     np.testing.assert_allclose(as_np(merged), as_np(base) + np.mean([as_np(t) - as_np(base) for t in thetas], axis=0),
                                rtol=1e-6, atol=1e-7)
 
@@ -88,8 +88,8 @@ def test_lot_merges_weights_stored_in_out_as_their_transpose():
     base, thetas = models(3, shape=(OUT, IN))
     xs = features(3, 2, seed=60)
     expected = least_squares_reference(base, thetas, xs)
-    group = TensorGroup("h.0.attn.c_attn.weight", [t.T.contiguous() for t in thetas], base=base.T.contiguous(),
-                        stats=[{"gram": x.T @ x} for x in xs], stored_in_out=True)
+    group = TensorGroup("h.0.attn.c_attn.weight", [t.T.contiguous() for t in thetas], ancestor=base.T.contiguous(),
+                        statistics=[{"gram": x.T @ x} for x in xs], stored_in_out=True)
     np.testing.assert_allclose(as_np(run_method("lot", group)), expected.T, rtol=1e-5, atol=1e-6)
 
 
@@ -109,7 +109,7 @@ def test_lot_cutoff_drops_small_directions():
 
 def test_lot_refuses_a_gram_of_the_wrong_shape_naming_the_tensor():
     base, thetas = models(2, shape=(OUT, IN))
-    group = TensorGroup("layer.3.weight", thetas, base=base, stats=[{"gram": torch.eye(4, dtype=torch.float64)}] * 2)
+    group = TensorGroup("layer.3.weight", thetas, ancestor=base, statistics=[{"gram": torch.eye(4, dtype=torch.float64)}] * 2)
     with pytest.raises(ValueError, match="layer.3.weight.*expected \\[8, 8\\]"):
         run_method("lot", group)
 
@@ -118,7 +118,7 @@ def test_lot_refuses_a_gram_of_the_wrong_shape_naming_the_tensor():
 def test_lot_on_the_gpu_is_the_reference():
     base, thetas = models(3, shape=(OUT, IN))
     xs = features(3, 2, seed=80)
-    group = TensorGroup("w", [t.cuda() for t in thetas], base=base.cuda(), stats=[{"gram": (x.T @ x).cuda()} for x in xs])
+    group = TensorGroup("w", [t.cuda() for t in thetas], ancestor=base.cuda(), statistics=[{"gram": (x.T @ x).cuda()} for x in xs])
     merged = run_method("lot", group)
     assert merged.device.type == "cuda"
     np.testing.assert_allclose(as_np(merged.cpu()), least_squares_reference(base, thetas, xs), rtol=1e-5, atol=1e-6)

@@ -98,7 +98,7 @@ def test_wrong_number_of_per_model_values_is_an_error():
 def test_task_arithmetic_formula():
     base, thetas = models()
     w, lam = [1.0, 0.5, 2.0], 0.3
-    group = TensorGroup("x", thetas, base=base)
+    group = TensorGroup("x", thetas, ancestor=base)
     summed = sum(wt * (as_np(x) - as_np(base)) for wt, x in zip(w, thetas))
     np.testing.assert_allclose(as_np(run_method("task_arithmetic", group, weight=w, merge_lambda=lam)),
                                as_np(base) + lam * summed, rtol=1e-5, atol=1e-6)
@@ -147,7 +147,7 @@ def test_ties_matches_entrywise_loops(consensus, normalize):
     density, w, lam = [0.5, 0.3, 0.7], [1.0, 0.6, 1.5], 0.8
     deltas = [trim_by_sorting(as_np(x) - as_np(base), d) for x, d in zip(thetas, density)]
     expected = ties_by_loops(as_np(base), deltas, w, lam, normalize, consensus)
-    got = run_method("ties", TensorGroup("x", thetas, base=base), density=density, weight=w, merge_lambda=lam,
+    got = run_method("ties", TensorGroup("x", thetas, ancestor=base), density=density, weight=w, merge_lambda=lam,
                      normalize=normalize, consensus_method=consensus)
     np.testing.assert_allclose(as_np(got), expected, rtol=1e-5, atol=1e-6)
 
@@ -157,7 +157,7 @@ def test_ties_uses_precomputed_trimmed_task_vectors_and_the_global_majority_sign
     # Entry (0, 0) cancels exactly, so the majority sign decides it; the trimmed statistics are used as given.
     trimmed = [torch.tensor([[1.0, 2.0, 0.0], [0.0, -1.0, -3.0]]), torch.tensor([[-1.0, 0.0, -4.0], [0.0, -2.0, 0.0]])]
     thetas = [torch.full((2, 3), 9.0), torch.full((2, 3), -9.0)]  # ignored: the statistic replaces θ_t − θ_0
-    group = TensorGroup("x", thetas, base=base, stats=[{"trimmed": t} for t in trimmed])
+    group = TensorGroup("x", thetas, ancestor=base, statistics=[{"trimmed": t} for t in trimmed])
     for sign in (1, -1):
         expected = ties_by_loops(as_np(base), [as_np(t) for t in trimmed], [1.0, 1.0], 1.0, True, majority=sign)
         got = run_method("ties", group, global_majority_sign=sign)
@@ -170,7 +170,7 @@ def test_ties_uses_precomputed_trimmed_task_vectors_and_the_global_majority_sign
 
 def test_ties_with_trimmed_statistics_of_only_some_models_is_an_error():
     base, thetas = models(2)
-    group = TensorGroup("enc.w", thetas, base=base, stats=[{"trimmed": thetas[0] - base}, {}])
+    group = TensorGroup("enc.w", thetas, ancestor=base, statistics=[{"trimmed": thetas[0] - base}, {}])
     with pytest.raises(ValueError, match="'trimmed' is missing for tensor enc.w in model.*2"):
         run_method("ties", group)
 
@@ -188,7 +188,7 @@ def test_trim_by_magnitude_keeps_the_largest_entries():
 def test_dare_is_the_formula_with_the_seeded_mask():
     base, thetas = models(2, shape=(40, 30))
     density, w, lam, seed = [0.3, 0.6], [1.0, 0.5], 0.7, 11
-    group = TensorGroup("enc.layer.1.w", thetas, base=base)
+    group = TensorGroup("enc.layer.1.w", thetas, ancestor=base)
     expected = as_np(base).copy()
     for t, (x, d) in enumerate(zip(thetas, density)):
         keep = torch.rand(base.shape, generator=tensor_generator(seed, "enc.layer.1.w", t)) < d
@@ -200,29 +200,29 @@ def test_dare_is_the_formula_with_the_seeded_mask():
 def test_dare_keeps_the_density_fraction_and_rescales_the_kept_entries():
     base = torch.zeros(200, 500)
     theta = torch.ones(200, 500)
-    merged = run_method("dare_linear", TensorGroup("w", [theta], base=base), density=0.3)
+    merged = run_method("dare_linear", TensorGroup("w", [theta], ancestor=base), density=0.3)
     kept = merged != 0
     assert abs(kept.float().mean().item() - 0.3) < 0.01  # 100k Bernoulli(0.3) draws: 4.5 sigma is 0.0065
     assert torch.allclose(merged[kept], torch.full_like(merged[kept], 1 / 0.3))
-    unscaled = run_method("dare_linear", TensorGroup("w", [theta], base=base), density=0.3, rescale=False)
+    unscaled = run_method("dare_linear", TensorGroup("w", [theta], ancestor=base), density=0.3, rescale=False)
     assert torch.equal(unscaled != 0, kept) and torch.all(unscaled[kept] == 1)
 
 
 def test_dare_masks_depend_on_seed_and_name_but_not_on_merge_order():
     base, thetas = models(2, shape=(30, 30))
-    groups = {name: TensorGroup(name, thetas, base=base) for name in ("a.weight", "b.weight")}
+    groups = {name: TensorGroup(name, thetas, ancestor=base) for name in ("a.weight", "b.weight")}
     forward = {n: run_method("dare_ties", groups[n], density=0.5, seed=7) for n in ("a.weight", "b.weight")}
     backward = {n: run_method("dare_ties", groups[n], density=0.5, seed=7) for n in ("b.weight", "a.weight")}
     for name in groups:
         assert torch.equal(forward[name], backward[name])
     assert not torch.equal(run_method("dare_ties", groups["a.weight"], density=0.5, seed=8), forward["a.weight"])
-    renamed = TensorGroup("b.weight", thetas, base=base)
+    renamed = TensorGroup("b.weight", thetas, ancestor=base)
     assert not torch.equal(run_method("dare_ties", renamed, density=0.5, seed=7), forward["a.weight"])
 
 
 def test_dare_dropout_probability_is_one_minus_density():
     base, thetas = models(2)
-    group = TensorGroup("x", thetas, base=base)
+    group = TensorGroup("x", thetas, ancestor=base)
     assert torch.equal(run_method("dare_linear", group, dropout_probability=0.2),
                        run_method("dare_linear", group, density=0.8))
     with pytest.raises(ValueError, match="either density or dropout_probability"):
@@ -231,7 +231,7 @@ def test_dare_dropout_probability_is_one_minus_density():
 
 def test_dare_ties_without_dropping_is_ties():
     base, thetas = models(3)
-    group = TensorGroup("x", thetas, base=base)
+    group = TensorGroup("x", thetas, ancestor=base)
     w = [1.0, 0.3, 2.0]
     torch.testing.assert_close(run_method("dare_ties", group, weight=w, normalize=True),
                                run_method("ties", group, weight=w))
@@ -259,13 +259,13 @@ def test_breadcrumbs_drops_outliers_and_small_entries(name):
         expected = as_np(base) + lam * sum(deltas)
     else:
         expected = ties_by_loops(as_np(base), deltas, [1.0] * 3, lam, normalize=False)
-    got = run_method(name, TensorGroup("x", thetas, base=base), density=density, gamma=gamma, merge_lambda=lam)
+    got = run_method(name, TensorGroup("x", thetas, ancestor=base), density=density, gamma=gamma, merge_lambda=lam)
     np.testing.assert_allclose(as_np(got), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_breadcrumbs_rescale_restores_the_l1_norm():
     base, (theta,) = models(1, shape=(10, 10))
-    merged = run_method("breadcrumbs", TensorGroup("x", [theta], base=base), density=0.5, gamma=0.1, rescale=True)
+    merged = run_method("breadcrumbs", TensorGroup("x", [theta], ancestor=base), density=0.5, gamma=0.1, rescale=True)
     assert math.isclose((merged - base).abs().sum().item(), (theta - base).abs().sum().item(), rel_tol=1e-5)
     assert ((merged - base) != 0).sum().item() == 50
 
@@ -278,7 +278,7 @@ def test_fisher_weighted_average_with_zero_sums_divided_by_one():
     for f in fishers:
         f[0, :] = 0  # no Fisher mass on the first row in any model
     w = [1.0, 2.0, 0.5]
-    group = TensorGroup("x", thetas, stats=[{"fisher": f} for f in fishers])
+    group = TensorGroup("x", thetas, statistics=[{"fisher": f} for f in fishers])
     got = as_np(run_method("fisher", group, weight=w))
     for i in range(SHAPE[0]):
         for j in range(SHAPE[1]):
@@ -293,14 +293,14 @@ def test_fisher_weighted_average_with_zero_sums_divided_by_one():
 def test_fisher_with_equal_fishers_is_the_average():
     _, thetas = models(3)
     fisher = randn(*SHAPE, seed=5).abs() + 0.1
-    group = TensorGroup("x", thetas, stats=[{"fisher": fisher}] * 3)
+    group = TensorGroup("x", thetas, statistics=[{"fisher": fisher}] * 3)
     torch.testing.assert_close(run_method("fisher", group), run_method("average", TensorGroup("x", thetas)))
 
 
 def test_fisher_missing_statistic_names_the_tensor():
     _, thetas = models(2)
     with pytest.raises(ValueError, match="'fisher' of model 2 is missing for tensor enc.w"):
-        run_method("fisher", TensorGroup("enc.w", thetas, stats=[{"fisher": thetas[0]}, {}]))
+        run_method("fisher", TensorGroup("enc.w", thetas, statistics=[{"fisher": thetas[0]}, {}]))
 
 
 # --- RegMean ---------------------------------------------------------------------------------------
@@ -319,7 +319,7 @@ def regmean_by_numpy(weights, grams, alpha):
 def test_regmean_solves_the_normal_equations(alpha):
     _, thetas = models(3, shape=(4, 6))
     grams = grams_of(3, 6, seed=30)
-    group = TensorGroup("dense.weight", thetas, stats=[{"gram": g} for g in grams])
+    group = TensorGroup("dense.weight", thetas, statistics=[{"gram": g} for g in grams])
     expected = regmean_by_numpy([as_np(x) for x in thetas], [g.numpy() for g in grams], alpha)
     np.testing.assert_allclose(as_np(run_method("regmean", group, alpha=alpha)), expected, rtol=1e-5, atol=1e-6)
 
@@ -331,7 +331,7 @@ def test_regmean_averages_tensors_without_gram_and_inverts_the_nonzero_block():
     for g in grams:  # input feature 2 is never active
         g[2, :] = 0
         g[:, 2] = 0
-    merged = as_np(run_method("regmean", TensorGroup("w", thetas, stats=[{"gram": g} for g in grams]), alpha=0.5))
+    merged = as_np(run_method("regmean", TensorGroup("w", thetas, statistics=[{"gram": g} for g in grams]), alpha=0.5))
     keep = [0, 1, 3, 4, 5]
     sub = regmean_by_numpy([as_np(x)[:, keep] for x in thetas], [g.numpy()[np.ix_(keep, keep)] for g in grams], 0.5)
     np.testing.assert_allclose(merged[:, keep], sub, rtol=1e-5, atol=1e-6)
@@ -342,9 +342,9 @@ def test_regmean_singular_system_and_bad_gram_shape_are_errors_naming_the_tensor
     _, thetas = models(2, shape=(4, 6))
     rank_two = [(lambda x: x.T @ x)(randn(2, 6, seed=40 + t, dtype=torch.float64)) for t in range(2)]
     with pytest.raises(ValueError, match="layer.3.weight.*singular"):
-        run_method("regmean", TensorGroup("layer.3.weight", thetas, stats=[{"gram": g} for g in rank_two]), alpha=1.0)
+        run_method("regmean", TensorGroup("layer.3.weight", thetas, statistics=[{"gram": g} for g in rank_two]), alpha=1.0)
     with pytest.raises(ValueError, match="layer.3.weight.*expected \\[6, 6\\]"):
-        run_method("regmean", TensorGroup("layer.3.weight", thetas, stats=[{"gram": torch.eye(4)}] * 2))
+        run_method("regmean", TensorGroup("layer.3.weight", thetas, statistics=[{"gram": torch.eye(4)}] * 2))
 
 
 # --- MaTS ------------------------------------------------------------------------------------------
@@ -352,14 +352,14 @@ def test_regmean_singular_system_and_bad_gram_shape_are_errors_naming_the_tensor
 def test_mats_regmean_objective_converges_to_regmean():
     base, thetas = models(3, shape=(4, 6))
     grams = grams_of(3, 6, seed=50)
-    group = TensorGroup("w", thetas, base=base, stats=[{"gram": g} for g in grams])
+    group = TensorGroup("w", thetas, ancestor=base, statistics=[{"gram": g} for g in grams])
     torch.testing.assert_close(run_method("mats", group, objective="regmean", iterations=50, alpha=0.7),
                                run_method("regmean", group, alpha=0.7), rtol=1e-5, atol=1e-6)
 
 
 def test_mats_average_objective_is_the_average_from_any_start():
     base, thetas = models(3)
-    group = TensorGroup("x", thetas, base=base, initial=base + 1.0)
+    group = TensorGroup("x", thetas, ancestor=base, initial=base + 1.0)
     torch.testing.assert_close(run_method("mats", group, objective="average", iterations=3),
                                run_method("average", TensorGroup("x", thetas)))
 
@@ -367,7 +367,7 @@ def test_mats_average_objective_is_the_average_from_any_start():
 def test_mats_fisher_objective_converges_to_fisher_merging():
     _, thetas = models(2, shape=(3, 4))
     fishers = [randn(3, 4, seed=60 + t).abs() + 0.05 for t in range(2)]
-    group = TensorGroup("x", thetas, stats=[{"fisher": f} for f in fishers])
+    group = TensorGroup("x", thetas, statistics=[{"fisher": f} for f in fishers])
     torch.testing.assert_close(run_method("mats", group, objective="fisher", iterations=12),
                                run_method("fisher", group), rtol=1e-5, atol=1e-6)
 
@@ -376,7 +376,7 @@ def test_mats_blockwise_fisher_solves_the_kronecker_system():
     _, thetas = models(2, shape=(3, 4))
     grams = grams_of(2, 4, seed=70)
     out_grams = grams_of(2, 3, seed=80)
-    group = TensorGroup("w", thetas, stats=[{"gram": g, "output_grad_gram": s} for g, s in zip(grams, out_grams)])
+    group = TensorGroup("w", thetas, statistics=[{"gram": g, "output_grad_gram": s} for g, s in zip(grams, out_grams)])
     # vec(S W G) = (Gᵀ ⊗ S) vec(W) with column-major vec.
     A = sum(np.kron(g.numpy().T, s.numpy()) for g, s in zip(grams, out_grams))
     b = sum(np.kron(g.numpy().T, s.numpy()) @ as_np(w).ravel(order="F") for g, s, w in zip(grams, out_grams, thetas))
@@ -389,7 +389,7 @@ def test_mats_one_iteration_is_one_steepest_descent_step_from_the_initial_model(
     _, thetas = models(2, shape=(3, 4))
     grams = grams_of(2, 4, seed=90)
     start = torch.zeros(3, 4)
-    group = TensorGroup("w", thetas, stats=[{"gram": g} for g in grams], initial=start)
+    group = TensorGroup("w", thetas, statistics=[{"gram": g} for g in grams], initial=start)
     total = sum(g.numpy() for g in grams)
     residual = sum(as_np(w) @ g.numpy() for w, g in zip(thetas, grams)) - as_np(start) @ total
     step = (residual * residual).sum() / (residual * (residual @ total)).sum()
@@ -404,9 +404,9 @@ def test_mats_one_iteration_is_one_steepest_descent_step_from_the_initial_model(
 def test_mats_starts_from_the_ancestor_when_no_initial_model_is_given():
     base, thetas = models(2, shape=(3, 4))
     grams = grams_of(2, 4, seed=91)
-    group = TensorGroup("w", thetas, base=base, stats=[{"gram": g} for g in grams])
+    group = TensorGroup("w", thetas, ancestor=base, statistics=[{"gram": g} for g in grams])
     assert torch.equal(run_method("mats", group, iterations=0), base)
-    group.base = None
+    group.ancestor = None
     torch.testing.assert_close(run_method("mats", group, iterations=0), (thetas[0] + thetas[1]) / 2)
 
 
@@ -463,7 +463,7 @@ def test_ubgm_matches_the_released_formula():
     hessians = [randn(*SHAPE, seed=110 + t).abs() for t in range(3)]
     h0 = randn(*SHAPE, seed=119).abs()
     alpha, c0, cs, delta = 0.7, 25000.0, [112000.0, 8530.0, 67349.0], 1e-12
-    group = TensorGroup("x", thetas, base=base, stats=[{"fisher": h} for h in hessians], base_stats={"fisher": h0})
+    group = TensorGroup("x", thetas, ancestor=base, statistics=[{"fisher": h} for h in hessians], ancestor_statistics={"fisher": h0})
     got = run_method("uncertainty_based_gradient_matching", group, scaling_factor=alpha, scaling_factor_pt=c0,
                      scaling_factors_ft=cs, delta_0=delta)
     H, H0, th0 = [as_np(h) for h in hessians], as_np(h0), as_np(base)
@@ -481,7 +481,7 @@ def test_ubgm_in_float32_is_bit_identical_to_the_released_script():
     preconditioner = 1.0 / (sum([alpha * c * h for h, c in zip(hessians, cs)]) + c0 * h0 + delta)
     summed = sum([(preconditioner * (c * h + delta + c0 * h0)) * (x - base) for x, h, c in zip(thetas, hessians, cs)])
     expected = base + alpha * summed
-    group = TensorGroup("x", thetas, base=base, stats=[{"fisher": h} for h in hessians], base_stats={"fisher": h0})
+    group = TensorGroup("x", thetas, ancestor=base, statistics=[{"fisher": h} for h in hessians], ancestor_statistics={"fisher": h0})
     got = run_method("ubgm", group, scaling_factor=alpha, scaling_factor_pt=c0, scaling_factors_ft=cs, delta_0=delta)
     assert torch.equal(got, expected)
 
@@ -489,7 +489,7 @@ def test_ubgm_in_float32_is_bit_identical_to_the_released_script():
 def test_ubgm_with_zero_hessians_is_task_arithmetic_with_lambda_alpha():
     base, thetas = models(3)
     zero = torch.zeros(SHAPE)
-    group = TensorGroup("x", thetas, base=base, stats=[{"fisher": zero}] * 3, base_stats={"fisher": zero})
+    group = TensorGroup("x", thetas, ancestor=base, statistics=[{"fisher": zero}] * 3, ancestor_statistics={"fisher": zero})
     got = run_method("ubgm", group, scaling_factor=0.4, scaling_factors_ft=[5.0, 6.0, 7.0], delta_0=1e-3)
     torch.testing.assert_close(got, run_method("task_arithmetic", group, merge_lambda=0.4))
 
@@ -498,8 +498,8 @@ def test_ubgm_zero_denominator_and_wrong_factor_count_are_errors():
     base, thetas = models(2)
     hessian = torch.ones(SHAPE)
     hessian[1, 2] = 0
-    group = TensorGroup("layer.1.w", thetas, base=base, stats=[{"fisher": hessian}] * 2,
-                        base_stats={"fisher": torch.zeros(SHAPE)})
+    group = TensorGroup("layer.1.w", thetas, ancestor=base, statistics=[{"fisher": hessian}] * 2,
+                        ancestor_statistics={"fisher": torch.zeros(SHAPE)})
     with pytest.raises(ValueError, match="zero denominator.*layer.1.w.*1 entries"):
         run_method("ubgm", group, delta_0=0.0)
     with pytest.raises(ValueError, match="scaling_factors_ft: got 3 values for 2 models"):
@@ -524,8 +524,8 @@ def identical_group(name, theta, count=3):
     s = grams_of(1, theta.shape[0], seed=121)[0]
     stats = {"fisher": theta.abs() + 0.1, "gram": g, "output_grad_gram": s}
     count = {"slerp": 2, "nuslerp": 2, "passthrough": 1, "nearswap": 1, "arcee_fusion": 1}.get(name, count)
-    return TensorGroup("x", [theta.clone() for _ in range(count)], base=theta.clone(),
-                       stats=[dict(stats) for _ in range(count)], base_stats={"fisher": theta.abs()})
+    return TensorGroup("x", [theta.clone() for _ in range(count)], ancestor=theta.clone(),
+                       statistics=[dict(stats) for _ in range(count)], ancestor_statistics={"fisher": theta.abs()})
 
 
 EXTRA = {"ties": {"density": 0.4}, "dare_linear": {"density": 0.5}, "dare_ties": {"density": 0.5},
@@ -547,7 +547,7 @@ def test_methods_return_the_input_dtype(name, dtype):
     base, thetas = models(3)
     group = identical_group(name, base)
     group.tensors = [x.to(dtype) for x in thetas[: len(group.tensors)]]
-    group.base = base.to(dtype)
+    group.ancestor = base.to(dtype)
     merged = run_method(name, group, **EXTRA.get(name, {}))
     assert merged.dtype == dtype and merged.shape == base.shape and torch.isfinite(merged).all()
 
@@ -559,9 +559,9 @@ def test_methods_on_the_gpu_agree_with_the_cpu(name):
     group = identical_group(name, base)
     group.tensors = thetas[: len(group.tensors)]
     on_cpu = run_method(name, group, **EXTRA.get(name, {}))
-    moved = TensorGroup(group.name, [x.cuda() for x in group.tensors], base=group.base.cuda(),
-                        stats=[{k: v.cuda() for k, v in s.items()} for s in group.stats],
-                        base_stats={k: v.cuda() for k, v in group.base_stats.items()})
+    moved = TensorGroup(group.name, [x.cuda() for x in group.tensors], ancestor=group.ancestor.cuda(),
+                        statistics=[{k: v.cuda() for k, v in s.items()} for s in group.statistics],
+                        ancestor_statistics={k: v.cuda() for k, v in group.ancestor_statistics.items()})
     on_gpu = run_method(name, moved, **EXTRA.get(name, {}))
     assert on_gpu.device.type == "cuda"
     torch.testing.assert_close(on_gpu.cpu(), on_cpu, rtol=1e-4, atol=1e-5)

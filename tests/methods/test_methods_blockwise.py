@@ -23,8 +23,8 @@ def group_for(name, shape=(ROWS, COLUMNS), count=3, dtype=torch.float32, trimmed
         stats = [{"trimmed": sparsify.trim_by_magnitude(x - base, 0.3)} for x in thetas]
     if name in ("passthrough", "nearswap"):
         thetas, stats = thetas[:1], stats[:1]
-    return TensorGroup(name, [x.to(dtype) for x in thetas], base=base.to(dtype), stats=stats,
-                       base_stats={"fisher": randn(*shape, seed=19).abs()})
+    return TensorGroup(name, [x.to(dtype) for x in thetas], ancestor=base.to(dtype), statistics=stats,
+                       ancestor_statistics={"fisher": randn(*shape, seed=19).abs()})
 
 
 def resolved(method, count, overrides):
@@ -113,7 +113,7 @@ def test_ties_breaks_a_tie_between_non_zero_values_with_the_majority_of_the_whol
     first[0, 0] = 1.0
     second = -torch.ones(ROWS, COLUMNS)
     second[0, 0] = -1.0
-    group = TensorGroup("w", [first, second], base=base)
+    group = TensorGroup("w", [first, second], ancestor=base)
     method = get_method("ties")()
     params = resolved(method, 2, {"normalize": False})
     whole = method.merge(group, **params)
@@ -157,7 +157,7 @@ def test_sce_in_blocks_takes_the_first_entries_tied_at_the_kth_variance():
     generator = torch.Generator().manual_seed(5)
     base = torch.zeros(ROWS, COLUMNS)
     thetas = [torch.randint(-1, 2, (ROWS, COLUMNS), generator=generator).float() for _ in range(3)]
-    group = TensorGroup("w", thetas, base=base)
+    group = TensorGroup("w", thetas, ancestor=base)
     method = get_method("sce")()
     params = {"select_topk": 0.3, "int8_mask": False}
     whole = method.merge(group, **params)
@@ -186,11 +186,11 @@ def test_wudi_optimises_a_wide_matrix_whole_and_hands_out_its_blocks():
     params = resolved(method, 3, {"iterations": 20, "learning_rate": 1e-3})
     whole = method.merge(group, **params)
     assert torch.equal(merged_in_blocks(method, group, params), whole)
-    taus = [(x - group.base).double() for x in group.tensors]
+    taus = [(x - group.ancestor).double() for x in group.tensors]
     merged = torch.nn.Parameter(sum(taus).clone())
     optimizer = torch.optim.Adam([merged], lr=1e-3)
     for _ in range(20):
         optimizer.zero_grad()
         sum(((merged - t) @ t.T).square().sum() / t.square().sum() for t in taus).backward()
         optimizer.step()
-    torch.testing.assert_close(whole.double(), group.base.double() + merged.detach(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(whole.double(), group.ancestor.double() + merged.detach(), rtol=1e-4, atol=1e-5)

@@ -38,7 +38,7 @@ def reference_tsv_m(taus):
 @pytest.mark.parametrize("count", [3, 4])
 def test_tsv_m_follows_the_paper_and_its_factors_are_orthogonal(count):
     base, thetas = models(count, shape=SHAPE)
-    merged = run_method("tsv_m", TensorGroup("w", thetas, base=base), merge_lambda=0.7)
+    merged = run_method("tsv_m", TensorGroup("w", thetas, ancestor=base), merge_lambda=0.7)
     expected, singular_values = reference_tsv_m(np_task_vectors(base, thetas))
     np.testing.assert_allclose(as_np(merged), as_np(base) + 0.7 * expected, rtol=1e-4, atol=1e-5)
     # orthonormal polar factors: the merged task vector's singular values are exactly the kept ones
@@ -51,21 +51,21 @@ def test_tsv_m_follows_the_paper_and_its_factors_are_orthogonal(count):
 def test_other_tensors_get_the_mean_task_vector(name):
     base, thetas = models(3, shape=(7,))
     expected = as_np(base) + 0.5 * np.mean(np_task_vectors(base, thetas), axis=0)
-    np.testing.assert_allclose(as_np(run_method(name, TensorGroup("b", thetas, base=base), merge_lambda=0.5)), expected,
+    np.testing.assert_allclose(as_np(run_method(name, TensorGroup("b", thetas, ancestor=base), merge_lambda=0.5)), expected,
                                rtol=1e-5, atol=1e-6)
 
 
 def test_exclude_gives_matching_matrices_the_mean():
     base, thetas = models(3, shape=SHAPE)
-    merged = run_method("tsv_m", TensorGroup("embeddings.word", thetas, base=base), exclude="^embed")
+    merged = run_method("tsv_m", TensorGroup("embeddings.word", thetas, ancestor=base), exclude="^embed")
     np.testing.assert_allclose(as_np(merged), as_np(base) + np.mean(np_task_vectors(base, thetas), axis=0), rtol=1e-5)
     with pytest.raises(ValueError, match="exclude: not a regular expression"):
-        run_method("tsv_m", TensorGroup("w", thetas, base=base), exclude="(")
+        run_method("tsv_m", TensorGroup("w", thetas, ancestor=base), exclude="(")
 
 
 def test_iso_c_flattens_the_spectrum_of_the_summed_task_vectors():
     base, thetas = models(3, shape=SHAPE)
-    merged = run_method("iso_c", TensorGroup("w", thetas, base=base))
+    merged = run_method("iso_c", TensorGroup("w", thetas, ancestor=base))
     total = sum(np_task_vectors(base, thetas))
     u, s, vh = np.linalg.svd(total, full_matrices=False)
     np.testing.assert_allclose(as_np(merged), as_np(base) + u @ np.diag(np.full_like(s, s.mean())) @ vh, rtol=1e-4, atol=1e-5)
@@ -93,7 +93,7 @@ def reference_iso_cts(taus, fraction):
 @pytest.mark.parametrize("fraction", [0.8, 0.5, 0.0, 1.0])
 def test_iso_cts_follows_the_paper(fraction):
     base, thetas = models(3, shape=SHAPE)
-    merged = run_method("iso_cts", TensorGroup("w", thetas, base=base), common_space_fraction=fraction)
+    merged = run_method("iso_cts", TensorGroup("w", thetas, ancestor=base), common_space_fraction=fraction)
     expected, k_c = reference_iso_cts(np_task_vectors(base, thetas), fraction)
     assert k_c == {0.8: 9 - 3, 0.5: 9 - 6, 0.0: 0, 1.0: 9}[fraction]
     np.testing.assert_allclose(as_np(merged), as_np(base) + expected, rtol=1e-4, atol=1e-5)
@@ -116,7 +116,7 @@ def test_wudi_is_adam_on_the_papers_loss():
         optimizer.zero_grad()
         loss(merged).backward()
         optimizer.step()
-    group = TensorGroup("w", [x.double() for x in thetas], base=base.double())
+    group = TensorGroup("w", [x.double() for x in thetas], ancestor=base.double())
     ours = run_method("wudi", group, iterations=40, learning_rate=1e-3)
     torch.testing.assert_close(ours - base.double(), merged.detach(), rtol=1e-6, atol=1e-8)
     assert loss(ours - base.double()) < 0.8 * loss(sum(taus))
@@ -126,12 +126,12 @@ def test_magmax_takes_the_largest_magnitude_later_task_on_ties():
     base = torch.zeros(5)
     a = torch.tensor([1.0, -3.0, 2.0, 0.0, -1.0])
     b = torch.tensor([-2.0, 1.0, 2.0, 0.0, 1.0])
-    merged = run_method("magmax", TensorGroup("x", [a, b], base=base), merge_lambda=0.5)
+    merged = run_method("magmax", TensorGroup("x", [a, b], ancestor=base), merge_lambda=0.5)
     torch.testing.assert_close(merged, 0.5 * torch.tensor([-2.0, -3.0, 2.0, 0.0, 1.0]))
     base, thetas = models(4, shape=SHAPE)
     taus = np.stack(np_task_vectors(base, thetas))
     expected = np.take_along_axis(taus, np.abs(taus).argmax(axis=0)[None], axis=0)[0]
-    np.testing.assert_allclose(as_np(run_method("magmax", TensorGroup("x", thetas, base=base))), as_np(base) + expected, rtol=1e-6)
+    np.testing.assert_allclose(as_np(run_method("magmax", TensorGroup("x", thetas, ancestor=base))), as_np(base) + expected, rtol=1e-6)
 
 
 @pytest.mark.parametrize("k", [0, 1, 2, 3])
@@ -142,10 +142,10 @@ def test_consensus_keeps_entries_selected_by_k_tall_masks(k):
     total = sum(taus)
     votes = sum((np.abs(tau) >= lam * np.abs(total - tau)).astype(int) for tau, lam in zip(taus, lambdas))
     expected = as_np(base) + 0.9 * total * (votes >= k)
-    merged = run_method("consensus", TensorGroup("x", thetas, base=base), tall_mask_lambda=lambdas, k=k, merge_lambda=0.9)
+    merged = run_method("consensus", TensorGroup("x", thetas, ancestor=base), tall_mask_lambda=lambdas, k=k, merge_lambda=0.9)
     np.testing.assert_allclose(as_np(merged), expected, rtol=1e-5, atol=1e-6)
     if k == 0:
-        np.testing.assert_allclose(as_np(merged), as_np(run_method("task_arithmetic", TensorGroup("x", thetas, base=base),
+        np.testing.assert_allclose(as_np(merged), as_np(run_method("task_arithmetic", TensorGroup("x", thetas, ancestor=base),
                                                                    merge_lambda=0.9)), rtol=1e-5, atol=1e-6)
 
 
@@ -153,7 +153,7 @@ def test_consensus_keeps_entries_selected_by_k_tall_masks(k):
                                              ("magmax", {}), ("consensus", {"k": 1}), ("emr", {}), ("tall_masks", {})])
 def test_a_single_task_gives_theta_0_plus_lambda_tau(name, parameters):
     base, thetas = models(1, shape=SHAPE)
-    merged = run_method(name, TensorGroup("w", thetas, base=base), merge_lambda=0.6, **parameters)
+    merged = run_method(name, TensorGroup("w", thetas, ancestor=base), merge_lambda=0.6, **parameters)
     torch.testing.assert_close(merged, base + 0.6 * (thetas[0] - base), rtol=1e-5, atol=1e-5)
 
 
@@ -166,7 +166,7 @@ def test_svd_methods_accumulate_over_chunks_of_rows(monkeypatch, name, shape):
     monkeypatch.setattr(task_space, "CHUNK_ROWS", 7)
     base, thetas = models(3, shape=shape)
     taus = np_task_vectors(base, thetas)
-    merged = run_method(name, TensorGroup("w", thetas, base=base))
+    merged = run_method(name, TensorGroup("w", thetas, ancestor=base))
     if name == "tsv_m":
         expected = reference_tsv_m(taus)[0]
     elif name == "iso_c":
@@ -195,20 +195,20 @@ def reference_cart(thetas, rank_ratio, merge_lambda):
 @pytest.mark.parametrize("rank_ratio", [0.12, 0.3, 0.5])
 def test_cart_follows_the_paper(shape, rank_ratio):
     base, thetas = models(4, shape=shape)
-    merged = run_method("cart", TensorGroup("w", thetas, base=base), rank_ratio=rank_ratio, merge_lambda=1.7)
+    merged = run_method("cart", TensorGroup("w", thetas, ancestor=base), rank_ratio=rank_ratio, merge_lambda=1.7)
     np.testing.assert_allclose(as_np(merged), reference_cart(thetas, rank_ratio, 1.7), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("rank_ratio", [0.0, 1.0])
 def test_cart_at_rank_zero_and_full_rank_is_weight_averaging(rank_ratio):
     base, thetas = models(3, shape=SHAPE)
-    merged = run_method("cart", TensorGroup("w", thetas, base=base), rank_ratio=rank_ratio, merge_lambda=2.0)
+    merged = run_method("cart", TensorGroup("w", thetas, ancestor=base), rank_ratio=rank_ratio, merge_lambda=2.0)
     np.testing.assert_allclose(as_np(merged), np.mean([as_np(x) for x in thetas], axis=0), rtol=1e-6, atol=1e-6)
 
 
 def test_cart_keeps_one_direction_at_least():
     base, thetas = models(3, shape=SHAPE)
-    merged = run_method("cart", TensorGroup("w", thetas, base=base), rank_ratio=0.01, merge_lambda=1.0)
+    merged = run_method("cart", TensorGroup("w", thetas, ancestor=base), rank_ratio=0.01, merge_lambda=1.0)
     average = np.mean([as_np(x) for x in thetas], axis=0)
     np.testing.assert_allclose(as_np(merged), reference_cart(thetas, 0.01, 1.0), rtol=1e-5, atol=1e-6)
     assert 1 <= np.linalg.matrix_rank(as_np(merged) - average, tol=1e-5) <= 3
@@ -216,10 +216,10 @@ def test_cart_keeps_one_direction_at_least():
 
 def test_cart_gives_other_and_excluded_tensors_the_average():
     base, thetas = models(3, shape=(7,))
-    np.testing.assert_allclose(as_np(run_method("cart", TensorGroup("b", thetas, base=base))),
+    np.testing.assert_allclose(as_np(run_method("cart", TensorGroup("b", thetas, ancestor=base))),
                                np.mean([as_np(x) for x in thetas], axis=0), rtol=1e-6)
     base, thetas = models(3, shape=SHAPE)
-    merged = run_method("cart", TensorGroup("embeddings.word", thetas, base=base), exclude="^embed")
+    merged = run_method("cart", TensorGroup("embeddings.word", thetas, ancestor=base), exclude="^embed")
     np.testing.assert_allclose(as_np(merged), np.mean([as_np(x) for x in thetas], axis=0), rtol=1e-6)
 
 
@@ -257,7 +257,7 @@ def reference_pcb(base, thetas, ratio, clamp_ratio, merge_lambda):
 @pytest.mark.parametrize("shape,ratio,clamp_ratio", [(SHAPE, 0.1, 0.0001), (SHAPE, 0.3, 0.05), ((7,), 0.5, 0.0), ((40, 9), 0.05, 0.01)])
 def test_pcb_follows_the_authors_definition(shape, ratio, clamp_ratio):
     base, thetas = models(4, shape=shape)
-    merged = run_method("pcb", TensorGroup("w", thetas, base=base), pcb_ratio=ratio, clamp_ratio=clamp_ratio,
+    merged = run_method("pcb", TensorGroup("w", thetas, ancestor=base), pcb_ratio=ratio, clamp_ratio=clamp_ratio,
                         merge_lambda=1.2)
     np.testing.assert_allclose(as_np(merged), reference_pcb(base, thetas, ratio, clamp_ratio, 1.2), rtol=1e-5, atol=1e-6)
 
@@ -265,7 +265,7 @@ def test_pcb_follows_the_authors_definition(shape, ratio, clamp_ratio):
 def test_pcb_keeps_the_top_ratio_of_each_task_and_averages_within_the_range_of_the_kept_values():
     base, thetas = models(3, shape=(20, 10))
     taus = [x - base for x in thetas]
-    merged = run_method("pcb", TensorGroup("w", thetas, base=base), pcb_ratio=0.2, clamp_ratio=0.0) - base
+    merged = run_method("pcb", TensorGroup("w", thetas, ancestor=base), pcb_ratio=0.2, clamp_ratio=0.0) - base
     # each task contributes at most its 0.2·200 − 1 = 39 entries strictly above its threshold
     assert 0 < int((merged != 0).sum()) <= 3 * 39
     # a weighted mean of the tasks' values at every entry: between their smallest and largest
@@ -278,7 +278,7 @@ def test_pcb_keeps_the_top_ratio_of_each_task_and_averages_within_the_range_of_t
 def test_pcb_of_identical_task_vectors_keeps_the_top_ratio_of_their_balance():
     """All tasks equal: the weights cancel in the weighted mean, so the kept entries are τ itself."""
     base, (theta,) = models(1, shape=(10, 10))
-    merged = run_method("pcb", TensorGroup("w", [theta] * 3, base=base), pcb_ratio=0.3, clamp_ratio=0.0) - base
+    merged = run_method("pcb", TensorGroup("w", [theta] * 3, ancestor=base), pcb_ratio=0.3, clamp_ratio=0.0) - base
     tau = theta - base
     kept = merged != 0
     assert int(kept.sum()) == 29  # the entries strictly above the 70th of 100 ordered balancing weights
@@ -295,13 +295,13 @@ def test_tatr_masks_the_most_conflicting_entries(quantile):
     omega = np.abs(taus).sum(axis=0) ** 2 - (taus ** 2).sum(axis=0)  # Σ_i Σ_(j≠i) |τ_i||τ_j|
     threshold = np.sort(omega.ravel())[int(omega.size * quantile)]
     expected = as_np(base) + 0.4 * taus.sum(axis=0) * (omega < threshold)
-    merged = run_method("tatr", TensorGroup("w", thetas, base=base), threshold_quantile=quantile, merge_lambda=0.4)
+    merged = run_method("tatr", TensorGroup("w", thetas, ancestor=base), threshold_quantile=quantile, merge_lambda=0.4)
     np.testing.assert_allclose(as_np(merged), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_tatr_of_one_task_has_no_conflict_to_keep():
     base, thetas = models(1, shape=SHAPE)
-    torch.testing.assert_close(run_method("tatr", TensorGroup("w", thetas, base=base)), base)
+    torch.testing.assert_close(run_method("tatr", TensorGroup("w", thetas, ancestor=base)), base)
 
 
 # --- through code/merge.py -------------------------------------------------------------------------
@@ -332,7 +332,7 @@ def test_merge_program_writes_the_method_tensor_by_tensor(zoo, tmp_path, method,
     out, inputs, ancestor = merged_tensors(tmp_path / "out"), [merged_tensors(m) for m in models_], merged_tensors(base)
     params = dict(zip(parameters[::2], parameters[1::2]))
     for name, tensor in out.items():
-        group = TensorGroup(name, [m[name] for m in inputs], base=ancestor[name])
+        group = TensorGroup(name, [m[name] for m in inputs], ancestor=ancestor[name])
         if not tensor.is_floating_point() or all(torch.equal(m[name], ancestor[name]) for m in inputs):
             continue
         expected = run_method(method, group, **{k[len("--x:"):].replace("prior", "merge_lambda"): float(v)

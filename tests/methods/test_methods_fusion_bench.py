@@ -58,7 +58,7 @@ def case(tmp_path_factory):
 
 
 def ours(name, base, taus, key, **parameters):
-    group = TensorGroup(key, [base[key] + t[key] for t in taus], base=base[key])
+    group = TensorGroup(key, [base[key] + t[key] for t in taus], ancestor=base[key])
     return run_method(name, group, **parameters) - base[key]
 
 
@@ -147,7 +147,7 @@ def trust_region(case, tmp_path_factory):
 @pytest.mark.parametrize("key", list(SHAPES))
 def test_tatr_is_fusion_benchs_data_free_trust_region(case, trust_region, quantile, key):
     base, taus, _ = case
-    merged = run_method("tatr", TensorGroup(key, [base[key] + t[key] for t in taus], base=base[key]),
+    merged = run_method("tatr", TensorGroup(key, [base[key] + t[key] for t in taus], ancestor=base[key]),
                         threshold_quantile=quantile)
     torch.testing.assert_close(merged, trust_region[quantile][key], rtol=0, atol=1e-7)
     kept = (merged - base[key]) != 0

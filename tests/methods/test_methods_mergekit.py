@@ -29,7 +29,7 @@ def test_linear(normalize):
 def test_task_arithmetic(normalize):
     base, thetas = models(3)
     w = [0.3, 1.0, 0.6]
-    ours = run_method("task_arithmetic", TensorGroup("x", thetas, base=base), weight=w, merge_lambda=0.7,
+    ours = run_method("task_arithmetic", TensorGroup("x", thetas, ancestor=base), weight=w, merge_lambda=0.7,
                       normalize=normalize)
     expected = mergekit("task_arithmetic", [base, *thetas], base_index=0, weight=w, normalize=normalize,
                         **{"lambda": 0.7})
@@ -41,7 +41,7 @@ def test_task_arithmetic(normalize):
 def test_ties(density, normalize, rescale):
     base, thetas = models(3, shape=(16, 12))
     w = [1.0, 0.5, 0.8]
-    ours = run_method("ties", TensorGroup("x", thetas, base=base), weight=w, density=density, merge_lambda=0.9,
+    ours = run_method("ties", TensorGroup("x", thetas, ancestor=base), weight=w, density=density, merge_lambda=0.9,
                       normalize=normalize, rescale=rescale)
     expected = mergekit("ties", [base, *thetas], base_index=0, weight=w, density=density, normalize=normalize,
                         rescale=rescale, **{"lambda": 0.9})
@@ -53,7 +53,7 @@ def test_ties(density, normalize, rescale):
 def test_breadcrumbs(name, rescale):
     base, thetas = models(3, shape=(16, 12))
     parameters = dict(weight=[1.0, 0.5, 0.8], density=[0.5, 0.7, 0.9], gamma=[0.05, 0.1, 0.02], rescale=rescale)
-    ours = run_method(name, TensorGroup("x", thetas, base=base), **parameters)
+    ours = run_method(name, TensorGroup("x", thetas, ancestor=base), **parameters)
     torch.testing.assert_close(ours, mergekit(name, [base, *thetas], base_index=0, **parameters))
 
 
@@ -62,7 +62,7 @@ def test_dare_without_dropping(name):
     """With density 1 nothing is random, so the two must agree exactly."""
     base, thetas = models(3)
     w = [1.0, 0.5, 0.8]
-    ours = run_method(name, TensorGroup("x", thetas, base=base), weight=w)
+    ours = run_method(name, TensorGroup("x", thetas, ancestor=base), weight=w)
     torch.testing.assert_close(ours, mergekit(name, [base, *thetas], base_index=0, weight=w))
 
 
@@ -80,7 +80,7 @@ def test_ties_in_bfloat16_computes_in_bfloat16_as_mergekit():
     tied entries and mergekit keeps whichever its unstable sort puts first."""
     base, thetas = models(3, shape=(16, 12))
     base, thetas = base.bfloat16(), [x.bfloat16() for x in thetas]
-    ours = run_method("ties", TensorGroup("x", thetas, base=base), weight=[1.0, 0.5, 0.7])
+    ours = run_method("ties", TensorGroup("x", thetas, ancestor=base), weight=[1.0, 0.5, 0.7])
     expected = mergekit("ties", [base, *thetas], base_index=0, weight=[1.0, 0.5, 0.7])
     assert ours.dtype == expected.dtype == torch.bfloat16
     torch.testing.assert_close(ours, expected, rtol=0, atol=0)
@@ -97,7 +97,7 @@ def close(ours, theirs):
 @pytest.mark.parametrize("shape", [(16, 12), (12,)])
 def test_model_stock(filter_wise, shape):
     base, thetas = models(3, shape=shape)
-    ours = run_method("model_stock", TensorGroup("x", thetas, base=base), filter_wise=filter_wise)
+    ours = run_method("model_stock", TensorGroup("x", thetas, ancestor=base), filter_wise=filter_wise)
     close(ours, mergekit("model_stock", [base, *thetas], base_index=0, filter_wise=filter_wise))
 
 
@@ -107,13 +107,13 @@ def test_model_stock_of_two_follows_the_paper():
     a, b = (x - base for x in thetas)
     cos = (a * b).sum() / (a.norm() * b.norm())
     t = 2 * cos / (1 + cos)
-    close(run_method("model_stock", TensorGroup("x", thetas, base=base)), t * (thetas[0] + thetas[1]) / 2 + (1 - t) * base)
+    close(run_method("model_stock", TensorGroup("x", thetas, ancestor=base)), t * (thetas[0] + thetas[1]) / 2 + (1 - t) * base)
 
 
 @pytest.mark.parametrize("select_topk", [1.0, 0.3, 0.0])
 def test_sce(select_topk):
     base, thetas = models(3, shape=(16, 12))
-    ours = run_method("sce", TensorGroup("x", thetas, base=base), select_topk=select_topk)
+    ours = run_method("sce", TensorGroup("x", thetas, ancestor=base), select_topk=select_topk)
     close(ours, mergekit("sce", [base, *thetas], base_index=0, select_topk=select_topk))
 
 
@@ -122,7 +122,7 @@ def test_sce(select_topk):
 def test_nuslerp(with_base, row_wise, flatten):
     base, thetas = models(2, shape=(16, 12))
     w = [0.3, 0.9]
-    ours = run_method("nuslerp", TensorGroup("x", thetas, base=base if with_base else None), weight=w,
+    ours = run_method("nuslerp", TensorGroup("x", thetas, ancestor=base if with_base else None), weight=w,
                       nuslerp_row_wise=row_wise, nuslerp_flatten=flatten)
     inputs, index = ([base, *thetas], 0) if with_base else (thetas, None)
     close(ours, mergekit("nuslerp", inputs, base_index=index, weight=w, nuslerp_row_wise=row_wise,
@@ -139,7 +139,7 @@ def test_nuslerp_equal_weights_is_the_slerp_midpoint():
 def test_multislerp(with_base, normalize_weights):
     base, thetas = models(3, shape=(16, 12))
     w = [0.2, 0.5, 0.3]
-    ours = run_method("multislerp", TensorGroup("x", thetas, base=base if with_base else None), weight=w,
+    ours = run_method("multislerp", TensorGroup("x", thetas, ancestor=base if with_base else None), weight=w,
                       normalize_weights=normalize_weights)
     inputs, index = ([base, *thetas], 0) if with_base else (thetas, None)
     close(ours, mergekit("multislerp", inputs, base_index=index, weight=w, normalize_weights=normalize_weights))
@@ -170,7 +170,7 @@ def test_karcher_of_two_is_their_slerp_midpoint_scaled_to_the_mean_norm():
 @pytest.mark.parametrize("t", [0.0, 0.05, 1.0])
 def test_nearswap(t):
     base, (theta,) = models(1, shape=(16, 12))
-    ours = run_method("nearswap", TensorGroup("x", [theta], base=base), t=t)
+    ours = run_method("nearswap", TensorGroup("x", [theta], ancestor=base), t=t)
     close(ours, mergekit("nearswap", [base, theta], base_index=0, t=t))
 
 
@@ -178,7 +178,7 @@ def test_arcee_fusion():
     base, (theta,) = models(1, shape=(16, 12))
     theta = theta.clone()
     theta[3] += 2.0  # one row whose distribution moves a lot: its changes pass the threshold
-    ours = run_method("arcee_fusion", TensorGroup("x", [theta], base=base))
+    ours = run_method("arcee_fusion", TensorGroup("x", [theta], ancestor=base))
     close(ours, mergekit("arcee_fusion", [base, theta], base_index=0))
     assert torch.equal(ours[3], theta[3]) and torch.equal(ours[0], base[0])
 
@@ -193,11 +193,11 @@ def sparse_models(count=3, shape=(16, 12)):
 @pytest.mark.parametrize("name,parameters", [("ram", {}), ("ramplus_tl", {}), ("ramplus_tl", {"r": 0.5, "alpha": 1.0})])
 def test_ram(name, parameters):
     base, thetas = sparse_models()
-    ours = run_method(name, TensorGroup("x", thetas, base=base), **parameters)
+    ours = run_method(name, TensorGroup("x", thetas, ancestor=base), **parameters)
     close(ours, mergekit(name, [base, *thetas], base_index=0, **parameters))
 
 
 def test_ram_takes_unique_changes_whole_and_averages_shared_ones():
     base = torch.zeros(4)
     a, b = torch.tensor([1.0, 2.0, 0.0, 0.0]), torch.tensor([3.0, 0.0, 5.0, 0.0])
-    close(run_method("ram", TensorGroup("x", [a, b], base=base)), torch.tensor([2.0, 2.0, 5.0, 0.0]))
+    close(run_method("ram", TensorGroup("x", [a, b], ancestor=base)), torch.tensor([2.0, 2.0, 5.0, 0.0]))

@@ -41,8 +41,8 @@ def family():
 def merge_state_dict(name, base, models, stats, base_stats, floats, **params):
     merged = dict(base)
     for n in floats:
-        group = TensorGroup(n, [m[n] for m in models], base=base[n], stats=[s[n] for s in stats],
-                            base_stats=base_stats[n])
+        group = TensorGroup(n, [m[n] for m in models], ancestor=base[n], statistics=[s[n] for s in stats],
+                            ancestor_statistics=base_stats[n])
         merged[n] = run_method(name, group, **params)
     return merged
 

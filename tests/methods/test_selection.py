@@ -224,7 +224,7 @@ def test_ties_in_blocks_matches_dense_ties_when_the_sample_misleads(monkeypatch)
         densities = [float(rng.choice([0.001, 0.2, 0.5, 0.999])) for _ in thetas]
         params = {"weight": [1.0] * 3, "density": densities, "rescale": False, "merge_lambda": 1.0, "normalize": True,
                   "consensus_method": "sum", "global_majority_sign": None, "int8_mask": False}
-        got = merged_in_blocks(method, TensorGroup("w", thetas, base=base), params, int(rng.integers(1, rows + 1)))
+        got = merged_in_blocks(method, TensorGroup("w", thetas, ancestor=base), params, int(rng.integers(1, rows + 1)))
         torch.testing.assert_close(got.double(), ties_reference(base, thetas, densities), rtol=0, atol=1e-6,
                                    msg=f"case {case}")
 

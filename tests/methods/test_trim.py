@@ -67,9 +67,9 @@ def test_ties_with_the_trimmed_statistic_equals_ties_trimming_itself(pair, tmp_p
     other = {n: 2 * t - ancestor[n] for n, t in tuned.items() if t.is_floating_point()}  # a second fine-tune
     other_trimmed = {n: (t - ancestor[n]) for n, t in other.items()}
     name = "bert.encoder.layer.0.attention.self.query.weight"
-    plain = TensorGroup(name, [tuned[name], other[name]], base=ancestor[name])
-    from_stats = TensorGroup(name, [tuned[name], other[name]], base=ancestor[name],
-                             stats=[{"trimmed": trimmed[name]}, {"trimmed": other_trimmed[name]}])
+    plain = TensorGroup(name, [tuned[name], other[name]], ancestor=ancestor[name])
+    from_stats = TensorGroup(name, [tuned[name], other[name]], ancestor=ancestor[name],
+                             statistics=[{"trimmed": trimmed[name]}, {"trimmed": other_trimmed[name]}])
     torch.testing.assert_close(run_method("ties", from_stats), run_method("ties", plain, density=[0.3, 1.0]))
 
 

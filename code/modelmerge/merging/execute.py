@@ -65,7 +65,7 @@ def output_entries(tasks, dtype=None):
         info = task.models[0].info()
         out_dtype = info.dtype
         if info.dtype.is_floating_point:
-            out_dtype = dtype or (task.base or task.models[0]).info().dtype
+            out_dtype = dtype or (task.ancestor or task.models[0]).info().dtype
         lora = task.lora_output
         if lora is None:
             entries.append((task.name, TensorInfo(info.shape, out_dtype)))
@@ -113,7 +113,7 @@ def _execute_task(method, task, reader, writer, planned, dtype, device):
     reader.next_tensor()
     blocks = _row_blocks(method, task)
     if not task.merge or _inputs_identical(task, blocks, reader):
-        source = task.models[0] if task.merge else task.base or task.models[0]
+        source = task.models[0] if task.merge else task.ancestor or task.models[0]
         for rows in blocks:
             _write(writer, task, planned, reader.read(source, "tensor", rows))
         return False
@@ -127,7 +127,7 @@ def _execute_task(method, task, reader, writer, planned, dtype, device):
             raise MergeError(f"{method.name} returned shape {list(result.shape)} for tensor {task.name} "
                              f"of shape {list(group.tensors[0].shape)}")
         if task.task_vector_scale is not None:
-            result = scaled_task_vector(group.base, result, task.task_vector_scale)
+            result = scaled_task_vector(group.ancestor, result, task.task_vector_scale)
         if not all_finite(result):
             raise MergeError(f"{method.name} produced NaN or infinite values for tensor {task.name}")
         _write(writer, task, planned, result)
@@ -164,7 +164,7 @@ def _inputs_identical(task, blocks, reader):
     first block already differs."""
     for rows in blocks:
         first, *others = [reader.read(source, "tensor", rows, check=False)
-                          for source in task.models + ([task.base] if task.base is not None else [])]
+                          for source in task.models + ([task.ancestor] if task.ancestor is not None else [])]
         if not all(torch.equal(first, other) for other in others):
             return False
     return True
@@ -174,7 +174,7 @@ def _read_group(task, rows, reader, dtype, device):
     """The TensorGroup of rows `rows` (None: all, a slice or an index tensor) of one task's inputs."""
     tensors = [reader.read(source, "tensor", rows) for source in task.models]
     # at least float32, and the widest input's precision whatever the order of the inputs
-    inputs = [t.dtype for t in tensors] + ([task.base.info().dtype] if task.base is not None else [])
+    inputs = [t.dtype for t in tensors] + ([task.ancestor.info().dtype] if task.ancestor is not None else [])
     work_dtype = dtype or functools.reduce(torch.promote_types, inputs, torch.float32)
 
     def working(source, what):
@@ -189,11 +189,11 @@ def _read_group(task, rows, reader, dtype, device):
     return TensorGroup(
         name=task.name,
         tensors=[t.to(device=device, dtype=work_dtype) for t in tensors],
-        base=working(task.base, "ancestor tensor") if task.base is not None else None,
-        stats=[{kind: statistic(kind, source, f"statistic '{kind}'") for kind, source in stats.items()}
-               for stats in task.stats],
-        base_stats={kind: statistic(kind, source, f"ancestor statistic '{kind}'")
-                    for kind, source in task.base_stats.items()},
+        ancestor=working(task.ancestor, "ancestor tensor") if task.ancestor is not None else None,
+        statistics=[{kind: statistic(kind, source, f"statistic '{kind}'") for kind, source in stats.items()}
+               for stats in task.statistics],
+        ancestor_statistics={kind: statistic(kind, source, f"ancestor statistic '{kind}'")
+                    for kind, source in task.ancestor_statistics.items()},
         initial=working(task.initial, "initial tensor") if task.initial is not None else None,
         first_row=rows.start if isinstance(rows, slice) else 0,
         stored_in_out=task.stored_in_out,

@@ -31,15 +31,15 @@ def merge(options: MergeOptions):
     check_wrappers(options, wrappers)
     params = resolve_parameters(method, supplied, len(options.models))
     checkpoints = [open_checkpoint(path) for path in options.models]
-    base = open_checkpoint(options.ancestor) if options.ancestor else None
-    stats = [open_statistics(path) for path in options.aux_data] if options.aux_data else None
-    base_stats = open_statistics(options.ancestor_aux_data) if options.ancestor_aux_data else None
-    start_from = open_checkpoint(options.initial) if options.initial else None
-    check_statistics_pairing(checkpoints, stats, base, base_stats, options.allow_statistics_mismatch)
-    files_from = _files_source(base, checkpoints)
+    ancestor = open_checkpoint(options.ancestor) if options.ancestor else None
+    statistics = [open_statistics(path) for path in options.statistics] if options.statistics else None
+    ancestor_statistics = open_statistics(options.ancestor_statistics) if options.ancestor_statistics else None
+    initial = open_checkpoint(options.initial) if options.initial else None
+    check_statistics_pairing(checkpoints, statistics, ancestor, ancestor_statistics, options.allow_statistics_mismatch)
+    files_from = _files_source(ancestor, checkpoints)
     json_updates, lora_rank = {}, None
     if options.lora:
-        checkpoints, base, lora_rank = lora_inputs(method, checkpoints, base, options.lora_rank)
+        checkpoints, ancestor, lora_rank = lora_inputs(method, checkpoints, ancestor, options.lora_rank)
         layout = "model" if lora_rank is None else "adapter"
         if lora_rank is not None:
             files_from = checkpoints[0].folder
@@ -48,7 +48,7 @@ def merge(options: MergeOptions):
         layout = "adapter" if checkpoints[0].kind == "adapter" else "model"
     if options.output.endswith(".safetensors") and options.shard is None:  # a part: the join's output decides
         layout = "file"
-    tasks = plan_merge(method, params, checkpoints, base, stats, base_stats, start_from, options.include,
+    tasks = plan_merge(method, params, checkpoints, ancestor, statistics, ancestor_statistics, initial, options.include,
                        options.exclude)
     if lora_rank is not None:
         name_lora_outputs(tasks, checkpoints[0], lora_rank)
@@ -75,8 +75,8 @@ def merge(options: MergeOptions):
 def _identity(options: MergeOptions, params):
     """The merge asked for, as a sharded merge's parts record it (JSON-ready; every part must agree on it)."""
     return {"method": options.method, "params": {name: repr(value) for name, value in sorted(params.items())},
-            "models": list(options.models), "aux_data": options.aux_data and list(options.aux_data),
-            "ancestor": options.ancestor, "ancestor_aux_data": options.ancestor_aux_data, "initial": options.initial,
+            "models": list(options.models), "statistics": options.statistics and list(options.statistics),
+            "ancestor": options.ancestor, "ancestor_statistics": options.ancestor_statistics, "initial": options.initial,
             "include": options.include, "exclude": options.exclude, "dtype": str(options.dtype),
             "device": str(options.device), "lora_rank": options.lora_rank,
             "inputs": [os.path.abspath(path) for path in options.inputs]}
@@ -90,16 +90,16 @@ def check_counts(method, options: MergeOptions):
         raise MergeError(problem)
     if method.needs_base and not options.ancestor and not options.lora:  # a lora- merge without one starts from no change
         raise MergeError(f"method {method.name} needs the ancestor θ_0 (the model the others were fine-tuned from)")
-    if options.aux_data is not None and len(options.aux_data) != count:
-        raise MergeError(f"got {len(options.aux_data)} statistics for {count} models (one per model, same order)")
-    if method.stats and not options.aux_data:
+    if options.statistics is not None and len(options.statistics) != count:
+        raise MergeError(f"got {len(options.statistics)} statistics for {count} models (one per model, same order)")
+    if method.stats and not options.statistics:
         raise MergeError(f"method {method.name} needs statistics ({', '.join(method.stats)}) of every model")
-    if method.base_stats and not options.ancestor_aux_data:
+    if method.base_stats and not options.ancestor_statistics:
         raise MergeError(f"method {method.name} needs statistics ({', '.join(method.base_stats)}) of the ancestor")
     # statistics a method does not read would be ignored without a word: a mix-up (another method meant)
-    if options.aux_data and not (method.stats or method.optional_stats):
+    if options.statistics and not (method.stats or method.optional_stats):
         raise MergeError(f"method {method.name} uses no statistics of the models; drop --aux_data")
-    if options.ancestor_aux_data and not method.base_stats:
+    if options.ancestor_statistics and not method.base_stats:
         raise MergeError(f"method {method.name} uses no statistics of the ancestor; drop --ancestor_aux_data")
 
 
@@ -108,7 +108,7 @@ def check_wrappers(options: MergeOptions, wrappers):
     if wrappers["knots"]:
         if options.ancestor is None and not options.lora:
             raise MergeError("KnOTS (knots) merges task updates θ_t − θ_0: it needs an --ancestor or a lora- merge")
-        if options.aux_data or options.ancestor_aux_data or options.initial:
+        if options.statistics or options.ancestor_statistics or options.initial:
             raise MergeError("KnOTS (knots) merges coordinates in a new basis: statistics and --initial describe the weights")
     if wrappers["lines_beta"] is not None and (options.ancestor is None or options.lora):
         raise MergeError("LiNeS (lines_beta) scales task vectors θ − θ_0: it needs an --ancestor and no lora- merge")
@@ -156,7 +156,7 @@ class _L1Norms:
             whole = source.read()
             return (whole if rows is None else whole[rows]).to(torch.float64)
 
-        base = read(task.base)
+        base = read(task.ancestor)
         self.summed += float(sum(read(model) - base for model in task.models).abs().sum())
         self.merged += float((tensor.to(torch.float64) - base).abs().sum())
 

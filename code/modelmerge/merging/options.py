@@ -46,9 +46,9 @@ class MergeOptions:
     method: str
     models: tuple[str, ...]
     output: str
-    aux_data: tuple[str, ...] | None = None  # statistics of each model, same order
+    statistics: tuple[str, ...] | None = None  # statistics of each model, same order
     ancestor: str | None = None  # θ_0
-    ancestor_aux_data: str | None = None  # statistics of θ_0
+    ancestor_statistics: str | None = None  # statistics of θ_0
     initial: str | None = None  # where iterative methods start (MaTS)
     params: Mapping[str, Any] = field(default_factory=dict)  # method parameters by name or alias
     include: str | None = None  # regular expression (re.search): only matching tensors are merged
@@ -68,7 +68,7 @@ class MergeOptions:
             object.__setattr__(self, name, value)
 
         set_("models", tuple(self.models))
-        set_("aux_data", None if self.aux_data is None else tuple(self.aux_data))
+        set_("statistics", None if self.statistics is None else tuple(self.statistics))
         set_("params", MappingProxyType(dict(self.params)))
         set_("device", check_device(self.device))
         if self.dtype is not None and self.dtype not in DTYPES.values():
@@ -95,7 +95,7 @@ class MergeOptions:
     @property
     def inputs(self) -> list[str]:
         """Every path the merge reads."""
-        paths = [*self.models, *(self.aux_data or ()), self.ancestor, self.ancestor_aux_data, self.initial]
+        paths = [*self.models, *(self.statistics or ()), self.ancestor, self.ancestor_statistics, self.initial]
         return [path for path in paths if path]
 
 

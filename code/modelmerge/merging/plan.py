@@ -48,9 +48,9 @@ class TensorTask:
 
     name: str
     models: list[Source]
-    base: Source | None = None
-    stats: list[dict[str, Source]] = field(default_factory=list)
-    base_stats: dict[str, Source] = field(default_factory=dict)
+    ancestor: Source | None = None
+    statistics: list[dict[str, Source]] = field(default_factory=list)
+    ancestor_statistics: dict[str, Source] = field(default_factory=dict)
     initial: Source | None = None
     params: dict[str, Any] = field(default_factory=dict)
     merge: bool = True  # False: copied from the base (else the first model), e.g. excluded by a regex
@@ -61,8 +61,8 @@ class TensorTask:
 
     def sources(self) -> list[Source]:
         """Every input this task reads."""
-        sources = list(self.models) + [self.base, self.initial] + list(self.base_stats.values())
-        sources += [source for stats in self.stats for source in stats.values()]
+        sources = list(self.models) + [self.ancestor, self.initial] + list(self.ancestor_statistics.values())
+        sources += [source for stats in self.statistics for source in stats.values()]
         return [source for source in sources if source is not None]
 
 
@@ -122,16 +122,16 @@ def model_count_problem(method, count):
     return f"method {method.name} merges {expected} models, got {count}"
 
 
-def plan_merge(method, params, models, base=None, stats=None, base_stats=None, initial=None,
+def plan_merge(method, params, models, ancestor=None, statistics=None, ancestor_statistics=None, initial=None,
                include=None, exclude=None):
     """Tasks merging the same-named tensors of `models` (checkpoints or views) with `method`.
 
-    `stats` holds one `Statistics` per model (or None), `base_stats` those of `base`; `include`/`exclude`
+    `statistics` holds one `Statistics` per model (or None), `ancestor_statistics` those of `ancestor`; `include`/`exclude`
     are regular expressions (re.search) choosing which tensors are merged; the others are copied from
-    `base`, else from the first model. A selection that merges no tensor is an error.
+    `ancestor`, else from the first model. A selection that merges no tensor is an error.
     """
-    check_same_tensors(list(models) + ([base] if base is not None else []),
-                       "models" if base is None else "models and the ancestor")
+    check_same_tensors(list(models) + ([ancestor] if ancestor is not None else []),
+                       "models" if ancestor is None else "models and the ancestor")
     if initial is not None:
         check_same_tensors([models[0], initial], "models and the initial model")
     required, optional, primary = statistic_kinds(method)
@@ -142,15 +142,17 @@ def plan_merge(method, params, models, base=None, stats=None, base_stats=None, i
         chosen = (include_re is None or include_re.search(name)) and not (exclude_re and exclude_re.search(name))
         task = TensorTask(name, [Source(m, name) for m in models], params=params,
                           merge=bool(chosen) and info.dtype.is_floating_point)
-        if base is not None:
-            task.base = Source(base, name)
+        if ancestor is not None:
+            task.ancestor = Source(ancestor, name)
         if task.merge:
-            if stats is not None:
-                task.stats = [_model_statistics(s, name, info.shape, required, optional, primary) for s in stats]
-                _check_optional_consistent(task, optional, stats)
+            if statistics is not None:
+                task.statistics = [_model_statistics(s, name, info.shape, required, optional, primary)
+                                   for s in statistics]
+                _check_optional_consistent(task, optional, statistics)
                 task.stored_in_out = _stored_in_out(task)
             if method.base_stats:
-                task.base_stats = _model_statistics(base_stats, name, info.shape, method.base_stats, (), primary)
+                task.ancestor_statistics = _model_statistics(ancestor_statistics, name, info.shape, method.base_stats,
+                                                             (), primary)
             if initial is not None:
                 task.initial = Source(initial, name)
         tasks.append(task)
@@ -158,8 +160,8 @@ def plan_merge(method, params, models, base=None, stats=None, base_stats=None, i
         chosen = " and ".join(f"{what} {pattern!r}" for what, pattern in (("include", include), ("exclude", exclude))
                               if pattern)
         raise MergeError(f"{chosen} select no floating-point tensor of {models[0].path} to merge")
-    if stats is not None and (required or optional):
-        _check_statistics_used(method, tasks, stats, required + optional)
+    if statistics is not None and (required or optional):
+        _check_statistics_used(method, tasks, statistics, required + optional)
     return tasks
 
 
@@ -167,7 +169,7 @@ def _check_statistics_used(method, tasks, stats, kinds):
     """MergeError where the statistics give none of the merged tensors a statistic the method uses (e.g. a
     LoRA adapter's Grams, keyed by its lora_A/lora_B weights, in a lora- merge of the weight changes, or a
     Fisher given to TIES): merging on would silently fall back to the method's statistic-free rule."""
-    if any(any(task.stats) for task in tasks if task.merge):
+    if any(any(task.statistics) for task in tasks if task.merge):
         return
     merged = [task.name for task in tasks if task.merge]
     raise MergeError(
@@ -222,7 +224,7 @@ def _recorded_in_out(checkpoint, name):
 def _stored_in_out(task):
     """Whether the task's tensor is a weight stored [in, out], as every Gram statistic of it must agree."""
     layouts = {source.checkpoint.file_of(source.name): source.checkpoint.stored_in_out(source.name)
-               for stats in task.stats for kind, source in stats.items() if kind in GRAM_KINDS}
+               for stats in task.statistics for kind, source in stats.items() if kind in GRAM_KINDS}
     if len(set(layouts.values())) > 1:
         in_out = [path for path, flag in layouts.items() if flag]
         out_in = [path for path, flag in layouts.items() if not flag]
@@ -233,7 +235,7 @@ def _stored_in_out(task):
 
 def _check_optional_consistent(task, optional, stats):
     for kind in optional:
-        have = [kind in s for s in task.stats]
+        have = [kind in s for s in task.statistics]
         if any(have) and not all(have):
             missing = [stats[i].path for i, h in enumerate(have) if not h]
             raise MergeError(f"statistic '{kind}' of tensor {task.name} is missing from {', '.join(missing)}")

@@ -52,11 +52,11 @@ class TensorGroup:
 
     name: str
     tensors: list[torch.Tensor]  # θ_1..θ_T, working dtype, on the working device
-    base: torch.Tensor | None = None  # θ_0 (the ancestor / mergekit base_model), when given
+    ancestor: torch.Tensor | None = None  # θ_0 (mergekit's base_model), when given
     # Statistics of each model, by kind: 'fisher' (diagonal, shape of the tensor), 'gram' (X^T X of a
     # linear layer's inputs, [in, in]), 'output_grad_gram' ([out, out]), 'trimmed' (trimmed task vector).
-    stats: list[dict[str, torch.Tensor]] = field(default_factory=list)
-    base_stats: dict[str, torch.Tensor] = field(default_factory=dict)  # statistics of θ_0 (UBGM's H_0)
+    statistics: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    ancestor_statistics: dict[str, torch.Tensor] = field(default_factory=dict)  # statistics of θ_0 (UBGM's H_0)
     initial: torch.Tensor | None = None  # a given starting point (MaTS initialised from another merge)
     prepared: Any = None  # what the method's `prepare` computed from the whole tensor, when this is a block
     first_row: int = 0  # where this block's rows begin in the whole tensor (0 for a whole tensor)
@@ -72,9 +72,10 @@ class TensorGroup:
             return None if tensor is None else tensor[selection]
 
         return replace(
-            self, tensors=[pick(t) for t in self.tensors], base=pick(self.base),
-            stats=[{kind: pick(t) for kind, t in stats.items()} for stats in self.stats],
-            base_stats={kind: pick(t) for kind, t in self.base_stats.items()}, initial=pick(self.initial),
+            self, tensors=[pick(t) for t in self.tensors], ancestor=pick(self.ancestor),
+            statistics=[{kind: pick(t) for kind, t in stats.items()} for stats in self.statistics],
+            ancestor_statistics={kind: pick(t) for kind, t in self.ancestor_statistics.items()},
+            initial=pick(self.initial),
             first_row=first_row,
         )
 

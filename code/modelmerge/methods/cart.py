@@ -61,7 +61,7 @@ class Cart(MergeMethod):
         return matrix_rule_cost(name, shape, models, params["exclude"], models if params["rank_ratio"] else 0)
 
     def merge(self, group: TensorGroup, *, merge_lambda, rank_ratio, exclude) -> torch.Tensor:
-        out_dtype = (group.tensors[0] if group.base is None else group.base).dtype
+        out_dtype = (group.tensors[0] if group.ancestor is None else group.ancestor).dtype
         dtype = upcast_dtype(out_dtype)
         average = sum(x.to(dtype) for x in group.tensors) / len(group.tensors)
         k = kept_rank(min(average.shape), rank_ratio) if average.dim() == 2 else 0

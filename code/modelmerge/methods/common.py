@@ -29,16 +29,16 @@ def per_model(values, group: TensorGroup, name: str) -> list[float]:
 
 def stat(group: TensorGroup, index: int, kind: str) -> torch.Tensor:
     """Statistic `kind` of model `index`, or a ValueError naming the tensor when it is missing."""
-    stats = group.stats[index] if index < len(group.stats) else {}
+    stats = group.statistics[index] if index < len(group.statistics) else {}
     if kind not in stats:
         raise ValueError(f"statistic '{kind}' of model {index + 1} is missing for tensor {group.name}")
     return stats[kind]
 
 
 def base_tensor(group: TensorGroup) -> torch.Tensor:
-    if group.base is None:
+    if group.ancestor is None:
         raise ValueError(f"this method needs the ancestor θ_0 (tensor {group.name})")
-    return group.base
+    return group.ancestor
 
 
 def weighted_mean(tensors, weights, dtype, group: TensorGroup) -> torch.Tensor:
@@ -54,13 +54,13 @@ def weighted_mean(tensors, weights, dtype, group: TensorGroup) -> torch.Tensor:
 
 def optional_stats(group: TensorGroup, kind: str) -> list[torch.Tensor] | None:
     """Statistic `kind` of every model, or None when no model has it; some but not all is an error."""
-    present = [index < len(group.stats) and kind in group.stats[index] for index in range(len(group.tensors))]
+    present = [index < len(group.statistics) and kind in group.statistics[index] for index in range(len(group.tensors))]
     if not any(present):
         return None
     if not all(present):
         missing = [str(i + 1) for i, p in enumerate(present) if not p]
         raise ValueError(f"statistic '{kind}' is missing for tensor {group.name} in model(s) {', '.join(missing)}")
-    return [group.stats[index][kind] for index in range(len(group.tensors))]
+    return [group.statistics[index][kind] for index in range(len(group.tensors))]
 
 
 def order_statistic(values: torch.Tensor, index: int) -> torch.Tensor:

@@ -86,9 +86,9 @@ def magnitude_prune_plan(blocks: TensorBlocks, densities, epsilons, seed: int, r
     rows = blocks.shape[0] if len(blocks.shape) >= 2 else 1
     start, row = 0, 0  # where this block begins: entry, row
     for group in (blocks if len(blocks.shape) >= 2 else [blocks.sample(blocks.numel)]):
-        block_rows = len(group.base) if group.base.dim() >= 2 else 1
+        block_rows = len(group.ancestor) if group.ancestor.dim() >= 2 else 1
         for t in pruned:
-            magnitudes = task_vector(group, t).to(upcast_dtype(group.base.dtype)).abs_()  # a new tensor
+            magnitudes = task_vector(group, t).to(upcast_dtype(group.ancestor.dtype)).abs_()  # a new tensor
             if t not in masks:
                 masks[t] = torch.empty(blocks.numel, dtype=torch.bool, device=magnitudes.device)
                 sums[t] = torch.empty(2, rows, dtype=torch.float64, device=magnitudes.device) if rescale else None
@@ -102,7 +102,7 @@ def magnitude_prune_plan(blocks: TensorBlocks, densities, epsilons, seed: int, r
                 wide = magnitudes.to(torch.float64)  # ×1 and ×0 are exact: the kept sum from the same copy
                 block_sums[0] = row_sums(wide)
                 block_sums[1] = row_sums(wide.mul_(as_numbers(mask, torch.float64)))
-        start, row = start + group.base.numel(), row + block_rows
+        start, row = start + group.ancestor.numel(), row + block_rows
     factors = {t: l1_factor(sums[t].sum(1)) if rescale else None for t in pruned}
     return DellaPlan([masks.get(t) for t in range(len(densities))],
                      [factors.get(t) for t in range(len(densities))])

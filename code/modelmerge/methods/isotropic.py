@@ -57,7 +57,7 @@ def common_and_task_specific(taus, fraction: float) -> torch.Tensor:
     m, n = taus.shape
     width = min(m, n)
     k_c, k_t = space_sizes(width, len(taus), fraction)
-    stacked_u = torch.zeros(m, width, dtype=taus.dtype, device=taus.base.device)
+    stacked_u = torch.zeros(m, width, dtype=taus.dtype, device=taus.ancestor.device)
     stacked_s, stacked_vh = stacked_u.new_zeros(width), stacked_u.new_zeros(width, n)
     common = slice(len(taus) * k_t, len(taus) * k_t + k_c)
     u, s, vh = top_singular(taus.lazy_total(), k_c, out=stacked_u[:, common])

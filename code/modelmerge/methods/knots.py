@@ -37,9 +37,9 @@ def shared_basis(taus: list[torch.Tensor]):
 
 def merge_in_shared_basis(group: TensorGroup, merge) -> torch.Tensor:
     """θ_0 + U S · merge(the coordinates V_t, as a TensorGroup of task vectors from 0) for a 2-D `group`."""
-    base = group.base
+    base = group.ancestor
     u, s, coordinates = shared_basis([x - base for x in group.tensors])
     if not len(s):  # no update above the support: nothing to merge
         return base.clone()
-    merged = merge(TensorGroup(group.name, coordinates, base=torch.zeros_like(coordinates[0])))
+    merged = merge(TensorGroup(group.name, coordinates, ancestor=torch.zeros_like(coordinates[0])))
     return base + (u * s) @ merged

@@ -55,7 +55,7 @@ class Mats(MergeMethod):
         if system is None:
             return average(group).to(group.tensors[0].dtype)
         matvec, rhs = system
-        start = group.initial if group.initial is not None else group.base
+        start = group.initial if group.initial is not None else group.ancestor
         start = average(group) if start is None else start.to(WORK_DTYPE)
         merged = conjugate_gradient(matvec, rhs, start, iterations, tolerance, group.name)
         return merged.to(group.tensors[0].dtype)

@@ -28,7 +28,7 @@ def interpolation_factor(gram: torch.Tensor) -> torch.Tensor:
 
 def offsets(group: TensorGroup) -> torch.Tensor:
     """The task vectors [T, ...] in float64 (the cosines are accumulated exactly enough for any blocking)."""
-    base = group.base.to(torch.float64)
+    base = group.ancestor.to(torch.float64)
     return torch.stack([x.to(torch.float64) - base for x in group.tensors])
 
 

@@ -26,7 +26,7 @@ class MultiSlerp(MergeMethod):
         if len(group.tensors) == 1:
             return group.tensors[0]
         dtype = upcast_dtype(out_dtype)
-        base = None if group.base is None else group.base.to(dtype)
+        base = None if group.ancestor is None else group.ancestor.to(dtype)
         vectors = torch.stack([x.to(dtype) - base if base is not None else x.to(dtype) for x in group.tensors])
         flat = vectors.reshape(vectors.shape[0], -1)
         weights = torch.tensor(per_model(weight, group, "weight"), dtype=dtype, device=flat.device)

@@ -51,8 +51,8 @@ class NuSlerp(MergeMethod):
         out_dtype = group.tensors[0].dtype
         dtype = upcast_dtype(out_dtype)
         first, second = (x.to(dtype) for x in group.tensors)
-        if group.base is None:
+        if group.ancestor is None:
             return spherical_interpolation(t, first, second, nuslerp_row_wise, nuslerp_flatten).to(out_dtype)
-        base = group.base.to(dtype)
+        base = group.ancestor.to(dtype)
         moved = spherical_interpolation(t, first - base, second - base, nuslerp_row_wise, nuslerp_flatten)
         return (base + moved).to(out_dtype)

@@ -15,14 +15,14 @@ EPSILON = Parameter(1e-5, range="[0, inf)", help="a task-vector entry counts as 
 
 def changes(group: TensorGroup, epsilon: float):
     """(task vectors [T, n] with unchanged entries zeroed, changed masks [T, n], count of models changing each entry)."""
-    dtype = upcast_dtype(group.base.dtype)
+    dtype = upcast_dtype(group.ancestor.dtype)
     deltas = torch.stack([task_vector(group, t).to(dtype).reshape(-1) for t in range(len(group.tensors))])
     changed = deltas.abs() > epsilon
     return deltas * changed, changed, changed.sum(dim=0, keepdim=True)
 
 
 def rebuild(group: TensorGroup, merged_flat: torch.Tensor) -> torch.Tensor:
-    return (group.base.to(merged_flat.dtype) + merged_flat.reshape(group.base.shape)).to(group.base.dtype)
+    return (group.ancestor.to(merged_flat.dtype) + merged_flat.reshape(group.ancestor.shape)).to(group.ancestor.dtype)
 
 
 class Ram(MergeMethod):

@@ -32,9 +32,9 @@ def weights_out_in(group: TensorGroup) -> TensorGroup:
         return None if tensor is None else tensor.T
 
     return replace(
-        group, tensors=[t.T for t in group.tensors], base=flip(group.base), initial=flip(group.initial),
-        stats=[{kind: t if kind in GRAM_KINDS else t.T for kind, t in stats.items()} for stats in group.stats],
-        base_stats={kind: t if kind in GRAM_KINDS else t.T for kind, t in group.base_stats.items()},
+        group, tensors=[t.T for t in group.tensors], ancestor=flip(group.ancestor), initial=flip(group.initial),
+        statistics=[{kind: t if kind in GRAM_KINDS else t.T for kind, t in stats.items()} for stats in group.statistics],
+        ancestor_statistics={kind: t if kind in GRAM_KINDS else t.T for kind, t in group.ancestor_statistics.items()},
         stored_in_out=False,
     )
 

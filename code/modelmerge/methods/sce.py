@@ -26,7 +26,7 @@ def variance(group: TensorGroup) -> torch.Tensor:
     """Per entry, the variance (biased) of the task vectors τ_t over the models, in the working dtype: the
     mean of the squared deviations from their mean (as torch.var to rounding, and 20 times faster than
     its reduction over the models' dimension)."""
-    dtype = upcast_dtype(group.base.dtype)
+    dtype = upcast_dtype(group.ancestor.dtype)
     taus = [task_vector(group, t).to(dtype) for t in range(len(group.tensors))]  # new tensors
     mean = sum_of(taus).div_(len(taus))
     spread = taus[0].sub_(mean).square_()
@@ -64,7 +64,7 @@ def top_variance_mask(blocks: TensorBlocks, fraction: float) -> torch.Tensor | N
 
 def selected_task_vectors(group: TensorGroup, mask: torch.Tensor | None):
     """τ'_t = τ_t ⊙ mask, one at a time, in the working dtype."""
-    dtype = upcast_dtype(group.base.dtype)
+    dtype = upcast_dtype(group.ancestor.dtype)
     for t in range(len(group.tensors)):
         delta = task_vector(group, t).to(dtype)
         yield delta if mask is None else delta.mul_(mask)
@@ -74,14 +74,14 @@ def block_mask(group: TensorGroup, plan_mask: torch.Tensor | None) -> torch.Tens
     """The part of the flat mask that covers this block of rows, shaped as the block, in its dtype."""
     if plan_mask is None:
         return None
-    return as_numbers(group.part_of(plan_mask), upcast_dtype(group.base.dtype))
+    return as_numbers(group.part_of(plan_mask), upcast_dtype(group.ancestor.dtype))
 
 
 def row_energies(group: TensorGroup, mask: torch.Tensor | None) -> torch.Tensor:
     """[T, rows]: Σ over each row of τ'_t² in float64. Summed row by row, then over the rows of the whole
     tensor, the energies are the same however the tensor is cut into blocks of rows."""
-    wide = torch.empty(group.base.shape, dtype=torch.float64, device=group.base.device)  # one buffer for all
-    rows = group.base.shape[0] if group.base.dim() else 1
+    wide = torch.empty(group.ancestor.shape, dtype=torch.float64, device=group.ancestor.device)  # one buffer for all
+    rows = group.ancestor.shape[0] if group.ancestor.dim() else 1
     return torch.stack([wide.copy_(delta).square_().reshape(rows, -1).sum(1) for delta in selected_task_vectors(group, mask)])
 
 
@@ -114,7 +114,7 @@ class Sce(MergeMethod):
         energies = []
         for group in blocks:
             energies.append(row_energies(group, block_mask(group, mask)))
-            dtype = upcast_dtype(group.base.dtype)
+            dtype = upcast_dtype(group.ancestor.dtype)
         mean_square = torch.cat(energies, dim=1).sum(1) / max(blocks.numel, 1)
         return ScePlan(mask, normalised(mean_square.to(dtype)))
 

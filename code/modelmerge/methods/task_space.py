@@ -20,27 +20,27 @@ class TaskVectors:
     at a time holds one task vector, not T), or chunk by chunk of rows (`lazy`)."""
 
     def __init__(self, group: TensorGroup):
-        self.base = base_tensor(group)
+        self.ancestor = base_tensor(group)
         self.tensors = group.tensors
-        self.dtype = upcast_dtype(self.base.dtype)
-        self.shape = tuple(self.base.shape)
+        self.dtype = upcast_dtype(self.ancestor.dtype)
+        self.shape = tuple(self.ancestor.shape)
 
     def __len__(self):
         return len(self.tensors)
 
     def __getitem__(self, t) -> torch.Tensor:
-        return self.tensors[t].to(self.dtype) - self.base.to(self.dtype)
+        return self.tensors[t].to(self.dtype) - self.ancestor.to(self.dtype)
 
     def __iter__(self):
         return (self[t] for t in range(len(self)))
 
     def lazy(self, t) -> "Difference":
         """τ_t, read chunk by chunk of rows."""
-        return Difference([self.tensors[t]], self.base, self.dtype)
+        return Difference([self.tensors[t]], self.ancestor, self.dtype)
 
     def lazy_total(self) -> "Difference":
         """Σ_t τ_t, read chunk by chunk of rows."""
-        return Difference(self.tensors, self.base, self.dtype)
+        return Difference(self.tensors, self.ancestor, self.dtype)
 
 
 class Difference:
@@ -99,7 +99,7 @@ def total(tensors) -> torch.Tensor:
     """Σ_t of a sequence of tensors, accumulated in one new tensor; `TaskVectors` are summed chunk by chunk
     of rows (in the same order), so no task vector is formed whole."""
     if isinstance(tensors, TaskVectors) and tensors.shape:
-        out = torch.empty(tensors.shape, dtype=tensors.dtype, device=tensors.base.device)
+        out = torch.empty(tensors.shape, dtype=tensors.dtype, device=tensors.ancestor.device)
         for rows in chunks(tensors.shape[0]):
             out[rows] = tensors.lazy_total()[rows]
         return out
@@ -200,5 +200,5 @@ def leading_left(product: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
 
 def result(group: TensorGroup, tau: torch.Tensor, merge_lambda: float) -> torch.Tensor:
     """θ_0 + λ·τ in the ancestor's dtype, computed in τ (which every caller has made for this)."""
-    base = group.base
+    base = group.ancestor
     return tau.mul_(merge_lambda).add_(base.to(tau.dtype)).to(base.dtype)

@@ -38,7 +38,7 @@ CONSENSUS_PARAMETERS = {
 
 
 def task_vector(group: TensorGroup, index: int) -> torch.Tensor:
-    return group.tensors[index] - group.base
+    return group.tensors[index] - group.ancestor
 
 
 def restore_l1_norm(kept: torch.Tensor, original: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
@@ -58,9 +58,9 @@ def l1_rescale_factor(kept: torch.Tensor, original: torch.Tensor, eps: float = 1
 
 def weighted_deltas(group: TensorGroup, deltas, weight) -> list[torch.Tensor]:
     """d_t = w_t · τ'_t in the group's dtype, w_t rounded to that dtype first, as mergekit's weight tensor is."""
-    dtype = group.base.dtype
+    dtype = group.ancestor.dtype
     weights = per_model(weight, group, "weight")
-    w = torch.tensor(weights, dtype=dtype, device=group.base.device)
+    w = torch.tensor(weights, dtype=dtype, device=group.ancestor.device)
     return [d.to(dtype) if weights[t] == 1 else d.to(dtype) * w[t] for t, d in enumerate(deltas)]
 
 
@@ -73,7 +73,7 @@ def combine(group: TensorGroup, deltas, weight, *, merge_lambda, normalize, cons
     `global_majority_sign` may be a function returning it: it is called only where the election ties
     between non-zero values (elsewhere the tie-break changes nothing), as computing it may be costly.
     """
-    base = group.base
+    base = group.ancestor
     dtype, accumulate = base.dtype, upcast_dtype(base.dtype)
     weights = per_model(weight, group, "weight")
     weighted = weighted_deltas(group, deltas, weights)

@@ -107,9 +107,9 @@ def _thresholds(blocks: TensorBlocks, sample: TensorGroup, densities) -> list[fl
     while any(s.answer is None for s in selections.values()):
         pending = {t: s for t, s in selections.items() if s.answer is None}
         for group in blocks:
-            scratch = torch.empty_like(group.base)
+            scratch = torch.empty_like(group.ancestor)
             for t, selection in pending.items():
-                selection.feed(_magnitude(torch.sub(group.tensors[t], group.base, out=scratch), in_place=True))
+                selection.feed(_magnitude(torch.sub(group.tensors[t], group.ancestor, out=scratch), in_place=True))
         for selection in pending.values():
             selection.finish_pass()
     for t, selection in selections.items():
@@ -125,17 +125,17 @@ def _cutoff(threshold: float | None, dtype: torch.dtype) -> float | None:
 def _trimmed(group: TensorGroup, plan: TiesPlan) -> list[torch.Tensor]:
     """The trimmed (and rescaled) task vectors τ'_t of `group`, in the group's dtype."""
     given = optional_stats(group, "trimmed")
-    scratch = torch.empty_like(group.base)
+    scratch = torch.empty_like(group.ancestor)
     return [_trimmed_one(group, t, plan, given, scratch) for t in range(len(group.tensors))]
 
 
 def _trimmed_one(group: TensorGroup, t: int, plan: TiesPlan, given, scratch=None) -> torch.Tensor:
     if given is not None:
-        kept = given[t].to(group.base.dtype)
+        kept = given[t].to(group.ancestor.dtype)
     elif plan.cutoffs[t] == math.inf:
-        kept = torch.zeros_like(group.base)
+        kept = torch.zeros_like(group.ancestor)
     elif plan.cutoffs[t] is not None:  # as trim_by_magnitude's mask, in one operation (dropped entries are +0)
-        kept = torch.nn.functional.hardshrink(torch.sub(group.tensors[t], group.base, out=scratch), plan.cutoffs[t])
+        kept = torch.nn.functional.hardshrink(torch.sub(group.tensors[t], group.ancestor, out=scratch), plan.cutoffs[t])
     else:
         kept = task_vector(group, t)
     return kept if plan.factors[t] is None else kept * plan.factors[t]
@@ -164,6 +164,6 @@ class _TensorMajority:
             balance = 0.0
             for group in self.blocks:
                 deltas = weighted_deltas(group, _trimmed(group, self.plan), self.weight)
-                balance += sign_balance(election(deltas, self.consensus_method, upcast_dtype(group.base.dtype)))
+                balance += sign_balance(election(deltas, self.consensus_method, upcast_dtype(group.ancestor.dtype)))
             self.value = 1.0 if balance >= 0 else -1.0
         return self.value

@@ -20,7 +20,7 @@ def task_singular_vectors(taus) -> torch.Tensor:
     m, n = taus.shape
     width = min(m, n)
     k = width // len(taus)
-    stacked_u = torch.zeros(m, width, dtype=taus.dtype, device=taus.base.device)
+    stacked_u = torch.zeros(m, width, dtype=taus.dtype, device=taus.ancestor.device)
     stacked_s = stacked_u.new_zeros(width)
     stacked_vh = stacked_u.new_zeros(width, n)
     for t in range(len(taus)):

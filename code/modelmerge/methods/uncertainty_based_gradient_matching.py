@@ -37,12 +37,12 @@ class UncertaintyBasedGradientMatching(MergeMethod):
         scales = per_model(scaling_factors_ft, group, "scaling_factors_ft")
         base = base_tensor(group)
         dtype = upcast_dtype(base.dtype)
-        if "fisher" not in group.base_stats:
+        if "fisher" not in group.ancestor_statistics:
             raise ValueError(f"the ancestor's Hessian (statistic 'fisher') is missing for tensor {group.name}")
         # The released script's operations in its order, so float32 results agree bit for bit, but in place.
         # Its Python sums start from 0, so these do too (0 + x turns -0.0 into +0.0).
         hessians = [stat(group, t, "fisher").to(dtype) for t in range(len(group.tensors))]
-        prior = scaling_factor_pt * group.base_stats["fisher"].to(dtype)  # c_0 H_0
+        prior = scaling_factor_pt * group.ancestor_statistics["fisher"].to(dtype)  # c_0 H_0
         term = torch.empty_like(prior)
 
         denominator = torch.zeros_like(prior)  # Σ_t (α c_t) H_t + c_0 H_0 + δ_0

@@ -102,7 +102,7 @@ class Wudi(MergeMethod):
         if plan is None:
             plan = self.prepare(TensorBlocks.of(group), exclude=exclude, iterations=iterations, learning_rate=learning_rate)
         if plan.merged is not None:
-            tau = plan.merged[group.first_row: group.first_row + group.base.shape[0]].clone()
+            tau = plan.merged[group.first_row: group.first_row + group.ancestor.shape[0]].clone()
         else:
             tau = least_interference(list(taus), plan, iterations, learning_rate)
         return result(group, tau, merge_lambda)
