@@ -33,7 +33,12 @@ ALGORITHMS = {
     "model_stock": ("fusion_bench.method.ModelStock", {}),
     "emr": ("fusion_bench.method.emr_merging.emr_merging.EMRMerging", {}),
     "tall_masks": ("fusion_bench.method.TallMaskTaskArithmeticAlgorithm", {"tall_mask_lambda": 0.6}),
+    # its data-free form (zero_shot: |τ_i| for the gradients); its quantile is over the whole model, ours per tensor
+    "tatr": ("fusion_bench.method.trust_region.clip_task_arithmetic.TaskArithmeticWithTrustRegionForCLIP",
+             {"scaling_factor": 0.3, "threshold_quantile": 0.99, "max_samples": 1, "batch_size": 1, "zero_shot": True}),
 }
+# FusionBench 0.2.33 has no algorithm for consensus merging (only tall_mask.utils.construct_consensus_mask, which
+# reads TALL masks saved by the authors' own repository, and no algorithm calls it) nor for PCB.
 
 
 def parse_args():

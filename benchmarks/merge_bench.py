@@ -279,8 +279,8 @@ NEW_METHODS = {
     "consensus": ([], None, 4),
     "emr": ([], None, 4),  # modulated merges: code/modulated_merge.py (unified model, masks, rescalers)
     "tall_masks": ([], None, 4),
-    # issue 19 (FusionBench has none of these as a plain merge: its TATR is CLIP's, with data; its KnOTS only an
-    # alignment function for LoRA adapters, which these full checkpoints are not)
+    # issue 19 (FusionBench has no CART or PCB, and its KnOTS is only an alignment function for LoRA adapters, which
+    # these full checkpoints are not; its TATR is CLIP's, run here in its data-free form)
     "cart": ([], None, 4),
     "pcb": ([], None, 4),
     "tatr": ([], None, 4),
@@ -289,11 +289,12 @@ NEW_METHODS = {
 MODULATED = ("emr", "tall_masks")
 # FusionBench's algorithm (fusion_bench_merge.py) where it computes the same merge; the max abs difference of the
 # results is checked where the definitions match (TIES: FusionBench trims each task vector over the whole
-# model at once, we per tensor as the paper and mergekit; DARE draws its own random masks)
+# model at once, we per tensor as the paper and mergekit; TATR: FusionBench takes the conflict's quantile over the
+# whole model, we per tensor; DARE draws its own random masks). FusionBench 0.2.33 has no consensus merging or PCB.
 FUSION_BENCH_METHODS = {"task_arithmetic": "task_arithmetic", "ties": "ties", "dare_linear": "dare", "tsv_m": "tsv_m",
                         "iso_c": "iso_c", "iso_cts": "iso_cts", "wudi": "wudi", "magmax": "magmax",
-                        "model_stock": "model_stock", "emr": "emr", "tall_masks": "tall_masks"}
-DEFINITIONS_DIFFER = {"ties": "FB trims globally", "dare_linear": "random masks"}
+                        "model_stock": "model_stock", "emr": "emr", "tall_masks": "tall_masks", "tatr": "tatr"}
+DEFINITIONS_DIFFER = {"ties": "FB trims globally", "dare_linear": "random masks", "tatr": "FB quantile global"}
 NO_BASE = ("karcher",)  # mergekit merges a base model as one more input there
 
 

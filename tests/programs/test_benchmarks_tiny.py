@@ -4,19 +4,25 @@ user would otherwise pick: BackPACK, Opacus and torch.func compute the same empi
 position embedding broadcast over the batch: its gradient reaches the layer summed over the examples) are named."""
 import importlib.util
 import os
+import subprocess
 import sys
 
 import datasets
 import pytest
 import torch
 
+from safetensors.torch import load_file
+
+from modelmerge.methods import TensorGroup, get_method
 from modelmerge.statistics import compute_fisher
 from sis_util import REPO
-from tiny import COLOURS, colour_images, make_tiny_bert, make_tiny_gpt2, make_tiny_t5, make_tiny_vit, tiny_data_dir, word_tasks
+from tiny import (COLOURS, colour_images, make_tiny_bert, make_tiny_gpt2, make_tiny_t5, make_tiny_vit, perturbed_copy,
+                  tiny_data_dir, word_tasks)
 
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 import fisher_bench  # noqa: E402
 import fisher_peers  # noqa: E402
+import merge_bench  # noqa: E402
 
 LIBRARIES = {"BackPACK": "backpack", "Opacus": "opacus", "torch.func": "torch"}
 TASK = {"bert": "sequence_classification", "t5": "seq2seq", "gpt2": "causal_lm", "vit": "image_classification"}
@@ -101,3 +107,28 @@ def test_peer_processes_write_predict_format():
     covered, difference, wrong = fisher_bench.compare(results["Opacus"]["fisher"], results["ours"]["fisher"])
     assert (covered, wrong) == (len(results["ours"]["fisher"]), []) and difference < fisher_bench.EXACT
     assert all(result["mib"][0] > 50 for result in results.values())  # peak RSS of a process that imports torch
+
+
+def test_fusion_bench_tatr_is_ours_over_the_flattened_model(tmp_path):
+    """fusion_bench_merge.py's TATR entry (its data-free form) on tiny BERT checkpoints: FusionBench takes the
+    conflict's quantile over the whole model at once, so its merge is our TATR of the model as one flat tensor."""
+    if not os.path.isdir(os.path.join(merge_bench.FUSION_BENCH, "fusion_bench")):
+        pytest.skip(f"FusionBench is not installed in {merge_bench.FUSION_BENCH} (bash .ci/install.sh)")
+    base = make_tiny_bert(str(tmp_path / "base"), seed=1)
+    models = [perturbed_copy(base, str(tmp_path / f"ft{t}"), seed=t) for t in (1, 2, 3)]
+    done = subprocess.run([sys.executable, merge_bench.FUSION_BENCH_DRIVER, "tatr", "--pretrained", base,
+                           "--models", *models, "--output", str(tmp_path / "out")],
+                          env=dict(os.environ, PYTHONPATH=merge_bench.FUSION_BENCH), capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    theirs = load_file(str(tmp_path / "out" / "model.safetensors"))
+    inputs = [load_file(os.path.join(path, "model.safetensors")) for path in (base, *models)]
+    names = sorted(inputs[0])
+    flat = [torch.cat([tensors[name].flatten() for name in names]) for tensors in inputs]
+    sizes = [inputs[0][name].numel() for name in names]
+    ours = get_method("tatr")().merge(TensorGroup("model", flat[1:], base=flat[0]), merge_lambda=0.3,
+                                      threshold_quantile=0.99).split(sizes)
+    for name, merged in zip(names, ours):
+        torch.testing.assert_close(theirs[name], merged.reshape(inputs[0][name].shape), rtol=0, atol=1e-7)
+    kept = torch.cat(ours) != flat[0]
+    assert 0.9 < float(kept.float().mean()) < 1  # q = 0.99 of the whole model: a few entries dropped
