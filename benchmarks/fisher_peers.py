@@ -15,7 +15,8 @@ uses the same labels) over the same length-sorted, right-padded batches as `comp
   (each of them holds a gradient the size of the model). transformers' masks branch on their values, which vmap
   refuses, so a padding mask is passed as the 4-D additive mask it returns as-is (a causal LM, right-padded, gets
   none: causal attention never reaches the padding after a real token);
-- the authors' loop: batch of one (no padding), backward, square every gradient, accumulate.
+- the authors' loop: batch of one (no padding), backward, square every gradient, accumulate (fisher_bench's
+  MiniLM comparison also runs it with labels sampled from the model, `uniforms`).
 
 As a program, a peer runs as `python code/predict.py fisher.json` does: it loads the model and data of the config,
 computes the Fisher and writes it in predict.py's format (`save_fisher`; tensors a peer does not cover are zeros):
@@ -32,7 +33,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "code"))
 from modelmerge import families  # noqa: E402
-from modelmerge.statistics.batches import length_sorted_batches  # noqa: E402
+from modelmerge.statistics.batches import length_sorted_batches, sample_labels  # noqa: E402
 
 # The layers of these models that BackPACK's SumGradSquared has an extension for (its `module_exts`).
 BACKPACK_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
@@ -58,17 +59,22 @@ def trainable(model):
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
-def loop_fisher(model, processor, dataset, task_type, batch_size, max_length):
-    """The authors' loop: one example at a time, unpadded."""
+def loop_fisher(model, processor, dataset, task_type, batch_size, max_length, uniforms=None):
+    """The authors' loop: one example at a time, unpadded. With `uniforms` (a classifier's; one per example, in
+    dataset order) the label of example i is drawn from the model by `sample_labels` with uniforms[i], as
+    `compute_fisher` draws it, instead of the gold label."""
     encoded = families.encode(dataset, processor, task_type, max_length)
     collate = families.collator(processor, task_type)
     parameters = trainable(model)
     sums = {name: torch.zeros_like(p) for name, p in parameters.items()}
-    for example in encoded:
+    for i, example in enumerate(encoded):
         inputs = collate([example])
         labels = inputs["labels"] if families.is_sequence(task_type) else inputs.pop("labels")
         model.zero_grad(set_to_none=True)
-        log_likelihoods(model(**inputs).logits, labels, task_type).sum().backward()
+        logits = model(**inputs).logits
+        if uniforms is not None:
+            labels = sample_labels(logits, uniforms[i : i + 1])
+        log_likelihoods(logits, labels, task_type).sum().backward()
         for name, p in parameters.items():
             if p.grad is not None:
                 sums[name] += p.grad**2
@@ -174,6 +180,7 @@ def main():
     from modelmerge.config import load_config
     from modelmerge.prediction import PredictConfig
     from modelmerge.statistics.fisher import FisherResult, save_fisher
+    from modelmerge.threads import set_torch_threads
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("peer", choices=list(PROGRAM_NAMES))
@@ -182,7 +189,7 @@ def main():
     config = load_config(PredictConfig, args.config)
     if not config.empirical:
         parser.error("the peers compute the empirical Fisher: give empirical: true")
-    torch.set_num_threads(config.num_threads)
+    set_torch_threads(config.num_threads)
     model, processor, dataset = load(config)
     fisher = PEERS[PROGRAM_NAMES[args.peer]](model, processor, dataset, config.task_type, config.batch_size,
                                              config.max_length)

@@ -294,7 +294,7 @@ MODULATED = ("emr", "tall_masks")
 FUSION_BENCH_METHODS = {"task_arithmetic": "task_arithmetic", "ties": "ties", "dare_linear": "dare", "tsv_m": "tsv_m",
                         "iso_c": "iso_c", "iso_cts": "iso_cts", "wudi": "wudi", "magmax": "magmax",
                         "model_stock": "model_stock", "emr": "emr", "tall_masks": "tall_masks", "tatr": "tatr"}
-DEFINITIONS_DIFFER = {"ties": "FB trims globally", "dare_linear": "random masks", "tatr": "FB quantile global"}
+DEFINITIONS_DIFFER = {"ties": "FB trims globally", "dare_linear": "random masks", "tatr": "global quantile"}
 NO_BASE = ("karcher",)  # mergekit merges a base model as one more input there
 
 

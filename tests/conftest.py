@@ -92,6 +92,16 @@ def merge_help(capsys):
 
 
 @pytest.fixture
+def restore_threads():
+    """Torch's thread count as it was before the test, whatever the test sets."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def record_threads(monkeypatch):
     """record(method_class): the merge programs merge with `method_class`, noting torch's thread count at each
     merge in the list record returns."""

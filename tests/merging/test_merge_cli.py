@@ -410,23 +410,20 @@ def test_bad_values_in_a_late_block_are_found_and_named(zoo, tmp_path, monkeypat
     assert "bert.embeddings.word_embeddings.weight (rows 0-6)" in err and "(224 entries)" in err  # 7 rows of 32
 
 
-def test_cpu_merges_run_on_one_thread_unless_omp_num_threads_is_set(zoo, tmp_path, monkeypatch, record_threads):
+def test_cpu_merges_run_on_one_thread_unless_omp_num_threads_is_set(zoo, tmp_path, monkeypatch, record_threads,
+                                                                     restore_threads):
     from modelmerge.methods.task_arithmetic import TaskArithmetic
 
     seen = record_threads(TaskArithmetic)
     argv = ["--merge", "task_arithmetic", "--models", *zoo["models"], "--ancestor", zoo["base"]]
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
-        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-        run(argv + ["--output", str(tmp_path / "default")])
-        assert set(seen) == {1} and torch.get_num_threads() == 2
-        seen.clear()
-        monkeypatch.setenv("OMP_NUM_THREADS", "2")
-        run(argv + ["--output", str(tmp_path / "asked")])
-        assert set(seen) == {2}
-    finally:
-        torch.set_num_threads(threads)
+    torch.set_num_threads(2)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    run(argv + ["--output", str(tmp_path / "default")])
+    assert set(seen) == {1} and torch.get_num_threads() == 2
+    seen.clear()
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    run(argv + ["--output", str(tmp_path / "asked")])
+    assert set(seen) == {2}
 
 
 def test_threads_sets_the_merges_torch_threads(zoo, tmp_path, monkeypatch, record_threads):

@@ -25,13 +25,6 @@ COMMAND_LINE_PROGRAMS = ("merge", "trim", "modulated_merge", "task_arithmetic", 
 JSON_PROGRAMS = {"train.py": TrainConfig, "predict.py": PredictConfig, "harness_eval.py": HarnessConfig}
 
 
-@pytest.fixture
-def restore_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_check_threads_takes_whole_numbers_of_at_least_one():
     assert check_threads(1) == 1 and check_threads(16) == 16
     for bad in (0, -1, 1.5, True, "2", None):
