@@ -126,7 +126,7 @@ def test_fusion_bench_tatr_is_ours_over_the_flattened_model(tmp_path):
     names = sorted(inputs[0])
     flat = [torch.cat([tensors[name].flatten() for name in names]) for tensors in inputs]
     sizes = [inputs[0][name].numel() for name in names]
-    ours = get_method("tatr")().merge(TensorGroup("model", flat[1:], base=flat[0]), merge_lambda=0.3,
+    ours = get_method("tatr")().merge(TensorGroup("model", flat[1:], ancestor=flat[0]), merge_lambda=0.3,
                                       threshold_quantile=0.99).split(sizes)
     for name, merged in zip(names, ours):
         torch.testing.assert_close(theirs[name], merged.reshape(inputs[0][name].shape), rtol=0, atol=1e-7)
