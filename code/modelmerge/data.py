@@ -4,7 +4,7 @@ causal LM), `image`/`label` (image classification; an image is a file path, made
 
 A dataset name is
 - a csv/json/jsonl/parquet file (a file has one split; the split string's name is ignored, its slice applies),
-- a folder holding `<split>.<ext>` files (as `download_data.py` writes them), or for images `<split>/<class>/*`
+- a folder holding `<split>.<ext>` files (as `download_data.py`, modelmerge.download, writes them), or for images `<split>/<class>/*`
   subfolders (class names: the sorted subfolder names),
 - a task name (`sst2`, `imdb`, ...): the folder `<data_dir>/<task>/` when a data directory is configured,
   else the task's Hugging Face Hub dataset (any other name is then taken as a Hub id).
@@ -15,21 +15,16 @@ Columns are found under their usual Hub names, or named by a column mapping ({"i
 The class names of a classification data set are kept as the `label` column's `ClassLabel` names (from the
 Hub features, a `class_names.json` list beside the split files, or the image class folders).
 """
-import dataclasses
-import io
 import json
 import logging
 import os
 import re
-import shutil
 
 import datasets
 import torch
 from transformers import DataCollatorWithPadding
 
-from modelmerge.atomic import atomic_dir
 from modelmerge.config import ConfigError
-from modelmerge.outputs import claim
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +55,6 @@ COLUMNS = ("text", "input", "target", "image", "label")  # every task type's col
 CLASS_NAMES_FILE = "class_names.json"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
 DATA_DIR_ENV = "MERGE_DATA_DIR"
-DOWNLOAD_KIND = "download_data"  # the kind of output download_data.py writes (modelmerge.atomic)
 MIXTURE_SEPARATOR = ";"
 
 
@@ -112,7 +106,7 @@ def local_sources(dataset_name, split, data_dir=None):
     data_dir = resolve_data_dir(data_dir)
     sources = []
     for name, part in zip(dataset_name.split(MIXTURE_SEPARATOR), split.split(MIXTURE_SEPARATOR)):
-        source, builder, _ = _locate(_task_of_script(name.strip()), part.strip(), data_dir)
+        source, builder, _ = locate(_task_of_script(name.strip()), part.strip(), data_dir)
         if builder is not None:
             sources.append(source)
     return sources
@@ -145,7 +139,7 @@ def _task_of_script(name):
 def _load_one(name, split, data_dir, task_type, columns):
     split_names(split)  # validates the syntax before anything is read
     name = _task_of_script(name)
-    source, builder, data_files = _locate(name, split, data_dir)
+    source, builder, data_files = locate(name, split, data_dir)
     what = f"dataset {name!r} ({source}), split {split!r}"
     for path in (data_files or {}).values():
         if os.path.isfile(path) and os.path.getsize(path) == 0:
@@ -176,8 +170,8 @@ def _load_one(name, split, data_dir, task_type, columns):
     return dataset
 
 
-def _locate(name, split, data_dir):
-    """(source, builder, data_files): builder None means `source` is a Hub dataset id."""
+def locate(name, split, data_dir):
+    """(source, builder, data_files) of dataset `name`'s `split`: builder None means `source` is a Hub dataset id."""
     if os.path.isfile(name):
         return name, _builder_for(name), {split_name: name for split_name in split_names(split)}
     if os.path.isdir(name):
@@ -339,115 +333,3 @@ def dataloader(dataset, tokenizer, batch_size, max_length, shuffle=False, seed=0
         generator=generator,
         collate_fn=collator(tokenizer),
     )
-
-
-@dataclasses.dataclass
-class DownloadConfig:
-    """Keys of `code/download_data.py`: materialise splits of a dataset as `output_dir/<split>.jsonl`."""
-
-    dataset_name: str
-    splits: list[str]
-    output_dir: str
-    data_dir: str | None = None  # None: $MERGE_DATA_DIR, else the Hub
-    task_type: str = "sequence_classification"  # which columns are kept (TASK_COLUMNS)
-    columns: dict | None = None  # {column of the task type: the data set's name for it}
-    # Text-to-text rows from a classification data set (FusionBench's GLUE format): input = the template
-    # filled with the row's columns, target = class_words[label].
-    input_template: str | None = None
-    class_words: list[str] | None = None
-    overwrite: bool = False  # replace an output_dir that this program did not write
-
-    def output_paths(self):
-        return {"output_dir": self.output_dir}
-
-    def __post_init__(self):
-        self.data_dir = resolve_data_dir(self.data_dir)
-        if self.task_type not in TASK_COLUMNS:
-            raise ConfigError(f"task_type {self.task_type!r} is not one of {', '.join(TASK_TYPES)}")
-        unknown = sorted(set(self.columns or {}) - set(TASK_COLUMNS[self.task_type]))
-        if unknown:
-            raise ConfigError(f"columns: {unknown} are not columns of {self.task_type} ({sorted(TASK_COLUMNS[self.task_type])})")
-        if not self.splits:
-            raise ConfigError("splits: give at least one split")
-        files = [output_split_name(split) for split in self.splits]
-        if len(set(files)) != len(files):
-            raise ConfigError(f"splits {self.splits} would write the same file twice ({files})")
-
-
-def output_split_name(split):
-    """The file stem a split string is written under: its split name ('train[:20%]' -> 'train').
-
-    For a mixture every part must name the same split ('train[:10];train' -> 'train')."""
-    names = {"+".join(split_names(part.strip())) for part in split.split(MIXTURE_SEPARATOR)}
-    if len(names) != 1:
-        raise DataError(f"split {split!r}: the parts of a mixture name different splits {sorted(names)}; cannot name one file")
-    return names.pop()
-
-
-def download(config):
-    """Write every split of `config` to `output_dir/<split>.jsonl` (rows with the task type's columns; images as
-    files `images/<split>/<index>.<format>` named relative to the folder), `class_names.json` when the labels
-    have names; the folder appears atomically, marked as this program's (`.written-by`, modelmerge.atomic)."""
-    if config.input_template is not None:
-        loaded = {output_split_name(split): _text_to_text(config, split) for split in config.splits}
-    else:
-        loaded = {output_split_name(split): load_split(config.dataset_name, split, config.data_dir, config.task_type,
-                                                       config.columns) for split in config.splits}
-    inputs = [path for split in config.splits for path in local_sources(config.dataset_name, split, config.data_dir)]
-    claim(config.output_dir, "output_dir", DOWNLOAD_KIND, inputs=inputs, overwrite=config.overwrite)
-    with atomic_dir(config.output_dir, DOWNLOAD_KIND, inputs=inputs, overwrite=config.overwrite) as tmp:
-        for name, dataset in loaded.items():
-            if "image" in dataset.column_names:
-                dataset = _materialise_images(dataset, tmp, name)
-            dataset.to_json(os.path.join(tmp, f"{name}.jsonl"), lines=True, force_ascii=False)
-            logger.info("wrote %d examples to %s/%s.jsonl", len(dataset), config.output_dir, name)
-        names = [class_names(dataset) for dataset in loaded.values()]
-        if names[0] and all(n == names[0] for n in names):
-            with open(os.path.join(tmp, CLASS_NAMES_FILE), "w") as f:
-                json.dump(names[0], f)
-
-
-def _text_to_text(config, split):
-    """{input, target} rows: the input template filled with each row's columns, the label's class word as target."""
-    source, builder, data_files = _locate(config.dataset_name, split, config.data_dir)
-    hub_id, _, subset = source.partition(":")
-    try:
-        if builder is None:
-            raw = datasets.load_dataset(hub_id, subset or None, split=split)
-        else:
-            raw = datasets.load_dataset(builder, data_files=data_files, split=split)
-    except (ValueError, KeyError, FileNotFoundError, OSError) as error:
-        raise DataError(f"dataset {config.dataset_name!r}, split {split!r}: {error}") from error
-    words = config.class_words or []
-
-    def convert(row):
-        try:
-            return {"input": config.input_template.format(**row), "target": words[int(row["label"])]}
-        except (KeyError, IndexError, ValueError) as error:
-            raise DataError(f"input_template / class_words do not fit the row {row}: {error!r}") from None
-
-    return raw.map(convert, remove_columns=raw.column_names, desc="text-to-text")
-
-
-def _materialise_images(dataset, folder, split):
-    """Copy every image (bytes or file) to `folder/images/<split>/`, checking that it opens; rows name it relatively."""
-    from PIL import Image
-
-    os.makedirs(os.path.join(folder, "images", split))
-    paths = []
-    for index, value in enumerate(dataset["image"]):
-        data = value.get("bytes") if isinstance(value, dict) else value if isinstance(value, bytes) else None
-        source = value.get("path") if isinstance(value, dict) and data is None else value if data is None else None
-        try:
-            with Image.open(io.BytesIO(data) if data is not None else source) as image:
-                extension = (image.format or "png").lower()
-        except (OSError, ValueError, TypeError) as error:
-            raise DataError(f"example {index} of split {split}: image {source or f'({len(data)} bytes)'} cannot be opened: {error}") from None
-        relative = os.path.join("images", split, f"{index:07d}.{extension}")
-        if data is not None:
-            with open(os.path.join(folder, relative), "wb") as f:
-                f.write(data)
-        else:
-            shutil.copyfile(source, os.path.join(folder, relative))
-        paths.append(relative)
-    return dataset.remove_columns("image").add_column("image", paths).select_columns(["image", "label"])

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from modelmerge.config import from_dict, run_program
-from modelmerge.data import DownloadConfig, download
+from modelmerge.download import DownloadConfig, download
 from modelmerge.prediction import PredictConfig, run
 from modelmerge.training import TrainConfig, train
 from sis_util import REPO

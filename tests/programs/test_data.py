@@ -8,7 +8,8 @@ import pytest
 
 from modelmerge import atomic
 from modelmerge.config import run_program
-from modelmerge.data import DataError, DownloadConfig, dataloader, download, load_split
+from modelmerge.data import DataError, dataloader, load_split
+from modelmerge.download import DownloadConfig, download
 from tiny import make_tiny_bert, read_jsonl, tiny_data_dir
 
 

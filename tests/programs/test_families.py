@@ -168,7 +168,8 @@ def test_bad_input_is_one_line_and_leaves_no_output(family_paths, image_rows, tm
 
 
 def test_image_data_from_folders_parquet_bytes_and_the_download_program(image_rows, tmp_path):
-    from modelmerge.data import DownloadConfig, class_names, download, load_split
+    from modelmerge.data import class_names, load_split
+    from modelmerge.download import DownloadConfig, download
 
     folder = os.path.dirname(os.path.dirname(os.path.dirname(image_rows[0]["image"])))  # <root>/train/<class>/<i>.png
     from_folders = load_split(folder, "train", task_type="image_classification")

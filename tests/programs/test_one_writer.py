@@ -21,7 +21,7 @@ import trim as trim_program
 from modelmerge import atomic
 from modelmerge.io.writing import SafetensorsStreamWriter
 from modelmerge.config import run_program
-from modelmerge.data import DownloadConfig, download
+from modelmerge.download import DownloadConfig, download
 from modelmerge.merging.cli import run_cli
 from modelmerge.prediction import PredictConfig, run
 from modelmerge.training import TrainConfig, train

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from modelmerge.config import from_dict, run_program
-from modelmerge.data import DownloadConfig, download
+from modelmerge.download import DownloadConfig, download
 from modelmerge.prediction import PredictConfig, run
 from modelmerge.training import TrainConfig, train
 from tiny import make_tiny_bert, read_jsonl, tiny_data_dir
