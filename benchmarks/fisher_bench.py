@@ -298,7 +298,7 @@ def families_main(args):
     family."""
     import tempfile
 
-    from modelmerge.prediction import load_for_task
+    from modelmerge.prediction.loading import load_for_task
 
     set_torch_threads(args.threads)
     work = tempfile.mkdtemp(prefix="fisher-families-")
@@ -398,7 +398,7 @@ def peers_main(args):
     from functools import partial
 
     from modelmerge.config import from_dict
-    from modelmerge.prediction import PredictConfig
+    from modelmerge.prediction.config import PredictConfig
 
     set_torch_threads(args.threads)
     work = tempfile.mkdtemp(prefix="fisher-peers-")

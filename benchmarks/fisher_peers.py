@@ -164,7 +164,7 @@ def _vmappable_masks(inputs, task_type, dtype):
 def load(config):
     """(model in eval mode, processor, dataset) of a predict.py config, loaded as predict.py loads them."""
     from modelmerge.data import class_names, load_split
-    from modelmerge.prediction import load_for_task
+    from modelmerge.prediction.loading import load_for_task
 
     dataset = load_split(config.dataset_name, config.split, config.data_dir, config.task_type, config.columns())
     model, processor = load_for_task(config.model_name_or_path, config.task_type,
@@ -178,7 +178,7 @@ PROGRAM_NAMES = {"loop": "authors' loop", "backpack": "BackPACK", "opacus": "Opa
 
 def main():
     from modelmerge.config import load_config
-    from modelmerge.prediction import PredictConfig
+    from modelmerge.prediction.config import PredictConfig
     from modelmerge.statistics.fisher import FisherResult, save_fisher
     from modelmerge.threads import set_torch_threads
 

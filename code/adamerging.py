@@ -20,7 +20,7 @@ from modelmerge.data import load_split
 from modelmerge.merging import MergeError
 from modelmerge.merging.cli import (TORCH_DEFAULT_THREADS, ArgumentParser, add_task_data_arguments,
                                     add_threads_argument, check_task_data_arguments, device_argument, run_cli)
-from modelmerge.prediction import check_model_path, load_for_task
+from modelmerge.prediction.loading import check_model_path, load_for_task
 from modelmerge.threads import set_torch_threads
 
 

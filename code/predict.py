@@ -4,12 +4,13 @@ For every model family (`task_type`, modelmerge.families). `method`: `evaluate` 
 metrics.json, predictions.jsonl), `squared_gradients` (= `sequence_classification_squared_gradients`, the diagonal
 Fisher: fisher.safetensors, hessian/, stats.json), `gram` (= `sequence_classification_gram`: gram.safetensors,
 output_grad_gram.safetensors, stats.json); `shard` / `join` split the examples over processes (modelmerge.shards).
-Keys, among them `num_threads`: docs/programs.md, modelmerge.prediction.PredictConfig.
+Keys, among them `num_threads`: docs/programs.md, modelmerge.prediction.config.PredictConfig.
 """
 import sys
 
 from modelmerge.config import run_program
-from modelmerge.prediction import PredictConfig, run
+from modelmerge.prediction.config import PredictConfig
+from modelmerge.prediction.program import run
 
 if __name__ == "__main__":
     sys.exit(run_program(PredictConfig, run, description=__doc__))

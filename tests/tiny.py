@@ -224,7 +224,7 @@ def load_family_model(family_paths, name, peft=None):
     """The model of family `name` in float64 for evaluation, with LoRA adapters moved off the identity if `peft`."""
     from peft import LoraConfig, get_peft_model
 
-    from modelmerge.prediction import load_for_task
+    from modelmerge.prediction.loading import load_for_task
 
     model, processor = load_for_task(family_paths[name], FAMILY_TASKS[name], class_names=CLASSES)
     if peft:

@@ -40,7 +40,6 @@ from modelmerge.data import DataError
 IGNORE = -100  # label of a position that is not scored
 CLIP_PROMPT = "a photo of a {}."
 CLIP_MODEL_TYPES = ("clip",)
-ADAPTER_CONFIG = "adapter_config.json"
 
 
 class ModelMismatch(ConfigError):

@@ -126,7 +126,7 @@ def check_causal_lm(path):
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     from modelmerge import families
-    from modelmerge.prediction import check_model_path
+    from modelmerge.prediction.loading import check_model_path
 
     check_model_path(path)
     config = AutoConfig.from_pretrained(path)
@@ -175,7 +175,7 @@ def run(config):
     """Check the model, the tasks and the output; run the harness; write its results and the metrics."""
     if config.offline:
         os.environ.update({name: "1" for name in OFFLINE_VARIABLES})  # before datasets and the hub are imported
-    from modelmerge.prediction import check_device
+    from modelmerge.prediction.loading import check_device
 
     set_torch_threads(config.num_threads)
     device = check_device(config.device)

@@ -37,8 +37,9 @@ from modelmerge import atomic, data, families, outputs, variational
 from modelmerge.io.formats import SAFE_INDEX
 from modelmerge.io.reading import open_checkpoint
 from modelmerge.config import SHARED_PAPER_KEYS, Alias, ConfigError, Ignored, from_dict, to_dict
-from modelmerge.prediction import (check_device, check_max_length, check_model_path, classification_metrics,
-                                   classifier_num_labels, load_for_task, model_loading_errors, to_float32_if_half)
+from modelmerge.prediction.loading import (check_device, check_max_length, check_model_path,
+                                           classifier_num_labels, load_for_task, model_loading_errors, to_float32_if_half)
+from modelmerge.prediction.metrics import classification_metrics
 from modelmerge.threads import default_threads, set_torch_threads
 
 logger = logging.getLogger(__name__)

@@ -20,7 +20,9 @@ from transformers.pytorch_utils import Conv1D
 
 from modelmerge.data import load_split
 from modelmerge.merging.cli import run_cli
-from modelmerge.prediction import PredictConfig, load_for_task, run
+from modelmerge.prediction.config import PredictConfig
+from modelmerge.prediction.loading import load_for_task
+from modelmerge.prediction.program import run
 from modelmerge.regmean_plusplus import regmean_plusplus
 from modelmerge.statistics import compute_gram, save_gram
 from tiny import (COLOURS, colour_images, make_tiny_clip, make_tiny_gpt2, make_tiny_t5, make_tiny_vit, word_tasks,

@@ -18,7 +18,8 @@ from modelmerge.io.reading import open_checkpoint
 from modelmerge.config import run_program
 from modelmerge.merging.cli import run_cli
 from modelmerge.merging.provenance import fingerprint
-from modelmerge.prediction import PredictConfig, run
+from modelmerge.prediction.config import PredictConfig
+from modelmerge.prediction.program import run
 
 
 def metadata(path):

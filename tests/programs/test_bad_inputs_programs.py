@@ -14,7 +14,8 @@ from transformers import TrainerCallback
 
 from modelmerge.config import from_dict, run_program
 from modelmerge.download import DownloadConfig, download
-from modelmerge.prediction import PredictConfig, run
+from modelmerge.prediction.config import PredictConfig
+from modelmerge.prediction.program import run
 from modelmerge.training import TrainConfig, train
 from sis_util import REPO
 from tiny import make_tiny_bert, read_jsonl, tiny_data_dir, write_jsonl

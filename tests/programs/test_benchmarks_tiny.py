@@ -49,7 +49,7 @@ def need(peer):
 def models(tmp_path_factory):
     """name → (model, processor, dataset) of a tiny model of each family and a few examples."""
     from modelmerge.data import load_split
-    from modelmerge.prediction import load_for_task
+    from modelmerge.prediction.loading import load_for_task
 
     root = tmp_path_factory.mktemp("peers")
     paths = {"bert": make_tiny_bert(str(root / "bert"), seed=1), "t5": make_tiny_t5(str(root / "t5"), seed=1),

@@ -12,7 +12,10 @@ from PIL import Image
 
 from modelmerge import families
 from modelmerge.config import run_program
-from modelmerge.prediction import PredictConfig, evaluate_sequences, load_for_task, run
+from modelmerge.prediction.config import PredictConfig
+from modelmerge.prediction.decoding import evaluate_sequences
+from modelmerge.prediction.loading import load_for_task
+from modelmerge.prediction.program import run
 from modelmerge.training import TrainConfig, train
 from tiny import CLASSES, FAMILY_TASKS, colour_images, example_inputs, load_family_model, word_tasks, write_jsonl
 

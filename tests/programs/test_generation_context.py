@@ -6,7 +6,9 @@ import json
 import pytest
 import torch
 
-from modelmerge.prediction import PredictConfig, load_for_task, run
+from modelmerge.prediction.config import PredictConfig
+from modelmerge.prediction.loading import load_for_task
+from modelmerge.prediction.program import run
 from tiny import WORDS, make_tiny_gpt2, make_tiny_t5, word_tokenizer, write_jsonl
 
 CONTEXT = 12

@@ -23,7 +23,8 @@ from modelmerge.io.writing import SafetensorsStreamWriter
 from modelmerge.config import run_program
 from modelmerge.download import DownloadConfig, download
 from modelmerge.merging.cli import run_cli
-from modelmerge.prediction import PredictConfig, run
+from modelmerge.prediction.config import PredictConfig
+from modelmerge.prediction.program import run
 from modelmerge.training import TrainConfig, train
 from sis_util import REPO
 from tiny import make_tiny_bert, perturbed_copy, tiny_data_dir

@@ -7,7 +7,8 @@ import os
 import pytest
 
 from modelmerge.config import from_dict, run_program
-from modelmerge.prediction import PredictConfig, run
+from modelmerge.prediction.config import PredictConfig
+from modelmerge.prediction.program import run
 from modelmerge.training import TrainConfig, train
 from tiny import make_tiny_bert, read_jsonl, tiny_data_dir
 

@@ -9,7 +9,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from modelmerge.config import run_program
-from modelmerge.prediction import PredictConfig, classification_metrics, run
+from modelmerge.prediction.config import PredictConfig
+from modelmerge.prediction.metrics import classification_metrics
+from modelmerge.prediction.program import run
 from tiny import dtype_copy, make_tiny_bert, read_jsonl, tiny_data_dir
 
 

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from modelmerge.config import load_config
-from modelmerge.prediction import PredictConfig
+from modelmerge.prediction.config import PredictConfig
 from modelmerge.training import TrainConfig
 from sis_util import REPO
 from tiny import SHARED_DATA, make_tiny_bert, perturbed_copy, read_jsonl

@@ -15,7 +15,7 @@ import sisyphus.job
 from modelmerge.config import load_config, run_program
 from modelmerge.harness import HarnessConfig
 from modelmerge.merging.cli import run_cli
-from modelmerge.prediction import PredictConfig
+from modelmerge.prediction.config import PredictConfig
 from modelmerge.threads import check_threads, torch_threads
 from modelmerge.training import TrainConfig
 
@@ -108,15 +108,15 @@ def recording(monkeypatch, module, name):
 
 
 def test_predict_runs_with_num_threads(zoo, tmp_path, monkeypatch, restore_threads):
-    from modelmerge import prediction
+    from modelmerge.prediction import evaluation, program
 
     torch.set_num_threads(1)
-    seen = recording(monkeypatch, prediction, "predict")
+    seen = recording(monkeypatch, evaluation, "predict")
     path = tmp_path / "config.json"
     path.write_text(json.dumps({"model_name_or_path": zoo["base"], "dataset_name": "sst2", "split": "validation",
                                 "data_dir": zoo["data"], "batch_size": 4, "max_length": 32, "num_threads": 2,
                                 "output_dir": str(tmp_path / "out")}))
-    assert run_program(PredictConfig, prediction.run, "predict", argv=[str(path)]) == 0
+    assert run_program(PredictConfig, program.run, "predict", argv=[str(path)]) == 0
     assert seen == [2]
 
 

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
 
 from modelmerge.config import from_dict, run_program
-from modelmerge.prediction import load_classifier
+from modelmerge.prediction.loading import load_classifier
 from modelmerge.training import TrainConfig, train
 from sis_util import REPO
 from tiny import dtype_copy, make_tiny_bert, read_jsonl, tiny_data_dir

@@ -14,7 +14,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from modelmerge.config import run_program
-from modelmerge.prediction import PredictConfig, run
+from modelmerge.prediction.config import PredictConfig
+from modelmerge.prediction.program import run
 from modelmerge.shards import shard_range
 from modelmerge.statistics import compute_fisher
 from sis_util import REPO, killed_on_exit, make_setup, sis_command, sis_env, sis_settings
@@ -136,7 +137,7 @@ def test_joined_shards_write_the_unsharded_statistic(families, tmp_path, family,
 @pytest.mark.parametrize("family, task_type", [("classifier", "sequence_classification"), ("seq2seq", "seq2seq")])
 def test_a_shard_draws_the_labels_the_whole_run_draws_for_its_examples(families, family, task_type):
     from modelmerge.data import load_split
-    from modelmerge.prediction import load_for_task
+    from modelmerge.prediction.loading import load_for_task
 
     spec = families[family]
     model, processor = load_for_task(spec["model_name_or_path"], task_type)
