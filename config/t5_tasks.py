@@ -14,8 +14,8 @@ Presets (`T5_TASKS_PRESET`, else `offline`):
 """
 from sisyphus import tk
 
-from model_merging.families import OfflineSuiteJob, build_suite
-from config.vit_tasks import CPU, GPU, merge_methods, select
+from model_merging.catalogue import suite_methods
+from model_merging.families import CPU, GPU, OfflineSuiteJob, build_suite, select
 
 # task: (Hub dataset, input template (the row's columns), class words): FusionBench's GLUE prompts
 GLUE = {
@@ -43,7 +43,7 @@ def full_preset():
         "training": {"learning_rate": 1e-4, "warmup_steps": 0, "per_device_train_batch_size": 16, "max_length": 256,
                      "lr_scheduler_type": "constant"},
         "statistics": {"batch_size": 16, "max_length": 256}, "evaluation": {"batch_size": 64, "max_new_tokens": 8},
-        "methods": merge_methods(0.3, [10000] * len(tasks), 10000),
+        "methods": suite_methods(0.3, [10000] * len(tasks), 10000),
         "rqmt": {kind: GPU for kind in ("train", "statistics", "merge", "evaluation")} | {"download": CPU},
     }
 
@@ -62,7 +62,7 @@ def offline_preset():
                      "per_device_eval_batch_size": 64, "lr_scheduler_type": "constant", "logging_steps": 25},
         "statistics": {"batch_size": 16, "max_length": 16},
         "evaluation": {"batch_size": 100, "max_length": 16, "max_new_tokens": 4},
-        "methods": merge_methods(0.3, [800] * len(tasks), 3200),
+        "methods": suite_methods(0.3, [800] * len(tasks), 3200),
         "rqmt": {kind: CPU for kind in ("train", "statistics", "merge", "evaluation", "download")},
     }
 

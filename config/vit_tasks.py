@@ -12,12 +12,10 @@ Presets (`VIT_TASKS_PRESET`, else `offline`):
 
     sis --config config/vit_tasks.py m
 """
-import os
-
 from sisyphus import tk
 
-from config.merging_methods import DATA_AWARE, MERGE_GRIDS, PER_TASK
-from model_merging.families import OfflineSuiteJob, build_suite
+from model_merging.catalogue import suite_methods
+from model_merging.families import CPU, GPU, OfflineSuiteJob, build_suite, select
 
 TASK_ARITHMETIC_TASKS = {  # task: Hub dataset (FusionBench's copies: columns image, label)
     "sun397": "tanganke/sun397", "cars": "tanganke/stanford_cars", "resisc45": "tanganke/resisc45",
@@ -25,27 +23,6 @@ TASK_ARITHMETIC_TASKS = {  # task: Hub dataset (FusionBench's copies: columns im
     "dtd": "tanganke/dtd",
 }
 OFFLINE_TASKS = ("colour", "brightness", "stripes", "shape", "border", "size", "checker", "diagonal")
-CPU = {"time_rqmt": 1, "mem_rqmt": 4, "cpu_rqmt": 1, "gpu_rqmt": 0}
-GPU = {"time_rqmt": 8, "mem_rqmt": 32, "cpu_rqmt": 4, "gpu_rqmt": 1}
-
-
-def merge_methods(scaling_factor, dataset_sizes, pretrained_size):
-    """Every method of the merge library that combines the task models, at one setting each: the middle of its
-    grid in config/merging_methods.py, task-arithmetic-like scales at `scaling_factor`."""
-    methods = {}
-    for label, spec in MERGE_GRIDS.items():
-        if spec["method"] in DATA_AWARE:
-            continue
-        parameters = dict(spec.get("fixed", {}))
-        if "sweep" in spec:
-            grid = spec["grid"]
-            parameters[spec["sweep"]] = scaling_factor if grid == "scaling_factors" else grid[len(grid) // 2]
-        if spec["method"] == "uncertainty_based_gradient_matching":
-            parameters.update(scaling_factor_pt=pretrained_size, scaling_factors_ft=dataset_sizes, delta_0=1e-12)
-        methods[label] = {"method": spec["method"], "parameters": parameters, "stats": spec.get("stats"),
-                          "ancestor_stats": spec.get("ancestor_stats", False), "initial": spec.get("initial"),
-                          "per_task": spec["method"] in PER_TASK}
-    return {"task arithmetic": methods.pop("task arithmetic"), **methods}  # MaTS starts from it
 
 
 def full_preset():
@@ -58,7 +35,7 @@ def full_preset():
         "training": {"learning_rate": 1e-5, "warmup_steps": 500, "weight_decay": 0.1, "per_device_train_batch_size": 128,
                      "per_device_eval_batch_size": 256, "lr_scheduler_type": "cosine"},
         "statistics": {"batch_size": 64}, "evaluation": {"batch_size": 256},
-        "methods": merge_methods(0.3, [10000] * len(tasks), 10000),
+        "methods": suite_methods(0.3, [10000] * len(tasks), 10000),
         "rqmt": {kind: GPU for kind in ("train", "statistics", "merge", "evaluation")} | {"download": CPU},
     }
 
@@ -73,7 +50,7 @@ def offline_preset():
         "training": {"learning_rate": 1e-3, "warmup_steps": 0, "per_device_train_batch_size": 16,
                      "per_device_eval_batch_size": 64, "lr_scheduler_type": "constant", "logging_steps": 10},
         "statistics": {"batch_size": 16}, "evaluation": {"batch_size": 64},
-        "methods": merge_methods(0.3, [256] * len(tasks), 256),
+        "methods": suite_methods(0.3, [256] * len(tasks), 256),
         "rqmt": {kind: CPU for kind in ("train", "statistics", "merge", "evaluation", "download")},
     }
 
@@ -81,15 +58,8 @@ def offline_preset():
 PRESETS = {"full": full_preset, "offline": offline_preset}
 
 
-def select(variable="VIT_TASKS_PRESET", presets=PRESETS):
-    name = os.environ.get(variable, "offline")
-    if name not in presets:
-        raise ValueError(f"{variable}={name!r}: expected one of {', '.join(presets)}")
-    return presets[name]()
-
-
 def py():
-    preset = select()
+    preset = select("VIT_TASKS_PRESET", PRESETS)
     results, report = build_suite(preset)
     for label, by_task in results.items():
         for task, metrics in by_task.items():

@@ -17,7 +17,26 @@ import torch
 from torch.func import functional_call
 from tqdm import tqdm
 
+from modelmerge.methods.base import MethodDeclaration, Parameter, Sweep
+
 logger = logging.getLogger(__name__)
+
+
+class AdaMerging(MethodDeclaration):
+    """AdaMerging as the catalogue lists it: run by code/adamerging.py on each task's validation inputs."""
+
+    name = "adamerging"
+    kind = "data-aware"
+    paper = 'Yang et al., "AdaMerging: Adaptive Model Merging for Multi-Task Learning", ICLR 2024 (https://arxiv.org/abs/2310.02575)'
+    needs_base = True
+    parameters = {
+        "iterations": Parameter(100, type=int, range="[0, inf)", help="Adam steps (≥ 0)"),
+        "learning_rate": Parameter(1e-3, range="(0, inf)", help="Adam's learning rate"),
+        "prior": Parameter(0.3, range="[0, 1]", help="the initial coefficient of every task and tensor"),
+    }
+    sweeps = (Sweep("adamerging", "iterations", (50, 200)),)
+    program = "adamerging.py"
+    task_data = "validation"
 
 
 @dataclass

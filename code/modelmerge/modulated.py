@@ -29,13 +29,13 @@ from modelmerge.atomic import atomic_dir
 from modelmerge.io.formats import TensorInfo
 from modelmerge.io.reading import open_checkpoint
 from modelmerge.io.writing import open_output
-from modelmerge.methods import get_method
+from modelmerge.methods import MERGE_METHODS, get_method
 from modelmerge.methods.base import TensorGroup
 from modelmerge.methods.common import upcast_dtype
 
 logger = logging.getLogger(__name__)
 
-MODULATED_METHODS = ("emr", "tall_masks")
+MODULATED_METHODS = tuple(sorted({cls.name for cls in MERGE_METHODS.values() if cls.kind == "per-task"}))
 RELEASE_EVERY = 32  # tensors read before the files' memory maps are closed (their pages stop counting as resident)
 OUTPUT_KIND = "modulated_merge"
 

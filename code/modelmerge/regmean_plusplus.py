@@ -20,11 +20,22 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from modelmerge.methods.base import TensorGroup
+from modelmerge.methods.base import MethodDeclaration, Parameter, Sweep, TensorGroup
 from modelmerge.methods.regmean import RegMean
-from modelmerge.statistics.gram import compute_gram, trainable_linear_layers
 
 logger = logging.getLogger(__name__)
+
+
+class RegMeanPlusPlus(MethodDeclaration):
+    """RegMean++ as the catalogue lists it: run by code/regmean_plusplus.py on each task's statistics split."""
+
+    name = "regmean_plusplus"
+    kind = "data-aware"
+    paper = 'Nguyen, Huang, Le, Aljundi & Nguyen, "RegMean++", 2025 (https://arxiv.org/abs/2508.03121)'
+    parameters = {"alpha": Parameter(0.5, range="[0, 1]", help="α: scale of the Gram matrices' off-diagonal entries")}
+    sweeps = (Sweep("regmean++", "alpha", (0.1, 0.5, 0.9)),)
+    program = "regmean_plusplus.py"
+    task_data = "statistics"
 
 
 def stages(model: nn.Module) -> list[list[str]]:
@@ -64,6 +75,9 @@ def only_trainable(model: nn.Module, names):
 def stage_grams(model, tokenizer, dataset, stage, gram_options) -> tuple[dict[str, torch.Tensor], frozenset]:
     """Gram matrices (weight name -> XᵀX) of the linear layers among `stage`'s parameters of `model`, and the
     names of those weights stored [in, out] (GPT-2's Conv1D)."""
+    # here, not at the top: modelmerge.statistics imports transformers, and the catalogue (merge.py --help) this module
+    from modelmerge.statistics.gram import compute_gram, trainable_linear_layers
+
     with only_trainable(model, set(stage)):
         if not trainable_linear_layers(model):
             return {}, frozenset()

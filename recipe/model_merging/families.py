@@ -5,24 +5,39 @@ config/vit_tasks.py and config/t5_tasks.py are its two users.
 
 A suite preset holds: `name`, `task_type`, `model` (θ_0: a model id, a path or a tk.Path), `tasks` ({task:
 {"dataset": name or tk.Path, "columns": {...} or None, "splits": {"train", "validation", "test", "statistics"},
-"dataset_size": int}}), `training`, `statistics`, `evaluation` (program keys), `methods` ({label: {"method",
-"parameters", "stats": None/'fisher'/'gram', "ancestor_stats": bool, "initial": label, "per_task": bool}}), `rqmt`;
+"dataset_size": int}}), `training`, `statistics`, `evaluation` (program keys), `methods` ({label: a catalogue
+entry with the method's "parameters"}: `suite_methods`, model_merging.catalogue), `rqmt`;
 optionally `pretraining` ({"dataset", "splits": {"train", "validation", "statistics"}, "num_epochs", "training":
 keys over `training`}: θ_0 is `model` trained on it first, and H_0 is taken on its statistics split) and
 `multitask` (True: a model trained on the union of the tasks' training splits is evaluated too, the usual
 upper reference of merging) and `shards` ({"statistics": N, "evaluation": N}: each Fisher / Gram or evaluation job
-split into N parallel shards over its examples, joined into the same outputs; default 1). A per-task method (EMR-Merging, TALL masks) gives each task its own model,
-evaluated on that task only.
+split into N parallel shards over its examples, joined into the same outputs; default 1). A per-task method
+(EMR-Merging, TALL masks) gives each task its own model, evaluated on that task only. `select` picks a family
+config's preset by an environment variable; `CPU` and `GPU` are the resources of one job of each kind.
 """
+import os
+
 from sisyphus import tk
 
 from model_merging.data import DownloadDatasetJob
-from model_merging.merge import MergeJob, per_task_models
+from model_merging.pipeline import PerTaskModels, merge_method
 from model_merging.program_job import ProgramJob
 from model_merging.report import ReportJob
 from model_merging.search import MultiTaskSearchJob
 from model_merging.statistics import FisherJob, GramJob
 from model_merging.training import HuggingfaceTrainingJob
+
+
+CPU = {"time_rqmt": 1, "mem_rqmt": 4, "cpu_rqmt": 1, "gpu_rqmt": 0}
+GPU = {"time_rqmt": 8, "mem_rqmt": 32, "cpu_rqmt": 4, "gpu_rqmt": 1}
+
+
+def select(variable, presets, default="offline"):
+    """The preset `presets[name]()` named by the environment variable `variable` (else `default`)."""
+    name = os.environ.get(variable, default)
+    if name not in presets:
+        raise ValueError(f"{variable}={name!r}: expected one of {', '.join(presets)}")
+    return presets[name]()
 
 
 class OfflineSuiteJob(ProgramJob):
@@ -82,19 +97,15 @@ def build_suite(preset):
                                   **statistics_options).out_dir
 
     merged, per_task = {}, {}
-    for label, spec in preset["methods"].items():
-        if spec.get("per_task"):
-            _, own = per_task_models(spec["method"], [models[t] for t in tasks], pretrained, spec.get("parameters"),
-                                     **preset["rqmt"]["merge"])
-            per_task[label] = dict(zip(tasks, own))
-            continue
-        stats = {"fisher": fishers, "gram": grams}.get(spec.get("stats"))
-        merged[label] = MergeJob(
-            spec["method"], [models[t] for t in tasks], ancestor=pretrained,
-            aux_data=[stats[t] for t in tasks] if stats else None,
-            ancestor_aux_data=pretrained_fisher if spec.get("ancestor_stats") else None,
-            initial=merged.get(spec.get("initial")), parameters=spec.get("parameters"), **preset["rqmt"]["merge"],
-        ).out_model
+    for label, entry in preset["methods"].items():
+        model = merge_method(entry, entry["parameters"], models, pretrained,
+                             statistics={"fisher": fishers, "gram": grams}.get(entry["statistics"]),
+                             ancestor_statistics=pretrained_fisher, initial=merged.get(entry["initial"]),
+                             rqmt=preset["rqmt"])
+        if isinstance(model, PerTaskModels):
+            per_task[label] = model.by_task
+        else:
+            merged[label] = model
 
     evaluated = {"pretrained": pretrained, **{f"fine-tuned {t}": models[t] for t in tasks}}
     if preset.get("multitask"):

@@ -215,7 +215,8 @@ class TaskDataMergeJob(CommandJob):
 
     models: θ_t; datasets: each task's data set (folder or name), same order; split: the split used (one for
     all, or a list, one per data set); num_examples, batch_size, max_length: how much of it, and how batched.
-    Output: `out_model`, a model folder. Subclasses keep their own `__init__` (its arguments are the job id).
+    Output: `out_model`, a model folder. Subclasses keep their own `__init__` (its arguments are the job id) and
+    name the catalogue's method they run (`method`), by which model_merging.pipeline.merge_method finds them.
     """
 
     def __init__(self, models, datasets, split, num_examples, batch_size, max_length, rqmt):
@@ -240,6 +241,8 @@ class RegMeanPlusPlusJob(TaskDataMergeJob):
     model on each task's data (`code/regmean_plusplus.py`). The Grams are taken on `split` (default train).
     """
 
+    method = "regmean_plusplus"  # the catalogue's name of the method it runs
+
     def __init__(self, models, datasets, split="train", *, alpha=0.5, num_examples=256, batch_size=16, max_length=128,
                  time_rqmt=1, mem_rqmt=8, cpu_rqmt=1, gpu_rqmt=0):
         super().__init__(models, datasets, split, num_examples, batch_size, max_length,
@@ -258,6 +261,8 @@ class AdaMergingJob(TaskDataMergeJob):
     ancestor: θ_0; the inputs of `split` (default validation) are used, never its labels.
     Output: `out_model`, a model folder with adamerging.json (the learned coefficients, entropy per step).
     """
+
+    method = "adamerging"  # the catalogue's name of the method it runs
 
     def __init__(self, ancestor, models, datasets, split="validation", *, iterations=100, learning_rate=1e-3, prior=0.3,
                  num_examples=64, batch_size=16, max_length=128, time_rqmt=1, mem_rqmt=8, cpu_rqmt=1, gpu_rqmt=0):

@@ -1,5 +1,5 @@
 """Graph pieces the configs share: data, the pretrained model θ_0 and the task models θ_t with their
-Fishers, the multitask model, and evaluation. Calling them twice builds the same jobs (Sisyphus job
+Fishers, the multitask model, any method of the catalogue merged (`merge_method`), and evaluation. Calling them twice builds the same jobs (Sisyphus job
 singletons), so configs compose freely and a sweep reuses every earlier job. A preset's optional `shards`
 ({"statistics": N, "evaluation": N}, default 1) runs each Fisher or evaluation job as N shards over its examples."""
 from dataclasses import dataclass
@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from sisyphus import tk
 
 from model_merging.data import DownloadDatasetJob
-from model_merging.merge import TaskArithmeticJob, UncertaintyBasedGradientMatchingJob
+from model_merging.merge import (MergeJob, TaskArithmeticJob, TaskDataMergeJob, UncertaintyBasedGradientMatchingJob,
+                                 per_task_models)
 from model_merging.search import MultiTaskSearchJob
 from model_merging.statistics import FisherJob
 from model_merging.training import HuggingfaceTrainingJob
@@ -117,6 +118,44 @@ def paper_merges(experiment, scaling_factor, tasks=None):
     return task_arithmetic.out_model_path, gradient_matching.out_model_path
 
 
+@dataclass(frozen=True)
+class PerTaskModels:
+    """A per-task method's models: each task evaluated on its own, tasks without one on the unified model."""
+    unified: tk.Path
+    by_task: dict
+
+    def model(self, task):
+        return self.by_task.get(task, self.unified)
+
+
+def merge_method(entry, parameters, models, ancestor, *, statistics=None, ancestor_statistics=None, initial=None,
+                 task_data=None, rqmt):
+    """The merge of `models` ({task: θ_t}) about `ancestor` (θ_0) by the catalogue entry `entry`
+    (model_merging.catalogue.SWEEPS) with the method `parameters`; `rqmt`: the preset's resources by job kind
+    (a data-aware merge runs the models over data, as a statistics job does; the others are merge jobs):
+    - a data-aware method: the out_model of its Job (the TaskDataMergeJob that names it) on `task_data`
+      ({task: (dataset, split)}, the split its entry's "task_data" names);
+    - a per-task method: PerTaskModels, each task's own model materialised from the unified merge;
+    - any other: a MergeJob's out_model, each model given its folder of `statistics` ({task: folder} of the
+      kind the entry names), θ_0 its `ancestor_statistics` (where the entry names them), from `initial` (MaTS)."""
+    tasks = list(models)
+    if entry["kind"] == "data-aware":
+        job = {cls.method: cls for cls in TaskDataMergeJob.__subclasses__()}[entry["method"]]
+        ancestor_argument = {"ancestor": ancestor} if entry["needs_ancestor"] else {}
+        return job(**ancestor_argument, models=[models[t] for t in tasks], datasets=[task_data[t][0] for t in tasks],
+                   split=[task_data[t][1] for t in tasks], **parameters, **rqmt["statistics"]).out_model
+    rqmt = rqmt["merge"]
+    if entry["kind"] == "per-task":
+        unified, own = per_task_models(entry["method"], [models[t] for t in tasks], ancestor, parameters, **rqmt)
+        return PerTaskModels(unified, dict(zip(tasks, own)))
+    return MergeJob(
+        entry["method"], [models[t] for t in tasks], ancestor=ancestor,
+        aux_data=[statistics[t] for t in tasks] if entry["statistics"] else None,
+        ancestor_aux_data=ancestor_statistics if entry["ancestor_statistics"] else None,
+        initial=initial, parameters=parameters, **rqmt,
+    ).out_model
+
+
 def held_out_task(preset):
     """The task the leave-one-out merges leave out (the preset's last): held out for them, since neither θ_0
     (trained on the pretraining task) nor any task model that goes into them was trained on it."""
@@ -147,10 +186,22 @@ def _search(experiment, model, splits):
 
 
 def evaluate(experiment, models, splits):
-    """Accuracy of every model on every task: {label: {task: metrics.json}}; `splits`: task -> split."""
-    return {label: dict(_search(experiment, model, splits).out_metric_files) for label, model in models.items()}
+    """Accuracy of every model on every task: {label: {task: metrics.json}}; `splits`: task -> split. A per-task
+    method's models (PerTaskModels): each task on its own model."""
+    results = {}
+    for label, model in models.items():
+        if isinstance(model, PerTaskModels):
+            results[label] = {task: _search(experiment, model.model(task), {task: split}).out_metric_files[task]
+                              for task, split in splits.items()}
+        else:
+            results[label] = dict(_search(experiment, model, splits).out_metric_files)
+    return results
 
 
 def evaluate_accuracy(experiment, model, splits):
-    """The accuracy variables of `model` on each task's split, for configs that choose on them."""
+    """The accuracy variables of `model` (or of PerTaskModels, each task on its own) on each task's split, for
+    configs that choose on them."""
+    if isinstance(model, PerTaskModels):
+        return {task: _search(experiment, model.model(task), {task: split}).out_accuracies[task]
+                for task, split in splits.items()}
     return dict(_search(experiment, model, splits).out_accuracies)

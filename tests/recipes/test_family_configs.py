@@ -15,21 +15,21 @@ sys.path[:0] = [REPO, os.path.join(REPO, "recipe")]
 def test_graph_of_every_preset(config, preset, monkeypatch):
     import importlib
 
-    from config.merging_methods import DATA_AWARE, MERGE_GRIDS, PER_TASK
+    from model_merging.catalogue import SWEEPS
     from model_merging.families import build_suite
 
     module = importlib.import_module(f"config.{config}")
     chosen = getattr(module, f"{preset}_preset")()
     results, report = build_suite(chosen)
     tasks = list(chosen["tasks"])
-    methods = [label for label, spec in MERGE_GRIDS.items() if spec["method"] not in DATA_AWARE]
+    methods = [label for label, entry in SWEEPS.items() if entry["kind"] != "data-aware"]
     multitask = {"multitask"} if chosen.get("multitask") else set()
     assert set(results) == {"pretrained", *(f"fine-tuned {t}" for t in tasks), *multitask, *methods}
     assert all(set(by_task) == set(tasks) for by_task in results.values())
     merges = [label for label in chosen["methods"] if isinstance(chosen["methods"][label], dict)]
     assert set(merges) == set(methods)
-    for label, spec in MERGE_GRIDS.items():  # per-task methods: each task on its own model, that task only
-        if spec["method"] in PER_TASK:
+    for label, entry in SWEEPS.items():  # per-task methods: each task on its own model, that task only
+        if entry["kind"] == "per-task":
             searches = {task: metrics.creator for task, metrics in results[label].items()}
             assert all(list(search.datasets) == [task] for task, search in searches.items())
             assert [search.model.creator.task for search in searches.values()] == list(range(1, len(tasks) + 1))

@@ -10,9 +10,7 @@ from modelmerge.atomic import OutputError, release_outputs
 from modelmerge.io.formats import CheckpointError
 from modelmerge.io.shards import parse_size
 from modelmerge.merging.options import MergeError, Shard, check_device
-from modelmerge.methods import MERGE_METHODS
-from modelmerge.methods.knots import PARAMETERS as KNOTS_PARAMETERS
-from modelmerge.methods.lines import PARAMETERS as LINES_PARAMETERS
+from modelmerge.catalogue import methods_help  # noqa: F401  (the method list of the programs' --help)
 from modelmerge.threads import check_threads
 
 
@@ -145,33 +143,3 @@ def check_task_data_arguments(parser, args):
         parser.error(f"--datasets: got {len(args.datasets)} for {len(args.models)} models (one per model, same order)")
     if min(args.num_examples, args.batch_size, args.max_length) < 1:
         parser.error("--num_examples, --batch_size and --max_length must be at least 1")
-
-
-def methods_help() -> str:
-    """Every method with its parameters, defaults and ranges: for a program's --help."""
-    lines = []
-    for cls in sorted(set(MERGE_METHODS.values()), key=lambda cls: cls.name):
-        needs = ["θ_0"] if cls.needs_base else []
-        needs += [f"statistic '{kind}'" for kind in cls.stats]
-        needs += [f"ancestor statistic '{kind}'" for kind in cls.base_stats]
-        aliases = f" (also {', '.join(cls.aliases)})" if cls.aliases else ""
-        lines.append(f"  {cls.name}{aliases}" + (f"  needs {', '.join(needs)}" if needs else ""))
-        for name, parameter in cls.parameters.items():
-            lines.append(f"      --x:{name} ({_parameter_detail(parameter)}): {parameter.help}")
-    lines.append("  LiNeS (Wang et al., ICLR 2025), with any method given θ_0: task vectors scaled by layer depth")
-    for name, parameter in LINES_PARAMETERS.items():
-        lines.append(f"      --x:{name} ({_parameter_detail(parameter)}): {parameter.help}")
-    lines.append("  KnOTS (Stoica et al., ICLR 2025), with any method given θ_0 or in a lora- merge: a shared SVD basis")
-    for name, parameter in KNOTS_PARAMETERS.items():
-        lines.append(f"      --x:{name} ({_parameter_detail(parameter)}): {parameter.help}")
-    return "\n".join(lines)
-
-
-def _parameter_detail(parameter) -> str:
-    parts = [parameter.type.__name__ + (", one per model" if parameter.per_model else "")]
-    if parameter.range:
-        parts.append(f"in {parameter.range}")
-    if parameter.choices:
-        parts.append("one of " + ", ".join(map(str, parameter.choices)))
-    parts.append(f"default {parameter.default}")
-    return "; ".join(parts)

@@ -36,8 +36,8 @@ from .uncertainty_based_gradient_matching import UncertaintyBasedGradientMatchin
 from .wudi import Wudi
 
 _CLASSES: tuple[type[MergeMethod], ...] = (
-    Linear, TaskArithmetic, Ties, DareLinear, DareTies, Breadcrumbs, BreadcrumbsTies, Fisher, RegMean, Mats,
-    Slerp, Mlerp, UncertaintyBasedGradientMatching, Passthrough,
+    Linear, TaskArithmetic, Ties, DareLinear, DareTies, Breadcrumbs, BreadcrumbsTies, Mlerp, Fisher, RegMean, Mats,
+    Slerp, UncertaintyBasedGradientMatching, Passthrough,
     # mergekit 0.1.5's newer methods
     ModelStock, Della, DellaLinear, Sce, NuSlerp, MultiSlerp, Karcher, NearSwap, ArceeFusion, Ram, RamPlusTensorLocal,
     # data-free methods of the current field

@@ -29,6 +29,7 @@ class ArceeFusion(MergeMethod):
     """θ = θ_0 + (θ_1 − θ_0) ⊙ [importance ≥ median + 1.5 · (Q3 − Q1)], quantiles of the importance."""
 
     name = "arcee_fusion"
+    paper = 'Arcee AI, "Arcee Fusion" (https://arcee.ai)'
     needs_base = True
     max_models = 1
 

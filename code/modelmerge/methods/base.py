@@ -14,6 +14,10 @@ A sharded merge (merging/shards.py) gives each of N processes a part of the tens
 method's `cost`; that needs every tensor's merge to depend on its own inputs only. A method whose tensors
 depend on each other (a threshold over the whole model, a pass through the partly merged model) says why
 in `needs_every_tensor`, and its sharded merges then run whole in the first part.
+
+Every method also declares what the rest of the project derives from it (`MethodDeclaration`: its kind, its
+paper, the statistics it needs, its entries in the experiments' sweeps and suites); `modelmerge.catalogue`
+collects the declarations into merge.py's --help, recipe/model_merging/catalogue.json and docs/methods.md.
 """
 import math
 from dataclasses import dataclass, field, replace
@@ -160,14 +164,61 @@ def _interval(text: str) -> tuple[bool, float, float, bool]:
     return text[0] == "(", float(low), float(high), text[-1] == ")"
 
 
-class MergeMethod:
+# What a method is, for the catalogue: "element-wise" and "whole-tensor" merges (code/merge.py; which of the two
+# follows `MergeMethod.elementwise`), "per-task" ones (a unified model plus each task's mask and rescaler:
+# code/modulated_merge.py), "data-aware" ones that run each task's data through the models (their own program),
+# and "modifier"s, options of any merge with an ancestor (LiNeS, KnOTS).
+KINDS = ("element-wise", "whole-tensor", "per-task", "data-aware", "modifier")
+SCALING_FACTORS = "scaling_factors"  # a `Sweep.grid` meaning the experiment preset's grid of α
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """One entry of the experiments' method suites: merged at every value of `grid` for the parameter
+    `parameter` (None: merged once) with the `fixed` parameters, and the value best on validation data reported
+    (config/merging_methods.py); the family suites (recipe/model_merging/families.py) merge it once, at the
+    middle of `grid` (at the suite's α for `SCALING_FACTORS`).
+
+    `statistics`: the kind each model is given where the method's required `stats` do not name it (RegMean's
+    optional Gram); `initial`: the label of the entry whose merge it starts from (MaTS from task arithmetic);
+    `method`: the method merged, for the entries a modifier declares (default: the declaring method).
+    """
+
+    label: str
+    parameter: str | None = None
+    grid: tuple | str = ()
+    fixed: dict = field(default_factory=dict)
+    statistics: str | None = None
+    initial: str | None = None
+    method: str | None = None
+
+
+class MethodDeclaration:
+    """What a method says about itself, for `modelmerge.catalogue`: everything but its arithmetic.
+
+    `kind` is one of `KINDS` (None: element-wise or whole-tensor, as `MergeMethod.elementwise` says); `paper`
+    the work it follows; `sweeps` its entries in the experiments' suites; `dataset_sizes` the parameters an
+    experiment sets from the training set sizes, {parameter: "ancestor" or "models"} (θ_0's size, or one per
+    model); `program` the code/ program that runs it, where it is not code/merge.py; `task_data` which split
+    of each task's data a data-aware method runs on ("statistics" or "validation").
+    """
+
     name: ClassVar[str]
     aliases: ClassVar[tuple[str, ...]] = ()
+    kind: ClassVar[str | None] = None
+    paper: ClassVar[str] = ""
     needs_base: ClassVar[bool] = False
     stats: ClassVar[tuple[str, ...]] = ()  # statistic kinds every model must provide for every merged tensor
     optional_stats: ClassVar[tuple[str, ...]] = ()  # kinds used where present (e.g. Gram only for linear weights)
     base_stats: ClassVar[tuple[str, ...]] = ()  # statistic kinds the ancestor must provide
     parameters: ClassVar[dict[str, Parameter]] = {}
+    sweeps: ClassVar[tuple[Sweep, ...]] = ()
+    dataset_sizes: ClassVar[dict[str, str]] = {}
+    program: ClassVar[str] = "merge.py"
+    task_data: ClassVar[str | None] = None
+
+
+class MergeMethod(MethodDeclaration):
     min_models: ClassVar[int] = 1
     max_models: ClassVar[int | None] = None
     # True: each output entry depends only on the same entry of every input (and on what `prepare` computes),

@@ -5,7 +5,7 @@ Davari & Belilovsky, "Model Breadcrumbs: Scaling Multi-Task Model Merging with S
 """
 import torch
 
-from .base import MergeMethod, Parameter, TensorGroup
+from .base import MergeMethod, Parameter, Sweep, TensorGroup
 from .common import base_tensor, per_model
 from .sparsify import drop_outliers_and_small
 from .task_vectors import CONSENSUS_PARAMETERS, combine, combine_parameters, task_vector
@@ -15,6 +15,8 @@ class Breadcrumbs(MergeMethod):
     """Breadcrumbs masks then task arithmetic (mergekit's `breadcrumbs`)."""
 
     name = "breadcrumbs"
+    paper = 'Davari & Belilovsky, "Model Breadcrumbs", ECCV 2024 (https://arxiv.org/abs/2312.06795)'
+    sweeps = (Sweep("breadcrumbs", "density", (0.5, 0.7, 0.9), {"gamma": 0.01}),)
     needs_base = True
     parameters = {
         **combine_parameters(normalize=False),

@@ -16,7 +16,7 @@ the method does not need it.
 """
 import torch
 
-from .base import MergeMethod, Parameter, TensorGroup
+from .base import MergeMethod, Parameter, Sweep, TensorGroup
 from .common import upcast_dtype
 from .task_space import PARAMETERS, Difference, chunks, gram, is_matrix, matrix_rule_cost
 
@@ -49,6 +49,8 @@ class Cart(MergeMethod):
     """CART on every 2-D tensor, the average of the models elsewhere."""
 
     name = "cart"
+    paper = 'Choi, Kim, Lee & Hong, "Revisiting Weight Averaging for Model Merging", 2024 (https://arxiv.org/abs/2412.12153)'
+    sweeps = (Sweep("cart", "rank_ratio", (0.04, 0.08, 0.16, 0.32), {"merge_lambda": 2.0}),)
     aliases = ("centered_task_arithmetic",)
     parameters = {
         "merge_lambda": Parameter(2.0, aliases=("lambda", "scaling_factor", "prior"),

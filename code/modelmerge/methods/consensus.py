@@ -6,7 +6,7 @@ Merging and Compression", ICML 2024 (https://arxiv.org/abs/2405.07813).
 """
 import torch
 
-from .base import MergeMethod, Parameter, TensorGroup
+from .base import MergeMethod, Parameter, Sweep, TensorGroup
 from .common import base_tensor, per_model, upcast_dtype
 from .task_space import PARAMETERS
 
@@ -23,6 +23,9 @@ class Consensus(MergeMethod):
     dropped with k = 2)."""
 
     name = "consensus"
+    paper = ('Wang et al., "Localizing Task Information for Improved Model Merging and Compression", '
+             "ICML 2024 (https://arxiv.org/abs/2405.07813)")
+    sweeps = (Sweep("consensus (ta)", "k", (1, 2, 3), {"tall_mask_lambda": 0.6}),)
     aliases = ("consensus_ta", "tall_masks_consensus")
     needs_base = True
     elementwise = True
@@ -47,6 +50,10 @@ class TallMasks(MergeMethod):
     model θ_0 + m_t ⊙ λ·τ_MTL, are written by `code/modulated_merge.py` (modelmerge.modulated)."""
 
     name = "tall_masks"
+    kind = "per-task"
+    program = "modulated_merge.py"
+    paper = Consensus.paper
+    sweeps = (Sweep("tall masks (per-task)", "tall_mask_lambda", (0.2, 0.4, 0.6)),)
     needs_base = True
     elementwise = True
     parameters = {key: value for key, value in Consensus.parameters.items() if key != "k"}

@@ -5,7 +5,7 @@ ICML 2024 (https://arxiv.org/abs/2311.03099).
 """
 import torch
 
-from .base import MergeMethod, Parameter, TensorGroup
+from .base import MergeMethod, Parameter, Sweep, TensorGroup
 from .common import base_tensor, per_model
 from .sparsify import drop_and_rescale, tensor_generator
 from .task_vectors import CONSENSUS_PARAMETERS, combine, combine_parameters, task_vector
@@ -20,6 +20,8 @@ class DareLinear(MergeMethod):
     """
 
     name = "dare_linear"
+    paper = 'Yu et al., "Language Models are Super Mario", ICML 2024 (https://arxiv.org/abs/2311.03099)'
+    sweeps = (Sweep("dare linear", "dropout_probability", (0.1, 0.3, 0.5, 0.7), {"seed": 0}),)
     aliases = ("dare-task-arithmetic", "dare_task_arithmetic")
     needs_base = True
     parameters = {
@@ -57,5 +59,6 @@ class DareTies(DareLinear):
     """DARE then TIES' sign election and disjoint merge (mergekit's `dare_ties`)."""
 
     name = "dare_ties"
+    sweeps = (Sweep("dare ties", "dropout_probability", (0.1, 0.3, 0.5, 0.7), {"seed": 0}),)
     aliases = ("dare-ties",)
     parameters = {**DareLinear.parameters, **CONSENSUS_PARAMETERS}

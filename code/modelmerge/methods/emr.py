@@ -10,7 +10,7 @@ rescalers, and each task's model from them, are written by `code/modulated_merge
 """
 import torch
 
-from .base import MergeMethod, TensorGroup
+from .base import MergeMethod, Sweep, TensorGroup
 from .task_space import PARAMETERS, result, task_vectors
 
 
@@ -29,6 +29,10 @@ class Emr(MergeMethod):
     """θ = θ_0 + λ·τ_uni (EMR's unified model, every tensor); see the module docstring for the modulators."""
 
     name = "emr"
+    kind = "per-task"
+    program = "modulated_merge.py"
+    paper = 'Huang et al., "EMR-Merging: Tuning-Free High-Performance Model Merging", NeurIPS 2024 (https://arxiv.org/abs/2405.17461)'
+    sweeps = (Sweep("emr (per-task)"),)
     aliases = ("emr_merging",)
     needs_base = True
     elementwise = True

@@ -7,7 +7,7 @@ import logging
 
 import torch
 
-from .base import MergeMethod, Parameter, TensorBlocks, TensorGroup
+from .base import MergeMethod, Parameter, Sweep, TensorBlocks, TensorGroup
 from .common import per_model, stat, upcast_dtype, weighted_mean
 
 logger = logging.getLogger(__name__)
@@ -23,6 +23,8 @@ class Fisher(MergeMethod):
     """
 
     name = "fisher"
+    paper = 'Matena & Raffel, "Merging Models with Fisher-Weighted Averaging", NeurIPS 2022 (https://arxiv.org/abs/2111.09832)'
+    sweeps = (Sweep("fisher"),)
     stats = ("fisher",)
     elementwise = True
     parameters = {

@@ -6,7 +6,7 @@ Merging with Common and Task-Specific Subspaces", ICML 2025 (https://arxiv.org/a
 """
 import torch
 
-from .base import MergeMethod, Parameter, TensorGroup
+from .base import SCALING_FACTORS, MergeMethod, Parameter, Sweep, TensorGroup
 from .task_space import (PARAMETERS, chunks, gram, is_matrix, leading_left, matrix_rule_cost, mean, polar,
                          polar_and_singular_values, result, scaled_product, task_vectors, times, top_singular, total)
 
@@ -77,6 +77,9 @@ class IsoC(MergeMethod):
     elsewhere; θ_0 + λ·τ."""
 
     name = "iso_c"
+    paper = ('Marczak et al., "No Task Left Behind: Isotropic Model Merging with Common and Task-Specific Subspaces", '
+             "ICML 2025 (https://arxiv.org/abs/2502.04959)")
+    sweeps = (Sweep("iso-c", "merge_lambda", SCALING_FACTORS),)
     aliases = ("iso-c",)
     needs_base = True
     parameters = PARAMETERS
@@ -94,6 +97,8 @@ class IsoCts(MergeMethod):
     """Iso-CTS on every 2-D tensor, the mean task vector elsewhere; θ_0 + λ·τ."""
 
     name = "iso_cts"
+    paper = IsoC.paper
+    sweeps = (Sweep("iso-cts", "merge_lambda", SCALING_FACTORS, {"common_space_fraction": 0.8}),)
     aliases = ("iso-cts",)
     needs_base = True
     parameters = {

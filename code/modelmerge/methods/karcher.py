@@ -6,7 +6,7 @@ https://arxiv.org/abs/2603.04972; computed as mergekit 0.1.5's `karcher`.
 """
 import torch
 
-from .base import MergeMethod, Parameter, TensorGroup
+from .base import MergeMethod, Parameter, Sweep, TensorGroup
 from .common import upcast_dtype
 
 
@@ -49,6 +49,8 @@ class Karcher(MergeMethod):
     more model there)."""
 
     name = "karcher"
+    paper = 'H. Karcher, "Riemannian center of mass and mollifier smoothing", 1977'
+    sweeps = (Sweep("karcher"),)
     parameters = {
         "max_iter": Parameter(10, type=int, range="[0, inf)", help="most fixed-point iterations (≥ 0)"),
         "tol": Parameter(1e-5, range="[0, inf)", help="stop when the tangent step is shorter than this"),

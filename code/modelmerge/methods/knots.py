@@ -16,13 +16,25 @@ refuses the option.
 """
 import torch
 
-from .base import Parameter, TensorGroup
+from .base import MethodDeclaration, Parameter, Sweep, TensorGroup
 
 PARAMETERS = {
     "knots": Parameter(False, type=bool, help="KnOTS: merge every 2-D tensor's task updates in their shared SVD basis "
                                               "(any method with θ_0; meant for lora- merges)"),
 }
 SUPPORT = 1e-4  # singular values at or below this are no part of the basis (FusionBench's eps)
+
+
+class Knots(MethodDeclaration):
+    """KnOTS (Stoica et al., ICLR 2025), with any method given θ_0 or in a lora- merge: a shared SVD basis.
+
+    The catalogue's entry for KnOTS: its parameter, and TIES in the shared basis."""
+
+    name = "knots"
+    kind = "modifier"
+    paper = 'Stoica et al., "Model Merging with SVD to Tie the KnOTS", ICLR 2025 (https://arxiv.org/abs/2410.19735)'
+    parameters = PARAMETERS
+    sweeps = (Sweep("ties + knots", "density", (0.1, 0.2, 0.3, 0.5), {"merge_lambda": 1.0, "knots": True}, method="ties"),)
 
 
 def shared_basis(taus: list[torch.Tensor]):

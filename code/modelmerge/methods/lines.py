@@ -20,7 +20,7 @@ import re
 
 import torch
 
-from .base import Parameter
+from .base import MethodDeclaration, Parameter, Sweep
 from .common import upcast_dtype
 
 PARAMETERS = {
@@ -34,6 +34,21 @@ _LAYER = re.compile(r"^(.*?\.)(\d+)\.")
 # Why a merge with the paper's α cannot be split into parts that merge tensors on their own (merging/shards.py).
 GLOBAL_ALPHA = ("LiNeS without lines_alpha takes the paper's α = ‖Σ_t τ_t‖₁ / (T·‖τ‖₁) from every tensor of the model "
                 "(give lines_alpha to shard it)")
+LINES_BETAS = (0.2, 0.4, 0.6, 1.0)
+
+
+class Lines(MethodDeclaration):
+    """LiNeS (Wang et al., ICLR 2025), with any method given θ_0: task vectors scaled by layer depth.
+
+    The catalogue's entry for LiNeS: its parameters, and the merges the paper applies it to."""
+
+    name = "lines"
+    kind = "modifier"
+    paper = 'Wang et al., "LiNeS: Post-training Layer Scaling Prevents Forgetting", ICLR 2025 (https://arxiv.org/abs/2410.17146)'
+    parameters = PARAMETERS
+    sweeps = (Sweep("task arithmetic + lines", "lines_beta", LINES_BETAS, method="task_arithmetic"),
+              Sweep("ties + lines", "lines_beta", LINES_BETAS, {"density": 0.2, "merge_lambda": 1.0}, method="ties"),
+              Sweep("consensus + lines", "lines_beta", LINES_BETAS, {"k": 2, "tall_mask_lambda": 0.6}, method="consensus"))
 
 
 def layer_depths(names) -> dict[str, float]:

@@ -18,7 +18,7 @@ scales are averaged too.
 """
 import torch
 
-from .base import MergeMethod, Parameter, TensorGroup
+from .base import MergeMethod, Parameter, Sweep, TensorGroup
 from .common import base_tensor, optional_stats
 from .regmean import WORK_DTYPE, average, check_linear_gram, weights_out_in
 
@@ -27,6 +27,8 @@ class Lot(MergeMethod):
     """W_0 + ((Σ_t G_t)⁺ Σ_t G_t τ_tᵀ)ᵀ on linear weights with a Gram statistic, the mean task vector elsewhere."""
 
     name = "lot"
+    paper = 'Sun et al., "Towards Minimizing Feature Drift in Model Merging", NeurIPS 2025 (https://arxiv.org/abs/2505.23859)'
+    sweeps = (Sweep("lot", statistics="gram"),)  # the least-squares task vector: no hyperparameter
     aliases = ("lot_merging", "lot-merging")
     needs_base = True
     optional_stats = ("gram",)

@@ -5,7 +5,7 @@ Learning", ECCV 2024 (https://arxiv.org/abs/2407.06322).
 """
 import torch
 
-from .base import MergeMethod, TensorGroup
+from .base import SCALING_FACTORS, MergeMethod, Sweep, TensorGroup
 from .task_space import PARAMETERS, result, task_vectors
 
 
@@ -13,6 +13,8 @@ class MagMax(MergeMethod):
     """θ = θ_0 + λ · τ_{t*}, t* = argmax_t |τ_t| entry by entry (on ties the later task), every tensor."""
 
     name = "magmax"
+    paper = 'Marczak, Twardowski, Trzciński & Cygert, "MagMax", ECCV 2024 (https://arxiv.org/abs/2407.06322)'
+    sweeps = (Sweep("magmax", "merge_lambda", SCALING_FACTORS),)
     needs_base = True
     elementwise = True
     parameters = {"merge_lambda": PARAMETERS["merge_lambda"]}

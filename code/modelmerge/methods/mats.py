@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from .base import MergeMethod, Parameter, TensorGroup
+from .base import MergeMethod, Parameter, Sweep, TensorGroup
 from .common import optional_stats, stat
 from .regmean import WORK_DTYPE, average, check_linear_gram, scale_off_diagonal, weights_out_in
 
@@ -34,6 +34,10 @@ class Mats(MergeMethod):
     """
 
     name = "mats"
+    paper = 'Tam, Bansal & Raffel, "Merging by Matching Models in Task Parameter Subspaces", TMLR 2024 (https://arxiv.org/abs/2312.04339)'
+    sweeps = tuple(Sweep(f"mats ({label})", "iterations", (5, 20, 50), {"objective": objective, "alpha": 0.9},
+                         statistics="gram", initial="task arithmetic")
+                     for label, objective in (("regmean", "regmean"), ("blockwise fisher", "blockwise_fisher")))
     aliases = ("covariance-mats", "covariance_mats")
     optional_stats = ("fisher", "gram", "output_grad_gram")
     parameters = {

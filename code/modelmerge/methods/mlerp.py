@@ -5,7 +5,7 @@ WACV 2024 (https://arxiv.org/abs/2312.01026), where MLERP merges tokens; applied
 """
 import torch
 
-from .base import MergeMethod, Parameter, TensorGroup
+from .base import MergeMethod, Parameter, Sweep, TensorGroup
 from .common import per_model, upcast_dtype, weighted_mean
 
 
@@ -14,6 +14,8 @@ class Mlerp(MergeMethod):
     tensor): the direction of the weighted average with the weighted mean of the inputs' norms."""
 
     name = "mlerp"
+    paper = 'Kim, Gao, Hsu, Shen & Jin, "Token Fusion", WACV 2024 (https://arxiv.org/abs/2312.01026)'
+    sweeps = (Sweep("mlerp"),)
     min_models = 2
     parameters = {
         "weight": Parameter(1.0, per_model=True, aliases=("weights",), range="[0, inf)", help="weight w_t of each model"),

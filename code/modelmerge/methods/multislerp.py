@@ -5,7 +5,7 @@ mergekit 0.1.5's `multislerp`.
 """
 import torch
 
-from .base import MergeMethod, Parameter, TensorGroup
+from .base import MergeMethod, Parameter, Sweep, TensorGroup
 from .common import per_model, upcast_dtype
 
 
@@ -15,6 +15,8 @@ class MultiSlerp(MergeMethod):
     scale to the weighted mean norm. Two exactly opposite inputs fall back to the weighted sum."""
 
     name = "multislerp"
+    paper = 'C. Goddard, "Multi-SLERP" (https://goddard.blog/posts/multislerp-wow-what-a-cool-idea)'
+    sweeps = (Sweep("multislerp"),)
     parameters = {
         "weight": Parameter(1.0, per_model=True, aliases=("weights",), help="weight of each model"),
         "normalize_weights": Parameter(True, type=bool, help="divide the weights by their sum"),

@@ -14,6 +14,7 @@ class NearSwap(MergeMethod):
     closer than t are swapped for the other model's, farther ones move towards it by t / distance."""
 
     name = "nearswap"
+    paper = 'alchemonaut, "QuartetAnemoi-70B-t0.0001" (https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001)'
     needs_base = True
     elementwise = True
     max_models = 1

@@ -35,6 +35,7 @@ class NuSlerp(MergeMethod):
     their task vectors added to θ_0 when an ancestor is given."""
 
     name = "nuslerp"
+    paper = 'Shoemake, "Animating Rotation with Quaternion Curves", SIGGRAPH 1985, as mergekit 0.1.5\'s `nuslerp`'
     min_models = 2
     max_models = 2
     parameters = {

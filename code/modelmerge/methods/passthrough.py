@@ -11,6 +11,7 @@ from .common import per_model
 
 class Passthrough(MergeMethod):
     name = "passthrough"
+    paper = 'Goddard et al., "Arcee\'s MergeKit", 2024 (https://arxiv.org/abs/2403.13257)'
     aliases = ("slices",)
     max_models = 1
     elementwise = True

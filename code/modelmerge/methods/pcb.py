@@ -21,7 +21,7 @@ that task (the reference divides 0 by 0 there).
 """
 import torch
 
-from .base import MergeMethod, Parameter, TensorGroup
+from .base import MergeMethod, Parameter, Sweep, TensorGroup
 from .common import base_tensor, order_statistic, upcast_dtype
 from .task_space import PARAMETERS
 
@@ -50,6 +50,8 @@ class Pcb(MergeMethod):
     """PCB-merging on every floating-point tensor; θ_0 + λ·(the balanced average of the clamped task vectors)."""
 
     name = "pcb"
+    paper = 'Du et al., "Parameter Competition Balancing for Model Merging", NeurIPS 2024 (https://arxiv.org/abs/2410.02396)'
+    sweeps = (Sweep("pcb", "pcb_ratio", (0.05, 0.1, 0.2, 0.3), {"merge_lambda": 1.2}),)
     aliases = ("pcb_merging", "pcb-merging")
     needs_base = True
     parameters = {

@@ -6,7 +6,7 @@ only one model changes whole (RAM+ amplifies those by how much the model shares 
 """
 import torch
 
-from .base import MergeMethod, Parameter, TensorBlocks, TensorGroup
+from .base import MergeMethod, Parameter, Sweep, TensorBlocks, TensorGroup
 from .common import base_tensor, upcast_dtype
 from .task_vectors import task_vector
 
@@ -30,6 +30,8 @@ class Ram(MergeMethod):
     are taken whole, the others averaged over the models that change them."""
 
     name = "ram"
+    paper = '"Reinforced Agent Merging" (https://arxiv.org/abs/2601.13572)'
+    sweeps = (Sweep("ram"),)
     needs_base = True
     elementwise = True
     parameters = {"epsilon": EPSILON}
@@ -46,6 +48,8 @@ class RamPlusTensorLocal(MergeMethod):
     in `prepare` when the tensor is merged in blocks of rows)."""
 
     name = "ramplus_tl"
+    paper = '"Reinforced Agent Merging" (https://arxiv.org/abs/2601.13572)'
+    sweeps = (Sweep("ram+ (tensor-local)"),)
     needs_base = True
     elementwise = True
     parameters = {

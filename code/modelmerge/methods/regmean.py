@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import torch
 
-from .base import GRAM_KINDS, MergeMethod, Parameter, TensorGroup
+from .base import GRAM_KINDS, MergeMethod, Parameter, Sweep, TensorGroup
 from .common import optional_stats, weighted_mean
 
 logger = logging.getLogger(__name__)
@@ -63,6 +63,8 @@ class RegMean(MergeMethod):
     """
 
     name = "regmean"
+    paper = 'Jin et al., "Dataless Knowledge Fusion by Merging Weights of Language Models", ICLR 2023 (https://arxiv.org/abs/2212.09849)'
+    sweeps = (Sweep("regmean", "alpha", (0.1, 0.5, 0.9), statistics="gram"),)
     aliases = ("reg-mean", "reg_mean")
     optional_stats = ("gram",)
     parameters = {

@@ -19,6 +19,7 @@ class Slerp(MergeMethod):
     """
 
     name = "slerp"
+    paper = 'Shoemake, "Animating Rotation with Quaternion Curves", SIGGRAPH 1985'
     min_models = 2
     max_models = 2
     parameters = {

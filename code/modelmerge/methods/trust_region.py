@@ -20,7 +20,7 @@ mean absolute per-example gradient at θ_0; the Fisher is the mean square at θ_
 """
 import torch
 
-from .base import MergeMethod, Parameter, TensorGroup
+from .base import SCALING_FACTORS, MergeMethod, Parameter, Sweep, TensorGroup
 from .common import base_tensor, order_statistic, upcast_dtype
 
 
@@ -39,6 +39,8 @@ class TrustRegion(MergeMethod):
     """θ_0 + λ · Σ_t τ_t on the entries outside the top 1 − q of the conflict Ω, on every tensor."""
 
     name = "tatr"
+    paper = 'Sun et al., "Task Arithmetic in Trust Region", ICLR 2025 (https://openreview.net/forum?id=q3ztjJRQuJ)'
+    sweeps = (Sweep("tatr", "merge_lambda", SCALING_FACTORS, {"threshold_quantile": 0.99}),)
     aliases = ("trust_region", "task_arithmetic_trust_region")
     needs_base = True
     parameters = {

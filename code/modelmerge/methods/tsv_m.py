@@ -6,7 +6,7 @@ Interference in Model Merging", CVPR 2025 (https://arxiv.org/abs/2412.00081).
 """
 import torch
 
-from .base import MergeMethod, TensorGroup
+from .base import SCALING_FACTORS, MergeMethod, Sweep, TensorGroup
 from .task_space import (PARAMETERS, is_matrix, matrix_rule_cost, mean, polar, result, scaled_product, task_vectors,
                          top_singular)
 
@@ -35,6 +35,8 @@ class TsvM(MergeMethod):
     """TSV-M on every 2-D tensor, the mean task vector elsewhere; θ_0 + λ·τ (the paper's α is λ)."""
 
     name = "tsv_m"
+    paper = 'Gargiulo et al., "Task Singular Vectors: Reducing Task Interference in Model Merging", CVPR 2025 (https://arxiv.org/abs/2412.00081)'
+    sweeps = (Sweep("tsv-m", "merge_lambda", SCALING_FACTORS),)
     aliases = ("tsvm", "tsv-m")
     needs_base = True
     parameters = PARAMETERS

@@ -5,7 +5,7 @@ ICLR 2024 (https://arxiv.org/abs/2310.12808).
 """
 import torch
 
-from .base import MergeMethod, Parameter, TensorGroup
+from .base import SCALING_FACTORS, MergeMethod, Parameter, Sweep, TensorGroup
 from .common import base_tensor, per_model, stat, upcast_dtype
 
 
@@ -20,6 +20,10 @@ class UncertaintyBasedGradientMatching(MergeMethod):
     """
 
     name = "uncertainty_based_gradient_matching"
+    paper = ('Daheim, Möllenhoff, Ponti, Gurevych & Khan, "Model Merging by Uncertainty-Based Gradient Matching", '
+             "ICLR 2024 (https://arxiv.org/abs/2310.12808)")
+    sweeps = (Sweep("gradient matching", "scaling_factor", SCALING_FACTORS, {"delta_0": 1e-12}),)
+    dataset_sizes = {"scaling_factor_pt": "ancestor", "scaling_factors_ft": "models"}  # c_0 and c_t: the data set sizes
     aliases = ("ubgm", "uncertainty-based-gradient-matching", "gradient_matching")
     needs_base = True
     elementwise = True

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import MergeMethod, Parameter, TensorBlocks, TensorGroup, entries_cost, product_cost
+from .base import MergeMethod, Parameter, Sweep, TensorBlocks, TensorGroup, entries_cost, product_cost
 from .task_space import PARAMETERS, gets_matrix_rule, is_matrix, mean, result, task_vectors
 
 
@@ -65,6 +65,8 @@ class Wudi(MergeMethod):
     """WUDI on every 2-D tensor, the mean task vector elsewhere; θ_0 + λ·τ."""
 
     name = "wudi"
+    paper = 'Cheng et al., "Whoever Started the Interference Should End It", ICML 2025 (https://arxiv.org/abs/2503.08099)'
+    sweeps = (Sweep("wudi", fixed={"iterations": 300}),)
     aliases = ("wudi_merging",)
     needs_base = True
     elementwise = True  # row by row, once `prepare` has the Gram matrices of the whole tensor

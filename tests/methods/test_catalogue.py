@@ -1,0 +1,124 @@
+"""The catalogue of methods (modelmerge.catalogue): its generated files are current, it holds every registered
+method, a contradictory declaration is refused, and the configs and recipes restate nothing of it."""
+import ast
+import glob
+import importlib.util
+import json
+import os
+
+import pytest
+from sis_util import REPO
+
+from modelmerge import catalogue
+from modelmerge.methods import MERGE_METHODS
+from modelmerge.methods.base import MergeMethod, Parameter, Sweep
+
+# Names the configs and recipes used to restate the catalogue with; derived from it now.
+RESTATEMENTS = ("MERGE_GRIDS", "DATA_AWARE", "PER_TASK", "MODULATED_METHODS", "merge_methods")
+
+
+def graph_sources():
+    """{path: parsed module} of every config and recipe module."""
+    paths = glob.glob(os.path.join(REPO, "config", "*.py")) + glob.glob(os.path.join(REPO, "recipe", "**", "*.py"),
+                                                                        recursive=True)
+    return {os.path.relpath(path, REPO): ast.parse(open(path, encoding="utf-8").read()) for path in sorted(paths)}
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("catalogue_script", os.path.join(REPO, "scripts", "catalogue.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_generated_files_are_current():
+    assert load_script().stale() == [], "run python scripts/catalogue.py"
+
+
+def test_every_registered_method_is_in_the_catalogue_under_every_name():
+    with open(os.path.join(REPO, catalogue.JSON_PATH), encoding="utf-8") as f:
+        methods = json.load(f)["methods"]
+    for name, cls in MERGE_METHODS.items():
+        assert cls in catalogue.DECLARATIONS
+        assert name == cls.name or name in methods[cls.name]["aliases"]
+        assert set(methods[cls.name]["parameters"]) == set(cls.parameters)
+        assert methods[cls.name]["kind"] == ("per-task" if cls.name in ("emr", "tall_masks") else
+                                             "element-wise" if cls.elementwise else "whole-tensor")
+    assert {methods[name]["kind"] for name in ("regmean_plusplus", "adamerging")} == {"data-aware"}
+    assert {methods[name]["kind"] for name in ("lines", "knots")} == {"modifier"}
+    assert all(method["paper"] for method in methods.values())
+
+
+def test_sweeps_are_the_methods_own_declarations():
+    sweeps = catalogue.sweeps()
+    assert sweeps["regmean"] == {
+        "method": "regmean", "kind": "whole-tensor", "parameter": "alpha", "grid": [0.1, 0.5, 0.9], "fixed": {},
+        "statistics": "gram", "ancestor_statistics": None, "initial": None, "dataset_sizes": {}, "task_data": None,
+        "needs_ancestor": False}
+    gradient_matching = sweeps["gradient matching"]
+    assert (gradient_matching["statistics"], gradient_matching["ancestor_statistics"]) == ("fisher", "fisher")
+    assert gradient_matching["dataset_sizes"] == {"scaling_factor_pt": "ancestor", "scaling_factors_ft": "models"}
+    assert sweeps["ties + lines"]["method"] == "ties" and sweeps["adamerging"]["task_data"] == "validation"
+    kinds = [entry["kind"] for entry in sweeps.values()]  # report order: merges, modifiers' entries, per-task, data-aware
+    assert kinds[-4:] == ["per-task", "per-task", "data-aware", "data-aware"]
+
+
+def test_family_suites_take_every_method_but_the_data_aware_once():
+    from model_merging.catalogue import SWEEPS, suite_methods
+
+    suite = suite_methods(0.3, [10, 20], 30)
+    assert list(suite)[0] == "task arithmetic"  # MaTS starts from it
+    assert set(suite) == {label for label, entry in SWEEPS.items() if entry["kind"] != "data-aware"}
+    assert suite["ties"]["parameters"] == {"density": 0.3, "merge_lambda": 1.0}  # grid[len // 2] of 0.1, 0.2, 0.3, 0.5
+    assert suite["gradient matching"]["parameters"] == {"scaling_factor": 0.3, "delta_0": 1e-12, "scaling_factor_pt": 30,
+                                                        "scaling_factors_ft": [10, 20]}
+
+
+@pytest.mark.parametrize("sweep, message", [
+    (Sweep("bad", "no_such_parameter", (1.0,)), "has no parameter 'no_such_parameter'"),
+    (Sweep("bad", "alpha", (0.5, 2.0)), "alpha=2.0 must lie in [0, 1]"),
+    (Sweep("bad", initial="no such label"), "starts from 'no such label', which is no sweep's label"),
+    (Sweep("average"), "sweep label 'average' is declared twice"),
+])
+def test_a_contradictory_declaration_is_refused(sweep, message, monkeypatch):
+    class Bad(MergeMethod):
+        name = "bad"
+        parameters = {"alpha": Parameter(0.5, range="[0, 1]")}
+        sweeps = (sweep,)
+
+    monkeypatch.setattr(catalogue, "DECLARATIONS", (*catalogue.DECLARATIONS, Bad))
+    with pytest.raises(catalogue.CatalogueError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        catalogue.sweeps()
+
+
+def test_merge_help_lists_every_method_of_the_catalogue(merge_help):
+    for cls in catalogue.DECLARATIONS:
+        assert f"\n  {cls.name}" in merge_help
+    assert "--x:lines_beta (float; in [0, inf); default None)" in merge_help
+    assert "--iterations (int; in [0, inf); default 100)" in merge_help  # AdaMerging's, a program argument
+
+
+def test_configs_and_recipes_restate_nothing():
+    """No config or recipe names the old restatements, or a method (its names that are no statistic kind, as
+    'fisher' is) except as a key (preset["gradient_matching"]), in a comparison, or as the `method` a
+    TaskDataMergeJob declares it runs; no config imports another."""
+    names = {name for cls in catalogue.DECLARATIONS for name in (cls.name, *cls.aliases)}
+    names -= {kind for cls in catalogue.DECLARATIONS for kind in (*cls.stats, *cls.optional_stats, *cls.base_stats)}
+    for path, tree in graph_sources().items():
+        allowed = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Subscript):
+                allowed.add(id(node.slice))
+            elif isinstance(node, ast.Dict):
+                allowed.update(id(key) for key in node.keys)
+            elif isinstance(node, ast.Compare):
+                allowed.update(id(operand) for operand in (node.left, *node.comparators))
+            elif isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == ["method"]:
+                allowed.add(id(node.value))
+        for node in ast.walk(tree):
+            assert not (isinstance(node, ast.Name) and node.id in RESTATEMENTS), f"{path}:{node.lineno}: {node.id}"
+            if isinstance(node, ast.Constant) and node.value in names and not isinstance(node.value, bool):
+                assert id(node) in allowed, f"{path}:{node.lineno}: method {node.value!r} named outside the catalogue"
+            if isinstance(node, (ast.Import, ast.ImportFrom)) and path.startswith("config"):
+                modules = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+                assert not any(m == "config" or m.startswith("config.") for m in modules), f"{path} imports a config"
