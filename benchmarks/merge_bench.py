@@ -324,7 +324,7 @@ def svd_flops(m, n):
 
 
 def decomposition_flops(method, m, n, tasks=4, iterations=100, common_space_fraction=0.8):
-    """What the exact definition of `method` (../shared/docs/merging.md) computes on one m x n matrix, at the
+    """What the exact definition of `method` (docs/merging.md) computes on one m x n matrix, at the
     least: its SVDs (task vectors, sums, and the polar factors of the stacked singular vectors) and the
     matrix products of its reconstruction; WUDI: one product with an n x n matrix per Adam step."""
     width = min(m, n)

@@ -14,7 +14,7 @@ OUT ending in .safetensors is written as one bare file, else as a model (or adap
 OUT is replaced only if a merge wrote it (or with --overwrite), never if it is or holds an input. A sharded
 merge (modelmerge.merging.shards) splits the tensors into N parts balanced by the method's cost, each merged by
 its own process into a part file; the join writes the checkpoint the unsharded merge writes, byte for byte.
-See ../shared/docs/merging.md for the methods and docs/programs.md for the files.
+See docs/merging.md for the methods and docs/programs.md for the files.
 """
 import argparse
 

@@ -11,7 +11,7 @@ def _path(p):
 
 
 class MergeJob(CommandJob):
-    """Any method of the merge library (`../shared/docs/merging.md`): `python code/merge.py --merge METHOD ...`.
+    """Any method of the merge library (`docs/merging.md`): `python code/merge.py --merge METHOD ...`.
 
     models: the fine-tuned models θ_t; ancestor: θ_0; aux_data: one statistics folder per model (Fisher,
     Gram, trimmed task vector); ancestor_aux_data: statistics of θ_0 (gradient matching's H_0);

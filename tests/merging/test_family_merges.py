@@ -1,6 +1,6 @@
 """The merges that need statistics (Fisher, RegMean, MaTS, uncertainty-based gradient matching) on the Fisher and
 Gram statistics of every family (tiny T5, GPT-2, ViT, CLIP), computed by predict.py and merged by merge.py, each
-against the definition of ../shared/docs/merging.md written out here from the statistics files and weights.
+against the definition of docs/merging.md written out here from the statistics files and weights.
 
 GPT-2's Conv1D layers store their weights [in, out]: the expectations transpose them by the test's own knowledge
 of the module types, and RegMean / MaTS / RegMean++ on GPT-2 must equal the same merges of an equivalent model
