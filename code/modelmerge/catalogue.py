@@ -119,14 +119,12 @@ def method_record(cls) -> dict:
 
 
 def mergekit_names(cls) -> list[str]:
-    """The `merge_method` names a mergekit YAML configuration may give for `cls`: its mergekit name where
-    mergekit has the method (modelmerge.mergekit_config.MERGEKIT_METHODS), and its own names where it needs no
-    statistics (a configuration cannot name them); none for the kinds code/merge.py --config does not run."""
-    from modelmerge.mergekit_config import MERGEKIT_METHODS
-
+    """The `merge_method` names a mergekit YAML configuration may give for `cls` (modelmerge.mergekit_config):
+    its name where mergekit has the method (`cls.mergekit`), and its own names where it needs no statistics (a
+    configuration cannot name them); none for the kinds code/merge.py --config does not run."""
     if kind(cls) not in ("element-wise", "whole-tensor", "per-task"):
         return []
-    names = [name for name, mapping in MERGEKIT_METHODS.items() if mapping.ours == cls.name]
+    names = [cls.name] if cls.mergekit else []
     if not (cls.stats or cls.base_stats):
         names += [name for name in (cls.name, *cls.aliases) if name not in names]
     return names

@@ -46,48 +46,13 @@ from modelmerge.merging.frontend import scale_layers, use_shared_basis
 from modelmerge.merging.options import DTYPES, MergeError
 from modelmerge.merging.parameters import DRIVER_PARAMETERS, load_method, resolve_parameters, split_driver_options
 from modelmerge.merging.plan import Source, TensorTask, check_same_tensors, model_count_problem
+from modelmerge.methods import MERGE_METHODS
+from modelmerge.methods.base import Mergekit
 from modelmerge.vocabulary import unify
 
 
-@dataclass(frozen=True)
-class MergekitMethod:
-    """How a mergekit method maps to ours: our name, the role of `base_model` ('ancestor': θ_0 of the
-    method; 'first': the first of the models, as slerp's t = 0 end; 'input': one more model), defaults
-    that make our method behave as mergekit's implementation does, and parameters mergekit accepts but its
-    implementation ignores."""
-
-    ours: str
-    base_role: str
-    defaults: dict = field(default_factory=dict)
-    ignored: tuple = ()
-
-
-# mergekit elects the + sign where the weighted sum of task vectors is exactly 0.
-_PLUS_ON_TIES = {"global_majority_sign": 1}
-MERGEKIT_METHODS = {
-    "linear": MergekitMethod("linear", "input"),
-    # mergekit's generalized task arithmetic takes density and rescale for every method; without
-    # sparsification they do nothing.
-    "task_arithmetic": MergekitMethod("task_arithmetic", "ancestor", ignored=("density", "rescale")),
-    "ties": MergekitMethod("ties", "ancestor", _PLUS_ON_TIES),
-    "dare_linear": MergekitMethod("dare_linear", "ancestor"),
-    "dare_ties": MergekitMethod("dare_ties", "ancestor", _PLUS_ON_TIES),
-    "breadcrumbs": MergekitMethod("breadcrumbs", "ancestor"),
-    "breadcrumbs_ties": MergekitMethod("breadcrumbs_ties", "ancestor", _PLUS_ON_TIES),
-    "slerp": MergekitMethod("slerp", "first"),
-    "passthrough": MergekitMethod("passthrough", "input"),
-    "model_stock": MergekitMethod("model_stock", "ancestor"),
-    "della": MergekitMethod("della", "ancestor"),
-    "della_linear": MergekitMethod("della_linear", "ancestor"),
-    "sce": MergekitMethod("sce", "ancestor"),
-    "nuslerp": MergekitMethod("nuslerp", "ancestor"),  # base_model optional: then the task vectors are interpolated
-    "multislerp": MergekitMethod("multislerp", "ancestor"),
-    "karcher": MergekitMethod("karcher", "input"),
-    "nearswap": MergekitMethod("nearswap", "ancestor"),
-    "arcee_fusion": MergekitMethod("arcee_fusion", "ancestor"),
-    "ram": MergekitMethod("ram", "ancestor"),
-    "ramplus_tl": MergekitMethod("ramplus_tl", "ancestor"),
-}
+# mergekit's methods, by its names (ours too): each declared by the class of ours that computes it (its `mergekit`).
+MERGEKIT_METHODS = {cls.name: cls.mergekit for cls in dict.fromkeys(MERGE_METHODS.values()) if cls.mergekit}
 TOP_LEVEL_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
                   "tokenizer_source"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json",
@@ -232,12 +197,8 @@ def _check_layer_range(value, where):
 def plan_config(config):
     """A MergePlan for the parsed YAML `config` (see the module docstring)."""
     name = config["merge_method"]
-    mapping = MERGEKIT_METHODS.get(name)
-    if mapping is None:
-        method = load_method(name)  # one of ours, or a MergeError listing the known names
-        mapping = MergekitMethod(method.name, "ancestor" if method.needs_base else "input")
-    else:
-        method = load_method(mapping.ours)
+    method = load_method(name)  # one of ours, or a MergeError listing the known names
+    mapping = MERGEKIT_METHODS.get(name) or Mergekit("ancestor" if method.needs_base else "input")
     if method.stats or method.base_stats:
         raise MergeError(f"merge_method {name}: needs statistics, which mergekit configurations cannot name; give the method and its statistics directly")
     references = _References()

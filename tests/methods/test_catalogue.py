@@ -122,3 +122,17 @@ def test_configs_and_recipes_restate_nothing():
             if isinstance(node, (ast.Import, ast.ImportFrom)) and path.startswith("config"):
                 modules = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
                 assert not any(m == "config" or m.startswith("config.") for m in modules), f"{path} imports a config"
+
+
+def test_mergekit_names_are_the_methods_declarations():
+    from modelmerge.mergekit_config import MERGEKIT_METHODS
+
+    assert set(MERGEKIT_METHODS) == {  # mergekit 0.1.5's methods that ours compute as it does
+        "linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "slerp",
+        "passthrough", "model_stock", "della", "della_linear", "sce", "nuslerp", "multislerp", "karcher", "nearswap",
+        "arcee_fusion", "ram", "ramplus_tl"}
+    assert MERGEKIT_METHODS["ties"].defaults == {"global_majority_sign": 1} == MERGEKIT_METHODS["dare_ties"].defaults
+    assert (MERGEKIT_METHODS["slerp"].base_role, MERGEKIT_METHODS["karcher"].base_role) == ("first", "input")
+    assert MERGEKIT_METHODS["task_arithmetic"].ignored == ("density", "rescale")
+    assert catalogue.mergekit_names(MERGE_METHODS["fisher"]) == []  # needs statistics, which YAML cannot name
+    assert catalogue.mergekit_names(MERGE_METHODS["tsv_m"]) == ["tsv_m", "tsvm", "tsv-m"]  # ours, by our names

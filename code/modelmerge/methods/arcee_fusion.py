@@ -7,7 +7,7 @@ quantiles (mergekit samples one million entries of larger tensors).
 import torch
 import torch.nn.functional as F
 
-from .base import MergeMethod, TensorGroup
+from .base import MergeMethod, Mergekit, TensorGroup
 from .common import base_tensor, upcast_dtype
 
 
@@ -29,6 +29,7 @@ class ArceeFusion(MergeMethod):
     """θ = θ_0 + (θ_1 − θ_0) ⊙ [importance ≥ median + 1.5 · (Q3 − Q1)], quantiles of the importance."""
 
     name = "arcee_fusion"
+    mergekit = Mergekit("ancestor")
     paper = 'Arcee AI, "Arcee Fusion" (https://arcee.ai)'
     needs_base = True
     max_models = 1

@@ -193,6 +193,22 @@ class Sweep:
     method: str | None = None
 
 
+@dataclass(frozen=True)
+class Mergekit:
+    """How mergekit (0.1.5) has a method of the same name, for its YAML configurations (modelmerge.mergekit_config):
+    the role of `base_model` ("ancestor": θ_0 of the method; "first": the first of the models, as slerp's t = 0
+    end; "input": one more model), the parameter defaults that make ours compute what mergekit's implementation
+    does, and the parameters mergekit accepts but its implementation ignores."""
+
+    base_role: str
+    defaults: dict = field(default_factory=dict)
+    ignored: tuple = ()
+
+
+# mergekit elects the + sign where the weighted sum of task vectors is exactly 0.
+MERGEKIT_PLUS_ON_TIES = {"global_majority_sign": 1}
+
+
 class MethodDeclaration:
     """What a method says about itself, for `modelmerge.catalogue`: everything but its arithmetic.
 
@@ -200,7 +216,8 @@ class MethodDeclaration:
     the work it follows; `sweeps` its entries in the experiments' suites; `dataset_sizes` the parameters an
     experiment sets from the training set sizes, {parameter: "ancestor" or "models"} (θ_0's size, or one per
     model); `program` the code/ program that runs it, where it is not code/merge.py; `task_data` which split
-    of each task's data a data-aware method runs on ("statistics" or "validation").
+    of each task's data a data-aware method runs on ("statistics" or "validation"); `mergekit` how mergekit has
+    the method (None: it has not).
     """
 
     name: ClassVar[str]
@@ -216,6 +233,7 @@ class MethodDeclaration:
     dataset_sizes: ClassVar[dict[str, str]] = {}
     program: ClassVar[str] = "merge.py"
     task_data: ClassVar[str | None] = None
+    mergekit: ClassVar[Mergekit | None] = None
 
 
 class MergeMethod(MethodDeclaration):

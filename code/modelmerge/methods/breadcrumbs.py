@@ -5,7 +5,7 @@ Davari & Belilovsky, "Model Breadcrumbs: Scaling Multi-Task Model Merging with S
 """
 import torch
 
-from .base import MergeMethod, Parameter, Sweep, TensorGroup
+from .base import MERGEKIT_PLUS_ON_TIES, MergeMethod, Mergekit, Parameter, Sweep, TensorGroup
 from .common import base_tensor, per_model
 from .sparsify import drop_outliers_and_small
 from .task_vectors import CONSENSUS_PARAMETERS, combine, combine_parameters, task_vector
@@ -15,6 +15,7 @@ class Breadcrumbs(MergeMethod):
     """Breadcrumbs masks then task arithmetic (mergekit's `breadcrumbs`)."""
 
     name = "breadcrumbs"
+    mergekit = Mergekit("ancestor")
     paper = 'Davari & Belilovsky, "Model Breadcrumbs", ECCV 2024 (https://arxiv.org/abs/2312.06795)'
     sweeps = (Sweep("breadcrumbs", "density", (0.5, 0.7, 0.9), {"gamma": 0.01}),)
     needs_base = True
@@ -41,4 +42,5 @@ class BreadcrumbsTies(Breadcrumbs):
     """Breadcrumbs masks then TIES' sign election and disjoint merge (mergekit's `breadcrumbs_ties`)."""
 
     name = "breadcrumbs_ties"
+    mergekit = Mergekit("ancestor", MERGEKIT_PLUS_ON_TIES)
     parameters = {**Breadcrumbs.parameters, **CONSENSUS_PARAMETERS}

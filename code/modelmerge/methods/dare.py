@@ -5,7 +5,7 @@ ICML 2024 (https://arxiv.org/abs/2311.03099).
 """
 import torch
 
-from .base import MergeMethod, Parameter, Sweep, TensorGroup
+from .base import MERGEKIT_PLUS_ON_TIES, MergeMethod, Mergekit, Parameter, Sweep, TensorGroup
 from .common import base_tensor, per_model
 from .sparsify import drop_and_rescale, tensor_generator
 from .task_vectors import CONSENSUS_PARAMETERS, combine, combine_parameters, task_vector
@@ -20,6 +20,7 @@ class DareLinear(MergeMethod):
     """
 
     name = "dare_linear"
+    mergekit = Mergekit("ancestor")
     paper = 'Yu et al., "Language Models are Super Mario", ICML 2024 (https://arxiv.org/abs/2311.03099)'
     sweeps = (Sweep("dare linear", "dropout_probability", (0.1, 0.3, 0.5, 0.7), {"seed": 0}),)
     aliases = ("dare-task-arithmetic", "dare_task_arithmetic")
@@ -59,6 +60,7 @@ class DareTies(DareLinear):
     """DARE then TIES' sign election and disjoint merge (mergekit's `dare_ties`)."""
 
     name = "dare_ties"
+    mergekit = Mergekit("ancestor", MERGEKIT_PLUS_ON_TIES)
     sweeps = (Sweep("dare ties", "dropout_probability", (0.1, 0.3, 0.5, 0.7), {"seed": 0}),)
     aliases = ("dare-ties",)
     parameters = {**DareLinear.parameters, **CONSENSUS_PARAMETERS}

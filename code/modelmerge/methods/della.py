@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import MergeMethod, Parameter, Sweep, TensorBlocks, TensorGroup
+from .base import MergeMethod, Mergekit, Parameter, Sweep, TensorBlocks, TensorGroup
 from .common import as_numbers, base_tensor, per_model, upcast_dtype
 from .sparsify import tensor_generator
 from .task_vectors import CONSENSUS_PARAMETERS, combine, combine_parameters, task_vector
@@ -137,6 +137,7 @@ class DellaLinear(MergeMethod):
     """MagPrune each task vector, then task arithmetic (mergekit's `della_linear`)."""
 
     name = "della_linear"
+    mergekit = Mergekit("ancestor")
     paper = 'Deep, Bhardwaj, Majumder & Poria, "DELLA-Merging", 2024 (https://arxiv.org/abs/2406.11617)'
     sweeps = (Sweep("della linear", "density", (0.3, 0.5, 0.7), {"epsilon": 0.1, "seed": 0}),)
     needs_base = True
@@ -171,6 +172,7 @@ class Della(DellaLinear):
     election ties, as in mergekit."""
 
     name = "della"
+    mergekit = Mergekit("ancestor")
     sweeps = (Sweep("della", "density", (0.3, 0.5, 0.7), {"epsilon": 0.1, "seed": 0}),)
     parameters = {
         **DellaLinear.parameters, **combine_parameters(normalize=True), **CONSENSUS_PARAMETERS,

@@ -6,7 +6,7 @@ https://arxiv.org/abs/2603.04972; computed as mergekit 0.1.5's `karcher`.
 """
 import torch
 
-from .base import MergeMethod, Parameter, Sweep, TensorGroup
+from .base import MergeMethod, Mergekit, Parameter, Sweep, TensorGroup
 from .common import upcast_dtype
 
 
@@ -49,6 +49,7 @@ class Karcher(MergeMethod):
     more model there)."""
 
     name = "karcher"
+    mergekit = Mergekit("input")
     paper = 'H. Karcher, "Riemannian center of mass and mollifier smoothing", 1977'
     sweeps = (Sweep("karcher"),)
     parameters = {

@@ -5,7 +5,7 @@ increasing inference time", ICML 2022 (https://arxiv.org/abs/2203.05482).
 """
 import torch
 
-from .base import MergeMethod, Parameter, Sweep, TensorGroup
+from .base import MergeMethod, Mergekit, Parameter, Sweep, TensorGroup
 from .common import per_model, upcast_dtype, weighted_mean
 
 
@@ -13,6 +13,7 @@ class Linear(MergeMethod):
     """Σ w_t θ_t / Σ w_t, or Σ w_t θ_t with `normalize=false` (mergekit's `linear`)."""
 
     name = "linear"
+    mergekit = Mergekit("input")
     paper = 'Wortsman et al., "Model soups", ICML 2022 (https://arxiv.org/abs/2203.05482)'
     sweeps = (Sweep("average"),)
     aliases = ("average", "avg", "variadic-average")

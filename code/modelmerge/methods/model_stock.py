@@ -5,7 +5,7 @@ Jang, Yun & Han, "Model Stock: All we need is just a few fine-tuned models", ECC
 """
 import torch
 
-from .base import MergeMethod, Parameter, Sweep, TensorBlocks, TensorGroup
+from .base import MergeMethod, Mergekit, Parameter, Sweep, TensorBlocks, TensorGroup
 from .common import base_tensor, upcast_dtype
 
 SINGULAR = 1e-6
@@ -39,6 +39,7 @@ class ModelStock(MergeMethod):
     accumulated over its blocks of rows in `prepare`, so the merge streams like task arithmetic."""
 
     name = "model_stock"
+    mergekit = Mergekit("ancestor")
     paper = 'Jang, Yun & Han, "Model Stock", ECCV 2024 (https://arxiv.org/abs/2403.19522)'
     sweeps = (Sweep("model stock"),)
     needs_base = True

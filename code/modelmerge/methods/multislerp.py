@@ -5,7 +5,7 @@ mergekit 0.1.5's `multislerp`.
 """
 import torch
 
-from .base import MergeMethod, Parameter, Sweep, TensorGroup
+from .base import MergeMethod, Mergekit, Parameter, Sweep, TensorGroup
 from .common import per_model, upcast_dtype
 
 
@@ -15,6 +15,7 @@ class MultiSlerp(MergeMethod):
     scale to the weighted mean norm. Two exactly opposite inputs fall back to the weighted sum."""
 
     name = "multislerp"
+    mergekit = Mergekit("ancestor")
     paper = 'C. Goddard, "Multi-SLERP" (https://goddard.blog/posts/multislerp-wow-what-a-cool-idea)'
     sweeps = (Sweep("multislerp"),)
     parameters = {

@@ -5,7 +5,7 @@ computed as mergekit 0.1.5's `nearswap`.
 """
 import torch
 
-from .base import MergeMethod, Parameter, TensorGroup
+from .base import MergeMethod, Mergekit, Parameter, TensorGroup
 from .common import base_tensor, upcast_dtype
 
 
@@ -14,6 +14,7 @@ class NearSwap(MergeMethod):
     closer than t are swapped for the other model's, farther ones move towards it by t / distance."""
 
     name = "nearswap"
+    mergekit = Mergekit("ancestor")
     paper = 'alchemonaut, "QuartetAnemoi-70B-t0.0001" (https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001)'
     needs_base = True
     elementwise = True

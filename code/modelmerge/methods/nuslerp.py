@@ -5,7 +5,7 @@ weights instead of t, optionally about a base model, optionally per row.
 """
 import torch
 
-from .base import MergeMethod, Parameter, TensorGroup
+from .base import MergeMethod, Mergekit, Parameter, TensorGroup
 from .common import per_model, upcast_dtype
 
 
@@ -35,6 +35,7 @@ class NuSlerp(MergeMethod):
     their task vectors added to θ_0 when an ancestor is given."""
 
     name = "nuslerp"
+    mergekit = Mergekit("ancestor")  # base_model optional: then the task vectors are interpolated
     paper = 'Shoemake, "Animating Rotation with Quaternion Curves", SIGGRAPH 1985, as mergekit 0.1.5\'s `nuslerp`'
     min_models = 2
     max_models = 2

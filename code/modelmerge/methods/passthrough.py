@@ -5,12 +5,13 @@ output tensor it selects one source, and this method returns that source's tenso
 """
 import torch
 
-from .base import MergeMethod, Parameter, TensorGroup
+from .base import MergeMethod, Mergekit, Parameter, TensorGroup
 from .common import per_model
 
 
 class Passthrough(MergeMethod):
     name = "passthrough"
+    mergekit = Mergekit("input")
     paper = 'Goddard et al., "Arcee\'s MergeKit", 2024 (https://arxiv.org/abs/2403.13257)'
     aliases = ("slices",)
     max_models = 1

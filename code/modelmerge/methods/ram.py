@@ -6,7 +6,7 @@ only one model changes whole (RAM+ amplifies those by how much the model shares 
 """
 import torch
 
-from .base import MergeMethod, Parameter, Sweep, TensorBlocks, TensorGroup
+from .base import MergeMethod, Mergekit, Parameter, Sweep, TensorBlocks, TensorGroup
 from .common import base_tensor, upcast_dtype
 from .task_vectors import task_vector
 
@@ -30,6 +30,7 @@ class Ram(MergeMethod):
     are taken whole, the others averaged over the models that change them."""
 
     name = "ram"
+    mergekit = Mergekit("ancestor")
     paper = '"Reinforced Agent Merging" (https://arxiv.org/abs/2601.13572)'
     sweeps = (Sweep("ram"),)
     needs_base = True
@@ -48,6 +49,7 @@ class RamPlusTensorLocal(MergeMethod):
     in `prepare` when the tensor is merged in blocks of rows)."""
 
     name = "ramplus_tl"
+    mergekit = Mergekit("ancestor")
     paper = '"Reinforced Agent Merging" (https://arxiv.org/abs/2601.13572)'
     sweeps = (Sweep("ram+ (tensor-local)"),)
     needs_base = True

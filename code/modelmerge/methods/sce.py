@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from ..selection import kth_largest
-from .base import MergeMethod, Parameter, Sweep, TensorBlocks, TensorGroup
+from .base import MergeMethod, Mergekit, Parameter, Sweep, TensorBlocks, TensorGroup
 from .common import as_numbers, base_tensor, upcast_dtype
 from .task_vectors import task_vector
 
@@ -102,6 +102,7 @@ class Sce(MergeMethod):
     blocks of rows."""
 
     name = "sce"
+    mergekit = Mergekit("ancestor")
     paper = 'Wan et al., "FuseChat: Knowledge Fusion of Chat Models", 2024 (https://arxiv.org/abs/2408.07990)'
     sweeps = (Sweep("sce", "select_topk", (0.1, 0.3, 0.5, 1.0)),)
     needs_base = True

@@ -4,7 +4,7 @@ Shoemake, "Animating Rotation with Quaternion Curves", SIGGRAPH 1985; applied to
 """
 import torch
 
-from .base import MergeMethod, Parameter, TensorGroup
+from .base import MergeMethod, Mergekit, Parameter, TensorGroup
 from .common import upcast_dtype
 
 NORM_EPS = 1e-8
@@ -19,6 +19,7 @@ class Slerp(MergeMethod):
     """
 
     name = "slerp"
+    mergekit = Mergekit("first")
     paper = 'Shoemake, "Animating Rotation with Quaternion Curves", SIGGRAPH 1985'
     min_models = 2
     max_models = 2

@@ -4,7 +4,7 @@ Ilharco et al., "Editing Models with Task Arithmetic", ICLR 2023 (https://arxiv.
 """
 import torch
 
-from .base import SCALING_FACTORS, MergeMethod, Sweep, TensorGroup
+from .base import SCALING_FACTORS, MergeMethod, Mergekit, Sweep, TensorGroup
 from .common import base_tensor
 from .task_vectors import combine, combine_parameters, task_vector
 
@@ -13,6 +13,7 @@ class TaskArithmetic(MergeMethod):
     """θ_0 + λ Σ_t w_t τ_t (divided by Σ_t w_t with `normalize=true`), as mergekit's `task_arithmetic`."""
 
     name = "task_arithmetic"
+    mergekit = Mergekit("ancestor", ignored=("density", "rescale"))  # without sparsification they do nothing
     paper = 'Ilharco et al., "Editing Models with Task Arithmetic", ICLR 2023 (https://arxiv.org/abs/2212.04089)'
     sweeps = (Sweep("task arithmetic", "merge_lambda", SCALING_FACTORS),)
     aliases = ("task-arithmetic",)

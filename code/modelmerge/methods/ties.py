@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from ..selection import SAMPLE_SIZE, Selection
-from .base import MergeMethod, Parameter, Sweep, TensorBlocks, TensorGroup
+from .base import MERGEKIT_PLUS_ON_TIES, MergeMethod, Mergekit, Parameter, Sweep, TensorBlocks, TensorGroup
 from .common import base_tensor, optional_stats, per_model, upcast_dtype
 from .task_vectors import (CONSENSUS_PARAMETERS, checked_majority_sign, combine, combine_parameters, election,
                            l1_rescale_factor, sign_balance, task_vector, weighted_deltas)
@@ -52,6 +52,7 @@ class Ties(MergeMethod):
     """
 
     name = "ties"
+    mergekit = Mergekit("ancestor", MERGEKIT_PLUS_ON_TIES)
     paper = 'Yadav et al., "TIES-Merging", NeurIPS 2023 (https://arxiv.org/abs/2306.01708)'
     sweeps = (Sweep("ties", "density", (0.1, 0.2, 0.3, 0.5), {"merge_lambda": 1.0}),)
     needs_base = True
