@@ -235,7 +235,7 @@ def process_main(args):
     work = tempfile.mkdtemp(prefix="fisher-bench-")
     model_dir = save_minilm(os.path.join(work, "model"), args.seed)  # the model both processes use
     config = {"model_name_or_path": model_dir, "dataset_name": args.task, "split": f"train[:{args.num_examples}]",
-              "data_dir": args.data_dir, "method": "squared_gradients", "batch_size": args.batch_size,
+              "data_dir": args.data_dir, "mode": "squared_gradients", "batch_size": args.batch_size,
               "max_length": args.max_length, "seed": args.seed, "num_threads": args.threads,
               "output_dir": os.path.join(work, "fisher")}
     with open(os.path.join(work, "fisher.json"), "w") as f:
@@ -334,7 +334,7 @@ def peer_configs(args, work):
     """name → predict.py's config of the empirical Fisher of each model in `args.models` (every side uses the gold
     labels, the same for all), written to `work/<name>.json` with the output folder `work/<name>-ours`."""
     configs = {}
-    common = {"method": "squared_gradients", "empirical": True, "batch_size": args.batch_size,
+    common = {"mode": "squared_gradients", "empirical": True, "batch_size": args.batch_size,
               "max_length": args.max_length, "seed": args.seed, "num_threads": args.threads}
     if "minilm" in args.models:
         configs["minilm"] = {"model_name_or_path": save_minilm(os.path.join(work, "minilm"), args.seed),

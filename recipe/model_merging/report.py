@@ -7,7 +7,7 @@ from model_merging.program_job import ProgramJob
 class ReportJob(ProgramJob):
     """Accuracy table (Markdown, CSV) and plots (PNG) of evaluated models.
 
-    results: {model label: {task: metrics.json Path}} — e.g. HuggingfaceSearchJob.out_metric_file;
+    results: {model label: {task: metrics.json Path}} — e.g. EvaluationJob.out_metric_file;
     sweeps: optional {method label: {scaling factor: {task: metrics.json Path}}}, drawn as average accuracy
     against the scaling factor;
     own_models: optional {task: label of the task's own fine-tuned model}: normalized accuracy (normalized.csv/png);

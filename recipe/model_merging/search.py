@@ -16,7 +16,7 @@ def set_accuracy(variable, metrics_file):
 
 
 class PredictJob(ProgramJob):
-    """Runs `code/predict.py` with `method` on one model and one dataset split.
+    """Runs `code/predict.py` in its `mode` (evaluate, or a statistic) on one model and one dataset split.
 
     With `shards=N` (> 1) the examples are split into N consecutive slices, run as the N parallel task ids of the
     task `run_shard` (one array job on SLURM), each writing its part into work/part.<I>; the task `run` then joins
@@ -25,7 +25,7 @@ class PredictJob(ProgramJob):
     """
 
     program_name = "predict.py"
-    method = None
+    mode = None  # predict.py's mode, set by each subclass
     __sis_hash_exclude__ = {"shards": 1}
 
     def __init__(self, model, dataset_name, split, config=None, *, shards=1, time_rqmt=1, mem_rqmt=4, cpu_rqmt=1,
@@ -79,12 +79,15 @@ class PredictJob(ProgramJob):
         arguments, the same for every predict job)."""
 
     def config(self):
-        return {"method": self.method, **self.extra_config, "model_name_or_path": self.model,
+        return {"mode": self.mode, **self.extra_config, "model_name_or_path": self.model,
                 "dataset_name": self.dataset_name, "split": self.split, "output_dir": self.out_dir}
 
 
-class HuggingfaceSearchJob(PredictJob):
-    """Accuracy, macro-F1 and per-example predictions of `model` on `dataset_name`/`split`.
+class EvaluationJob(PredictJob):
+    """Accuracy, macro-F1 and per-example predictions of `model` on `dataset_name`/`split` (predict.py's mode
+    `evaluate`). Named HuggingfaceSearchJob before 2026-12 (that name is now only the authors' signature,
+    ukp.huggingface.search); its ids changed with the name (scripts/migrate_job_ids.py moves folders of the
+    layout before recipe/model_merging/).
 
     Outputs: `out_metric_file` (metrics.json), `out_predictions` (predictions.jsonl) and the variable
     `out_accuracy`, which async configs await to choose hyperparameters.
@@ -92,7 +95,7 @@ class HuggingfaceSearchJob(PredictJob):
 
     config_name = "search_config.json"
     output_name = "search"
-    method = "sequence_classification"
+    mode = "evaluate"
 
     def declare_outputs(self):
         self.out_metric_file = self.output_path("search/metrics.json")
@@ -114,7 +117,7 @@ class MultiTaskSearchJob(PredictJob):
 
     config_name = "search_config.json"
     output_name = "search"
-    method = "sequence_classification"
+    mode = "evaluate"
 
     def __init__(self, model, datasets, config=None, *, shards=1, time_rqmt=1, mem_rqmt=4, cpu_rqmt=1, gpu_rqmt=0):
         self.datasets = {name: tuple(spec) for name, spec in datasets.items()}
@@ -129,7 +132,7 @@ class MultiTaskSearchJob(PredictJob):
     def config(self):
         evaluations = {name: {"dataset_name": dataset_name, "split": split}
                        for name, (dataset_name, split) in self.datasets.items()}
-        return {"method": self.method, **self.extra_config, "model_name_or_path": self.model,
+        return {"mode": self.mode, **self.extra_config, "model_name_or_path": self.model,
                 "evaluations": evaluations, "output_dir": self.out_dir}
 
     def run(self):

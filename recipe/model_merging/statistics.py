@@ -17,7 +17,7 @@ class FisherJob(PredictJob):
 
     config_name = "fisher_config.json"
     output_name = "fisher"
-    method = "sequence_classification_squared_gradients"
+    mode = "squared_gradients"
 
     def declare_outputs(self):
         self.out_hessian = self.output_path("fisher/hessian")
@@ -32,7 +32,7 @@ class GramJob(PredictJob):
 
     config_name = "gram_config.json"
     output_name = "gram"
-    method = "sequence_classification_gram"
+    mode = "gram"
 
 
 class TrimmedTaskVectorJob(CommandJob):

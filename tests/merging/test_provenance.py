@@ -27,9 +27,9 @@ def metadata(path):
         return f.metadata()
 
 
-def predict(root, model, method, name):
+def predict(root, model, mode, name):
     keys = dict(model_name_or_path=model, output_dir=str(root / name), dataset_name="sst2", split="validation",
-                data_dir=str(root / "data"), method=method, num_examples=4, batch_size=4, max_length=32, num_threads=1)
+                data_dir=str(root / "data"), mode=mode, num_examples=4, batch_size=4, max_length=32, num_threads=1)
     (root / f"{name}.json").write_text(json.dumps(keys))
     assert run_program(PredictConfig, run, "predict", [str(root / f"{name}.json")]) == 0
     return str(root / name)
@@ -41,8 +41,8 @@ def zoo(tmp_path_factory):
     tiny_data_dir(root / "data", tasks=("sst2",))
     base = make_tiny_bert(root / "base")
     models = [perturbed_copy(base, str(root / f"ft{i}"), seed=i) for i in (1, 2)]
-    fishers = [predict(root, m, "sequence_classification_squared_gradients", f"fisher{i}") for i, m in enumerate(models)]
-    base_fisher = predict(root, base, "sequence_classification_squared_gradients", "fisher_base")
+    fishers = [predict(root, m, "squared_gradients", f"fisher{i}") for i, m in enumerate(models)]
+    base_fisher = predict(root, base, "squared_gradients", "fisher_base")
     return {"root": root, "base": base, "models": models, "fishers": fishers, "base_fisher": base_fisher}
 
 
@@ -67,7 +67,7 @@ def test_statistics_record_the_model_the_data_and_the_variant(zoo, tmp_path):
     for path in (os.path.join(folder, "fisher.safetensors"), os.path.join(folder, "hessian", "model.safetensors")):
         assert metadata(path).items() >= expected.items()
     shutil.copytree(zoo["root"] / "data", tmp_path / "data")
-    gram = predict(tmp_path, model, "sequence_classification_gram", "gram")
+    gram = predict(tmp_path, model, "gram", "gram")
     for name in ("gram.safetensors", "output_grad_gram.safetensors"):
         assert metadata(os.path.join(gram, name)).items() >= expected.items()
 

@@ -69,7 +69,7 @@ CASES = {
     "train labels outside the classes": ("train", {"dataset_name": "{labels3}"}, {}, "labels 2 are outside the model's 2 classes"),
     "evaluation labels outside the classes": ("predict", {"dataset_name": "{labels3}"}, {}, "labels -1 are outside the model's 2 classes"),
     "empirical Fisher labels outside": ("predict", {"dataset_name": "{labels3}", "empirical": True,
-                                                    "method": "sequence_classification_squared_gradients"}, {}, "labels -1"),
+                                                    "mode": "squared_gradients"}, {}, "labels -1"),
     "string labels, train": ("train", {"dataset_name": "{strlabels}"}, {}, "column 'label' holds string labels ('0', '1')"),
     "boolean labels, predict": ("predict", {"dataset_name": "{boollabels}"}, {}, "column 'label' holds bool labels (False, True)"),
     # Data files.
@@ -117,9 +117,9 @@ CASES = {
     "per-step evaluation": ("train", {"evaluation_strategy": "steps"}, {}, "evaluation_strategy must be one of 'epoch'"),
     "alias and key disagree": ("train", {"max_input_length": 64}, {}, "max_input_length (64) and max_length (32) name the same"),
     "unknown dataset configuration": ("predict", {"dataset_config_name": "generation"}, {}, "dataset_config_name must be one of"),
-    "predictions of the Gram": ("predict", {"method": "sequence_classification_gram", "prediction_output_file": "{tmp}/p.json"},
-                                {}, "prediction_output_file: method sequence_classification_gram has no per-example rows"),
-    "statistic without output_dir": ("predict", {"method": "sequence_classification_squared_gradients", "output_dir": None,
+    "predictions of the Gram": ("predict", {"mode": "gram", "prediction_output_file": "{tmp}/p.json"},
+                                {}, "prediction_output_file: mode gram has no per-example rows"),
+    "statistic without output_dir": ("predict", {"mode": "squared_gradients", "output_dir": None,
                                                  "metric_output_file": "{tmp}/m.json"}, {}, "missing required key(s) output_dir"),
     # Regressions: these worked before and must keep working.
     "unknown key": ("train", {"learning_rat": 1}, {}, "unknown key(s) learning_rat"),

@@ -78,7 +78,7 @@ def test_image_accuracy_equals_the_argmax_of_a_hand_computation(family_paths, im
                                              for r in image_rows])
     (folder / "class_names.json").write_text(json.dumps(CLASSES))
     config = PredictConfig(model_name_or_path=family_paths[name], output_dir=str(tmp_path / "out"), dataset_name=str(folder),
-                           split="test", method="evaluate", task_type="image_classification", batch_size=4)
+                           split="test", mode="evaluate", task_type="image_classification", batch_size=4)
     run(config)
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     model, processor = load_for_task(family_paths[name], "image_classification", class_names=CLASSES)
@@ -157,7 +157,7 @@ def test_bad_input_is_one_line_and_leaves_no_output(family_paths, image_rows, tm
         ({"model_name_or_path": family_paths["seq2seq"], "task_type": "seq2seq", "dataset_name": str(images)},
          "seq2seq data needs a input column"),
         ({"model_name_or_path": family_paths["vit"], "task_type": "image_classification", "dataset_name": str(images),
-          "method": "evaluate"}, f"image {str(broken)!r} cannot be opened"),
+          "mode": "evaluate"}, f"image {str(broken)!r} cannot be opened"),
     ]
     for keys, message in cases:
         caplog.clear()

@@ -50,7 +50,7 @@ def hand_greedy(task_type, model, tokenizer, prompt, max_new_tokens, positions):
 def evaluate(tmp_path, model, task_type, prompts, max_new_tokens, max_length):
     write_jsonl(str(tmp_path / "data" / "test.jsonl"), [{"input": p, "target": "a"} for p in prompts])
     run(PredictConfig(model_name_or_path=model, output_dir=str(tmp_path / "out"), dataset_name=str(tmp_path / "data"),
-                      split="test", method="evaluate", task_type=task_type, batch_size=2, max_length=max_length,
+                      split="test", mode="evaluate", task_type=task_type, batch_size=2, max_length=max_length,
                       max_new_tokens=max_new_tokens))
     return [json.loads(line)["prediction"] for line in open(tmp_path / "out" / "predictions.jsonl")]
 

@@ -1,5 +1,5 @@
 """code/predict.py: metrics against a hand count, predictions against one-example forward passes, the statistic
-methods' wiring to modelmerge.statistics, adapter folders, and every bad-config case."""
+modes' wiring to modelmerge.statistics, adapter folders, and every bad-config case."""
 import json
 import os
 
@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from modelmerge.config import run_program
+from modelmerge.config import ConfigError, from_dict, run_program
 from modelmerge.prediction.config import PredictConfig
 from modelmerge.prediction.metrics import classification_metrics
 from modelmerge.prediction.program import run
@@ -96,13 +96,13 @@ def test_adapter_folder(setup, tmp_path):
     assert read_jsonl(out / "predictions.jsonl")[0]["probabilities"] == pytest.approx(expected.tolist(), abs=1e-5)
 
 
-def test_fisher_method_writes_the_statistics_library_result(setup, tmp_path):
+def test_fisher_mode_writes_the_statistics_library_result(setup, tmp_path):
     from modelmerge.data import load_split
     from modelmerge.statistics.fisher import compute_fisher
 
     out = tmp_path / "out"
     # The paper authors' search job names a metrics and a predictions file in every mode.
-    keys = base_keys(setup, out, method="sequence_classification_squared_gradients", num_examples=6, seed=4,
+    keys = base_keys(setup, out, mode="squared_gradients", num_examples=6, seed=4,
                      metric_output_file=str(tmp_path / "metrics.json"),
                      prediction_output_file=str(tmp_path / "search_output.json"))
     assert predict_program(tmp_path, **keys) == 0
@@ -121,9 +121,9 @@ def test_fisher_method_writes_the_statistics_library_result(setup, tmp_path):
     assert rows == [{"index": i, "prediction": label, "variant": "sampled"} for i, label in enumerate(direct.labels.tolist())]
 
 
-def test_gram_method_writes_every_linear_layer(setup, tmp_path):
+def test_gram_mode_writes_every_linear_layer(setup, tmp_path):
     out = tmp_path / "out"
-    assert predict_program(tmp_path, **base_keys(setup, out, method="sequence_classification_gram", num_examples=4)) == 0
+    assert predict_program(tmp_path, **base_keys(setup, out, mode="gram", num_examples=4)) == 0
     gram, output_gram = load_file(out / "gram.safetensors"), load_file(out / "output_grad_gram.safetensors")
     model = AutoModelForSequenceClassification.from_pretrained(setup["model"])
     linear = {f"{n}.weight": m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
@@ -146,10 +146,10 @@ def test_statistics_of_a_float16_model_are_the_float32_computation_of_its_weight
     options = dict(batch_size=5, max_length=32, seed=4)
     fisher = compute_fisher(upcast, tokenizer, dataset, **options).fisher
     gram = compute_gram(upcast, tokenizer, dataset, **options)
-    for method in ("sequence_classification_squared_gradients", "sequence_classification_gram"):
-        keys = base_keys(setup, tmp_path / method, model_name_or_path=half, method=method, num_examples=6, seed=4)
+    for mode in ("squared_gradients", "gram"):
+        keys = base_keys(setup, tmp_path / mode, model_name_or_path=half, mode=mode, num_examples=6, seed=4)
         assert predict_program(tmp_path, **keys) == 0
-    written = load_file(tmp_path / "sequence_classification_squared_gradients" / "fisher.safetensors")
+    written = load_file(tmp_path / "squared_gradients" / "fisher.safetensors")
     assert written.keys() == fisher.keys()
     for name, value in fisher.items():
         assert written[name].dtype == torch.float32
@@ -158,7 +158,7 @@ def test_statistics_of_a_float16_model_are_the_float32_computation_of_its_weight
     zeros = sum(int((v == 0).sum()) for v in fisher.values())
     assert sum(int((v.half() == 0).sum()) for v in fisher.values()) > zeros + 1000  # what fp16 storage would lose
     for filename, expected in (("gram", gram.input_gram), ("output_grad_gram", gram.output_grad_gram)):
-        written = load_file(tmp_path / "sequence_classification_gram" / f"{filename}.safetensors")
+        written = load_file(tmp_path / "gram" / f"{filename}.safetensors")
         for name, value in expected.items():
             torch.testing.assert_close(written[name], value, rtol=1e-9, atol=0)
 
@@ -171,7 +171,7 @@ def test_statistics_of_a_float16_model_are_the_float32_computation_of_its_weight
     ({"batch_size": "8"}, "batch_size must be an integer, got '8'"),
     ({"empirical": 1}, "empirical must be true or false"),
     ({"num_examples": 0}, "num_examples must be at least 1"),
-    ({"method": "fisher"}, "method must be one of"),
+    ({"mode": "fisher"}, "mode must be one of"),
     ({"model_name_or_path": "/nonexistent/model"}, "model_name_or_path: /nonexistent/model"),
     ({"model_name_or_path": "DATA"}, "holds neither config.json nor adapter_config.json"),
     ({"dataset_name": "nosuch"}, "dataset 'nosuch'"),
@@ -217,8 +217,8 @@ def test_several_evaluations_in_one_run_equal_separate_runs(setup, tmp_path):
     ({"dataset_name": None, "split": None, "evaluations": {"a": {"dataset_name": "sst2"}}}, "evaluations.a must be"),
     ({"dataset_name": None, "split": None, "evaluations": {"../a": {"dataset_name": "sst2", "split": "test"}}},
      "not usable as a folder name"),
-    ({"dataset_name": None, "split": None, "method": "sequence_classification_gram",
-      "evaluations": {"a": {"dataset_name": "sst2", "split": "test"}}}, "only for method evaluate"),
+    ({"dataset_name": None, "split": None, "mode": "gram",
+      "evaluations": {"a": {"dataset_name": "sst2", "split": "test"}}}, "only for mode evaluate"),
     ({"dataset_name": None}, "missing required key(s) dataset_name"),
 ])
 def test_bad_evaluations(setup, tmp_path, caplog, change, message):
@@ -226,3 +226,27 @@ def test_bad_evaluations(setup, tmp_path, caplog, change, message):
     assert predict_program(tmp_path, **keys) == 2
     assert message in caplog.text
     assert not (tmp_path / "out").exists()
+
+
+MODE_KEYS = {"model_name_or_path": "/m", "dataset_name": "sst2", "split": "test", "output_dir": "/out"}
+
+
+@pytest.mark.parametrize("authors, mode", [("sequence_classification", "evaluate"),
+                                           ("sequence_classification_squared_gradients", "squared_gradients")])
+def test_the_authors_method_key_names_a_mode(authors, mode):
+    assert from_dict(PredictConfig, {**MODE_KEYS, "method": authors}).mode == mode
+    assert from_dict(PredictConfig, {**MODE_KEYS, "method": authors, "mode": mode}).mode == mode
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"mode": "sequence_classification"}, "config.mode must be one of 'evaluate', 'squared_gradients', 'gram', "
+                                          "got 'sequence_classification'"),
+    ({"method": "gram"}, "config.method (the authors' name for mode) must be one of 'sequence_classification', "
+                         "'sequence_classification_squared_gradients', got 'gram'"),
+    ({"method": ["evaluate"]}, "config.method (the authors' name for mode) must be one of"),
+    ({"method": "sequence_classification", "mode": "gram"}, "method ('sequence_classification') and mode ('gram') name the same"),
+])
+def test_an_unknown_mode_is_refused_in_one_line(change, message):
+    with pytest.raises(ConfigError) as refused:
+        from_dict(PredictConfig, {**MODE_KEYS, **change})
+    assert message in str(refused.value) and "\n" not in str(refused.value)

@@ -163,7 +163,7 @@ def jobs(cpu):
     models, code = ["/a", "/b"], "/project/code"
     return [
         training.HuggingfaceTrainingJob({"dataset_name": "sst2"}, cpu_rqmt=cpu),
-        search.HuggingfaceSearchJob("/m", "sst2", "test", cpu_rqmt=cpu),
+        search.EvaluationJob("/m", "sst2", "test", cpu_rqmt=cpu),
         search.MultiTaskSearchJob("/m", {"sst2": ("sst2", "test")}, cpu_rqmt=cpu),
         search.LmEvalJob("/m", ["hellaswag"], cpu_rqmt=cpu),
         statistics.FisherJob("/m", "sst2", "train", cpu_rqmt=cpu),

@@ -91,7 +91,6 @@ def test_a_suite_preset_shards_its_statistics_and_evaluations():
     plain = predict_jobs(offline_preset())
     assert plain and all(job.shards == 1 for job in plain)
     sharded = predict_jobs({**offline_preset(), "shards": {"statistics": 2, "evaluation": 3}})
-    assert sorted({(job.method, job.shards) for job in sharded}) == [
-        ("sequence_classification", 3), ("sequence_classification_gram", 2),
-        ("sequence_classification_squared_gradients", 2)]
+    assert sorted({(job.mode, job.shards) for job in sharded}) == [
+        ("evaluate", 3), ("gram", 2), ("squared_gradients", 2)]
     assert not {job.job_id() for job in plain} & {job.job_id() for job in sharded}

@@ -13,7 +13,7 @@ from model_merging.data import DownloadDatasetJob
 from model_merging.merge import (AdaMergingJob, MergeJob, RegMeanPlusPlusJob, TaskArithmeticJob,
                                   UncertaintyBasedGradientMatchingJob)
 from model_merging.report import ReportJob
-from model_merging.search import HuggingfaceSearchJob, MultiTaskSearchJob
+from model_merging.search import EvaluationJob, MultiTaskSearchJob
 from model_merging.statistics import FisherJob, GramJob, TrimmedModelJob, TrimmedTaskVectorJob
 from model_merging.training import HuggingfaceTrainingJob
 
@@ -43,14 +43,14 @@ def _create_files(job, tmp_path):
 
 
 def test_resources_stay_out_of_the_hash(setup_dir):
-    a = HuggingfaceSearchJob("/models/m", "sst2", "test", {"batch_size": 8}, cpu_rqmt=1, mem_rqmt=2)
-    b = HuggingfaceSearchJob("/models/m", "sst2", "test", {"batch_size": 8}, cpu_rqmt=4, mem_rqmt=16, gpu_rqmt=1)
+    a = EvaluationJob("/models/m", "sst2", "test", {"batch_size": 8}, cpu_rqmt=1, mem_rqmt=2)
+    b = EvaluationJob("/models/m", "sst2", "test", {"batch_size": 8}, cpu_rqmt=4, mem_rqmt=16, gpu_rqmt=1)
     assert a is b  # one job per id: resources do not make a new one
-    c = HuggingfaceSearchJob("/models/m", "sst2", "test[:10%]", {"batch_size": 8})
+    c = EvaluationJob("/models/m", "sst2", "test[:10%]", {"batch_size": 8})
     assert c.job_id() != a.job_id()
     # The id is the hash of exactly the non-resource arguments, defaults filled in.
     expected = {"model": "/models/m", "dataset_name": "sst2", "split": "test", "config": {"batch_size": 8}}
-    assert a.job_id() == f"model_merging/search/HuggingfaceSearchJob.{short_hash(expected)}"
+    assert a.job_id() == f"model_merging/search/EvaluationJob.{short_hash(expected)}"
 
     ta = TaskArithmeticJob("/m0", ["/m1", "/m2"], 0.5, time_rqmt=9)
     expected = {"pretrained_model": "/m0", "finetuned_models": ["/m1", "/m2"], "scaling_factor": 0.5, "task_type": "SEQ_CLS"}
@@ -78,15 +78,15 @@ def test_training_job_outputs_and_config(setup_dir):
     assert config["num_train_epochs"] == 2 and config["learning_rate"] == 3e-5
 
 
-def test_predict_jobs_write_their_method(setup_dir):
+def test_predict_jobs_write_their_mode(setup_dir):
     model = HuggingfaceTrainingJob({"model_name_or_path": "/m", "dataset_name": "sst2"}).out_best_model
-    for cls, method, out in [(HuggingfaceSearchJob, "sequence_classification", "search"),
-                             (FisherJob, "sequence_classification_squared_gradients", "fisher"),
-                             (GramJob, "sequence_classification_gram", "gram")]:
+    for cls, mode, out in [(EvaluationJob, "evaluate", "search"),
+                           (FisherJob, "squared_gradients", "fisher"),
+                           (GramJob, "gram", "gram")]:
         job = cls(model, "sst2", "train[:8]", {"max_length": 32})
         _create_files(job, setup_dir)
         config = json.load(open(job.out_config_file.get_path()))
-        assert config == {"method": method, "max_length": 32, "model_name_or_path": model.get_path(),
+        assert config == {"mode": mode, "max_length": 32, "model_name_or_path": model.get_path(),
                           "dataset_name": "sst2", "split": "train[:8]", "output_dir": job.out_dir.get_path(),
                           "num_threads": 1}  # the job's cpu_rqmt
         assert job.out_dir.get_path().endswith(os.path.join("output", out))
@@ -146,7 +146,7 @@ def test_adamerging_job_command(setup_dir):
 
 
 def test_report_job_config(setup_dir):
-    search = HuggingfaceSearchJob("/m", "sst2", "test")
+    search = EvaluationJob("/m", "sst2", "test")
     job = ReportJob({"m": {"sst2": search.out_metric_file}}, sweeps={"ta": {0.5: {"sst2": search.out_metric_file}}})
     _create_files(job, setup_dir)
     config = json.load(open(job.out_config_file.get_path()))
@@ -157,7 +157,7 @@ def test_report_job_config(setup_dir):
 
 
 def test_report_job_views_of_merging_papers(setup_dir):
-    metrics = HuggingfaceSearchJob("/m", "sst2", "test").out_metric_file
+    metrics = EvaluationJob("/m", "sst2", "test").out_metric_file
     results = {"m": {"sst2": metrics}, "ft": {"sst2": metrics}}
     plain = ReportJob(results, title="t")
     # reports without the new arguments keep the id they had before them
@@ -179,7 +179,7 @@ def test_multitask_search_job(setup_dir):
     job = MultiTaskSearchJob("/m", {"sst2": ("sst2", "test"), "imdb": (data, "test[:10]")}, {"batch_size": 4})
     _create_files(job, setup_dir)
     config = json.load(open(job.out_config_file.get_path()))
-    assert config == {"method": "sequence_classification", "batch_size": 4, "model_name_or_path": "/m",
+    assert config == {"mode": "evaluate", "batch_size": 4, "model_name_or_path": "/m",
                       "evaluations": {"sst2": {"dataset_name": "sst2", "split": "test"},
                                       "imdb": {"dataset_name": data.get_path(), "split": "test[:10]"}},
                       "output_dir": job.out_dir.get_path(), "num_threads": 1}

@@ -47,8 +47,8 @@ def families(tmp_path_factory):
     }
 
 
-def keys(families, family, method, output_dir, **overrides):
-    return {**families[family], "task_type": TASK_TYPES[family], "method": method, "split": "validation",
+def keys(families, family, mode, output_dir, **overrides):
+    return {**families[family], "task_type": TASK_TYPES[family], "mode": mode, "split": "validation",
             "output_dir": str(output_dir), "batch_size": 3, "num_threads": 1, "max_new_tokens": 4, **overrides}
 
 
@@ -114,23 +114,23 @@ def test_shard_ranges_are_consecutive_and_balanced():
     assert [len(shard_range(2048, i, 64)) for i in range(1, 65)] == [32] * 64
 
 
-@pytest.mark.parametrize("family, method, empirical", [
+@pytest.mark.parametrize("family, mode, empirical", [
     ("classifier", FISHER, False), ("classifier", FISHER, True), ("classifier", GRAM, False),
     ("seq2seq", FISHER, False), ("seq2seq", FISHER, True), ("seq2seq", GRAM, False),
     ("causal_lm", FISHER, False), ("causal_lm", GRAM, False),
     ("vit", FISHER, False), ("vit", GRAM, False), ("clip", FISHER, False),
 ])
-def test_joined_shards_write_the_unsharded_statistic(families, tmp_path, family, method, empirical):
-    config = keys(families, family, method, tmp_path / "whole", empirical=empirical, seed=7)
+def test_joined_shards_write_the_unsharded_statistic(families, tmp_path, family, mode, empirical):
+    config = keys(families, family, mode, tmp_path / "whole", empirical=empirical, seed=7)
     def labels(name):
-        return {} if method == GRAM else {"prediction_output_file": str(tmp_path / name)}
+        return {} if mode == GRAM else {"prediction_output_file": str(tmp_path / name)}
 
     predict(**config, **labels("labels.jsonl"))
     sharded_run(tmp_path, config, 3, **labels("joined.jsonl"))
     assert_same_outputs(tmp_path / "whole", tmp_path / "joined")
     examples = 9 if family in ("vit", "clip") else 10
     assert json.load(open(tmp_path / "joined" / "stats.json"))["num_examples"] == examples
-    if method == FISHER:  # the join's labels y_i: the unsharded run's, exactly
+    if mode == FISHER:  # the join's labels y_i: the unsharded run's, exactly
         assert read_jsonl(tmp_path / "joined.jsonl") == read_jsonl(tmp_path / "labels.jsonl")
 
 
@@ -244,7 +244,7 @@ def test_a_shard_killed_mid_write_leaves_no_part_and_reruns_alone(families, tmp_
 
 SHARDED_GRAPH = """
 from sisyphus import tk
-from model_merging.search import HuggingfaceSearchJob
+from model_merging.search import EvaluationJob
 from model_merging.statistics import FisherJob
 
 KEYS = {keys!r}
@@ -255,7 +255,7 @@ def py():
     fisher = FisherJob({model!r}, "sst2", "validation", KEYS, shards=2, **rqmt)
     tk.register_output("fisher", fisher.out_dir)
     if {evaluate!r}:
-        search = HuggingfaceSearchJob({model!r}, "sst2", "validation", KEYS, shards=2, **rqmt)
+        search = EvaluationJob({model!r}, "sst2", "validation", KEYS, shards=2, **rqmt)
         tk.register_output("search", search.out_dir)
 """
 
@@ -312,7 +312,7 @@ def test_sharded_jobs_ids_tasks_and_configs(tmp_path, monkeypatch):
     monkeypatch.chdir(work)
     sharded.create_files()
     parts = [str(work / f"part.{i}") for i in (1, 2, 3)]
-    base = {"method": "sequence_classification_gram", "max_length": 32, "model_name_or_path": "/m",
+    base = {"mode": "gram", "max_length": 32, "model_name_or_path": "/m",
             "dataset_name": "sst2", "split": "train", "num_threads": 1}  # the job's cpu_rqmt
     assert json.load(open(sharded.out_config_file.get_path())) == {**base, "output_dir": sharded.out_dir.get_path(),
                                                                    "join": parts}
@@ -323,11 +323,11 @@ def test_sharded_jobs_ids_tasks_and_configs(tmp_path, monkeypatch):
         f"/usr/bin/python3 /project/code/predict.py {sharded.out_config_file.get_path()}"]
 
 
-def unsharded_reference(families, tmp_path, method, **overrides):
+def unsharded_reference(families, tmp_path, mode, **overrides):
     spec = families["classifier"]
     config = {"model_name_or_path": spec["model_name_or_path"], "dataset_name": "sst2", "split": "validation",
-              "data_dir": spec["data_dir"], "max_length": 32, "batch_size": 3, "num_threads": 1, "method": method,
-              "output_dir": str(tmp_path / f"reference.{method}"), **overrides}
+              "data_dir": spec["data_dir"], "max_length": 32, "batch_size": 3, "num_threads": 1, "mode": mode,
+              "output_dir": str(tmp_path / f"reference.{mode}"), **overrides}
     predict(**config)
     return config["output_dir"]
 
@@ -365,7 +365,7 @@ def test_sharded_jobs_under_the_manager_and_a_killed_shard_resumed_alone(familie
     fisher = job_folder(setup, "statistics", "FisherJob")
     assert submitted_ids(fisher, "run_shard") == [[1, 2], [2]]  # one submission of both, then shard 2 alone
     assert_same_outputs(unsharded_reference(families, tmp_path, FISHER), setup / "output" / "fisher")
-    search = job_folder(setup, "search", "HuggingfaceSearchJob")
+    search = job_folder(setup, "search", "EvaluationJob")
     assert submitted_ids(search, "run_shard") == [[1, 2]]
     assert_same_outputs(unsharded_reference(families, tmp_path, EVALUATE), setup / "output" / "search")
 

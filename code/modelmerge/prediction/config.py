@@ -15,12 +15,12 @@ from modelmerge.threads import default_threads
 SUMMARY_FILES = ("metric_output_file", "prediction_output_file")
 
 
-EVALUATE = ("evaluate", "sequence_classification")
-FISHER = ("squared_gradients", "sequence_classification_squared_gradients")
-GRAM = ("gram", "sequence_classification_gram")
+# What predict.py computes (`mode`); the authors' configs name two of them by the key `method` (AUTHORS_MODES).
+MODES = ("evaluate", "squared_gradients", "gram")
+AUTHORS_MODES = {"sequence_classification": "evaluate", "sequence_classification_squared_gradients": "squared_gradients"}
 
 
-# Training keys of the authors' configs, with their types (HuggingfaceSearchJob receives them too).
+# Training keys of the authors' configs, with their types (the authors' HuggingfaceSearchJob, ukp.huggingface.search, receives them too).
 TRAINING_ONLY_PAPER_KEYS = {
     "learning_rate": float, "per_device_train_batch_size": int, "gradient_accumulation_steps": int,
     "warmup_steps": int, "min_lr": float, "beta1": float, "beta2": float, "dropout": float | None,
@@ -30,16 +30,16 @@ TRAINING_ONLY_PAPER_KEYS = {
 
 @dataclasses.dataclass
 class PredictConfig:
-    """Keys of `code/predict.py`; `method` selects evaluation or a statistic (docs/programs.md, families.md)."""
+    """Keys of `code/predict.py`; `mode` selects evaluation or a statistic (docs/programs.md, families.md)."""
 
     model_name_or_path: str
     output_dir: str | None = None  # required unless metric_output_file or prediction_output_file is given
     dataset_name: str | None = None
     split: str | None = None
     # Several evaluations of the one model in one run: {name: {"dataset_name": ..., "split": ...}}, each
-    # written to output_dir/<name>/ (method evaluate; instead of dataset_name and split).
+    # written to output_dir/<name>/ (mode evaluate; instead of dataset_name and split).
     evaluations: dict | None = None
-    method: typing.Literal[EVALUATE + FISHER + GRAM] = "sequence_classification"
+    mode: typing.Literal[MODES] = "evaluate"
     task_type: typing.Literal[TASK_TYPES] = "sequence_classification"
     # Column names of the data set for the task type's columns (None: the usual names, data.TASK_COLUMNS).
     text_column: str | None = None
@@ -71,8 +71,9 @@ class PredictConfig:
         **SHARED_PAPER_KEYS,
         "per_device_eval_batch_size": Alias("batch_size"),
         "dataset_test_split": Alias("split"),
-        "track_fim": Ignored("the authors' code does not read it either; method "
-                             "sequence_classification_squared_gradients computes the Fisher", bool),
+        "method": Alias("mode", AUTHORS_MODES),
+        "track_fim": Ignored("the authors' code does not read it either; mode squared_gradients (their method "
+                             "sequence_classification_squared_gradients) computes the Fisher", bool),
         # The authors' config/example.py passes its whole training config to HuggingfaceSearchJob.
         **{key: Ignored("a training hyperparameter; evaluation and statistics do not use it", kind)
            for key, kind in TRAINING_ONLY_PAPER_KEYS.items()},
@@ -89,13 +90,13 @@ class PredictConfig:
                 raise ConfigError(f"{key} must be at least 1, got {value}")
         check_device(self.device)
         files = [key for key in SUMMARY_FILES if getattr(self, key) is not None]
-        if self.output_dir is None and (self.method not in EVALUATE or not files):
+        if self.output_dir is None and (self.mode != "evaluate" or not files):
             raise ConfigError("missing required key(s) output_dir (an evaluation may give metric_output_file / "
                               "prediction_output_file instead)")
         if files and self.evaluations is not None:
             raise ConfigError(f"{', '.join(files)}: only with one dataset_name and split, not with evaluations")
-        if self.prediction_output_file is not None and self.method in GRAM:
-            raise ConfigError(f"prediction_output_file: method {self.method} has no per-example rows to write "
+        if self.prediction_output_file is not None and self.mode == "gram":
+            raise ConfigError(f"prediction_output_file: mode {self.mode} has no per-example rows to write "
                               "(metric_output_file takes its stats.json)")
         self._check_sharding(files)
 
@@ -134,8 +135,8 @@ class PredictConfig:
             return
         if self.dataset_name is not None or self.split is not None:
             raise ConfigError("give either dataset_name and split, or evaluations, not both")
-        if self.method not in EVALUATE:
-            raise ConfigError(f"evaluations: only for method evaluate (or sequence_classification), not {self.method}")
+        if self.mode != "evaluate":
+            raise ConfigError(f"evaluations: only for mode evaluate, not {self.mode}")
         if not isinstance(self.evaluations, dict) or not self.evaluations:
             raise ConfigError("evaluations must be a non-empty object {name: {dataset_name, split}}")
         for name, spec in self.evaluations.items():

@@ -9,7 +9,7 @@ from modelmerge.atomic import atomic_dir, atomic_file, releasing_outputs, write_
 from modelmerge.config import ConfigError
 from modelmerge.data import check_labels, class_names, load_split, local_sources
 from modelmerge.outputs import claim, json_kind
-from modelmerge.prediction.config import EVALUATE, FISHER, GRAM, SUMMARY_FILES
+from modelmerge.prediction.config import SUMMARY_FILES
 from modelmerge.prediction.evaluation import evaluate, join_evaluations
 from modelmerge.prediction.loading import (check_device, check_max_length, check_model_path, load_for_task,
                                            model_loading_errors, to_float32_if_half)
@@ -26,7 +26,7 @@ FILE_KINDS = {"metric_output_file": ("metrics", json_kind("metrics", "num_exampl
 
 @releasing_outputs
 def run(config):
-    """Compute what `config.method` names and write it into `config.output_dir`, atomically as one folder
+    """Compute what `config.mode` names and write it into `config.output_dir`, atomically as one folder
     (marked as predict.py's), and the copies the config names.
 
     Everything is checked (model, data, labels, outputs) before anything is written."""
@@ -38,11 +38,11 @@ def run(config):
         model, processor = load_for_task(config.model_name_or_path, config.task_type, class_names=names)
     if config.task_type != "image_classification":
         check_max_length(model, processor, config.max_length, config.model_name_or_path)
-    if config.task_type == "sequence_classification" and (config.method in EVALUATE or config.empirical):
+    if config.task_type == "sequence_classification" and (config.mode == "evaluate" or config.empirical):
         for (_, dataset), (_, dataset_name, split) in zip(datasets, config.datasets()):  # the gold labels are used
             check_labels(dataset, model.config.num_labels, f"dataset {dataset_name!r}, split {split!r}")
     inputs = _check_outputs(config)
-    if config.method not in EVALUATE:
+    if config.mode != "evaluate":
         to_float32_if_half(model, "its statistics are computed in float32")
     model.to(check_device(config.device))
     output = (atomic_dir(config.output_dir, OUTPUT_KIND, inputs=inputs, overwrite=config.overwrite)
@@ -55,11 +55,11 @@ def run(config):
             os.makedirs(output_dir, exist_ok=True)
             families.set_classes(model, config.class_names or class_names(dataset))
             if parts is not None:
-                summary = JOINS[config.method](model, [os.path.join(p, name or "") for p in parts], config, output_dir)
+                summary = JOINS[config.mode](model, [os.path.join(p, name or "") for p in parts], config, output_dir)
                 continue
             examples = config.examples(name, dataset)
             slices[name or ""] = shards.slice_info(examples, len(dataset))
-            summary = METHODS[config.method](model, processor, dataset, config, output_dir, examples)
+            summary = MODES[config.mode](model, processor, dataset, config, output_dir, examples)
         if config.shard is not None:
             shards.write_part_info(tmp, shards.parse_shard(config.shard), shards.identity(config), slices)
         for key, write in zip(SUMMARY_FILES, (write_json, write_jsonl)):
@@ -105,13 +105,6 @@ def _load(config, dataset_name, split):
     return dataset
 
 
-METHODS = {
-    **dict.fromkeys(EVALUATE, evaluate),
-    **dict.fromkeys(FISHER, squared_gradients),
-    **dict.fromkeys(GRAM, gram),
-}
-JOINS = {
-    **dict.fromkeys(EVALUATE, join_evaluations),
-    **dict.fromkeys(FISHER, join_squared_gradients),
-    **dict.fromkeys(GRAM, join_gram),
-}
+# What each mode computes, and how it joins the parts of a sharded run.
+MODES = {"evaluate": evaluate, "squared_gradients": squared_gradients, "gram": gram}
+JOINS = {"evaluate": join_evaluations, "squared_gradients": join_squared_gradients, "gram": join_gram}
