@@ -8,7 +8,8 @@ give every config whose jobs you want to keep, e.g. `python3 scripts/migrate_job
 
 What changed (and how the old id of each job of the loaded graph is computed from its arguments):
 - the recipes moved from recipe/*.py to the package recipe/model_merging/ (old module path: `training`,
-  new: `model_merging/training`); TrimmedModelJob is now TrimmedTaskVectorJob, model_merging's HuggingfaceSearchJob is EvaluationJob;
+  new: `model_merging/training`); TrimmedModelJob is now TrimmedTaskVectorJob,
+  model_merging's HuggingfaceSearchJob is EvaluationJob;
 - the packaged offline model and the offline data are hashed by identity (package name and version; file
   content) instead of by absolute path: their old value is the model folder's path, and the data folder's
   old default `<setup dir>/../shared/data/sentiment` (`--old-data-dir` if it lay elsewhere).
@@ -41,7 +42,8 @@ from sisyphus.errors import SisError  # noqa: E402
 from model_merging.stable_paths import CONTENT_PREFIX, identity  # noqa: E402
 
 NEW_PACKAGE = "model_merging"
-OLD_CLASS_NAMES = {"TrimmedTaskVectorJob": "TrimmedModelJob", "EvaluationJob": "HuggingfaceSearchJob"}  # Job classes renamed since
+# Job classes renamed since: new name -> old name
+OLD_CLASS_NAMES = {"TrimmedTaskVectorJob": "TrimmedModelJob", "EvaluationJob": "HuggingfaceSearchJob"}
 TEXT_LIMIT = 4 * 1024 * 1024  # text files larger than this are left as they are (none of the pipeline's)
 
 

@@ -7,7 +7,8 @@ unknown keys are refused, every value is checked against the field's type (`int`
 
 A dataclass may also accept the keys of the paper authors' configs (Daheim et al., 2024, their
 `finetune_roberta_imdb.json` & co.) through a class attribute `PAPER_KEYS`: {key: `Alias(field)`} for a
-key that means one of ours (`Alias(field, values)`: only the listed values, each meaning ours), {key: `Ignored(why, type, values)`} for one that has no effect here (only the
+key that means one of ours (`Alias(field, values)`: only the listed values, each meaning ours),
+{key: `Ignored(why, type, values)`} for one that has no effect here (only the
 listed values, if any, are accepted: those matching what the program does anyway).
 """
 import argparse

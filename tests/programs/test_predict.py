@@ -244,7 +244,8 @@ def test_the_authors_method_key_names_a_mode(authors, mode):
     ({"method": "gram"}, "config.method (the authors' name for mode) must be one of 'sequence_classification', "
                          "'sequence_classification_squared_gradients', got 'gram'"),
     ({"method": ["evaluate"]}, "config.method (the authors' name for mode) must be one of"),
-    ({"method": "sequence_classification", "mode": "gram"}, "method ('sequence_classification') and mode ('gram') name the same"),
+    ({"method": "sequence_classification", "mode": "gram"},
+     "method ('sequence_classification') and mode ('gram') name the same"),
 ])
 def test_an_unknown_mode_is_refused_in_one_line(change, message):
     with pytest.raises(ConfigError) as refused:

@@ -17,10 +17,12 @@ SUMMARY_FILES = ("metric_output_file", "prediction_output_file")
 
 # What predict.py computes (`mode`); the authors' configs name two of them by the key `method` (AUTHORS_MODES).
 MODES = ("evaluate", "squared_gradients", "gram")
-AUTHORS_MODES = {"sequence_classification": "evaluate", "sequence_classification_squared_gradients": "squared_gradients"}
+AUTHORS_MODES = {"sequence_classification": "evaluate",
+                 "sequence_classification_squared_gradients": "squared_gradients"}
 
 
-# Training keys of the authors' configs, with their types (the authors' HuggingfaceSearchJob, ukp.huggingface.search, receives them too).
+# Training keys of the authors' configs, with their types (the authors' HuggingfaceSearchJob,
+# ukp.huggingface.search, receives them too).
 TRAINING_ONLY_PAPER_KEYS = {
     "learning_rate": float, "per_device_train_batch_size": int, "gradient_accumulation_steps": int,
     "warmup_steps": int, "min_lr": float, "beta1": float, "beta2": float, "dropout": float | None,
