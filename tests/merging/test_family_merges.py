@@ -88,7 +88,7 @@ def family(request, tmp_path_factory):
                 continue
             out = str(root / f"{os.path.basename(model)}-{kind}")
             run(PredictConfig(model_name_or_path=model, output_dir=out, dataset_name=data, split="train",
-                              method=method, task_type=TASK[name], batch_size=4, num_threads=1, max_length=64))
+                              mode=method, task_type=TASK[name], batch_size=4, num_threads=1, max_length=64))
             stats[model, kind] = out
     merged = {}
     for output, (method, kind, extra) in MERGES.items():
