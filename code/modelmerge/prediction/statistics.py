@@ -9,9 +9,7 @@ from modelmerge.statistics.gram import GramResult, combine_gram, compute_gram, s
 
 
 def squared_gradients(model, processor, dataset, config, output_dir, examples):
-    result = compute_fisher(model, processor, dataset, empirical=config.empirical, batch_size=config.batch_size,
-                            max_length=config.max_length, seed=config.seed, task_type=config.task_type,
-                            examples=examples)
+    result = _compute(compute_fisher, model, processor, dataset, config, examples)
     if config.shard is not None:
         shards.save_result(result, output_dir)
         return {}
@@ -32,9 +30,7 @@ def _write_fisher(result, model, config, output_dir):
 
 
 def gram(model, processor, dataset, config, output_dir, examples):
-    result = compute_gram(model, processor, dataset, empirical=config.empirical, batch_size=config.batch_size,
-                          max_length=config.max_length, seed=config.seed, task_type=config.task_type,
-                          examples=examples)
+    result = _compute(compute_gram, model, processor, dataset, config, examples)
     if config.shard is not None:
         shards.save_result(result, output_dir)
         return {}
@@ -44,6 +40,12 @@ def gram(model, processor, dataset, config, output_dir, examples):
 def join_gram(model, parts, config, output_dir):
     result = combine_gram([shards.load_result(GramResult, part) for part in parts])
     return {"metric_output_file": save_gram(result, model, output_dir, _provenance(config))}
+
+
+def _compute(statistic, model, processor, dataset, config, examples):
+    """`compute_fisher` or `compute_gram` with predict's keys."""
+    return statistic(model, processor, dataset, empirical=config.empirical, batch_size=config.batch_size,
+                     max_length=config.max_length, seed=config.seed, task_type=config.task_type, examples=examples)
 
 
 def _provenance(config):
