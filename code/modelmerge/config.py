@@ -20,6 +20,7 @@ import types
 import typing
 
 from modelmerge.atomic import OutputError, release_outputs
+from modelmerge.io.json_files import read_json_object
 
 logger = logging.getLogger(__name__)
 
@@ -46,20 +47,6 @@ class Ignored:
     values: tuple | None = None
 
 
-def read_json_object(path):
-    """The JSON object in the file `path`."""
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist") from None
-    except json.JSONDecodeError as error:
-        raise ConfigError(f"config file {path} is not valid JSON: {error}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a JSON object, not {type(data).__name__}")
-    return data
-
-
 def from_dict(cls, data, where="config"):
     """Build dataclass `cls` from the mapping `data`; `where` prefixes key names in error messages."""
     if not isinstance(data, dict):
@@ -81,7 +68,7 @@ def from_dict(cls, data, where="config"):
 
 def load_config(cls, path):
     """Read the JSON file `path` into dataclass `cls`, checking every key."""
-    return from_dict(cls, read_json_object(path), where=os.path.basename(path))
+    return from_dict(cls, read_json_object(path, f"config file {path}", ConfigError), where=os.path.basename(path))
 
 
 # Keys of the paper authors' configs that every program here accepts (see PAPER_KEYS above).

@@ -175,10 +175,10 @@ def run(config):
     """Check the model, the tasks and the output; run the harness; write its results and the metrics."""
     if config.offline:
         os.environ.update({name: "1" for name in OFFLINE_VARIABLES})  # before datasets and the hub are imported
-    from modelmerge.prediction.loading import check_device
+    from modelmerge.prediction.loading import config_device
 
     set_torch_threads(config.num_threads)
-    device = check_device(config.device)
+    device = config_device(config.device)
     check_causal_lm(config.model_name_or_path)
     tasks, manager = resolve_tasks(config.tasks)
     claim(config.output_dir, "output_dir", OUTPUT_KIND, inputs=[config.model_name_or_path], overwrite=config.overwrite)

@@ -37,8 +37,8 @@ from modelmerge import atomic, data, families, outputs, variational
 from modelmerge.io.formats import SAFE_INDEX
 from modelmerge.io.reading import open_checkpoint
 from modelmerge.config import SHARED_PAPER_KEYS, Alias, ConfigError, Ignored, from_dict, to_dict
-from modelmerge.prediction.loading import (check_device, check_max_length, check_model_path,
-                                           classifier_num_labels, load_for_task, model_loading_errors, to_float32_if_half)
+from modelmerge.prediction.loading import (check_max_length, check_model_path, classifier_num_labels,
+                                           config_device, load_for_task, model_loading_errors, to_float32_if_half)
 from modelmerge.prediction.metrics import classification_metrics
 from modelmerge.threads import default_threads, set_torch_threads
 
@@ -171,7 +171,7 @@ class TrainConfig:
             raise ConfigError(f"min_lr must be in [0, learning_rate {self.learning_rate}), got {self.min_lr}")
         if self.min_lr > 0 and self.lr_scheduler_type != "cosine":
             raise ConfigError(f"min_lr {self.min_lr} needs lr_scheduler_type cosine, not {self.lr_scheduler_type!r}")
-        if self.device is not None and check_device(self.device).index:
+        if self.device is not None and config_device(self.device).index:
             raise ConfigError(f"device {self.device!r}: train.py uses the first visible GPU; choose one with "
                               "CUDA_VISIBLE_DEVICES")
         if self.lr_scheduler_type not in {s.value for s in SchedulerType}:

@@ -193,8 +193,8 @@ def test_config_file_errors(tmp_path, caplog):
     (tmp_path / "list.json").write_text("[]")
     assert run_program(PredictConfig, run, "predict", [str(tmp_path / "list.json")]) == 2
     assert "missing.json does not exist" in caplog.text
-    assert "broken.json is not valid JSON" in caplog.text
-    assert "must hold a JSON object, not list" in caplog.text
+    assert "broken.json: not valid JSON" in caplog.text
+    assert "expected a JSON object, found list" in caplog.text
 
 
 def test_several_evaluations_in_one_run_equal_separate_runs(setup, tmp_path):

@@ -5,5 +5,5 @@
 - `writing`: `open_output` (a model folder, adapter folder or bare file written tensor by tensor) and the
   streamed safetensors writer beneath it;
 - `shards`: the shards of a model folder (its index, how tensors are split into files, `parse_size`);
-- `json_files`: the JSON objects of checkpoint folders (config.json, adapter_config.json), read and updated.
+- `json_files`: JSON objects in files (program configs, config.json, adapter_config.json), read and updated.
 """

@@ -1,20 +1,24 @@
-"""The JSON objects of checkpoint folders (config.json, adapter_config.json, ...): read with one-line errors,
-and updated key by key."""
+"""JSON objects in files (program configs; config.json, adapter_config.json, ... of checkpoint folders): read with
+one-line errors, and updated key by key."""
 import json
 import os
 
-from modelmerge.io.formats import CheckpointError
 
-
-def read_json_object(path, shown_as=None):
-    """The JSON object in the file `path`, or a CheckpointError naming it (as `shown_as`, if given)."""
+def read_json_object(path, shown_as=None, error=None):
+    """The JSON object in the file `path`, or an `error` (a ValueError class, by default CheckpointError) naming the
+    file as `shown_as`, if given."""
+    if error is None:
+        from modelmerge.io.formats import CheckpointError as error  # formats imports torch, the programs' configs not
+    shown = shown_as or path
     try:
         with open(path) as f:
             content = json.load(f)
-    except ValueError as error:
-        raise CheckpointError(f"{shown_as or path}: not valid JSON ({error})") from None
+    except FileNotFoundError:
+        raise error(f"{shown} does not exist") from None
+    except ValueError as cause:
+        raise error(f"{shown}: not valid JSON ({cause})") from None
     if not isinstance(content, dict):
-        raise CheckpointError(f"{shown_as or path}: expected a JSON object, found {type(content).__name__}")
+        raise error(f"{shown}: expected a JSON object, found {type(content).__name__}")
     return content
 
 

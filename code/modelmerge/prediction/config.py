@@ -7,7 +7,7 @@ import typing
 from modelmerge import shards
 from modelmerge.config import SHARED_PAPER_KEYS, Alias, ConfigError, Ignored
 from modelmerge.data import TASK_TYPES, column_mapping, resolve_data_dir
-from modelmerge.prediction.loading import check_device
+from modelmerge.prediction.loading import config_device
 from modelmerge.threads import default_threads
 
 # Config keys naming a file beside output_dir with the run's summary (metrics.json of an evaluation,
@@ -90,7 +90,7 @@ class PredictConfig:
             value = getattr(self, key)
             if value is not None and value < 1:
                 raise ConfigError(f"{key} must be at least 1, got {value}")
-        check_device(self.device)
+        config_device(self.device)
         files = [key for key in SUMMARY_FILES if getattr(self, key) is not None]
         if self.output_dir is None and (self.mode != "evaluate" or not files):
             raise ConfigError("missing required key(s) output_dir (an evaluation may give metric_output_file / "

@@ -86,14 +86,15 @@ def check_max_length(model, tokenizer, max_length, path):
                           f"set max_length to at most {limit}")
 
 
-def check_device(device, key="device"):
-    """The torch.device the config key `device` names (None: cuda when available, else cpu); ConfigError if unusable."""
+def config_device(device, key="device"):
+    """The torch.device the config key `key` names (None: cuda when available, else cpu): merging's `check_device`
+    with its error as a ConfigError."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    from modelmerge.merging.options import MergeError, check_device as existing_device
+    from modelmerge.merging.options import MergeError, check_device
 
     try:
-        return existing_device(device)
+        return check_device(device)
     except MergeError as error:
         raise ConfigError(f"{key}: {error}") from None
 

@@ -11,7 +11,7 @@ from modelmerge.data import check_labels, class_names, load_split, local_sources
 from modelmerge.outputs import claim, json_kind
 from modelmerge.prediction.config import SUMMARY_FILES
 from modelmerge.prediction.evaluation import evaluate, join_evaluations
-from modelmerge.prediction.loading import (check_device, check_max_length, check_model_path, load_for_task,
+from modelmerge.prediction.loading import (check_max_length, check_model_path, config_device, load_for_task,
                                            model_loading_errors, to_float32_if_half)
 from modelmerge.prediction.statistics import gram, join_gram, join_squared_gradients, squared_gradients
 from modelmerge.threads import set_torch_threads
@@ -44,7 +44,7 @@ def run(config):
     inputs = _check_outputs(config)
     if config.mode != "evaluate":
         to_float32_if_half(model, "its statistics are computed in float32")
-    model.to(check_device(config.device))
+    model.to(config_device(config.device))
     output = (atomic_dir(config.output_dir, OUTPUT_KIND, inputs=inputs, overwrite=config.overwrite)
               if config.output_dir else tempfile.TemporaryDirectory())
     parts = _read_parts(config, datasets)
