@@ -242,14 +242,23 @@ def test_paired_squares_undo_their_power_of_two_scaling(scale):
     torch.testing.assert_close(total.double(), expected, rtol=1e-5, atol=1e-6 * float(expected.max()))
 
 
-def test_output_gradients_refuse_an_output_changed_in_place():
+def test_output_gradients_are_at_the_output_as_the_layer_produced_it():
+    """An output changed in place after its layer ran (an in-place activation): the gradient is the one at the
+    layer's own output, d(Σ 2y)/dy = 2, not at the changed tensor (1), and the layer's Fisher follows from it."""
     layer = nn.Linear(3, 3)
+    x = torch.randn(2, 3)
     with SquaredGradientSums(nn.Sequential(layer)) as sums:
         with sums.capture.recording(2) as sites:
-            y = layer(torch.randn(2, 3))
+            y = layer(x)
         y.mul_(2)
-        with pytest.raises(RuntimeError, match="modified in place"):
-            output_gradients(y.sum(), sites)
+        (grad,), = output_gradients(y.sum(), sites)
+        assert torch.equal(grad, torch.full((2, 3), 2.0))
+        with sums.capture.recording(2) as sites:
+            y = layer(x)
+        y.relu_()
+        sums.add(y.sum(), sites, 2)
+    expected = sum(torch.outer((layer(x[b]) > 0).float(), x[b]).detach() ** 2 for b in range(2))
+    torch.testing.assert_close(sums.named_sums()["0.weight"], expected)
 
 
 def test_save_fisher_writes_checkpoint_names_a_loadable_hessian_and_stats(tiny_path, tokenizer, dataset, tmp_path):

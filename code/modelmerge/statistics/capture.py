@@ -1,4 +1,4 @@
-"""Record chosen modules' inputs and outputs in a forward pass, then take the gradients at those outputs.
+"""Record chosen modules' inputs in a forward pass, then take the gradients at their outputs.
 
 One ordinary batched forward and backward pass gives, for every recorded call ("site") of a module, the
 inputs it saw and the gradient of the loss at its output, both with the batch as leading dimension. That
@@ -9,22 +9,45 @@ embeddings: one [1, tokens, hidden] tensor broadcast over the batch) gets its ou
 size, so that the gradient at it stays separate per example instead of being summed over the batch.
 """
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
+from typing import Callable
 
 import torch
+from torch.autograd.graph import get_gradient_edge
 
 
 @dataclass
 class Site:
-    """One call of a recorded module."""
+    """One call of a recorded module.
+
+    Its outputs are not kept: a hook on each (registered as the layer returns it) puts the gradient at it into
+    `grads` when the backward pass reaches it, and calls `on_gradients(site)` once every output that needs one
+    has it, so that a consumer can use the gradients and drop them (and the site's inputs) at once rather than
+    after the whole backward pass; `edges` tell autograd where those gradients are wanted. Holding the outputs
+    and every gradient to the end would keep every layer's output and output gradient alive at once (on a ViT
+    at batch size 32, over half of the peak memory). The hook sits on the layer's own node, so the gradient is
+    the one at the output as the layer produced it, even if it is changed in place afterwards (an in-place
+    activation)."""
 
     name: str
     module: torch.nn.Module
     args: tuple
     kwargs: dict
-    outputs: tuple  # the output tensors (one for ordinary layers), batch-first
-    versions: tuple  # their version counters when recorded, to detect in-place changes
+    edges: tuple  # of the output tensors (one for ordinary layers), batch-first; None: an output needing no gradient
+    shapes: tuple  # (shape, dtype, device) of each output: the zero gradient of an output the loss does not reach
+    grads: list = field(default_factory=list)  # the gradient at each output, as it arrives
+    on_gradients: Callable | None = None
+
+    def _arrived(self, index, grad):
+        self.grads[index] = grad
+        if self.on_gradients is not None and all(g is not None or e is None for g, e in zip(self.grads, self.edges)):
+            self.on_gradients(self)
+
+    def output_grads(self):
+        """The gradient at each output, zeros where the loss does not reach it."""
+        return tuple(torch.zeros(shape, dtype=dtype, device=device) if grad is None else grad
+                     for grad, (shape, dtype, device) in zip(self.grads, self.shapes))
 
     def first_input(self):
         return self.args[0] if self.args else next(iter(self.kwargs.values()))
@@ -91,7 +114,13 @@ class ModuleCapture:
             returned = type(output).__name__
             raise TypeError(f"module {name} ({type(module).__name__}) returned {returned}; expected tensors")
         outputs = tuple(self._broadcast(t) for t in outputs)
-        self.sites.append(Site(name, module, args, kwargs, outputs, tuple(t._version for t in outputs)))
+        edges = tuple(get_gradient_edge(t) if t.requires_grad else None for t in outputs)
+        site = Site(name, module, args, kwargs, edges, tuple((t.shape, t.dtype, t.device) for t in outputs),
+                    [None] * len(outputs))
+        for index, tensor in enumerate(outputs):
+            if tensor.requires_grad:
+                tensor.register_hook(partial(_on_gradient, site, index))
+        self.sites.append(site)
         if single:
             return outputs[0]
         return type(output)(outputs)
@@ -102,25 +131,19 @@ class ModuleCapture:
         return tensor
 
 
+def _on_gradient(site, index, grad):
+    site._arrived(index, grad)  # returns None: the gradient flows on unchanged
+
+
+def backpropagate(loss, sites):
+    """Run the backward pass of `loss` as far as the sites' outputs (no parameter gradients), filling each site's
+    `grads` (and calling its `on_gradients`) as the pass reaches it."""
+    edges = [edge for site in sites for edge in site.edges if edge is not None]
+    if edges and loss.requires_grad:
+        torch.autograd.backward(loss, inputs=edges)
+
+
 def output_gradients(loss, sites):
     """The gradient of `loss` at every output of every site (zeros where the output does not affect the loss)."""
-    outputs = []
-    for site in sites:
-        for tensor, version in zip(site.outputs, site.versions):
-            if tensor._version != version:
-                raise RuntimeError(
-                    f"the output of {site.name} ({type(site.module).__name__}) was modified in place after the layer "
-                    "ran; the gradient at it cannot be taken"
-                )
-            outputs.append(tensor)
-    differentiable = [i for i, tensor in enumerate(outputs) if tensor.requires_grad]
-    found = torch.autograd.grad(loss, [outputs[i] for i in differentiable], allow_unused=True, materialize_grads=True)
-    grads = [None] * len(outputs)
-    for i, grad in zip(differentiable, found):
-        grads[i] = grad
-    grads = [torch.zeros_like(tensor) if grad is None else grad for tensor, grad in zip(outputs, grads)]
-    per_site, start = [], 0
-    for site in sites:
-        per_site.append(tuple(grads[start : start + len(site.outputs)]))
-        start += len(site.outputs)
-    return per_site
+    backpropagate(loss, sites)
+    return [site.output_grads() for site in sites]

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from modelmerge.statistics.capture import ModuleCapture, batch_first, output_gradients
+from modelmerge.statistics.capture import ModuleCapture, backpropagate, batch_first
 
 # Containers are never called themselves; a parameter they hold belongs to the module that uses them.
 CONTAINERS = (nn.ModuleDict, nn.ModuleList, nn.ParameterDict, nn.ParameterList)
@@ -340,20 +340,35 @@ class SquaredGradientSums:
         )
 
     def add(self, loss, sites, batch_size):
-        grads = output_gradients(loss, sites)
+        """Add the batch's squared per-example gradients. A layer-wise rule's squares are added as soon as the
+        backward pass reaches its layer, and the layer's output gradient and inputs are dropped then: the batch's
+        gradients never all exist at once. The modules by torch.func follow the backward pass (their vector-Jacobian
+        products cannot run inside it), as do the squares of parameters used in several calls (summed first)."""
         calls = defaultdict(int)
         for site in sites:
             for parameter in self._site_parameters(site):
                 calls[id(parameter)] += 1
         pending = defaultdict(list)  # per-example gradients of parameters used in several calls
-        with torch.no_grad():
-            for i, site in enumerate(sites):
-                for parameter, gradients in self._site_gradients(site, grads[i], batch_size):
+        used = set()
+
+        def use(site):
+            with torch.no_grad():
+                for parameter, gradients in self._site_gradients(site, site.output_grads(), batch_size):
                     if calls[id(parameter)] == 1:
                         _add_squares(self.sums[id(parameter)], [gradients])
                     else:
                         pending[id(parameter)].append(gradients)
-                grads[i] = None
+            used.add(id(site))
+            site.on_gradients, site.grads, site.args, site.kwargs = None, [None] * len(site.grads), (), {}
+
+        for site in sites:
+            if site.name in self.rule_modules:
+                site.on_gradients = use
+        backpropagate(loss, sites)
+        for site in sites:
+            if id(site) not in used:  # by torch.func, or a layer the loss does not reach (zero gradients)
+                use(site)
+        with torch.no_grad():
             for id_, gradients in pending.items():
                 _add_squares(self.sums[id_], gradients)
 
