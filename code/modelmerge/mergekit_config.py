@@ -41,11 +41,10 @@ from modelmerge.io.formats import CheckpointError
 from modelmerge.io.json_files import read_json_object
 from modelmerge.io.reading import open_checkpoint
 from modelmerge.lora_merge import LoraDeltaView
-from modelmerge.merging.execute import run_tasks
-from modelmerge.merging.frontend import scale_layers, use_shared_basis
 from modelmerge.merging.options import DTYPES, MergeError
 from modelmerge.merging.parameters import DRIVER_PARAMETERS, load_method, resolve_parameters, split_driver_options
-from modelmerge.merging.plan import Source, TensorTask, check_same_tensors, model_count_problem
+from modelmerge.merging.plan import (MergePlan, Source, TensorTask, check_same_tensors, model_count_problem,
+                                    use_shared_basis)
 from modelmerge.methods import MERGE_METHODS
 from modelmerge.methods.base import Mergekit
 from modelmerge.vocabulary import unify
@@ -59,32 +58,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja")
 _EMBEDDINGS = re.compile(r"embed|(^|\.)(wte|wpe)\.")
 _LAYER = re.compile(r"^(.*?\.)(\d+)\.(.+)$")
-
-
-@dataclass
-class MergePlan:
-    """Everything `merging.run_tasks` needs, read from a configuration."""
-
-    method: Any
-    tasks: list[TensorTask]
-    files_from: str | None
-    extra_files: dict
-    json_updates: dict
-    dtype: Any
-    out_dtype: Any
-
-    inputs: list = field(default_factory=list)  # every path the merge reads
-    lines: tuple | None = None  # LiNeS's (α, β) when asked for (methods/lines.py): applied once the device is known
-
-    def run(self, output, device="cpu", progress=True, overwrite=False, max_shard_bytes=5 * 10**9, threads=None):
-        if self.lines is not None:
-            scale_layers(self.method, self.tasks, len(self.tasks[0].models), *self.lines, dtype=self.dtype,
-                         device=device, progress=progress, threads=threads)
-        layout = "file" if output.endswith(".safetensors") else "model"
-        return run_tasks(self.method, self.tasks, output, layout, files_from=self.files_from,
-                         extra_files=self.extra_files, json_updates=self.json_updates, dtype=self.dtype,
-                         out_dtype=self.out_dtype, device=device, max_shard_bytes=max_shard_bytes,
-                         progress=progress, inputs=self.inputs, overwrite=overwrite, threads=threads)
 
 
 def read_config(path):
@@ -228,8 +201,9 @@ def plan_config(config):
     if tokenizer_from:
         extra_files = {name: os.path.join(tokenizer_from, name) for name in TOKENIZER_FILES
                        if os.path.isfile(os.path.join(tokenizer_from, name))}
-    return MergePlan(method, tasks, donor.folder, extra_files, json_updates, dtype, out_dtype or dtype,
-                     references.paths() + ([tokenizer_from] if tokenizer_from else []), lines)
+    return MergePlan(method, tasks, "model", files_from=donor.folder, extra_files=extra_files,
+                     json_updates=json_updates, dtype=dtype, out_dtype=out_dtype or dtype,
+                     inputs=references.paths() + ([tokenizer_from] if tokenizer_from else []), lines=lines)
 
 
 def _driver_options(method, config):

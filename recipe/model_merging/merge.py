@@ -3,7 +3,7 @@
 from sisyphus import Task, tk
 
 from model_merging.program_job import CommandJob
-from model_merging.util import rqmt, run_command, write_run_script
+from model_merging.util import instantiate, rqmt, run_command, write_json, write_run_script
 
 
 def _path(p):
@@ -11,7 +11,8 @@ def _path(p):
 
 
 class MergeJob(CommandJob):
-    """Any method of the merge library (`docs/merging.md`): `python code/merge.py --merge METHOD ...`.
+    """Any method of the merge library (`docs/merging.md`): `python code/merge.py --options merge.json`,
+    the merge's typed options written as JSON (`options()`: the fields of modelmerge.merging.MergeOptions).
 
     models: the fine-tuned models θ_t; ancestor: θ_0; aux_data: one statistics folder per model (Fisher,
     Gram, trimmed task vector); ancestor_aux_data: statistics of θ_0 (gradient matching's H_0);
@@ -21,7 +22,7 @@ class MergeJob(CommandJob):
     each with the job's resources, into `work/part-I-of-N.safetensors`, then task `join` writes the same
     `out_model` as one process would (`code/merge.py --shard`, `--join`); a merge whose tensors depend on each
     other runs whole in part 1 (its log says so). A killed part reruns alone.
-    Output: `out_model`, a model folder.
+    Output: `out_model`, a model folder; `out_options`, the options the merge ran with.
     """
 
     # added later: at their defaults they leave the job ids as they were
@@ -46,6 +47,7 @@ class MergeJob(CommandJob):
         self.shards = shards
         self.rqmt = rqmt(time_rqmt, mem_rqmt, cpu_rqmt, gpu_rqmt)
         self.out_model = self.output_path("model")
+        self.out_options = self.output_path("merge.json")
 
     def tasks(self):
         if self.shards == 1:
@@ -56,6 +58,7 @@ class MergeJob(CommandJob):
         yield Task("join", resume="join", rqmt={**self.rqmt, "cpu": 1, "gpu": 0})
 
     def create_files(self):
+        write_json(self.out_options, self.options())
         if self.shards == 1:
             return super().create_files()
         write_run_script(*(self.part_command(index) for index in range(1, self.shards + 1)), self.join_command())
@@ -71,27 +74,34 @@ class MergeJob(CommandJob):
         return f"part-{index}-of-{self.shards}.safetensors"
 
     def part_command(self, index):
-        command = self.command()
-        return command[:-1] + [self.part_file(index), "--shard", f"{index}/{self.shards}", "--no_progress"]
+        return self.command() + ["--output", self.part_file(index), "--shard", f"{index}/{self.shards}", "--no_progress"]
 
     def join_command(self):
         return [*self.program_command("merge.py"), "--join", *map(self.part_file, range(1, self.shards + 1)),
                 "--output", self.out_model.get_path()]
 
     def command(self):
-        cmd = [*self.program_command("merge.py"), "--merge", self.method, "--models", *map(_path, self.models)]
-        if self.aux_data is not None:
-            cmd += ["--aux_data", *map(_path, self.aux_data)]
-        for flag, value in (("--ancestor", self.ancestor), ("--ancestor_aux_data", self.ancestor_aux_data),
-                            ("--initial", self.initial)):
+        return [*self.program_command("merge.py"), "--options", self.out_options.get_path()]
+
+    def options(self):
+        """The merge's options (MergeOptions.to_json's keys: `aux_data` is `statistics`), paths resolved; on the
+        GPU when the job asks for one."""
+        options = {"method": self.method, "models": [_path(model) for model in self.models],
+                   "output": self.out_model.get_path()}
+        for key, value in (("statistics", self.aux_data and [_path(path) for path in self.aux_data]),
+                           ("ancestor", self.ancestor and _path(self.ancestor)),
+                           ("ancestor_statistics", self.ancestor_aux_data and _path(self.ancestor_aux_data)),
+                           ("initial", self.initial and _path(self.initial)), ("dtype", self.dtype),
+                           ("include", self.include), ("exclude", self.exclude)):
             if value is not None:
-                cmd += [flag, _path(value)]
-        for flag, value in (("--dtype", self.dtype), ("--include", self.include), ("--exclude", self.exclude)):
-            if value is not None:
-                cmd += [flag, str(value)]
+                options[key] = value
+        if self.parameters:
+            options["params"] = instantiate(self.parameters)
         if self.allow_statistics_mismatch:
-            cmd.append("--allow_statistics_mismatch")
-        return cmd + _parameter_arguments(self.parameters) + _device_and_output(self)
+            options["allow_statistics_mismatch"] = True
+        if self.rqmt["gpu"] > 0:
+            options["device"] = "cuda"
+        return options
 
 
 def _parameter_arguments(parameters):

@@ -98,15 +98,16 @@ def test_merge_job_commands(setup_dir):
     job = MergeJob("ties", ["/a", "/b"], ancestor="/base", aux_data=["/fa", "/fb"],
                    parameters={"density": 0.2, "merge_lambda": 1.0})
     command = _create_files(job, setup_dir).split()
-    assert command[1:] == ["/project/code/merge.py", "--threads", "1", "--merge", "ties", "--models", "/a", "/b",
-                           "--aux_data", "/fa", "/fb", "--ancestor", "/base", "--x:density", "0.2", "--x:merge_lambda",
-                           "1.0", "--output", job.out_model.get_path()]
+    assert command[1:] == ["/project/code/merge.py", "--threads", "1", "--options", job.out_options.get_path()]
+    assert json.load(open(job.out_options.get_path())) == {
+        "method": "ties", "models": ["/a", "/b"], "statistics": ["/fa", "/fb"], "ancestor": "/base",
+        "params": {"density": 0.2, "merge_lambda": 1.0}, "output": job.out_model.get_path()}
 
     assert MergeJob("ties", ["/a", "/b"], ancestor="/base", aux_data=["/fa", "/fb"],
                     parameters={"density": 0.2, "merge_lambda": 1.0}, allow_statistics_mismatch=False) is job
     allowed = MergeJob("fisher", ["/a", "/b"], aux_data=["/fb", "/fa"], allow_statistics_mismatch=True)
-    assert "--allow_statistics_mismatch" in _create_files(allowed, setup_dir).split()
-    assert "--allow_statistics_mismatch" not in command
+    _create_files(allowed, setup_dir)
+    assert json.load(open(allowed.out_options.get_path()))["allow_statistics_mismatch"] is True
 
     ubgm = UncertaintyBasedGradientMatchingJob("/base", ["/a", "/b"], "/h0", ["/ha", "/hb"], 1e-12,
                                                scaling_factor=0.7, scaling_factor_pretrained=100,

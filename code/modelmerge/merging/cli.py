@@ -116,7 +116,7 @@ def paper_script_parser(description):
     parser.add_argument("--scaling_factor", type=float, default=1.0, help="α")
     # The released scripts' model classes; the merge itself is the same for any.
     parser.add_argument("--task_type", default="SEQ_CLS", choices=("SEQ_CLS",))
-    parser.add_argument("--device", type=device_argument, default="cpu", help="where the arithmetic runs: cpu or cuda")
+    parser.add_argument("--device", default="cpu", help="where the arithmetic runs: cpu or cuda")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output not written by a merge")
     add_threads_argument(parser, MERGE_DEFAULT_THREADS)
     return parser

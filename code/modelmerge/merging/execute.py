@@ -22,10 +22,10 @@ from modelmerge.io.json_files import read_json_object
 from modelmerge.io.reading import Checkpoint
 from modelmerge.io.writing import open_output
 from modelmerge.lora_merge import factorize
-from modelmerge.merging.options import MergeError, check_device
+from modelmerge.merging.options import MergeError
 from modelmerge.methods.base import GRAM_KINDS, TensorBlocks, TensorGroup
 from modelmerge.methods.knots import merge_in_shared_basis
-from modelmerge.methods.lines import scaled_task_vector
+from modelmerge.methods.lines import layer_scales, scaled_task_vector
 from modelmerge.threads import torch_threads
 
 logger = logging.getLogger(__name__)
@@ -299,7 +299,6 @@ def run_tasks(method, tasks, output, layout, *, files_from=None, extra_files=Non
     else the ancestor's, else the first model's: output_entries), as config.json then says. An existing
     `output` is replaced only if a merge wrote it (or with `overwrite`), never if it is, holds or lies inside
     one of the `inputs` paths (modelmerge.atomic)."""
-    device = check_device(device)
     entries = output_entries(tasks, out_dtype or dtype)
     json_updates = output_json_updates(entries, layout, files_from, json_updates)
     with open_output(output, entries, layout, files_from, json_updates, max_shard_bytes, extra_files,
@@ -336,3 +335,43 @@ def _config_dtype(entries, files_from):
     name = str(sizes.most_common(1)[0][0]).removeprefix("torch.")
     older = "torch_dtype" in read_json_object(os.path.join(files_from, "config.json"))
     return dict.fromkeys(("dtype", "torch_dtype") if older else ("dtype",), name)
+
+
+def scale_layers(method, tasks, num_models, alpha, beta, *, dtype, device, progress, threads=None):
+    """LiNeS: every merged tensor's task vector scaled by α + β · (its layer's depth) (methods/lines.py); α None:
+    the paper's ‖Σ_t τ_t‖₁ / (T·‖τ‖₁) of the `num_models` models, from one merge of every tensor that is not written."""
+    if alpha is None:
+        norms = _L1Norms(tasks)
+        execute(method, tasks, norms, output_entries(tasks, dtype), dtype, device, progress, threads)
+        if norms.merged == 0:
+            raise MergeError("LiNeS: the merged task vector is zero, so the paper's α is undefined; give lines_alpha")
+        alpha = norms.summed / (num_models * norms.merged)
+    scales = layer_scales([task.name for task in tasks], alpha, beta)
+    for task in tasks:
+        if task.merge:
+            task.task_vector_scale = scales[task.name]
+
+
+class _L1Norms:
+    """A writer that keeps only ‖Σ_t τ_t‖₁ and ‖θ − θ_0‖₁ of the merged tensors written to it (blocks of rows
+    arrive in order)."""
+
+    def __init__(self, tasks):
+        self.tasks = {task.name: task for task in tasks}
+        self.next_row = {}
+        self.summed = self.merged = 0.0
+
+    def write(self, name, tensor):
+        task = self.tasks[name]
+        if not task.merge:
+            return
+        start = self.next_row.get(name, 0)
+        rows = None if tensor.dim() == 0 else slice(start, start + tensor.shape[0])
+        self.next_row[name] = start + (tensor.shape[0] if tensor.dim() else 1)
+        def read(source):
+            whole = source.read()
+            return (whole if rows is None else whole[rows]).to(torch.float64)
+
+        base = read(task.ancestor)
+        self.summed += float(sum(read(model) - base for model in task.models).abs().sum())
+        self.merged += float((tensor.to(torch.float64) - base).abs().sum())

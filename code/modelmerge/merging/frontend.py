@@ -1,22 +1,33 @@
-"""The whole merge as `MergeOptions` describe it: open the inputs, plan, execute into the output."""
+"""The whole merge as `MergeOptions` describe it: one planner (`plan`) for both front ends, the command
+line's and mergekit's YAML, whose `MergePlan` the executor runs (`MergePlan.run`)."""
 import os
-
-import torch
 
 from modelmerge.io.reading import open_checkpoint, open_statistics
 from modelmerge.lora_merge import output_adapter_config
-from modelmerge.merging.execute import execute, output_entries, run_tasks
 from modelmerge.merging.lora import lora_inputs, name_lora_outputs
 from modelmerge.merging.options import MergeError, MergeOptions
 from modelmerge.merging.parameters import load_method, resolve_parameters, split_driver_options
-from modelmerge.merging.plan import model_count_problem, plan_merge
+from modelmerge.merging.plan import MergePlan, model_count_problem, plan_merge, use_shared_basis
 from modelmerge.merging.provenance import check_statistics_pairing
-from modelmerge.merging.shards import assign_parts, whole_merge_reason, write_part
-from modelmerge.methods.lines import layer_scales
 
 
 def merge(options: MergeOptions):
-    """Merge `options.models` with `options.method` into `options.output`; return the execution Summary.
+    """The merge `options` ask for (the whole of it, or the part `options.shard`), planned by `plan` and run
+    by `MergePlan.run`; return the execution Summary."""
+    return plan(options).run(options)
+
+
+def plan(options: MergeOptions) -> MergePlan:
+    """The one planner of both front ends: the merge of a mergekit YAML file (`options.config`,
+    merging.mergekit_config) or of the method, models and statistics `options` name (`plan_options`)."""
+    if options.config is not None:
+        from modelmerge.mergekit_config import plan_config, read_config  # it plans with this package's modules
+        return plan_config(read_config(options.config))
+    return plan_options(options)
+
+
+def plan_options(options: MergeOptions) -> MergePlan:
+    """The MergePlan of `options.models` merged with `options.method`.
 
     A `lora-` method merges PEFT LoRA adapters as weight changes s·B·A: with an ancestor (the base model)
     the output is the base model with the merged change added, without one it is an adapter of rank
@@ -46,30 +57,15 @@ def merge(options: MergeOptions):
             json_updates["adapter_config.json"] = output_adapter_config(lora_rank)
     else:
         layout = "adapter" if checkpoints[0].kind == "adapter" else "model"
-    if options.output.endswith(".safetensors") and options.shard is None:  # a part: the join's output decides
-        layout = "file"
-    tasks = plan_merge(method, params, checkpoints, ancestor, statistics, ancestor_statistics, initial, options.include,
-                       options.exclude)
+    tasks = plan_merge(method, params, checkpoints, ancestor, statistics, ancestor_statistics, initial,
+                       options.include, options.exclude)
     if lora_rank is not None:
         name_lora_outputs(tasks, checkpoints[0], lora_rank)
     if wrappers["knots"]:
         use_shared_basis(tasks)
-    if options.shard is not None:
-        whole = whole_merge_reason(method, wrappers["lines_beta"] is not None and wrappers["lines_alpha"] is None)
-        parts = assign_parts(method, params, tasks, options.shard.count, whole)
-    if wrappers["lines_beta"] is not None and (options.shard is None or options.shard.index in parts):
-        scale_layers(method, tasks, len(options.models), wrappers["lines_alpha"], wrappers["lines_beta"],
-                     dtype=options.dtype, device=options.device, progress=options.progress, threads=options.threads)
-    if options.shard is not None:
-        return write_part(method, tasks, parts, options.shard, options.output, layout, _identity(options, params),
-                          files_from=files_from and os.path.abspath(files_from), json_updates=json_updates,
-                          max_shard_bytes=options.max_shard_bytes, whole_reason=whole, dtype=options.dtype,
-                          device=options.device, progress=options.progress, overwrite=options.overwrite,
-                          threads=options.threads)
-    return run_tasks(method, tasks, options.output, layout, files_from=files_from, json_updates=json_updates,
-                     dtype=options.dtype, device=options.device, max_shard_bytes=options.max_shard_bytes,
-                     progress=options.progress, inputs=options.inputs, overwrite=options.overwrite,
-                     threads=options.threads)
+    lines = None if wrappers["lines_beta"] is None else (wrappers["lines_alpha"], wrappers["lines_beta"])
+    return MergePlan(method, tasks, layout, params=params, files_from=files_from, json_updates=json_updates,
+                     dtype=options.dtype, inputs=options.inputs, lines=lines, identity=_identity(options, params))
 
 
 def _identity(options: MergeOptions, params):
@@ -112,53 +108,6 @@ def check_wrappers(options: MergeOptions, wrappers):
             raise MergeError("KnOTS (knots) merges coordinates in a new basis: statistics and --initial describe the weights")
     if wrappers["lines_beta"] is not None and (options.ancestor is None or options.lora):
         raise MergeError("LiNeS (lines_beta) scales task vectors θ − θ_0: it needs an --ancestor and no lora- merge")
-
-
-def use_shared_basis(tasks):
-    """KnOTS: every merged 2-D tensor merged in the shared SVD basis of its task updates (methods/knots.py)."""
-    for task in tasks:
-        if task.merge and len(task.models[0].info().shape) == 2:
-            task.shared_basis = True
-
-
-def scale_layers(method, tasks, num_models, alpha, beta, *, dtype, device, progress, threads=None):
-    """LiNeS: every merged tensor's task vector scaled by α + β · (its layer's depth) (methods/lines.py); α None:
-    the paper's ‖Σ_t τ_t‖₁ / (T·‖τ‖₁) of the `num_models` models, from one merge of every tensor that is not written."""
-    if alpha is None:
-        norms = _L1Norms(tasks)
-        execute(method, tasks, norms, output_entries(tasks, dtype), dtype, device, progress, threads)
-        if norms.merged == 0:
-            raise MergeError("LiNeS: the merged task vector is zero, so the paper's α is undefined; give lines_alpha")
-        alpha = norms.summed / (num_models * norms.merged)
-    scales = layer_scales([task.name for task in tasks], alpha, beta)
-    for task in tasks:
-        if task.merge:
-            task.task_vector_scale = scales[task.name]
-
-
-class _L1Norms:
-    """A writer that keeps only ‖Σ_t τ_t‖₁ and ‖θ − θ_0‖₁ of the merged tensors written to it (blocks of rows
-    arrive in order)."""
-
-    def __init__(self, tasks):
-        self.tasks = {task.name: task for task in tasks}
-        self.next_row = {}
-        self.summed = self.merged = 0.0
-
-    def write(self, name, tensor):
-        task = self.tasks[name]
-        if not task.merge:
-            return
-        start = self.next_row.get(name, 0)
-        rows = None if tensor.dim() == 0 else slice(start, start + tensor.shape[0])
-        self.next_row[name] = start + (tensor.shape[0] if tensor.dim() else 1)
-        def read(source):
-            whole = source.read()
-            return (whole if rows is None else whole[rows]).to(torch.float64)
-
-        base = read(task.ancestor)
-        self.summed += float(sum(read(model) - base for model in task.models).abs().sum())
-        self.merged += float((tensor.to(torch.float64) - base).abs().sum())
 
 
 def _files_source(base, checkpoints):

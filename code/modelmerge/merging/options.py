@@ -1,11 +1,14 @@
 """What a merge is asked to do: one frozen `MergeOptions`, built once by the program that read the command
-line (or a configuration), and handed to the library, which never parses or names command-line flags.
+line, a JSON options file (`MergeOptions.read`, what `MergeJob` writes) or names a mergekit YAML
+configuration, and handed to the library, which never parses command-line flags.
 
-The fields hold parsed values: paths as strings, `dtype` a torch dtype, `device` a torch device, sizes in
-bytes. Method parameters (`params`) stay as given (strings from a command line, numbers from YAML):
-the method's declared parameters convert and check them (merging/parameters.py).
+The fields hold parsed values: paths as strings, `dtype` a torch dtype, `device` a torch device (checked
+here, the one place a merge's device is checked), sizes in bytes. Method parameters (`params`) stay as given
+(strings from a command line, numbers from JSON or YAML): the method's declared parameters convert and
+check them (merging/parameters.py).
 """
-from dataclasses import dataclass, field
+import json
+from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 from typing import Any, Mapping
 
@@ -41,11 +44,12 @@ class Shard:
 @dataclass(frozen=True)
 class MergeOptions:
     """One merge: `method` (a registered name, or `lora-NAME` to merge LoRA adapters as weight changes
-    B·A) of the checkpoints `models` into `output` (see `merging.merge`)."""
+    B·A) of the checkpoints `models` into `output`, or the merge a mergekit YAML file `config` describes
+    (see `merging.merge`)."""
 
-    method: str
-    models: tuple[str, ...]
-    output: str
+    method: str | None = None
+    models: tuple[str, ...] = ()
+    output: str = ""
     statistics: tuple[str, ...] | None = None  # statistics of each model, same order
     ancestor: str | None = None  # θ_0
     ancestor_statistics: str | None = None  # statistics of θ_0
@@ -62,12 +66,14 @@ class MergeOptions:
     progress: bool = True
     shard: Shard | None = None  # merge only this part of the tensors into a part file (merging/shards.py)
     threads: int | None = None  # torch threads on the CPU (None: one, or OMP_NUM_THREADS where set)
+    config: str | None = None  # a mergekit YAML configuration: it names the method, models and parameters
 
     def __post_init__(self):
         def set_(name, value):
             object.__setattr__(self, name, value)
 
-        set_("models", tuple(self.models))
+        set_("models", tuple(self.models or ()))
+        self._check_request()
         set_("statistics", None if self.statistics is None else tuple(self.statistics))
         set_("params", MappingProxyType(dict(self.params)))
         set_("device", check_device(self.device))
@@ -83,9 +89,70 @@ class MergeOptions:
         if self.lora_rank is not None and self.lora_rank < 1:
             raise MergeError(f"the LoRA rank must be at least 1, got {self.lora_rank}")
 
+    def _check_request(self):
+        if not self.output:
+            raise MergeError("a merge needs an output path")
+        if self.config is None:
+            if not self.method or not self.models:
+                raise MergeError("a merge needs a method and models, or a mergekit configuration")
+            return
+        given = [f.name for f in fields(self) if f.name in _MERGE_FIELDS and getattr(self, f.name) != f.default]
+        if given or self.params:
+            raise MergeError(f"the mergekit configuration {self.config} names the whole merge; drop "
+                             f"{', '.join(given or ['params'])}")
+        if self.shard is not None:
+            raise MergeError(f"the mergekit configuration {self.config} is merged whole: a shard needs a method")
+
+    def to_json(self) -> dict:
+        """The options as JSON values (`from_json` reads them back): dtype by name, device and shard as text."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values.update(models=list(self.models), statistics=self.statistics and list(self.statistics),
+                      params=dict(self.params), device=str(self.device),
+                      dtype=self.dtype and str(self.dtype).removeprefix("torch."),
+                      shard=self.shard and f"{self.shard.index}/{self.shard.count}")
+        return values
+
+    @classmethod
+    def from_json(cls, values, where="the options"):
+        """MergeOptions from `to_json`'s values (keys left out keep their defaults); a MergeError naming
+        `where` for an unknown key or a value of the wrong kind."""
+        if not isinstance(values, dict):
+            raise MergeError(f"{where}: expected a JSON object of merge options")
+        unknown = sorted(set(values) - {f.name for f in fields(cls)})
+        if unknown:
+            raise MergeError(f"{where}: unknown key(s) {', '.join(unknown)}")
+        values = dict(values)
+        if values.get("dtype") is not None:
+            if values["dtype"] not in DTYPES:
+                raise MergeError(f"{where}: dtype {values['dtype']!r} is not one of {', '.join(DTYPES)}")
+            values["dtype"] = DTYPES[values["dtype"]]
+        if isinstance(values.get("shard"), str):
+            values["shard"] = Shard.parse(values["shard"])
+        for key in ("models", "statistics"):
+            if values.get(key) is not None and not isinstance(values[key], list):
+                raise MergeError(f"{where}: {key} must be a list of paths")
+        if not isinstance(values.get("params", {}), dict):
+            raise MergeError(f"{where}: params must be an object of method parameters")
+        try:
+            return cls(**values)
+        except TypeError as error:  # e.g. a number where a path belongs
+            raise MergeError(f"{where}: {error}") from None
+
+    @classmethod
+    def read(cls, path, **overrides):
+        """The options in the JSON file `path` (as `MergeJob` writes them), with `overrides` set."""
+        try:
+            with open(path) as f:
+                values = json.load(f)
+        except (OSError, ValueError) as error:
+            raise MergeError(f"options {path}: cannot read them ({error})") from None
+        if isinstance(values, dict):
+            values.update(overrides)
+        return cls.from_json(values, f"options {path}")
+
     @property
     def lora(self) -> bool:
-        return self.method.startswith(LORA_PREFIX)
+        return bool(self.method) and self.method.startswith(LORA_PREFIX)
 
     @property
     def method_name(self) -> str:
@@ -97,6 +164,11 @@ class MergeOptions:
         """Every path the merge reads."""
         paths = [*self.models, *(self.statistics or ()), self.ancestor, self.ancestor_statistics, self.initial]
         return [path for path in paths if path]
+
+
+# What a mergekit configuration names itself: given with `config`, they are a mistake.
+_MERGE_FIELDS = ("method", "models", "statistics", "ancestor", "ancestor_statistics", "initial", "include", "exclude",
+                 "dtype", "lora_rank", "allow_statistics_mismatch")
 
 
 def check_device(device) -> torch.device:

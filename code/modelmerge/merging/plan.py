@@ -4,6 +4,7 @@ checkpoint and a tensor name, so mergekit slices can rename layers) and the meth
 Planning reads only file headers, so inconsistent inputs (names, shapes, missing statistics, counts) fail
 before any work is done.
 """
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -11,7 +12,9 @@ from typing import Any
 import torch
 
 from modelmerge.io.formats import CheckpointError, TensorInfo
-from modelmerge.merging.options import MergeError
+from modelmerge.merging.execute import run_tasks, scale_layers
+from modelmerge.merging.options import MergeError, MergeOptions
+from modelmerge.merging.shards import assign_parts, whole_merge_reason, write_part
 from modelmerge.methods.base import GRAM_KINDS
 
 
@@ -64,6 +67,48 @@ class TensorTask:
         sources = list(self.models) + [self.ancestor, self.initial] + list(self.ancestor_statistics.values())
         sources += [source for stats in self.statistics for source in stats.values()]
         return [source for source in sources if source is not None]
+
+
+@dataclass
+class MergePlan:
+    """One merge, planned from file headers by either front end (merging.frontend.plan): its tasks and how
+    its output is laid out; `run` executes it."""
+
+    method: Any
+    tasks: list[TensorTask]
+    layout: str  # "model" or "adapter" (an output path ending in .safetensors is written as one "file")
+    params: dict = field(default_factory=dict)  # the method's resolved parameters (their cost balances shards)
+    files_from: str | None = None  # the folder whose non-weight files the output carries
+    extra_files: dict = field(default_factory=dict)  # file name -> path, copied into the output folder too
+    json_updates: dict = field(default_factory=dict)  # file name -> keys set in the copied JSON file
+    dtype: Any = None  # working precision (None: the widest input's, at least float32)
+    out_dtype: Any = None  # output precision of floating-point tensors (None: execute.output_entries's rule)
+    inputs: list = field(default_factory=list)  # every path the merge reads
+    lines: tuple | None = None  # LiNeS's (α, β) when asked for (methods/lines.py): applied once the device is known
+    identity: dict | None = None  # the merge asked for, as the parts of a sharded merge record it
+
+    def run(self, options: MergeOptions):
+        """Execute the plan as `options` say: into `options.output` (or its part `options.shard`), on
+        `options.device` with `options.threads`."""
+        shard, parts, whole = options.shard, None, None
+        if shard is not None:
+            whole = whole_merge_reason(self.method, self.lines is not None and self.lines[0] is None)
+            parts = assign_parts(self.method, self.params, self.tasks, shard.count, whole)
+        if self.lines is not None and (shard is None or shard.index in parts):
+            scale_layers(self.method, self.tasks, len(self.tasks[0].models), *self.lines, dtype=self.dtype,
+                         device=options.device, progress=options.progress, threads=options.threads)
+        if shard is not None:
+            return write_part(self.method, self.tasks, parts, shard, options.output, self.layout, self.identity,
+                              files_from=self.files_from and os.path.abspath(self.files_from),
+                              json_updates=self.json_updates, max_shard_bytes=options.max_shard_bytes,
+                              whole_reason=whole, dtype=self.dtype, device=options.device, progress=options.progress,
+                              overwrite=options.overwrite, threads=options.threads)
+        layout = "file" if options.output.endswith(".safetensors") else self.layout
+        return run_tasks(self.method, self.tasks, options.output, layout, files_from=self.files_from,
+                         extra_files=self.extra_files, json_updates=self.json_updates, dtype=self.dtype,
+                         out_dtype=self.out_dtype, device=options.device, max_shard_bytes=options.max_shard_bytes,
+                         progress=options.progress, inputs=self.inputs, overwrite=options.overwrite,
+                         threads=options.threads)
 
 
 def statistic_kinds(method):
@@ -239,3 +284,10 @@ def _check_optional_consistent(task, optional, stats):
         if any(have) and not all(have):
             missing = [stats[i].path for i, h in enumerate(have) if not h]
             raise MergeError(f"statistic '{kind}' of tensor {task.name} is missing from {', '.join(missing)}")
+
+
+def use_shared_basis(tasks):
+    """KnOTS: every merged 2-D tensor merged in the shared SVD basis of its task updates (methods/knots.py)."""
+    for task in tasks:
+        if task.merge and len(task.models[0].info().shape) == 2:
+            task.shared_basis = True

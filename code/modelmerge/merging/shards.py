@@ -28,7 +28,7 @@ from modelmerge.io.reading import open_checkpoint
 from modelmerge.io.writing import open_output
 from modelmerge.merging.execute import (OUTPUT_KIND, RELEASE_EVERY_BYTES, Summary, execute, output_entries,
                                        output_json_updates, peak_rss_bytes)
-from modelmerge.merging.options import MergeError, check_device
+from modelmerge.merging.options import MergeError
 from modelmerge.methods.lines import GLOBAL_ALPHA
 
 logger = logging.getLogger(__name__)
@@ -71,7 +71,6 @@ def write_part(method, tasks, parts, shard, output, layout, identity, *, files_f
     """Merge the tasks of part `shard` (parts[i]: the part of tasks[i]) into the part file `output`; the
     joined output is laid out as execute.run_tasks lays out the unsharded one (`layout`, `files_from`,
     `json_updates`, `max_shard_bytes`). `identity` (JSON-ready) names the merge asked for, its `inputs` too."""
-    device = check_device(device)
     entries = output_entries(tasks, dtype)
     layout = {"layout": layout, "files_from": files_from, "max_shard_bytes": max_shard_bytes,
               "json_updates": output_json_updates(entries, layout, files_from, json_updates)}
