@@ -268,3 +268,14 @@ def killed_on_exit(*processes):
         for process in processes:
             if process.poll() is None:
                 process.kill()
+
+
+def jobs_below(job):
+    """Every job `job` depends on (itself included), found through the creators of its inputs."""
+    found, todo = {}, [job]
+    while todo:
+        job = todo.pop()
+        if id(job) not in found:
+            found[id(job)] = job
+            todo.extend(path.creator for path in job._sis_inputs if path.creator is not None)
+    return list(found.values())

@@ -5,7 +5,7 @@ import os
 import sys
 
 import pytest
-from sis_util import REPO
+from sis_util import REPO, jobs_below
 
 sys.path[:0] = [REPO, os.path.join(REPO, "recipe")]
 
@@ -66,17 +66,6 @@ def test_offline_t5_starts_from_a_trained_model_and_has_a_multitask_reference():
     assert len(others) == len(preset["tasks"]) + 1
     fishers_of_theta_0 = [job for job in jobs if isinstance(job, FisherJob) and job.model == theta_0]
     assert [job.dataset_name for job in fishers_of_theta_0] == [suite_data] and OFFLINE_PRETRAINING in str(suite_data)
-
-
-def jobs_below(job):
-    """Every job `job` depends on (itself included), found through the creators of its inputs."""
-    found, todo = {}, [job]
-    while todo:
-        job = todo.pop()
-        if id(job) not in found:
-            found[id(job)] = job
-            todo.extend(path.creator for path in job._sis_inputs if path.creator is not None)
-    return list(found.values())
 
 
 def test_a_suite_preset_shards_its_statistics_and_evaluations():
