@@ -15,10 +15,12 @@ Columns are found under their usual Hub names, or named by a column mapping ({"i
 The class names of a classification data set are kept as the `label` column's `ClassLabel` names (from the
 Hub features, a `class_names.json` list beside the split files, or the image class folders).
 """
+import dataclasses
 import json
 import logging
 import os
 import re
+import typing
 
 import datasets
 import torch
@@ -67,6 +69,34 @@ def resolve_data_dir(data_dir=None):
     return data_dir or os.environ.get(DATA_DIR_ENV) or None
 
 
+@dataclasses.dataclass(kw_only=True)
+class DataKeys:
+    """The config keys of the programs that read a task's data set (train.py's TrainConfig, predict.py's
+    PredictConfig inherit them): the task type, the data set's column names, CLIP's classes, the data directory
+    and the input length."""
+
+    task_type: typing.Literal[TASK_TYPES] = "sequence_classification"
+    # Column names of the data set for the task type's columns (None: the usual names, TASK_COLUMNS).
+    text_column: str | None = None
+    input_column: str | None = None
+    target_column: str | None = None
+    image_column: str | None = None
+    label_column: str | None = None
+    class_names: list[str] | None = None  # CLIP's classes (None: the data set's label names)
+    data_dir: str | None = None  # None: $MERGE_DATA_DIR, else the Hub
+    max_length: int = 384
+
+    def __post_init__(self):
+        self.data_dir = resolve_data_dir(self.data_dir)
+        if self.max_length < 1:
+            raise ConfigError(f"max_length must be at least 1, got {self.max_length}")
+
+    def columns(self):
+        """The `columns` argument of `load_split` from the `<column>_column` keys given."""
+        names = {column: getattr(self, f"{column}_column") for column in COLUMNS}
+        return {column: name for column, name in names.items() if name is not None}
+
+
 def split_names(split):
     """The split names a split string refers to: 'train[:20%]+test' -> ['train', 'test']."""
     names = []
@@ -76,12 +106,6 @@ def split_names(split):
             raise DataError(f"split {split!r}: expected NAME or NAME[slice] (e.g. 'train[:20%]'), joined with '+'")
         names.append(match.group(1))
     return names
-
-
-def column_mapping(config):
-    """The `columns` argument of `load_split` from a program config's `<column>_column` keys (those given)."""
-    names = {column: getattr(config, f"{column}_column") for column in COLUMNS}
-    return {column: name for column, name in names.items() if name is not None}
 
 
 def load_split(dataset_name, split, data_dir=None, task_type="sequence_classification", columns=None):

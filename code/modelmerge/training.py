@@ -96,23 +96,15 @@ PEFT_SPECS = {"lora": LoraSpec, "ia3": IA3Spec}
 
 
 @dataclasses.dataclass
-class TrainConfig:
-    """Keys of `code/train.py`. Defaults are the paper's (Daheim et al., 2024) fine-tuning hyperparameters."""
+class TrainConfig(data.DataKeys):
+    """Keys of `code/train.py` (beside the data keys of data.DataKeys). Defaults are the paper's (Daheim et al.,
+    2024) fine-tuning hyperparameters."""
 
     output_dir: str
     dataset_name: str
     model_name_or_path: str = dataclasses.field(default_factory=offline_model_path)
-    task_type: typing.Literal[data.TASK_TYPES] = "sequence_classification"
-    # Column names of the data set for the task type's columns (None: the usual names, data.TASK_COLUMNS).
-    text_column: str | None = None
-    input_column: str | None = None
-    target_column: str | None = None
-    image_column: str | None = None
-    label_column: str | None = None
-    class_names: list[str] | None = None  # CLIP's classes (None: the data set's label names)
     train_split: str = "train"
     validation_split: str = "validation"
-    data_dir: str | None = None  # None: $MERGE_DATA_DIR, else the Hub
     num_labels: int = 2
     optimizer_name: typing.Literal["AdamW", "IVON"] = "AdamW"
     # IVON's keys (modelmerge.variational.IvonSpec) with optimizer_name IVON; None: its defaults
@@ -125,7 +117,6 @@ class TrainConfig:
     weight_decay: float = 0.0
     dropout: float | None = 0.0  # every dropout probability of the model; None keeps the model's own
     max_grad_norm: float = 1.0
-    max_length: int = 384
     per_device_train_batch_size: int = 16
     per_device_eval_batch_size: int = 32
     gradient_accumulation_steps: int = 1
@@ -154,7 +145,7 @@ class TrainConfig:
     }
 
     def __post_init__(self):
-        self.data_dir = data.resolve_data_dir(self.data_dir)
+        super().__post_init__()
         if self.num_threads is None:
             self.num_threads = default_threads()
         if self.warmup_steps < 0:
@@ -175,7 +166,7 @@ class TrainConfig:
         if self.metric_for_best_model not in allowed:
             raise ConfigError(f"metric_for_best_model {self.metric_for_best_model!r} is not one of {allowed} "
                               f"(task_type {self.task_type})")
-        for key in ("num_labels", "max_length", "per_device_train_batch_size", "per_device_eval_batch_size",
+        for key in ("num_labels", "per_device_train_batch_size", "per_device_eval_batch_size",
                     "gradient_accumulation_steps", "num_threads", "logging_steps"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be at least 1, got {getattr(self, key)}")
@@ -197,9 +188,6 @@ class TrainConfig:
 
     def peft_spec(self):
         return None if self.peft is None else PEFT_SPECS[self.peft["type"]](**self.peft)
-
-    def columns(self):
-        return data.column_mapping(self)
 
     def output_paths(self):
         return {"output_dir": self.output_dir}

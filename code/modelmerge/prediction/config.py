@@ -6,7 +6,7 @@ import typing
 
 from modelmerge import shards
 from modelmerge.config import SHARED_PAPER_KEYS, Alias, ConfigError, Ignored
-from modelmerge.data import TASK_TYPES, column_mapping, resolve_data_dir
+from modelmerge.data import DataKeys
 from modelmerge.prediction.loading import config_device
 from modelmerge.threads import default_threads
 
@@ -31,8 +31,9 @@ TRAINING_ONLY_PAPER_KEYS = {
 
 
 @dataclasses.dataclass
-class PredictConfig:
-    """Keys of `code/predict.py`; `mode` selects evaluation or a statistic (docs/programs.md, families.md)."""
+class PredictConfig(DataKeys):
+    """Keys of `code/predict.py` (beside the data keys of DataKeys); `mode` selects evaluation or a statistic
+    (docs/programs.md, families.md)."""
 
     model_name_or_path: str
     output_dir: str | None = None  # required unless metric_output_file or prediction_output_file is given
@@ -42,17 +43,7 @@ class PredictConfig:
     # written to output_dir/<name>/ (mode evaluate; instead of dataset_name and split).
     evaluations: dict | None = None
     mode: typing.Literal[MODES] = "evaluate"
-    task_type: typing.Literal[TASK_TYPES] = "sequence_classification"
-    # Column names of the data set for the task type's columns (None: the usual names, data.TASK_COLUMNS).
-    text_column: str | None = None
-    input_column: str | None = None
-    target_column: str | None = None
-    image_column: str | None = None
-    label_column: str | None = None
-    class_names: list[str] | None = None  # CLIP's classes (None: the data set's label names)
     max_new_tokens: int = 32  # greedy decoding of seq2seq / causal LM evaluation
-    data_dir: str | None = None  # None: $MERGE_DATA_DIR, else the Hub
-    max_length: int = 384
     batch_size: int = 32
     num_examples: int | None = None  # use only the first ones of the split
     seed: int = 0  # labels sampled for the statistics
@@ -82,11 +73,11 @@ class PredictConfig:
     }
 
     def __post_init__(self):
-        self.data_dir = resolve_data_dir(self.data_dir)
+        super().__post_init__()
         self._check_datasets()
         if self.num_threads is None:
             self.num_threads = default_threads()
-        for key in ("max_length", "batch_size", "num_threads", "num_examples", "max_new_tokens"):
+        for key in ("batch_size", "num_threads", "num_examples", "max_new_tokens"):
             value = getattr(self, key)
             if value is not None and value < 1:
                 raise ConfigError(f"{key} must be at least 1, got {value}")
@@ -153,6 +144,3 @@ class PredictConfig:
         if self.evaluations is None:
             return [(None, self.dataset_name, self.split)]
         return [(name, spec["dataset_name"], spec["split"]) for name, spec in self.evaluations.items()]
-
-    def columns(self):
-        return column_mapping(self)
