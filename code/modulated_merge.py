@@ -1,5 +1,6 @@
 """Modulated merges (EMR-Merging, TALL masks): a unified model plus per-task masks and rescalers, and any
-task's own model materialised from them (see modelmerge.modulated for the formulas and the files). Each takes [--device cuda] [--threads N].
+task's own model materialised from them (see modelmerge.modulated for the formulas and the files). Each takes
+[--device cuda] [--threads N].
 
     python code/modulated_merge.py --merge emr --models A B C --ancestor P [--x:merge_lambda 1.0] --output OUT
     python code/modulated_merge.py --merge tall_masks --models A B C --ancestor P [--x:tall_mask_lambda 0.4,0.6,0.5] --output OUT

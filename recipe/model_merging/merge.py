@@ -16,7 +16,7 @@ class MergeJob(CommandJob):
 
     models: the fine-tuned models θ_t; ancestor: θ_0; aux_data: one statistics folder per model (Fisher,
     Gram, trimmed task vector); ancestor_aux_data: statistics of θ_0 (gradient matching's H_0);
-    initial: a model to start from (MaTS); parameters: the method's parameters (`--x:NAME VALUE`);
+    initial: a model to start from (MaTS); parameters: the method's parameters (the options' `params`);
     allow_statistics_mismatch: merge statistics that record another model than theirs (e.g. one Fisher for all);
     shards: N > 1 merges the tensors in N parts, the N parallel task ids of task `run_part` (one SLURM array),
     each with the job's resources, into `work/part-I-of-N.safetensors`, then task `join` writes the same

@@ -1,7 +1,8 @@
 """Graph pieces the configs share: data, the pretrained model θ_0 and the task models θ_t with their
-Fishers, the multitask model, any method of the catalogue merged (`merge_method`), and evaluation. Calling them twice builds the same jobs (Sisyphus job
-singletons), so configs compose freely and a sweep reuses every earlier job. A preset's optional `shards`
-({"statistics": N, "evaluation": N}, default 1) runs each Fisher or evaluation job as N shards over its examples."""
+Fishers, the multitask model, any method of the catalogue merged (`merge_method`), and evaluation. Calling them
+twice builds the same jobs (Sisyphus job singletons), so configs compose freely and a sweep reuses every earlier
+job. A preset's optional `shards` ({"statistics": N, "evaluation": N}, default 1) runs each Fisher or evaluation
+job as N shards over its examples."""
 from dataclasses import dataclass
 
 from sisyphus import tk

@@ -84,10 +84,11 @@ class PredictJob(ProgramJob):
 
 
 class EvaluationJob(PredictJob):
-    """Accuracy, macro-F1 and per-example predictions of `model` on `dataset_name`/`split` (predict.py's mode
-    `evaluate`). Named HuggingfaceSearchJob before 2026-12 (that name is now only the authors' signature,
-    ukp.huggingface.search); its ids changed with the name (scripts/migrate_job_ids.py moves folders of the
-    layout before recipe/model_merging/).
+    """The metrics (a classifier's accuracy and macro-F1; a sequence model's exact match, loss and perplexity) and
+    per-example predictions of `model` on `dataset_name`/`split` (predict.py's mode `evaluate`). Named
+    HuggingfaceSearchJob before 2026-12 (that name is now only the authors' signature, ukp.huggingface.search);
+    its ids changed with the name (scripts/migrate_job_ids.py moves folders of the layout before
+    recipe/model_merging/).
 
     Outputs: `out_metric_file` (metrics.json), `out_predictions` (predictions.jsonl) and the variable
     `out_accuracy`, which async configs await to choose hyperparameters.
@@ -108,7 +109,7 @@ class EvaluationJob(PredictJob):
 
 
 class MultiTaskSearchJob(PredictJob):
-    """Accuracy of `model` on several datasets in one run (the model loaded once):
+    """The metrics of `model` on several datasets in one run (the model loaded once), as EvaluationJob's:
     `datasets` = {name: (dataset_name, split)}.
 
     Outputs per name: `out_metric_files[name]` (metrics.json), `out_predictions[name]`, and the variable

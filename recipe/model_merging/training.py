@@ -6,7 +6,8 @@ MIXTURE_KEYS = ("dataset_name", "train_split", "validation_split")
 
 
 class HuggingfaceTrainingJob(ProgramJob):
-    """Fine-tunes `config['model_name_or_path']` for sequence classification.
+    """Fine-tunes `config['model_name_or_path']` as a model of the family `config['task_type']` (default
+    sequence classification; modelmerge.families).
 
     `config` holds the keys of `code/train.py` (docs/programs.md): model, data, hyperparameters, `peft`;
     the job adds `output_dir` and `num_train_epochs`. Outputs: `out_checkpoints` (the folder of the Trainer's

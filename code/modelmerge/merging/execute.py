@@ -294,7 +294,7 @@ def all_finite(tensor):
 def run_tasks(method, tasks, output, layout, *, files_from=None, extra_files=None, json_updates=None, dtype=None,
               out_dtype=None, device="cpu", max_shard_bytes=5 * 10**9, progress=True, inputs=(), overwrite=False,
               threads=None):
-    """Execute planned tasks into `output` (see checkpoint.open_output): arithmetic in `dtype` (default:
+    """Execute planned tasks into `output` (see modelmerge.io.writing.open_output): arithmetic in `dtype` (default:
     the widest input's, at least float32) on `device`, floating-point outputs in `out_dtype` (default `dtype`,
     else the ancestor's, else the first model's: output_entries), as config.json then says. An existing
     `output` is replaced only if a merge wrote it (or with `overwrite`), never if it is, holds or lies inside

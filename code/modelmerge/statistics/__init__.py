@@ -1,4 +1,4 @@
-"""Statistics of a trained sequence classifier that merge methods use.
+"""Statistics of a trained model of any family (`task_type`, modelmerge.families) that merge methods use.
 
 - `fisher`: the squared-gradient diagonal Fisher (`compute_fisher`, `save_fisher`);
 - `gram`: Gram matrices of every linear layer's inputs and output gradients (`compute_gram`, `save_gram`).

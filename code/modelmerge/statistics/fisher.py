@@ -1,16 +1,17 @@
-"""The squared-gradient diagonal Fisher of a sequence classifier.
+"""The squared-gradient diagonal Fisher of a model of any family (`task_type`, modelmerge.families).
 
     F = 1/N Σ_i (∇_θ log p(y_i | x_i))²
 
 for every trainable parameter θ (of a PEFT model: its adapter's), with y_i sampled from the model's
 predictive distribution p(·|x_i) (seeded; the Fisher proper) or, in the empirical variant, the gold
-label. This is the Hessian estimate of uncertainty-based gradient matching (Daheim et al., "Model
-Merging by Uncertainty-Based Gradient Matching", ICLR 2024) and of Fisher merging (Matena & Raffel,
-NeurIPS 2022). The authors compute it one example at a time (batch size 1: backward, square,
-accumulate); here one batched backward pass gives every example's gradient layer by layer
-(`per_example.py`), with the same values.
+label. For a sequence model (seq2seq, causal LM) log p(y_i | x_i) is the sum over the labelled tokens, each
+sampled from the teacher-forced distribution at its position (families.sequence_log_likelihood). This is the
+Hessian estimate of uncertainty-based gradient matching (Daheim et al., "Model Merging by Uncertainty-Based
+Gradient Matching", ICLR 2024) and of Fisher merging (Matena & Raffel, NeurIPS 2022). The authors compute it
+one example at a time (batch size 1: backward, square, accumulate); here one batched backward pass gives every
+example's gradient layer by layer (`per_example.py`), with the same values.
 
-    result = compute_fisher(model, tokenizer, dataset)   # dataset: a datasets.Dataset of text/label
+    result = compute_fisher(model, tokenizer, dataset)   # dataset: a datasets.Dataset of the task type's columns
     save_fisher(result, model, "out/")                   # fisher.safetensors, hessian/, stats.json
 """
 import logging
@@ -48,14 +49,15 @@ def compute_fisher(
     model, tokenizer, dataset, *, empirical=False, batch_size=16, max_length=None, num_examples=None, seed=0,
     task_type="sequence_classification", examples=None,
 ):
-    """The diagonal Fisher of `model` (a sequence classifier, plain transformers or PEFT) over `dataset`.
+    """The diagonal Fisher of `model` (of `task_type`, plain transformers or PEFT) over `dataset`.
 
     `dataset`: a `datasets.Dataset` with the columns of `task_type` (`text`/`label` by default; `tokenizer`
-    is the model's processor: tokenizer or image processor); its first `num_examples`
+    is the model's processor: tokenizer, image processor or CLIP's processor); its first `num_examples`
     examples are used (all when None), of those the `examples` (a range of positions, one shard's; None: all,
-    their labels drawn as in the whole run: `combine_fisher` of the shards is the Fisher of the whole). Texts are truncated to `max_length` tokens (the tokenizer's limit when
-    None). `seed` fixes the sampled labels (the same labels whatever the batch size). The model is run in eval
-    mode (no dropout) and restored to its mode afterwards. Returns a `FisherResult`.
+    their labels drawn as in the whole run: `combine_fisher` of the shards is the Fisher of the whole). Texts
+    are truncated to `max_length` tokens (the tokenizer's limit when None). `seed` fixes the sampled labels (the
+    same labels whatever the batch size). The model is run in eval mode (no dropout) and restored to its mode
+    afterwards. Returns a `FisherResult`.
     """
     dataset = limit_examples(dataset, num_examples)
     examples = check_examples(examples, dataset)

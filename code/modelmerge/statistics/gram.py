@@ -17,7 +17,7 @@ linear modules to save, e.g. the classifier): `...lora_A.weight` has the Gram of
 inputs (also the input Gram of ΔW = scaling·B·A), `...lora_B.weight` has the Gram of the gradients at
 lora_B's output, which is scaling × the gradient at the adapted layer's output (divide by scaling² for
 ΔW's output-gradient Gram). GPT-2's `Conv1D` layers count as linear; their weights are stored [in, out],
-not [out, in], and the files' metadata lists them (checkpoint.IN_OUT_WEIGHTS_KEY).
+not [out, in], and the files' metadata lists them (modelmerge.io.formats.IN_OUT_WEIGHTS_KEY).
 
     result = compute_gram(model, tokenizer, dataset)
     save_gram(result, model, "out/")   # gram.safetensors, output_grad_gram.safetensors, stats.json
@@ -79,7 +79,7 @@ def compute_gram(
 ):
     """Input and output-gradient Gram matrices of the trainable linear layers of `model` over `dataset`.
 
-    Arguments as for `compute_fisher`: a `datasets.Dataset` of `text`/`label`, its first `num_examples`
+    Arguments as for `compute_fisher`: a `datasets.Dataset` of `task_type`'s columns, its first `num_examples`
     examples (of those the range `examples`, one shard's: `combine_gram` of the shards is the Gram of the whole),
     texts truncated to `max_length` tokens, labels sampled with `seed` unless `empirical`.
     """
@@ -159,9 +159,10 @@ def _rows(tensor, masks, batch_size, what):
 
 def save_gram(result, model, output_dir, provenance=None):
     """Write `gram.safetensors`, `output_grad_gram.safetensors` and `stats.json` into `output_dir`, each atomically,
-    stats.json last (returning what it holds); tensors under the checkpoint names of the layers' weights. The safetensors metadata lists the
-    weights stored [in, out] (checkpoint.IN_OUT_WEIGHTS_KEY), so that a merge knows how to apply the Grams, and
-    records `provenance` (modelmerge.merging.provenance: the model, the data), the variant, seed and number of examples."""
+    stats.json last (returning what it holds); tensors under the checkpoint names of the layers' weights. The
+    safetensors metadata lists the weights stored [in, out] (modelmerge.io.formats.IN_OUT_WEIGHTS_KEY), so that a
+    merge knows how to apply the Grams, and records `provenance` (modelmerge.merging.provenance: the model, the
+    data), the variant, seed and number of examples."""
     names = statistic_parameters(model)
     os.makedirs(output_dir, exist_ok=True)
     files = {"gram.safetensors": result.input_gram, "output_grad_gram.safetensors": result.output_grad_gram}
