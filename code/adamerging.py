@@ -14,8 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
-from modelmerge.adamerging import learn_coefficients, merged_state
+from modelmerge.adamerging import AdaMerging, learn_coefficients, merged_state
 from modelmerge.atomic import atomic_dir, claim_output
+from modelmerge.catalogue import add_parameter_arguments, check_parameter_arguments
 from modelmerge.data import load_split
 from modelmerge.merging import MergeError
 from modelmerge.merging.cli import (TORCH_DEFAULT_THREADS, ArgumentParser, add_task_data_arguments,
@@ -43,9 +44,7 @@ def parse_args(argv):
     parser.add_argument("--ancestor", required=True, help="θ_0")
     parser.add_argument("--models", nargs="+", required=True, help="the task models θ_t")
     add_task_data_arguments(parser, split="validation", num_examples=64)
-    parser.add_argument("--iterations", type=int, default=100, help="Adam steps (≥ 0)")
-    parser.add_argument("--learning_rate", type=float, default=1e-3)
-    parser.add_argument("--prior", type=float, default=0.3, help="the initial coefficient of every task and tensor, in [0, 1]")
+    add_parameter_arguments(parser, AdaMerging)  # --iterations, --learning_rate, --prior
     parser.add_argument("--device", type=device_argument, default="cpu")
     parser.add_argument("--output", required=True, help="the merged model folder")
     parser.add_argument("--no_progress", action="store_true")
@@ -53,8 +52,7 @@ def parse_args(argv):
     add_threads_argument(parser, TORCH_DEFAULT_THREADS)
     args = parser.parse_args(argv)
     check_task_data_arguments(parser, args)
-    if args.iterations < 0 or not 0 <= args.prior <= 1 or args.learning_rate <= 0:
-        parser.error("--iterations must be ≥ 0, --prior in [0, 1] and --learning_rate > 0")
+    check_parameter_arguments(parser, AdaMerging, args)
     return args
 
 

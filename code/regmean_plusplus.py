@@ -11,12 +11,13 @@ from dataclasses import dataclass
 import torch
 
 from modelmerge.atomic import atomic_dir, claim_output
+from modelmerge.catalogue import add_parameter_arguments, check_parameter_arguments
 from modelmerge.data import load_split
 from modelmerge.merging import MergeError
 from modelmerge.merging.cli import (TORCH_DEFAULT_THREADS, ArgumentParser, add_task_data_arguments,
                                     add_threads_argument, check_task_data_arguments, device_argument, run_cli)
 from modelmerge.prediction.loading import check_model_path, load_for_task
-from modelmerge.regmean_plusplus import regmean_plusplus
+from modelmerge.regmean_plusplus import RegMeanPlusPlus, regmean_plusplus
 from modelmerge.threads import set_torch_threads
 
 
@@ -36,7 +37,7 @@ def parse_args(argv):
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", required=True, help="the task models θ_t")
     add_task_data_arguments(parser, split="train", num_examples=256)
-    parser.add_argument("--alpha", type=float, default=0.5, help="α: scale of the Gram matrices' off-diagonal entries, in [0, 1]")
+    add_parameter_arguments(parser, RegMeanPlusPlus)  # --alpha
     parser.add_argument("--task_type", default="sequence_classification")
     parser.add_argument("--output", required=True, help="the merged model folder")
     parser.add_argument("--device", type=device_argument, default="cpu", help="where the models run: cpu or cuda")
@@ -45,8 +46,7 @@ def parse_args(argv):
     add_threads_argument(parser, TORCH_DEFAULT_THREADS)
     args = parser.parse_args(argv)
     check_task_data_arguments(parser, args)
-    if not 0 <= args.alpha <= 1:
-        parser.error(f"--alpha must lie in [0, 1], got {args.alpha}")
+    check_parameter_arguments(parser, RegMeanPlusPlus, args)
     return args
 
 

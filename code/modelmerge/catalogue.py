@@ -5,7 +5,8 @@
   merge with θ_0 (LiNeS, KnOTS) and the data-aware methods that run their own programs (`DATA_AWARE`);
 - `sweeps()`: the entries of the experiments' method suites, {label: entry}, in the order the reports list them
   (merge methods in registry order, then the modifiers' entries, the per-task methods, the data-aware ones);
-- `methods_help()`: the method list of `code/merge.py --help`;
+- `methods_help()`: the method list of `code/merge.py --help`; `add_parameter_arguments` and
+  `check_parameter_arguments`: a data-aware program's `--PARAMETER` arguments, as its method declares them;
 - `catalogue_json()`: the text of recipe/model_merging/catalogue.json, what the recipes and configs read (they
   build graphs without importing torch); `methods_markdown()`: the text of docs/methods.md.
 
@@ -176,6 +177,22 @@ def methods_help() -> str:
                      + (f", needs {', '.join(needs)}" if needs else ""))
         lines += [f"      --{name} ({parameter_detail(p)}): {p.help}" for name, p in cls.parameters.items()]
     return "\n".join(lines)
+
+
+def add_parameter_arguments(parser, cls):
+    """One `--NAME` argument of `parser` for each parameter the method `cls` declares: its type, default and help."""
+    for name, parameter in cls.parameters.items():
+        parser.add_argument(f"--{name}", type=parameter.type, default=parameter.default,
+                            help=f"{parameter.help} ({parameter_detail(parameter)})")
+
+
+def check_parameter_arguments(parser, cls, args):
+    """A usage error for the first argument of `add_parameter_arguments` outside its declared range or choices."""
+    for name, parameter in cls.parameters.items():
+        value = getattr(args, name)
+        problem = None if value is None else parameter.problem(value)
+        if problem:
+            parser.error(f"--{name} {problem}, got {value}")
 
 
 def _grid_text(entry: dict) -> str:

@@ -8,7 +8,7 @@ that graphs are built without importing torch.
   "statistics" each model is given and θ_0's ("ancestor_statistics"), the entry it starts from ("initial"),
   the parameters set from the data set sizes ("dataset_sizes"), a data-aware method's "task_data" split;
 - `grid`, `parameters`, `suite_methods`: the values swept, the parameters at one of them, a family suite's
-  entries.
+  entries; `default`: a method's declared default of one parameter (the data-aware Jobs' defaults).
 """
 import json
 import os
@@ -19,6 +19,11 @@ with open(PATH, encoding="utf-8") as _file:
 METHODS: dict = _CATALOGUE["methods"]
 SWEEPS: dict = _CATALOGUE["sweeps"]
 SCALING_FACTORS = "scaling_factors"
+
+
+def default(method, parameter):
+    """The default value that method `method` declares for its parameter `parameter`."""
+    return METHODS[method]["parameters"][parameter]["default"]
 
 
 def grid(entry, scaling_factors):

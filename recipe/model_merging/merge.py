@@ -2,6 +2,7 @@
 `code/task_arithmetic.py` and `code/uncertainty_based_gradient_matching.py` command lines)."""
 from sisyphus import Task, tk
 
+from model_merging.catalogue import default
 from model_merging.program_job import CommandJob
 from model_merging.util import instantiate, rqmt, run_command, write_json, write_run_script
 
@@ -226,7 +227,8 @@ class TaskDataMergeJob(CommandJob):
     models: θ_t; datasets: each task's data set (folder or name), same order; split: the split used (one for
     all, or a list, one per data set); num_examples, batch_size, max_length: how much of it, and how batched.
     Output: `out_model`, a model folder. Subclasses keep their own `__init__` (its arguments are the job id) and
-    name the catalogue's method they run (`method`), by which model_merging.pipeline.merge_method finds them.
+    name the catalogue's method they run (`method`), by which model_merging.pipeline.merge_method finds them, and
+    take the method's parameter defaults from the catalogue (`default(method, ...)`, evaluated in the class body).
     """
 
     def __init__(self, models, datasets, split, num_examples, batch_size, max_length, rqmt):
@@ -253,8 +255,8 @@ class RegMeanPlusPlusJob(TaskDataMergeJob):
 
     method = "regmean_plusplus"  # the catalogue's name of the method it runs
 
-    def __init__(self, models, datasets, split="train", *, alpha=0.5, num_examples=256, batch_size=16, max_length=128,
-                 time_rqmt=1, mem_rqmt=8, cpu_rqmt=1, gpu_rqmt=0):
+    def __init__(self, models, datasets, split="train", *, alpha=default(method, "alpha"), num_examples=256,
+                 batch_size=16, max_length=128, time_rqmt=1, mem_rqmt=8, cpu_rqmt=1, gpu_rqmt=0):
         super().__init__(models, datasets, split, num_examples, batch_size, max_length,
                          rqmt(time_rqmt, mem_rqmt, cpu_rqmt, gpu_rqmt))
         self.alpha = alpha
@@ -274,8 +276,9 @@ class AdaMergingJob(TaskDataMergeJob):
 
     method = "adamerging"  # the catalogue's name of the method it runs
 
-    def __init__(self, ancestor, models, datasets, split="validation", *, iterations=100, learning_rate=1e-3, prior=0.3,
-                 num_examples=64, batch_size=16, max_length=128, time_rqmt=1, mem_rqmt=8, cpu_rqmt=1, gpu_rqmt=0):
+    def __init__(self, ancestor, models, datasets, split="validation", *, iterations=default(method, "iterations"),
+                 learning_rate=default(method, "learning_rate"), prior=default(method, "prior"), num_examples=64,
+                 batch_size=16, max_length=128, time_rqmt=1, mem_rqmt=8, cpu_rqmt=1, gpu_rqmt=0):
         super().__init__(models, datasets, split, num_examples, batch_size, max_length,
                          rqmt(time_rqmt, mem_rqmt, cpu_rqmt, gpu_rqmt))
         self.ancestor = ancestor

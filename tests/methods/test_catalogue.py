@@ -136,3 +136,28 @@ def test_mergekit_names_are_the_methods_declarations():
     assert MERGEKIT_METHODS["task_arithmetic"].ignored == ("density", "rescale")
     assert catalogue.mergekit_names(MERGE_METHODS["fisher"]) == []  # needs statistics, which YAML cannot name
     assert catalogue.mergekit_names(MERGE_METHODS["tsv_m"]) == ["tsv_m", "tsvm", "tsv-m"]  # ours, by our names
+
+
+def test_data_aware_programs_and_jobs_take_the_declared_defaults():
+    """code/adamerging.py, code/regmean_plusplus.py and their Jobs default to what the methods declare (0.5, 100,
+    1e-3, 0.3 as written in the papers' setups), and the programs refuse values outside the declared ranges."""
+    import inspect
+
+    import adamerging
+    import regmean_plusplus
+    from model_merging.merge import AdaMergingJob, RegMeanPlusPlusJob
+
+    required = {adamerging: ["--ancestor", "a", "--models", "b", "--datasets", "c", "--output", "o"],
+                regmean_plusplus: ["--models", "b", "--datasets", "c", "--output", "o"]}
+    expected = {adamerging: {"iterations": 100, "learning_rate": 1e-3, "prior": 0.3}, regmean_plusplus: {"alpha": 0.5}}
+    jobs = {adamerging: AdaMergingJob, regmean_plusplus: RegMeanPlusPlusJob}
+    for program, defaults in expected.items():
+        declared = catalogue.declaration(jobs[program].method).parameters
+        assert {name: parameter.default for name, parameter in declared.items()} == defaults
+        args = program.parse_args(required[program])
+        assert {name: getattr(args, name) for name in defaults} == defaults
+        signature = inspect.signature(jobs[program].__init__).parameters
+        assert {name: signature[name].default for name in defaults} == defaults
+        name = next(iter(defaults))
+        with pytest.raises(SystemExit):
+            program.parse_args([*required[program], f"--{name}", "-1"])
