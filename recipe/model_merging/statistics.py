@@ -1,5 +1,5 @@
-"""Statistics of trained models: squared-gradient Fisher and Gram matrices (`code/predict.py`), and the
-trimmed task vector of TIES (`code/trim.py`)."""
+"""Statistics of trained models: squared-gradient Fisher, Gram matrices and mean absolute gradients
+(`code/predict.py`), and the trimmed task vector of TIES (`code/trim.py`)."""
 from sisyphus import tk
 
 from model_merging.program_job import CommandJob
@@ -33,6 +33,19 @@ class GramJob(PredictJob):
     config_name = "gram_config.json"
     output_name = "gram"
     mode = "gram"
+
+
+class GradientMagnitudeJob(PredictJob):
+    """TATR's statistic (Sun et al., ICLR 2025): the mean absolute per-example gradient 1/N Σ_i |∇ log p(y_i|x_i)|
+    of `model` on `dataset_name`/`split`, with the gold labels (sampled ones with `config={'empirical': False}`).
+    For `tatr_gradient`, `model` is θ_0 and the data each task's exemplars (FusionBench: 128 per task).
+
+    Output: `out_dir`, a statistics folder with gradient_magnitude.safetensors.
+    """
+
+    config_name = "gradient_magnitude_config.json"
+    output_name = "gradient_magnitude"
+    mode = "gradient_magnitude"
 
 
 class TrimmedTaskVectorJob(CommandJob):

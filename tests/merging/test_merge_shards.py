@@ -38,7 +38,8 @@ def weights(folder):
 
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory):
-    """θ_0, three fine-tunes, and for each model a statistics folder with a Fisher and the Grams of its linear layers."""
+    """θ_0, three fine-tunes, and for each model a statistics folder with a Fisher, a gradient magnitude and the Grams
+    of its linear layers."""
     root = tmp_path_factory.mktemp("shards")
     base = make_tiny_bert(str(root / "base"), seed=0)
     models = [perturbed_copy(base, str(root / f"ft{i}"), seed=i, scale=0.05) for i in (1, 2, 3)]
@@ -49,6 +50,8 @@ def zoo(tmp_path_factory):
         folder.mkdir()
         tensors = weights(model)
         save_file({n: torch.rand(t.shape, generator=generator) for n, t in tensors.items()}, folder / "fisher.safetensors")
+        save_file({n: torch.rand(t.shape, generator=generator) for n, t in tensors.items()},
+                  folder / "gradient_magnitude.safetensors")
         linear = {n: t for n, t in tensors.items() if t.dim() == 2 and "embeddings" not in n}
         grams = {}
         for n, t in linear.items():
@@ -63,7 +66,7 @@ def merge_arguments(name, zoo):
     method = get_method(name)
     count = min(max(method.min_models, 3), method.max_models or 3)
     argv = ["--merge", name, "--models", *zoo["models"][:count], "--ancestor", zoo["base"], *PARAMETERS.get(name, [])]
-    if (set(method.stats) | set(method.optional_stats)) & {"fisher", "gram"}:
+    if (set(method.stats) | set(method.optional_stats)) & {"fisher", "gram", "gradient_magnitude"}:
         argv += ["--aux_data", *zoo["stats"][:count]]
     if method.base_stats:
         argv += ["--ancestor_aux_data", zoo["base_stats"]]

@@ -522,7 +522,7 @@ def identical_group(name, theta, count=3):
     """`count` copies of `theta`, as ancestor too, with every statistic a method may ask for."""
     g = grams_of(1, theta.shape[1], seed=120)[0]
     s = grams_of(1, theta.shape[0], seed=121)[0]
-    stats = {"fisher": theta.abs() + 0.1, "gram": g, "output_grad_gram": s}
+    stats = {"fisher": theta.abs() + 0.1, "gram": g, "output_grad_gram": s, "gradient_magnitude": theta.abs() + 0.1}
     count = {"slerp": 2, "nuslerp": 2, "passthrough": 1, "nearswap": 1, "arcee_fusion": 1}.get(name, count)
     return TensorGroup("x", [theta.clone() for _ in range(count)], ancestor=theta.clone(),
                        statistics=[dict(stats) for _ in range(count)], ancestor_statistics={"fisher": theta.abs()})

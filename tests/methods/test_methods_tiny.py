@@ -17,7 +17,8 @@ def bert(seed):
 
 @pytest.fixture(scope="module")
 def family():
-    """An ancestor, three fine-tunes of it, diagonal Fishers and the Gram matrices of every linear layer."""
+    """An ancestor, three fine-tunes of it, diagonal Fishers, gradient magnitudes and the Gram matrices of every linear
+    layer."""
     ancestor = bert(0)
     base = ancestor.state_dict()
     generator = torch.Generator().manual_seed(1)
@@ -29,7 +30,8 @@ def family():
     for _ in range(NUM_MODELS + 1):
         s = {}
         for n in floats:
-            s[n] = {"fisher": torch.rand(base[n].shape, generator=generator)}
+            s[n] = {"fisher": torch.rand(base[n].shape, generator=generator),
+                    "gradient_magnitude": torch.rand(base[n].shape, generator=generator)}
             if n in linear:
                 x = torch.randn(40, base[n].shape[1], generator=generator, dtype=torch.float64)
                 g = torch.randn(40, base[n].shape[0], generator=generator, dtype=torch.float64)

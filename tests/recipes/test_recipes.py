@@ -14,7 +14,7 @@ from model_merging.merge import (AdaMergingJob, MergeJob, RegMeanPlusPlusJob, Ta
                                   UncertaintyBasedGradientMatchingJob)
 from model_merging.report import ReportJob
 from model_merging.search import EvaluationJob, MultiTaskSearchJob
-from model_merging.statistics import FisherJob, GramJob, TrimmedModelJob, TrimmedTaskVectorJob
+from model_merging.statistics import FisherJob, GradientMagnitudeJob, GramJob, TrimmedModelJob, TrimmedTaskVectorJob
 from model_merging.training import HuggingfaceTrainingJob
 
 
@@ -82,7 +82,8 @@ def test_predict_jobs_write_their_mode(setup_dir):
     model = HuggingfaceTrainingJob({"model_name_or_path": "/m", "dataset_name": "sst2"}).out_best_model
     for cls, mode, out in [(EvaluationJob, "evaluate", "search"),
                            (FisherJob, "squared_gradients", "fisher"),
-                           (GramJob, "gram", "gram")]:
+                           (GramJob, "gram", "gram"),
+                           (GradientMagnitudeJob, "gradient_magnitude", "gradient_magnitude")]:
         job = cls(model, "sst2", "train[:8]", {"max_length": 32})
         _create_files(job, setup_dir)
         config = json.load(open(job.out_config_file.get_path()))

@@ -22,7 +22,7 @@ from sis_util import REPO, killed_on_exit, make_setup, sis_command, sis_env, sis
 from tiny import (CLASSES, colour_images, make_tiny_bert, make_tiny_clip, make_tiny_gpt2, make_tiny_t5, make_tiny_vit,
                   read_jsonl, tiny_data_dir, word_tasks, write_jsonl)
 
-FISHER, GRAM, EVALUATE = "squared_gradients", "gram", "evaluate"
+FISHER, GRAM, EVALUATE, MAGNITUDE = "squared_gradients", "gram", "evaluate", "gradient_magnitude"
 TASK_TYPES = {"classifier": "sequence_classification", "seq2seq": "seq2seq", "causal_lm": "causal_lm",
               "vit": "image_classification", "clip": "image_classification"}
 
@@ -119,6 +119,7 @@ def test_shard_ranges_are_consecutive_and_balanced():
     ("seq2seq", FISHER, False), ("seq2seq", FISHER, True), ("seq2seq", GRAM, False),
     ("causal_lm", FISHER, False), ("causal_lm", GRAM, False),
     ("vit", FISHER, False), ("vit", GRAM, False), ("clip", FISHER, False),
+    ("classifier", MAGNITUDE, True), ("seq2seq", MAGNITUDE, True), ("clip", MAGNITUDE, False),
 ])
 def test_joined_shards_write_the_unsharded_statistic(families, tmp_path, family, mode, empirical):
     config = keys(families, family, mode, tmp_path / "whole", empirical=empirical, seed=7)
@@ -130,7 +131,7 @@ def test_joined_shards_write_the_unsharded_statistic(families, tmp_path, family,
     assert_same_outputs(tmp_path / "whole", tmp_path / "joined")
     examples = 9 if family in ("vit", "clip") else 10
     assert json.load(open(tmp_path / "joined" / "stats.json"))["num_examples"] == examples
-    if mode == FISHER:  # the join's labels y_i: the unsharded run's, exactly
+    if mode in (FISHER, MAGNITUDE):  # the join's labels y_i: the unsharded run's, exactly
         assert read_jsonl(tmp_path / "joined.jsonl") == read_jsonl(tmp_path / "labels.jsonl")
 
 

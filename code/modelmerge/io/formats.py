@@ -20,6 +20,7 @@ STATISTIC_FILES = {
     "gram": "gram.safetensors",
     "output_grad_gram": "output_grad_gram.safetensors",
     "trimmed": "trimmed.safetensors",
+    "gradient_magnitude": "gradient_magnitude.safetensors",
 }
 # Metadata key of the Gram files: a JSON list of the weights stored [in, out] (GPT-2's Conv1D) rather than as
 # nn.Linear's [out, in]. Files without it (written before the layout was recorded) describe [out, in] weights.

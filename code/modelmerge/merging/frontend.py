@@ -46,6 +46,7 @@ def plan_options(options: MergeOptions) -> MergePlan:
     statistics = [open_statistics(path) for path in options.statistics] if options.statistics else None
     ancestor_statistics = open_statistics(options.ancestor_statistics) if options.ancestor_statistics else None
     initial = open_checkpoint(options.initial) if options.initial else None
+    check_statistics_kinds(method, statistics, ancestor_statistics)
     check_statistics_pairing(checkpoints, statistics, ancestor, ancestor_statistics, options.allow_statistics_mismatch)
     files_from = _files_source(ancestor, checkpoints)
     json_updates, lora_rank = {}, None
@@ -97,6 +98,18 @@ def check_counts(method, options: MergeOptions):
         raise MergeError(f"method {method.name} uses no statistics of the models; drop --aux_data")
     if options.ancestor_statistics and not method.base_stats:
         raise MergeError(f"method {method.name} uses no statistics of the ancestor; drop --ancestor_aux_data")
+
+
+def check_statistics_kinds(method, statistics, ancestor_statistics):
+    """A MergeError where a statistics folder holds none of the kinds the method reads (a Fisher given to
+    tatr_gradient, a gradient magnitude to fisher): the method would find nothing of its own in it."""
+    given = ((statistics or [], method.stats + method.optional_stats),
+             ([ancestor_statistics] if ancestor_statistics else [], method.base_stats))
+    for folders, kinds in given:
+        for folder in folders:
+            if folder.by_kind and not set(folder.by_kind) & set(kinds):
+                raise MergeError(f"method {method.name} reads statistics {', '.join(kinds)}; {folder.path} holds "
+                                 f"{folder.describe()}")
 
 
 def check_wrappers(options: MergeOptions, wrappers):

@@ -29,7 +29,7 @@ from .regmean import RegMean
 from .sce import Sce
 from .slerp import Slerp
 from .task_arithmetic import TaskArithmetic
-from .trust_region import TrustRegion
+from .trust_region import GradientTrustRegion, TrustRegion
 from .tsv_m import TsvM
 from .ties import Ties
 from .uncertainty_based_gradient_matching import UncertaintyBasedGradientMatching
@@ -43,7 +43,7 @@ _CLASSES: tuple[type[MergeMethod], ...] = (
     # data-free methods of the current field
     TsvM, IsoC, IsoCts, Wudi, MagMax, Consensus, TallMasks, Emr, Cart, Pcb, TrustRegion,
     # data-aware closed forms of the current field
-    Lot,
+    Lot, GradientTrustRegion,
 )
 
 

@@ -16,7 +16,7 @@ SUMMARY_FILES = ("metric_output_file", "prediction_output_file")
 
 
 # What predict.py computes (`mode`); the authors' configs name two of them by the key `method` (AUTHORS_MODES).
-MODES = ("evaluate", "squared_gradients", "gram")
+MODES = ("evaluate", "squared_gradients", "gram", "gradient_magnitude")
 AUTHORS_MODES = {"sequence_classification": "evaluate",
                  "sequence_classification_squared_gradients": "squared_gradients"}
 
@@ -47,7 +47,8 @@ class PredictConfig(DataKeys):
     batch_size: int = 32
     num_examples: int | None = None  # use only the first ones of the split
     seed: int = 0  # labels sampled for the statistics
-    empirical: bool = False  # statistics with the gold labels instead of sampled ones
+    # statistics with the gold labels instead of sampled ones (None: gold for gradient_magnitude, as TATR's)
+    empirical: bool | None = None
     num_threads: int | None = None  # torch threads; None: the job's CPU allocation
     device: str | None = None  # cpu, cuda or cuda:N; None: cuda when available
     overwrite: bool = False  # replace outputs that this program did not write
@@ -74,6 +75,8 @@ class PredictConfig(DataKeys):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.empirical is None:
+            self.empirical = self.mode == "gradient_magnitude"
         self._check_datasets()
         if self.num_threads is None:
             self.num_threads = default_threads()

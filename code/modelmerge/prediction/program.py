@@ -13,7 +13,8 @@ from modelmerge.prediction.config import SUMMARY_FILES
 from modelmerge.prediction.evaluation import evaluate, join_evaluations
 from modelmerge.prediction.loading import (check_max_length, check_model_path, config_device, load_for_task,
                                            model_loading_errors, to_float32_if_half)
-from modelmerge.prediction.statistics import gram, join_gram, join_squared_gradients, squared_gradients
+from modelmerge.prediction.statistics import (gradient_magnitude, gram, join_gradient_magnitude, join_gram,
+                                             join_squared_gradients, squared_gradients)
 from modelmerge.threads import set_torch_threads
 
 logger = logging.getLogger(__name__)
@@ -106,5 +107,7 @@ def _load(config, dataset_name, split):
 
 
 # What each mode computes, and how it joins the parts of a sharded run.
-MODES = {"evaluate": evaluate, "squared_gradients": squared_gradients, "gram": gram}
-JOINS = {"evaluate": join_evaluations, "squared_gradients": join_squared_gradients, "gram": join_gram}
+MODES = {"evaluate": evaluate, "squared_gradients": squared_gradients, "gram": gram,
+         "gradient_magnitude": gradient_magnitude}
+JOINS = {"evaluate": join_evaluations, "squared_gradients": join_squared_gradients, "gram": join_gram,
+         "gradient_magnitude": join_gradient_magnitude}

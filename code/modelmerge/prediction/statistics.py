@@ -1,10 +1,12 @@
-"""Predict's statistics modes: the squared-gradient Fisher and the Gram matrices of a model on (a shard of) a data
-set, computed by `modelmerge.statistics` and written with their provenance; the join of a sharded run's parts."""
+"""Predict's statistics modes: the squared-gradient Fisher, the Gram matrices and the mean absolute gradient (TATR's)
+of a model on (a shard of) a data set, computed by `modelmerge.statistics` and written with their provenance; the join of a sharded run's parts."""
 import torch
 
 from modelmerge import shards
 from modelmerge.merging.provenance import model_provenance
 from modelmerge.statistics.fisher import FisherResult, combine_fisher, compute_fisher, save_fisher
+from modelmerge.statistics.gradient_magnitude import (GradientMagnitudeResult, combine_gradient_magnitude,
+                                                      compute_gradient_magnitude, save_gradient_magnitude)
 from modelmerge.statistics.gram import GramResult, combine_gram, compute_gram, save_gram
 
 
@@ -22,7 +24,28 @@ def join_squared_gradients(model, parts, config, output_dir):
 
 
 def _write_fisher(result, model, config, output_dir):
-    stats = save_fisher(result, model, output_dir, _provenance(config))
+    return _with_labels(save_fisher(result, model, output_dir, _provenance(config)), result)
+
+
+def gradient_magnitude(model, processor, dataset, config, output_dir, examples):
+    result = _compute(compute_gradient_magnitude, model, processor, dataset, config, examples)
+    if config.shard is not None:
+        shards.save_result(result, output_dir)
+        return {}
+    return _write_gradient_magnitude(result, model, config, output_dir)
+
+
+def join_gradient_magnitude(model, parts, config, output_dir):
+    result = combine_gradient_magnitude([shards.load_result(GradientMagnitudeResult, part) for part in parts])
+    return _write_gradient_magnitude(result, model, config, output_dir)
+
+
+def _write_gradient_magnitude(result, model, config, output_dir):
+    return _with_labels(save_gradient_magnitude(result, model, output_dir, _provenance(config)), result)
+
+
+def _with_labels(stats, result):
+    """What a gradient statistic's run writes: stats.json's content and the label y_i of each example."""
     labels = result.labels.tolist() if isinstance(result.labels, torch.Tensor) else result.labels
     return {"metric_output_file": stats,
             "prediction_output_file": [{"index": i, "prediction": label, "variant": result.variant}
@@ -43,7 +66,7 @@ def join_gram(model, parts, config, output_dir):
 
 
 def _compute(statistic, model, processor, dataset, config, examples):
-    """`compute_fisher` or `compute_gram` with predict's keys."""
+    """`compute_fisher`, `compute_gram` or `compute_gradient_magnitude` with predict's keys."""
     return statistic(model, processor, dataset, empirical=config.empirical, batch_size=config.batch_size,
                      max_length=config.max_length, seed=config.seed, task_type=config.task_type, examples=examples)
 

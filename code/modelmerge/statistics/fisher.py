@@ -59,20 +59,32 @@ def compute_fisher(
     same labels whatever the batch size). The model is run in eval mode (no dropout) and restored to its mode
     afterwards. Returns a `FisherResult`.
     """
+    means, labels, count = per_example_means(
+        SquaredGradientSums, model, tokenizer, dataset, empirical=empirical, batch_size=batch_size,
+        max_length=max_length, num_examples=num_examples, seed=seed, task_type=task_type, examples=examples,
+        desc="Fisher",
+    )
+    return FisherResult(means, count, empirical, seed, labels)
+
+
+def per_example_means(sums_class, model, tokenizer, dataset, *, empirical, batch_size, max_length, num_examples, seed,
+                      task_type, examples, desc):
+    """(name → the mean over the examples that `sums_class` (SquaredGradientSums, AbsoluteGradientSums) sums, the
+    labels y_i as a tensor or lists, the number of examples): the loop of `compute_fisher`, with its arguments."""
     dataset = limit_examples(dataset, num_examples)
     examples = check_examples(examples, dataset)
     was_training = model.training
     model.eval()
     try:
-        with gradients_for_statistic_parameters(model), SquaredGradientSums(model) as sums:
+        with gradients_for_statistic_parameters(model), sums_class(model) as sums:
             logger.info(
-                "Fisher (%s labels) over %d examples, batch size %d: %s",
-                "gold" if empirical else "sampled", len(examples), batch_size, sums.describe(),
+                "%s (%s labels) over %d examples, batch size %d: %s",
+                desc, "gold" if empirical else "sampled", len(examples), batch_size, sums.describe(),
             )
             labels = [None] * len(examples)
             batches = labelled_batches(
                 model, tokenizer, dataset, sums.capture, empirical=empirical, batch_size=batch_size,
-                max_length=max_length, seed=seed, desc="Fisher", task_type=task_type, examples=examples,
+                max_length=max_length, seed=seed, desc=desc, task_type=task_type, examples=examples,
             )
             start = time.perf_counter()
             for batch in batches:
@@ -82,15 +94,15 @@ def compute_fisher(
                 release(batch)
             seconds = time.perf_counter() - start
             rate = len(examples) / seconds
-            logger.info("Fisher of %d examples in %.1f s (%.1f examples/s)", len(examples), seconds, rate)
+            logger.info("%s of %d examples in %.1f s (%.1f examples/s)", desc, len(examples), seconds, rate)
             # kept in the sums' precision (at least float32): in float16, squared gradients below 6e-8 are zeros
-            fisher = {name: total.div_(len(examples)) for name, total in sums.named_sums().items()}
+            means = {name: total.div_(len(examples)) for name, total in sums.named_sums().items()}
     finally:
         model.train(was_training)
-    return FisherResult(fisher, len(examples), empirical, seed, _as_tensor_if_classes(labels))
+    return means, as_tensor_if_classes(labels), len(examples)
 
 
-def _as_tensor_if_classes(labels):
+def as_tensor_if_classes(labels):
     """Class labels as a long tensor; sequences' token lists stay lists."""
     return torch.tensor(labels, dtype=torch.long) if all(isinstance(label, int) for label in labels) else labels
 
@@ -98,16 +110,24 @@ def _as_tensor_if_classes(labels):
 def combine_fisher(parts):
     """The Fisher over the union of the examples of `parts` (FisherResults of consecutive slices, in order, of one
     run's examples): their means weighted by their example counts, summed in float64; labels concatenated."""
-    total = sum(part.num_examples for part in parts)
-    fisher = {}
-    for name, value in parts[0].fisher.items():
-        weighted = torch.zeros(value.shape, dtype=torch.float64)
-        for part in parts:
-            weighted.add_(part.fisher[name], alpha=part.num_examples)
-        fisher[name] = weighted.div_(total).to(value.dtype)
     labels = [label for part in parts for label in
               (part.labels.tolist() if isinstance(part.labels, torch.Tensor) else part.labels)]
-    return FisherResult(fisher, total, parts[0].empirical, parts[0].seed, _as_tensor_if_classes(labels))
+    return FisherResult(weighted_means([part.fisher for part in parts], [part.num_examples for part in parts]),
+                        sum(part.num_examples for part in parts), parts[0].empirical, parts[0].seed,
+                        as_tensor_if_classes(labels))
+
+
+def weighted_means(means, counts):
+    """The mean over the union of the examples of parts with the means `means` (name → tensor) over `counts`
+    examples: weighted by the counts, summed in float64, in the first part's dtype."""
+    total = sum(counts)
+    combined = {}
+    for name, value in means[0].items():
+        weighted = torch.zeros(value.shape, dtype=torch.float64)
+        for part, count in zip(means, counts):
+            weighted.add_(part[name], alpha=count)
+        combined[name] = weighted.div_(total).to(value.dtype)
+    return combined
 
 
 def save_fisher(result, model, output_dir, provenance=None):
@@ -128,7 +148,7 @@ def save_fisher(result, model, output_dir, provenance=None):
     os.makedirs(output_dir, exist_ok=True)
     with atomic_file(os.path.join(output_dir, "fisher.safetensors")) as tmp:
         tensors = {names[name]: fisher.contiguous() for name, fisher in result.fisher.items()}
-        tensors.update(_frozen_zeros(model, result.fisher))
+        tensors.update(frozen_zeros(model, result.fisher))
         save_file(tensors, tmp, metadata={"format": "pt", **metadata})
     with atomic_dir(os.path.join(output_dir, "hessian")) as tmp:
         model.save_pretrained(tmp, state_dict=_hessian_state_dict(model, result.fisher), **_save_options(model))
@@ -150,7 +170,7 @@ def _add_metadata(folder, metadata):
             os.replace(path + ".tmp", path)
 
 
-def _frozen_zeros(model, fisher):
+def frozen_zeros(model, fisher):
     """Zeros for the frozen parameters of a full model (CLIP's text tower), so that the file covers the checkpoint
     as merges expect; a PEFT adapter's statistics cover the adapter only."""
     if is_peft_model(model):

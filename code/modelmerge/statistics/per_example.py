@@ -58,6 +58,9 @@ class DenseGradients:
         # squared in the sums' precision: squares of half-precision gradients underflow (float16: below 6e-8)
         total += self.values.reshape(len(self.values), *total.shape).to(total.dtype).square().sum(0)
 
+    def add_absolutes_to(self, total):
+        total += self.values.reshape(len(self.values), *total.shape).to(total.dtype).abs().sum(0)
+
     def as_rows(self, num_rows):
         batch = len(self.values)
         entries = torch.arange(batch * num_rows, device=self.values.device)
@@ -85,6 +88,19 @@ class OuterProductGradients:
             _add_squares_per_example(total, g, x, lengths)
         else:
             _add_squares_in_batch_tiles(total, g, x)
+
+    def add_absolutes_to(self, total):
+        """total += Σ_b |g_bᵀ x_b|: no product identity applies to |·|, so every example's gradient is formed, in
+        tiles of output rows (the routes of `add_squares_to` but the paired one)."""
+        g, x = self.g.to(total.dtype), self.x.to(total.dtype)
+        live = torch.ones(g.shape[:2], dtype=torch.bool, device=g.device) if self.live is None else self.live
+        if not live.any():
+            return
+        if g.device.type == "cpu" and total.numel() * total.element_size() >= PER_EXAMPLE_BYTES:
+            lengths = (live * torch.arange(1, live.shape[1] + 1)).amax(1).tolist()
+            _add_per_example(total, g, x, lengths, torch.Tensor.abs_)
+        else:
+            _add_in_batch_tiles(total, g, x, torch.Tensor.abs_)
 
     def as_rows(self, num_rows):
         return DenseGradients(torch.bmm(self.g.transpose(1, 2), self.x)).as_rows(num_rows)
@@ -132,6 +148,12 @@ def _add_paired_squares(total, g, x):
 
 def _add_squares_per_example(total, g, x, lengths):
     """total += Σ_b (g_bᵀ x_b)², each example's product formed and squared in tiles of output rows in cache."""
+    _add_per_example(total, g, x, lengths, None)
+
+
+def _add_per_example(total, g, x, lengths, elementwise):
+    """total += Σ_b f(g_bᵀ x_b) (f: the in-place `elementwise`; None: the square, fused into `addcmul_`), each
+    example's product formed in tiles of output rows in cache."""
     out, in_ = total.shape
     tiles = -(-total.numel() * total.element_size() // TILE_BYTES)
     rows = -(-out // tiles)
@@ -140,22 +162,31 @@ def _add_squares_per_example(total, g, x, lengths):
     for start in range(0, out, rows):
         tile, product = total[start : start + rows], buffer[: min(rows, out - start)]
         for g_b, x_b in examples:
-            tile.addcmul_(torch.mm(g_b[start : start + rows], x_b, out=product), product)
+            torch.mm(g_b[start : start + rows], x_b, out=product)
+            if elementwise is None:
+                tile.addcmul_(product, product)
+            else:
+                tile += elementwise(product)
 
 
 def _add_squares_in_batch_tiles(total, g, x):
     """total += Σ_b (g_bᵀ x_b)² in tiles of output rows for the whole batch: the products [batch, rows, in] and the
     tile of the sums they are added to stay in cache, and `total` is passed over once per batch."""
+    _add_in_batch_tiles(total, g, x, torch.Tensor.square_)
+
+
+def _add_in_batch_tiles(total, g, x, elementwise):
+    """total += Σ_b f(g_bᵀ x_b), f the in-place `elementwise`, in tiles of output rows for the whole batch."""
     g = g.transpose(1, 2)
     batch, out, in_ = len(g), g.shape[1], x.shape[2]
     block_bytes = BATCH_TILE_BYTES.get(g.device.type, DEFAULT_BATCH_TILE_BYTES)
     rows = max(1, min(out, block_bytes // (batch * in_ * g.element_size())))
     products = torch.empty(batch, rows, in_, dtype=g.dtype, device=g.device)
-    squares = torch.empty(rows, in_, dtype=g.dtype, device=g.device)
+    reduced = torch.empty(rows, in_, dtype=g.dtype, device=g.device)
     for start in range(0, out, rows):
         n = min(rows, out - start)
         product = torch.bmm(g[:, start : start + n], x, out=products[:, :n])
-        total[start : start + n] += torch.sum(product.square_(), 0, out=squares[:n])
+        total[start : start + n] += torch.sum(elementwise(product), 0, out=reduced[:n])
 
 
 @dataclass
@@ -168,6 +199,9 @@ class RowGradients:
 
     def add_squares_to(self, total):
         total.index_add_(0, self.rows, self.values.reshape(len(self.rows), -1).to(total.dtype).square())
+
+    def add_absolutes_to(self, total):
+        total.index_add_(0, self.rows, self.values.reshape(len(self.rows), -1).to(total.dtype).abs())
 
     def as_rows(self, num_rows):
         return self
@@ -355,7 +389,7 @@ class SquaredGradientSums:
             with torch.no_grad():
                 for parameter, gradients in self._site_gradients(site, site.output_grads(), batch_size):
                     if calls[id(parameter)] == 1:
-                        _add_squares(self.sums[id(parameter)], [gradients])
+                        self._accumulate(self.sums[id(parameter)], [gradients])
                     else:
                         pending[id(parameter)].append(gradients)
             used.add(id(site))
@@ -370,7 +404,10 @@ class SquaredGradientSums:
                 use(site)
         with torch.no_grad():
             for id_, gradients in pending.items():
-                _add_squares(self.sums[id_], gradients)
+                self._accumulate(self.sums[id_], gradients)
+
+    def _accumulate(self, total, gradients):
+        _add_squares(total, gradients)
 
     def named_sums(self):
         """name → Σ of squared per-example gradients (at least float32), in the parameter's shape."""
@@ -387,6 +424,14 @@ class SquaredGradientSums:
             return rule(site.module, site.first_input(), output_grads[0], batch_size)
         with torch.enable_grad(), self.capture.paused():
             return functional_gradients(site, output_grads, self.functional_modules[site.name][1], batch_size)
+
+
+class AbsoluteGradientSums(SquaredGradientSums):
+    """Σ over examples of the absolute per-example gradient |∇_θ| of every trainable parameter (TATR's statistic,
+    statistics/gradient_magnitude.py); used as `SquaredGradientSums`."""
+
+    def _accumulate(self, total, gradients):
+        _add_absolutes(total, gradients)
 
 
 def _assign_parameters(model, parameters):
@@ -434,12 +479,26 @@ def _add_squares(total, gradients):
         d = dense[0].rows_of(merged.examples, merged.rows).to(total.dtype)
         total.index_add_(0, merged.rows, (2 * d + values) * values)
         return
-    parts = [g.as_rows(rows) for g in gradients]
-    keys = torch.cat([part.examples * rows + part.rows for part in parts])
-    values = torch.cat([part.values.reshape(-1, rest) for part in parts])
-    unique, inverse = torch.unique(keys, return_inverse=True)
-    summed = values.new_zeros(len(unique), rest).index_add_(0, inverse, values)
-    RowGradients(unique // rows, unique % rows, summed).add_squares_to(total)
+    _summed_rows([g.as_rows(rows) for g in gradients], rows, rest).add_squares_to(total)
+
+
+def _add_absolutes(total, gradients):
+    """Add Σ_examples |per-example gradient| to `total` ([rows, rest]); the gradients of several calls are summed
+    per example first (a tied embedding and output layer: |D + S| = |D| + (|D + S| − |D|) on the rows S touches)."""
+    if len(gradients) == 1:
+        gradients[0].add_absolutes_to(total)
+        return
+    rows, rest = total.shape
+    sparse = [g for g in gradients if isinstance(g, RowGradients)]
+    dense = [g for g in gradients if not isinstance(g, RowGradients)]
+    if len(dense) == 1 and isinstance(dense[0], OuterProductGradients):
+        dense[0].add_absolutes_to(total)
+        merged = _summed_rows(sparse, rows, rest)
+        values = merged.values.to(total.dtype)
+        d = dense[0].rows_of(merged.examples, merged.rows).to(total.dtype)
+        total.index_add_(0, merged.rows, (d + values).abs() - d.abs())
+        return
+    _summed_rows([g.as_rows(rows) for g in gradients], rows, rest).add_absolutes_to(total)
 
 
 def _summed_rows(parts, rows, rest):
