@@ -75,7 +75,7 @@ class TrustRegion(MergeMethod):
 
     def merge(self, group: TensorGroup, *, merge_lambda, threshold_quantile) -> torch.Tensor:
         base, taus = task_vectors(group)
-        return trust_region_merge(base, taus, None, merge_lambda, threshold_quantile).to(group.base.dtype)
+        return trust_region_merge(base, taus, None, merge_lambda, threshold_quantile).to(group.ancestor.dtype)
 
 
 class GradientTrustRegion(MergeMethod):
@@ -91,4 +91,4 @@ class GradientTrustRegion(MergeMethod):
     def merge(self, group: TensorGroup, *, merge_lambda, threshold_quantile) -> torch.Tensor:
         base, taus = task_vectors(group)
         magnitudes = [stat(group, t, "gradient_magnitude").to(base.dtype) for t in range(len(taus))]
-        return trust_region_merge(base, taus, magnitudes, merge_lambda, threshold_quantile).to(group.base.dtype)
+        return trust_region_merge(base, taus, magnitudes, merge_lambda, threshold_quantile).to(group.ancestor.dtype)
