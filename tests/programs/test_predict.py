@@ -240,7 +240,7 @@ def test_the_authors_method_key_names_a_mode(authors, mode):
 
 @pytest.mark.parametrize("change, message", [
     ({"mode": "sequence_classification"}, "config.mode must be one of 'evaluate', 'squared_gradients', 'gram', "
-                                          "got 'sequence_classification'"),
+                                          "'gradient_magnitude', got 'sequence_classification'"),
     ({"method": "gram"}, "config.method (the authors' name for mode) must be one of 'sequence_classification', "
                          "'sequence_classification_squared_gradients', got 'gram'"),
     ({"method": ["evaluate"]}, "config.method (the authors' name for mode) must be one of"),

@@ -168,6 +168,7 @@ def jobs(cpu):
         search.LmEvalJob("/m", ["hellaswag"], cpu_rqmt=cpu),
         statistics.FisherJob("/m", "sst2", "train", cpu_rqmt=cpu),
         statistics.GramJob("/m", "sst2", "train", cpu_rqmt=cpu),
+        statistics.GradientMagnitudeJob("/base", "sst2", "train", cpu_rqmt=cpu),
         statistics.FisherJob("/m", "sst2", "train", shards=2, cpu_rqmt=cpu),
         statistics.TrimmedTaskVectorJob("/a", "/base", 0.2, cpu_rqmt=cpu),
         merge.MergeJob("tsv_m", models, ancestor="/base", cpu_rqmt=cpu),
