@@ -120,7 +120,7 @@ def method_record(cls) -> dict:
 
 
 def mergekit_names(cls) -> list[str]:
-    """The `merge_method` names a mergekit YAML configuration may give for `cls` (modelmerge.mergekit_config):
+    """The `merge_method` names a mergekit YAML configuration may give for `cls` (modelmerge.merging.mergekit):
     its name where mergekit has the method (`cls.mergekit`), and its own names where it needs no statistics (a
     configuration cannot name them); none for the kinds code/merge.py --config does not run."""
     if kind(cls) not in ("element-wise", "whole-tensor", "per-task"):

@@ -164,7 +164,9 @@ def _calls(path, name):
 
 def test_the_merge_path_checks_the_device_in_one_place():
     code = os.path.join(REPO, "code")
-    path = [os.path.join(code, "merge.py"), os.path.join(code, "modelmerge", "mergekit_config.py")]
+    mergekit = os.path.join(code, "modelmerge", "merging", "mergekit")
+    path = [os.path.join(code, "merge.py")] + [os.path.join(mergekit, name) for name in os.listdir(mergekit)
+                                               if name.endswith(".py")]
     path += [os.path.join(code, "modelmerge", "merging", f"{name}.py")
              for name in ("frontend", "plan", "execute", "shards", "parameters", "lora")]
     assert not [p for p in path if _calls(p, "check_device") or _calls(p, "device_argument")]

@@ -15,7 +15,7 @@ from tiny import make_tiny_bert, perturbed_copy
 from transformers import BertForSequenceClassification
 
 from modelmerge.merging.cli import run_cli as run_program
-from modelmerge.mergekit_config import evaluate_setting
+from modelmerge.merging.mergekit import evaluate_setting
 
 mergekit_merge = pytest.importorskip("mergekit.merge")
 from mergekit.config import MergeConfiguration  # noqa: E402

@@ -11,7 +11,7 @@ import yaml
 import merge as merge_program
 from modelmerge.merging.cli import run_cli
 from modelmerge.merging.options import MergeError
-from modelmerge.mergekit_config import check_types
+from modelmerge.merging.mergekit import check_types
 from sis_util import REPO
 from tiny import make_tiny_bert
 

@@ -125,7 +125,7 @@ def test_configs_and_recipes_restate_nothing():
 
 
 def test_mergekit_names_are_the_methods_declarations():
-    from modelmerge.mergekit_config import MERGEKIT_METHODS
+    from modelmerge.merging.mergekit import MERGEKIT_METHODS
 
     assert set(MERGEKIT_METHODS) == {  # mergekit 0.1.5's methods that ours compute as it does
         "linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "slerp",

@@ -8,8 +8,10 @@ By concern:
   `MergePlan` of a whole merge, which its `run` executes;
 - `execute`: the tasks streamed tensor by tensor (elementwise methods in blocks of rows) into the output;
 - `lora`: planning `lora-` merges of PEFT adapters;
+- `mergekit`: mergekit's YAML front end (schema, model references and slices, parameter scopes, planning,
+  tokenizer source);
 - `frontend`: `plan(options)`, the one planner of the command line's merges and mergekit's YAML
-  (modelmerge.mergekit_config), and `merge(options)`, the whole merge (or one part of it);
+  (`mergekit`), and `merge(options)`, the whole merge (or one part of it);
 - `shards`: a merge split into parts that separate processes merge, and the join of the parts;
 - `provenance`: model fingerprints recorded in statistics, and the check that a merge pairs them rightly;
 - `trim`: the trimmed task vector of TIES as a statistic;

@@ -5,6 +5,7 @@ import os
 from modelmerge.io.reading import open_checkpoint, open_statistics
 from modelmerge.lora_merge import output_adapter_config
 from modelmerge.merging.lora import lora_inputs, name_lora_outputs
+from modelmerge.merging.mergekit import plan_config, read_config
 from modelmerge.merging.options import MergeError, MergeOptions
 from modelmerge.merging.parameters import load_method, resolve_parameters, split_driver_options
 from modelmerge.merging.plan import MergePlan, model_count_problem, plan_merge, use_shared_basis
@@ -19,9 +20,8 @@ def merge(options: MergeOptions):
 
 def plan(options: MergeOptions) -> MergePlan:
     """The one planner of both front ends: the merge of a mergekit YAML file (`options.config`,
-    merging.mergekit_config) or of the method, models and statistics `options` name (`plan_options`)."""
+    merging.mergekit) or of the method, models and statistics `options` name (`plan_options`)."""
     if options.config is not None:
-        from modelmerge.mergekit_config import plan_config, read_config  # it plans with this package's modules
         return plan_config(read_config(options.config))
     return plan_options(options)
 

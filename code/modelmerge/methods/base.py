@@ -195,7 +195,7 @@ class Sweep:
 
 @dataclass(frozen=True)
 class Mergekit:
-    """How mergekit (0.1.5) has a method of the same name, for its YAML configurations (modelmerge.mergekit_config):
+    """How mergekit (0.1.5) has a method of the same name, for its YAML configurations (modelmerge.merging.mergekit):
     the role of `base_model` ("ancestor": θ_0 of the method; "first": the first of the models, as slerp's t = 0
     end; "input": one more model), the parameter defaults that make ours compute what mergekit's implementation
     does, and the parameters mergekit accepts but its implementation ignores."""
