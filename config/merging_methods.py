@@ -28,18 +28,20 @@ from sisyphus import tk
 from model_merging import pipeline, presets
 from model_merging.catalogue import SWEEPS, grid, parameters
 from model_merging.report import ReportJob
-from model_merging.statistics import GramJob
+from model_merging.statistics import GradientMagnitudeJob, GramJob
 
 ROBUSTNESS = ("task arithmetic", "gradient matching")  # drawn against α on the test data; pipeline.paper_merges' order
 
 
 def statistics(experiment, kind):
-    """{task: statistics folder of kind 'fisher' or 'gram'} of the task models."""
+    """{task: statistics folder of kind 'fisher', 'gram' or 'gradient_magnitude'} of the task models; TATR's
+    gradient magnitude of task t is taken at θ_0 on task t's data (methods/trust_region.py)."""
     preset = experiment.preset
     if kind == "fisher":
         return experiment.fishers
-    return {task: GramJob(model, experiment.data[task], preset["tasks"][task]["fisher_split"], preset["fisher"],
-                          **preset["rqmt"]["statistics"]).out_dir
+    job, at_ancestor = {"gram": (GramJob, False), "gradient_magnitude": (GradientMagnitudeJob, True)}[kind]
+    return {task: job(experiment.pretrained if at_ancestor else model, experiment.data[task],
+                      preset["tasks"][task]["fisher_split"], preset["fisher"], **preset["rqmt"]["statistics"]).out_dir
             for task, model in experiment.models.items()}
 
 

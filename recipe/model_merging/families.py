@@ -1,6 +1,6 @@
 """Graph of a merging suite of any model family (`task_type`, docs families.md): one pretrained model θ_0
-fine-tuned on every task, Fisher and Gram statistics of each task model (and the Fisher of θ_0), every merge
-method of the library on the task models, each model evaluated on every task's test split, and a report.
+fine-tuned on every task, Fisher and Gram statistics of each task model (and the Fisher of θ_0, and TATR's
+gradient magnitude of θ_0 on each task's data), every merge method of the library on the task models, each model evaluated on every task's test split, and a report.
 config/vit_tasks.py and config/t5_tasks.py are its two users.
 
 A suite preset holds: `name`, `task_type`, `model` (θ_0: a model id, a path or a tk.Path), `tasks` ({task:
@@ -24,7 +24,7 @@ from model_merging.pipeline import PerTaskModels, merge_method
 from model_merging.program_job import ProgramJob
 from model_merging.report import ReportJob
 from model_merging.search import MultiTaskSearchJob
-from model_merging.statistics import FisherJob, GramJob
+from model_merging.statistics import FisherJob, GradientMagnitudeJob, GramJob
 from model_merging.training import HuggingfaceTrainingJob
 
 
@@ -86,20 +86,24 @@ def build_suite(preset):
     pretrained, pretrained_stats = pretrain(preset, data)
     shards = preset.get("shards", {})
     statistics_options = {"shards": shards.get("statistics", 1), **preset["rqmt"]["statistics"]}
-    models, fishers, grams = {}, {}, {}
+    models, fishers, grams, magnitudes = {}, {}, {}, {}
     for task in tasks:
         splits = preset["tasks"][task]["splits"]
         models[task] = train(preset, pretrained, [data[task]], [splits["train"]], [splits["validation"]], task)
         statistics = {**preset["statistics"], **keys}
         fishers[task] = FisherJob(models[task], data[task], splits["statistics"], statistics, **statistics_options).out_dir
         grams[task] = GramJob(models[task], data[task], splits["statistics"], statistics, **statistics_options).out_dir
+        # TATR's gradient magnitude of task t: at θ_0, on task t's data
+        magnitudes[task] = GradientMagnitudeJob(pretrained, data[task], splits["statistics"], statistics,
+                                                **statistics_options).out_dir
     pretrained_fisher = FisherJob(pretrained, *pretrained_stats, {**preset["statistics"], **keys},
                                   **statistics_options).out_dir
 
     merged, per_task = {}, {}
     for label, entry in preset["methods"].items():
         model = merge_method(entry, entry["parameters"], models, pretrained,
-                             statistics={"fisher": fishers, "gram": grams}.get(entry["statistics"]),
+                             statistics={"fisher": fishers, "gram": grams,
+                                         "gradient_magnitude": magnitudes}.get(entry["statistics"]),
                              ancestor_statistics=pretrained_fisher, initial=merged.get(entry["initial"]),
                              rqmt=preset["rqmt"])
         if isinstance(model, PerTaskModels):

@@ -81,5 +81,38 @@ def test_a_suite_preset_shards_its_statistics_and_evaluations():
     assert plain and all(job.shards == 1 for job in plain)
     sharded = predict_jobs({**offline_preset(), "shards": {"statistics": 2, "evaluation": 3}})
     assert sorted({(job.mode, job.shards) for job in sharded}) == [
-        ("evaluate", 3), ("gram", 2), ("squared_gradients", 2)]
+        ("evaluate", 3), ("gradient_magnitude", 2), ("gram", 2), ("squared_gradients", 2)]
     assert not {job.job_id() for job in plain} & {job.job_id() for job in sharded}
+
+
+def test_the_suite_and_the_sweep_merge_tatr_gradient_from_theta_0s_gradient_magnitude_on_each_task():
+    """tatr_gradient's statistic of task t is a GradientMagnitudeJob of θ_0 on task t's statistics data, in the family
+    suites and in config/merging_methods.py's sweep (its grid: the preset's α grid, q fixed at 0.99)."""
+    from config import merging_methods
+    from config.vit_tasks import offline_preset
+    from model_merging import pipeline, presets
+    from model_merging.catalogue import SWEEPS, grid
+    from model_merging.families import build_suite
+    from model_merging.statistics import GradientMagnitudeJob
+
+    def magnitudes_of(merged_model, tasks):
+        job = merged_model.creator
+        assert job.method == "tatr_gradient" and job.ancestor_aux_data is None
+        creators = [folder.creator for folder in job.aux_data]
+        assert all(isinstance(c, GradientMagnitudeJob) and c.model == job.ancestor for c in creators)
+        return [(c.dataset_name, c.split) for c in creators], job
+
+    preset = offline_preset()
+    results, _ = build_suite(preset)
+    model = next(iter(results["tatr_gradient"].values())).creator.model
+    data, job = magnitudes_of(model, preset["tasks"])
+    assert [split for _, split in data] == [spec["splits"]["statistics"] for spec in preset["tasks"].values()]
+    assert len({str(dataset) for dataset, _ in data}) == len(preset["tasks"])
+    assert job.parameters["threshold_quantile"] == 0.99
+
+    sweep = presets.select("paper")  # its data sets by name: no local folder needed
+    experiment = pipeline.build_experiment(sweep)
+    assert grid(SWEEPS["tatr_gradient"], sweep["scaling_factors"]) == list(sweep["scaling_factors"])
+    data, job = magnitudes_of(merging_methods.merge(experiment, "tatr_gradient", 0.5, {}), sweep["tasks"])
+    assert data == [(experiment.data[t], sweep["tasks"][t]["fisher_split"]) for t in sweep["tasks"]]
+    assert job.ancestor == experiment.pretrained and job.parameters["merge_lambda"] == 0.5

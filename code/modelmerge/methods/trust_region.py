@@ -83,6 +83,8 @@ class GradientTrustRegion(MergeMethod):
 
     name = "tatr_gradient"
     paper = TrustRegion.paper
+    # each task model's statistic is computed at θ_0 on that task's data (GradientMagnitudeJob in the graphs)
+    sweeps = (Sweep("tatr_gradient", "merge_lambda", SCALING_FACTORS, {"threshold_quantile": 0.99}),)
     aliases = ("trust_region_gradient", "tatr_gradients")
     needs_base = True
     stats = ("gradient_magnitude",)
