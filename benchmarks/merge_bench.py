@@ -53,8 +53,7 @@ from safetensors.torch import save_file
 from transformers import BertConfig, BertForSequenceClassification
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MERGE = os.path.join(REPO, "code", "merge.py")
-MODULATED_MERGE = os.path.join(REPO, "code", "modulated_merge.py")
+CATALOGUE = os.path.join(REPO, "recipe", "model_merging", "catalogue.json")
 FUSION_BENCH_DRIVER = os.path.join(REPO, "benchmarks", "fusion_bench_merge.py")
 FUSION_BENCH = os.environ.get("FUSION_BENCH_DIR", os.path.expanduser("~/.cache/modelmerge/fusion_bench-0.2.33"))
 TIES_DENSITY = 0.2
@@ -157,17 +156,30 @@ def io_floor(reads, root, output_bytes):
     return seconds
 
 
+def merge_program(method):
+    """The program that computes `method`, as the methods' catalogue declares it (merge.py, modulated_merge.py)."""
+    with open(CATALOGUE, encoding="utf-8") as file:
+        return json.load(file)["methods"][method]["program"]
+
+
 def our_merge(arguments, root, name, threads, device="cpu", keep=False):
     """(merge loop seconds, whole wall seconds, peak RSS bytes, output folder or None) of code/merge.py (the
     modulated methods: code/modulated_merge.py), its arithmetic on `device`; the output is kept if `keep`."""
     out = os.path.join(root, f"out-{name}")
-    program = MODULATED_MERGE if arguments[1] in MODULATED else MERGE
+    program = os.path.join(REPO, "code", merge_program(arguments[1]))
     command = [sys.executable, program, *arguments, "--device", device, "--output", out, "--no_progress"]
     wall, rss, stdout = measure(command, REPO, threads)
     loop = float(re.search(r"^(?:merged|modulated merge) .*, ([0-9.]+) s", stdout, re.MULTILINE).group(1))
     if not keep:
         shutil.rmtree(out)
     return loop, wall, rss, out if keep else None
+
+
+def last_exception(stderr):
+    """The last exception's message in a traceback (plain or Rich's, whose message wraps over several lines)."""
+    lines = stderr.strip().splitlines()
+    starts = [i for i, line in enumerate(lines) if re.match(r"^[\w.]*(Error|Exception|Interrupt)\b.*:", line)]
+    return " ".join(line.strip() for line in lines[starts[-1] if starts else -1:])
 
 
 def fusion_bench_merge(method, root, name, threads, device="cpu", keep=False):
@@ -179,7 +191,7 @@ def fusion_bench_merge(method, root, name, threads, device="cpu", keep=False):
     try:
         wall, rss, _ = measure(command, REPO, threads, pythonpath=FUSION_BENCH)
     except RuntimeError as error:
-        print(f"FusionBench {method} fails: {str(error).strip().splitlines()[-1]}")
+        print(f"FusionBench {method} fails: {last_exception(str(error))}")
         return None
     finally:
         if not keep:
@@ -286,7 +298,6 @@ NEW_METHODS = {
     "tatr": ([], None, 4),
     "lines_task_arithmetic": (["--x:lines_beta", "0.5"], None, 4),  # task arithmetic with LiNeS' layer scaling
 }
-MODULATED = ("emr", "tall_masks")
 # FusionBench's algorithm (fusion_bench_merge.py) where it computes the same merge; the max abs difference of the
 # results is checked where the definitions match (TIES: FusionBench trims each task vector over the whole
 # model at once, we per tensor as the paper and mergekit; TATR: FusionBench takes the conflict's quantile over the

@@ -132,3 +132,15 @@ def test_fusion_bench_tatr_is_ours_over_the_flattened_model(tmp_path):
         torch.testing.assert_close(theirs[name], merged.reshape(inputs[0][name].shape), rtol=0, atol=1e-7)
     kept = torch.cat(ours) != flat[0]
     assert 0.9 < float(kept.float().mean()) < 1  # q = 0.99 of the whole model: a few entries dropped
+
+
+def test_merge_bench_reports_the_whole_last_exception():
+    """A peer's failure is reported by its exception's message, also where Rich wraps it over several lines."""
+    rich = ("│ ❱ 107 │   u, s, v = torch.linalg.svd(w_ts)   │\n╰──────────╯\n"
+            "_LinAlgError: linalg.svd: The algorithm failed to converge because the input \n"
+            "matrix is ill-conditioned (error code: \n1).")
+    assert merge_bench.last_exception(rich) == ("_LinAlgError: linalg.svd: The algorithm failed to converge because "
+                                                "the input matrix is ill-conditioned (error code: 1).")
+    plain = "Traceback (most recent call last):\n  File \"x.py\", line 1\nValueError: one\nKeyError: 'two'"
+    assert merge_bench.last_exception(plain) == "KeyError: 'two'"
+    assert merge_bench.last_exception("Killed") == "Killed"
