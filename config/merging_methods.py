@@ -25,7 +25,7 @@ fine-tuned models are evaluated too (the same jobs as config/example.py's), for 
 """
 from sisyphus import tk
 
-from model_merging import pipeline, presets
+from model_merging import pipeline, presets, selection
 from model_merging.catalogue import SWEEPS, grid, parameters
 from model_merging.report import ReportJob
 from model_merging.statistics import GradientMagnitudeJob, GramJob
@@ -64,29 +64,23 @@ def merge(experiment, label, value, initial_models):
 
 def best_setting(label, by_value, candidates):
     """(report label, model, average validation accuracy) of sweep `label` at its setting best on the
-    validation splits: one setting for all tasks, or for a per-task method each task's own (as TALL masks
-    choose each task's λ_t, Wang et al. 2024); `by_value`: {value: {task: accuracy}}, `candidates`: {value: model}."""
+    validation splits (model_merging.selection): one setting for all tasks, or for a per-task method each task's
+    own; `by_value`: {value: {task: accuracy variable}}, `candidates`: {value: model}."""
     sweep = SWEEPS[label]["parameter"]
-    value = best_value(by_value)
-    if value is None:
-        return label, candidates[value], average_accuracy(by_value[value])
-    if SWEEPS[label]["kind"] != "per-task":
-        return f"{label} ({sweep}={value})", candidates[value], average_accuracy(by_value[value])
-    chosen = {task: max(by_value, key=lambda v: by_value[v][task].get()) for task in by_value[value]}
+    accuracies = values_of(by_value)
+    value = selection.best_value(accuracies)
+    if value is None or SWEEPS[label]["kind"] != "per-task":
+        return selection.setting_label(label, sweep, value), candidates[value], selection.average(accuracies[value])
+    chosen = selection.best_per_task(accuracies, accuracies[value])
     own = candidates[value].by_task  # the tasks with a mask; the others are evaluated on the unified model
     model = pipeline.PerTaskModels(candidates[value].unified, {task: candidates[chosen[task]].model(task) for task in own})
-    accuracy = sum(by_value[v][task].get() for task, v in chosen.items()) / len(chosen)
-    return f"{label} ({sweep} per task={'/'.join(str(chosen[task]) for task in own)})", model, accuracy
+    accuracy = sum(accuracies[v][task] for task, v in chosen.items()) / len(chosen)
+    return selection.per_task_label(label, sweep, {task: chosen[task] for task in own}), model, accuracy
 
 
-def best_value(by_value):
-    """The setting with the best average validation accuracy; `by_value`: {value: {task: accuracy}}."""
-    return max(by_value, key=lambda v: average_accuracy(by_value[v]))
-
-
-def average_accuracy(variables):
-    values = [v.get() for v in variables.values()]
-    return sum(values) / len(values)
+def values_of(by_value):
+    """{value: {task: accuracy}} of {value: {task: tk.Variable}}."""
+    return {value: {task: variable.get() for task, variable in by_task.items()} for value, by_task in by_value.items()}
 
 
 async def py():
@@ -115,7 +109,8 @@ async def py():
         held_in[name] = pipeline.held_in(preset, preset["tasks"])
         print(f"merging_methods: {name}: validation accuracy {100 * accuracy:.1f}")
         if label in ROBUSTNESS:  # at the chosen α, without the held-out task's model
-            without = pipeline.paper_merges(experiment, best_value(by_value), merged_tasks)[ROBUSTNESS.index(label)]
+            chosen = selection.best_value(values_of(by_value))
+            without = pipeline.paper_merges(experiment, chosen, merged_tasks)[ROBUSTNESS.index(label)]
             models[f"{name} (without {held_out})"] = without
             held_in[f"{name} (without {held_out})"] = pipeline.held_in(preset, merged_tasks)
     results = pipeline.evaluate(experiment, models, test)

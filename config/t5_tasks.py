@@ -1,7 +1,8 @@
 """Flan-T5-base fine-tuned on GLUE tasks and merged, as FusionBench's text-to-text suite (Tang et al., 2024):
 each task model answers with the class word ("positive", "entailment", ...), its accuracy is the exact match
-of the greedy decoding; the task models are merged with every method of the library and every model is
-evaluated on every task (report under output/t5_tasks/report/).
+of the greedy decoding; the task models are merged with every method of the library at each setting of its
+grid, the one best on the validation splits reported, and every model is evaluated on every task (report
+under output/t5_tasks/report/).
 
 Presets (`T5_TASKS_PRESET`, else `offline`):
 - `full`: google/flan-t5-base on eight GLUE tasks from the Hub, a GPU per job;
@@ -15,7 +16,8 @@ Presets (`T5_TASKS_PRESET`, else `offline`):
 from sisyphus import tk
 
 from model_merging.catalogue import suite_methods
-from model_merging.families import CPU, GPU, OfflineSuiteJob, build_suite, select
+from model_merging.families import (CPU, FULL_SCALING_FACTORS, GPU, OFFLINE_SCALING_FACTORS, OfflineSuiteJob,
+                                    build_suite, select)
 
 # task: (Hub dataset, input template (the row's columns), class words): FusionBench's GLUE prompts
 GLUE = {
@@ -43,7 +45,7 @@ def full_preset():
         "training": {"learning_rate": 1e-4, "warmup_steps": 0, "per_device_train_batch_size": 16, "max_length": 256,
                      "lr_scheduler_type": "constant"},
         "statistics": {"batch_size": 16, "max_length": 256}, "evaluation": {"batch_size": 64, "max_new_tokens": 8},
-        "methods": suite_methods(0.3, [10000] * len(tasks), 10000),
+        "methods": suite_methods(0.3, [10000] * len(tasks), 10000, FULL_SCALING_FACTORS),
         "rqmt": {kind: GPU for kind in ("train", "statistics", "merge", "evaluation")} | {"download": CPU},
     }
 
@@ -62,7 +64,7 @@ def offline_preset():
                      "per_device_eval_batch_size": 64, "lr_scheduler_type": "constant", "logging_steps": 25},
         "statistics": {"batch_size": 16, "max_length": 16},
         "evaluation": {"batch_size": 100, "max_length": 16, "max_new_tokens": 4},
-        "methods": suite_methods(0.3, [800] * len(tasks), 3200),
+        "methods": suite_methods(0.3, [800] * len(tasks), 3200, OFFLINE_SCALING_FACTORS, points=3),
         "rqmt": {kind: CPU for kind in ("train", "statistics", "merge", "evaluation", "download")},
     }
 

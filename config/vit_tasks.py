@@ -1,8 +1,8 @@
 """CLIP ViT-B/32 on the eight image classification tasks of task arithmetic (Ilharco et al., ICLR 2023):
 SUN397, Stanford Cars, RESISC45, EuroSAT, SVHN, GTSRB, MNIST, DTD. The vision tower is fine-tuned on each
 task (the text tower gives the zero-shot head "a photo of a {class}." and stays frozen), the eight models are
-merged with every method of the library, and every model is evaluated on every task (report under
-output/vit_tasks/report/).
+merged with every method of the library at each setting of its grid (the one best on the validation splits
+reported), and every model is evaluated on every task (report under output/vit_tasks/report/).
 
 Presets (`VIT_TASKS_PRESET`, else `offline`):
 - `full`: openai/clip-vit-base-patch32 and the Hub copies of the eight data sets FusionBench uses
@@ -15,7 +15,8 @@ Presets (`VIT_TASKS_PRESET`, else `offline`):
 from sisyphus import tk
 
 from model_merging.catalogue import suite_methods
-from model_merging.families import CPU, GPU, OfflineSuiteJob, build_suite, select
+from model_merging.families import (CPU, FULL_SCALING_FACTORS, GPU, OFFLINE_SCALING_FACTORS, OfflineSuiteJob,
+                                    build_suite, select)
 
 TASK_ARITHMETIC_TASKS = {  # task: Hub dataset (FusionBench's copies: columns image, label)
     "sun397": "tanganke/sun397", "cars": "tanganke/stanford_cars", "resisc45": "tanganke/resisc45",
@@ -35,7 +36,7 @@ def full_preset():
         "training": {"learning_rate": 1e-5, "warmup_steps": 500, "weight_decay": 0.1, "per_device_train_batch_size": 128,
                      "per_device_eval_batch_size": 256, "lr_scheduler_type": "cosine"},
         "statistics": {"batch_size": 64}, "evaluation": {"batch_size": 256},
-        "methods": suite_methods(0.3, [10000] * len(tasks), 10000),
+        "methods": suite_methods(0.3, [10000] * len(tasks), 10000, FULL_SCALING_FACTORS),
         "rqmt": {kind: GPU for kind in ("train", "statistics", "merge", "evaluation")} | {"download": CPU},
     }
 
@@ -50,7 +51,7 @@ def offline_preset():
         "training": {"learning_rate": 1e-3, "warmup_steps": 0, "per_device_train_batch_size": 16,
                      "per_device_eval_batch_size": 64, "lr_scheduler_type": "constant", "logging_steps": 10},
         "statistics": {"batch_size": 16}, "evaluation": {"batch_size": 64},
-        "methods": suite_methods(0.3, [256] * len(tasks), 256),
+        "methods": suite_methods(0.3, [256] * len(tasks), 256, OFFLINE_SCALING_FACTORS, points=3),
         "rqmt": {kind: CPU for kind in ("train", "statistics", "merge", "evaluation", "download")},
     }
 

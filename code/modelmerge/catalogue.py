@@ -216,9 +216,9 @@ def methods_markdown() -> str:
         lines.append(f"| `{cls.name}` | {', '.join(cls.aliases)} | {kind(cls)}{program} | {needs} | {parameters} | "
                      f"{', '.join(mergekit_names(cls))} | {cls.paper} |")
     lines += ["", "## Sweeps", "",
-              "The entries of config/merging_methods.py (each value of the grid merged, the best on validation",
-              "reported) and of the family suites (config/vit_tasks.py, config/t5_tasks.py: once, at the middle of",
-              "the grid, or at the suite's α).", "",
+              "The entries of config/merging_methods.py and of the family suites (config/vit_tasks.py,",
+              "config/t5_tasks.py): each value of the grid merged, the best on validation reported (the family",
+              "suites' offline presets merge three values about the grid's middle and their own α grid).", "",
               "| label | method | kind | grid | fixed | statistics | starts from |", "|---|---|---|---|---|---|---|"]
     for label, entry in sweeps().items():
         fixed = ", ".join(f"{name}={value}" for name, value in entry["fixed"].items())

@@ -8,7 +8,8 @@ that graphs are built without importing torch.
   "statistics" each model is given and θ_0's ("ancestor_statistics"), the entry it starts from ("initial"),
   the parameters set from the data set sizes ("dataset_sizes"), a data-aware method's "task_data" split;
 - `grid`, `parameters`, `suite_methods`: the values swept, the parameters at one of them, a family suite's
-  entries; `default`: a method's declared default of one parameter (the data-aware Jobs' defaults).
+  entries (each with its settings); `default`: a method's declared default of one parameter (the data-aware Jobs'
+  defaults).
 """
 import json
 import os
@@ -34,7 +35,8 @@ def grid(entry, scaling_factors):
 
 
 def middle(entry, scaling_factor):
-    """The one value a family suite merges the entry at: the middle of its grid, or `scaling_factor` for α."""
+    """The setting a family suite merged the entry at before it chose on validation (one of its grid's still):
+    the middle of its grid, or `scaling_factor` for α."""
     if entry["parameter"] is None:
         return None
     return scaling_factor if entry["grid"] == SCALING_FACTORS else entry["grid"][len(entry["grid"]) // 2]
@@ -51,11 +53,30 @@ def parameters(entry, value, ancestor_size, model_sizes):
     return result
 
 
-def suite_methods(scaling_factor, model_sizes, ancestor_size):
-    """{label: catalogue entry with its "parameters"} of every method a family suite merges (all but the
-    data-aware ones), each once (`middle`); the entries others start from first (MaTS from task arithmetic)."""
-    methods = {label: {**entry, "parameters": parameters(entry, middle(entry, scaling_factor), ancestor_size, model_sizes)}
-               for label, entry in SWEEPS.items() if entry["kind"] != "data-aware"}
+def suite_grid(entry, scaling_factors, points=None):
+    """The values a family suite merges the entry at: its grid (for α the suite's `scaling_factors`), or, with
+    `points`, that many of them about the middle of a catalogue grid."""
+    values = grid(entry, scaling_factors)
+    if points is None or entry["grid"] == SCALING_FACTORS or len(values) <= points:
+        return values
+    start = min(max(len(values) // 2 - (points - 1) // 2, 0), len(values) - points)
+    return values[start:start + points]
+
+
+def suite_methods(scaling_factor, model_sizes, ancestor_size, scaling_factors=None, points=None):
+    """{label: catalogue entry with "settings" ({value: parameters} at each value of `suite_grid`, merged each,
+    the best on validation reported) and "parameters" (at `middle`: the setting MaTS starts from)} of every
+    method a family suite merges (all but the data-aware ones); the entries others start from first (MaTS from
+    task arithmetic). `scaling_factors` (default [`scaling_factor`]) must hold `scaling_factor`."""
+    scaling_factors = [scaling_factor] if scaling_factors is None else list(scaling_factors)
+    if scaling_factor not in scaling_factors:
+        raise ValueError(f"suite_methods: the α grid {scaling_factors} lacks the suite's α {scaling_factor}")
+    methods = {}
+    for label, entry in SWEEPS.items():
+        if entry["kind"] == "data-aware":
+            continue
+        settings = {value: parameters(entry, value, ancestor_size, model_sizes)
+                    for value in suite_grid(entry, scaling_factors, points)}
+        methods[label] = {**entry, "settings": settings, "parameters": settings[middle(entry, scaling_factor)]}
     starts = {entry["initial"] for entry in methods.values()} - {None}
     return {**{label: methods[label] for label in methods if label in starts}, **methods}
-

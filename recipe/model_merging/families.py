@@ -1,12 +1,15 @@
 """Graph of a merging suite of any model family (`task_type`, docs families.md): one pretrained model θ_0
 fine-tuned on every task, Fisher and Gram statistics of each task model (and the Fisher of θ_0, and TATR's
-gradient magnitude of θ_0 on each task's data), every merge method of the library on the task models, each model evaluated on every task's test split, and a report.
+gradient magnitude of θ_0 on each task's data), every merge method of the library on the task models at each
+setting of its grid, each merge evaluated on every task's validation and test splits (θ_0 and the task models
+on the test splits), and a report of every method at its setting best on validation, as
+config/merging_methods.py chooses.
 config/vit_tasks.py and config/t5_tasks.py are its two users.
 
 A suite preset holds: `name`, `task_type`, `model` (θ_0: a model id, a path or a tk.Path), `tasks` ({task:
 {"dataset": name or tk.Path, "columns": {...} or None, "splits": {"train", "validation", "test", "statistics"},
 "dataset_size": int}}), `training`, `statistics`, `evaluation` (program keys), `methods` ({label: a catalogue
-entry with the method's "parameters"}: `suite_methods`, model_merging.catalogue), `rqmt`;
+entry with its "settings" and "parameters"}: `suite_methods`, model_merging.catalogue), `rqmt`;
 optionally `pretraining` ({"dataset", "splits": {"train", "validation", "statistics"}, "num_epochs", "training":
 keys over `training`}: θ_0 is `model` trained on it first, and H_0 is taken on its statistics split) and
 `multitask` (True: a model trained on the union of the tasks' training splits is evaluated too, the usual
@@ -24,12 +27,18 @@ from model_merging.pipeline import PerTaskModels, merge_method
 from model_merging.program_job import ProgramJob
 from model_merging.report import ReportJob
 from model_merging.search import MultiTaskSearchJob
+from model_merging.selection import setting_label
 from model_merging.statistics import FisherJob, GradientMagnitudeJob, GramJob
 from model_merging.training import HuggingfaceTrainingJob
 
 
 CPU = {"time_rqmt": 1, "mem_rqmt": 4, "cpu_rqmt": 1, "gpu_rqmt": 0}
 GPU = {"time_rqmt": 8, "mem_rqmt": 32, "cpu_rqmt": 4, "gpu_rqmt": 1}
+# The α grids of the presets (catalogue.suite_methods), each with the α 0.3 the suites merged at before they chose
+# on validation. Offline, on 2 CPU cores, three values (and three of each catalogue grid, points=3); 1.0 for the
+# methods whose α is about one (TSV-M, Iso-C).
+FULL_SCALING_FACTORS = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5)
+OFFLINE_SCALING_FACTORS = (0.3, 0.6, 1.0)
 
 
 def select(variable, presets, default="offline"):
@@ -79,7 +88,10 @@ def download(preset):
 
 
 def build_suite(preset):
-    """{label: {task: metrics.json}} of θ_0, every task model and every merge; and the report job."""
+    """({label: {task: metrics.json on the test splits}} of θ_0, every task model and every merge at each of its
+    settings (labelled as model_merging.selection.setting_label), the report job): each method is merged at every
+    value of its "settings", each evaluated on the validation and test splits, and the report shows each method
+    at its setting best on validation (ReportJob's `choices`)."""
     data = download(preset)
     tasks = list(preset["tasks"])
     keys = family_keys(preset)
@@ -99,37 +111,48 @@ def build_suite(preset):
     pretrained_fisher = FisherJob(pretrained, *pretrained_stats, {**preset["statistics"], **keys},
                                   **statistics_options).out_dir
 
-    merged, per_task = {}, {}
-    for label, entry in preset["methods"].items():
-        model = merge_method(entry, entry["parameters"], models, pretrained,
-                             statistics={"fisher": fishers, "gram": grams,
-                                         "gradient_magnitude": magnitudes}.get(entry["statistics"]),
-                             ancestor_statistics=pretrained_fisher, initial=merged.get(entry["initial"]),
-                             rqmt=preset["rqmt"])
-        if isinstance(model, PerTaskModels):
-            per_task[label] = model.by_task
-        else:
-            merged[label] = model
+    methods = preset["methods"]
+
+    def merge(entry, parameters):
+        initial = entry["initial"] and merge(methods[entry["initial"]], methods[entry["initial"]]["parameters"])
+        return merge_method(entry, parameters, models, pretrained,
+                            statistics={"fisher": fishers, "gram": grams,
+                                        "gradient_magnitude": magnitudes}.get(entry["statistics"]),
+                            ancestor_statistics=pretrained_fisher, initial=initial, rqmt=preset["rqmt"])
 
     evaluated = {"pretrained": pretrained, **{f"fine-tuned {t}": models[t] for t in tasks}}
     if preset.get("multitask"):
         evaluated["multitask"] = train(preset, pretrained, [data[t] for t in tasks],
                                        [preset["tasks"][t]["splits"]["train"] for t in tasks],
                                        [preset["tasks"][t]["splits"]["validation"] for t in tasks], "multitask")
-    evaluated.update(merged)
-    test = {task: (data[task], preset["tasks"][task]["splits"]["test"]) for task in tasks}
-    def search(model, splits):
-        return MultiTaskSearchJob(model, splits, {**preset["evaluation"], **keys}, shards=shards.get("evaluation", 1),
-                                  **preset["rqmt"]["evaluation"])
+    splits = {name: {task: (data[task], preset["tasks"][task]["splits"][name]) for task in tasks}
+              for name in ("validation", "test")}
 
-    results = {label: dict(search(model, test).out_metric_files) for label, model in evaluated.items()}
-    for label, own in per_task.items():
-        results[label] = {task: search(own[task], {task: test[task]}).out_metric_files[task] for task in tasks}
-    merges = [*merged, *per_task]  # of every task's model: every task held in
-    report = ReportJob(results, title=f"{preset['title']} ({preset['name']} preset)",
+    def evaluate(model, split):
+        """{task: metrics.json} of `model` (PerTaskModels: each task on its own model) on each task's `split`."""
+        def search(model, datasets):
+            return MultiTaskSearchJob(model, datasets, {**preset["evaluation"], **keys},
+                                      shards=shards.get("evaluation", 1), **preset["rqmt"]["evaluation"])
+        if isinstance(model, PerTaskModels):
+            return {task: search(model.model(task), {task: splits[split][task]}).out_metric_files[task]
+                    for task in tasks}
+        return dict(search(model, splits[split]).out_metric_files)
+
+    results = {label: evaluate(model, "test") for label, model in evaluated.items()}
+    choices = {}
+    for label, entry in methods.items():
+        settings = {value: merge(entry, parameters) for value, parameters in entry["settings"].items()}
+        choices[label] = {"parameter": entry["parameter"], "per_task": entry["kind"] == "per-task",
+                          "test": {value: evaluate(model, "test") for value, model in settings.items()},
+                          "validation": {value: evaluate(model, "validation") for value, model in settings.items()}
+                          if len(settings) > 1 else {}}
+        results.update({setting_label(label, entry["parameter"], value): by_task
+                        for value, by_task in choices[label]["test"].items()})
+    report = ReportJob({label: results[label] for label in evaluated}, choices=choices,
+                       title=f"{preset['title']} ({preset['name']} preset)",
                        own_models={task: f"fine-tuned {task}" for task in tasks},
                        multitask="multitask" if preset.get("multitask") else None,
-                       held_in={label: list(tasks) for label in merges})
+                       held_in={label: list(tasks) for label in methods})  # of every task's model: every task held in
     return results, report
 
 

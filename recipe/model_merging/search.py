@@ -9,10 +9,15 @@ from model_merging.program_job import ProgramJob
 from model_merging.util import run_command, write_json, write_run_script
 
 
+def read_accuracy(metrics_file):
+    """The accuracy in `metrics_file` (predict.py's metrics.json)."""
+    with open(metrics_file.get_path()) as f:
+        return json.load(f)["accuracy"]
+
+
 def set_accuracy(variable, metrics_file):
     """Store the accuracy in `metrics_file` (predict.py's metrics.json) in the tk.Variable `variable`."""
-    with open(metrics_file.get_path()) as f:
-        variable.set(json.load(f)["accuracy"])
+    variable.set(read_accuracy(metrics_file))
 
 
 class PredictJob(ProgramJob):

@@ -63,15 +63,23 @@ def test_sweeps_are_the_methods_own_declarations():
     assert kinds[-4:] == ["per-task", "per-task", "data-aware", "data-aware"]
 
 
-def test_family_suites_take_every_method_but_the_data_aware_once():
+def test_family_suites_take_every_method_but_the_data_aware_at_each_setting():
     from model_merging.catalogue import SWEEPS, suite_methods
 
     suite = suite_methods(0.3, [10, 20], 30)
     assert list(suite)[0] == "task arithmetic"  # MaTS starts from it
     assert set(suite) == {label for label, entry in SWEEPS.items() if entry["kind"] != "data-aware"}
     assert suite["ties"]["parameters"] == {"density": 0.3, "merge_lambda": 1.0}  # grid[len // 2] of 0.1, 0.2, 0.3, 0.5
+    assert list(suite["ties"]["settings"]) == [0.1, 0.2, 0.3, 0.5] and list(suite["average"]["settings"]) == [None]
     assert suite["gradient matching"]["parameters"] == {"scaling_factor": 0.3, "delta_0": 1e-12, "scaling_factor_pt": 30,
                                                         "scaling_factors_ft": [10, 20]}
+    assert suite["gradient matching"]["settings"] == {0.3: suite["gradient matching"]["parameters"]}
+    short = suite_methods(0.3, [10, 20], 30, (0.3, 1.0), points=3)
+    assert list(short["ties"]["settings"]) == [0.2, 0.3, 0.5] and list(short["tsv-m"]["settings"]) == [0.3, 1.0]
+    assert short["ties"]["settings"][0.2] == {"density": 0.2, "merge_lambda": 1.0}
+    assert list(suite_methods(0.3, [1], 1, points=2)["ties"]["settings"]) == [0.3, 0.5]  # the middle always kept
+    with pytest.raises(ValueError, match="lacks the suite's α 0.3"):
+        suite_methods(0.3, [10, 20], 30, (0.5, 1.0))
 
 
 @pytest.mark.parametrize("sweep, message", [

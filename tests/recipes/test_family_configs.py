@@ -17,6 +17,7 @@ def test_graph_of_every_preset(config, preset, monkeypatch):
 
     from model_merging.catalogue import SWEEPS
     from model_merging.families import build_suite
+    from model_merging.selection import setting_label
 
     module = importlib.import_module(f"config.{config}")
     chosen = getattr(module, f"{preset}_preset")()
@@ -24,20 +25,67 @@ def test_graph_of_every_preset(config, preset, monkeypatch):
     tasks = list(chosen["tasks"])
     methods = [label for label, entry in SWEEPS.items() if entry["kind"] != "data-aware"]
     multitask = {"multitask"} if chosen.get("multitask") else set()
-    assert set(results) == {"pretrained", *(f"fine-tuned {t}" for t in tasks), *multitask, *methods}
+    fixed = {"pretrained", *(f"fine-tuned {t}" for t in tasks), *multitask}
+    settings = {setting_label(label, SWEEPS[label]["parameter"], value)
+                for label in methods for value in chosen["methods"][label]["settings"]}
+    assert set(results) == fixed | settings
     assert all(set(by_task) == set(tasks) for by_task in results.values())
-    merges = [label for label in chosen["methods"] if isinstance(chosen["methods"][label], dict)]
-    assert set(merges) == set(methods)
+    assert set(chosen["methods"]) == set(methods) == set(report.choices)
     for label, entry in SWEEPS.items():  # per-task methods: each task on its own model, that task only
         if entry["kind"] == "per-task":
-            searches = {task: metrics.creator for task, metrics in results[label].items()}
-            assert all(list(search.datasets) == [task] for task, search in searches.items())
-            assert [search.model.creator.task for search in searches.values()] == list(range(1, len(tasks) + 1))
-            assert len({search.model.creator.modulated for search in searches.values()}) == 1
+            for by_task in report.choices[label]["test"].values():
+                searches = {task: metrics.creator for task, metrics in by_task.items()}
+                assert all(list(search.datasets) == [task] for task, search in searches.items())
+                assert [search.model.creator.task for search in searches.values()] == list(range(1, len(tasks) + 1))
+                assert len({search.model.creator.modulated for search in searches.values()}) == 1
     assert chosen["task_type"] == ("image_classification" if config == "vit_tasks" else "seq2seq")
     if preset == "full":
         assert len(tasks) >= 7 and not any("offline" in str(spec["dataset"]) for spec in chosen["tasks"].values())
-    assert report.results == results
+    assert report.results == {label: results[label] for label in fixed}
+    assert all(report.choices[label]["test"][value] == results[setting_label(label, SWEEPS[label]["parameter"], value)]
+               for label in methods for value in chosen["methods"][label]["settings"])
+
+
+@pytest.mark.parametrize("config", ["vit_tasks", "t5_tasks"])
+def test_each_method_is_merged_at_every_setting_and_each_merge_evaluated_once_on_validation(config):
+    """One merge per grid value (the offline preset's three about the grid's middle, its α grid), each evaluated
+    once on every task's validation split and once on its test split; a method merged once needs no validation."""
+    import importlib
+
+    from model_merging.families import build_suite
+    from model_merging.merge import MergeJob
+    from model_merging.search import MultiTaskSearchJob
+
+    preset = importlib.import_module(f"config.{config}").offline_preset()
+    _, report = build_suite(preset)
+    tasks = list(preset["tasks"])
+    assert list(preset["methods"]["ties"]["settings"]) == [0.2, 0.3, 0.5]  # of 0.1, 0.2, 0.3, 0.5: middle 0.3 kept
+    assert list(preset["methods"]["tsv-m"]["settings"]) == [0.3, 0.6, 1.0]
+    assert preset["methods"]["ties"]["parameters"] == {"density": 0.3, "merge_lambda": 1.0}  # the setting of before
+    for label in ("ties", "tsv-m", "regmean", "gradient matching"):
+        choice, settings = report.choices[label], preset["methods"][label]["settings"]
+        assert list(choice["test"]) == list(choice["validation"]) == list(settings)
+        merges = {}
+        for value, parameters in settings.items():
+            searches = {split: {metrics.creator for metrics in choice[split][value].values()}
+                        for split in ("validation", "test")}
+            assert all(len(jobs) == 1 for jobs in searches.values())  # one evaluation of every task per split
+            (validation,), (test,) = searches["validation"], searches["test"]
+            assert isinstance(validation, MultiTaskSearchJob) and validation is not test
+            assert {task: split for task, (_, split) in validation.datasets.items()} == {
+                task: preset["tasks"][task]["splits"]["validation"] for task in tasks}
+            assert {task: split for task, (_, split) in test.datasets.items()} == {
+                task: preset["tasks"][task]["splits"]["test"] for task in tasks}
+            assert validation.model == test.model
+            merge = validation.model.creator
+            assert isinstance(merge, MergeJob) and merge.parameters == parameters
+            merges[value] = merge
+        assert len({id(job) for job in merges.values()}) == len(settings)
+    assert report.choices["average"]["validation"] == {} and list(report.choices["average"]["test"]) == [None]
+    mats = {job.initial for job in (next(iter(by_task.values())).creator.model.creator
+                                    for by_task in report.choices["mats (regmean)"]["test"].values())}
+    assert len(mats) == 1  # every MaTS setting starts from task arithmetic at the suite's α
+    assert next(iter(mats)).creator.parameters["merge_lambda"] == 0.3
 
 
 def test_offline_t5_starts_from_a_trained_model_and_has_a_multitask_reference():

@@ -206,3 +206,48 @@ def test_lm_eval_job_config(setup_dir):
     from modelmerge.config import load_config  # the program accepts what the job wrote
     from modelmerge.harness import HarnessConfig
     assert load_config(HarnessConfig, job.out_config_file.get_path()).offline is False  # a harness task by name
+
+
+def test_report_job_shows_each_method_at_its_setting_best_on_validation(setup_dir):
+    """`choices`: the report reads the validation metrics when it runs and shows each method's test metrics at
+    its best setting by average validation accuracy (ties to the first value), a per-task method at each task's
+    own best, a method merged once as it is; `held_in` follows the method under its new label."""
+    def metrics(name, accuracy):
+        path = setup_dir / "metrics" / f"{name}.json"
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(json.dumps({"accuracy": accuracy}))
+        return tk.Path(str(path))
+
+    def grid(prefix, accuracies):  # {value: {task: accuracy}} -> {value: {task: metrics.json}}
+        return {value: {task: metrics(f"{prefix}-{value}-{task}", a) for task, a in by_task.items()}
+                for value, by_task in accuracies.items()}
+
+    validation = {0.1: {"a": 0.9, "b": 0.1}, 0.3: {"a": 0.6, "b": 0.6}, 0.5: {"a": 0.2, "b": 0.9}}  # means .5 .6 .55
+    test = grid("test", {value: {"a": 0.0, "b": 0.0} for value in validation})
+    per_task_validation = {0.2: {"a": 0.8, "b": 0.5}, 0.4: {"a": 0.8, "b": 0.7}}  # a: tie, to 0.2; b: 0.4
+    per_task_test = grid("pt-test", {value: {"a": 0.0, "b": 0.0} for value in per_task_validation})
+    tied = {1: {"a": 0.5, "b": 0.5}, 2: {"a": 0.4, "b": 0.6}}
+    tied_test = grid("tied-test", {value: {"a": 0.0, "b": 0.0} for value in tied})
+    once = grid("once", {None: {"a": 0.3, "b": 0.3}})
+    choices = {
+        "ties": {"parameter": "density", "per_task": False, "test": test, "validation": grid("val", validation)},
+        "tall": {"parameter": "λ", "per_task": True, "test": per_task_test,
+                 "validation": grid("pt-val", per_task_validation)},
+        "consensus": {"parameter": "k", "per_task": False, "test": tied_test, "validation": grid("tied-val", tied)},
+        "average": {"parameter": None, "per_task": False, "test": once, "validation": {}},
+    }
+    ft = metrics("ft", 0.7)
+    job = ReportJob({"ft": {"a": ft, "b": ft}}, choices=choices, held_in={"ties": ["a"], "average": ["a", "b"]})
+    assert job.out_generalization_plot.get_path().endswith("generalization.png")  # ties holds b out
+    _create_files(job, setup_dir)
+    config = json.load(open(job.out_config_file.get_path()))
+    paths = {value: {task: path.get_path() for task, path in by_task.items()} for value, by_task in test.items()}
+    assert list(config["results"]) == ["ft", "ties (density=0.3)", "tall (λ per task=0.2/0.4)", "consensus (k=1)",
+                                       "average"]
+    assert config["results"]["ties (density=0.3)"] == paths[0.3]
+    assert config["results"]["tall (λ per task=0.2/0.4)"] == {"a": per_task_test[0.2]["a"].get_path(),
+                                                             "b": per_task_test[0.4]["b"].get_path()}
+    assert config["results"]["consensus (k=1)"] == {task: path.get_path() for task, path in tied_test[1].items()}
+    assert config["results"]["average"] == {task: path.get_path() for task, path in once[None].items()}
+    assert config["held_in"] == {"ties (density=0.3)": ["a"], "average": ["a", "b"]}
+    assert ReportJob({"ft": {"a": ft}}).job_id() != ReportJob({"ft": {"a": ft}}, choices=choices).job_id()
