@@ -127,8 +127,10 @@ def test_the_suite_config_builds_the_graph_of_a_causal_lm_family(monkeypatch):
     config["py"]()
     report = registered["llama_tasks/report"].creator
     methods = [label for label, entry in SWEEPS.items() if entry["kind"] != "data-aware"]
-    assert set(report.results) == {"pretrained", "fine-tuned copy", "fine-tuned reverse", *methods}
+    assert set(report.results) == {"pretrained", "fine-tuned copy", "fine-tuned reverse"}
+    assert set(report.choices) == set(methods)
     assert all(set(by_task) == set(TASKS) for by_task in report.results.values())
+    assert all(set(by_task) == set(TASKS) for choice in report.choices.values() for by_task in choice["test"].values())
     jobs = jobs_below(report)
     trainings = [job for job in jobs if isinstance(job, HuggingfaceTrainingJob)]
     assert sorted(os.path.basename(str(job.train_config["dataset_name"])) for job in trainings) == list(TASKS)
