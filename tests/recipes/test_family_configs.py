@@ -152,7 +152,7 @@ def test_the_suite_and_the_sweep_merge_tatr_gradient_from_theta_0s_gradient_magn
 
     preset = offline_preset()
     results, _ = build_suite(preset)
-    model = next(iter(results["tatr_gradient"].values())).creator.model
+    model = next(iter(results["tatr_gradient (merge_lambda=0.3)"].values())).creator.model
     data, job = magnitudes_of(model, preset["tasks"])
     assert [split for _, split in data] == [spec["splits"]["statistics"] for spec in preset["tasks"].values()]
     assert len({str(dataset) for dataset, _ in data}) == len(preset["tasks"])
