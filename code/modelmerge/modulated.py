@@ -8,7 +8,8 @@ r_t = Σ_n mean|τ_t,n| / Σ_n mean|m_t,n ⊙ (θ_uni − θ_0)_n| over all floa
 rescaler, one number per task). TALL masks (Wang et al., ICML 2024): θ_uni = θ_0 + λ·Σ_t τ_t,
 m_t = |τ_t| ≥ λ_t |τ_MTL − τ_t|, r_t = 1.
 
-`write` streams tensor by tensor (one tensor of each model at a time) into the folder OUT:
+`write` streams tensor by tensor (one tensor of each model at a time: the merge driver's executor,
+modelmerge.merging.execute, whose extra-outputs hook writes the masks) into the folder OUT:
 
     unified/                 the unified model folder (what `code/merge.py --merge emr` writes)
     masks_<t>.safetensors    task t's masks, t = 1..T in the order of the models (bool, floating-point tensors)
@@ -19,24 +20,22 @@ m_t = |τ_t| ≥ λ_t |τ_MTL − τ_t|, r_t = 1.
 import json
 import logging
 import os
-import sys
 from contextlib import ExitStack
 
 import torch
-from tqdm import tqdm
 
 from modelmerge.atomic import atomic_dir
 from modelmerge.io.formats import TensorInfo
 from modelmerge.io.reading import open_checkpoint
 from modelmerge.io.writing import open_output
+from modelmerge.merging.execute import execute
+from modelmerge.merging.plan import Source, TensorTask
 from modelmerge.methods import MERGE_METHODS, get_method
-from modelmerge.methods.base import TensorGroup
 from modelmerge.methods.common import upcast_dtype
 
 logger = logging.getLogger(__name__)
 
 MODULATED_METHODS = tuple(sorted({cls.name for cls in MERGE_METHODS.values() if cls.kind == "per-task"}))
-RELEASE_EVERY = 32  # tensors read before the files' memory maps are closed (their pages stop counting as resident)
 OUTPUT_KIND = "modulated_merge"
 
 
@@ -44,7 +43,8 @@ def write(method_name, models, ancestor, output, params, device="cpu", progress=
     """Write the unified model, the masks and the rescalers of `models` (paths) about `ancestor` into `output`.
 
     `params` are the method's resolved parameters; `check(checkpoints)` validates the inputs (the merge
-    driver's same-tensors check) before anything is written."""
+    driver's same-tensors check) before anything is written. The unified model is merged by the driver's
+    executor (merging.execute), the masks and the rescalers' sums taken by its extra-outputs hook (`_Masks`)."""
     if method_name not in MODULATED_METHODS:
         raise ValueError(f"modulated merges are {', '.join(MODULATED_METHODS)}, not {method_name!r}")
     method = get_method(method_name)()
@@ -52,44 +52,45 @@ def write(method_name, models, ancestor, output, params, device="cpu", progress=
     checkpoints = [open_checkpoint(path) for path in models]
     if check is not None:
         check(checkpoints + [base])
-    names = base.names
-    floats = [(n, TensorInfo(base.info(n).shape, torch.bool)) for n in names if base.info(n).dtype.is_floating_point]
-    own, kept = torch.zeros(len(models), dtype=torch.float64), torch.zeros(len(models), dtype=torch.float64)
-    inputs = [*models, ancestor]
-    with atomic_dir(output, OUTPUT_KIND, inputs=inputs, overwrite=overwrite) as tmp, ExitStack() as stack:
-        unified = stack.enter_context(open_output(os.path.join(tmp, "unified"), [(n, base.info(n)) for n in names],
-                                                  "model", files_from=base.folder))
-        masks = [stack.enter_context(open_output(os.path.join(tmp, f"masks_{t + 1}.safetensors"), floats, "file"))
-                 for t in range(len(models))]
-        for index, name in enumerate(tqdm(names, desc=f"modulated merge ({method_name})", disable=not progress,
-                                          file=sys.stderr)):
-            theta_0 = base.get(name)
-            if not theta_0.dtype.is_floating_point:
-                unified.write(name, theta_0)
-                continue
-            dtype = upcast_dtype(theta_0.dtype)
-            group = TensorGroup(name, [c.get(name).to(device, dtype) for c in checkpoints], ancestor=theta_0.to(device, dtype))
-            merged = method.merge(group, **params)
-            taus = [x - group.ancestor for x in group.tensors]
-            task_masks = method.masks(taus, **params)
-            change = merged - group.ancestor
-            for t, (tau, mask) in enumerate(zip(taus, task_masks)):
-                masks[t].write(name, mask.cpu())
-                own[t] += tau.abs().mean(dtype=torch.float64).item()
-                kept[t] += (change * mask).abs().mean(dtype=torch.float64).item()
-            unified.write(name, merged.to("cpu", theta_0.dtype))
-            if index % RELEASE_EVERY == RELEASE_EVERY - 1:
-                for checkpoint in checkpoints + [base]:
-                    checkpoint.release()
-        rescalers = [1.0] * len(models)
-        if method_name == "emr":
-            rescalers = [float(o / k) if k > 0 else 1.0 for o, k in zip(own, kept)]
+    entries = [(name, base.info(name)) for name in base.names]
+    tasks = [TensorTask(name, [Source(c, name) for c in checkpoints], ancestor=Source(base, name), params=params,
+                        merge=info.dtype.is_floating_point) for name, info in entries]
+    floats = [(name, TensorInfo(info.shape, torch.bool)) for name, info in entries if info.dtype.is_floating_point]
+    with atomic_dir(output, OUTPUT_KIND, inputs=[*models, ancestor], overwrite=overwrite) as tmp, ExitStack() as stack:
+        unified = stack.enter_context(open_output(os.path.join(tmp, "unified"), entries, "model",
+                                                  files_from=base.folder))
+        masks = _Masks(method, params, [stack.enter_context(open_output(
+            os.path.join(tmp, f"masks_{t + 1}.safetensors"), floats, "file")) for t in range(len(models))])
+        execute(method, tasks, unified, entries, device=device, progress=progress, threads=torch.get_num_threads(),
+                extra_outputs=masks)
+        rescalers = masks.rescalers() if method_name == "emr" else [1.0] * len(models)
         description = {"method": method_name, "parameters": params, "models": [os.path.abspath(m) for m in models],
                        "ancestor": os.path.abspath(ancestor), "rescalers": rescalers}
         with open(os.path.join(tmp, "modulators.json"), "w") as f:
             json.dump(description, f, indent=2)
     logger.info("wrote %s (rescalers %s)", output, ", ".join(f"{r:.4f}" for r in rescalers))
     return rescalers
+
+
+class _Masks:
+    """The executor's extra outputs of a modulated merge: each task's mask m_t of every merged tensor, written to
+    its file, and the sums of EMR's rescaler r_t = Σ_n mean|τ_t,n| / Σ_n mean|m_t,n ⊙ (θ_uni − θ_0)_n|."""
+
+    def __init__(self, method, params, writers):
+        self.method, self.params, self.writers = method, params, writers
+        self.own = torch.zeros(len(writers), dtype=torch.float64)
+        self.kept = torch.zeros(len(writers), dtype=torch.float64)
+
+    def __call__(self, task, group, merged):
+        taus = [x - group.ancestor for x in group.tensors]
+        change = merged - group.ancestor
+        for t, (tau, mask) in enumerate(zip(taus, self.method.masks(taus, **self.params))):
+            self.writers[t].write(task.name, mask.cpu())
+            self.own[t] += tau.abs().mean(dtype=torch.float64).item()
+            self.kept[t] += (change * mask).abs().mean(dtype=torch.float64).item()
+
+    def rescalers(self):
+        return [float(o / k) if k > 0 else 1.0 for o, k in zip(self.own, self.kept)]
 
 
 def materialise(modulated, ancestor, task, output, device="cpu", overwrite=False):

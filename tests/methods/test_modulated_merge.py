@@ -91,3 +91,49 @@ def test_bad_requests_fail_with_one_line_and_no_output(zoo, tmp_path, capsys):
                                            "--x:k", "2", "--output", str(tmp_path / "out")])
     assert exit_info.value.code == 2 and "unknown parameter 'k'" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_masks_come_from_the_executor_hook_for_every_tensor_even_where_the_models_agree(zoo, tmp_path, monkeypatch):
+    """The unified model is merged by merging.execute, whose extra-outputs hook writes every task's TALL mask
+    m_t = |τ_t| ≥ λ_t |τ_MTL − τ_t| (written out here), also for a tensor that no fine-tuning changed."""
+    from safetensors.torch import save_file
+
+    from modelmerge import modulated
+    base_path, model_paths = zoo
+    base = weights(base_path)
+    untouched = next(n for n in base if n.endswith("LayerNorm.weight"))
+    paths = []
+    for i, path in enumerate(model_paths):
+        copy = tmp_path / f"ft{i}"
+        copy.mkdir()
+        for name in os.listdir(path):
+            if name != "model.safetensors":
+                (copy / name).write_bytes(open(os.path.join(path, name), "rb").read())
+        tensors = weights(path)
+        tensors[untouched] = base[untouched].clone()
+        save_file(tensors, str(copy / "model.safetensors"), metadata={"format": "pt"})
+        paths.append(str(copy))
+    calls = []
+    executed = modulated.execute
+
+    def recording(*args, **kwargs):
+        calls.append(kwargs.get("extra_outputs"))
+        return executed(*args, **kwargs)
+
+    monkeypatch.setattr(modulated, "execute", recording)
+    out = tmp_path / "tall"
+    lambdas = [0.4, 0.6, 0.5]
+    run_program(modulated_merge.main, ["--merge", "tall_masks", "--models", *paths, "--ancestor", base_path,
+                                       "--x:tall_mask_lambda", ",".join(map(str, lambdas)), "--output", str(out),
+                                       "--no_progress"])
+    assert len(calls) == 1 and calls[0] is not None
+    models = [weights(p) for p in paths]
+    floats = [n for n in base if base[n].is_floating_point()]
+    for t, lam in enumerate(lambdas):
+        stored = load_file(out / f"masks_{t + 1}.safetensors")
+        assert sorted(stored) == sorted(floats)
+        for n in floats:
+            taus = [m[n] - base[n] for m in models]
+            assert torch.equal(stored[n], taus[t].abs() >= lam * (sum(taus) - taus[t]).abs()), (t, n)
+        assert bool(stored[untouched].all())  # 0 ≥ λ·0: every entry of an unchanged tensor
+    assert torch.equal(weights(out / "unified")[untouched], base[untouched])

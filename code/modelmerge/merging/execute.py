@@ -76,8 +76,14 @@ def output_entries(tasks, dtype=None):
     return entries
 
 
-def execute(method, tasks, writer, entries, dtype=None, device="cpu", progress=True, threads=None):
+def execute(method, tasks, writer, entries, dtype=None, device="cpu", progress=True, threads=None,
+            extra_outputs=None):
     """Run `tasks` in order, writing every result through `writer` as planned in `entries`.
+
+    `extra_outputs(task, group, result)`, if given, is called after each merged tensor with its inputs and its
+    result, for what a merge writes besides the merged model (the per-task masks of EMR and TALL:
+    modelmerge.modulated). It sees every tensor whole, and every task with `merge` set merged, even when all
+    inputs agree, so that it gets the inputs of every tensor.
 
     Methods that declare `elementwise = True` (each output entry depends only on the same entry of every
     input, and on what their `prepare` computes from the whole tensor) see tensors in blocks of rows of
@@ -100,7 +106,7 @@ def execute(method, tasks, writer, entries, dtype=None, device="cpu", progress=T
     cpu_threads = threads or (None if "OMP_NUM_THREADS" in os.environ else 1)
     with torch_threads(cpu_threads if device.type == "cpu" else None):
         for task in tqdm(tasks, desc=f"merging ({method.name})", unit="tensor", disable=not progress, file=sys.stderr):
-            merged = _execute_task(method, task, reader, writer, planned, dtype, device)
+            merged = _execute_task(method, task, reader, writer, planned, dtype, device, extra_outputs)
             summary.merged += merged
             summary.copied += not merged
     summary.seconds = time.perf_counter() - start
@@ -108,11 +114,11 @@ def execute(method, tasks, writer, entries, dtype=None, device="cpu", progress=T
     return summary
 
 
-def _execute_task(method, task, reader, writer, planned, dtype, device):
+def _execute_task(method, task, reader, writer, planned, dtype, device, extra_outputs=None):
     """Write the output of one task; whether the method ran (else an input was copied through)."""
     reader.next_tensor()
-    blocks = _row_blocks(method, task)
-    if not task.merge or _inputs_identical(task, blocks, reader):
+    blocks = [None] if extra_outputs else _row_blocks(method, task)
+    if not task.merge or (extra_outputs is None and _inputs_identical(task, blocks, reader)):
         source = task.models[0] if task.merge else task.ancestor or task.models[0]
         for rows in blocks:
             _write(writer, task, planned, reader.read(source, "tensor", rows))
@@ -131,6 +137,8 @@ def _execute_task(method, task, reader, writer, planned, dtype, device):
         if not all_finite(result):
             raise MergeError(f"{method.name} produced NaN or infinite values for tensor {task.name}")
         _write(writer, task, planned, result)
+        if extra_outputs is not None:
+            extra_outputs(task, group, result)
     return True
 
 
